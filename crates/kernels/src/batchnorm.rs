@@ -1,0 +1,138 @@
+//! Batch normalisation over `N x C x (H*W)`, per channel.
+//!
+//! Statistics are accumulated in f64: a channel of a large batch sums hundreds of thousands of
+//! values, and the variance of nearly constant channels would otherwise lose its digits.
+
+use rayon::prelude::*;
+
+/// Shapes: `batch x channels x spatial` (spatial = H*W; 1 after a linear layer).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct BnShape {
+    pub batch: usize,
+    pub channels: usize,
+    pub spatial: usize,
+}
+
+impl BnShape {
+    pub fn len(&self) -> usize {
+        self.batch * self.channels * self.spatial
+    }
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+    fn channel_values<'a>(&self, x: &'a [f32], c: usize) -> impl Iterator<Item = &'a f32> + 'a {
+        let (cs, s) = (self.channels * self.spatial, self.spatial);
+        (0..self.batch).flat_map(move |n| x[n * cs + c * s..n * cs + (c + 1) * s].iter())
+    }
+}
+
+/// Per-channel batch statistics from a training-mode forward pass.
+pub struct BnBatchStats {
+    pub mean: Vec<f32>,
+    /// Biased variance (divides by the count), as used for normalising.
+    pub var: Vec<f32>,
+    /// `1 / sqrt(var + eps)`.
+    pub inv_std: Vec<f32>,
+}
+
+/// Training mode: normalise with the batch's own statistics, then scale and shift.
+pub fn batchnorm_train_forward(
+    s: BnShape,
+    x: &[f32],
+    gamma: &[f32],
+    beta: &[f32],
+    eps: f32,
+    y: &mut [f32],
+) -> BnBatchStats {
+    assert_eq!(x.len(), s.len(), "batchnorm: input length");
+    assert_eq!(y.len(), s.len(), "batchnorm: output length");
+    assert!(gamma.len() == s.channels && beta.len() == s.channels, "batchnorm: parameter length");
+    let count = (s.batch * s.spatial) as f64;
+    let (mean, var): (Vec<f32>, Vec<f32>) = (0..s.channels)
+        .into_par_iter()
+        .map(|c| {
+            let m = s.channel_values(x, c).map(|&v| v as f64).sum::<f64>() / count;
+            let v = s.channel_values(x, c).map(|&v| (v as f64 - m).powi(2)).sum::<f64>() / count;
+            (m as f32, v as f32)
+        })
+        .unzip();
+    let inv_std: Vec<f32> = var.iter().map(|v| 1.0 / (v + eps).sqrt()).collect();
+    let scale: Vec<f32> = gamma.iter().zip(&inv_std).map(|(g, i)| g * i).collect();
+    let shift: Vec<f32> = (0..s.channels).map(|c| beta[c] - mean[c] * scale[c]).collect();
+    apply_affine(s, x, &scale, &shift, y);
+    BnBatchStats { mean, var, inv_std }
+}
+
+/// Evaluation mode: normalise with running statistics.
+pub fn batchnorm_eval_forward(
+    s: BnShape,
+    x: &[f32],
+    gamma: &[f32],
+    beta: &[f32],
+    running_mean: &[f32],
+    running_var: &[f32],
+    eps: f32,
+    y: &mut [f32],
+) {
+    assert_eq!(x.len(), s.len(), "batchnorm: input length");
+    assert_eq!(y.len(), s.len(), "batchnorm: output length");
+    let scale: Vec<f32> = (0..s.channels).map(|c| gamma[c] / (running_var[c] + eps).sqrt()).collect();
+    let shift: Vec<f32> = (0..s.channels).map(|c| beta[c] - running_mean[c] * scale[c]).collect();
+    apply_affine(s, x, &scale, &shift, y);
+}
+
+fn apply_affine(s: BnShape, x: &[f32], scale: &[f32], shift: &[f32], y: &mut [f32]) {
+    let plane = s.spatial.max(1);
+    y.par_chunks_mut(plane).zip(x.par_chunks(plane)).enumerate().for_each(|(i, (y, x))| {
+        let c = i % s.channels;
+        for (o, &v) in y.iter_mut().zip(x) {
+            *o = v * scale[c] + shift[c];
+        }
+    });
+}
+
+/// Training-mode backward. Writes `dx`, `dgamma` and `dbeta` (all overwritten).
+#[allow(clippy::too_many_arguments)]
+pub fn batchnorm_backward(
+    s: BnShape,
+    x: &[f32],
+    dy: &[f32],
+    gamma: &[f32],
+    stats: &BnBatchStats,
+    dx: &mut [f32],
+    dgamma: &mut [f32],
+    dbeta: &mut [f32],
+) {
+    assert!(x.len() == s.len() && dy.len() == s.len() && dx.len() == s.len(), "batchnorm: lengths");
+    let count = (s.batch * s.spatial) as f64;
+    // Per channel: sum(dy) and sum(dy * xhat).
+    let sums: Vec<(f64, f64)> = (0..s.channels)
+        .into_par_iter()
+        .map(|c| {
+            let (m, inv) = (stats.mean[c] as f64, stats.inv_std[c] as f64);
+            s.channel_values(dy, c).zip(s.channel_values(x, c)).fold((0.0, 0.0), |(a, b), (&g, &v)| {
+                (a + g as f64, b + g as f64 * (v as f64 - m) * inv)
+            })
+        })
+        .collect();
+    for c in 0..s.channels {
+        dbeta[c] = sums[c].0 as f32;
+        dgamma[c] = sums[c].1 as f32;
+    }
+    // dx = gamma * inv_std * (dy - mean(dy) - xhat * mean(dy * xhat))
+    let plane = s.spatial.max(1);
+    dx.par_chunks_mut(plane)
+        .zip(dy.par_chunks(plane).zip(x.par_chunks(plane)))
+        .enumerate()
+        .for_each(|(i, (dx, (dy, x)))| {
+            let c = i % s.channels;
+            let (m, inv) = (stats.mean[c], stats.inv_std[c]);
+            let mean_dy = (sums[c].0 / count) as f32;
+            let mean_dy_xhat = (sums[c].1 / count) as f32;
+            let k = gamma[c] * inv;
+            for ((d, &g), &v) in dx.iter_mut().zip(dy).zip(x) {
+                let xhat = (v - m) * inv;
+                *d = k * (g - mean_dy - xhat * mean_dy_xhat);
+            }
+        });
+}

@@ -1,0 +1,406 @@
+//! 2-D convolution (groups = 1) as im2col + GEMM, with both backward passes.
+//!
+//! Samples are processed in groups: each group's patches are unrolled side by side into one
+//! `(C_in*kh*kw) x (group*H_out*W_out)` matrix so that late layers with tiny maps still give the GEMM
+//! a wide enough right-hand side. Groups run in parallel (one single-threaded GEMM each) when there
+//! are at least as many groups as threads; otherwise groups run in turn with a multi-threaded GEMM.
+//! The unrolled patches are recomputed in the backward pass rather than kept: the trusted side has
+//! little memory.
+
+use crate::matmul::{matmul, parallelism, threads, MatRef};
+use gemm::Parallelism;
+use rayon::prelude::*;
+
+/// Shapes of one convolution: input `batch x in_channels x in_h x in_w`, weight
+/// `out_channels x in_channels x kernel_h x kernel_w`, the same stride and zero padding on both axes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ConvGeometry {
+    pub batch: usize,
+    pub in_channels: usize,
+    pub out_channels: usize,
+    pub in_h: usize,
+    pub in_w: usize,
+    pub kernel_h: usize,
+    pub kernel_w: usize,
+    pub stride: usize,
+    pub padding: usize,
+}
+
+/// Below this many output pixels per GEMM, samples are batched into one product.
+const MIN_GEMM_COLUMNS: usize = 256;
+
+impl ConvGeometry {
+    /// Checks that the geometry describes a non-empty output.
+    pub fn validate(&self) -> Result<(), String> {
+        if self.stride == 0 {
+            return Err("convolution stride must be at least 1".into());
+        }
+        if self.kernel_h == 0 || self.kernel_w == 0 {
+            return Err("convolution kernel must be at least 1x1".into());
+        }
+        let (ph, pw) = (self.in_h + 2 * self.padding, self.in_w + 2 * self.padding);
+        if ph < self.kernel_h || pw < self.kernel_w {
+            return Err(format!(
+                "convolution kernel {}x{} is larger than the padded input {}x{}",
+                self.kernel_h, self.kernel_w, ph, pw
+            ));
+        }
+        Ok(())
+    }
+    pub fn out_h(&self) -> usize {
+        (self.in_h + 2 * self.padding - self.kernel_h) / self.stride + 1
+    }
+    pub fn out_w(&self) -> usize {
+        (self.in_w + 2 * self.padding - self.kernel_w) / self.stride + 1
+    }
+    pub fn input_len(&self) -> usize {
+        self.batch * self.in_channels * self.in_h * self.in_w
+    }
+    pub fn output_len(&self) -> usize {
+        self.batch * self.out_channels * self.out_h() * self.out_w()
+    }
+    pub fn weight_len(&self) -> usize {
+        self.out_channels * self.patch_len()
+    }
+    /// Length of one unrolled patch: `in_channels * kernel_h * kernel_w`.
+    pub fn patch_len(&self) -> usize {
+        self.in_channels * self.kernel_h * self.kernel_w
+    }
+    /// Multiply-adds of the forward pass (the backward passes cost the same each).
+    pub fn forward_macs(&self) -> u64 {
+        (self.batch * self.out_channels * self.out_h() * self.out_w()) as u64 * self.patch_len() as u64
+    }
+    fn out_pixels(&self) -> usize {
+        self.out_h() * self.out_w()
+    }
+    /// A 1x1, stride-1, unpadded conv needs no unrolling: the input already is the patch matrix.
+    fn is_pointwise(&self) -> bool {
+        self.kernel_h == 1 && self.kernel_w == 1 && self.stride == 1 && self.padding == 0
+    }
+    fn check(&self) {
+        if let Err(e) = self.validate() {
+            panic!("{e}");
+        }
+    }
+}
+
+/// How samples are grouped and how the work is spread over threads.
+struct Plan {
+    group: usize,
+    threads: usize,
+}
+
+impl Plan {
+    fn new(g: &ConvGeometry) -> Plan {
+        let threads = threads();
+        let mut group = MIN_GEMM_COLUMNS.div_ceil(g.out_pixels().max(1)).max(1);
+        // Keep enough groups to occupy every thread.
+        group = group.min(g.batch.div_ceil(threads)).max(1);
+        Plan { group, threads }
+    }
+    fn groups(&self, batch: usize) -> usize {
+        batch.div_ceil(self.group)
+    }
+    fn parallel_groups(&self, batch: usize) -> bool {
+        self.threads > 1 && self.groups(batch) >= self.threads
+    }
+    /// GEMM parallelism inside one group.
+    fn inner(&self, batch: usize) -> Parallelism {
+        if self.parallel_groups(batch) {
+            Parallelism::None
+        } else {
+            parallelism(self.threads)
+        }
+    }
+    fn samples(&self, group_index: usize, batch: usize) -> std::ops::Range<usize> {
+        let start = group_index * self.group;
+        start..(start + self.group).min(batch)
+    }
+}
+
+/// Runs `work(group_index, scratch)` for every group, in parallel or in turn as the plan says.
+fn for_each_group<F>(plan: &Plan, batch: usize, work: F)
+where
+    F: Fn(usize, &mut Vec<f32>) + Sync + Send,
+{
+    let groups = plan.groups(batch);
+    if plan.parallel_groups(batch) {
+        (0..groups).into_par_iter().for_each_init(Vec::new, |scratch, i| work(i, scratch));
+    } else {
+        let mut scratch = Vec::new();
+        for i in 0..groups {
+            work(i, &mut scratch);
+        }
+    }
+}
+
+/// A `*mut f32` that may cross threads: each group writes a disjoint set of samples.
+#[derive(Clone, Copy)]
+struct SharedMut(*mut f32, usize);
+unsafe impl Send for SharedMut {}
+unsafe impl Sync for SharedMut {}
+impl SharedMut {
+    fn new(s: &mut [f32]) -> Self {
+        SharedMut(s.as_mut_ptr(), s.len())
+    }
+    /// # Safety
+    /// Callers must take disjoint ranges from different threads.
+    #[allow(clippy::mut_from_ref)]
+    unsafe fn range(&self, start: usize, len: usize) -> &mut [f32] {
+        assert!(start + len <= self.1);
+        std::slice::from_raw_parts_mut(self.0.add(start), len)
+    }
+}
+
+/// Output column range `[lo, hi)` whose input column `ow*stride + k - padding` lies in `[0, size)`.
+fn valid_range(out: usize, size: usize, k: usize, stride: usize, padding: usize) -> (usize, usize) {
+    let lo = if padding > k { (padding - k).div_ceil(stride) } else { 0 };
+    let hi = if size + padding > k { ((size + padding - k - 1) / stride + 1).min(out) } else { 0 };
+    (lo.min(hi), hi)
+}
+
+/// Unrolls one sample `x` (`C x H x W`) into `cols` rows of length `row_stride`, at column `col0`.
+fn im2col(g: &ConvGeometry, x: &[f32], cols: &mut [f32], row_stride: usize, col0: usize) {
+    let (h, w, oh_n, ow_n) = (g.in_h, g.in_w, g.out_h(), g.out_w());
+    let (s, p) = (g.stride, g.padding);
+    for c in 0..g.in_channels {
+        let plane = &x[c * h * w..(c + 1) * h * w];
+        for ki in 0..g.kernel_h {
+            for kj in 0..g.kernel_w {
+                let r = (c * g.kernel_h + ki) * g.kernel_w + kj;
+                let row = &mut cols[r * row_stride + col0..][..oh_n * ow_n];
+                let (lo, hi) = valid_range(ow_n, w, kj, s, p);
+                for oh in 0..oh_n {
+                    let dst = &mut row[oh * ow_n..(oh + 1) * ow_n];
+                    let ih = (oh * s + ki) as isize - p as isize;
+                    if ih < 0 || ih >= h as isize {
+                        dst.fill(0.0);
+                        continue;
+                    }
+                    let src = &plane[ih as usize * w..(ih as usize + 1) * w];
+                    dst[..lo].fill(0.0);
+                    dst[hi..].fill(0.0);
+                    if s == 1 {
+                        let start = lo + kj - p;
+                        dst[lo..hi].copy_from_slice(&src[start..start + hi - lo]);
+                    } else {
+                        for (ow, d) in dst[lo..hi].iter_mut().enumerate() {
+                            *d = src[(ow + lo) * s + kj - p];
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Adds unrolled patch gradients back onto one sample `dx` (`C x H x W`): the adjoint of `im2col`.
+fn col2im(g: &ConvGeometry, cols: &[f32], row_stride: usize, col0: usize, dx: &mut [f32]) {
+    let (h, w, oh_n, ow_n) = (g.in_h, g.in_w, g.out_h(), g.out_w());
+    let (s, p) = (g.stride, g.padding);
+    for c in 0..g.in_channels {
+        let plane = &mut dx[c * h * w..(c + 1) * h * w];
+        for ki in 0..g.kernel_h {
+            for kj in 0..g.kernel_w {
+                let r = (c * g.kernel_h + ki) * g.kernel_w + kj;
+                let row = &cols[r * row_stride + col0..][..oh_n * ow_n];
+                let (lo, hi) = valid_range(ow_n, w, kj, s, p);
+                for oh in 0..oh_n {
+                    let ih = (oh * s + ki) as isize - p as isize;
+                    if ih < 0 || ih >= h as isize {
+                        continue;
+                    }
+                    let src = &row[oh * ow_n..(oh + 1) * ow_n];
+                    let dst = &mut plane[ih as usize * w..(ih as usize + 1) * w];
+                    if s == 1 {
+                        let start = lo + kj - p;
+                        for (d, v) in dst[start..start + hi - lo].iter_mut().zip(&src[lo..hi]) {
+                            *d += v;
+                        }
+                    } else {
+                        for (ow, v) in src[lo..hi].iter().enumerate() {
+                            dst[(ow + lo) * s + kj - p] += v;
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Unrolls samples `range` of `x` into `scratch`, returning the patch matrix
+/// (`patch_len x samples*out_pixels`). A pointwise conv of one sample borrows `x` instead.
+fn patches<'a>(
+    g: &ConvGeometry,
+    x: &'a [f32],
+    range: std::ops::Range<usize>,
+    scratch: &'a mut Vec<f32>,
+) -> MatRef<'a> {
+    let (hw, in_len) = (g.out_pixels(), g.in_channels * g.in_h * g.in_w);
+    let width = range.len() * hw;
+    if g.is_pointwise() && range.len() == 1 {
+        return MatRef::row_major(&x[range.start * in_len..][..in_len], g.patch_len(), width);
+    }
+    scratch.resize(g.patch_len() * width, 0.0);
+    for (i, n) in range.enumerate() {
+        im2col(g, &x[n * in_len..(n + 1) * in_len], scratch, width, i * hw);
+    }
+    MatRef::row_major(scratch, g.patch_len(), width)
+}
+
+/// `y = conv(x, w) + bias`. `x`: `N x C_in x H x W`, `w`: `C_out x C_in x kh x kw`,
+/// `y`: `N x C_out x H_out x W_out` (overwritten).
+pub fn conv2d_forward(g: &ConvGeometry, x: &[f32], w: &[f32], bias: Option<&[f32]>, y: &mut [f32]) {
+    g.check();
+    assert_eq!(x.len(), g.input_len(), "conv2d_forward: input length");
+    assert_eq!(w.len(), g.weight_len(), "conv2d_forward: weight length");
+    assert_eq!(y.len(), g.output_len(), "conv2d_forward: output length");
+    if let Some(b) = bias {
+        assert_eq!(b.len(), g.out_channels, "conv2d_forward: bias length");
+    }
+    let plan = Plan::new(g);
+    let inner = plan.inner(g.batch);
+    let (hw, cout) = (g.out_pixels(), g.out_channels);
+    let wmat = MatRef::row_major(w, cout, g.patch_len());
+    let out = SharedMut::new(y);
+    for_each_group(&plan, g.batch, |gi, scratch| {
+        let range = plan.samples(gi, g.batch);
+        let (first, count) = (range.start, range.len());
+        // SAFETY: groups cover disjoint samples, so their output ranges are disjoint.
+        let y_group = unsafe { out.range(first * cout * hw, count * cout * hw) };
+        let mut cols_buf = std::mem::take(scratch);
+        let cols = patches(g, x, range, &mut cols_buf);
+        if count == 1 {
+            matmul(wmat, cols, y_group, hw, false, inner);
+        } else {
+            // The product's columns run sample by sample; scatter them into NCHW.
+            let mut tmp = vec![0.0f32; cout * count * hw];
+            matmul(wmat, cols, &mut tmp, count * hw, false, inner);
+            for s in 0..count {
+                for co in 0..cout {
+                    y_group[(s * cout + co) * hw..][..hw]
+                        .copy_from_slice(&tmp[co * count * hw + s * hw..][..hw]);
+                }
+            }
+        }
+        if let Some(b) = bias {
+            for (i, plane) in y_group.chunks_mut(hw).enumerate() {
+                let bv = b[i % cout];
+                plane.iter_mut().for_each(|v| *v += bv);
+            }
+        }
+        *scratch = cols_buf;
+    });
+}
+
+/// Gathers `dy` of samples `range` into a `C_out x samples*out_pixels` matrix (borrowed for one sample).
+fn output_grad_matrix<'a>(
+    g: &ConvGeometry,
+    dy: &'a [f32],
+    range: std::ops::Range<usize>,
+    buf: &'a mut Vec<f32>,
+) -> MatRef<'a> {
+    let (hw, cout, count) = (g.out_pixels(), g.out_channels, range.len());
+    if count == 1 {
+        return MatRef::row_major(&dy[range.start * cout * hw..][..cout * hw], cout, hw);
+    }
+    buf.resize(cout * count * hw, 0.0);
+    for (s, n) in range.enumerate() {
+        for co in 0..cout {
+            buf[co * count * hw + s * hw..][..hw].copy_from_slice(&dy[(n * cout + co) * hw..][..hw]);
+        }
+    }
+    MatRef::row_major(buf, cout, count * hw)
+}
+
+/// Input gradient: `dx = conv_transpose(dy, w)`. `dx` is overwritten.
+pub fn conv2d_backward_data(g: &ConvGeometry, dy: &[f32], w: &[f32], dx: &mut [f32]) {
+    g.check();
+    assert_eq!(dy.len(), g.output_len(), "conv2d_backward_data: output-gradient length");
+    assert_eq!(w.len(), g.weight_len(), "conv2d_backward_data: weight length");
+    assert_eq!(dx.len(), g.input_len(), "conv2d_backward_data: input-gradient length");
+    let plan = Plan::new(g);
+    let inner = plan.inner(g.batch);
+    let (hw, in_len) = (g.out_pixels(), g.in_channels * g.in_h * g.in_w);
+    let wt = MatRef::row_major(w, g.out_channels, g.patch_len()).t();
+    let out = SharedMut::new(dx);
+    for_each_group(&plan, g.batch, |gi, scratch| {
+        let range = plan.samples(gi, g.batch);
+        let (first, count) = (range.start, range.len());
+        // SAFETY: groups cover disjoint samples.
+        let dx_group = unsafe { out.range(first * in_len, count * in_len) };
+        let mut gathered = Vec::new();
+        let dy_mat = output_grad_matrix(g, dy, range, &mut gathered);
+        if g.is_pointwise() && count == 1 {
+            matmul(wt, dy_mat, dx_group, hw, false, inner);
+            return;
+        }
+        let width = count * hw;
+        scratch.resize(g.patch_len() * width, 0.0);
+        matmul(wt, dy_mat, scratch, width, false, inner);
+        dx_group.fill(0.0);
+        for s in 0..count {
+            col2im(g, scratch, width, s * hw, &mut dx_group[s * in_len..(s + 1) * in_len]);
+        }
+    });
+}
+
+/// Weight (and bias) gradients: `dw = sum_n dy_n * patches(x_n)^T`, `dbias = sum dy`.
+/// `dw` and `dbias` are overwritten.
+pub fn conv2d_backward_weight(
+    g: &ConvGeometry,
+    x: &[f32],
+    dy: &[f32],
+    dw: &mut [f32],
+    dbias: Option<&mut [f32]>,
+) {
+    g.check();
+    assert_eq!(x.len(), g.input_len(), "conv2d_backward_weight: input length");
+    assert_eq!(dy.len(), g.output_len(), "conv2d_backward_weight: output-gradient length");
+    assert_eq!(dw.len(), g.weight_len(), "conv2d_backward_weight: weight-gradient length");
+    let plan = Plan::new(g);
+    let inner = plan.inner(g.batch);
+    let (cout, plen) = (g.out_channels, g.patch_len());
+    let accumulate_group = |gi: usize, acc: &mut [f32], scratch: &mut Vec<f32>, first: bool| {
+        let range = plan.samples(gi, g.batch);
+        let mut gathered = Vec::new();
+        let dy_mat = output_grad_matrix(g, dy, range.clone(), &mut gathered);
+        let cols = patches(g, x, range, scratch);
+        matmul(dy_mat, cols.t(), acc, plen, !first, inner);
+    };
+    let groups = plan.groups(g.batch);
+    if plan.parallel_groups(g.batch) {
+        // One partial sum per worker, added up at the end.
+        let total = (0..groups)
+            .into_par_iter()
+            .fold(
+                || (vec![0.0f32; cout * plen], Vec::new(), true),
+                |(mut acc, mut scratch, first), gi| {
+                    accumulate_group(gi, &mut acc, &mut scratch, first);
+                    (acc, scratch, false)
+                },
+            )
+            .map(|(acc, _, _)| acc)
+            .reduce_with(|mut a, b| {
+                a.iter_mut().zip(&b).for_each(|(x, y)| *x += y);
+                a
+            })
+            .expect("at least one group");
+        dw.copy_from_slice(&total);
+    } else {
+        let mut scratch = Vec::new();
+        for gi in 0..groups {
+            accumulate_group(gi, dw, &mut scratch, gi == 0);
+        }
+    }
+    if let Some(db) = dbias {
+        assert_eq!(db.len(), cout, "conv2d_backward_weight: bias-gradient length");
+        let hw = g.out_pixels();
+        db.fill(0.0);
+        for n in 0..g.batch {
+            for (co, d) in db.iter_mut().enumerate() {
+                *d += dy[(n * cout + co) * hw..][..hw].iter().sum::<f32>();
+            }
+        }
+    }
+}

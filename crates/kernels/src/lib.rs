@@ -1,0 +1,18 @@
+//! f32 compute kernels for NCHW tensors held in contiguous slices.
+//!
+//! Every kernel is pure compute: no I/O, no allocation policy beyond scratch buffers, no global
+//! state. Kernels parallelise with rayon over whatever thread pool the caller installed, so the
+//! trusted side can run them with one or two threads (`rayon::ThreadPool::install`) while a device
+//! worker uses all cores. Each kernel is checked against naive f64 loops in `tests/`.
+
+pub mod activation;
+pub mod batchnorm;
+pub mod conv;
+pub mod elementwise;
+pub mod linear;
+pub mod loss;
+pub mod matmul;
+pub mod pool;
+
+pub use conv::ConvGeometry;
+pub use pool::PoolGeometry;
