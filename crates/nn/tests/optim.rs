@@ -1,0 +1,110 @@
+//! Optimizer updates against hand-computed PyTorch formulas; schedules; checkpoints.
+
+use trustsplit_nn::optim::{Optimizer, OptimizerKind, Schedule};
+use trustsplit_nn::tensor::from_vec;
+use trustsplit_nn::{checkpoint, zoo, Mode};
+
+#[test]
+fn sgd_momentum_weight_decay_matches_formula() {
+    let mut p = from_vec(&[2], vec![1.0, -2.0]);
+    let mut opt = Optimizer::new(OptimizerKind::Sgd { momentum: 0.9, nesterov: false }, 0.1);
+    let g1 = from_vec(&[2], vec![0.5, 0.25]);
+    let g2 = from_vec(&[2], vec![-1.0, 2.0]);
+    opt.step(vec![&mut p], std::slice::from_ref(&g1), 0.1);
+    // buf = g + wd*p = [0.6, 0.05]; p -= 0.1*buf
+    let (b1, p1) = ([0.6f32, 0.05], [1.0f32 - 0.06, -2.0 - 0.005]);
+    assert!((p[0] - p1[0]).abs() < 1e-6 && (p[1] - p1[1]).abs() < 1e-6);
+    opt.step(vec![&mut p], std::slice::from_ref(&g2), 0.1);
+    let d = [-1.0 + 0.1 * p1[0], 2.0 + 0.1 * p1[1]];
+    let b2 = [0.9 * b1[0] + d[0], 0.9 * b1[1] + d[1]];
+    assert!((p[0] - (p1[0] - 0.1 * b2[0])).abs() < 1e-6);
+    assert!((p[1] - (p1[1] - 0.1 * b2[1])).abs() < 1e-6);
+}
+
+#[test]
+fn adam_matches_formula() {
+    let mut p = from_vec(&[1], vec![0.5]);
+    let mut opt = Optimizer::new(OptimizerKind::Adam { beta1: 0.9, beta2: 0.999, eps: 1e-8 }, 0.0);
+    let (mut m, mut v, mut w) = (0.0f64, 0.0f64, 0.5f64);
+    for (t, g) in [0.3f64, -0.7, 0.2].iter().enumerate() {
+        opt.step(vec![&mut p], &[from_vec(&[1], vec![*g as f32])], 0.01);
+        m = 0.9 * m + 0.1 * g;
+        v = 0.999 * v + 0.001 * g * g;
+        let (mh, vh) = (m / (1.0 - 0.9f64.powi(t as i32 + 1)), v / (1.0 - 0.999f64.powi(t as i32 + 1)));
+        w -= 0.01 * mh / (vh.sqrt() + 1e-8);
+        assert!((p[0] as f64 - w).abs() < 1e-6, "step {t}: {} vs {w}", p[0]);
+    }
+}
+
+#[test]
+fn schedules() {
+    assert_eq!(Schedule::Constant.lr(0.1, 7.5), 0.1);
+    let s = Schedule::Step { every: 2, gamma: 0.5 };
+    assert_eq!(s.lr(0.1, 1.9), 0.1);
+    assert!((s.lr(0.1, 2.0) - 0.05).abs() < 1e-9);
+    assert!((s.lr(0.1, 5.0) - 0.025).abs() < 1e-9);
+    let c = Schedule::Cosine { epochs: 4 };
+    assert!((c.lr(0.2, 0.0) - 0.2).abs() < 1e-7);
+    assert!((c.lr(0.2, 2.0) - 0.1).abs() < 1e-7);
+    assert!(c.lr(0.2, 4.0).abs() < 1e-7);
+}
+
+fn temp_dir(tag: &str) -> std::path::PathBuf {
+    let d = std::env::temp_dir().join(format!("trustsplit-nn-{tag}-{}", std::process::id()));
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+#[test]
+fn checkpoint_round_trip_restores_everything() {
+    let mut m = zoo::build("vgg11-bn", &[3, 32, 32], 10, 3).unwrap();
+    let x = from_vec(&[2, 3, 32, 32], (0..6144).map(|i| (i % 17) as f32 / 8.0 - 1.0).collect());
+    let (y, saved) = m.forward(&x, Mode::Train).unwrap();
+    let grads = m.backward(&y, saved);
+    let mut opt = Optimizer::new(OptimizerKind::Sgd { momentum: 0.9, nesterov: false }, 5e-4);
+    opt.step(m.params_mut(), &grads, 0.01);
+    let dir = temp_dir("ckpt");
+    let path = dir.join("c.safetensors");
+    let meta = checkpoint::meta(&m, 3, opt.steps, 42, serde_json::json!({"lr": 0.01}));
+    checkpoint::save(&path, &m, &opt, &meta).unwrap();
+    assert!(!dir.join("c.safetensors.tmp").exists(), "temporary file left behind");
+
+    let c = checkpoint::load(&path).unwrap();
+    assert_eq!(c.meta, meta);
+    let mut fresh = zoo::build("vgg11-bn", &[3, 32, 32], 10, 99).unwrap();
+    let mut opt2 = Optimizer::new(opt.kind, 5e-4);
+    c.restore_model(&mut fresh).unwrap();
+    c.restore_optimizer(&mut opt2, &fresh).unwrap();
+    for ((a, x), (_, y)) in m.named_params().iter().zip(fresh.named_params()) {
+        assert_eq!(*x, y, "{a}");
+    }
+    for ((a, x), (_, y)) in m.named_buffers().iter().zip(fresh.named_buffers()) {
+        assert_eq!(*x, y, "{a}");
+    }
+    assert_eq!(opt2.steps, 1);
+    assert_eq!(opt2.state.len(), 1);
+    assert_eq!(opt2.state[0], opt.state[0]);
+
+    let mut other = zoo::build("vgg13-bn", &[3, 32, 32], 10, 0).unwrap();
+    let err = c.restore_model(&mut other).unwrap_err().to_string();
+    assert!(err.contains("vgg11-bn"), "{err}");
+}
+
+#[test]
+fn corrupt_checkpoints_give_clear_errors() {
+    let dir = temp_dir("corrupt");
+    let path = dir.join("bad.safetensors");
+    std::fs::write(&path, b"not a checkpoint").unwrap();
+    let err = checkpoint::load(&path).err().unwrap().to_string();
+    assert!(err.contains("bad.safetensors") && err.contains("not a safetensors file"), "{err}");
+    let err = checkpoint::load(&dir.join("missing.safetensors")).err().unwrap().to_string();
+    assert!(err.contains("missing.safetensors"), "{err}");
+    // A real checkpoint cut short.
+    let m = zoo::build("lenet5", &[1, 28, 28], 10, 0).unwrap();
+    let opt = Optimizer::new(OptimizerKind::Sgd { momentum: 0.9, nesterov: false }, 0.0);
+    let good = dir.join("good.safetensors");
+    checkpoint::save(&good, &m, &opt, &checkpoint::meta(&m, 0, 0, 0, serde_json::Value::Null)).unwrap();
+    let bytes = std::fs::read(&good).unwrap();
+    std::fs::write(&path, &bytes[..bytes.len() - 100]).unwrap();
+    assert!(checkpoint::load(&path).is_err());
+}
