@@ -116,11 +116,7 @@ struct Augment {
 }
 
 impl Augment {
-    const NONE: Augment = Augment {
-        dy: 0,
-        dx: 0,
-        flip: false,
-    };
+    const NONE: Augment = Augment { dy: 0, dx: 0, flip: false };
 
     fn random(rng: &mut ChaCha8Rng) -> Augment {
         Augment {
@@ -226,10 +222,7 @@ impl Iterator for BatchIter<'_> {
         }
         Some(Batch {
             images,
-            labels: indices
-                .iter()
-                .map(|&i| usize::from(self.ds.labels[i]))
-                .collect(),
+            labels: indices.iter().map(|&i| usize::from(self.ds.labels[i])).collect(),
             n: indices.len(),
             channels: self.ds.channels,
             height: self.out_h,

@@ -27,13 +27,7 @@ pub(crate) struct Format {
 
 pub(crate) const CIFAR10: Format = Format {
     folder: "cifar-10-batches-bin",
-    train_files: &[
-        "data_batch_1.bin",
-        "data_batch_2.bin",
-        "data_batch_3.bin",
-        "data_batch_4.bin",
-        "data_batch_5.bin",
-    ],
+    train_files: &["data_batch_1.bin", "data_batch_2.bin", "data_batch_3.bin", "data_batch_4.bin", "data_batch_5.bin"],
     test_files: &["test_batch.bin"],
     label_bytes: 1,
     label_index: 0,
@@ -59,12 +53,7 @@ pub(crate) fn load_dir(name: &str, format: &Format, dir: &Path) -> Result<Splits
 }
 
 /// Concatenates the records of several files into one split.
-fn load_split(
-    name: &str,
-    format: &Format,
-    file_names: &[&str],
-    dir: &Path,
-) -> Result<Dataset, DataError> {
+fn load_split(name: &str, format: &Format, file_names: &[&str], dir: &Path) -> Result<Dataset, DataError> {
     let mut ds = Dataset {
         name: name.to_string(),
         images: Vec::new(),
@@ -75,27 +64,17 @@ fn load_split(
         num_classes: format.num_classes,
     };
     for file_name in file_names {
-        let path = files::find(vec![
-            dir.join(file_name),
-            dir.join(format.folder).join(file_name),
-        ])?;
+        let path = files::find(vec![dir.join(file_name), dir.join(format.folder).join(file_name)])?;
         parse_into(&path, &files::read(&path)?, format, &mut ds)?;
     }
     Ok(ds)
 }
 
 /// Appends the records in `bytes` to `ds`, validating length and labels.
-fn parse_into(
-    path: &Path,
-    bytes: &[u8],
-    format: &Format,
-    ds: &mut Dataset,
-) -> Result<(), DataError> {
+fn parse_into(path: &Path, bytes: &[u8], format: &Format, ds: &mut Dataset) -> Result<(), DataError> {
     let record_len = format.label_bytes + IMAGE_LEN;
     if bytes.is_empty() {
-        return Err(DataError::EmptyFile {
-            path: path.to_path_buf(),
-        });
+        return Err(DataError::EmptyFile { path: path.to_path_buf() });
     }
     let whole = bytes.len() - bytes.len() % record_len;
     if whole != bytes.len() {

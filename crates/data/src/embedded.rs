@@ -21,22 +21,10 @@ pub(crate) fn load(name: &str) -> Result<Splits, DataError> {
     idx::load_set(
         name,
         IdxSet {
-            train_images: file(
-                "train-images-idx3-ubyte.gz",
-                include_bytes!("../embedded/train-images-idx3-ubyte.gz"),
-            )?,
-            train_labels: file(
-                "train-labels-idx1-ubyte.gz",
-                include_bytes!("../embedded/train-labels-idx1-ubyte.gz"),
-            )?,
-            test_images: file(
-                "t10k-images-idx3-ubyte.gz",
-                include_bytes!("../embedded/t10k-images-idx3-ubyte.gz"),
-            )?,
-            test_labels: file(
-                "t10k-labels-idx1-ubyte.gz",
-                include_bytes!("../embedded/t10k-labels-idx1-ubyte.gz"),
-            )?,
+            train_images: file("train-images-idx3-ubyte.gz", include_bytes!("../embedded/train-images-idx3-ubyte.gz"))?,
+            train_labels: file("train-labels-idx1-ubyte.gz", include_bytes!("../embedded/train-labels-idx1-ubyte.gz"))?,
+            test_images: file("t10k-images-idx3-ubyte.gz", include_bytes!("../embedded/t10k-images-idx3-ubyte.gz"))?,
+            test_labels: file("t10k-labels-idx1-ubyte.gz", include_bytes!("../embedded/t10k-labels-idx1-ubyte.gz"))?,
         },
     )
 }

@@ -40,86 +40,41 @@ pub enum DataError {
 
     /// The first three bytes are not the IDX "unsigned byte" magic `00 00 08`.
     #[error("{}: bad magic at byte offset {offset}: expected {expected:#010x}, found {found:#010x}", .path.display())]
-    BadMagic {
-        path: PathBuf,
-        offset: u64,
-        expected: u32,
-        found: u32,
-    },
+    BadMagic { path: PathBuf, offset: u64, expected: u32, found: u32 },
 
     /// The IDX dimension count (fourth magic byte) is wrong for this file.
     #[error("{}: wrong number of dimensions at byte offset {offset}: expected {expected}, found {found}", .path.display())]
-    WrongDims {
-        path: PathBuf,
-        offset: u64,
-        expected: u8,
-        found: u8,
-    },
+    WrongDims { path: PathBuf, offset: u64, expected: u8, found: u8 },
 
     /// An IDX image dimension is zero, so there are no pixels to train on.
     #[error("{}: invalid image size {rows}x{cols} (both must be non-zero)", .path.display())]
-    BadImageSize {
-        path: PathBuf,
-        rows: usize,
-        cols: usize,
-    },
+    BadImageSize { path: PathBuf, rows: usize, cols: usize },
 
     /// Train and test images have different sizes, so no model fits both.
     #[error("image sizes differ: {} has {}x{}, {} has {}x{}",
         .train_path.display(), .train.0, .train.1, .test_path.display(), .test.0, .test.1)]
-    ImageSizeMismatch {
-        train_path: PathBuf,
-        train: (usize, usize),
-        test_path: PathBuf,
-        test: (usize, usize),
-    },
+    ImageSizeMismatch { train_path: PathBuf, train: (usize, usize), test_path: PathBuf, test: (usize, usize) },
 
     /// Fewer bytes than the header (or header length) promises.
     #[error("{}: truncated {what} at byte offset {offset}: expected {expected} bytes, found {found}", .path.display())]
-    Truncated {
-        path: PathBuf,
-        what: &'static str,
-        offset: u64,
-        expected: u128,
-        found: u64,
-    },
+    Truncated { path: PathBuf, what: &'static str, offset: u64, expected: u128, found: u64 },
 
     /// More bytes than the header describes; usually a wrong or concatenated file.
     #[error("{}: {found} unexpected trailing bytes at byte offset {offset}", .path.display())]
-    TrailingData {
-        path: PathBuf,
-        offset: u64,
-        found: u64,
-    },
+    TrailingData { path: PathBuf, offset: u64, found: u64 },
 
     /// A label is not a valid class index.
     #[error("{}: label {label} of item {index} at byte offset {offset} is out of range (expected < {num_classes})", .path.display())]
-    LabelOutOfRange {
-        path: PathBuf,
-        index: usize,
-        offset: u64,
-        label: u8,
-        num_classes: usize,
-    },
+    LabelOutOfRange { path: PathBuf, index: usize, offset: u64, label: u8, num_classes: usize },
 
     /// The image and label files describe different numbers of items.
     #[error("{} holds {images} images but {} holds {labels} labels",
         .images_path.display(), .labels_path.display())]
-    CountMismatch {
-        images_path: PathBuf,
-        images: usize,
-        labels_path: PathBuf,
-        labels: usize,
-    },
+    CountMismatch { images_path: PathBuf, images: usize, labels_path: PathBuf, labels: usize },
 
     /// A CIFAR file's length is not a whole number of records.
     #[error("{}: partial record at byte offset {offset}: records are {record_len} bytes, found {found} left over", .path.display())]
-    PartialRecord {
-        path: PathBuf,
-        offset: u64,
-        record_len: usize,
-        found: usize,
-    },
+    PartialRecord { path: PathBuf, offset: u64, record_len: usize, found: usize },
 }
 
 fn list_paths(paths: &[PathBuf]) -> String {

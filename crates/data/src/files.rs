@@ -24,10 +24,7 @@ pub(crate) fn find(candidates: Vec<PathBuf>) -> Result<PathBuf, DataError> {
 
 /// Reads a whole file into memory.
 pub(crate) fn read(path: &Path) -> Result<Vec<u8>, DataError> {
-    std::fs::read(path).map_err(|source| DataError::Io {
-        path: path.to_path_buf(),
-        source,
-    })
+    std::fs::read(path).map_err(|source| DataError::Io { path: path.to_path_buf(), source })
 }
 
 /// Decompresses `bytes` if they are a gzip stream, else returns them unchanged.
@@ -41,9 +38,6 @@ pub(crate) fn gunzip_if_gzip(path: &Path, bytes: Vec<u8>) -> Result<Vec<u8>, Dat
     let mut out = Vec::new();
     MultiGzDecoder::new(bytes.as_slice())
         .read_to_end(&mut out)
-        .map_err(|source| DataError::CorruptGzip {
-            path: path.to_path_buf(),
-            source,
-        })?;
+        .map_err(|source| DataError::CorruptGzip { path: path.to_path_buf(), source })?;
     Ok(out)
 }

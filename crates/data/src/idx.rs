@@ -53,11 +53,7 @@ pub(crate) fn load_dir(name: &str, dir: &Path) -> Result<Splits, DataError> {
 
 /// Parses the four files and checks that train and test images agree in size.
 pub(crate) fn load_set(name: &str, set: IdxSet) -> Result<Splits, DataError> {
-    let train = parse_split(
-        &format!("{name}/train"),
-        &set.train_images,
-        &set.train_labels,
-    )?;
+    let train = parse_split(&format!("{name}/train"), &set.train_images, &set.train_labels)?;
     let test = parse_split(&format!("{name}/test"), &set.test_images, &set.test_labels)?;
     if (train.height, train.width) != (test.height, test.width) {
         return Err(DataError::ImageSizeMismatch {
@@ -75,11 +71,7 @@ fn parse_split(name: &str, images: &IdxFile, labels: &IdxFile) -> Result<Dataset
     let (dims, pixels) = parse(images, 3, "image data")?;
     let (n, rows, cols) = (dims[0], dims[1], dims[2]);
     if rows == 0 || cols == 0 {
-        return Err(DataError::BadImageSize {
-            path: images.path.clone(),
-            rows,
-            cols,
-        });
+        return Err(DataError::BadImageSize { path: images.path.clone(), rows, cols });
     }
     let (label_dims, label_bytes) = parse(labels, 1, "label data")?;
     if label_dims[0] != n {
@@ -91,10 +83,7 @@ fn parse_split(name: &str, images: &IdxFile, labels: &IdxFile) -> Result<Dataset
         });
     }
     let data_offset = labels.bytes.len() - label_bytes.len();
-    if let Some(index) = label_bytes
-        .iter()
-        .position(|&l| usize::from(l) >= NUM_CLASSES)
-    {
+    if let Some(index) = label_bytes.iter().position(|&l| usize::from(l) >= NUM_CLASSES) {
         return Err(DataError::LabelOutOfRange {
             path: labels.path.clone(),
             index,
@@ -116,11 +105,7 @@ fn parse_split(name: &str, images: &IdxFile, labels: &IdxFile) -> Result<Dataset
 
 /// Validates the header of a u8 IDX file with `ndims` dimensions and returns
 /// the dimensions and the data that follows, which must match them exactly.
-fn parse<'a>(
-    file: &'a IdxFile,
-    ndims: u8,
-    what: &'static str,
-) -> Result<(Vec<usize>, &'a [u8]), DataError> {
+fn parse<'a>(file: &'a IdxFile, ndims: u8, what: &'static str) -> Result<(Vec<usize>, &'a [u8]), DataError> {
     let (path, bytes) = (&file.path, file.bytes.as_slice());
     let truncated = |what, offset: usize, expected: u128| DataError::Truncated {
         path: path.clone(),
@@ -144,21 +129,14 @@ fn parse<'a>(
         });
     }
     if bytes[3] != ndims {
-        return Err(DataError::WrongDims {
-            path: path.clone(),
-            offset: 3,
-            expected: ndims,
-            found: bytes[3],
-        });
+        return Err(DataError::WrongDims { path: path.clone(), offset: 3, expected: ndims, found: bytes[3] });
     }
     let header_len = 4 + 4 * usize::from(ndims);
     if bytes.len() < header_len {
         return Err(truncated("IDX header", 0, header_len as u128));
     }
-    let dims: Vec<usize> = bytes[4..header_len]
-        .chunks_exact(4)
-        .map(|b| u32::from_be_bytes([b[0], b[1], b[2], b[3]]) as usize)
-        .collect();
+    let dims: Vec<usize> =
+        bytes[4..header_len].chunks_exact(4).map(|b| u32::from_be_bytes([b[0], b[1], b[2], b[3]]) as usize).collect();
     // u128 cannot overflow: at most three u32 factors.
     let expected: u128 = dims.iter().map(|&d| d as u128).product();
     let data = &bytes[header_len..];

@@ -62,10 +62,7 @@ impl DatasetKind {
             DatasetKind::Cifar10 => (&[0.4914, 0.4822, 0.4465], &[0.2470, 0.2435, 0.2616]),
             DatasetKind::Cifar100 => (&[0.5071, 0.4865, 0.4409], &[0.2673, 0.2564, 0.2762]),
         };
-        Normalization {
-            mean: mean.to_vec(),
-            std: std.to_vec(),
-        }
+        Normalization { mean: mean.to_vec(), std: std.to_vec() }
     }
 
     /// Whether training normally uses random crop + flip. True for CIFAR:
@@ -85,16 +82,10 @@ impl FromStr for DatasetKind {
     type Err = String;
 
     fn from_str(s: &str) -> Result<Self, Self::Err> {
-        DatasetKind::ALL
-            .into_iter()
-            .find(|k| k.name() == s)
-            .ok_or_else(|| {
-                let names: Vec<&str> = DatasetKind::ALL.iter().map(|k| k.name()).collect();
-                format!(
-                    "unknown dataset `{s}`; valid names are: {}",
-                    names.join(", ")
-                )
-            })
+        DatasetKind::ALL.into_iter().find(|k| k.name() == s).ok_or_else(|| {
+            let names: Vec<&str> = DatasetKind::ALL.iter().map(|k| k.name()).collect();
+            format!("unknown dataset `{s}`; valid names are: {}", names.join(", "))
+        })
     }
 }
 

@@ -2,16 +2,11 @@
 
 use std::collections::HashSet;
 
-use trustsplit_data::{
-    batches, num_batches, Batch, BatchOptions, Dataset, DatasetKind, Normalization,
-};
+use trustsplit_data::{batches, num_batches, Batch, BatchOptions, Dataset, DatasetKind, Normalization};
 
 /// Normalisation that maps pixel `p` to `p / 255`, so tests can read pixels back.
 fn identity() -> Normalization {
-    Normalization {
-        mean: vec![0.0],
-        std: vec![1.0],
-    }
+    Normalization { mean: vec![0.0], std: vec![1.0] }
 }
 
 fn pixel(v: f32) -> u8 {
@@ -22,9 +17,7 @@ fn pixel(v: f32) -> u8 {
 fn indexed(n: usize) -> Dataset {
     Dataset {
         name: "indexed".into(),
-        images: (0..n)
-            .flat_map(|i| [(i % 256) as u8, (i / 256) as u8])
-            .collect(),
+        images: (0..n).flat_map(|i| [(i % 256) as u8, (i / 256) as u8]).collect(),
         labels: (0..n).map(|i| (i % 10) as u8).collect(),
         channels: 1,
         height: 1,
@@ -35,11 +28,8 @@ fn indexed(n: usize) -> Dataset {
 
 /// The dataset indices of a batch of `indexed` images, checking their labels.
 fn indices(batch: &Batch) -> Vec<usize> {
-    let ids: Vec<usize> = batch
-        .images
-        .chunks_exact(2)
-        .map(|p| usize::from(pixel(p[0])) + 256 * usize::from(pixel(p[1])))
-        .collect();
+    let ids: Vec<usize> =
+        batch.images.chunks_exact(2).map(|p| usize::from(pixel(p[0])) + 256 * usize::from(pixel(p[1]))).collect();
     for (id, &label) in ids.iter().zip(&batch.labels) {
         assert_eq!(label, id % 10);
     }
@@ -47,12 +37,7 @@ fn indices(batch: &Batch) -> Vec<usize> {
 }
 
 fn shuffled(batch_size: usize, seed: u64, epoch: u64) -> BatchOptions {
-    BatchOptions {
-        shuffle: true,
-        seed,
-        epoch,
-        ..BatchOptions::new(batch_size, identity())
-    }
+    BatchOptions { shuffle: true, seed, epoch, ..BatchOptions::new(batch_size, identity()) }
 }
 
 #[test]
@@ -73,17 +58,11 @@ fn sequential_batches_keep_file_order() {
     assert_eq!(iter.len(), 3);
     let all: Vec<Batch> = iter.collect();
     assert_eq!(all.iter().map(|b| b.n).collect::<Vec<_>>(), [4, 4, 2]);
-    assert_eq!(
-        all.iter().flat_map(indices).collect::<Vec<_>>(),
-        (0..10).collect::<Vec<_>>()
-    );
+    assert_eq!(all.iter().flat_map(indices).collect::<Vec<_>>(), (0..10).collect::<Vec<_>>());
     assert_eq!((all[0].channels, all[0].height, all[0].width), (1, 1, 2));
     assert_eq!(all[2].images.len(), 2 * 2);
 
-    let opts = BatchOptions {
-        drop_last: true,
-        ..opts
-    };
+    let opts = BatchOptions { drop_last: true, ..opts };
     let sizes: Vec<usize> = batches(&ds, &opts).map(|b| b.n).collect();
     assert_eq!(sizes, [4, 4]);
 }
@@ -108,10 +87,7 @@ fn every_sample_appears_once_per_epoch() {
 fn order_depends_only_on_seed_and_epoch() {
     let ds = indexed(100);
     let run = |seed, epoch| -> Vec<Batch> {
-        let opts = BatchOptions {
-            augment: true,
-            ..shuffled(16, seed, epoch)
-        };
+        let opts = BatchOptions { augment: true, ..shuffled(16, seed, epoch) };
         batches(&ds, &opts).collect()
     };
     assert_eq!(run(1, 0), run(1, 0));
@@ -123,11 +99,7 @@ fn order_depends_only_on_seed_and_epoch() {
 #[test]
 fn skipping_batches_does_not_change_later_ones() {
     let ds = indexed(100);
-    let opts = BatchOptions {
-        augment: true,
-        pad_to: Some(6),
-        ..shuffled(16, 3, 2)
-    };
+    let opts = BatchOptions { augment: true, pad_to: Some(6), ..shuffled(16, 3, 2) };
     let all: Vec<Batch> = batches(&ds, &opts).collect();
     let mut iter = batches(&ds, &opts);
     assert_eq!(iter.nth(2).as_ref(), Some(&all[2]));
@@ -148,18 +120,13 @@ fn normalisation_per_channel_and_broadcast() {
         num_classes: 10,
     };
     let norm = DatasetKind::Cifar10.normalization();
-    let batch = batches(&ds, &BatchOptions::new(1, norm.clone()))
-        .next()
-        .unwrap();
+    let batch = batches(&ds, &BatchOptions::new(1, norm.clone())).next().unwrap();
     for (i, (&v, &p)) in batch.images.iter().zip(&ds.images).enumerate() {
         let c = i / 2;
         let want = (f32::from(p) / 255.0 - norm.mean[c]) / norm.std[c];
         assert!((v - want).abs() < 1e-6, "channel {c}: {v} vs {want}");
     }
-    let single = Normalization {
-        mean: vec![0.5],
-        std: vec![0.25],
-    };
+    let single = Normalization { mean: vec![0.5], std: vec![0.25] };
     let batch = batches(&ds, &BatchOptions::new(1, single)).next().unwrap();
     assert_eq!(batch.images[0], -2.0);
     assert_eq!(batch.images[1], 2.0);
@@ -167,22 +134,11 @@ fn normalisation_per_channel_and_broadcast() {
 
 /// A single-image dataset of one channel with the given pixels.
 fn one_image(height: usize, width: usize, pixels: Vec<u8>) -> Dataset {
-    Dataset {
-        name: "one".into(),
-        images: pixels,
-        labels: vec![3],
-        channels: 1,
-        height,
-        width,
-        num_classes: 10,
-    }
+    Dataset { name: "one".into(), images: pixels, labels: vec![3], channels: 1, height, width, num_classes: 10 }
 }
 
 fn render(ds: &Dataset, pad_to: usize) -> Vec<u8> {
-    let opts = BatchOptions {
-        pad_to: Some(pad_to),
-        ..BatchOptions::new(1, identity())
-    };
+    let opts = BatchOptions { pad_to: Some(pad_to), ..BatchOptions::new(1, identity()) };
     let batch = batches(ds, &opts).next().unwrap();
     assert_eq!((batch.height, batch.width), (pad_to, pad_to));
     batch.images.iter().map(|&v| pixel(v)).collect()
@@ -216,30 +172,15 @@ fn pad_to_centres_the_image() {
 #[test]
 fn padding_is_zero_after_normalisation() {
     let ds = one_image(1, 1, vec![0]);
-    let opts = BatchOptions {
-        pad_to: Some(3),
-        ..BatchOptions::new(1, DatasetKind::Mnist.normalization())
-    };
+    let opts = BatchOptions { pad_to: Some(3), ..BatchOptions::new(1, DatasetKind::Mnist.normalization()) };
     let batch = batches(&ds, &opts).next().unwrap();
     let black = (0.0 - 0.1307) / 0.3081;
     assert!((batch.images[4] - black).abs() < 1e-6);
-    assert!(batch
-        .images
-        .iter()
-        .enumerate()
-        .all(|(i, &v)| i == 4 || v == 0.0));
+    assert!(batch.images.iter().enumerate().all(|(i, &v)| i == 4 || v == 0.0));
 }
 
 /// What augmentation with shift `(dy, dx)` and `flip` should make of `image`.
-fn transformed(
-    image: &[u8],
-    c: usize,
-    h: usize,
-    w: usize,
-    dy: isize,
-    dx: isize,
-    flip: bool,
-) -> Vec<u8> {
+fn transformed(image: &[u8], c: usize, h: usize, w: usize, dy: isize, dx: isize, flip: bool) -> Vec<u8> {
     let mut out = Vec::new();
     for ch in 0..c {
         for y in 0..h as isize {
@@ -247,11 +188,7 @@ fn transformed(
                 let xs = if flip { w as isize - 1 - x } else { x };
                 let (sy, sx) = (y + dy, xs + dx);
                 let inside = (0..h as isize).contains(&sy) && (0..w as isize).contains(&sx);
-                out.push(if inside {
-                    image[(ch * h + sy as usize) * w + sx as usize]
-                } else {
-                    0
-                });
+                out.push(if inside { image[(ch * h + sy as usize) * w + sx as usize] } else { 0 });
             }
         }
     }
@@ -273,10 +210,7 @@ fn augmentation_is_a_shifted_or_flipped_copy() {
     };
     let mut seen = HashSet::new();
     for epoch in 0..5 {
-        let opts = BatchOptions {
-            augment: true,
-            ..shuffled(16, 11, epoch)
-        };
+        let opts = BatchOptions { augment: true, ..shuffled(16, 11, epoch) };
         for batch in batches(&ds, &opts) {
             for out in batch.images.chunks_exact(c * h * w) {
                 let got: Vec<u8> = out.iter().map(|&v| pixel(v)).collect();
@@ -299,10 +233,7 @@ fn no_augmentation_unless_asked() {
     let opts = shuffled(8, 1, 1);
     for batch in batches(&ds, &opts) {
         for (id, px) in indices(&batch).iter().zip(batch.images.chunks_exact(2)) {
-            assert_eq!(
-                &px.iter().map(|&v| pixel(v)).collect::<Vec<_>>(),
-                &ds.images[id * 2..id * 2 + 2]
-            );
+            assert_eq!(&px.iter().map(|&v| pixel(v)).collect::<Vec<_>>(), &ds.images[id * 2..id * 2 + 2]);
         }
     }
 }

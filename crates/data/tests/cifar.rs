@@ -7,13 +7,8 @@ use std::path::Path;
 use common::{cifar_file, random_bytes, random_labels, write};
 use trustsplit_data::{load, DataError, DatasetKind};
 
-const TRAIN10: [&str; 5] = [
-    "data_batch_1.bin",
-    "data_batch_2.bin",
-    "data_batch_3.bin",
-    "data_batch_4.bin",
-    "data_batch_5.bin",
-];
+const TRAIN10: [&str; 5] =
+    ["data_batch_1.bin", "data_batch_2.bin", "data_batch_3.bin", "data_batch_4.bin", "data_batch_5.bin"];
 
 /// Expected content of one split: images and labels in load order.
 #[derive(Default)]
@@ -48,10 +43,7 @@ fn cifar10_round_trip() {
     let (train, test) = cifar10_dir(dir.path());
     let splits = load(DatasetKind::Cifar10, Some(dir.path())).unwrap();
     for (ds, want) in [(&splits.train, &train), (&splits.test, &test)] {
-        assert_eq!(
-            (ds.channels, ds.height, ds.width, ds.num_classes),
-            (3, 32, 32, 10)
-        );
+        assert_eq!((ds.channels, ds.height, ds.width, ds.num_classes), (3, 32, 32, 10));
         assert_eq!(ds.labels, want.labels);
         assert_eq!(ds.images, want.images);
     }
@@ -81,10 +73,7 @@ fn cifar100_round_trip_uses_fine_labels() {
     }
     let splits = load(DatasetKind::Cifar100, Some(dir.path())).unwrap();
     for (ds, (images, fine)) in [&splits.train, &splits.test].into_iter().zip(&want) {
-        assert_eq!(
-            (ds.channels, ds.height, ds.width, ds.num_classes),
-            (3, 32, 32, 100)
-        );
+        assert_eq!((ds.channels, ds.height, ds.width, ds.num_classes), (3, 32, 32, 100));
         assert_eq!(&ds.images, images);
         assert_eq!(&ds.labels, fine);
     }
@@ -94,12 +83,7 @@ fn cifar100_round_trip_uses_fine_labels() {
 #[test]
 fn missing_data_dir() {
     let err = load(DatasetKind::Cifar100, None).unwrap_err();
-    assert!(matches!(
-        err,
-        DataError::MissingDataDir {
-            dataset: "cifar100"
-        }
-    ));
+    assert!(matches!(err, DataError::MissingDataDir { dataset: "cifar100" }));
 }
 
 #[test]
@@ -108,16 +92,8 @@ fn missing_file_lists_both_locations() {
     cifar10_dir(dir.path());
     std::fs::remove_file(dir.path().join("data_batch_3.bin")).unwrap();
     let err = load(DatasetKind::Cifar10, Some(dir.path())).unwrap_err();
-    let DataError::MissingFile { tried } = &err else {
-        panic!("{err}")
-    };
-    assert_eq!(
-        tried,
-        &[
-            dir.path().join("data_batch_3.bin"),
-            dir.path().join("cifar-10-batches-bin/data_batch_3.bin")
-        ]
-    );
+    let DataError::MissingFile { tried } = &err else { panic!("{err}") };
+    assert_eq!(tried, &[dir.path().join("data_batch_3.bin"), dir.path().join("cifar-10-batches-bin/data_batch_3.bin")]);
 }
 
 #[test]
@@ -137,21 +113,9 @@ fn partial_record() {
     bytes.truncate(3073 + 100);
     write(dir.path(), "data_batch_2.bin", &bytes);
     let err = load(DatasetKind::Cifar10, Some(dir.path())).unwrap_err();
-    let DataError::PartialRecord {
-        offset,
-        record_len,
-        found,
-        ..
-    } = err
-    else {
-        panic!("{err}")
-    };
+    let DataError::PartialRecord { offset, record_len, found, .. } = err else { panic!("{err}") };
     assert_eq!((offset, record_len, found), (3073, 3073, 100));
-    assert!(
-        err.to_string()
-            .contains("data_batch_2.bin: partial record at byte offset 3073"),
-        "{err}"
-    );
+    assert!(err.to_string().contains("data_batch_2.bin: partial record at byte offset 3073"), "{err}");
 }
 
 #[test]
@@ -162,16 +126,7 @@ fn cifar10_label_out_of_range() {
     bytes[2 * 3073] = 10;
     write(dir.path(), "test_batch.bin", &bytes);
     let err = load(DatasetKind::Cifar10, Some(dir.path())).unwrap_err();
-    let DataError::LabelOutOfRange {
-        index,
-        offset,
-        label,
-        num_classes,
-        ..
-    } = err
-    else {
-        panic!("{err}")
-    };
+    let DataError::LabelOutOfRange { index, offset, label, num_classes, .. } = err else { panic!("{err}") };
     assert_eq!((index, offset, label, num_classes), (2, 6146, 10, 10));
 }
 
@@ -179,21 +134,8 @@ fn cifar10_label_out_of_range() {
 fn cifar100_fine_label_out_of_range() {
     let dir = tempfile::tempdir().unwrap();
     let records = vec![vec![1, 99], vec![2, 100]];
-    write(
-        dir.path(),
-        "train.bin",
-        &cifar_file(&records, &random_bytes(2 * 3072, 5)),
-    );
+    write(dir.path(), "train.bin", &cifar_file(&records, &random_bytes(2 * 3072, 5)));
     let err = load(DatasetKind::Cifar100, Some(dir.path())).unwrap_err();
-    let DataError::LabelOutOfRange {
-        index,
-        offset,
-        label,
-        num_classes,
-        ..
-    } = err
-    else {
-        panic!("{err}")
-    };
+    let DataError::LabelOutOfRange { index, offset, label, num_classes, .. } = err else { panic!("{err}") };
     assert_eq!((index, offset, label, num_classes), (1, 3074 + 1, 100, 100));
 }

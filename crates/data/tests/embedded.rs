@@ -9,10 +9,7 @@ fn embedded_loads_without_a_directory() {
     let splits = load(DatasetKind::Embedded, None).unwrap();
     for (ds, n) in [(&splits.train, 5000), (&splits.test, 1000)] {
         assert_eq!(ds.len(), n);
-        assert_eq!(
-            (ds.channels, ds.height, ds.width, ds.num_classes),
-            (1, 28, 28, 10)
-        );
+        assert_eq!((ds.channels, ds.height, ds.width, ds.num_classes), (1, 28, 28, 10));
         assert_eq!(ds.images.len(), n * 784);
         let mut seen = [false; 10];
         for &l in &ds.labels {
@@ -57,10 +54,7 @@ fn kind_names_round_trip() {
 #[test]
 fn kind_defaults() {
     assert_eq!(DatasetKind::Mnist.normalization().mean, [0.1307]);
-    assert_eq!(
-        DatasetKind::Embedded.normalization(),
-        DatasetKind::FashionMnist.normalization()
-    );
+    assert_eq!(DatasetKind::Embedded.normalization(), DatasetKind::FashionMnist.normalization());
     let c100 = DatasetKind::Cifar100.normalization();
     assert_eq!((c100.mean.len(), c100.std[2]), (3, 0.2762));
     assert!(DatasetKind::Cifar10.augments_by_default());

@@ -52,23 +52,14 @@ fn gzip_files_round_trip() {
 #[test]
 fn gzip_is_detected_by_content_not_name() {
     let (dir, train, test) = valid_dir();
-    write(
-        dir.path(),
-        "train-images-idx3-ubyte",
-        &gzip(&train.image_file()),
-    );
+    write(dir.path(), "train-images-idx3-ubyte", &gzip(&train.image_file()));
     assert_matches(&load_mnist(dir.path()).unwrap(), &train, &test);
 }
 
 #[test]
 fn missing_data_dir() {
     let err = load(DatasetKind::FashionMnist, None).unwrap_err();
-    assert!(matches!(
-        err,
-        DataError::MissingDataDir {
-            dataset: "fashion-mnist"
-        }
-    ));
+    assert!(matches!(err, DataError::MissingDataDir { dataset: "fashion-mnist" }));
     assert!(err.to_string().contains("fashion-mnist"));
 }
 
@@ -77,16 +68,8 @@ fn missing_file_lists_both_names_tried() {
     let (dir, _, _) = valid_dir();
     std::fs::remove_file(dir.path().join("t10k-labels-idx1-ubyte")).unwrap();
     let err = load_mnist(dir.path()).unwrap_err();
-    let DataError::MissingFile { tried } = &err else {
-        panic!("{err}")
-    };
-    assert_eq!(
-        tried,
-        &[
-            dir.path().join("t10k-labels-idx1-ubyte"),
-            dir.path().join("t10k-labels-idx1-ubyte.gz")
-        ]
-    );
+    let DataError::MissingFile { tried } = &err else { panic!("{err}") };
+    assert_eq!(tried, &[dir.path().join("t10k-labels-idx1-ubyte"), dir.path().join("t10k-labels-idx1-ubyte.gz")]);
     let msg = err.to_string();
     assert!(msg.contains("t10k-labels-idx1-ubyte,") && msg.contains("t10k-labels-idx1-ubyte.gz"));
 }
@@ -96,9 +79,7 @@ fn empty_file() {
     let (dir, _, _) = valid_dir();
     write(dir.path(), "train-labels-idx1-ubyte", &[]);
     let err = load_mnist(dir.path()).unwrap_err();
-    assert!(
-        matches!(&err, DataError::EmptyFile { path } if path.ends_with("train-labels-idx1-ubyte"))
-    );
+    assert!(matches!(&err, DataError::EmptyFile { path } if path.ends_with("train-labels-idx1-ubyte")));
     assert!(err.to_string().contains("is empty"));
 }
 
@@ -106,26 +87,19 @@ fn empty_file() {
 fn gzip_that_decompresses_to_nothing_is_empty() {
     let (dir, _, _) = valid_dir();
     write(dir.path(), "train-labels-idx1-ubyte", &gzip(&[]));
-    assert!(matches!(
-        load_mnist(dir.path()),
-        Err(DataError::EmptyFile { .. })
-    ));
+    assert!(matches!(load_mnist(dir.path()), Err(DataError::EmptyFile { .. })));
 }
 
 #[test]
 fn corrupt_gzip_stream() {
     let (dir, train, _) = valid_dir();
     let gz = gzip(&train.image_file());
-    for broken in [
-        gz[..gz.len() / 2].to_vec(),
-        vec![0x1f, 0x8b, 0xff, 0xff, 0xff],
-        {
-            let mut flipped = gz.clone();
-            let at = flipped.len() - 6; // inside the CRC trailer
-            flipped[at] ^= 0xff;
-            flipped
-        },
-    ] {
+    for broken in [gz[..gz.len() / 2].to_vec(), vec![0x1f, 0x8b, 0xff, 0xff, 0xff], {
+        let mut flipped = gz.clone();
+        let at = flipped.len() - 6; // inside the CRC trailer
+        flipped[at] ^= 0xff;
+        flipped
+    }] {
         write(dir.path(), "train-images-idx3-ubyte", &broken);
         let err = load_mnist(dir.path()).unwrap_err();
         assert!(matches!(err, DataError::CorruptGzip { .. }), "{err}");
@@ -140,21 +114,9 @@ fn bad_magic() {
     bytes[2] = 0x0d; // IDX type code for f32 instead of u8
     write(dir.path(), "train-images-idx3-ubyte", &bytes);
     let err = load_mnist(dir.path()).unwrap_err();
-    let DataError::BadMagic {
-        offset,
-        expected,
-        found,
-        ..
-    } = err
-    else {
-        panic!("{err}")
-    };
+    let DataError::BadMagic { offset, expected, found, .. } = err else { panic!("{err}") };
     assert_eq!((offset, expected, found), (0, 0x0803, 0x0d03));
-    assert!(
-        err.to_string()
-            .contains("expected 0x00000803, found 0x00000d03"),
-        "{err}"
-    );
+    assert!(err.to_string().contains("expected 0x00000803, found 0x00000d03"), "{err}");
 }
 
 #[test]
@@ -163,15 +125,7 @@ fn wrong_number_of_dimensions() {
     // An image file where the labels belong: 3 dimensions instead of 1.
     write(dir.path(), "train-labels-idx1-ubyte", &train.image_file());
     let err = load_mnist(dir.path()).unwrap_err();
-    let DataError::WrongDims {
-        offset,
-        expected,
-        found,
-        ..
-    } = err
-    else {
-        panic!("{err}")
-    };
+    let DataError::WrongDims { offset, expected, found, .. } = err else { panic!("{err}") };
     assert_eq!((offset, expected, found), (3, 1, 3));
     assert!(err.to_string().contains("train-labels-idx1-ubyte"));
 }
@@ -179,80 +133,32 @@ fn wrong_number_of_dimensions() {
 #[test]
 fn truncated_header() {
     let (dir, train, _) = valid_dir();
-    write(
-        dir.path(),
-        "train-images-idx3-ubyte",
-        &train.image_file()[..10],
-    );
+    write(dir.path(), "train-images-idx3-ubyte", &train.image_file()[..10]);
     let err = load_mnist(dir.path()).unwrap_err();
-    let DataError::Truncated {
-        what,
-        offset,
-        expected,
-        found,
-        ..
-    } = err
-    else {
-        panic!("{err}")
-    };
+    let DataError::Truncated { what, offset, expected, found, .. } = err else { panic!("{err}") };
     assert_eq!((what, offset, expected, found), ("IDX header", 0, 16, 10));
 
     write(dir.path(), "train-images-idx3-ubyte", &[0, 0]);
-    assert!(matches!(
-        load_mnist(dir.path()),
-        Err(DataError::Truncated {
-            expected: 4,
-            found: 2,
-            ..
-        })
-    ));
+    assert!(matches!(load_mnist(dir.path()), Err(DataError::Truncated { expected: 4, found: 2, .. })));
 }
 
 #[test]
 fn truncated_data() {
     let (dir, train, _) = valid_dir();
     let bytes = train.image_file();
-    write(
-        dir.path(),
-        "train-images-idx3-ubyte",
-        &bytes[..bytes.len() - 7],
-    );
+    write(dir.path(), "train-images-idx3-ubyte", &bytes[..bytes.len() - 7]);
     let err = load_mnist(dir.path()).unwrap_err();
-    let DataError::Truncated {
-        what,
-        offset,
-        expected,
-        found,
-        ..
-    } = err
-    else {
-        panic!("{err}")
-    };
-    assert_eq!(
-        (what, offset, expected, found),
-        ("image data", 16, 120, 113)
-    );
-    assert!(
-        err.to_string().contains("expected 120 bytes, found 113"),
-        "{err}"
-    );
+    let DataError::Truncated { what, offset, expected, found, .. } = err else { panic!("{err}") };
+    assert_eq!((what, offset, expected, found), ("image data", 16, 120, 113));
+    assert!(err.to_string().contains("expected 120 bytes, found 113"), "{err}");
 }
 
 #[test]
 fn huge_header_counts_are_truncation_not_overflow() {
     let (dir, _, _) = valid_dir();
-    write(
-        dir.path(),
-        "train-images-idx3-ubyte",
-        &idx(&[u32::MAX; 3], &[1, 2, 3]),
-    );
+    write(dir.path(), "train-images-idx3-ubyte", &idx(&[u32::MAX; 3], &[1, 2, 3]));
     let err = load_mnist(dir.path()).unwrap_err();
-    let DataError::Truncated {
-        expected, found, ..
-    } = err
-    else {
-        panic!("{err}")
-    };
+    let DataError::Truncated { expected, found, .. } = err else { panic!("{err}") };
     assert_eq!((expected, found), ((u32::MAX as u128).pow(3), 3));
 }
 
@@ -263,17 +169,7 @@ fn trailing_data() {
     bytes.extend_from_slice(&[0, 0]);
     write(dir.path(), "train-labels-idx1-ubyte", &bytes);
     let err = load_mnist(dir.path()).unwrap_err();
-    assert!(
-        matches!(
-            err,
-            DataError::TrailingData {
-                offset: 14,
-                found: 2,
-                ..
-            }
-        ),
-        "{err}"
-    );
+    assert!(matches!(err, DataError::TrailingData { offset: 14, found: 2, .. }), "{err}");
 }
 
 #[test]
@@ -282,22 +178,9 @@ fn label_out_of_range() {
     train.labels[4] = 10;
     write(dir.path(), "train-labels-idx1-ubyte", &train.label_file());
     let err = load_mnist(dir.path()).unwrap_err();
-    let DataError::LabelOutOfRange {
-        index,
-        offset,
-        label,
-        num_classes,
-        ..
-    } = err
-    else {
-        panic!("{err}")
-    };
+    let DataError::LabelOutOfRange { index, offset, label, num_classes, .. } = err else { panic!("{err}") };
     assert_eq!((index, offset, label, num_classes), (4, 12, 10, 10));
-    assert!(
-        err.to_string()
-            .contains("label 10 of item 4 at byte offset 12"),
-        "{err}"
-    );
+    assert!(err.to_string().contains("label 10 of item 4 at byte offset 12"), "{err}");
 }
 
 #[test]
@@ -306,41 +189,16 @@ fn image_label_count_mismatch() {
     train.labels.pop();
     write(dir.path(), "train-labels-idx1-ubyte", &train.label_file());
     let err = load_mnist(dir.path()).unwrap_err();
-    assert!(
-        matches!(
-            err,
-            DataError::CountMismatch {
-                images: 6,
-                labels: 5,
-                ..
-            }
-        ),
-        "{err}"
-    );
+    assert!(matches!(err, DataError::CountMismatch { images: 6, labels: 5, .. }), "{err}");
     assert!(err.to_string().contains("6 images") && err.to_string().contains("5 labels"));
 }
 
 #[test]
 fn train_and_test_image_sizes_must_agree() {
     let dir = tempfile::tempdir().unwrap();
-    write_mnist(
-        dir.path(),
-        &Split::random(2, 5, 4, 1),
-        &Split::random(2, 4, 5, 2),
-        false,
-    );
+    write_mnist(dir.path(), &Split::random(2, 5, 4, 1), &Split::random(2, 4, 5, 2), false);
     let err = load_mnist(dir.path()).unwrap_err();
-    assert!(
-        matches!(
-            err,
-            DataError::ImageSizeMismatch {
-                train: (5, 4),
-                test: (4, 5),
-                ..
-            }
-        ),
-        "{err}"
-    );
+    assert!(matches!(err, DataError::ImageSizeMismatch { train: (5, 4), test: (4, 5), .. }), "{err}");
 }
 
 #[test]
@@ -348,17 +206,7 @@ fn zero_image_size() {
     let (dir, _, _) = valid_dir();
     write(dir.path(), "train-images-idx3-ubyte", &idx(&[6, 0, 4], &[]));
     let err = load_mnist(dir.path()).unwrap_err();
-    assert!(
-        matches!(
-            err,
-            DataError::BadImageSize {
-                rows: 0,
-                cols: 4,
-                ..
-            }
-        ),
-        "{err}"
-    );
+    assert!(matches!(err, DataError::BadImageSize { rows: 0, cols: 4, .. }), "{err}");
 }
 
 /// Arbitrary damage must give an error (or, rarely, a valid file), never a panic.
@@ -368,18 +216,11 @@ fn damaged_files_never_panic() {
     let images = train.image_file();
     for len in 0..images.len() {
         write(dir.path(), "train-images-idx3-ubyte", &images[..len]);
-        assert!(
-            load_mnist(dir.path()).is_err(),
-            "prefix of {len} bytes loaded"
-        );
+        assert!(load_mnist(dir.path()).is_err(), "prefix of {len} bytes loaded");
     }
     let gz = gzip(&images);
     for (i, noise) in common::random_bytes(300, 9).chunks(3).enumerate() {
-        let mut bytes = if i % 2 == 0 {
-            images.clone()
-        } else {
-            gz.clone()
-        };
+        let mut bytes = if i % 2 == 0 { images.clone() } else { gz.clone() };
         let at = usize::from(noise[0]) * bytes.len() / 256;
         bytes[at] ^= noise[1] | 1;
         bytes.truncate(bytes.len() - usize::from(noise[2] % 3));

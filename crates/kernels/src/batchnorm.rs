@@ -64,6 +64,7 @@ pub fn batchnorm_train_forward(
 }
 
 /// Evaluation mode: normalise with running statistics.
+#[allow(clippy::too_many_arguments)]
 pub fn batchnorm_eval_forward(
     s: BnShape,
     x: &[f32],
@@ -110,9 +111,9 @@ pub fn batchnorm_backward(
         .into_par_iter()
         .map(|c| {
             let (m, inv) = (stats.mean[c] as f64, stats.inv_std[c] as f64);
-            s.channel_values(dy, c).zip(s.channel_values(x, c)).fold((0.0, 0.0), |(a, b), (&g, &v)| {
-                (a + g as f64, b + g as f64 * (v as f64 - m) * inv)
-            })
+            s.channel_values(dy, c)
+                .zip(s.channel_values(x, c))
+                .fold((0.0, 0.0), |(a, b), (&g, &v)| (a + g as f64, b + g as f64 * (v as f64 - m) * inv))
         })
         .collect();
     for c in 0..s.channels {
@@ -121,10 +122,8 @@ pub fn batchnorm_backward(
     }
     // dx = gamma * inv_std * (dy - mean(dy) - xhat * mean(dy * xhat))
     let plane = s.spatial.max(1);
-    dx.par_chunks_mut(plane)
-        .zip(dy.par_chunks(plane).zip(x.par_chunks(plane)))
-        .enumerate()
-        .for_each(|(i, (dx, (dy, x)))| {
+    dx.par_chunks_mut(plane).zip(dy.par_chunks(plane).zip(x.par_chunks(plane))).enumerate().for_each(
+        |(i, (dx, (dy, x)))| {
             let c = i % s.channels;
             let (m, inv) = (stats.mean[c], stats.inv_std[c]);
             let mean_dy = (sums[c].0 / count) as f32;
@@ -134,5 +133,6 @@ pub fn batchnorm_backward(
                 let xhat = (v - m) * inv;
                 *d = k * (g - mean_dy - xhat * mean_dy_xhat);
             }
-        });
+        },
+    );
 }

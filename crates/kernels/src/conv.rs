@@ -230,12 +230,7 @@ fn col2im(g: &ConvGeometry, cols: &[f32], row_stride: usize, col0: usize, dx: &m
 
 /// Unrolls samples `range` of `x` into `scratch`, returning the patch matrix
 /// (`patch_len x samples*out_pixels`). A pointwise conv of one sample borrows `x` instead.
-fn patches<'a>(
-    g: &ConvGeometry,
-    x: &'a [f32],
-    range: std::ops::Range<usize>,
-    scratch: &'a mut Vec<f32>,
-) -> MatRef<'a> {
+fn patches<'a>(g: &ConvGeometry, x: &'a [f32], range: std::ops::Range<usize>, scratch: &'a mut Vec<f32>) -> MatRef<'a> {
     let (hw, in_len) = (g.out_pixels(), g.in_channels * g.in_h * g.in_w);
     let width = range.len() * hw;
     if g.is_pointwise() && range.len() == 1 {
@@ -278,8 +273,7 @@ pub fn conv2d_forward(g: &ConvGeometry, x: &[f32], w: &[f32], bias: Option<&[f32
             matmul(wmat, cols, &mut tmp, count * hw, false, inner);
             for s in 0..count {
                 for co in 0..cout {
-                    y_group[(s * cout + co) * hw..][..hw]
-                        .copy_from_slice(&tmp[co * count * hw + s * hw..][..hw]);
+                    y_group[(s * cout + co) * hw..][..hw].copy_from_slice(&tmp[co * count * hw + s * hw..][..hw]);
                 }
             }
         }
@@ -347,13 +341,7 @@ pub fn conv2d_backward_data(g: &ConvGeometry, dy: &[f32], w: &[f32], dx: &mut [f
 
 /// Weight (and bias) gradients: `dw = sum_n dy_n * patches(x_n)^T`, `dbias = sum dy`.
 /// `dw` and `dbias` are overwritten.
-pub fn conv2d_backward_weight(
-    g: &ConvGeometry,
-    x: &[f32],
-    dy: &[f32],
-    dw: &mut [f32],
-    dbias: Option<&mut [f32]>,
-) {
+pub fn conv2d_backward_weight(g: &ConvGeometry, x: &[f32], dy: &[f32], dw: &mut [f32], dbias: Option<&mut [f32]>) {
     g.check();
     assert_eq!(x.len(), g.input_len(), "conv2d_backward_weight: input length");
     assert_eq!(dy.len(), g.output_len(), "conv2d_backward_weight: output-gradient length");
@@ -372,22 +360,27 @@ pub fn conv2d_backward_weight(
     };
     let groups = plan.groups(g.batch);
     let dw_t = if plan.parallel_groups(g.batch) {
-        // One partial sum per worker, added up at the end.
-        (0..groups)
+        // One partial sum per thread over a fixed, contiguous run of groups, added up in order:
+        // the result does not depend on how rayon schedules the work.
+        let per_thread = groups.div_ceil(plan.threads);
+        let partials: Vec<Vec<f32>> = (0..plan.threads)
             .into_par_iter()
-            .fold(
-                || (vec![0.0f32; cout * plen], Vec::new(), true),
-                |(mut acc, mut scratch, first), gi| {
-                    accumulate_group(gi, &mut acc, &mut scratch, first);
-                    (acc, scratch, false)
-                },
-            )
-            .map(|(acc, _, _)| acc)
-            .reduce_with(|mut a, b| {
+            .map(|t| {
+                let (mut acc, mut scratch) = (vec![0.0f32; cout * plen], Vec::new());
+                let mine = t * per_thread..((t + 1) * per_thread).min(groups);
+                for gi in mine.clone() {
+                    accumulate_group(gi, &mut acc, &mut scratch, gi == mine.start);
+                }
+                acc
+            })
+            .collect();
+        partials
+            .into_iter()
+            .reduce(|mut a, b| {
                 a.iter_mut().zip(&b).for_each(|(x, y)| *x += y);
                 a
             })
-            .expect("at least one group")
+            .expect("at least one thread")
     } else {
         let (mut acc, mut scratch) = (vec![0.0f32; cout * plen], Vec::new());
         for gi in 0..groups {

@@ -51,14 +51,7 @@ pub fn parallelism(threads: usize) -> Parallelism {
 
 /// `c = a * b` (or `c += a * b` when `accumulate`), with `c` row-major `a.rows x b.cols`
 /// starting at `c[0]` with row stride `c_row_stride`.
-pub fn matmul(
-    a: MatRef,
-    b: MatRef,
-    c: &mut [f32],
-    c_row_stride: usize,
-    accumulate: bool,
-    par: Parallelism,
-) {
+pub fn matmul(a: MatRef, b: MatRef, c: &mut [f32], c_row_stride: usize, accumulate: bool, par: Parallelism) {
     assert_eq!(a.cols, b.rows, "matmul: inner dimensions differ");
     let (m, n, k) = (a.rows, b.cols, a.cols);
     a.check("lhs");

@@ -65,10 +65,8 @@ pub fn max_pool_forward(g: &PoolGeometry, x: &[f32], y: &mut [f32], argmax: &mut
     assert_eq!(y.len(), g.output_len(), "max_pool_forward: output length");
     assert_eq!(argmax.len(), g.output_len(), "max_pool_forward: argmax length");
     let (ih, iw, oh, ow) = (g.in_h, g.in_w, g.out_h(), g.out_w());
-    y.par_chunks_mut(oh * ow)
-        .zip(argmax.par_chunks_mut(oh * ow))
-        .zip(x.par_chunks(ih * iw))
-        .for_each(|((y, am), x)| {
+    y.par_chunks_mut(oh * ow).zip(argmax.par_chunks_mut(oh * ow)).zip(x.par_chunks(ih * iw)).for_each(
+        |((y, am), x)| {
             for r in 0..oh {
                 let (r0, r1) = g.window(r, ih);
                 for c in 0..ow {
@@ -77,8 +75,8 @@ pub fn max_pool_forward(g: &PoolGeometry, x: &[f32], y: &mut [f32], argmax: &mut
                     for i in r0..r1 {
                         for j in c0..c1 {
                             let v = x[i * iw + j];
-                            // `!(v <= best)` also lets a NaN win, so NaN propagates as in PyTorch.
-                            if !(v <= best) {
+                            // A NaN wins (and stays) so it propagates, as in PyTorch.
+                            if v > best || v.is_nan() {
                                 best = v;
                                 best_i = i * iw + j;
                             }
@@ -88,7 +86,8 @@ pub fn max_pool_forward(g: &PoolGeometry, x: &[f32], y: &mut [f32], argmax: &mut
                     am[r * ow + c] = best_i as u32;
                 }
             }
-        });
+        },
+    );
 }
 
 /// Routes each output gradient to its window's winner. `dx` is overwritten.
@@ -98,15 +97,14 @@ pub fn max_pool_backward(g: &PoolGeometry, dy: &[f32], argmax: &[u32], dx: &mut 
     assert_eq!(argmax.len(), g.output_len(), "max_pool_backward: argmax length");
     assert_eq!(dx.len(), g.input_len(), "max_pool_backward: input-gradient length");
     let (plane_in, plane_out) = (g.in_h * g.in_w, g.out_h() * g.out_w());
-    dx.par_chunks_mut(plane_in)
-        .zip(dy.par_chunks(plane_out))
-        .zip(argmax.par_chunks(plane_out))
-        .for_each(|((dx, dy), am)| {
+    dx.par_chunks_mut(plane_in).zip(dy.par_chunks(plane_out)).zip(argmax.par_chunks(plane_out)).for_each(
+        |((dx, dy), am)| {
             dx.fill(0.0);
             for (&g, &i) in dy.iter().zip(am) {
                 dx[i as usize] += g;
             }
-        });
+        },
+    );
 }
 
 /// Window means; padding counts as zeros in the divisor (PyTorch's `count_include_pad`).

@@ -94,8 +94,15 @@ fn random_geometries_match_reference_on_one_and_two_threads() {
 #[test]
 fn edge_geometries() {
     let base = ConvGeometry {
-        batch: 3, in_channels: 4, out_channels: 5, in_h: 7, in_w: 9,
-        kernel_h: 3, kernel_w: 3, stride: 1, padding: 1,
+        batch: 3,
+        in_channels: 4,
+        out_channels: 5,
+        in_h: 7,
+        in_w: 9,
+        kernel_h: 3,
+        kernel_w: 3,
+        stride: 1,
+        padding: 1,
     };
     let cases = [
         // pointwise (no unrolling) path
@@ -119,8 +126,15 @@ fn edge_geometries() {
 #[test]
 fn invalid_geometry_is_reported() {
     let g = ConvGeometry {
-        batch: 1, in_channels: 1, out_channels: 1, in_h: 2, in_w: 2,
-        kernel_h: 5, kernel_w: 5, stride: 1, padding: 0,
+        batch: 1,
+        in_channels: 1,
+        out_channels: 1,
+        in_h: 2,
+        in_w: 2,
+        kernel_h: 5,
+        kernel_w: 5,
+        stride: 1,
+        padding: 0,
     };
     let err = g.validate().unwrap_err();
     assert!(err.contains("larger than the padded input"), "{err}");

@@ -80,7 +80,8 @@ fn naive_bn(s: BnShape, x: &[f64], gamma: &[f64], beta: &[f64], eps: f64) -> Vec
     let mut y = vec![0.0; x.len()];
     let idx = |n: usize, c: usize, p: usize| (n * s.channels + c) * s.spatial + p;
     for c in 0..s.channels {
-        let vals: Vec<f64> = (0..s.batch).flat_map(|n| (0..s.spatial).map(move |p| (n, p))).map(|(n, p)| x[idx(n, c, p)]).collect();
+        let vals: Vec<f64> =
+            (0..s.batch).flat_map(|n| (0..s.spatial).map(move |p| (n, p))).map(|(n, p)| x[idx(n, c, p)]).collect();
         let m = vals.iter().sum::<f64>() / vals.len() as f64;
         let v = vals.iter().map(|a| (a - m).powi(2)).sum::<f64>() / vals.len() as f64;
         for n in 0..s.batch {
@@ -119,7 +120,8 @@ fn batchnorm_matches_reference() {
 
             // Eval mode with arbitrary running statistics.
             let rm = random_vec(&mut rng(case as u64), s.channels);
-            let rv: Vec<f32> = random_vec(&mut rng(case as u64 + 50), s.channels).iter().map(|v| v.abs() + 0.1).collect();
+            let rv: Vec<f32> =
+                random_vec(&mut rng(case as u64 + 50), s.channels).iter().map(|v| v.abs() + 0.1).collect();
             batchnorm_eval_forward(s, &x, &gamma, &beta, &rm, &rv, eps as f32, &mut y);
             let want: Vec<f64> = (0..s.len())
                 .map(|i| {

@@ -83,10 +83,8 @@ pub fn save(path: &Path, model: &Model, opt: &Optimizer, meta: &Meta) -> Result<
         .collect();
     let mut info = HashMap::new();
     info.insert(META_KEY.to_string(), serde_json::to_string(meta).expect("metadata serialises"));
-    let bytes = safetensors::serialize(views, Some(info)).map_err(|e| CheckpointError::Format {
-        path: path.to_path_buf(),
-        reason: e.to_string(),
-    })?;
+    let bytes = safetensors::serialize(views, Some(info))
+        .map_err(|e| CheckpointError::Format { path: path.to_path_buf(), reason: e.to_string() })?;
     let dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
     std::fs::create_dir_all(dir).map_err(io)?;
     let tmp = path.with_extension("safetensors.tmp");
@@ -153,12 +151,14 @@ impl Checkpoint {
         if model.name != self.meta.model {
             return Err(self.mismatch(format!("checkpoint is for model {}, not {}", self.meta.model, model.name)));
         }
-        let names: Vec<(String, Vec<usize>)> = model.named_params().iter().map(|(n, t)| (param_key(n), t.shape().to_vec())).collect();
+        let names: Vec<(String, Vec<usize>)> =
+            model.named_params().iter().map(|(n, t)| (param_key(n), t.shape().to_vec())).collect();
         let values = names.iter().map(|(k, s)| self.take(k, s).cloned()).collect::<Result<Vec<_>, _>>()?;
         for (p, v) in model.params_mut().into_iter().zip(values) {
             *p = v;
         }
-        let names: Vec<(String, Vec<usize>)> = model.named_buffers().iter().map(|(n, t)| (buffer_key(n), t.shape().to_vec())).collect();
+        let names: Vec<(String, Vec<usize>)> =
+            model.named_buffers().iter().map(|(n, t)| (buffer_key(n), t.shape().to_vec())).collect();
         let values = names.iter().map(|(k, s)| self.take(k, s).cloned()).collect::<Result<Vec<_>, _>>()?;
         for (b, v) in model.buffers_mut().into_iter().zip(values) {
             *b = v;

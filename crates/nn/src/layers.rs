@@ -58,6 +58,7 @@ pub struct Residual {
 
 /// One layer of a model.
 #[derive(Clone, Debug)]
+#[allow(clippy::large_enum_variant)] // a model holds tens of layers; boxing buys nothing
 pub enum Layer {
     Conv2d(Conv2d),
     Linear(Linear),
@@ -74,14 +75,23 @@ pub enum Saved {
     /// The layer's input (convolution, linear).
     Input(Tensor),
     /// The input and the batch statistics it was normalised with.
-    BatchNorm { x: Tensor, stats: bn::BnBatchStats },
+    BatchNorm {
+        x: Tensor,
+        stats: bn::BnBatchStats,
+    },
     /// The layer's output (ReLU needs only the sign of its output).
     Output(Tensor),
     /// Where each window's maximum came from.
-    MaxPool { argmax: Vec<u32>, in_shape: Vec<usize> },
+    MaxPool {
+        argmax: Vec<u32>,
+        in_shape: Vec<usize>,
+    },
     /// The input shape (average pooling, flatten).
     Shape(Vec<usize>),
-    Residual { main: Vec<Saved>, shortcut: Vec<Saved> },
+    Residual {
+        main: Vec<Saved>,
+        shortcut: Vec<Saved>,
+    },
     /// Evaluation mode keeps nothing.
     Nothing,
 }
@@ -149,7 +159,10 @@ impl BatchNorm {
     }
     fn shape(&self, in_shape: &[usize]) -> bn::BnShape {
         let channels = self.gamma.len();
-        assert!(in_shape.len() >= 2 && in_shape[1] == channels, "batch-norm: input {in_shape:?} does not have {channels} channels");
+        assert!(
+            in_shape.len() >= 2 && in_shape[1] == channels,
+            "batch-norm: input {in_shape:?} does not have {channels} channels"
+        );
         bn::BnShape { batch: in_shape[0], channels, spatial: in_shape[2..].iter().product() }
     }
 }
@@ -185,10 +198,20 @@ impl Layer {
                 let s = b.shape(x.shape());
                 let mut y = zeros(x.shape());
                 if !train {
-                    bn::batchnorm_eval_forward(s, data(x), data(&b.gamma), data(&b.beta), data(&b.running_mean), data(&b.running_var), b.eps, data_mut(&mut y));
+                    bn::batchnorm_eval_forward(
+                        s,
+                        data(x),
+                        data(&b.gamma),
+                        data(&b.beta),
+                        data(&b.running_mean),
+                        data(&b.running_var),
+                        b.eps,
+                        data_mut(&mut y),
+                    );
                     return (y, Saved::Nothing);
                 }
-                let stats = bn::batchnorm_train_forward(s, data(x), data(&b.gamma), data(&b.beta), b.eps, data_mut(&mut y));
+                let stats =
+                    bn::batchnorm_train_forward(s, data(x), data(&b.gamma), data(&b.beta), b.eps, data_mut(&mut y));
                 // Running variance uses the unbiased estimate, as PyTorch does.
                 let count = (s.batch * s.spatial) as f32;
                 let unbias = if count > 1.0 { count / (count - 1.0) } else { 1.0 };
@@ -210,7 +233,8 @@ impl Layer {
                 let mut y = zeros(&[g.batch, g.channels, g.out_h(), g.out_w()]);
                 let mut argmax = vec![0u32; g.output_len()];
                 pool::max_pool_forward(&g, data(x), data_mut(&mut y), &mut argmax);
-                let saved = if train { Saved::MaxPool { argmax, in_shape: x.shape().to_vec() } } else { Saved::Nothing };
+                let saved =
+                    if train { Saved::MaxPool { argmax, in_shape: x.shape().to_vec() } } else { Saved::Nothing };
                 (y, saved)
             }
             Layer::AvgPool(p) => {
@@ -221,7 +245,8 @@ impl Layer {
             }
             Layer::Flatten => {
                 let n = x.shape()[0];
-                let y = x.clone().into_shape_with_order(vec![n, x.len() / n.max(1)]).expect("flatten a contiguous tensor");
+                let y =
+                    x.clone().into_shape_with_order(vec![n, x.len() / n.max(1)]).expect("flatten a contiguous tensor");
                 (y, Saved::Shape(x.shape().to_vec()))
             }
             Layer::Residual(r) => {
@@ -253,14 +278,31 @@ impl Layer {
                 linear::linear_backward_data(n, i, o, data(dy), data(&l.weight), data_mut(&mut dx));
                 let mut dw = zeros(l.weight.shape());
                 let mut db = l.bias.as_ref().map(|b| zeros(b.shape()));
-                linear::linear_backward_weight(n, i, o, data(&x), data(dy), data_mut(&mut dw), db.as_mut().map(data_mut));
+                linear::linear_backward_weight(
+                    n,
+                    i,
+                    o,
+                    data(&x),
+                    data(dy),
+                    data_mut(&mut dw),
+                    db.as_mut().map(data_mut),
+                );
                 (dx, std::iter::once(dw).chain(db).collect())
             }
             (Layer::BatchNorm(b), Saved::BatchNorm { x, stats }) => {
                 let s = b.shape(x.shape());
                 let mut dx = zeros(x.shape());
                 let (mut dg, mut db) = (zeros(b.gamma.shape()), zeros(b.beta.shape()));
-                bn::batchnorm_backward(s, data(&x), data(dy), data(&b.gamma), &stats, data_mut(&mut dx), data_mut(&mut dg), data_mut(&mut db));
+                bn::batchnorm_backward(
+                    s,
+                    data(&x),
+                    data(dy),
+                    data(&b.gamma),
+                    &stats,
+                    data_mut(&mut dx),
+                    data_mut(&mut dg),
+                    data_mut(&mut db),
+                );
                 (dx, vec![dg, db])
             }
             (Layer::Relu, Saved::Output(y)) => {
@@ -290,7 +332,10 @@ impl Layer {
                 grads.extend(shortcut_grads);
                 (dx, grads)
             }
-            (layer, _) => panic!("backward of {} was given the saved context of another layer (or of an evaluation pass)", layer.kind()),
+            (layer, _) => panic!(
+                "backward of {} was given the saved context of another layer (or of an evaluation pass)",
+                layer.kind()
+            ),
         }
     }
 
@@ -317,7 +362,10 @@ impl Layer {
                 v
             }
             Layer::BatchNorm(b) => vec![("weight".into(), &b.gamma), ("bias".into(), &b.beta)],
-            Layer::Residual(r) => nested(&r.main, "main", Layer::named_params).into_iter().chain(nested(&r.shortcut, "shortcut", Layer::named_params)).collect(),
+            Layer::Residual(r) => nested(&r.main, "main", Layer::named_params)
+                .into_iter()
+                .chain(nested(&r.shortcut, "shortcut", Layer::named_params))
+                .collect(),
             _ => vec![],
         }
     }
@@ -337,8 +385,13 @@ impl Layer {
     /// Non-trainable state (batch-norm running statistics), with names.
     pub fn named_buffers(&self) -> Vec<(String, &Tensor)> {
         match self {
-            Layer::BatchNorm(b) => vec![("running_mean".into(), &b.running_mean), ("running_var".into(), &b.running_var)],
-            Layer::Residual(r) => nested(&r.main, "main", Layer::named_buffers).into_iter().chain(nested(&r.shortcut, "shortcut", Layer::named_buffers)).collect(),
+            Layer::BatchNorm(b) => {
+                vec![("running_mean".into(), &b.running_mean), ("running_var".into(), &b.running_var)]
+            }
+            Layer::Residual(r) => nested(&r.main, "main", Layer::named_buffers)
+                .into_iter()
+                .chain(nested(&r.shortcut, "shortcut", Layer::named_buffers))
+                .collect(),
             _ => vec![],
         }
     }
@@ -356,7 +409,11 @@ impl Layer {
     pub fn output_shape(&self, s: &[usize]) -> Result<Vec<usize>, String> {
         let with_batch: Vec<usize> = std::iter::once(1).chain(s.iter().copied()).collect();
         let image = |what: &str| -> Result<(), String> {
-            if s.len() == 3 { Ok(()) } else { Err(format!("{what} needs a C x H x W input, got {s:?}")) }
+            if s.len() == 3 {
+                Ok(())
+            } else {
+                Err(format!("{what} needs a C x H x W input, got {s:?}"))
+            }
         };
         match self {
             Layer::Conv2d(c) => {
@@ -411,7 +468,11 @@ impl Layer {
     }
 }
 
-fn nested<'a>(layers: &'a [Layer], branch: &str, f: impl Fn(&'a Layer) -> Vec<(String, &'a Tensor)>) -> Vec<(String, &'a Tensor)> {
+fn nested<'a>(
+    layers: &'a [Layer],
+    branch: &str,
+    f: impl Fn(&'a Layer) -> Vec<(String, &'a Tensor)>,
+) -> Vec<(String, &'a Tensor)> {
     layers
         .iter()
         .enumerate()
@@ -421,7 +482,10 @@ fn nested<'a>(layers: &'a [Layer], branch: &str, f: impl Fn(&'a Layer) -> Vec<(S
 
 /// Shape after running `layers` on a (batch-less) input shape.
 pub fn shape_through(layers: &[Layer], s: &[usize]) -> Result<Vec<usize>, String> {
-    layers.iter().enumerate().try_fold(s.to_vec(), |s, (i, l)| l.output_shape(&s).map_err(|e| format!("layer {i} ({}): {e}", l.kind())))
+    layers
+        .iter()
+        .enumerate()
+        .try_fold(s.to_vec(), |s, (i, l)| l.output_shape(&s).map_err(|e| format!("layer {i} ({}): {e}", l.kind())))
 }
 
 /// Forward multiply-adds of `layers` for one sample.

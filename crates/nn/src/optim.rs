@@ -81,9 +81,14 @@ impl Optimizer {
 pub enum Schedule {
     Constant,
     /// Multiply by `gamma` every `every` epochs.
-    Step { every: usize, gamma: f32 },
+    Step {
+        every: usize,
+        gamma: f32,
+    },
     /// Cosine decay from the base rate to 0 over `epochs`, updated every step.
-    Cosine { epochs: usize },
+    Cosine {
+        epochs: usize,
+    },
 }
 
 impl Schedule {

@@ -10,8 +10,8 @@ use rand_distr::{Distribution, Normal};
 
 /// Every model name `build` accepts.
 pub const MODEL_NAMES: &[&str] = &[
-    "lenet5", "alexnet", "vgg11", "vgg11-bn", "vgg13", "vgg13-bn", "vgg16", "vgg16-bn", "vgg19",
-    "vgg19-bn", "resnet18", "resnet34",
+    "lenet5", "alexnet", "vgg11", "vgg11-bn", "vgg13", "vgg13-bn", "vgg16", "vgg16-bn", "vgg19", "vgg19-bn",
+    "resnet18", "resnet34",
 ];
 
 /// The square input size a model is designed for, if it needs one (inputs are padded to it).
@@ -94,7 +94,13 @@ impl Builder {
     }
 
     /// Flatten, then a linear classifier sized from the feature shape so far.
-    fn classifier(&mut self, features: &[Layer], input: &[usize], hidden: &[usize], classes: usize) -> Result<Vec<Layer>, String> {
+    fn classifier(
+        &mut self,
+        features: &[Layer],
+        input: &[usize],
+        hidden: &[usize],
+        classes: usize,
+    ) -> Result<Vec<Layer>, String> {
         let shape = crate::layers::shape_through(features, input)?;
         let mut width: usize = shape.iter().product();
         let mut out = vec![Layer::Flatten];

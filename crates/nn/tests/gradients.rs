@@ -47,8 +47,13 @@ fn check_model(mut model: Model, batch: usize, seed: u64) {
             }
             m
         };
-        let want = (probe(&shifted(&mut model, 1.0), &x, &r) - probe(&shifted(&mut model, -1.0), &x, &r)) / (2.0 * h as f64);
-        let got: f64 = grads.iter().zip(&dirs).map(|(g, d)| data(g).iter().zip(data(d)).map(|(&a, &b)| a as f64 * b as f64).sum::<f64>()).sum();
+        let want =
+            (probe(&shifted(&mut model, 1.0), &x, &r) - probe(&shifted(&mut model, -1.0), &x, &r)) / (2.0 * h as f64);
+        let got: f64 = grads
+            .iter()
+            .zip(&dirs)
+            .map(|(g, d)| data(g).iter().zip(data(d)).map(|(&a, &b)| a as f64 * b as f64).sum::<f64>())
+            .sum();
         assert_close(&format!("{} dparams trial {trial}", model.name), got, want);
     }
 }
@@ -83,7 +88,14 @@ fn conv_linear_model() {
 #[test]
 fn batchnorm_2d_and_1d() {
     let mut rng = ChaCha8Rng::seed_from_u64(2);
-    let layers = vec![conv(&mut rng, 3, 2, 3, 1, 0), bn(&mut rng, 3), Layer::Flatten, linear(&mut rng, 5, 3 * 3 * 3), bn(&mut rng, 5), linear(&mut rng, 2, 5)];
+    let layers = vec![
+        conv(&mut rng, 3, 2, 3, 1, 0),
+        bn(&mut rng, 3),
+        Layer::Flatten,
+        linear(&mut rng, 5, 3 * 3 * 3),
+        bn(&mut rng, 5),
+        linear(&mut rng, 2, 5),
+    ];
     check_model(Model::new("bn", &[2, 5, 5], layers).unwrap(), 4, 11);
 }
 
@@ -104,7 +116,8 @@ fn relu_and_pooling() {
 #[test]
 fn residual_blocks_with_and_without_projection() {
     let mut rng = ChaCha8Rng::seed_from_u64(4);
-    let identity = Layer::Residual(Residual { main: vec![conv(&mut rng, 3, 3, 3, 1, 1), bn(&mut rng, 3)], shortcut: vec![] });
+    let identity =
+        Layer::Residual(Residual { main: vec![conv(&mut rng, 3, 3, 3, 1, 1), bn(&mut rng, 3)], shortcut: vec![] });
     let projection = Layer::Residual(Residual {
         main: vec![conv(&mut rng, 4, 3, 3, 2, 1), bn(&mut rng, 4), Layer::Relu, conv(&mut rng, 4, 4, 3, 1, 1)],
         shortcut: vec![conv(&mut rng, 4, 3, 1, 2, 0), bn(&mut rng, 4)],

@@ -62,10 +62,7 @@ impl Split {
     }
 
     pub fn image_file(&self) -> Vec<u8> {
-        idx(
-            &[self.labels.len() as u32, self.rows, self.cols],
-            &self.images,
-        )
+        idx(&[self.labels.len() as u32, self.rows, self.cols], &self.images)
     }
 
     pub fn label_file(&self) -> Vec<u8> {

@@ -1,0 +1,33 @@
+//! `trustsplit eval`: accuracy of a checkpoint on a dataset's test split.
+
+use crate::train::{evaluate, load_data, EvalResult};
+use anyhow::{bail, Result};
+use std::path::Path;
+use trustsplit_nn::{checkpoint, zoo};
+
+/// Loads `checkpoint` and evaluates it on `dataset`'s test split.
+pub fn eval(
+    ckpt: &Path,
+    dataset: &str,
+    data_dir: Option<&Path>,
+    batch_size: usize,
+    threads: usize,
+    show: bool,
+) -> Result<EvalResult> {
+    let c = checkpoint::load(ckpt)?;
+    let data = load_data(dataset, data_dir, &c.meta.model, 0, 0)?;
+    if data.input_shape != c.meta.input_shape || data.test.num_classes != c.meta.num_classes {
+        bail!(
+            "{} was trained on inputs {:?} with {} classes; dataset {dataset} gives {:?} with {} classes",
+            ckpt.display(),
+            c.meta.input_shape,
+            c.meta.num_classes,
+            data.input_shape,
+            data.test.num_classes
+        );
+    }
+    let mut model =
+        zoo::build(&c.meta.model, &c.meta.input_shape, c.meta.num_classes, 0).map_err(anyhow::Error::msg)?;
+    c.restore_model(&mut model)?;
+    crate::with_threads(threads, || evaluate(&mut model, &data, &data.test, batch_size, show))?
+}

@@ -1,0 +1,15 @@
+//! The `trustsplit` command line's library half: the trainer, evaluation and benchmarks, kept
+//! here so integration tests can drive them without spawning processes.
+
+pub mod bench;
+pub mod eval;
+pub mod progress;
+pub mod train;
+
+/// Runs `f` on a rayon pool of exactly `threads` threads: every kernel inside uses that pool,
+/// which is how the trusted side is held to its thread budget.
+pub fn with_threads<T: Send>(threads: usize, f: impl FnOnce() -> T + Send) -> anyhow::Result<T> {
+    anyhow::ensure!(threads >= 1, "--threads must be at least 1");
+    let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build()?;
+    Ok(pool.install(f))
+}

@@ -1,0 +1,328 @@
+//! The training loop: data, model, optimizer, metrics, checkpoints and resume.
+
+use crate::progress;
+use anyhow::{bail, Context, Result};
+use serde::{Deserialize, Serialize};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+use trustsplit_data::{batches, num_batches, BatchOptions, Dataset, DatasetKind};
+use trustsplit_kernels::loss::softmax_cross_entropy;
+use trustsplit_nn::optim::{Optimizer, OptimizerKind, Schedule};
+use trustsplit_nn::tensor::{self, data_mut, from_vec, zeros};
+use trustsplit_nn::{checkpoint, zoo, Mode, Model};
+
+/// Where the split between trusted and untrusted hardware is drawn. Only `plaintext` (no split,
+/// the numerical reference) exists so far.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Scheme {
+    Plaintext,
+}
+
+impl std::str::FromStr for Scheme {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "plaintext" => Ok(Scheme::Plaintext),
+            other => Err(format!("unknown or not yet available scheme '{other}'; available: plaintext")),
+        }
+    }
+}
+
+/// Everything that defines a training run. Recorded in checkpoints so `--resume` can refuse a
+/// run whose settings differ.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct TrainConfig {
+    pub scheme: Scheme,
+    pub model: String,
+    pub dataset: String,
+    pub data_dir: Option<PathBuf>,
+    pub epochs: usize,
+    pub batch_size: usize,
+    pub lr: f32,
+    pub optimizer: OptimizerKind,
+    pub weight_decay: f32,
+    pub schedule: Schedule,
+    pub threads: usize,
+    pub seed: u64,
+    /// Use only the first N training samples (0 = all).
+    pub train_limit: usize,
+    /// Use only the first N test samples (0 = all).
+    pub test_limit: usize,
+    /// Random crop + flip; `None` = the dataset's default (on for CIFAR).
+    pub augment: Option<bool>,
+    /// Write a metrics line every this many steps.
+    pub log_every: usize,
+}
+
+impl TrainConfig {
+    /// Defaults: LeNet-5 on the embedded data, SGD with momentum 0.9.
+    pub fn new(model: &str, dataset: &str) -> Self {
+        TrainConfig {
+            scheme: Scheme::Plaintext,
+            model: model.into(),
+            dataset: dataset.into(),
+            data_dir: None,
+            epochs: 5,
+            batch_size: 32,
+            lr: 0.03,
+            optimizer: OptimizerKind::Sgd { momentum: 0.9, nesterov: false },
+            weight_decay: 5e-4,
+            schedule: Schedule::Cosine { epochs: 5 },
+            threads: 1,
+            seed: 0,
+            train_limit: 0,
+            test_limit: 0,
+            augment: None,
+            log_every: 50,
+        }
+    }
+
+    /// The settings that must match for `--resume` to continue a run (thread count, logging and
+    /// the epoch target may change).
+    fn identity(&self) -> serde_json::Value {
+        let mut v = serde_json::to_value(self).expect("config serialises");
+        for k in ["threads", "log_every", "epochs", "data_dir", "schedule"] {
+            v.as_object_mut().expect("object").remove(k);
+        }
+        v
+    }
+}
+
+/// The outcome of a run (printed by `--json`).
+#[derive(Clone, Debug, Serialize)]
+pub struct TrainSummary {
+    pub scheme: Scheme,
+    pub model: String,
+    pub dataset: String,
+    pub accuracy: f64,
+    pub loss: f64,
+    pub train_accuracy: f64,
+    pub train_loss: f64,
+    pub epochs: usize,
+    pub resumed_from_epoch: usize,
+    pub steps: u64,
+    pub seconds: f64,
+    pub train_samples: usize,
+    pub test_samples: usize,
+    pub parameters: usize,
+    pub threads: usize,
+    pub checkpoint: PathBuf,
+    pub metrics: PathBuf,
+}
+
+/// Accuracy and mean loss over a dataset.
+#[derive(Clone, Copy, Debug, Serialize)]
+pub struct EvalResult {
+    pub accuracy: f64,
+    pub loss: f64,
+    pub samples: usize,
+}
+
+/// Loaded data with the batch settings the model needs.
+pub struct Data {
+    pub kind: DatasetKind,
+    pub train: Dataset,
+    pub test: Dataset,
+    /// Square size images are padded to (VGG and friends want 32x32).
+    pub pad_to: Option<usize>,
+    pub input_shape: Vec<usize>,
+}
+
+/// Loads a dataset and works out the input shape `model` will see.
+pub fn load_data(
+    dataset: &str,
+    data_dir: Option<&Path>,
+    model: &str,
+    train_limit: usize,
+    test_limit: usize,
+) -> Result<Data> {
+    let kind: DatasetKind = dataset.parse().map_err(anyhow::Error::msg)?;
+    let splits = trustsplit_data::load(kind, data_dir).with_context(|| format!("loading dataset {dataset}"))?;
+    let limit = |ds: Dataset, n: usize| if n > 0 { ds.subset(n) } else { ds };
+    let (train, test) = (limit(splits.train, train_limit), limit(splits.test, test_limit));
+    if train.is_empty() || test.is_empty() {
+        bail!("dataset {dataset} has an empty split (train {}, test {})", train.len(), test.len());
+    }
+    let pad_to = zoo::required_input_size(model).filter(|&s| s != train.height || s != train.width);
+    if let Some(s) = pad_to {
+        if train.height > s || train.width > s {
+            bail!(
+                "model {model} takes {s}x{s} inputs; dataset {dataset} has larger {}x{} images",
+                train.height,
+                train.width
+            );
+        }
+    }
+    let side = |d: usize| pad_to.unwrap_or(d);
+    let input_shape = vec![train.channels, side(train.height), side(train.width)];
+    Ok(Data { kind, train, test, pad_to, input_shape })
+}
+
+fn batch_options(data: &Data, batch_size: usize, seed: u64, epoch: u64, train: bool, augment: bool) -> BatchOptions {
+    let mut o = BatchOptions::new(batch_size, data.kind.normalization());
+    o.shuffle = train;
+    o.seed = seed;
+    o.epoch = epoch;
+    o.augment = train && augment;
+    o.pad_to = data.pad_to;
+    o.drop_last = false;
+    o
+}
+
+/// Evaluates `model` on `ds` in evaluation mode.
+pub fn evaluate(model: &mut Model, data: &Data, ds: &Dataset, batch_size: usize, show: bool) -> Result<EvalResult> {
+    let opts = batch_options(data, batch_size, 0, 0, false, false);
+    let pb = progress::bar(num_batches(ds.len(), batch_size, false) as u64, "evaluate", show);
+    let (mut loss, mut correct) = (0.0f64, 0usize);
+    for b in batches(ds, &opts) {
+        let x = from_vec(&[b.n, b.channels, b.height, b.width], b.images);
+        let (logits, _) = model.forward(&x, Mode::Eval).map_err(anyhow::Error::msg)?;
+        let out = softmax_cross_entropy(b.n, model.num_classes, tensor::data(&logits), &b.labels, None);
+        loss += out.loss as f64 * b.n as f64;
+        correct += out.correct;
+        pb.inc(1);
+    }
+    pb.finish_and_clear();
+    Ok(EvalResult { accuracy: correct as f64 / ds.len() as f64, loss: loss / ds.len() as f64, samples: ds.len() })
+}
+
+/// Files a run writes into its output folder.
+pub fn checkpoint_path(out: &Path) -> PathBuf {
+    out.join("checkpoint.safetensors")
+}
+pub fn metrics_path(out: &Path) -> PathBuf {
+    out.join("metrics.jsonl")
+}
+
+/// Trains as configured, writing checkpoints and metrics under `out`. With `resume`, continues
+/// from `out`'s checkpoint (which must come from the same configuration).
+pub fn train(cfg: &TrainConfig, out: &Path, resume: bool, show_progress: bool) -> Result<TrainSummary> {
+    if cfg.batch_size == 0 || cfg.epochs == 0 {
+        bail!("--batch-size and --epochs must be at least 1");
+    }
+    if !(cfg.lr.is_finite() && cfg.lr > 0.0) {
+        bail!("--lr must be a positive number, got {}", cfg.lr);
+    }
+    let started = Instant::now();
+    let data = load_data(&cfg.dataset, cfg.data_dir.as_deref(), &cfg.model, cfg.train_limit, cfg.test_limit)?;
+    let mut model =
+        zoo::build(&cfg.model, &data.input_shape, data.train.num_classes, cfg.seed).map_err(anyhow::Error::msg)?;
+    let mut opt = Optimizer::new(cfg.optimizer, cfg.weight_decay);
+    let ckpt_path = checkpoint_path(out);
+    let mut start_epoch = 0;
+    if resume {
+        let c = checkpoint::load(&ckpt_path)
+            .with_context(|| "cannot resume: no usable checkpoint (train without --resume first)")?;
+        if c.meta.config != cfg.identity() {
+            bail!(
+                "cannot resume {}: it was written by a run with different settings\n  checkpoint: {}\n  this run:   {}",
+                ckpt_path.display(),
+                c.meta.config,
+                cfg.identity()
+            );
+        }
+        c.restore_model(&mut model)?;
+        c.restore_optimizer(&mut opt, &model)?;
+        start_epoch = c.meta.epoch;
+        if start_epoch >= cfg.epochs {
+            bail!("{} already holds {} epochs; ask for more with --epochs", ckpt_path.display(), start_epoch);
+        }
+    }
+    std::fs::create_dir_all(out).with_context(|| format!("creating output folder {}", out.display()))?;
+    let mut metrics = std::fs::OpenOptions::new()
+        .create(true)
+        .append(resume)
+        .write(true)
+        .truncate(!resume)
+        .open(metrics_path(out))
+        .with_context(|| format!("opening {}", metrics_path(out).display()))?;
+    let augment = cfg.augment.unwrap_or(data.kind.augments_by_default());
+    let steps_per_epoch = num_batches(data.train.len(), cfg.batch_size, false);
+    let (mut last_train, mut last_test) = ((0.0, 0.0), EvalResult { accuracy: 0.0, loss: 0.0, samples: 0 });
+
+    crate::with_threads(cfg.threads, || -> Result<()> {
+        for epoch in start_epoch..cfg.epochs {
+            let epoch_start = Instant::now();
+            let opts = batch_options(&data, cfg.batch_size, cfg.seed, epoch as u64, true, augment);
+            let pb =
+                progress::bar(steps_per_epoch as u64, &format!("epoch {}/{}", epoch + 1, cfg.epochs), show_progress);
+            let (mut loss_sum, mut correct, mut seen) = (0.0f64, 0usize, 0usize);
+            for (step, b) in batches(&data.train, &opts).enumerate() {
+                let lr = cfg.schedule.lr(cfg.lr, epoch as f64 + step as f64 / steps_per_epoch as f64);
+                let x = from_vec(&[b.n, b.channels, b.height, b.width], b.images);
+                let (logits, saved) = model.forward(&x, Mode::Train).map_err(anyhow::Error::msg)?;
+                let mut dlogits = zeros(logits.shape());
+                let out = softmax_cross_entropy(
+                    b.n,
+                    model.num_classes,
+                    tensor::data(&logits),
+                    &b.labels,
+                    Some(data_mut(&mut dlogits)),
+                );
+                if !out.loss.is_finite() {
+                    bail!(
+                        "training diverged: loss is {} at epoch {} step {}; try a smaller --lr",
+                        out.loss,
+                        epoch + 1,
+                        step + 1
+                    );
+                }
+                let grads = model.backward(&dlogits, saved);
+                opt.step(model.params_mut(), &grads, lr);
+                loss_sum += out.loss as f64 * b.n as f64;
+                correct += out.correct;
+                seen += b.n;
+                if cfg.log_every > 0 && (step + 1) % cfg.log_every == 0 {
+                    let line = serde_json::json!({"kind": "step", "epoch": epoch + 1, "step": step + 1,
+                        "global_step": opt.steps, "lr": lr, "loss": out.loss, "batch_accuracy": out.correct as f64 / b.n as f64});
+                    writeln!(metrics, "{line}")?;
+                }
+                pb.set_message(format!("loss {:.3}", loss_sum / seen as f64));
+                pb.inc(1);
+            }
+            pb.finish_and_clear();
+            last_train = (loss_sum / seen as f64, correct as f64 / seen as f64);
+            last_test = evaluate(&mut model, &data, &data.test, 256.max(cfg.batch_size), show_progress)?;
+            let secs = epoch_start.elapsed().as_secs_f64();
+            let line = serde_json::json!({"kind": "epoch", "epoch": epoch + 1, "train_loss": last_train.0,
+                "train_accuracy": last_train.1, "test_loss": last_test.loss, "test_accuracy": last_test.accuracy, "seconds": secs});
+            writeln!(metrics, "{line}")?;
+            metrics.flush()?;
+            let meta = checkpoint::meta(&model, epoch + 1, opt.steps, cfg.seed, cfg.identity());
+            checkpoint::save(&ckpt_path, &model, &opt, &meta)?;
+            eprintln!(
+                "epoch {:>3}/{}: train loss {:.4} acc {:.2}% | test loss {:.4} acc {:.2}% | {:.1}s",
+                epoch + 1,
+                cfg.epochs,
+                last_train.0,
+                100.0 * last_train.1,
+                last_test.loss,
+                100.0 * last_test.accuracy,
+                secs
+            );
+        }
+        Ok(())
+    })??;
+
+    Ok(TrainSummary {
+        scheme: cfg.scheme,
+        model: cfg.model.clone(),
+        dataset: cfg.dataset.clone(),
+        accuracy: last_test.accuracy,
+        loss: last_test.loss,
+        train_accuracy: last_train.1,
+        train_loss: last_train.0,
+        epochs: cfg.epochs,
+        resumed_from_epoch: start_epoch,
+        steps: opt.steps,
+        seconds: started.elapsed().as_secs_f64(),
+        train_samples: data.train.len(),
+        test_samples: data.test.len(),
+        parameters: model.num_params(),
+        threads: cfg.threads,
+        checkpoint: ckpt_path,
+        metrics: metrics_path(out),
+    })
+}

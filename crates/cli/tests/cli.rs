@@ -1,0 +1,59 @@
+//! The binary: help text, error exit codes, and the benchmark's JSON shape.
+
+use std::process::Command;
+
+fn trustsplit() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_trustsplit"))
+}
+
+#[test]
+fn help_lists_the_commands() {
+    let out = trustsplit().arg("--help").output().unwrap();
+    assert!(out.status.success());
+    let text = String::from_utf8_lossy(&out.stdout);
+    for cmd in ["train", "eval", "bench"] {
+        assert!(text.contains(cmd), "--help does not mention {cmd}:\n{text}");
+    }
+}
+
+#[test]
+fn errors_exit_nonzero_with_a_message() {
+    let out = trustsplit().args(["train", "--dataset", "mnist"]).output().unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("error:") && err.contains("data"), "{err}");
+    let out = trustsplit().args(["eval", "--checkpoint", "/nonexistent/c.safetensors"]).output().unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("/nonexistent/c.safetensors"));
+}
+
+#[test]
+fn bench_kernels_json_has_the_documented_keys() {
+    let out = trustsplit()
+        .args(["bench", "kernels", "--json", "--repeats", "1", "--vgg-batch", "2", "--threads", "1,2"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    for key in ["conv_fwd_ms", "conv_fwd_bwd_ms", "vgg16_step_ms", "gemm_baseline_ms"] {
+        for t in ["1", "2"] {
+            let ms = v[key][t].as_f64().unwrap_or_else(|| panic!("{key}.{t} missing in {v}"));
+            assert!(ms > 0.0, "{key}.{t} = {ms}");
+        }
+    }
+}
+
+#[test]
+fn train_json_prints_one_object() {
+    let dir = std::env::temp_dir().join(format!("trustsplit-cli-json-{}", std::process::id()));
+    let out = trustsplit()
+        .args(["train", "--epochs", "1", "--train-limit", "200", "--test-limit", "100", "--json", "--out"])
+        .arg(&dir)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    for key in ["accuracy", "loss", "epochs", "seconds"] {
+        assert!(v.get(key).is_some(), "missing {key} in {v}");
+    }
+}

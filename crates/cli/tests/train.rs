@@ -1,0 +1,116 @@
+//! End-to-end training on the embedded data: accuracy, resume, evaluation, bad settings.
+
+use std::path::PathBuf;
+use trustsplit::train::{train, TrainConfig};
+use trustsplit_nn::checkpoint;
+
+fn out_dir(tag: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("trustsplit-cli-{tag}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    d
+}
+
+#[test]
+fn lenet_on_embedded_data_beats_80_percent() {
+    let cfg = TrainConfig::new("lenet5", "embedded");
+    let out = out_dir("lenet");
+    let s = train(&cfg, &out, false, false).unwrap();
+    assert!(s.accuracy > 0.80, "test accuracy {:.3} is not above 80%", s.accuracy);
+    assert_eq!(s.test_samples, 1000);
+    assert_eq!(s.train_samples, 5000);
+    // Metrics: one JSON line per logging step and per epoch.
+    let metrics = std::fs::read_to_string(&s.metrics).unwrap();
+    let epochs: Vec<serde_json::Value> = metrics
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+        .filter(|v| v["kind"] == "epoch")
+        .collect();
+    assert_eq!(epochs.len(), 5);
+    assert_eq!(epochs[4]["test_accuracy"].as_f64().unwrap(), s.accuracy);
+    // Evaluating the checkpoint reproduces the final accuracy.
+    let r = trustsplit::eval::eval(&s.checkpoint, "embedded", None, 100, 1, false).unwrap();
+    assert_eq!(r.accuracy, s.accuracy);
+}
+
+fn small(model: &str, epochs: usize) -> TrainConfig {
+    let mut cfg = TrainConfig::new(model, "embedded");
+    cfg.epochs = epochs;
+    cfg.schedule = trustsplit_nn::optim::Schedule::Cosine { epochs: 3 };
+    cfg.train_limit = 600;
+    cfg.test_limit = 200;
+    cfg.log_every = 5;
+    cfg
+}
+
+#[test]
+fn resume_gives_the_same_result_as_an_uninterrupted_run() {
+    let whole = out_dir("whole");
+    let a = train(&small("lenet5", 3), &whole, false, false).unwrap();
+
+    let parts = out_dir("parts");
+    train(&small("lenet5", 1), &parts, false, false).unwrap();
+    let b = train(&small("lenet5", 3), &parts, true, false).unwrap();
+    assert_eq!(b.resumed_from_epoch, 1);
+    assert_eq!(a.accuracy, b.accuracy);
+    assert_eq!(a.loss, b.loss);
+    assert_eq!(a.steps, b.steps);
+    // Identical weights, bit for bit.
+    let (ca, cb) = (checkpoint::load(&a.checkpoint).unwrap(), checkpoint::load(&b.checkpoint).unwrap());
+    let mut ma = trustsplit_nn::zoo::build("lenet5", &[1, 28, 28], 10, 9).unwrap();
+    let mut mb = ma.clone();
+    ca.restore_model(&mut ma).unwrap();
+    cb.restore_model(&mut mb).unwrap();
+    for ((n, x), (_, y)) in ma.named_params().iter().zip(mb.named_params()) {
+        assert_eq!(*x, y, "{n}");
+    }
+    // The resumed metrics file continues the first one.
+    let lines = std::fs::read_to_string(&b.metrics).unwrap();
+    let epochs = lines.lines().filter(|l| l.contains("\"kind\":\"epoch\"")).count();
+    assert_eq!(epochs, 3);
+}
+
+#[test]
+fn resume_refuses_different_settings_and_missing_checkpoints() {
+    let out = out_dir("mismatch");
+    train(&small("lenet5", 1), &out, false, false).unwrap();
+    let mut other = small("lenet5", 2);
+    other.seed = 7;
+    let err = format!("{:#}", train(&other, &out, true, false).unwrap_err());
+    assert!(err.contains("different settings"), "{err}");
+    let err = format!("{:#}", train(&small("lenet5", 2), &out_dir("empty"), true, false).unwrap_err());
+    assert!(err.contains("cannot resume") && err.contains("checkpoint.safetensors"), "{err}");
+    let err = format!("{:#}", train(&small("lenet5", 1), &out, true, false).unwrap_err());
+    assert!(err.contains("already holds 1 epochs"), "{err}");
+}
+
+#[test]
+fn vgg_trains_on_padded_fashion_mnist_inputs() {
+    let mut cfg = small("vgg11-bn", 1);
+    cfg.train_limit = 64;
+    cfg.test_limit = 32;
+    cfg.threads = 2;
+    let s = train(&cfg, &out_dir("vgg"), false, false).unwrap();
+    assert!(s.loss.is_finite());
+    let c = checkpoint::load(&s.checkpoint).unwrap();
+    assert_eq!(c.meta.input_shape, vec![1, 32, 32]);
+}
+
+#[test]
+fn bad_settings_are_reported() {
+    let mut cfg = small("lenet5", 1);
+    cfg.model = "lenet6".into();
+    let err = format!("{:#}", train(&cfg, &out_dir("bad1"), false, false).unwrap_err());
+    assert!(err.contains("unknown model 'lenet6'"), "{err}");
+    let mut cfg = small("lenet5", 1);
+    cfg.dataset = "imagenet".into();
+    let err = format!("{:#}", train(&cfg, &out_dir("bad2"), false, false).unwrap_err());
+    assert!(err.contains("imagenet"), "{err}");
+    let mut cfg = small("lenet5", 1);
+    cfg.dataset = "cifar10".into();
+    let err = format!("{:#}", train(&cfg, &out_dir("bad3"), false, false).unwrap_err());
+    assert!(err.to_lowercase().contains("data"), "{err}");
+    let mut cfg = small("lenet5", 1);
+    cfg.lr = 1e6;
+    let err = format!("{:#}", train(&cfg, &out_dir("bad4"), false, false).unwrap_err());
+    assert!(err.contains("diverged"), "{err}");
+}
