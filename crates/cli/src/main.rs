@@ -210,7 +210,9 @@ fn main() {
         }),
         Command::Bench { what: BenchWhat::Kernels { repeats, vgg_batch, threads, json } } => {
             bench::kernels(&threads, repeats, vgg_batch, |m| eprintln!("{m}")).and_then(|r| {
-                eprintln!("reference (PyTorch 2.15 CPU, one thread, same conv, measured on this machine type): forward 21.7 ms, forward+backward 64.9 ms");
+                eprintln!(
+                    "for a same-machine PyTorch reference run scripts/pytorch_conv_reference.py 1 (see BENCHMARKS.md)"
+                );
                 if json {
                     println!("{}", serde_json::to_string(&r)?);
                 }
