@@ -201,13 +201,20 @@ fn main() {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Train(a) => run_train(a),
-        Command::Eval(a) => eval::eval(&a.checkpoint, &a.dataset, a.data_dir.as_deref(), a.batch_size, a.threads, true).and_then(|r| {
-            eprintln!("{}: test accuracy {:.2}% (loss {:.4}) on {} samples", a.checkpoint.display(), 100.0 * r.accuracy, r.loss, r.samples);
-            if a.json {
-                println!("{}", serde_json::to_string(&r)?);
-            }
-            Ok(())
-        }),
+        Command::Eval(a) => eval::eval(&a.checkpoint, &a.dataset, a.data_dir.as_deref(), a.batch_size, a.threads, true)
+            .and_then(|r| {
+                eprintln!(
+                    "{}: test accuracy {:.2}% (loss {:.4}) on {} samples",
+                    a.checkpoint.display(),
+                    100.0 * r.accuracy,
+                    r.loss,
+                    r.samples
+                );
+                if a.json {
+                    println!("{}", serde_json::to_string(&r)?);
+                }
+                Ok(())
+            }),
         Command::Bench { what: BenchWhat::Kernels { repeats, vgg_batch, threads, json } } => {
             bench::kernels(&threads, repeats, vgg_batch, |m| eprintln!("{m}")).and_then(|r| {
                 eprintln!(
