@@ -1,0 +1,18 @@
+//! The trust boundary.
+//!
+//! Data that belongs to the trusted side is held as [`Secret`], which cannot be serialised or
+//! printed. The only way out is a [`Released`] value, and the only way to make one is
+//! [`Released::new`], which appends a record to the [`Transcript`]: what left, from which layer,
+//! under which scheme, how many bytes, and why that is acceptable. Everything crosses the boundary
+//! through a [`Channel`]: framed, size-limited, versioned, and encrypted ([`EncryptedChannel`])
+//! whenever it carries secrets between machines.
+
+pub mod channel;
+pub mod encrypted;
+pub mod secret;
+pub mod transcript;
+
+pub use channel::{Channel, ChannelError, ChannelOptions, Frame, InProcessChannel, TcpChannel};
+pub use encrypted::EncryptedChannel;
+pub use secret::{Released, Secret};
+pub use transcript::{Direction, ReleaseInfo, ReleaseRecord, Transcript, TranscriptSummary};

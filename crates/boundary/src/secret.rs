@@ -1,0 +1,86 @@
+//! `Secret<T>`: trusted-side data; `Released<T>`: data that has left, with a transcript record.
+
+use crate::transcript::{ReleaseInfo, Transcript};
+
+/// A value that must not leave the trusted side.
+///
+/// It implements neither `Serialize` nor a `Debug` that shows its contents, so it cannot be sent
+/// or logged by accident:
+///
+/// ```compile_fail
+/// let s = trustsplit_boundary::Secret::new(vec![1.0f32]);
+/// serde_json::to_string(&s).unwrap(); // Secret is not Serialize
+/// ```
+pub struct Secret<T>(T);
+
+impl<T> Secret<T> {
+    pub fn new(value: T) -> Self {
+        Secret(value)
+    }
+    /// Read access for trusted-side computation.
+    pub fn expose(&self) -> &T {
+        &self.0
+    }
+    pub fn expose_mut(&mut self) -> &mut T {
+        &mut self.0
+    }
+    /// Consumes the wrapper for trusted-side computation.
+    pub fn into_exposed(self) -> T {
+        self.0
+    }
+}
+
+impl<T> std::fmt::Debug for Secret<T> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Secret(<redacted>)")
+    }
+}
+
+/// How many bytes a released value occupies on the wire.
+pub trait WireSize {
+    fn wire_bytes(&self) -> u64;
+}
+
+impl WireSize for Vec<f32> {
+    fn wire_bytes(&self) -> u64 {
+        (self.len() * 4) as u64
+    }
+}
+impl WireSize for [f32] {
+    fn wire_bytes(&self) -> u64 {
+        std::mem::size_of_val(self) as u64
+    }
+}
+impl WireSize for Vec<u64> {
+    fn wire_bytes(&self) -> u64 {
+        (self.len() * 8) as u64
+    }
+}
+impl WireSize for Vec<u8> {
+    fn wire_bytes(&self) -> u64 {
+        self.len() as u64
+    }
+}
+
+/// A value that has been released across the trust boundary. Constructing one records it.
+pub struct Released<T> {
+    value: T,
+}
+
+impl<T: WireSize> Released<T> {
+    /// Releases `value`: appends `info` (with the value's size) to `transcript`. Scheme release
+    /// functions are the only callers; each states in `info.reason` why the release is safe.
+    pub fn new(transcript: &Transcript, info: ReleaseInfo, value: T) -> Self {
+        transcript.record_release(info, value.wire_bytes());
+        Released { value }
+    }
+}
+
+impl<T> Released<T> {
+    pub fn get(&self) -> &T {
+        &self.value
+    }
+    pub fn into_inner(self) -> T {
+        self.value
+    }
+}

@@ -1,0 +1,45 @@
+//! Releases are recorded; secrets do not print.
+
+use trustsplit_boundary::*;
+
+fn info(layer: &str, kind: &str, shape: &[usize]) -> ReleaseInfo {
+    ReleaseInfo {
+        scheme: "test".into(),
+        layer: layer.into(),
+        kind: kind.into(),
+        shape: shape.to_vec(),
+        reason: "unit test".into(),
+    }
+}
+
+#[test]
+fn releases_are_recorded_with_sizes_and_written_as_jsonl() {
+    let dir = std::env::temp_dir().join(format!("trustsplit-transcript-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("t.jsonl");
+    let t = Transcript::keeping_records().with_jsonl(&path).unwrap();
+    let r = Released::new(&t, info("layers.0", "weight", &[2, 3]), vec![0.5f32; 6]);
+    assert_eq!(r.get().len(), 6);
+    let _ = Released::new(&t, info("layers.0", "weight", &[2, 3]), vec![0.25f32; 6]);
+    t.record_received(info("layers.0", "activation", &[4]), 16);
+    t.flush().unwrap();
+
+    let s = t.summary();
+    assert_eq!((s.records, s.bytes_to_device, s.bytes_from_device), (3, 48, 16));
+    assert_eq!(s.by_layer_kind["layers.0/weight/out"], (2, 48));
+    let recs = t.records().unwrap();
+    assert_eq!(recs[0].seq, 0);
+    assert_eq!(recs[2].direction, Direction::DeviceToTee);
+
+    let lines: Vec<ReleaseRecord> =
+        std::fs::read_to_string(&path).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    assert_eq!(lines, recs);
+}
+
+#[test]
+fn secrets_do_not_print() {
+    let s = Secret::new(vec![42.0f32, 43.0]);
+    let shown = format!("{s:?}");
+    assert!(!shown.contains("42"), "{shown}");
+    assert_eq!(s.expose()[1], 43.0);
+}
