@@ -1,15 +1,19 @@
 //! `trustsplit eval`: accuracy of a checkpoint on a dataset's test split.
 
-use crate::train::{evaluate, load_data, EvalResult};
+use crate::train::{evaluate, load_data, EvalResult, Scheme};
 use anyhow::{bail, Result};
 use std::path::Path;
+use trustsplit_enclave::memory::DEFAULT_BUDGET_BYTES;
 use trustsplit_nn::{checkpoint, zoo};
 
 /// Loads `checkpoint` and evaluates it on `dataset`'s test split.
+#[allow(clippy::too_many_arguments)]
 pub fn eval(
     ckpt: &Path,
     dataset: &str,
     data_dir: Option<&Path>,
+    scheme: Scheme,
+    device: &str,
     batch_size: usize,
     threads: usize,
     show: bool,
@@ -29,5 +33,6 @@ pub fn eval(
     let mut model =
         zoo::build(&c.meta.model, &c.meta.input_shape, c.meta.num_classes, 0).map_err(anyhow::Error::msg)?;
     c.restore_model(&mut model)?;
-    crate::with_threads(threads, || evaluate(&mut model, &data, &data.test, batch_size, show))?
+    let mut runner = crate::schemes::runner_for(scheme, device, DEFAULT_BUDGET_BYTES, None)?;
+    crate::with_threads(threads, || evaluate(&mut runner, &mut model, &data, &data.test, batch_size, show))?
 }

@@ -4,6 +4,7 @@
 pub mod bench;
 pub mod eval;
 pub mod progress;
+pub mod schemes;
 pub mod train;
 
 /// Runs `f` on a rayon pool of exactly `threads` threads: every kernel inside uses that pool,

@@ -29,13 +29,38 @@ enum Command {
         #[command(subcommand)]
         what: BenchWhat,
     },
+    /// Run an untrusted device worker that serves linear algebra (GEMM, conv forward and
+    /// backward) to enclaves connecting over TCP. It sees everything it is sent.
+    Device(DeviceArgs),
+}
+
+#[derive(Args)]
+struct DeviceArgs {
+    /// Address to listen on, e.g. 127.0.0.1:7070 (port 0 picks a free port; the address is printed).
+    #[arg(long)]
+    listen: String,
+    /// Compute backend: cpu, cpu:THREADS, wgpu, wgpu:cpu, cuda, cuda:INDEX.
+    #[arg(long, default_value = "cpu")]
+    backend: String,
 }
 
 #[derive(Args)]
 struct TrainArgs {
-    /// Where the trust boundary lies: plaintext (no split, the reference).
+    /// Where the trust boundary lies: plaintext (no split, the reference), tee-only (everything
+    /// in the enclave), gpu-only (linear layers on the device in the clear: INSECURE baseline).
     #[arg(long, default_value = "plaintext")]
     scheme: Scheme,
+    /// Device for schemes that offload: cpu, cpu:THREADS, wgpu, wgpu:cpu, cuda, cuda:INDEX, or
+    /// tcp://HOST:PORT (a `trustsplit device` worker).
+    #[arg(long, default_value = "cpu")]
+    device: String,
+    /// The enclave's memory budget in MiB (SGX's usable EPC is typically about 96 MiB); past it,
+    /// saved activations are sealed (AES-256-GCM) and spilled to untrusted memory.
+    #[arg(long, default_value_t = 96)]
+    memory_budget_mib: usize,
+    /// Write every value that crosses the trust boundary as a JSON line to FILE.
+    #[arg(long)]
+    transcript: Option<PathBuf>,
     /// Model: lenet5, alexnet, vgg11|13|16|19 (add -bn for batch-norm), resnet18, resnet34.
     #[arg(long, default_value = "lenet5")]
     model: String,
@@ -104,9 +129,12 @@ struct EvalArgs {
     dataset: String,
     #[arg(long)]
     data_dir: Option<PathBuf>,
-    /// Only plaintext evaluation exists so far.
+    /// Scheme to evaluate under (plaintext, tee-only, gpu-only).
     #[arg(long, default_value = "plaintext")]
     scheme: Scheme,
+    /// Device for schemes that offload (see `train --help`).
+    #[arg(long, default_value = "cpu")]
+    device: String,
     #[arg(long, default_value_t = 256)]
     batch_size: usize,
     #[arg(long, default_value_t = 1)]
@@ -168,9 +196,12 @@ fn run_train(a: TrainArgs) -> Result<()> {
     cfg.test_limit = a.test_limit;
     cfg.augment = a.augment.map(|v| matches!(v, OnOff::On));
     cfg.log_every = a.log_every;
+    cfg.device = a.device;
+    cfg.memory_budget = a.memory_budget_mib << 20;
+    cfg.transcript = a.transcript;
     let out = a.out.unwrap_or_else(|| PathBuf::from("runs").join(format!("{}-{}", a.model, a.dataset)));
     eprintln!(
-        "training {} on {} with scheme {:?}, {} epochs, batch {}, {} thread(s) -> {}",
+        "training {} on {} with scheme {}, {} epochs, batch {}, {} thread(s) -> {}",
         cfg.model,
         cfg.dataset,
         cfg.scheme,
@@ -190,31 +221,77 @@ fn run_train(a: TrainArgs) -> Result<()> {
         s.parameters,
         s.checkpoint.display()
     );
-    eprintln!("released outside the trusted side: nothing (scheme plaintext runs entirely on this machine)");
+    let r = &s.scheme_report;
+    eprintln!(
+        "released to the device: {} ({} bytes out, {} bytes back, {} transcript records)",
+        s.released, r.transcript.bytes_to_device, r.transcript.bytes_from_device, r.transcript.records
+    );
+    if let Some(m) = &r.memory {
+        eprintln!(
+            "enclave: {:.1}s computing, device {:.1}s; peak memory {:.1} MiB of a {:.0} MiB budget; sealed spill {:.1} MiB out, {:.1} MiB back",
+            r.enclave_seconds,
+            r.device_seconds,
+            m.peak_bytes as f64 / (1 << 20) as f64,
+            m.budget_bytes as f64 / (1 << 20) as f64,
+            m.spill_bytes as f64 / (1 << 20) as f64,
+            m.restore_bytes as f64 / (1 << 20) as f64
+        );
+    }
     if a.json {
         println!("{}", serde_json::to_string(&s)?);
     }
     Ok(())
 }
 
+fn run_device(a: DeviceArgs) -> Result<()> {
+    // Fail early on a backend that cannot start, instead of on the first connection.
+    trustsplit::schemes::open_backend(&a.backend)?;
+    let listener = trustsplit_device::DeviceListener::bind(&a.listen)?;
+    eprintln!(
+        "trustsplit device worker ({}) listening on {} -- UNTRUSTED: it sees every operand it is sent",
+        a.backend,
+        listener.local_addr()?
+    );
+    let spec = a.backend.clone();
+    listener.run(
+        move || {
+            trustsplit::schemes::open_backend(&spec)
+                .map_err(|e| trustsplit_device::DeviceError::Unavailable(format!("{e:#}")))
+        },
+        trustsplit_boundary::ChannelOptions::default(),
+        |m| eprintln!("{m}"),
+    )?;
+    Ok(())
+}
+
 fn main() {
     let cli = Cli::parse();
     let result = match cli.command {
+        Command::Device(d) => run_device(d),
         Command::Train(a) => run_train(a),
-        Command::Eval(a) => eval::eval(&a.checkpoint, &a.dataset, a.data_dir.as_deref(), a.batch_size, a.threads, true)
-            .and_then(|r| {
-                eprintln!(
-                    "{}: test accuracy {:.2}% (loss {:.4}) on {} samples",
-                    a.checkpoint.display(),
-                    100.0 * r.accuracy,
-                    r.loss,
-                    r.samples
-                );
-                if a.json {
-                    println!("{}", serde_json::to_string(&r)?);
-                }
-                Ok(())
-            }),
+        Command::Eval(a) => eval::eval(
+            &a.checkpoint,
+            &a.dataset,
+            a.data_dir.as_deref(),
+            a.scheme,
+            &a.device,
+            a.batch_size,
+            a.threads,
+            true,
+        )
+        .and_then(|r| {
+            eprintln!(
+                "{}: test accuracy {:.2}% (loss {:.4}) on {} samples",
+                a.checkpoint.display(),
+                100.0 * r.accuracy,
+                r.loss,
+                r.samples
+            );
+            if a.json {
+                println!("{}", serde_json::to_string(&r)?);
+            }
+            Ok(())
+        }),
         Command::Bench { what: BenchWhat::Kernels { repeats, vgg_batch, threads, json } } => {
             bench::kernels(&threads, repeats, vgg_batch, |m| eprintln!("{m}")).and_then(|r| {
                 eprintln!(

@@ -6,29 +6,14 @@ use serde::{Deserialize, Serialize};
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
+use trustsplit_boundary::Secret;
 use trustsplit_data::{batches, num_batches, BatchOptions, Dataset, DatasetKind};
-use trustsplit_kernels::loss::softmax_cross_entropy;
 use trustsplit_nn::optim::{Optimizer, OptimizerKind, Schedule};
-use trustsplit_nn::tensor::{self, data_mut, from_vec, zeros};
-use trustsplit_nn::{checkpoint, zoo, Mode, Model};
+use trustsplit_nn::tensor::from_vec;
+use trustsplit_nn::{checkpoint, zoo, Model};
+use trustsplit_schemes::{RunnerError, SplitRunner};
 
-/// Where the split between trusted and untrusted hardware is drawn. Only `plaintext` (no split,
-/// the numerical reference) exists so far.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum Scheme {
-    Plaintext,
-}
-
-impl std::str::FromStr for Scheme {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
-        match s {
-            "plaintext" => Ok(Scheme::Plaintext),
-            other => Err(format!("unknown or not yet available scheme '{other}'; available: plaintext")),
-        }
-    }
-}
+pub use trustsplit_schemes::SchemeKind as Scheme;
 
 /// Everything that defines a training run. Recorded in checkpoints so `--resume` can refuse a
 /// run whose settings differ.
@@ -54,6 +39,12 @@ pub struct TrainConfig {
     pub augment: Option<bool>,
     /// Write a metrics line every this many steps.
     pub log_every: usize,
+    /// The enclave's memory budget in bytes (tee-only, gpu-only).
+    pub memory_budget: usize,
+    /// Where device work runs: `cpu`, `cpu:THREADS`, `wgpu`, `cuda`, or `tcp://HOST:PORT`.
+    pub device: String,
+    /// Write every boundary crossing as a JSON line here.
+    pub transcript: Option<PathBuf>,
 }
 
 impl TrainConfig {
@@ -76,6 +67,9 @@ impl TrainConfig {
             test_limit: 0,
             augment: None,
             log_every: 50,
+            memory_budget: trustsplit_enclave::memory::DEFAULT_BUDGET_BYTES,
+            device: "cpu".into(),
+            transcript: None,
         }
     }
 
@@ -83,7 +77,7 @@ impl TrainConfig {
     /// the epoch target may change).
     fn identity(&self) -> serde_json::Value {
         let mut v = serde_json::to_value(self).expect("config serialises");
-        for k in ["threads", "log_every", "epochs", "data_dir", "schedule"] {
+        for k in ["threads", "log_every", "epochs", "data_dir", "schedule", "device", "transcript", "memory_budget"] {
             v.as_object_mut().expect("object").remove(k);
         }
         v
@@ -110,6 +104,12 @@ pub struct TrainSummary {
     pub threads: usize,
     pub checkpoint: PathBuf,
     pub metrics: PathBuf,
+    /// What left the trusted side, in words.
+    pub released: String,
+    pub bytes_to_device: u64,
+    pub bytes_from_device: u64,
+    /// Costs and releases of the scheme: enclave and device time, memory peak and spill, transcript totals.
+    pub scheme_report: trustsplit_schemes::SchemeReport,
 }
 
 /// Accuracy and mean loss over a dataset.
@@ -172,14 +172,20 @@ fn batch_options(data: &Data, batch_size: usize, seed: u64, epoch: u64, train: b
 }
 
 /// Evaluates `model` on `ds` in evaluation mode.
-pub fn evaluate(model: &mut Model, data: &Data, ds: &Dataset, batch_size: usize, show: bool) -> Result<EvalResult> {
+pub fn evaluate(
+    runner: &mut SplitRunner,
+    model: &mut Model,
+    data: &Data,
+    ds: &Dataset,
+    batch_size: usize,
+    show: bool,
+) -> Result<EvalResult> {
     let opts = batch_options(data, batch_size, 0, 0, false, false);
     let pb = progress::bar(num_batches(ds.len(), batch_size, false) as u64, "evaluate", show);
     let (mut loss, mut correct) = (0.0f64, 0usize);
     for b in batches(ds, &opts) {
-        let x = from_vec(&[b.n, b.channels, b.height, b.width], b.images);
-        let (logits, _) = model.forward(&x, Mode::Eval).map_err(anyhow::Error::msg)?;
-        let out = softmax_cross_entropy(b.n, model.num_classes, tensor::data(&logits), &b.labels, None);
+        let x = Secret::new(from_vec(&[b.n, b.channels, b.height, b.width], b.images));
+        let out = runner.eval_batch(model, x, &Secret::new(b.labels))?;
         loss += out.loss as f64 * b.n as f64;
         correct += out.correct;
         pb.inc(1);
@@ -239,6 +245,7 @@ pub fn train(cfg: &TrainConfig, out: &Path, resume: bool, show_progress: bool) -
         .open(metrics_path(out))
         .with_context(|| format!("opening {}", metrics_path(out).display()))?;
     let augment = cfg.augment.unwrap_or(data.kind.augments_by_default());
+    let mut runner = crate::schemes::build_runner(cfg)?;
     let steps_per_epoch = num_batches(data.train.len(), cfg.batch_size, false);
     let (mut last_train, mut last_test) = ((0.0, 0.0), EvalResult { accuracy: 0.0, loss: 0.0, samples: 0 });
 
@@ -251,26 +258,18 @@ pub fn train(cfg: &TrainConfig, out: &Path, resume: bool, show_progress: bool) -
             let (mut loss_sum, mut correct, mut seen) = (0.0f64, 0usize, 0usize);
             for (step, b) in batches(&data.train, &opts).enumerate() {
                 let lr = cfg.schedule.lr(cfg.lr, epoch as f64 + step as f64 / steps_per_epoch as f64);
-                let x = from_vec(&[b.n, b.channels, b.height, b.width], b.images);
-                let (logits, saved) = model.forward(&x, Mode::Train).map_err(anyhow::Error::msg)?;
-                let mut dlogits = zeros(logits.shape());
-                let out = softmax_cross_entropy(
-                    b.n,
-                    model.num_classes,
-                    tensor::data(&logits),
-                    &b.labels,
-                    Some(data_mut(&mut dlogits)),
-                );
-                if !out.loss.is_finite() {
-                    bail!(
-                        "training diverged: loss is {} at epoch {} step {}; try a smaller --lr",
-                        out.loss,
-                        epoch + 1,
-                        step + 1
-                    );
-                }
-                let grads = model.backward(&dlogits, saved);
-                opt.step(model.params_mut(), &grads, lr);
+                let x = Secret::new(from_vec(&[b.n, b.channels, b.height, b.width], b.images));
+                let out =
+                    runner.train_step(&mut model, x, &Secret::new(b.labels), &mut opt, lr).map_err(|e| match e {
+                        RunnerError::Diverged(l) => {
+                            anyhow::anyhow!(
+                                "training diverged: loss is {l} at epoch {} step {}; try a smaller --lr",
+                                epoch + 1,
+                                step + 1
+                            )
+                        }
+                        other => anyhow::anyhow!("epoch {} step {}: {other}", epoch + 1, step + 1),
+                    })?;
                 loss_sum += out.loss as f64 * b.n as f64;
                 correct += out.correct;
                 seen += b.n;
@@ -284,7 +283,7 @@ pub fn train(cfg: &TrainConfig, out: &Path, resume: bool, show_progress: bool) -
             }
             pb.finish_and_clear();
             last_train = (loss_sum / seen as f64, correct as f64 / seen as f64);
-            last_test = evaluate(&mut model, &data, &data.test, 256.max(cfg.batch_size), show_progress)?;
+            last_test = evaluate(&mut runner, &mut model, &data, &data.test, 256.max(cfg.batch_size), show_progress)?;
             let secs = epoch_start.elapsed().as_secs_f64();
             let line = serde_json::json!({"kind": "epoch", "epoch": epoch + 1, "train_loss": last_train.0,
                 "train_accuracy": last_train.1, "test_loss": last_test.loss, "test_accuracy": last_test.accuracy, "seconds": secs});
@@ -305,6 +304,8 @@ pub fn train(cfg: &TrainConfig, out: &Path, resume: bool, show_progress: bool) -
         }
         Ok(())
     })??;
+    runner.transcript().flush().map_err(anyhow::Error::msg)?;
+    let report = runner.report();
 
     Ok(TrainSummary {
         scheme: cfg.scheme,
@@ -324,5 +325,9 @@ pub fn train(cfg: &TrainConfig, out: &Path, resume: bool, show_progress: bool) -
         threads: cfg.threads,
         checkpoint: ckpt_path,
         metrics: metrics_path(out),
+        released: cfg.scheme.releases().to_string(),
+        bytes_to_device: report.transcript.bytes_to_device,
+        bytes_from_device: report.transcript.bytes_from_device,
+        scheme_report: report,
     })
 }

@@ -1,7 +1,7 @@
 //! End-to-end training on the embedded data: accuracy, resume, evaluation, bad settings.
 
 use std::path::PathBuf;
-use trustsplit::train::{train, TrainConfig};
+use trustsplit::train::{train, Scheme, TrainConfig};
 use trustsplit_nn::checkpoint;
 
 fn out_dir(tag: &str) -> PathBuf {
@@ -28,7 +28,7 @@ fn lenet_on_embedded_data_beats_80_percent() {
     assert_eq!(epochs.len(), 5);
     assert_eq!(epochs[4]["test_accuracy"].as_f64().unwrap(), s.accuracy);
     // Evaluating the checkpoint reproduces the final accuracy.
-    let r = trustsplit::eval::eval(&s.checkpoint, "embedded", None, 100, 1, false).unwrap();
+    let r = trustsplit::eval::eval(&s.checkpoint, "embedded", None, Scheme::Plaintext, "cpu", 100, 1, false).unwrap();
     assert_eq!(r.accuracy, s.accuracy);
 }
 

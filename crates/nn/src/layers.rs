@@ -167,17 +167,53 @@ impl BatchNorm {
     }
 }
 
-fn conv_forward(c: &Conv2d, x: &Tensor) -> Tensor {
-    let g = c.geometry(x.shape());
-    let mut y = zeros(&[g.batch, g.out_channels, g.out_h(), g.out_w()]);
-    conv::conv2d_forward(&g, data(x), data(&c.weight), c.bias.as_ref().map(data), data_mut(&mut y));
-    y
+impl Conv2d {
+    /// `y = conv(x, weight) + bias`.
+    pub fn forward(&self, x: &Tensor) -> Tensor {
+        let g = self.geometry(x.shape());
+        let mut y = zeros(&[g.batch, g.out_channels, g.out_h(), g.out_w()]);
+        conv::conv2d_forward(&g, data(x), data(&self.weight), self.bias.as_ref().map(data), data_mut(&mut y));
+        y
+    }
+
+    /// `dx` and the parameter gradients `[dweight, dbias?]` for input `x` and output gradient `dy`.
+    pub fn backward(&self, x: &Tensor, dy: &Tensor) -> (Tensor, Vec<Tensor>) {
+        let g = self.geometry(x.shape());
+        let mut dx = zeros(x.shape());
+        conv::conv2d_backward_data(&g, data(dy), data(&self.weight), data_mut(&mut dx));
+        let mut dw = zeros(self.weight.shape());
+        let mut db = self.bias.as_ref().map(|b| zeros(b.shape()));
+        conv::conv2d_backward_weight(&g, data(x), data(dy), data_mut(&mut dw), db.as_mut().map(data_mut));
+        (dx, std::iter::once(dw).chain(db).collect())
+    }
 }
 
-fn linear_dims(l: &Linear, x_shape: &[usize]) -> (usize, usize, usize) {
-    let w = l.weight.shape();
-    assert!(x_shape.len() == 2 && x_shape[1] == w[1], "linear: input {x_shape:?} does not have {} features", w[1]);
-    (x_shape[0], w[1], w[0])
+impl Linear {
+    /// `(batch, in, out)` for an input of shape `x_shape`.
+    pub fn dims(&self, x_shape: &[usize]) -> (usize, usize, usize) {
+        let w = self.weight.shape();
+        assert!(x_shape.len() == 2 && x_shape[1] == w[1], "linear: input {x_shape:?} does not have {} features", w[1]);
+        (x_shape[0], w[1], w[0])
+    }
+
+    /// `y = x weight^T + bias`.
+    pub fn forward(&self, x: &Tensor) -> Tensor {
+        let (n, i, o) = self.dims(x.shape());
+        let mut y = zeros(&[n, o]);
+        linear::linear_forward(n, i, o, data(x), data(&self.weight), self.bias.as_ref().map(data), data_mut(&mut y));
+        y
+    }
+
+    /// `dx` and the parameter gradients `[dweight, dbias?]`.
+    pub fn backward(&self, x: &Tensor, dy: &Tensor) -> (Tensor, Vec<Tensor>) {
+        let (n, i, o) = self.dims(x.shape());
+        let mut dx = zeros(x.shape());
+        linear::linear_backward_data(n, i, o, data(dy), data(&self.weight), data_mut(&mut dx));
+        let mut dw = zeros(self.weight.shape());
+        let mut db = self.bias.as_ref().map(|b| zeros(b.shape()));
+        linear::linear_backward_weight(n, i, o, data(x), data(dy), data_mut(&mut dw), db.as_mut().map(data_mut));
+        (dx, std::iter::once(dw).chain(db).collect())
+    }
 }
 
 impl Layer {
@@ -187,13 +223,8 @@ impl Layer {
         let train = mode == Mode::Train;
         let keep_input = |x: &Tensor| if train { Saved::Input(x.clone()) } else { Saved::Nothing };
         match self {
-            Layer::Conv2d(c) => (conv_forward(c, x), keep_input(x)),
-            Layer::Linear(l) => {
-                let (n, i, o) = linear_dims(l, x.shape());
-                let mut y = zeros(&[n, o]);
-                linear::linear_forward(n, i, o, data(x), data(&l.weight), l.bias.as_ref().map(data), data_mut(&mut y));
-                (y, keep_input(x))
-            }
+            Layer::Conv2d(c) => (c.forward(x), keep_input(x)),
+            Layer::Linear(l) => (l.forward(x), keep_input(x)),
             Layer::BatchNorm(b) => {
                 let s = b.shape(x.shape());
                 let mut y = zeros(x.shape());
@@ -263,32 +294,8 @@ impl Layer {
     /// Gradients: `dx` and one gradient per entry of `params()`, in that order.
     pub fn backward(&self, dy: &Tensor, saved: Saved) -> (Tensor, Vec<Tensor>) {
         match (self, saved) {
-            (Layer::Conv2d(c), Saved::Input(x)) => {
-                let g = c.geometry(x.shape());
-                let mut dx = zeros(x.shape());
-                conv::conv2d_backward_data(&g, data(dy), data(&c.weight), data_mut(&mut dx));
-                let mut dw = zeros(c.weight.shape());
-                let mut db = c.bias.as_ref().map(|b| zeros(b.shape()));
-                conv::conv2d_backward_weight(&g, data(&x), data(dy), data_mut(&mut dw), db.as_mut().map(data_mut));
-                (dx, std::iter::once(dw).chain(db).collect())
-            }
-            (Layer::Linear(l), Saved::Input(x)) => {
-                let (n, i, o) = linear_dims(l, x.shape());
-                let mut dx = zeros(x.shape());
-                linear::linear_backward_data(n, i, o, data(dy), data(&l.weight), data_mut(&mut dx));
-                let mut dw = zeros(l.weight.shape());
-                let mut db = l.bias.as_ref().map(|b| zeros(b.shape()));
-                linear::linear_backward_weight(
-                    n,
-                    i,
-                    o,
-                    data(&x),
-                    data(dy),
-                    data_mut(&mut dw),
-                    db.as_mut().map(data_mut),
-                );
-                (dx, std::iter::once(dw).chain(db).collect())
-            }
+            (Layer::Conv2d(c), Saved::Input(x)) => c.backward(&x, dy),
+            (Layer::Linear(l), Saved::Input(x)) => l.backward(&x, dy),
             (Layer::BatchNorm(b), Saved::BatchNorm { x, stats }) => {
                 let s = b.shape(x.shape());
                 let mut dx = zeros(x.shape());

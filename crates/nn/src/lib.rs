@@ -9,6 +9,7 @@ pub mod checkpoint;
 pub mod layers;
 pub mod model;
 pub mod optim;
+mod saved_codec;
 pub mod tensor;
 pub mod zoo;
 

@@ -1,0 +1,119 @@
+//! Shared helpers: a small seeded RNG, random shapes, naive references, releases for tests.
+#![allow(dead_code)]
+
+use trustsplit_boundary::{ReleaseInfo, Released, Transcript};
+use trustsplit_device::GemmShape;
+use trustsplit_kernels::ConvGeometry;
+
+/// SplitMix64: enough randomness for shapes and values, no extra dependency.
+pub struct Rng(u64);
+
+impl Rng {
+    pub fn new(seed: u64) -> Rng {
+        Rng(seed)
+    }
+    pub fn next_u64(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+    /// Uniform in `lo..=hi`.
+    pub fn range(&mut self, lo: usize, hi: usize) -> usize {
+        lo + (self.next_u64() % (hi - lo + 1) as u64) as usize
+    }
+    pub fn bool(&mut self) -> bool {
+        self.next_u64() & 1 == 1
+    }
+    /// Uniform in [-1, 1).
+    pub fn value(&mut self) -> f32 {
+        ((self.next_u64() >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
+    }
+    pub fn values(&mut self, n: usize) -> Vec<f32> {
+        (0..n).map(|_| self.value()).collect()
+    }
+    pub fn gemm_shape(&mut self, trans_a: bool, trans_b: bool) -> GemmShape {
+        GemmShape { m: self.range(1, 37), n: self.range(1, 41), k: self.range(1, 33), trans_a, trans_b }
+    }
+    /// A valid geometry with odd sizes, stride 1-2, padding 0-2, kernels 1/3/5.
+    pub fn geometry(&mut self) -> ConvGeometry {
+        loop {
+            let k = [1, 3, 5][self.range(0, 2)];
+            let g = ConvGeometry {
+                batch: self.range(1, 4),
+                in_channels: self.range(1, 4),
+                out_channels: self.range(1, 5),
+                in_h: self.range(1, 11),
+                in_w: self.range(1, 11),
+                kernel_h: k,
+                kernel_w: if self.bool() { k } else { [1, 3][self.range(0, 1)] },
+                stride: self.range(1, 2),
+                padding: self.range(0, 2),
+            };
+            if g.validate().is_ok() {
+                return g;
+            }
+        }
+    }
+}
+
+/// A geometry with stride 2 and padding 1 (the case most likely to get edges wrong).
+pub fn strided_geometry() -> ConvGeometry {
+    ConvGeometry {
+        batch: 3,
+        in_channels: 2,
+        out_channels: 4,
+        in_h: 8,
+        in_w: 7,
+        kernel_h: 3,
+        kernel_w: 3,
+        stride: 2,
+        padding: 1,
+    }
+}
+
+/// Naive f64 GEMM with the same storage conventions as `Backend::gemm`.
+pub fn naive_gemm(s: &GemmShape, a: &[f32], b: &[f32]) -> Vec<f32> {
+    let mut c = vec![0.0f32; s.m * s.n];
+    for i in 0..s.m {
+        for j in 0..s.n {
+            let mut acc = 0.0f64;
+            for p in 0..s.k {
+                let av = if s.trans_a { a[p * s.m + i] } else { a[i * s.k + p] };
+                let bv = if s.trans_b { b[j * s.k + p] } else { b[p * s.n + j] };
+                acc += av as f64 * bv as f64;
+            }
+            c[i * s.n + j] = acc as f32;
+        }
+    }
+    c
+}
+
+/// Asserts `max |got - want| <= tol * max(1, max |want|)`.
+pub fn assert_close(got: &[f32], want: &[f32], tol: f32, what: &str) {
+    assert_eq!(got.len(), want.len(), "{what}: length");
+    let scale = want.iter().fold(1.0f32, |m, v| m.max(v.abs()));
+    let worst = got.iter().zip(want).map(|(g, w)| (g - w).abs()).fold(0.0f32, f32::max);
+    assert!(worst <= tol * scale, "{what}: max abs error {worst} exceeds {tol} * {scale}");
+}
+
+/// Bit-for-bit equality (NaN-safe, distinguishes -0.0).
+pub fn assert_bits(got: &[f32], want: &[f32], what: &str) {
+    assert_eq!(got.len(), want.len(), "{what}: length");
+    for (i, (g, w)) in got.iter().zip(want).enumerate() {
+        assert_eq!(g.to_bits(), w.to_bits(), "{what}: element {i}: {g} vs {w}");
+    }
+}
+
+/// Releases `v` through a test transcript.
+pub fn release(t: &Transcript, v: Vec<f32>) -> Released<Vec<f32>> {
+    let info = ReleaseInfo {
+        scheme: "test".into(),
+        layer: "test".into(),
+        kind: "operand".into(),
+        shape: vec![v.len()],
+        reason: "test data, not secret".into(),
+    };
+    Released::new(t, info, v)
+}

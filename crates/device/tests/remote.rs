@@ -1,0 +1,328 @@
+//! Remote devices: over an in-process channel and TCP, malformed requests, dead and hung devices.
+
+mod common;
+
+use common::*;
+use std::net::TcpListener;
+use std::sync::{Arc, Mutex};
+use std::thread;
+use std::time::{Duration, Instant};
+use trustsplit_boundary::{Channel, ChannelError, ChannelOptions, InProcessChannel, TcpChannel, Transcript};
+use trustsplit_device::protocol::{self, Hello, HelloOk, DEVICE_PROTOCOL};
+use trustsplit_device::{serve, Backend, CpuBackend, Device, DeviceError, DeviceListener, GemmShape, Op};
+use trustsplit_kernels::ConvGeometry;
+
+fn opts(timeout_ms: u64) -> ChannelOptions {
+    ChannelOptions { max_frame_bytes: 64 << 20, timeout: Some(Duration::from_millis(timeout_ms)) }
+}
+
+/// A CPU device served on a thread over an in-process channel.
+fn in_process_device(threads: usize, o: ChannelOptions) -> (Device, thread::JoinHandle<Result<(), DeviceError>>) {
+    let (client, mut server) = InProcessChannel::pair(o);
+    let handle = thread::spawn(move || {
+        let mut backend = CpuBackend::new(threads).unwrap();
+        serve(&mut server, &mut backend)
+    });
+    (Device::remote(Box::new(client)).unwrap(), handle)
+}
+
+/// Runs random ops on `remote` and on a local CPU backend with the same thread count: the results
+/// must be bit-identical (the protocol moves f32 bytes verbatim).
+fn check_against_local(remote: &mut Device, threads: usize, seed: u64) {
+    let t = Transcript::new();
+    let mut rng = Rng::new(seed);
+    let mut cpu = CpuBackend::new(threads).unwrap();
+    for (ta, tb) in [(false, false), (true, false), (false, true), (true, true)] {
+        let s = rng.gemm_shape(ta, tb);
+        let (a, b) = (rng.values(s.m * s.k), rng.values(s.k * s.n));
+        let got = remote.gemm(&s, &release(&t, a.clone()), &release(&t, b.clone())).unwrap();
+        assert_bits(&got, &cpu.gemm(&s, &a, &b).unwrap(), &format!("remote {s:?}"));
+        assert_close(&got, &naive_gemm(&s, &a, &b), 1e-5, "remote gemm vs naive");
+    }
+    for i in 0..6 {
+        let g = if i == 0 { strided_geometry() } else { rng.geometry() };
+        let (x, w, dy) = (rng.values(g.input_len()), rng.values(g.weight_len()), rng.values(g.output_len()));
+        let (rx, rw, rdy) = (release(&t, x.clone()), release(&t, w.clone()), release(&t, dy.clone()));
+        assert_bits(&remote.conv_forward(&g, &rx, &rw).unwrap(), &cpu.conv_forward(&g, &x, &w).unwrap(), "fwd");
+        assert_bits(
+            &remote.conv_backward_data(&g, &rdy, &rw).unwrap(),
+            &cpu.conv_backward_data(&g, &dy, &w).unwrap(),
+            "bwd data",
+        );
+        assert_bits(
+            &remote.conv_backward_weight(&g, &rx, &rdy).unwrap(),
+            &cpu.conv_backward_weight(&g, &x, &dy).unwrap(),
+            "bwd weight",
+        );
+    }
+}
+
+#[test]
+fn in_process_remote_matches_local_and_counts_bytes() {
+    let (mut dev, server) = in_process_device(2, opts(5000));
+    assert_eq!(dev.name(), "cpu (2 threads) at in-process peer B");
+    check_against_local(&mut dev, 2, 10);
+    let stats = dev.stats();
+    assert_eq!(stats.requests, 4 + 6 * 3);
+    assert!(stats.bytes_to_device > 0 && stats.bytes_from_device > 0);
+    // A device error leaves the connection usable.
+    let t = Transcript::new();
+    let s = GemmShape { m: 1, n: 1, k: 1, trans_a: false, trans_b: false };
+    let bad = dev.gemm(&s, &release(&t, vec![1.0; 2]), &release(&t, vec![1.0]));
+    assert!(matches!(bad, Err(DeviceError::Invalid(_))), "client-side validation");
+    assert_eq!(dev.gemm(&s, &release(&t, vec![2.0]), &release(&t, vec![3.0])).unwrap(), vec![6.0]);
+    dev.shutdown();
+    server.join().unwrap().unwrap();
+}
+
+#[test]
+fn tcp_remote_matches_local_with_concurrent_clients() {
+    let listener = DeviceListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap().to_string();
+    let log = Arc::new(Mutex::new(Vec::<String>::new()));
+    let sink = Arc::clone(&log);
+    thread::spawn(move || {
+        listener.run(
+            || Ok(Box::new(CpuBackend::new(1)?) as Box<dyn Backend>),
+            opts(5000),
+            move |line| sink.lock().unwrap().push(line.to_string()),
+        )
+    });
+    let clients: Vec<_> = (0..2)
+        .map(|i| {
+            let addr = addr.clone();
+            thread::spawn(move || {
+                let channel = TcpChannel::connect(&addr, opts(5000)).unwrap();
+                let mut dev = Device::remote_with_limit(Box::new(channel), 64 << 20).unwrap();
+                assert!(dev.name().starts_with("cpu (1 threads) at 127.0.0.1:"), "{}", dev.name());
+                check_against_local(&mut dev, 1, 20 + i);
+                dev.shutdown();
+            })
+        })
+        .collect();
+    for c in clients {
+        c.join().unwrap();
+    }
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while log.lock().unwrap().iter().filter(|l| l.ends_with("disconnected")).count() < 2 {
+        assert!(Instant::now() < deadline, "log: {:?}", log.lock().unwrap());
+        thread::sleep(Duration::from_millis(20));
+    }
+    assert!(log.lock().unwrap()[0].starts_with("device listening on 127.0.0.1:"));
+}
+
+#[test]
+fn listener_reports_a_backend_that_cannot_start() {
+    let listener = DeviceListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap().to_string();
+    thread::spawn(move || {
+        listener.run(|| Err(DeviceError::Unavailable("no GPU in this test".into())), opts(5000), |_| {})
+    });
+    let channel = TcpChannel::connect(&addr, opts(5000)).unwrap();
+    let err = Device::remote(Box::new(channel)).err().expect("refused");
+    assert!(matches!(err, DeviceError::Remote(_)), "{err}");
+    assert!(err.to_string().contains("no GPU in this test"), "{err}");
+}
+
+#[test]
+fn listen_fails_clearly_on_a_bad_address() {
+    let err = trustsplit_device::listen("256.0.0.1:1", || Err(DeviceError::Io("unused".into())), opts(100), |_| {})
+        .unwrap_err();
+    assert!(err.to_string().contains("cannot listen on 256.0.0.1:1"), "{err}");
+}
+
+/// A raw client: handshake done by hand so tests can send anything afterwards.
+fn raw_session() -> (InProcessChannel, thread::JoinHandle<Result<(), DeviceError>>) {
+    let (mut client, mut server) = InProcessChannel::pair(opts(5000));
+    let handle = thread::spawn(move || {
+        let mut backend = CpuBackend::new(1).unwrap();
+        serve(&mut server, &mut backend)
+    });
+    let hello = Hello { protocol: DEVICE_PROTOCOL, max_frame_bytes: 64 << 20 };
+    client.send(protocol::HELLO, &postcard::to_stdvec(&hello).unwrap()).unwrap();
+    let ok: HelloOk = postcard::from_bytes(&client.recv_tag(protocol::HELLO_OK).unwrap()).unwrap();
+    assert_eq!(ok.backend, "cpu (1 threads)");
+    (client, handle)
+}
+
+/// Sends one frame and returns the Error reply's text (panics on any other reply).
+fn error_reply(c: &mut InProcessChannel, tag: u16, payload: &[u8]) -> String {
+    c.send(tag, payload).unwrap();
+    let f = c.recv().unwrap();
+    assert_eq!(f.tag, protocol::ERROR, "expected an Error reply");
+    String::from_utf8(f.payload).unwrap()
+}
+
+#[test]
+fn malformed_requests_get_clear_errors_and_the_server_keeps_serving() {
+    let (mut c, server) = raw_session();
+    let g = strided_geometry();
+    let (x, w) = (vec![0.5f32; g.input_len()], vec![0.25f32; g.weight_len()]);
+    let expect = |msg: String, needle: &str| assert!(msg.contains(needle), "{msg:?} should mention {needle:?}");
+
+    // Bad geometry: stride 0, a kernel larger than the padded input, overflowing padding.
+    let (tag, p) = protocol::encode_request(&Op::ConvForward(ConvGeometry { stride: 0, ..g }), &x, &w);
+    expect(error_reply(&mut c, tag, &p), "stride must be at least 1");
+    let big = ConvGeometry { kernel_h: 20, ..g };
+    let (tag, p) = protocol::encode_request(&Op::ConvBackwardData(big), &[], &[]);
+    expect(error_reply(&mut c, tag, &p), "larger than the padded input");
+    let (tag, p) =
+        protocol::encode_request(&Op::ConvForward(ConvGeometry { padding: usize::MAX / 2 + 1, ..g }), &[], &[]);
+    expect(error_reply(&mut c, tag, &p), "overflows");
+    // Sizes whose products overflow, and a result too large for a frame.
+    let huge = GemmShape { m: usize::MAX / 2, n: 4, k: 4, trans_a: false, trans_b: false };
+    let (tag, p) = protocol::encode_request(&Op::Gemm(huge), &[], &[]);
+    expect(error_reply(&mut c, tag, &p), "gemm operand A (m*k) overflows");
+    let wide = GemmShape { m: 1 << 20, n: 1 << 20, k: 0, trans_a: false, trans_b: false };
+    let (tag, p) = protocol::encode_request(&Op::Gemm(wide), &[], &[]);
+    expect(error_reply(&mut c, tag, &p), "frame limit");
+    // Wrong operand length (the declared lengths still add up to the payload).
+    let (tag, p) = protocol::encode_request(&Op::ConvForward(g), &x[1..], &w);
+    expect(error_reply(&mut c, tag, &p), "operand x has");
+    // Truncated payload.
+    let (tag, mut p) = protocol::encode_request(&Op::ConvBackwardWeight(g), &x, &vec![0.0; g.output_len()]);
+    p.truncate(p.len() - 3);
+    expect(error_reply(&mut c, tag, &p), "truncated");
+    // Unknown tag, a reply tag sent as a request, garbage and empty headers.
+    expect(error_reply(&mut c, 0x0299, b"hi"), "unknown tag 0x0299");
+    expect(error_reply(&mut c, protocol::RESULT, &[]), "Result (0x0220) is not a request");
+    expect(error_reply(&mut c, protocol::GEMM, &[0xff; 7]), "malformed request header");
+    expect(error_reply(&mut c, protocol::CONV_FORWARD, &[]), "malformed request header");
+    expect(error_reply(&mut c, protocol::HELLO, &[]), "Hello (0x0200) is not a request");
+
+    // Still serving: a valid request works.
+    let s = GemmShape { m: 1, n: 2, k: 2, trans_a: false, trans_b: false };
+    let (tag, p) = protocol::encode_request(&Op::Gemm(s), &[1.0, 2.0], &[1.0, 2.0, 3.0, 4.0]);
+    c.send(tag, &p).unwrap();
+    let r = c.recv_tag(protocol::RESULT).unwrap();
+    assert_eq!(protocol::read_f32s(&r).unwrap(), vec![7.0, 10.0]);
+    c.send(protocol::SHUTDOWN, &[]).unwrap();
+    server.join().unwrap().unwrap();
+}
+
+#[test]
+fn handshake_violations_are_refused() {
+    // A request before Hello.
+    let (mut c, mut s) = InProcessChannel::pair(opts(2000));
+    let server = thread::spawn(move || serve(&mut s, &mut CpuBackend::new(1).unwrap()));
+    let msg = error_reply(&mut c, protocol::GEMM, &[]);
+    assert!(msg.contains("expected Hello first"), "{msg}");
+    assert!(matches!(server.join().unwrap(), Err(DeviceError::Protocol(_))));
+    // A newer protocol.
+    let (mut c, mut s) = InProcessChannel::pair(opts(2000));
+    let server = thread::spawn(move || serve(&mut s, &mut CpuBackend::new(1).unwrap()));
+    let hello = Hello { protocol: 99, max_frame_bytes: 1 << 20 };
+    let msg = error_reply(&mut c, protocol::HELLO, &postcard::to_stdvec(&hello).unwrap());
+    assert!(msg.contains("protocol 99"), "{msg}");
+    assert!(server.join().unwrap().is_err());
+    // The client side of a refusal.
+    let (c, mut s) = InProcessChannel::pair(opts(2000));
+    let server = thread::spawn(move || {
+        s.recv().unwrap();
+        s.send(protocol::ERROR, b"busy").unwrap();
+    });
+    let err = Device::remote(Box::new(c)).err().expect("refused");
+    assert!(err.to_string().contains("refused the connection: busy"), "{err}");
+    server.join().unwrap();
+}
+
+/// Answers the handshake by hand, then hands the channel to `then` for the first request.
+fn fake_device(
+    server: impl Channel + 'static,
+    then: impl FnOnce(Box<dyn Channel>) + Send + 'static,
+) -> thread::JoinHandle<()> {
+    let mut server: Box<dyn Channel> = Box::new(server);
+    thread::spawn(move || {
+        server.recv_tag(protocol::HELLO).unwrap();
+        let ok = HelloOk { protocol: DEVICE_PROTOCOL, backend: "fake".into(), max_frame_bytes: 64 << 20 };
+        server.send(protocol::HELLO_OK, &postcard::to_stdvec(&ok).unwrap()).unwrap();
+        server.recv().unwrap();
+        then(server)
+    })
+}
+
+fn small_gemm(dev: &mut Device) -> Result<Vec<f32>, DeviceError> {
+    let t = Transcript::new();
+    let s = GemmShape { m: 2, n: 2, k: 2, trans_a: false, trans_b: true };
+    dev.gemm(&s, &release(&t, vec![1.0; 4]), &release(&t, vec![1.0; 4]))
+}
+
+#[test]
+fn a_hung_device_times_out_naming_the_operation() {
+    let (client, server) = InProcessChannel::pair(opts(300));
+    let fake = fake_device(server, |channel| {
+        thread::sleep(Duration::from_millis(1500)); // never answers in time
+        drop(channel);
+    });
+    let mut dev = Device::remote(Box::new(client)).unwrap();
+    let start = Instant::now();
+    let err = small_gemm(&mut dev).unwrap_err();
+    let waited = start.elapsed();
+    assert!(waited >= Duration::from_millis(250) && waited < Duration::from_millis(1200), "{waited:?}");
+    assert!(matches!(&err, DeviceError::Channel { error: ChannelError::Timeout { .. }, .. }), "{err:?}");
+    let msg = err.to_string();
+    assert!(msg.contains("fake at in-process peer B") && msg.contains("gemm m=2 n=2 k=2 B^T"), "{msg}");
+    assert!(msg.contains("no answer within 300ms"), "{msg}");
+    // The stream is out of step now; the handle refuses further use instead of mixing replies.
+    let again = small_gemm(&mut dev).unwrap_err();
+    assert!(matches!(again, DeviceError::Broken { .. }), "{again}");
+    fake.join().unwrap();
+}
+
+#[test]
+fn a_device_that_dies_mid_request_gives_closed() {
+    let (client, server) = InProcessChannel::pair(opts(5000));
+    let fake = fake_device(server, drop);
+    let mut dev = Device::remote(Box::new(client)).unwrap();
+    let err = small_gemm(&mut dev).unwrap_err();
+    assert!(matches!(&err, DeviceError::Channel { error: ChannelError::Closed { .. }, .. }), "{err:?}");
+    assert!(err.to_string().contains("gemm"), "{err}");
+    fake.join().unwrap();
+}
+
+#[test]
+fn a_tcp_device_killed_mid_request_gives_closed_quickly() {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap().to_string();
+    let fake = thread::spawn(move || {
+        let (stream, _) = listener.accept().unwrap();
+        let channel = TcpChannel::from_stream(stream, opts(5000)).unwrap();
+        fake_device(channel, drop).join().unwrap();
+    });
+    let mut dev = Device::remote(Box::new(TcpChannel::connect(&addr, opts(5000)).unwrap())).unwrap();
+    let start = Instant::now();
+    let err = small_gemm(&mut dev).unwrap_err();
+    assert!(start.elapsed() < Duration::from_secs(3), "closed, not timed out");
+    assert!(matches!(&err, DeviceError::Channel { error: ChannelError::Closed { .. }, .. }), "{err:?}");
+    fake.join().unwrap();
+}
+
+#[test]
+fn a_wrong_result_length_is_a_protocol_error() {
+    let (client, server) = InProcessChannel::pair(opts(5000));
+    let fake = fake_device(server, |mut channel| {
+        channel.send(protocol::RESULT, &protocol::f32_bytes(&[1.0; 3])).unwrap();
+    });
+    let mut dev = Device::remote(Box::new(client)).unwrap();
+    let err = small_gemm(&mut dev).unwrap_err();
+    assert!(matches!(err, DeviceError::Protocol(_)), "{err}");
+    assert!(err.to_string().contains("returned 3 values, expected 4"), "{err}");
+    fake.join().unwrap();
+}
+
+#[test]
+fn a_request_over_the_negotiated_frame_limit_is_refused_before_sending() {
+    // The server allows the default 1 GiB, this client 4 KiB: the smaller limit applies.
+    let (client, mut s) = InProcessChannel::pair(opts(5000));
+    let server = thread::spawn(move || serve(&mut s, &mut CpuBackend::new(1).unwrap()));
+    let mut dev = Device::remote_with_limit(Box::new(client), 4096).unwrap();
+    let t = Transcript::new();
+    let s = GemmShape { m: 40, n: 40, k: 1, trans_a: false, trans_b: false };
+    let err = dev.gemm(&s, &release(&t, vec![1.0; 40]), &release(&t, vec![1.0; 40])).unwrap_err();
+    assert!(matches!(err, DeviceError::Invalid(_)) && err.to_string().contains("frame limit"), "{err}");
+    assert_eq!(dev.stats().bytes_to_device, 0, "nothing was sent");
+    let s = GemmShape { m: 2, n: 2, k: 1, trans_a: false, trans_b: false };
+    assert_eq!(dev.gemm(&s, &release(&t, vec![1.0; 2]), &release(&t, vec![1.0; 2])).unwrap(), vec![1.0; 4]);
+    dev.shutdown();
+    server.join().unwrap().unwrap();
+}

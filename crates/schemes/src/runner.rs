@@ -1,0 +1,328 @@
+//! The shared walk over a model: one training step or evaluation batch under a scheme.
+//!
+//! Inside the enclave: batch-norm, activations, pooling, residual additions, the loss, labels and
+//! the optimizer. The scheme's [`Placement`] decides where convolutions and linear layers run.
+//! Between the forward and the backward pass each layer's saved context is kept in the enclave's
+//! budgeted memory ([`SecureMemory`]), which seals and spills it when the budget is exceeded.
+
+use crate::placement::{Placement, PlacementResult};
+use crate::SchemeKind;
+use serde::Serialize;
+use std::sync::Arc;
+use std::time::Instant;
+use trustsplit_boundary::{Secret, Transcript, TranscriptSummary};
+use trustsplit_device::DeviceStats;
+use trustsplit_enclave::memory::{BlobId, MemoryError, MemoryStats, SecureMemory};
+use trustsplit_kernels::{elementwise, loss::softmax_cross_entropy};
+use trustsplit_nn::optim::Optimizer;
+use trustsplit_nn::tensor::{data, data_mut, zeros};
+use trustsplit_nn::{Layer, Mode, Model, Saved, Tensor};
+
+#[derive(Debug, thiserror::Error)]
+pub enum RunnerError {
+    #[error("{0}")]
+    Input(String),
+    #[error("{0}")]
+    Placement(String),
+    #[error("enclave memory: {0}")]
+    Memory(#[from] MemoryError),
+    #[error("training diverged: the loss is {0}; try a smaller --lr")]
+    Diverged(f32),
+}
+
+/// Loss and accuracy of one batch.
+#[derive(Clone, Copy, Debug)]
+pub struct StepOutput {
+    pub loss: f32,
+    pub correct: usize,
+    pub samples: usize,
+}
+
+/// What a run cost and released so far.
+#[derive(Clone, Debug, Serialize)]
+pub struct SchemeReport {
+    pub scheme: SchemeKind,
+    pub steps: u64,
+    /// Wall time of training steps minus the time spent waiting for the device.
+    pub enclave_seconds: f64,
+    pub device_seconds: f64,
+    pub bytes_to_device: u64,
+    pub bytes_from_device: u64,
+    pub memory: Option<MemoryStats>,
+    pub transcript: TranscriptSummary,
+}
+
+/// Where the enclave keeps a layer's saved context between the passes.
+enum Kept {
+    Plain(Saved),
+    Sealed(BlobId),
+}
+
+/// Runs training steps and evaluation batches under one scheme.
+pub struct SplitRunner {
+    kind: SchemeKind,
+    placement: Box<dyn Placement + Send>,
+    memory: Option<SecureMemory>,
+    transcript: Arc<Transcript>,
+    device_stats: Option<Box<dyn Fn() -> DeviceStats + Send>>,
+    steps: u64,
+    step_seconds: f64,
+}
+
+impl SplitRunner {
+    /// `memory_budget`: the enclave's budget in bytes, or `None` for no enclave accounting
+    /// (plaintext). `device_stats` reports the device's counters, if the placement uses one.
+    pub fn new(
+        kind: SchemeKind,
+        placement: Box<dyn Placement + Send>,
+        memory_budget: Option<usize>,
+        transcript: Arc<Transcript>,
+        device_stats: Option<Box<dyn Fn() -> DeviceStats + Send>>,
+    ) -> Result<SplitRunner, RunnerError> {
+        let memory = memory_budget.map(SecureMemory::new).transpose()?;
+        Ok(SplitRunner { kind, placement, memory, transcript, device_stats, steps: 0, step_seconds: 0.0 })
+    }
+
+    pub fn kind(&self) -> SchemeKind {
+        self.kind
+    }
+
+    pub fn transcript(&self) -> &Arc<Transcript> {
+        &self.transcript
+    }
+
+    /// One SGD/Adam step on a private batch.
+    pub fn train_step(
+        &mut self,
+        model: &mut Model,
+        x: Secret<Tensor>,
+        labels: &Secret<Vec<usize>>,
+        opt: &mut Optimizer,
+        lr: f32,
+    ) -> Result<StepOutput, RunnerError> {
+        let started = Instant::now();
+        model.check_input(x.expose()).map_err(RunnerError::Input)?;
+        let x = x.into_exposed();
+        // Parameters and optimizer state stay resident in the enclave for the whole step.
+        let resident = 4 * model.num_params() * (1 + opt.kind.slots().len());
+        if let Some(m) = self.memory.as_mut() {
+            m.reserve_transient(resident)?;
+        }
+        let result = self.train_step_inner(model, x, labels.expose(), opt, lr);
+        if let Some(m) = self.memory.as_mut() {
+            m.release_transient(resident);
+        }
+        self.steps += 1;
+        self.step_seconds += started.elapsed().as_secs_f64();
+        result
+    }
+
+    fn train_step_inner(
+        &mut self,
+        model: &mut Model,
+        x: Tensor,
+        labels: &[usize],
+        opt: &mut Optimizer,
+        lr: f32,
+    ) -> Result<StepOutput, RunnerError> {
+        let n = x.shape()[0];
+        let mut kept = Vec::with_capacity(model.layers.len());
+        let mut h = x;
+        for (i, layer) in model.layers.iter_mut().enumerate() {
+            let name = format!("layers.{i}");
+            let (y, saved) =
+                self.with_transient(h.len() * 4, |p| forward_layer(p, layer, &name, i == 0, &h, Mode::Train))?;
+            kept.push(self.keep(saved)?);
+            h = y;
+        }
+        let mut dlogits = zeros(h.shape());
+        let out = softmax_cross_entropy(n, model.num_classes, data(&h), labels, Some(data_mut(&mut dlogits)));
+        if !out.loss.is_finite() {
+            self.discard(kept);
+            return Err(RunnerError::Diverged(out.loss));
+        }
+        let mut per_layer = Vec::with_capacity(model.layers.len());
+        let mut g = dlogits;
+        for (i, layer) in model.layers.iter().enumerate().rev() {
+            let saved = self.restore(kept.pop().expect("one context per layer"))?;
+            let name = format!("layers.{i}");
+            let (dx, grads) = self.with_transient(g.len() * 4, |p| backward_layer(p, layer, &name, &g, saved))?;
+            per_layer.push(grads);
+            g = dx;
+        }
+        per_layer.reverse();
+        let grads: Vec<Tensor> = per_layer.into_iter().flatten().collect();
+        opt.step(model.params_mut(), &grads, lr);
+        Ok(StepOutput { loss: out.loss, correct: out.correct, samples: n })
+    }
+
+    /// Loss and accuracy of a private batch in evaluation mode.
+    pub fn eval_batch(
+        &mut self,
+        model: &mut Model,
+        x: Secret<Tensor>,
+        labels: &Secret<Vec<usize>>,
+    ) -> Result<StepOutput, RunnerError> {
+        model.check_input(x.expose()).map_err(RunnerError::Input)?;
+        let mut h = x.into_exposed();
+        let n = h.shape()[0];
+        for (i, layer) in model.layers.iter_mut().enumerate() {
+            let name = format!("layers.{i}");
+            h = forward_layer(self.placement.as_mut(), layer, &name, i == 0, &h, Mode::Eval)
+                .map_err(RunnerError::Placement)?
+                .0;
+        }
+        let out = softmax_cross_entropy(n, model.num_classes, data(&h), labels.expose(), None);
+        Ok(StepOutput { loss: out.loss, correct: out.correct, samples: n })
+    }
+
+    /// Accounts a transient buffer while `f` runs on the placement.
+    fn with_transient<T>(
+        &mut self,
+        bytes: usize,
+        f: impl FnOnce(&mut dyn Placement) -> PlacementResult<T>,
+    ) -> Result<T, RunnerError> {
+        if let Some(m) = self.memory.as_mut() {
+            m.reserve_transient(bytes)?;
+        }
+        let r = f(self.placement.as_mut()).map_err(RunnerError::Placement);
+        if let Some(m) = self.memory.as_mut() {
+            m.release_transient(bytes);
+        }
+        r
+    }
+
+    fn keep(&mut self, saved: Saved) -> Result<Kept, RunnerError> {
+        match self.memory.as_mut() {
+            None => Ok(Kept::Plain(saved)),
+            Some(m) => {
+                let mut bytes = Vec::new();
+                saved.encode(&mut bytes);
+                Ok(Kept::Sealed(m.store(bytes)?))
+            }
+        }
+    }
+
+    fn restore(&mut self, kept: Kept) -> Result<Saved, RunnerError> {
+        match kept {
+            Kept::Plain(s) => Ok(s),
+            Kept::Sealed(id) => {
+                let m = self.memory.as_mut().expect("sealed contexts imply enclave memory");
+                let bytes = m.take(id)?;
+                Saved::decode(&bytes).map_err(|e| RunnerError::Input(format!("corrupt saved context: {e}")))
+            }
+        }
+    }
+
+    fn discard(&mut self, kept: Vec<Kept>) {
+        if let Some(m) = self.memory.as_mut() {
+            for k in kept {
+                if let Kept::Sealed(id) = k {
+                    m.free(id);
+                }
+            }
+        }
+    }
+
+    /// Costs and releases so far.
+    pub fn report(&self) -> SchemeReport {
+        let device = self.device_stats.as_ref().map(|f| f()).unwrap_or_default();
+        let transcript = self.transcript.summary();
+        SchemeReport {
+            scheme: self.kind,
+            steps: self.steps,
+            enclave_seconds: (self.step_seconds - device.device_seconds).max(0.0),
+            device_seconds: device.device_seconds,
+            bytes_to_device: device.bytes_to_device,
+            bytes_from_device: device.bytes_from_device,
+            memory: self.memory.as_ref().map(SecureMemory::stats),
+            transcript,
+        }
+    }
+
+    /// Starts a new measurement window for peak memory.
+    pub fn reset_peak(&mut self) {
+        if let Some(m) = self.memory.as_mut() {
+            m.reset_peak();
+        }
+    }
+}
+
+fn forward_list(
+    p: &mut dyn Placement,
+    layers: &mut [Layer],
+    prefix: &str,
+    x: &Tensor,
+    mode: Mode,
+) -> PlacementResult<(Tensor, Vec<Saved>)> {
+    let mut saved = Vec::with_capacity(layers.len());
+    let mut h = x.clone();
+    for (i, l) in layers.iter_mut().enumerate() {
+        let (y, s) = forward_layer(p, l, &format!("{prefix}.{i}"), false, &h, mode)?;
+        saved.push(s);
+        h = y;
+    }
+    Ok((h, saved))
+}
+
+fn forward_layer(
+    p: &mut dyn Placement,
+    layer: &mut Layer,
+    name: &str,
+    is_input: bool,
+    x: &Tensor,
+    mode: Mode,
+) -> PlacementResult<(Tensor, Saved)> {
+    let keep = |x: &Tensor| if mode == Mode::Train { Saved::Input(x.clone()) } else { Saved::Nothing };
+    Ok(match layer {
+        Layer::Conv2d(c) => (p.conv_forward(name, is_input, c, x)?, keep(x)),
+        Layer::Linear(l) => (p.linear_forward(name, is_input, l, x)?, keep(x)),
+        Layer::Residual(r) => {
+            let (mut y, main) = forward_list(p, &mut r.main, &format!("{name}.main"), x, mode)?;
+            let (s, shortcut) = forward_list(p, &mut r.shortcut, &format!("{name}.shortcut"), x, mode)?;
+            elementwise::add_assign(data_mut(&mut y), data(&s));
+            let saved = if mode == Mode::Train { Saved::Residual { main, shortcut } } else { Saved::Nothing };
+            (y, saved)
+        }
+        other => other.forward(x, mode),
+    })
+}
+
+fn backward_list(
+    p: &mut dyn Placement,
+    layers: &[Layer],
+    prefix: &str,
+    dy: &Tensor,
+    saved: Vec<Saved>,
+) -> PlacementResult<(Tensor, Vec<Tensor>)> {
+    let mut per_layer = Vec::with_capacity(layers.len());
+    let mut g = dy.clone();
+    for (i, (l, s)) in layers.iter().zip(saved).enumerate().rev() {
+        let (dx, grads) = backward_layer(p, l, &format!("{prefix}.{i}"), &g, s)?;
+        per_layer.push(grads);
+        g = dx;
+    }
+    per_layer.reverse();
+    Ok((g, per_layer.into_iter().flatten().collect()))
+}
+
+fn backward_layer(
+    p: &mut dyn Placement,
+    layer: &Layer,
+    name: &str,
+    dy: &Tensor,
+    saved: Saved,
+) -> PlacementResult<(Tensor, Vec<Tensor>)> {
+    match (layer, saved) {
+        (Layer::Conv2d(c), Saved::Input(x)) => p.conv_backward(name, c, &x, dy),
+        (Layer::Linear(l), Saved::Input(x)) => p.linear_backward(name, l, &x, dy),
+        (Layer::Residual(r), Saved::Residual { main, shortcut }) => {
+            let (mut dx, mut grads) = backward_list(p, &r.main, &format!("{name}.main"), dy, main)?;
+            let (ds, short) = backward_list(p, &r.shortcut, &format!("{name}.shortcut"), dy, shortcut)?;
+            elementwise::add_assign(data_mut(&mut dx), data(&ds));
+            grads.extend(short);
+            Ok((dx, grads))
+        }
+        (l, s) => Ok(l.backward(dy, s)),
+    }
+}
