@@ -2,6 +2,7 @@
 //! here so integration tests can drive them without spawning processes.
 
 pub mod bench;
+pub mod enclave_cmd;
 pub mod eval;
 pub mod progress;
 pub mod schemes;

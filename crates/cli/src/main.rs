@@ -32,6 +32,12 @@ enum Command {
     /// Run an untrusted device worker that serves linear algebra (GEMM, conv forward and
     /// backward) to enclaves connecting over TCP. It sees everything it is sent.
     Device(DeviceArgs),
+    /// Run the trusted half as its own process: prove what it is (attestation), receive the data
+    /// owner's dataset over an encrypted channel, then train on it.
+    Enclave(trustsplit::enclave_cmd::EnclaveArgs),
+    /// The data owner's client: check the enclave's attestation, then upload a dataset to it
+    /// encrypted with a key bound to that attestation.
+    Upload(trustsplit::enclave_cmd::UploadArgs),
 }
 
 #[derive(Args)]
@@ -268,6 +274,8 @@ fn main() {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Device(d) => run_device(d),
+        Command::Enclave(a) => trustsplit::enclave_cmd::run_enclave(a),
+        Command::Upload(a) => trustsplit::enclave_cmd::run_upload(a),
         Command::Train(a) => run_train(a),
         Command::Eval(a) => eval::eval(
             &a.checkpoint,

@@ -140,6 +140,19 @@ pub fn load_data(
 ) -> Result<Data> {
     let kind: DatasetKind = dataset.parse().map_err(anyhow::Error::msg)?;
     let splits = trustsplit_data::load(kind, data_dir).with_context(|| format!("loading dataset {dataset}"))?;
+    prepare_data(kind, splits, model, train_limit, test_limit)
+}
+
+/// Applies sample limits and works out padding and the input shape for already loaded splits
+/// (e.g. a dataset the enclave received from its owner).
+pub fn prepare_data(
+    kind: DatasetKind,
+    splits: trustsplit_data::Splits,
+    model: &str,
+    train_limit: usize,
+    test_limit: usize,
+) -> Result<Data> {
+    let dataset = kind.name();
     let limit = |ds: Dataset, n: usize| if n > 0 { ds.subset(n) } else { ds };
     let (train, test) = (limit(splits.train, train_limit), limit(splits.test, test_limit));
     if train.is_empty() || test.is_empty() {
@@ -205,6 +218,19 @@ pub fn metrics_path(out: &Path) -> PathBuf {
 /// Trains as configured, writing checkpoints and metrics under `out`. With `resume`, continues
 /// from `out`'s checkpoint (which must come from the same configuration).
 pub fn train(cfg: &TrainConfig, out: &Path, resume: bool, show_progress: bool) -> Result<TrainSummary> {
+    let data = load_data(&cfg.dataset, cfg.data_dir.as_deref(), &cfg.model, cfg.train_limit, cfg.test_limit)?;
+    train_with_data(cfg, data, out, resume, show_progress)
+}
+
+/// [`train`] on data that is already loaded (`cfg.dataset` and `cfg.data_dir` are then only
+/// recorded, not read).
+pub fn train_with_data(
+    cfg: &TrainConfig,
+    data: Data,
+    out: &Path,
+    resume: bool,
+    show_progress: bool,
+) -> Result<TrainSummary> {
     if cfg.batch_size == 0 || cfg.epochs == 0 {
         bail!("--batch-size and --epochs must be at least 1");
     }
@@ -212,7 +238,6 @@ pub fn train(cfg: &TrainConfig, out: &Path, resume: bool, show_progress: bool) -
         bail!("--lr must be a positive number, got {}", cfg.lr);
     }
     let started = Instant::now();
-    let data = load_data(&cfg.dataset, cfg.data_dir.as_deref(), &cfg.model, cfg.train_limit, cfg.test_limit)?;
     let mut model =
         zoo::build(&cfg.model, &data.input_shape, data.train.num_classes, cfg.seed).map_err(anyhow::Error::msg)?;
     let mut opt = Optimizer::new(cfg.optimizer, cfg.weight_decay);

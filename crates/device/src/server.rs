@@ -104,7 +104,8 @@ fn handshake(channel: &mut dyn Channel, backend: &dyn Backend, max_frame_bytes: 
     Ok(usize::try_from(hello.max_frame_bytes).unwrap_or(usize::MAX).min(max_frame_bytes))
 }
 
-fn panic_message(p: &Box<dyn std::any::Any + Send>) -> String {
+/// The text of a caught panic.
+pub(crate) fn panic_message(p: &Box<dyn std::any::Any + Send>) -> String {
     p.downcast_ref::<&str>()
         .map(|s| s.to_string())
         .or_else(|| p.downcast_ref::<String>().cloned())

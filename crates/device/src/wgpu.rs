@@ -10,6 +10,7 @@
 use crate::backend::{check, Backend};
 use crate::error::DeviceError;
 use crate::op::{GemmShape, Op};
+use crate::server::panic_message;
 use burn::tensor::module::{conv2d, conv2d_weight_backward, conv_transpose2d};
 use burn::tensor::ops::{ConvOptions, ConvTransposeOptions};
 use burn::tensor::{DType, Device, DeviceKind, Tensor, TensorData};
@@ -46,19 +47,12 @@ fn open(kind: DeviceKind) -> Result<(Device, String), String> {
     let (device, setup) = match init {
         Ok(Ok(pair)) => pair,
         Ok(Err(e)) => return Err(format!("{key}: {e}")),
-        Err(panic) => return Err(format!("{key}: wgpu initialisation panicked: {}", panic_text(&panic))),
+        Err(panic) => return Err(format!("{key}: wgpu initialisation panicked: {}", panic_message(&panic))),
     };
     let info = setup.adapter.get_info();
     let desc = format!("{} ({:?}, {:?})", info.name, info.device_type, info.backend);
     devices.insert(key, (device.clone(), desc.clone()));
     Ok((device, desc))
-}
-
-fn panic_text(p: &Box<dyn std::any::Any + Send>) -> String {
-    p.downcast_ref::<&str>()
-        .map(|s| s.to_string())
-        .or_else(|| p.downcast_ref::<String>().cloned())
-        .unwrap_or_else(|| "(non-string panic payload)".into())
 }
 
 /// burn's wgpu backend on one adapter.
@@ -105,7 +99,9 @@ impl WgpuBackend {
         match catch_unwind(AssertUnwindSafe(compute)) {
             Ok(Ok(y)) => Ok(y),
             Ok(Err(e)) => Err(DeviceError::Backend(format!("{}: {op}: {e}", self.name()))),
-            Err(panic) => Err(DeviceError::Backend(format!("{}: {op}: panicked: {}", self.name(), panic_text(&panic)))),
+            Err(panic) => {
+                Err(DeviceError::Backend(format!("{}: {op}: panicked: {}", self.name(), panic_message(&panic))))
+            }
         }
     }
 }
