@@ -155,3 +155,102 @@ fn vgg16_step(batch: usize, repeats: usize) -> Result<f64> {
         None => Ok(ms),
     }
 }
+
+/// Per-step costs of one scheme (`trustsplit bench step`).
+#[derive(Debug, Serialize)]
+pub struct StepBench {
+    pub scheme: String,
+    pub model: String,
+    pub batch_size: usize,
+    /// Inference batches instead of training steps.
+    pub inference: bool,
+    /// Measured steps (after one warm-up step).
+    pub steps: usize,
+    pub threads: usize,
+    pub device: String,
+    /// Wall time per step.
+    pub step_ms: f64,
+    /// Wall time minus time spent waiting for the device.
+    pub enclave_ms: f64,
+    pub device_ms: f64,
+    pub bytes_to_device: u64,
+    pub bytes_from_device: u64,
+    /// Bytes sealed and spilled to untrusted memory per step, and restored.
+    pub spill_bytes: u64,
+    pub restore_bytes: u64,
+    pub seal_ms: f64,
+    /// Peak bytes the enclave held during the measured steps (0 for plaintext, which has no enclave).
+    pub peak_enclave_bytes: usize,
+    pub memory_budget_bytes: usize,
+    /// Forward multiply-adds per sample of the convolutions and linear layers.
+    pub forward_macs_per_sample: u64,
+}
+
+/// Settings of [`step`].
+pub struct StepOptions<'a> {
+    pub scheme: crate::train::Scheme,
+    pub model: &'a str,
+    pub batch_size: usize,
+    pub inference: bool,
+    pub steps: usize,
+    pub threads: usize,
+    pub device: &'a str,
+    pub memory_budget: usize,
+}
+
+/// Times training steps (or inference batches) of `model` under a scheme on random data.
+pub fn step(o: &StepOptions) -> Result<StepBench> {
+    anyhow::ensure!(o.batch_size > 0 && o.steps > 0, "--batch-size and --steps must be at least 1");
+    let input: Vec<usize> = if zoo::required_input_size(o.model).is_some() { vec![3, 32, 32] } else { vec![1, 28, 28] };
+    let mut model = zoo::build(o.model, &input, 10, 0).map_err(anyhow::Error::msg)?;
+    let mut runner = crate::schemes::runner_for(o.scheme, o.device, o.memory_budget, None)?;
+    let mut opt = Optimizer::new(OptimizerKind::Sgd { momentum: 0.9, nesterov: false }, 5e-4);
+    let n = o.batch_size;
+    let x = from_vec(&[&[n][..], &input[..]].concat(), pseudo_random(n * input.iter().product::<usize>(), 7));
+    let labels: Vec<usize> = (0..n).map(|i| i % 10).collect();
+    let mut run_one = |runner: &mut trustsplit_schemes::SplitRunner, model: &mut trustsplit_nn::Model| -> Result<()> {
+        let (xs, ys) = (trustsplit_boundary::Secret::new(x.clone()), trustsplit_boundary::Secret::new(labels.clone()));
+        if o.inference {
+            runner.eval_batch(model, xs, &ys)?;
+        } else {
+            runner.train_step(model, xs, &ys, &mut opt, 1e-3)?;
+        }
+        Ok(())
+    };
+    let (before, wall) = crate::with_threads(o.threads, || -> Result<_> {
+        run_one(&mut runner, &mut model)?;
+        runner.reset_peak();
+        let before = runner.report();
+        let start = Instant::now();
+        for _ in 0..o.steps {
+            run_one(&mut runner, &mut model)?;
+        }
+        Ok((before, start.elapsed().as_secs_f64()))
+    })??;
+    let after = runner.report();
+    let per = |a: u64, b: u64| (a - b) / o.steps as u64;
+    let device_s = (after.device_seconds - before.device_seconds) / o.steps as f64;
+    let step_s = wall / o.steps as f64;
+    let (mem_a, mem_b) = (after.memory.clone().unwrap_or_default(), before.memory.unwrap_or_default());
+    Ok(StepBench {
+        scheme: o.scheme.to_string(),
+        model: o.model.to_string(),
+        batch_size: n,
+        inference: o.inference,
+        steps: o.steps,
+        threads: o.threads,
+        device: if o.scheme.uses_device() { o.device.to_string() } else { "none".into() },
+        step_ms: step_s * 1e3,
+        enclave_ms: (step_s - device_s).max(0.0) * 1e3,
+        device_ms: device_s * 1e3,
+        bytes_to_device: per(after.bytes_to_device, before.bytes_to_device),
+        bytes_from_device: per(after.bytes_from_device, before.bytes_from_device),
+        spill_bytes: per(mem_a.spill_bytes, mem_b.spill_bytes),
+        restore_bytes: per(mem_a.restore_bytes, mem_b.restore_bytes),
+        seal_ms: (mem_a.seal_seconds - mem_b.seal_seconds + mem_a.unseal_seconds - mem_b.unseal_seconds) * 1e3
+            / o.steps as f64,
+        peak_enclave_bytes: mem_a.peak_bytes,
+        memory_budget_bytes: if after.memory.is_some() { o.memory_budget } else { 0 },
+        forward_macs_per_sample: model.forward_macs_per_sample(),
+    })
+}

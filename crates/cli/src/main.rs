@@ -151,6 +151,32 @@ struct EvalArgs {
 
 #[derive(Subcommand)]
 enum BenchWhat {
+    /// Per training step (or inference batch) under a scheme: time in the enclave and on the
+    /// device, bytes each way, sealed spill, peak enclave memory. Random data.
+    Step {
+        #[arg(long, default_value = "tee-only")]
+        scheme: Scheme,
+        #[arg(long, default_value = "vgg16")]
+        model: String,
+        #[arg(long, default_value_t = 32)]
+        batch_size: usize,
+        /// Time inference batches instead of training steps.
+        #[arg(long)]
+        inference: bool,
+        /// Measured steps after one warm-up step.
+        #[arg(long, default_value_t = 3)]
+        steps: usize,
+        /// Enclave threads.
+        #[arg(long, default_value_t = 1)]
+        threads: usize,
+        /// Device for schemes that offload (see `train --help`).
+        #[arg(long, default_value = "cpu")]
+        device: String,
+        #[arg(long, default_value_t = 96)]
+        memory_budget_mib: usize,
+        #[arg(long)]
+        json: bool,
+    },
     /// Conv (batch 32, 64->64, 32x32, 3x3) forward and forward+backward, and a VGG16 training
     /// step, at 1 and 2 threads, beside a GEMM baseline of the same arithmetic.
     Kernels {
@@ -296,6 +322,49 @@ fn main() {
                 r.samples
             );
             if a.json {
+                println!("{}", serde_json::to_string(&r)?);
+            }
+            Ok(())
+        }),
+        Command::Bench {
+            what:
+                BenchWhat::Step {
+                    scheme,
+                    model,
+                    batch_size,
+                    inference,
+                    steps,
+                    threads,
+                    device,
+                    memory_budget_mib,
+                    json,
+                },
+        } => bench::step(&bench::StepOptions {
+            scheme,
+            model: &model,
+            batch_size,
+            inference,
+            steps,
+            threads,
+            device: &device,
+            memory_budget: memory_budget_mib << 20,
+        })
+        .and_then(|r| {
+            eprintln!(
+                "{} {} batch {}{}: {:.0} ms per step ({:.0} ms enclave, {:.0} ms device); {:.1} MB to device, {:.1} MB back; spill {:.1} MB; peak enclave {:.1} MiB",
+                r.scheme,
+                r.model,
+                r.batch_size,
+                if r.inference { " inference" } else { "" },
+                r.step_ms,
+                r.enclave_ms,
+                r.device_ms,
+                r.bytes_to_device as f64 / 1e6,
+                r.bytes_from_device as f64 / 1e6,
+                r.spill_bytes as f64 / 1e6,
+                r.peak_enclave_bytes as f64 / (1 << 20) as f64
+            );
+            if json {
                 println!("{}", serde_json::to_string(&r)?);
             }
             Ok(())

@@ -57,3 +57,23 @@ fn train_json_prints_one_object() {
         assert!(v.get(key).is_some(), "missing {key} in {v}");
     }
 }
+
+#[test]
+fn bench_step_json_has_the_documented_keys() {
+    for scheme in ["tee-only", "gpu-only"] {
+        let out = trustsplit()
+            .args(["bench", "step", "--scheme", scheme, "--model", "lenet5", "--batch-size", "4", "--steps", "1"])
+            .args(["--device", "cpu:1", "--json"])
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        for key in ["scheme", "model", "enclave_ms", "device_ms", "bytes_to_device", "bytes_from_device", "spill_bytes"]
+        {
+            assert!(v.get(key).is_some(), "missing {key} in {v}");
+        }
+        assert!(v["peak_enclave_bytes"].as_u64().unwrap() > 0);
+        let to_device = v["bytes_to_device"].as_u64().unwrap();
+        assert_eq!(to_device == 0, scheme == "tee-only", "{v}");
+    }
+}

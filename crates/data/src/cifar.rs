@@ -4,7 +4,8 @@
 //! 3x32x32 image stored channel-major (all red, then green, then blue), which
 //! is already the NCHW layout `Dataset` uses, so pixels are copied verbatim.
 
-use std::path::Path;
+use std::borrow::Cow;
+use std::path::{Path, PathBuf};
 
 use crate::{files, DataError, Dataset, Splits};
 
@@ -44,30 +45,53 @@ pub(crate) const CIFAR100: Format = Format {
     num_classes: 100,
 };
 
+impl Format {
+    /// Every file of the dataset: the train files, then the test files.
+    pub fn all_files(&self) -> impl Iterator<Item = &'static str> {
+        self.train_files.iter().chain(self.test_files).copied()
+    }
+}
+
+/// Where `file_name` may be found: in `dir`, then in the tarball's folder inside it.
+pub(crate) fn path_candidates(dir: &Path, format: &Format, file_name: &str) -> Vec<PathBuf> {
+    vec![dir.join(file_name), dir.join(format.folder).join(file_name)]
+}
+
 /// Loads the train and test files of `format` from `dir` or its tarball folder.
 pub(crate) fn load_dir(name: &str, format: &Format, dir: &Path) -> Result<Splits, DataError> {
-    Ok(Splits {
-        train: load_split(&format!("{name}/train"), format, format.train_files, dir)?,
-        test: load_split(&format!("{name}/test"), format, format.test_files, dir)?,
+    load_with(name, format, |file_name| {
+        let path = files::find(path_candidates(dir, format, file_name))?;
+        let bytes = files::read(&path)?;
+        Ok((path, Cow::Owned(bytes)))
     })
 }
 
-/// Concatenates the records of several files into one split.
-fn load_split(name: &str, format: &Format, file_names: &[&str], dir: &Path) -> Result<Dataset, DataError> {
-    let mut ds = Dataset {
-        name: name.to_string(),
-        images: Vec::new(),
-        labels: Vec::new(),
-        channels: CHANNELS,
-        height: SIDE,
-        width: SIDE,
-        num_classes: format.num_classes,
+/// Loads both splits, getting each file from `open(file_name)` as a display path (it only names
+/// the file in errors) and its contents. This is how files on disk and files already in memory
+/// share one parser. Files are opened one at a time and dropped once parsed, so at most one
+/// file's bytes are held beside the split being built.
+pub(crate) fn load_with<'a>(
+    name: &str,
+    format: &Format,
+    mut open: impl FnMut(&str) -> Result<(PathBuf, Cow<'a, [u8]>), DataError>,
+) -> Result<Splits, DataError> {
+    let mut split = |split_name: &str, file_names: &[&str]| -> Result<Dataset, DataError> {
+        let mut ds = Dataset {
+            name: format!("{name}/{split_name}"),
+            images: Vec::new(),
+            labels: Vec::new(),
+            channels: CHANNELS,
+            height: SIDE,
+            width: SIDE,
+            num_classes: format.num_classes,
+        };
+        for file_name in file_names {
+            let (path, bytes) = open(file_name)?;
+            parse_into(&path, &bytes, format, &mut ds)?;
+        }
+        Ok(ds)
     };
-    for file_name in file_names {
-        let path = files::find(vec![dir.join(file_name), dir.join(format.folder).join(file_name)])?;
-        parse_into(&path, &files::read(&path)?, format, &mut ds)?;
-    }
-    Ok(ds)
+    Ok(Splits { train: split("train", format.train_files)?, test: split("test", format.test_files)? })
 }
 
 /// Appends the records in `bytes` to `ds`, validating length and labels.

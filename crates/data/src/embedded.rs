@@ -5,18 +5,17 @@
 //! `embedded/README.md` and `scripts/make_embedded_dataset.sh`) and go
 //! through the same parser as files on disk, so there is one code path to trust.
 
+use std::borrow::Cow;
 use std::path::PathBuf;
 
 use crate::idx::{self, IdxFile, IdxSet};
-use crate::{files, DataError, Splits};
+use crate::{DataError, Splits};
 
 /// Loads the embedded split: 5000 training and 1000 test images, 1x28x28.
 pub(crate) fn load(name: &str) -> Result<Splits, DataError> {
-    let file = |file_name: &str, gz: &[u8]| -> Result<IdxFile, DataError> {
+    let file = |file_name: &str, gz: &'static [u8]| -> Result<IdxFile<'static>, DataError> {
         // A pseudo path, so error messages still say which blob was bad.
-        let path = PathBuf::from("<embedded>").join(file_name);
-        let bytes = files::gunzip_if_gzip(&path, gz.to_vec())?;
-        Ok(IdxFile { path, bytes })
+        IdxFile::new(PathBuf::from("<embedded>").join(file_name), Cow::Borrowed(gz))
     };
     idx::load_set(
         name,

@@ -18,6 +18,18 @@ pub enum DataError {
     #[error("missing data file; tried: {}", list_paths(.tried))]
     MissingFile { tried: Vec<PathBuf> },
 
+    /// A file is not among the in-memory files given (e.g. an upload).
+    #[error("missing data file {}; the {} file(s) given are: {}", .wanted.join(" or "), .given.len(), list_names(.given))]
+    MissingFromSet { wanted: Vec<String>, given: Vec<String> },
+
+    /// Two in-memory files have the same name, so which one to parse is ambiguous.
+    #[error("data file {name:?} is given more than once")]
+    DuplicateFile { name: String },
+
+    /// The dataset is compiled in and is never read from files.
+    #[error("dataset `{dataset}` is built in and has no files to load")]
+    NotFileBased { dataset: &'static str },
+
     /// The file exists but could not be read.
     #[error("cannot read {}: {source}", .path.display())]
     Io {
@@ -75,6 +87,22 @@ pub enum DataError {
     /// A CIFAR file's length is not a whole number of records.
     #[error("{}: partial record at byte offset {offset}: records are {record_len} bytes, found {found} left over", .path.display())]
     PartialRecord { path: PathBuf, offset: u64, record_len: usize, found: usize },
+}
+
+/// At most this many file names are listed in a message; the list comes from
+/// whoever supplied the files and may be long.
+const MAX_LISTED: usize = 20;
+
+/// Names quoted (they come from outside and may hold anything), the list capped.
+fn list_names(names: &[String]) -> String {
+    if names.is_empty() {
+        return "(none)".into();
+    }
+    let mut out: Vec<String> = names.iter().take(MAX_LISTED).map(|n| format!("{n:?}")).collect();
+    if names.len() > MAX_LISTED {
+        out.push(format!("... and {} more", names.len() - MAX_LISTED));
+    }
+    out.join(", ")
 }
 
 fn list_paths(paths: &[PathBuf]) -> String {

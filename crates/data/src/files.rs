@@ -4,6 +4,7 @@
 //! chosen directory or in the folder a tarball unpacks to), so files are looked
 //! up among several candidates and the error lists every path that was tried.
 
+use std::borrow::Cow;
 use std::io::Read;
 use std::path::{Path, PathBuf};
 
@@ -30,14 +31,16 @@ pub(crate) fn read(path: &Path) -> Result<Vec<u8>, DataError> {
 /// Decompresses `bytes` if they are a gzip stream, else returns them unchanged.
 ///
 /// Gzip is detected by content rather than by file name, so a renamed file
-/// still loads. `path` is used only for error messages.
-pub(crate) fn gunzip_if_gzip(path: &Path, bytes: Vec<u8>) -> Result<Vec<u8>, DataError> {
+/// still loads. `path` is used only for error messages. Raw bytes are passed
+/// through as given (borrowed stays borrowed), so files already in memory
+/// (embedded, uploaded) are not copied just to be parsed.
+pub(crate) fn gunzip_if_gzip<'a>(path: &Path, bytes: Cow<'a, [u8]>) -> Result<Cow<'a, [u8]>, DataError> {
     if !bytes.starts_with(&GZIP_MAGIC) {
         return Ok(bytes);
     }
     let mut out = Vec::new();
-    MultiGzDecoder::new(bytes.as_slice())
+    MultiGzDecoder::new(&bytes[..])
         .read_to_end(&mut out)
         .map_err(|source| DataError::CorruptGzip { path: path.to_path_buf(), source })?;
-    Ok(out)
+    Ok(Cow::Owned(out))
 }

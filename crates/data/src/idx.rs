@@ -4,6 +4,7 @@
 //! `D` dimensions), then `D` u32 sizes — followed by the data. Images have
 //! three dimensions (count, rows, cols), labels one (count).
 
+use std::borrow::Cow;
 use std::path::{Path, PathBuf};
 
 use crate::{files, DataError, Dataset, Splits};
@@ -13,46 +14,70 @@ const TYPE_U8: u8 = 0x08;
 /// Both MNIST variants have ten classes.
 const NUM_CLASSES: usize = 10;
 
-/// The standard file names, without the optional `.gz`.
-const TRAIN_IMAGES: &str = "train-images-idx3-ubyte";
-const TRAIN_LABELS: &str = "train-labels-idx1-ubyte";
-const TEST_IMAGES: &str = "t10k-images-idx3-ubyte";
-const TEST_LABELS: &str = "t10k-labels-idx1-ubyte";
+/// The standard file names, without the optional `.gz`, in the order
+/// train images, train labels, test images, test labels.
+pub(crate) const FILE_NAMES: [&str; 4] =
+    ["train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"];
 
-/// The contents of one IDX file (already decompressed) and where it came from.
-pub(crate) struct IdxFile {
+/// The names a standard file may have, in order of preference: raw, then gzip'd.
+pub(crate) fn name_candidates(base: &str) -> [String; 2] {
+    [base.to_string(), format!("{base}.gz")]
+}
+
+/// The contents of one IDX file (already decompressed) and where it came from
+/// (a path, or a pseudo path naming an in-memory file, for error messages).
+pub(crate) struct IdxFile<'a> {
     pub path: PathBuf,
-    pub bytes: Vec<u8>,
+    pub bytes: Cow<'a, [u8]>,
+}
+
+impl<'a> IdxFile<'a> {
+    /// Wraps a file's contents, decompressing them if they are gzip'd.
+    pub fn new(path: PathBuf, bytes: Cow<'a, [u8]>) -> Result<IdxFile<'a>, DataError> {
+        let bytes = files::gunzip_if_gzip(&path, bytes)?;
+        Ok(IdxFile { path, bytes })
+    }
 }
 
 /// The four files of an MNIST-style dataset.
-pub(crate) struct IdxSet {
-    pub train_images: IdxFile,
-    pub train_labels: IdxFile,
-    pub test_images: IdxFile,
-    pub test_labels: IdxFile,
+pub(crate) struct IdxSet<'a> {
+    pub train_images: IdxFile<'a>,
+    pub train_labels: IdxFile<'a>,
+    pub test_images: IdxFile<'a>,
+    pub test_labels: IdxFile<'a>,
+}
+
+impl<'a> IdxSet<'a> {
+    /// Builds the set from the four files in [`FILE_NAMES`] order, each
+    /// produced by `open` from its base name.
+    pub fn open_each(mut open: impl FnMut(&str) -> Result<IdxFile<'a>, DataError>) -> Result<IdxSet<'a>, DataError> {
+        let [train_images, train_labels, test_images, test_labels] = FILE_NAMES;
+        Ok(IdxSet {
+            train_images: open(train_images)?,
+            train_labels: open(train_labels)?,
+            test_images: open(test_images)?,
+            test_labels: open(test_labels)?,
+        })
+    }
+}
+
+/// Where the standard file `base` may be found in `dir`, in order of preference.
+pub(crate) fn path_candidates(dir: &Path, base: &str) -> Vec<PathBuf> {
+    name_candidates(base).iter().map(|n| dir.join(n)).collect()
 }
 
 /// Loads the standard four IDX files (raw or gzip'd) from `dir`.
 pub(crate) fn load_dir(name: &str, dir: &Path) -> Result<Splits, DataError> {
-    let open = |base: &str| -> Result<IdxFile, DataError> {
-        let path = files::find(vec![dir.join(base), dir.join(format!("{base}.gz"))])?;
-        let bytes = files::gunzip_if_gzip(&path, files::read(&path)?)?;
-        Ok(IdxFile { path, bytes })
-    };
-    load_set(
-        name,
-        IdxSet {
-            train_images: open(TRAIN_IMAGES)?,
-            train_labels: open(TRAIN_LABELS)?,
-            test_images: open(TEST_IMAGES)?,
-            test_labels: open(TEST_LABELS)?,
-        },
-    )
+    let set = IdxSet::open_each(|base| {
+        let path = files::find(path_candidates(dir, base))?;
+        let bytes = files::read(&path)?;
+        IdxFile::new(path, Cow::Owned(bytes))
+    })?;
+    load_set(name, set)
 }
 
 /// Parses the four files and checks that train and test images agree in size.
-pub(crate) fn load_set(name: &str, set: IdxSet) -> Result<Splits, DataError> {
+pub(crate) fn load_set(name: &str, set: IdxSet<'_>) -> Result<Splits, DataError> {
     let train = parse_split(&format!("{name}/train"), &set.train_images, &set.train_labels)?;
     let test = parse_split(&format!("{name}/test"), &set.test_images, &set.test_labels)?;
     if (train.height, train.width) != (test.height, test.width) {
@@ -67,7 +92,7 @@ pub(crate) fn load_set(name: &str, set: IdxSet) -> Result<Splits, DataError> {
 }
 
 /// Parses one image file and its label file into a dataset split.
-fn parse_split(name: &str, images: &IdxFile, labels: &IdxFile) -> Result<Dataset, DataError> {
+fn parse_split(name: &str, images: &IdxFile<'_>, labels: &IdxFile<'_>) -> Result<Dataset, DataError> {
     let (dims, pixels) = parse(images, 3, "image data")?;
     let (n, rows, cols) = (dims[0], dims[1], dims[2]);
     if rows == 0 || cols == 0 {
@@ -105,8 +130,8 @@ fn parse_split(name: &str, images: &IdxFile, labels: &IdxFile) -> Result<Dataset
 
 /// Validates the header of a u8 IDX file with `ndims` dimensions and returns
 /// the dimensions and the data that follows, which must match them exactly.
-fn parse<'a>(file: &'a IdxFile, ndims: u8, what: &'static str) -> Result<(Vec<usize>, &'a [u8]), DataError> {
-    let (path, bytes) = (&file.path, file.bytes.as_slice());
+fn parse<'a>(file: &'a IdxFile<'_>, ndims: u8, what: &'static str) -> Result<(Vec<usize>, &'a [u8]), DataError> {
+    let (path, bytes) = (&file.path, &file.bytes[..]);
     let truncated = |what, offset: usize, expected: u128| DataError::Truncated {
         path: path.clone(),
         what,

@@ -12,12 +12,14 @@ mod embedded;
 mod error;
 mod files;
 mod idx;
+mod memory_files;
 
 use std::path::Path;
 use std::str::FromStr;
 
 pub use batch::{batches, num_batches, Batch, BatchIter, BatchOptions};
 pub use error::DataError;
+pub use memory_files::{load_from_files, locate_files};
 
 /// The datasets this crate can load.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
