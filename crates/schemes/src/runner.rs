@@ -166,12 +166,26 @@ impl SplitRunner {
         model.check_input(x.expose()).map_err(RunnerError::Input)?;
         let mut h = x.into_exposed();
         let n = h.shape()[0];
+        // The parameters are resident; each layer holds its input while it computes its output.
+        let resident = 4 * model.num_params();
+        if let Some(m) = self.memory.as_mut() {
+            m.reserve_transient(resident)?;
+        }
+        let mut result = Ok(());
         for (i, layer) in model.layers.iter_mut().enumerate() {
             let name = format!("layers.{i}");
-            h = forward_layer(self.placement.as_mut(), layer, &name, i == 0, &h, Mode::Eval)
-                .map_err(RunnerError::Placement)?
-                .0;
+            match self.with_transient(h.len() * 4, |p| forward_layer(p, layer, &name, i == 0, &h, Mode::Eval)) {
+                Ok((y, _)) => h = y,
+                Err(e) => {
+                    result = Err(e);
+                    break;
+                }
+            }
         }
+        if let Some(m) = self.memory.as_mut() {
+            m.release_transient(resident);
+        }
+        result?;
         let out = softmax_cross_entropy(n, model.num_classes, data(&h), labels.expose(), None);
         Ok(StepOutput { loss: out.loss, correct: out.correct, samples: n })
     }
