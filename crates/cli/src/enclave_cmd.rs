@@ -1,15 +1,420 @@
-//! `trustsplit enclave` and `trustsplit upload`: being written.
+//! `trustsplit enclave` and `trustsplit upload`: the trusted half as its own process, and the data
+//! owner's client that feeds it.
+//!
+//! The enclave proves what it is (a quote over a fresh key), receives the owner's dataset over a
+//! channel encrypted to that key ([`trustsplit_enclave::upload`]), parses it with the same loaders
+//! as files on disk and trains on it. The owner's client refuses to send a byte before the quote
+//! satisfies its policy: the expected measurement, an accepted TCB status, no debug enclave, and
+//! simulated quotes only when asked for explicitly.
 
-#[derive(clap::Args)]
-pub struct EnclaveArgs {}
+use anyhow::{bail, ensure, Context, Result};
+use std::net::TcpListener;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{SystemTime, UNIX_EPOCH};
+use trustsplit_boundary::{Channel, ChannelError, ChannelOptions, Frame, TcpChannel};
+use trustsplit_data::DatasetKind;
+use trustsplit_enclave::attestation::{
+    hex, AttestationProvider, DcapVerifier, GramineDcapProvider, Policy, QuoteVerifier, SimulatedAttestation,
+    SimulatedVerifier, SIMULATED_WARNING,
+};
+use trustsplit_enclave::upload::{enclave_receive, owner_upload, UploadError, UploadedFile};
+use trustsplit_nn::optim::Schedule;
 
-#[derive(clap::Args)]
-pub struct UploadArgs {}
+use crate::train::{self, Scheme, TrainConfig, TrainSummary};
 
-pub fn run_enclave(_: EnclaveArgs) -> anyhow::Result<()> {
-    anyhow::bail!("trustsplit enclave is not available yet")
+/// Who produces the enclave's quotes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum EnclaveAttestation {
+    /// An ed25519 signature in place of hardware. Provides NO security: for development and CI.
+    Simulated,
+    /// SGX DCAP quotes from Gramine's /dev/attestation (run under gramine-sgx with
+    /// sgx.remote_attestation = "dcap").
+    Gramine,
 }
 
-pub fn run_upload(_: UploadArgs) -> anyhow::Result<()> {
-    anyhow::bail!("trustsplit upload is not available yet")
+/// Which quotes the data owner accepts.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum OwnerAttestation {
+    /// Intel SGX / TDX DCAP quotes, verified offline against --collateral.
+    Dcap,
+    /// `trustsplit enclave --attestation simulated` quotes, checked against --simulation-key.
+    /// Provides NO security: for development and CI.
+    Simulated,
+}
+
+#[derive(clap::Args)]
+pub struct EnclaveArgs {
+    /// Address to listen on for the data owner, e.g. 127.0.0.1:7000 (port 0 picks a free port).
+    /// The bound address is printed on stderr as `enclave listening on ADDR`. One upload is
+    /// accepted, then the enclave trains and exits.
+    #[arg(long)]
+    listen: String,
+    /// Where quotes come from: simulated (no security; prints its measurement and key for the
+    /// owner) or gramine (SGX DCAP under Gramine).
+    #[arg(long, value_enum, default_value = "simulated")]
+    attestation: EnclaveAttestation,
+    /// Largest dataset accepted, in MiB; a larger upload is refused before any of it is read.
+    #[arg(long, default_value_t = 1024)]
+    max_upload_mib: u64,
+    /// The kind of the uploaded dataset: mnist, fashion-mnist, cifar10, cifar100 (files with the
+    /// standard names; IDX may be .gz).
+    #[arg(long)]
+    dataset: DatasetKind,
+    /// Where the trust boundary lies: tee-only (everything in the enclave), plaintext (no split
+    /// and no memory budget), gpu-only (linear layers on --device in the clear: INSECURE baseline).
+    #[arg(long, default_value = "tee-only")]
+    scheme: Scheme,
+    /// Model: lenet5, alexnet, vgg11|13|16|19 (add -bn for batch-norm), resnet18, resnet34.
+    #[arg(long, default_value = "lenet5")]
+    model: String,
+    #[arg(long, default_value_t = 5)]
+    epochs: usize,
+    #[arg(long, default_value_t = 32)]
+    batch_size: usize,
+    /// Base learning rate (SGD with momentum 0.9, cosine schedule).
+    #[arg(long, default_value_t = 0.03)]
+    lr: f32,
+    /// Compute threads (the trusted side of a TEE typically has 1 or 2).
+    #[arg(long, default_value_t = 1)]
+    threads: usize,
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Device for schemes that offload: cpu, cpu:THREADS, wgpu, wgpu:cpu, cuda, cuda:INDEX, or
+    /// tcp://HOST:PORT (a `trustsplit device` worker).
+    #[arg(long, default_value = "cpu")]
+    device: String,
+    /// The enclave's memory budget in MiB; past it, saved activations are sealed and spilled.
+    #[arg(long, default_value_t = 96)]
+    memory_budget_mib: usize,
+    /// Output folder for checkpoint.safetensors and metrics.jsonl [default: runs/MODEL-DATASET].
+    #[arg(long)]
+    out: Option<PathBuf>,
+    /// Print one JSON summary object on stdout.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(clap::Args)]
+pub struct UploadArgs {
+    /// The enclave's address, HOST:PORT (as printed by `trustsplit enclave`).
+    #[arg(long)]
+    to: String,
+    /// The dataset: mnist, fashion-mnist, cifar10, cifar100.
+    #[arg(long)]
+    dataset: DatasetKind,
+    /// Folder with the dataset's files under their standard names (IDX raw or .gz; CIFAR also in
+    /// the folder its tarball unpacks to). They are checked locally before connecting.
+    #[arg(long)]
+    data_dir: PathBuf,
+    /// The measurement (64 hex digits) of the enclave code you audited: MRENCLAVE for SGX,
+    /// SHA-256(MRTD||RTMR0..3) for TDX, the printed value for simulated attestation.
+    #[arg(long, required_unless_present = "allow_any_measurement")]
+    expect_measurement: Option<String>,
+    /// Accept any measurement: whatever code runs in the enclave gets the data. Development only.
+    #[arg(long, conflicts_with = "expect_measurement")]
+    allow_any_measurement: bool,
+    /// Which quotes to accept: dcap (SGX/TDX hardware) or simulated (NO security, development only).
+    #[arg(long, value_enum, default_value = "dcap")]
+    attestation: OwnerAttestation,
+    /// The simulated enclave's verifying key (64 hex digits, printed by `trustsplit enclave`).
+    #[arg(long, required_if_eq("attestation", "simulated"))]
+    simulation_key: Option<String>,
+    /// DCAP collateral (TCB info, QE identity, CRLs) as JSON, as the dcap-qvl tool writes it.
+    /// Required with --attestation dcap.
+    #[arg(long)]
+    collateral: Option<PathBuf>,
+    /// Accept debug enclaves, whose memory the host can read.
+    #[arg(long)]
+    allow_debug: bool,
+    /// DCAP TCB statuses to accept, comma-separated (e.g. UpToDate,SWHardeningNeeded).
+    #[arg(long, value_delimiter = ',', default_value = "UpToDate")]
+    accept_tcb: Vec<String>,
+}
+
+/// Runs the trusted half: attest, receive one dataset, train on it.
+pub fn run_enclave(a: EnclaveArgs) -> Result<()> {
+    // Everything that can be checked without the data is checked before waiting for it, so a
+    // typo does not surface only after the owner has uploaded.
+    ensure!(a.dataset != DatasetKind::Embedded, "--dataset embedded is built in; the enclave trains on uploaded data");
+    ensure!(
+        trustsplit_nn::zoo::MODEL_NAMES.contains(&a.model.as_str()),
+        "unknown model '{}'; choose one of: {}",
+        a.model,
+        trustsplit_nn::zoo::MODEL_NAMES.join(", ")
+    );
+    ensure!(a.epochs >= 1 && a.batch_size >= 1, "--batch-size and --epochs must be at least 1");
+    ensure!(a.lr.is_finite() && a.lr > 0.0, "--lr must be a positive number, got {}", a.lr);
+    ensure!(a.threads >= 1, "--threads must be at least 1");
+    let max_upload_bytes = a.max_upload_mib.checked_mul(1 << 20).context("--max-upload-mib is too large")?;
+
+    let provider: Box<dyn AttestationProvider> = match a.attestation {
+        EnclaveAttestation::Simulated => {
+            let exe = std::env::current_exe().context("locating this binary to measure it")?;
+            let sim = SimulatedAttestation::for_binary(&exe)
+                .with_context(|| format!("measuring {} for simulated attestation", exe.display()))?;
+            eprintln!("{}", "!".repeat(100));
+            eprintln!("!!! WARNING: {SIMULATED_WARNING}.");
+            eprintln!("!!! Anyone can forge these quotes; never upload real private data to this enclave.");
+            eprintln!("{}", "!".repeat(100));
+            eprintln!("enclave measurement: {} (SHA-256 of {})", hex(&sim.measurement()), exe.display());
+            eprintln!(
+                "enclave simulation key: {} (give it to the data owner)",
+                hex(sim.verifier().trusted_key.as_bytes())
+            );
+            Box::new(sim)
+        }
+        EnclaveAttestation::Gramine => {
+            let p = GramineDcapProvider::new().context("starting SGX DCAP attestation under Gramine")?;
+            eprintln!("attestation: SGX DCAP via Gramine; the measurement is this enclave's MRENCLAVE");
+            Box::new(p)
+        }
+    };
+
+    let listener = TcpListener::bind(&a.listen).with_context(|| format!("listening on {}", a.listen))?;
+    let addr = listener.local_addr().context("reading the bound address")?;
+    eprintln!("enclave listening on {addr}");
+    let (stream, peer) =
+        listener.accept().with_context(|| format!("accepting the data owner's connection on {addr}"))?;
+    drop(listener); // one upload per run: nobody else may connect
+    eprintln!("data owner connected from {peer}");
+    let ch = TcpChannel::from_stream(stream, ChannelOptions::default())
+        .with_context(|| format!("setting up the connection from {peer}"))?;
+
+    let files = receive(ch, provider.as_ref(), max_upload_bytes, &peer.to_string())?;
+    let total: usize = files.iter().map(|f| f.bytes.len()).sum();
+    eprintln!("received {} file(s), {total} bytes, from {peer}", files.len());
+
+    let files: Vec<(String, Vec<u8>)> = files.into_iter().map(|f| (f.name, f.bytes)).collect();
+    let splits = trustsplit_data::load_from_files(a.dataset, &files)
+        .with_context(|| format!("parsing the uploaded {} files", a.dataset))?;
+    drop(files);
+    let data = train::prepare_data(a.dataset, splits, &a.model, 0, 0)?;
+    eprintln!(
+        "dataset {}: {} training and {} test images of {}x{}x{}",
+        a.dataset,
+        data.train.len(),
+        data.test.len(),
+        data.train.channels,
+        data.train.height,
+        data.train.width
+    );
+
+    let mut cfg = TrainConfig::new(&a.model, a.dataset.name());
+    cfg.scheme = a.scheme;
+    cfg.epochs = a.epochs;
+    cfg.batch_size = a.batch_size;
+    cfg.lr = a.lr;
+    cfg.schedule = Schedule::Cosine { epochs: a.epochs };
+    cfg.threads = a.threads;
+    cfg.seed = a.seed;
+    cfg.device = a.device;
+    cfg.memory_budget = a.memory_budget_mib << 20;
+    let out = a.out.unwrap_or_else(|| PathBuf::from("runs").join(format!("{}-{}", a.model, a.dataset)));
+    eprintln!(
+        "training {} on the uploaded {} with scheme {}, {} epochs, batch {}, {} thread(s) -> {}",
+        cfg.model,
+        cfg.dataset,
+        cfg.scheme,
+        cfg.epochs,
+        cfg.batch_size,
+        cfg.threads,
+        out.display()
+    );
+    let s = train::train_with_data(&cfg, data, &out, false, true)?;
+    print_summary(&s);
+    if a.json {
+        println!("{}", serde_json::to_string(&s)?);
+    }
+    Ok(())
+}
+
+/// Runs the upload protocol's enclave side, turning the ways it ends early into messages that
+/// say what happened from the enclave's point of view.
+fn receive(
+    ch: TcpChannel,
+    provider: &dyn AttestationProvider,
+    max_bytes: u64,
+    peer: &str,
+) -> Result<Vec<UploadedFile>> {
+    let received = Arc::new(AtomicUsize::new(0));
+    let ch = CountingChannel { inner: ch, received_frames: received.clone() };
+    match enclave_receive(ch, provider, max_bytes) {
+        Ok(files) => Ok(files),
+        // The owner hangs up right after our quote when it does not trust it: nothing but the
+        // hello ever arrived.
+        Err(UploadError::Channel(ChannelError::Closed { .. })) => match received.load(Ordering::Relaxed) {
+            0 => bail!("the data owner at {peer} closed the connection before the key exchange; no data was received"),
+            1 => bail!(
+                "the data owner at {peer} closed the connection after our quote, before sending any data; it most \
+                 likely refused this enclave's quote (check the measurement and key it was given)"
+            ),
+            n => bail!("the data owner at {peer} closed the connection midway through the upload ({n} messages in)"),
+        },
+        Err(e) => Err(flatten(e)).with_context(|| format!("receiving the dataset from {peer}")),
+    }
+}
+
+/// A channel that counts the frames it receives, so the enclave can tell a data owner that
+/// refused its quote (hung up after the hello) from an upload that broke off midway.
+struct CountingChannel<C> {
+    inner: C,
+    /// Shared with the caller, who keeps it after the channel is consumed.
+    received_frames: Arc<AtomicUsize>,
+}
+
+impl<C: Channel> Channel for CountingChannel<C> {
+    fn send(&mut self, tag: u16, payload: &[u8]) -> Result<(), ChannelError> {
+        self.inner.send(tag, payload)
+    }
+
+    fn recv(&mut self) -> Result<Frame, ChannelError> {
+        let frame = self.inner.recv()?;
+        self.received_frames.fetch_add(1, Ordering::Relaxed);
+        Ok(frame)
+    }
+
+    fn peer(&self) -> String {
+        self.inner.peer()
+    }
+}
+
+/// The human-readable end of a run, as `trustsplit train` prints it.
+fn print_summary(s: &TrainSummary) {
+    eprintln!(
+        "done: test accuracy {:.2}% (loss {:.4}) on {} test images after {} epochs, {} steps, {:.1}s; {} parameters; checkpoint {}",
+        100.0 * s.accuracy,
+        s.loss,
+        s.test_samples,
+        s.epochs,
+        s.steps,
+        s.seconds,
+        s.parameters,
+        s.checkpoint.display()
+    );
+    let r = &s.scheme_report;
+    eprintln!(
+        "released to the device: {} ({} bytes out, {} bytes back, {} transcript records)",
+        s.released, r.transcript.bytes_to_device, r.transcript.bytes_from_device, r.transcript.records
+    );
+    if let Some(m) = &r.memory {
+        eprintln!(
+            "enclave: {:.1}s computing, device {:.1}s; peak memory {:.1} MiB of a {:.0} MiB budget; sealed spill {:.1} MiB out, {:.1} MiB back",
+            r.enclave_seconds,
+            r.device_seconds,
+            m.peak_bytes as f64 / (1 << 20) as f64,
+            m.budget_bytes as f64 / (1 << 20) as f64,
+            m.spill_bytes as f64 / (1 << 20) as f64,
+            m.restore_bytes as f64 / (1 << 20) as f64
+        );
+    }
+}
+
+/// Runs the data owner's client: check the dataset, verify the enclave's quote, upload.
+pub fn run_upload(a: UploadArgs) -> Result<()> {
+    let expected_measurement = match &a.expect_measurement {
+        Some(m) => Some(parse_hex32("--expect-measurement", m)?),
+        None => {
+            eprintln!(
+                "warning: --allow-any-measurement: the dataset goes to whatever code the enclave runs; \
+                 only the TEE's genuineness is checked"
+            );
+            None
+        }
+    };
+    let verifier: Box<dyn QuoteVerifier> = match a.attestation {
+        OwnerAttestation::Simulated => {
+            ensure!(a.collateral.is_none(), "--collateral applies to --attestation dcap, not simulated");
+            let key = a.simulation_key.as_deref().context("--attestation simulated needs --simulation-key")?;
+            let key = parse_hex32("--simulation-key", key)?;
+            let trusted_key = key
+                .as_slice()
+                .try_into()
+                .map_err(|e| anyhow::anyhow!("--simulation-key is not a valid ed25519 public key: {e}"))?;
+            eprintln!("warning: {SIMULATED_WARNING}; the enclave's quote proves nothing about the code it runs");
+            Box::new(SimulatedVerifier { trusted_key })
+        }
+        OwnerAttestation::Dcap => {
+            ensure!(a.simulation_key.is_none(), "--simulation-key applies to --attestation simulated, not dcap");
+            let path = a.collateral.as_ref().context("--attestation dcap needs --collateral FILE")?;
+            let json = std::fs::read(path).with_context(|| format!("reading DCAP collateral {}", path.display()))?;
+            let v = DcapVerifier::from_json(&json)
+                .with_context(|| format!("parsing DCAP collateral {}", path.display()))?;
+            Box::new(v)
+        }
+    };
+    let policy = Policy {
+        expected_measurement,
+        allow_simulated: a.attestation == OwnerAttestation::Simulated,
+        allow_debug: a.allow_debug,
+        accepted_tcb: a.accept_tcb.iter().map(|s| s.trim().to_string()).filter(|s| !s.is_empty()).collect(),
+    };
+
+    // Read and parse locally first: a broken or incomplete folder is reported here, before
+    // anything is sent, with the loaders the enclave will use.
+    let dir = &a.data_dir;
+    let located = trustsplit_data::locate_files(a.dataset, dir)
+        .with_context(|| format!("finding the {} files in {}", a.dataset, dir.display()))?;
+    let mut named = Vec::with_capacity(located.len());
+    for (name, path) in located {
+        let bytes = std::fs::read(&path).with_context(|| format!("reading {}", path.display()))?;
+        named.push((name, bytes));
+    }
+    let splits = trustsplit_data::load_from_files(a.dataset, &named)
+        .with_context(|| format!("checking the {} files in {}", a.dataset, dir.display()))?;
+    let files: Vec<UploadedFile> = named.into_iter().map(|(name, bytes)| UploadedFile { name, bytes }).collect();
+    let total: usize = files.iter().map(|f| f.bytes.len()).sum();
+    eprintln!(
+        "{}: {} training and {} test images in {} file(s), {total} bytes",
+        a.dataset,
+        splits.train.len(),
+        splits.test.len(),
+        files.len()
+    );
+    drop(splits);
+
+    let ch = TcpChannel::connect(&a.to, ChannelOptions::default())
+        .with_context(|| format!("connecting to the enclave at {}", a.to))?;
+    let now = SystemTime::now().duration_since(UNIX_EPOCH).context("the system clock is before 1970")?.as_secs();
+    let report = owner_upload(ch, verifier.as_ref(), &policy, &files, now).map_err(|e| match e {
+        // Refused during the handshake: only our hello went out.
+        UploadError::Attestation(_) | UploadError::ReportDataMismatch { .. } | UploadError::WeakKey { .. } => {
+            flatten(e).context(format!("refusing the enclave at {}; no data was sent", a.to))
+        }
+        e => flatten(e).context(format!("uploading to the enclave at {}", a.to)),
+    })?;
+    eprintln!("verified: {}", report.kind);
+    eprintln!("  measurement {}", hex(&report.measurement));
+    eprintln!("  TCB status {}", report.tcb_status);
+    if !report.advisories.is_empty() {
+        eprintln!("  advisories: {}", report.advisories.join(", "));
+    }
+    eprintln!(
+        "uploaded {} file(s), {total} bytes of {} to {}; the enclave confirmed receipt",
+        files.len(),
+        a.dataset,
+        a.to
+    );
+    Ok(())
+}
+
+/// An upload error as one message. `UploadError`'s messages already include their cause (e.g.
+/// "attestation failed: CAUSE") while also reporting it as their source, so keeping the chain
+/// would print the cause twice under `{:#}`.
+fn flatten(e: UploadError) -> anyhow::Error {
+    anyhow::anyhow!("{e}")
+}
+
+/// 32 bytes from 64 hex digits (an optional `0x` is accepted), or an error naming `flag`.
+fn parse_hex32(flag: &str, s: &str) -> Result<[u8; 32]> {
+    let t = s.trim();
+    let t = t.strip_prefix("0x").unwrap_or(t);
+    ensure!(t.len() == 64, "{flag}: expected 64 hex digits (32 bytes), got {} characters", t.len());
+    let mut out = [0u8; 32];
+    for (i, byte) in out.iter_mut().enumerate() {
+        let digits = t.get(2 * i..2 * i + 2).with_context(|| format!("{flag}: not hex: {t:?}"))?;
+        *byte = u8::from_str_radix(digits, 16).with_context(|| format!("{flag}: not hex: {digits:?}"))?;
+    }
+    Ok(out)
 }

@@ -1,0 +1,303 @@
+//! `trustsplit enclave` and `trustsplit upload` as the separate processes they are in use: the
+//! enclave prints its address, measurement and simulation key; the owner uploads a small
+//! Fashion-MNIST-format dataset; the enclave trains on it. And the refusals: a wrong measurement
+//! or key makes the owner send nothing, and the enclave says it got nothing.
+//!
+//! Every child process is killed when its guard drops, on success and on panic, and every wait
+//! has a deadline, so a broken build fails these tests instead of hanging them.
+
+use std::fs::File;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::time::{Duration, Instant};
+
+/// How long the enclave may take to start listening, and any process to finish.
+const DEADLINE: Duration = Duration::from_secs(60);
+/// Training the small dataset takes seconds; this leaves room for slow, shared machines.
+const TRAIN_DEADLINE: Duration = Duration::from_secs(300);
+
+/// A child process, killed (and reaped) when dropped unless it has already exited.
+struct Proc {
+    child: Child,
+    what: &'static str,
+    stdout: PathBuf,
+    stderr: PathBuf,
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+impl Proc {
+    /// Runs the binary with `args`, its stdout and stderr going to files in `dir` (files, not
+    /// pipes: a pipe nobody drains can block the child).
+    fn spawn(what: &'static str, dir: &Path, args: &[&str]) -> Proc {
+        let (stdout, stderr) = (dir.join(format!("{what}.out")), dir.join(format!("{what}.err")));
+        let child = Command::new(env!("CARGO_BIN_EXE_trustsplit"))
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(File::create(&stdout).unwrap())
+            .stderr(File::create(&stderr).unwrap())
+            .spawn()
+            .unwrap_or_else(|e| panic!("starting trustsplit {what}: {e}"));
+        Proc { child, what, stdout, stderr }
+    }
+
+    fn stderr(&self) -> String {
+        std::fs::read_to_string(&self.stderr).unwrap_or_default()
+    }
+
+    fn stdout(&self) -> String {
+        std::fs::read_to_string(&self.stdout).unwrap_or_default()
+    }
+
+    /// Waits for the process to exit; past `limit` the test fails (and the guard kills it).
+    fn wait(&mut self, limit: Duration) -> ExitStatus {
+        let start = Instant::now();
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return status;
+            }
+            if start.elapsed() > limit {
+                panic!("trustsplit {} still running after {limit:?}; stderr:\n{}", self.what, self.stderr());
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+/// A fresh folder, removed when dropped.
+struct TempDir(PathBuf);
+
+impl TempDir {
+    fn new(tag: &str) -> TempDir {
+        let dir = std::env::temp_dir().join(format!("trustsplit-enclave-test-{tag}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        TempDir(dir)
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// An IDX u8 file: magic `00 00 08 D`, `D` big-endian sizes, data.
+fn idx(dims: &[u32], data: &[u8]) -> Vec<u8> {
+    let mut out = vec![0, 0, 0x08, dims.len() as u8];
+    for d in dims {
+        out.extend_from_slice(&d.to_be_bytes());
+    }
+    out.extend_from_slice(data);
+    out
+}
+
+/// Deterministic pseudo-random bytes (xorshift64*), below `modulus`.
+fn random_bytes(n: usize, modulus: u8, seed: u64) -> Vec<u8> {
+    let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    (0..n)
+        .map(|_| {
+            s ^= s >> 12;
+            s ^= s << 25;
+            s ^= s >> 27;
+            ((s.wrapping_mul(0x2545_F491_4F6C_DD1D) >> 32) % modulus as u64) as u8
+        })
+        .collect()
+}
+
+/// A Fashion-MNIST-format folder: 300 training and 100 test 28x28 images of noise, labels 0..9.
+fn write_dataset(dir: &Path) {
+    std::fs::create_dir_all(dir).unwrap();
+    for (prefix, n, seed) in [("train", 300u32, 1), ("t10k", 100, 2)] {
+        let images = idx(&[n, 28, 28], &random_bytes(n as usize * 784, 255, seed));
+        let labels = idx(&[n], &random_bytes(n as usize, 10, seed + 10));
+        std::fs::write(dir.join(format!("{prefix}-images-idx3-ubyte")), images).unwrap();
+        std::fs::write(dir.join(format!("{prefix}-labels-idx1-ubyte")), labels).unwrap();
+    }
+}
+
+/// A running `trustsplit enclave` and what it printed for the data owner.
+struct Enclave {
+    proc: Proc,
+    addr: String,
+    measurement: String,
+    key: String,
+}
+
+/// The word after `prefix` on the first line that has it.
+fn value_after(text: &str, prefix: &str) -> Option<String> {
+    text.lines().find_map(|l| l.strip_prefix(prefix)).and_then(|rest| rest.split_whitespace().next()).map(String::from)
+}
+
+/// Starts a simulated enclave training LeNet-5 for one epoch, and reads its address, measurement
+/// and key from its stderr.
+fn start_enclave(dir: &Path) -> Enclave {
+    let out = dir.join("run");
+    let args = [
+        "enclave",
+        "--listen",
+        "127.0.0.1:0",
+        "--dataset",
+        "fashion-mnist",
+        "--model",
+        "lenet5",
+        "--epochs",
+        "1",
+        "--batch-size",
+        "32",
+        "--scheme",
+        "tee-only",
+        "--json",
+        "--out",
+        out.to_str().unwrap(),
+    ];
+    let mut proc = Proc::spawn("enclave", dir, &args);
+    let start = Instant::now();
+    loop {
+        let err = proc.stderr();
+        let found = (
+            value_after(&err, "enclave listening on "),
+            value_after(&err, "enclave measurement: "),
+            value_after(&err, "enclave simulation key: "),
+        );
+        if let (Some(addr), Some(measurement), Some(key)) = found {
+            assert!(err.contains("provides no security"), "no simulation warning:\n{err}");
+            return Enclave { proc, addr, measurement, key };
+        }
+        if let Some(status) = proc.child.try_wait().unwrap() {
+            panic!("trustsplit enclave exited ({status}) before listening:\n{err}");
+        }
+        if start.elapsed() > DEADLINE {
+            panic!("trustsplit enclave did not print its address, measurement and key within {DEADLINE:?}:\n{err}");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Runs `trustsplit upload` with simulated attestation to `enclave`; returns its exit status and
+/// stderr.
+fn upload(dir: &Path, enclave: &Enclave, data: &Path, key: &str, measurement: &str) -> (ExitStatus, String) {
+    let args = [
+        "upload",
+        "--to",
+        &enclave.addr,
+        "--dataset",
+        "fashion-mnist",
+        "--data-dir",
+        data.to_str().unwrap(),
+        "--attestation",
+        "simulated",
+        "--simulation-key",
+        key,
+        "--expect-measurement",
+        measurement,
+    ];
+    let mut proc = Proc::spawn("upload", dir, &args);
+    let status = proc.wait(DEADLINE);
+    (status, proc.stderr())
+}
+
+#[test]
+fn owner_uploads_to_attested_enclave_which_trains() {
+    let tmp = TempDir::new("ok");
+    let data = tmp.0.join("data");
+    write_dataset(&data);
+    let mut enclave = start_enclave(&tmp.0);
+    let (measurement, key) = (enclave.measurement.clone(), enclave.key.clone());
+
+    let (status, err) = upload(&tmp.0, &enclave, &data, &key, &measurement);
+    assert!(status.success(), "upload failed ({status}):\n{err}\nenclave:\n{}", enclave.proc.stderr());
+    assert!(err.contains(&format!("measurement {measurement}")), "{err}");
+    assert!(err.contains("TCB status SIMULATED") && err.contains("uploaded 4 file(s)"), "{err}");
+
+    let status = enclave.proc.wait(TRAIN_DEADLINE);
+    let enclave_err = enclave.proc.stderr();
+    assert!(status.success(), "enclave failed ({status}):\n{enclave_err}");
+    let summary: serde_json::Value = serde_json::from_str(enclave.proc.stdout().trim())
+        .unwrap_or_else(|e| panic!("enclave stdout is not one JSON object ({e}):\n{}", enclave.proc.stdout()));
+    assert_eq!(summary["test_samples"], 100, "{summary}");
+    assert_eq!(summary["train_samples"], 300, "{summary}");
+    assert_eq!(summary["dataset"], "fashion-mnist", "{summary}");
+    assert_eq!(summary["scheme"], "tee-only", "{summary}");
+    assert_eq!(summary["bytes_to_device"], 0, "tee-only releases nothing: {summary}");
+    assert!(tmp.0.join("run/checkpoint.safetensors").is_file(), "{enclave_err}");
+    assert!(enclave_err.contains("received 4 file(s)"), "{enclave_err}");
+}
+
+#[test]
+fn owner_refusing_the_quote_sends_nothing() {
+    let tmp = TempDir::new("refuse");
+    let data = tmp.0.join("data");
+    write_dataset(&data);
+    let other_measurement = "ab".repeat(32);
+    // A valid ed25519 public key (the curve's base point) that is not the enclave's.
+    let other_key = format!("58{}", "66".repeat(31));
+    // (what the owner is given wrong, what its error must say)
+    for (case, wrong_measurement, expected) in
+        [("measurement", true, "measurement mismatch"), ("key", false, "signature does not verify")]
+    {
+        let mut enclave = start_enclave(&tmp.0);
+        let (measurement, key) = if wrong_measurement {
+            (other_measurement.clone(), enclave.key.clone())
+        } else {
+            (enclave.measurement.clone(), other_key.clone())
+        };
+        let (status, err) = upload(&tmp.0, &enclave, &data, &key, &measurement);
+        assert!(!status.success(), "wrong {case}: upload succeeded:\n{err}");
+        assert!(err.contains(expected) && err.contains("no data was sent"), "wrong {case}:\n{err}");
+        if wrong_measurement {
+            assert!(err.contains(&other_measurement) && err.contains(&enclave.measurement), "{err}");
+        }
+
+        let status = enclave.proc.wait(DEADLINE);
+        let enclave_err = enclave.proc.stderr();
+        assert!(!status.success(), "wrong {case}: enclave exited 0:\n{enclave_err}");
+        assert!(
+            enclave_err.contains("closed the connection after our quote, before sending any data"),
+            "{enclave_err}"
+        );
+        assert!(enclave.proc.stdout().is_empty(), "{}", enclave.proc.stdout());
+        assert!(!tmp.0.join("run").exists(), "the enclave trained on nothing");
+    }
+}
+
+#[test]
+fn upload_checks_flags_and_files_before_connecting() {
+    let tmp = TempDir::new("flags");
+    let data = tmp.0.join("data");
+    write_dataset(&data);
+    let run = |args: Vec<String>| {
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let mut p = Proc::spawn("upload", &tmp.0, &args);
+        let status = p.wait(DEADLINE);
+        assert!(!status.success(), "{args:?} succeeded:\n{}", p.stderr());
+        p.stderr()
+    };
+    let base = ["upload", "--to", "127.0.0.1:1", "--dataset", "fashion-mnist", "--data-dir", data.to_str().unwrap()];
+    let with = |extra: &[&str]| -> Vec<String> { base.iter().chain(extra).map(|s| s.to_string()).collect() };
+
+    // No measurement and no explicit opt-out.
+    let err = run(with(&["--attestation", "simulated", "--simulation-key", "00"]));
+    assert!(err.contains("--expect-measurement"), "{err}");
+    // Simulated without its key; DCAP without collateral.
+    let m = "00".repeat(32);
+    let err = run(with(&["--attestation", "simulated", "--expect-measurement", &m]));
+    assert!(err.contains("--simulation-key"), "{err}");
+    let err = run(with(&["--expect-measurement", &m]));
+    assert!(err.contains("--collateral"), "{err}");
+    // A measurement that is not 32 bytes of hex.
+    let err = run(with(&["--attestation", "simulated", "--simulation-key", &m, "--expect-measurement", "abc"]));
+    assert!(err.contains("--expect-measurement: expected 64 hex digits"), "{err}");
+    // --allow-any-measurement warns; a missing file is reported before connecting (port 1 is closed).
+    std::fs::remove_file(data.join("t10k-labels-idx1-ubyte")).unwrap();
+    let err = run(with(&["--attestation", "simulated", "--simulation-key", &m, "--allow-any-measurement"]));
+    assert!(err.contains("warning: --allow-any-measurement"), "{err}");
+    assert!(err.contains("t10k-labels-idx1-ubyte") && !err.contains("connecting"), "{err}");
+}
