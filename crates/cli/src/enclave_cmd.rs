@@ -22,7 +22,7 @@ use trustsplit_enclave::attestation::{
 use trustsplit_enclave::upload::{enclave_receive, owner_upload, UploadError, UploadedFile};
 use trustsplit_nn::optim::Schedule;
 
-use crate::train::{self, Scheme, TrainConfig, TrainSummary};
+use crate::train::{self, Scheme, TrainConfig};
 
 /// Who produces the enclave's quotes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
@@ -223,7 +223,7 @@ pub fn run_enclave(a: EnclaveArgs) -> Result<()> {
         out.display()
     );
     let s = train::train_with_data(&cfg, data, &out, false, true)?;
-    print_summary(&s);
+    train::print_summary(&s);
     if a.json {
         println!("{}", serde_json::to_string(&s)?);
     }
@@ -277,37 +277,6 @@ impl<C: Channel> Channel for CountingChannel<C> {
 
     fn peer(&self) -> String {
         self.inner.peer()
-    }
-}
-
-/// The human-readable end of a run, as `trustsplit train` prints it.
-fn print_summary(s: &TrainSummary) {
-    eprintln!(
-        "done: test accuracy {:.2}% (loss {:.4}) on {} test images after {} epochs, {} steps, {:.1}s; {} parameters; checkpoint {}",
-        100.0 * s.accuracy,
-        s.loss,
-        s.test_samples,
-        s.epochs,
-        s.steps,
-        s.seconds,
-        s.parameters,
-        s.checkpoint.display()
-    );
-    let r = &s.scheme_report;
-    eprintln!(
-        "released to the device: {} ({} bytes out, {} bytes back, {} transcript records)",
-        s.released, r.transcript.bytes_to_device, r.transcript.bytes_from_device, r.transcript.records
-    );
-    if let Some(m) = &r.memory {
-        eprintln!(
-            "enclave: {:.1}s computing, device {:.1}s; peak memory {:.1} MiB of a {:.0} MiB budget; sealed spill {:.1} MiB out, {:.1} MiB back",
-            r.enclave_seconds,
-            r.device_seconds,
-            m.peak_bytes as f64 / (1 << 20) as f64,
-            m.budget_bytes as f64 / (1 << 20) as f64,
-            m.spill_bytes as f64 / (1 << 20) as f64,
-            m.restore_bytes as f64 / (1 << 20) as f64
-        );
     }
 }
 

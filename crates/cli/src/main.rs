@@ -243,32 +243,7 @@ fn run_train(a: TrainArgs) -> Result<()> {
         out.display()
     );
     let s = train::train(&cfg, &out, a.resume, true)?;
-    eprintln!(
-        "done: test accuracy {:.2}% (loss {:.4}) after {} epochs, {} steps, {:.1}s; {} parameters; checkpoint {}",
-        100.0 * s.accuracy,
-        s.loss,
-        s.epochs,
-        s.steps,
-        s.seconds,
-        s.parameters,
-        s.checkpoint.display()
-    );
-    let r = &s.scheme_report;
-    eprintln!(
-        "released to the device: {} ({} bytes out, {} bytes back, {} transcript records)",
-        s.released, r.transcript.bytes_to_device, r.transcript.bytes_from_device, r.transcript.records
-    );
-    if let Some(m) = &r.memory {
-        eprintln!(
-            "enclave: {:.1}s computing, device {:.1}s; peak memory {:.1} MiB of a {:.0} MiB budget; sealed spill {:.1} MiB out, {:.1} MiB back",
-            r.enclave_seconds,
-            r.device_seconds,
-            m.peak_bytes as f64 / (1 << 20) as f64,
-            m.budget_bytes as f64 / (1 << 20) as f64,
-            m.spill_bytes as f64 / (1 << 20) as f64,
-            m.restore_bytes as f64 / (1 << 20) as f64
-        );
-    }
+    train::print_summary(&s);
     if a.json {
         println!("{}", serde_json::to_string(&s)?);
     }
