@@ -252,7 +252,7 @@ fn receive(
             ),
             n => bail!("the data owner at {peer} closed the connection midway through the upload ({n} messages in)"),
         },
-        Err(e) => Err(flatten(e)).with_context(|| format!("receiving the dataset from {peer}")),
+        Err(e) => Err(anyhow::Error::from(e)).with_context(|| format!("receiving the dataset from {peer}")),
     }
 }
 
@@ -349,9 +349,9 @@ pub fn run_upload(a: UploadArgs) -> Result<()> {
     let report = owner_upload(ch, verifier.as_ref(), &policy, &files, now).map_err(|e| match e {
         // Refused during the handshake: only our hello went out.
         UploadError::Attestation(_) | UploadError::ReportDataMismatch { .. } | UploadError::WeakKey { .. } => {
-            flatten(e).context(format!("refusing the enclave at {}; no data was sent", a.to))
+            anyhow::Error::from(e).context(format!("refusing the enclave at {}; no data was sent", a.to))
         }
-        e => flatten(e).context(format!("uploading to the enclave at {}", a.to)),
+        e => anyhow::Error::from(e).context(format!("uploading to the enclave at {}", a.to)),
     })?;
     eprintln!("verified: {}", report.kind);
     eprintln!("  measurement {}", hex(&report.measurement));
@@ -366,13 +366,6 @@ pub fn run_upload(a: UploadArgs) -> Result<()> {
         a.to
     );
     Ok(())
-}
-
-/// An upload error as one message. `UploadError`'s messages already include their cause (e.g.
-/// "attestation failed: CAUSE") while also reporting it as their source, so keeping the chain
-/// would print the cause twice under `{:#}`.
-fn flatten(e: UploadError) -> anyhow::Error {
-    anyhow::anyhow!("{e}")
 }
 
 /// 32 bytes from 64 hex digits (an optional `0x` is accepted), or an error naming `flag`.

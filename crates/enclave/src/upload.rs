@@ -65,12 +65,20 @@ pub struct UploadedFile {
     pub bytes: Vec<u8>,
 }
 
+impl From<AttestationError> for UploadError {
+    fn from(e: AttestationError) -> Self {
+        UploadError::Attestation(e)
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum UploadError {
     #[error(transparent)]
     Channel(#[from] ChannelError),
+    // Not `#[from]`: that would also make the cause the error's `source`, and reports that print
+    // the chain would show it twice.
     #[error("attestation failed: {0}")]
-    Attestation(#[from] AttestationError),
+    Attestation(AttestationError),
     #[error(
         "the quote does not bind this session's key exchange (report data {found}, expected {expected}); \
          someone between the owner and the enclave may have replaced the enclave's public key"
