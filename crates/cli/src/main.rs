@@ -57,7 +57,7 @@ struct TrainArgs {
     #[arg(long, default_value = "plaintext")]
     scheme: Scheme,
     /// Device for schemes that offload: cpu, cpu:THREADS, wgpu, wgpu:cpu, cuda, cuda:INDEX, or
-    /// tcp://HOST:PORT (a `trustsplit device` worker).
+    /// tcp://HOST:PORT (a `trustsplit device` worker). Several, comma-separated, split each batch.
     #[arg(long, default_value = "cpu")]
     device: String,
     /// The enclave's memory budget in MiB (SGX's usable EPC is typically about 96 MiB); past it,

@@ -29,8 +29,14 @@ pub fn runner_for(
     Ok(match scheme {
         SchemeKind::Plaintext => plaintext::runner(transcript)?,
         SchemeKind::TeeOnly => tee_only::runner(memory_budget, transcript)?,
-        SchemeKind::GpuOnly => gpu_only::runner(open_device(device_spec)?, memory_budget, transcript)?,
+        SchemeKind::GpuOnly => gpu_only::runner(open_devices(device_spec)?, memory_budget, transcript)?,
     })
+}
+
+/// Opens one device per comma-separated spec (`tcp://a:7070,tcp://b:7070`): gpu-only splits each
+/// batch across them.
+pub fn open_devices(specs: &str) -> Result<Vec<Device>> {
+    specs.split(',').map(|s| open_device(s.trim())).collect()
 }
 
 /// Opens a device: `cpu` (all cores), `cpu:THREADS`, `wgpu`, `wgpu:cpu`, `cuda`, `cuda:INDEX`, or
