@@ -9,6 +9,8 @@
 //! loss and the optimizer inside the enclave and hands convolutions and linear layers to the
 //! scheme's [`Placement`].
 
+pub mod accountant;
+pub mod asymml;
 pub mod gpu_only;
 pub mod placement;
 pub mod plaintext;

@@ -1,0 +1,1 @@
+//! Rényi-DP accountant for the Gaussian releases of AsymML (being written).

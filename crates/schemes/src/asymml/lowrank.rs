@@ -1,0 +1,1 @@
+//! Per-sample low-rank / residual split (being written).

@@ -1,0 +1,3 @@
+//! `asymml`: the AsymML / 3LegRace asymmetric decomposition (being written).
+
+pub mod lowrank;
