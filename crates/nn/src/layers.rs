@@ -92,6 +92,8 @@ pub enum Saved {
         main: Vec<Saved>,
         shortcut: Vec<Saved>,
     },
+    /// A scheme's own context for a layer it computes split (e.g. AsymML's low-rank factors).
+    Tensors(Vec<Tensor>),
     /// Evaluation mode keeps nothing.
     Nothing,
 }
@@ -106,6 +108,7 @@ impl std::fmt::Debug for Saved {
             Saved::MaxPool { .. } => "MaxPool",
             Saved::Shape(_) => "Shape",
             Saved::Residual { .. } => "Residual",
+            Saved::Tensors(_) => "Tensors",
             Saved::Nothing => "Nothing",
         };
         write!(f, "Saved::{name}")

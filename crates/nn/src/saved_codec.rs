@@ -12,6 +12,7 @@ const MAXPOOL: u8 = 4;
 const SHAPE: u8 = 5;
 const RESIDUAL: u8 = 6;
 const NOTHING: u8 = 7;
+const TENSORS: u8 = 8;
 
 fn put_u64(out: &mut Vec<u8>, v: u64) {
     out.extend_from_slice(&v.to_le_bytes());
@@ -97,6 +98,10 @@ impl Reader<'_> {
             SHAPE => Saved::Shape(self.shape()?),
             RESIDUAL => Saved::Residual { main: self.list()?, shortcut: self.list()? },
             NOTHING => Saved::Nothing,
+            TENSORS => {
+                let n = self.len()?;
+                Saved::Tensors((0..n).map(|_| self.tensor()).collect::<Result<_, _>>()?)
+            }
             t => return Err(format!("unknown saved-context tag {t} at byte {}", self.pos - 1)),
         })
     }
@@ -137,6 +142,11 @@ impl Saved {
                 put_list(out, shortcut);
             }
             Saved::Nothing => out.push(NOTHING),
+            Saved::Tensors(list) => {
+                out.push(TENSORS);
+                put_u64(out, list.len() as u64);
+                list.iter().for_each(|t| put_tensor(out, t));
+            }
         }
     }
 

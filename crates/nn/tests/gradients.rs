@@ -153,4 +153,13 @@ fn saved_contexts_survive_encoding() {
     assert_eq!(g1, g2);
     assert!(trustsplit_nn::Saved::decode(&bytes[..bytes.len() - 1]).unwrap_err().contains("truncated"));
     assert!(trustsplit_nn::Saved::decode(&[99]).unwrap_err().contains("unknown"));
+
+    // A scheme's own context (a list of tensors) round-trips value for value.
+    let list = vec![random(&mut rng, &[3, 2]), random(&mut rng, &[2, 1, 5])];
+    bytes.clear();
+    trustsplit_nn::Saved::Tensors(list.clone()).encode(&mut bytes);
+    match trustsplit_nn::Saved::decode(&bytes).unwrap() {
+        trustsplit_nn::Saved::Tensors(back) => assert_eq!(back, list),
+        other => panic!("decoded {other:?}"),
+    }
 }

@@ -11,7 +11,7 @@
 //! concurrently; each device receives its shard of the activations and gradients and the full
 //! weights, and the weight gradients are summed in shard order inside the enclave.
 
-use crate::placement::{Placement, PlacementResult};
+use crate::placement::{keep_input, saved_input, Placement, PlacementResult};
 use crate::{RunnerError, SchemeKind, SplitRunner};
 use std::ops::Range;
 use std::sync::{Arc, Mutex};
@@ -21,7 +21,7 @@ use trustsplit_device::{Device, DeviceStats, GemmShape};
 use trustsplit_kernels::elementwise::add_assign;
 use trustsplit_nn::layers::{Conv2d, Linear};
 use trustsplit_nn::tensor::{data, from_vec};
-use trustsplit_nn::Tensor;
+use trustsplit_nn::{Mode, Saved, Tensor};
 
 const SCHEME: &str = "gpu-only";
 const WHY: &str = "none: gpu-only is an insecure baseline that sends linear-layer operands in the clear";
@@ -159,7 +159,14 @@ fn sum(parts: Vec<Vec<f32>>) -> Vec<f32> {
 }
 
 impl Placement for GpuOnly {
-    fn conv_forward(&mut self, layer: &str, is_input: bool, conv: &Conv2d, x: &Tensor) -> PlacementResult<Tensor> {
+    fn conv_forward(
+        &mut self,
+        layer: &str,
+        is_input: bool,
+        conv: &Conv2d,
+        x: &Tensor,
+        mode: Mode,
+    ) -> PlacementResult<(Tensor, Saved)> {
         let g = conv.geometry(x.shape());
         let parts = shards(g.batch, self.devices.len());
         let xr = self.release_shards(layer, if is_input { "input" } else { "activation" }, x, &parts);
@@ -175,16 +182,17 @@ impl Placement for GpuOnly {
                 plane.iter_mut().for_each(|v| *v += bv);
             }
         }
-        Ok(y)
+        Ok((y, keep_input(x, mode)))
     }
 
     fn conv_backward(
         &mut self,
         layer: &str,
         conv: &Conv2d,
-        x: &Tensor,
+        saved: Saved,
         dy: &Tensor,
     ) -> PlacementResult<(Tensor, Vec<Tensor>)> {
+        let x = &saved_input(layer, saved)?;
         let g = conv.geometry(x.shape());
         let parts = shards(g.batch, self.devices.len());
         let dyr = self.release_shards(layer, "output-gradient", dy, &parts);

@@ -4,6 +4,7 @@
 //! - [`plaintext`]: no split, the numerical reference (nothing leaves; no enclave accounting).
 //! - [`tee_only`]: every operation inside the enclave; nothing is released.
 //! - [`gpu_only`]: linear operations on the device in the clear; an insecure baseline.
+//! - [`asymml`]: low-rank parts in the enclave, noised residuals on the device (AsymML / 3LegRace).
 //!
 //! The walk over the model ([`runner`]) is shared: it runs batch-norm, activations, pooling, the
 //! loss and the optimizer inside the enclave and hands convolutions and linear layers to the
@@ -29,16 +30,19 @@ pub enum SchemeKind {
     Plaintext,
     TeeOnly,
     GpuOnly,
+    Asymml,
 }
 
 impl SchemeKind {
-    pub const ALL: [SchemeKind; 3] = [SchemeKind::Plaintext, SchemeKind::TeeOnly, SchemeKind::GpuOnly];
+    pub const ALL: [SchemeKind; 4] =
+        [SchemeKind::Plaintext, SchemeKind::TeeOnly, SchemeKind::GpuOnly, SchemeKind::Asymml];
 
     pub fn name(&self) -> &'static str {
         match self {
             SchemeKind::Plaintext => "plaintext",
             SchemeKind::TeeOnly => "tee-only",
             SchemeKind::GpuOnly => "gpu-only",
+            SchemeKind::Asymml => "asymml",
         }
     }
 
@@ -50,12 +54,17 @@ impl SchemeKind {
             SchemeKind::GpuOnly => {
                 "INSECURE: every layer's input activations, weights and output gradients go to the device in the clear"
             }
+            SchemeKind::Asymml => {
+                "each convolution's input residual (after a per-sample top-r split; clipped and noised when \
+                 --noise-multiplier > 0), the weights, and the output gradients' noised residuals \
+                 (or the gradients in the clear with --protect-gradients off)"
+            }
         }
     }
 
     /// Whether the scheme needs a device.
     pub fn uses_device(&self) -> bool {
-        matches!(self, SchemeKind::GpuOnly)
+        matches!(self, SchemeKind::GpuOnly | SchemeKind::Asymml)
     }
 }
 

@@ -1,23 +1,64 @@
 //! Where a scheme runs the linear layers (convolutions and fully connected layers).
 
+use serde::Serialize;
 use trustsplit_nn::layers::{Conv2d, Linear};
-use trustsplit_nn::Tensor;
+use trustsplit_nn::{Mode, Saved, Tensor};
 
 /// Errors a placement can raise (device failures, protocol errors).
 pub type PlacementResult<T> = Result<T, String>;
 
+/// What the runner tells a placement before each forward pass.
+#[derive(Clone, Copy, Debug)]
+pub struct PassInfo {
+    pub mode: Mode,
+    pub batch: usize,
+    /// A training-mode batch-norm makes every sample's activations depend on the whole batch.
+    pub couples_samples: bool,
+}
+
+/// Per-layer low-rank statistics (AsymML): the average rank kept and the share of energy released.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct LayerSplit {
+    pub layer: String,
+    /// Activations (`forward`) or output gradients (`gradient`).
+    pub what: String,
+    pub mean_rank: f64,
+    /// Residual energy / total energy, before clipping and noise.
+    pub residual_energy_ratio: f64,
+}
+
+/// What a placement reports beyond the runner's own counters.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct PlacementReport {
+    /// Multiply-adds the enclave spent in convolutions and linear layers (0 when not counted).
+    pub enclave_macs: u64,
+    /// Multiply-adds the device was asked for.
+    pub device_macs: u64,
+    pub layers: Vec<LayerSplit>,
+    pub privacy: Option<crate::asymml::PrivacyLedger>,
+}
+
 /// A scheme's decision for the linear layers. Everything else runs inside the enclave.
 ///
 /// `layer` names the layer (`layers.3`, `layers.7.main.0`) for the transcript; `is_input` is true
-/// for the first layer, whose input is the raw private data.
+/// for the first layer, whose input is the raw private data. A convolution's forward pass returns
+/// the context its backward pass needs (kept in the enclave's budgeted memory by the runner).
 pub trait Placement {
-    fn conv_forward(&mut self, layer: &str, is_input: bool, conv: &Conv2d, x: &Tensor) -> PlacementResult<Tensor>;
-    /// `dx` and `[dweight, dbias?]`.
+    fn begin_pass(&mut self, _pass: &PassInfo) {}
+    fn conv_forward(
+        &mut self,
+        layer: &str,
+        is_input: bool,
+        conv: &Conv2d,
+        x: &Tensor,
+        mode: Mode,
+    ) -> PlacementResult<(Tensor, Saved)>;
+    /// `dx` and `[dweight, dbias?]` from what `conv_forward` saved.
     fn conv_backward(
         &mut self,
         layer: &str,
         conv: &Conv2d,
-        x: &Tensor,
+        saved: Saved,
         dy: &Tensor,
     ) -> PlacementResult<(Tensor, Vec<Tensor>)>;
     fn linear_forward(&mut self, layer: &str, is_input: bool, lin: &Linear, x: &Tensor) -> PlacementResult<Tensor>;
@@ -28,23 +69,50 @@ pub trait Placement {
         x: &Tensor,
         dy: &Tensor,
     ) -> PlacementResult<(Tensor, Vec<Tensor>)>;
+    fn report(&self) -> PlacementReport {
+        PlacementReport::default()
+    }
+}
+
+/// The context of a placement that only needs the layer's input back.
+pub fn keep_input(x: &Tensor, mode: Mode) -> Saved {
+    if mode == Mode::Train {
+        Saved::Input(x.clone())
+    } else {
+        Saved::Nothing
+    }
+}
+
+/// The input saved by [`keep_input`].
+pub fn saved_input(layer: &str, saved: Saved) -> PlacementResult<Tensor> {
+    match saved {
+        Saved::Input(x) => Ok(x),
+        other => Err(format!("{layer}: expected the saved input, found {other:?}")),
+    }
 }
 
 /// Computes the linear layers inside the trusted side, with the same kernels as plaintext.
 pub struct Trusted;
 
 impl Placement for Trusted {
-    fn conv_forward(&mut self, _: &str, _: bool, conv: &Conv2d, x: &Tensor) -> PlacementResult<Tensor> {
-        Ok(conv.forward(x))
+    fn conv_forward(
+        &mut self,
+        _: &str,
+        _: bool,
+        conv: &Conv2d,
+        x: &Tensor,
+        mode: Mode,
+    ) -> PlacementResult<(Tensor, Saved)> {
+        Ok((conv.forward(x), keep_input(x, mode)))
     }
     fn conv_backward(
         &mut self,
-        _: &str,
+        layer: &str,
         conv: &Conv2d,
-        x: &Tensor,
+        saved: Saved,
         dy: &Tensor,
     ) -> PlacementResult<(Tensor, Vec<Tensor>)> {
-        Ok(conv.backward(x, dy))
+        Ok(conv.backward(&saved_input(layer, saved)?, dy))
     }
     fn linear_forward(&mut self, _: &str, _: bool, lin: &Linear, x: &Tensor) -> PlacementResult<Tensor> {
         Ok(lin.forward(x))

@@ -5,7 +5,7 @@
 //! Between the forward and the backward pass each layer's saved context is kept in the enclave's
 //! budgeted memory ([`SecureMemory`]), which seals and spills it when the budget is exceeded.
 
-use crate::placement::{Placement, PlacementResult};
+use crate::placement::{PassInfo, Placement, PlacementReport, PlacementResult};
 use crate::SchemeKind;
 use serde::Serialize;
 use std::sync::Arc;
@@ -50,6 +50,8 @@ pub struct SchemeReport {
     pub bytes_from_device: u64,
     pub memory: Option<MemoryStats>,
     pub transcript: TranscriptSummary,
+    /// The placement's own counters (AsymML: enclave/device multiply-adds, ranks, privacy).
+    pub placement: PlacementReport,
 }
 
 /// Where the enclave keeps a layer's saved context between the passes.
@@ -126,6 +128,8 @@ impl SplitRunner {
         lr: f32,
     ) -> Result<StepOutput, RunnerError> {
         let n = x.shape()[0];
+        let couples_samples = has_batchnorm(&model.layers);
+        self.placement.begin_pass(&PassInfo { mode: Mode::Train, batch: n, couples_samples });
         let mut kept = Vec::with_capacity(model.layers.len());
         let mut h = x;
         for (i, layer) in model.layers.iter_mut().enumerate() {
@@ -166,6 +170,7 @@ impl SplitRunner {
         model.check_input(x.expose()).map_err(RunnerError::Input)?;
         let mut h = x.into_exposed();
         let n = h.shape()[0];
+        self.placement.begin_pass(&PassInfo { mode: Mode::Eval, batch: n, couples_samples: false });
         // The parameters are resident; each layer holds its input while it computes its output.
         let resident = 4 * model.num_params();
         if let Some(m) = self.memory.as_mut() {
@@ -251,6 +256,7 @@ impl SplitRunner {
             bytes_from_device: device.bytes_from_device,
             memory: self.memory.as_ref().map(SecureMemory::stats),
             transcript,
+            placement: self.placement.report(),
         }
     }
 
@@ -289,7 +295,7 @@ fn forward_layer(
 ) -> PlacementResult<(Tensor, Saved)> {
     let keep = |x: &Tensor| if mode == Mode::Train { Saved::Input(x.clone()) } else { Saved::Nothing };
     Ok(match layer {
-        Layer::Conv2d(c) => (p.conv_forward(name, is_input, c, x)?, keep(x)),
+        Layer::Conv2d(c) => p.conv_forward(name, is_input, c, x, mode)?,
         Layer::Linear(l) => (p.linear_forward(name, is_input, l, x)?, keep(x)),
         Layer::Residual(r) => {
             let (mut y, main) = forward_list(p, &mut r.main, &format!("{name}.main"), x, mode)?;
@@ -328,7 +334,7 @@ fn backward_layer(
     saved: Saved,
 ) -> PlacementResult<(Tensor, Vec<Tensor>)> {
     match (layer, saved) {
-        (Layer::Conv2d(c), Saved::Input(x)) => p.conv_backward(name, c, &x, dy),
+        (Layer::Conv2d(c), saved) => p.conv_backward(name, c, saved, dy),
         (Layer::Linear(l), Saved::Input(x)) => p.linear_backward(name, l, &x, dy),
         (Layer::Residual(r), Saved::Residual { main, shortcut }) => {
             let (mut dx, mut grads) = backward_list(p, &r.main, &format!("{name}.main"), dy, main)?;
@@ -339,4 +345,13 @@ fn backward_layer(
         }
         (l, s) => Ok(l.backward(dy, s)),
     }
+}
+
+/// Whether any layer is a batch-norm (whose training-mode statistics mix the batch's samples).
+fn has_batchnorm(layers: &[Layer]) -> bool {
+    layers.iter().any(|l| match l {
+        Layer::BatchNorm(_) => true,
+        Layer::Residual(r) => has_batchnorm(&r.main) || has_batchnorm(&r.shortcut),
+        _ => false,
+    })
 }

@@ -1,3 +1,140 @@
-//! `asymml`: the AsymML / 3LegRace asymmetric decomposition (being written).
+//! `asymml`: the AsymML / 3LegRace asymmetric decomposition (Niu, Ali, Avestimehr, PoPETs 2022).
+//!
+//! Inside the enclave, every convolution's input (the raw image for the first layer, otherwise the
+//! output of a nonlinearity or pooling) is split per sample into a low-rank part `U V` (the top-r
+//! channel subspace, kept) and a residual (released). The enclave convolves its r "virtual
+//! channels" (`V` with the transformed weight `W x_c U`); the device convolves the clipped, noised
+//! residual with the public weight; the enclave adds the two, then runs batch-norm, ReLU, pooling,
+//! the classifier, the loss and the optimizer itself.
+//!
+//! Releases, per convolution and step (see `docs/asymml.md` for the guarantee):
+//! - `noised-residual`: each sample's residual, L2-clipped and with Gaussian noise (`z * bound`).
+//!   Skipped where the rank covers every channel (nothing is left to release).
+//! - `weight`: the layer's current weight (treated as public, as in the paper; it is trained on the
+//!   private data, and the DP accounting does not cover it).
+//! - backward, with `protect_gradients`: `noised-gradient-residual`, the output gradient's residual
+//!   after its own low-rank split, clipped and noised. Without it: `output-gradient` in the clear.
+//!
+//! Never released: inputs, labels, logits, the loss, batch-norm statistics, the low-rank factors.
 
 pub mod lowrank;
+pub mod noise;
+pub mod placement;
+pub mod virtual_conv;
+
+pub use lowrank::{RankPolicy, Subspace};
+pub use placement::runner;
+
+use crate::accountant::{PrivacySpent, RdpAccountant};
+use serde::Serialize;
+
+/// How many components each layer keeps.
+#[derive(Clone, Debug, PartialEq)]
+pub enum RankRule {
+    /// The k-th convolution keeps `schedule[k]` components (the last entry repeats).
+    Schedule(Vec<usize>),
+    /// Each basis keeps the fewest components whose residual energy is at most `tau` of the total,
+    /// and at most `max_rank`.
+    Energy { tau: f64, max_rank: usize },
+}
+
+impl RankRule {
+    /// The prototype's schedule: 2, 4, 8, 16, then 32 for every later convolution.
+    pub fn prototype() -> RankRule {
+        RankRule::Schedule(vec![2, 4, 8, 16, 32])
+    }
+
+    /// The policy of the `index`-th convolution.
+    pub fn policy(&self, index: usize) -> RankPolicy {
+        match self {
+            RankRule::Schedule(s) => RankPolicy::Fixed(s[index.min(s.len() - 1)]),
+            RankRule::Energy { tau, max_rank } => RankPolicy::Energy { tau: *tau, max_rank: *max_rank },
+        }
+    }
+
+    pub fn describe(&self) -> String {
+        match self {
+            RankRule::Schedule(s) => {
+                let list: Vec<String> = s.iter().map(|r| r.to_string()).collect();
+                format!("fixed schedule {} (last repeats)", list.join(","))
+            }
+            RankRule::Energy { tau, max_rank } => format!("energy threshold tau={tau}, at most {max_rank}"),
+        }
+    }
+}
+
+/// Which samples share one basis.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum BasisScope {
+    /// One basis per sample (the paper): a sample's release depends on that sample alone.
+    Sample,
+    /// One basis for the whole batch: one weight transform per layer instead of one per sample,
+    /// but every release then depends on every sample of the batch (charged as such).
+    Batch,
+}
+
+/// Settings of an AsymML run.
+#[derive(Clone, Debug)]
+pub struct AsymmlConfig {
+    pub rank: RankRule,
+    pub subspace: Subspace,
+    pub basis: BasisScope,
+    /// Decompose output gradients too and release only their noised residual.
+    pub protect_gradients: bool,
+    /// Noise standard deviation over the clipping bound; 0 turns clipping and noise off.
+    pub noise_multiplier: f64,
+    /// Per-element RMS bound on each sample's released activation residual: a residual of D
+    /// values is clipped to L2 norm `clip_norm * sqrt(D)`.
+    pub clip_norm: f64,
+    /// The same bound for output-gradient residuals, on the gradient of the sample's own loss
+    /// (the batch-mean gradient times the batch size).
+    pub grad_clip_norm: f64,
+    pub delta: f64,
+}
+
+impl Default for AsymmlConfig {
+    fn default() -> Self {
+        AsymmlConfig {
+            rank: RankRule::prototype(),
+            subspace: Subspace::Exact,
+            basis: BasisScope::Sample,
+            protect_gradients: true,
+            noise_multiplier: 0.0,
+            clip_norm: 1.0,
+            grad_clip_norm: 1.0,
+            delta: 1e-5,
+        }
+    }
+}
+
+/// What the releases of a training run cost in privacy, per sample.
+#[derive(Clone, Debug, Serialize)]
+pub struct PrivacyLedger {
+    pub noise_multiplier: f64,
+    pub clip_norm: f64,
+    pub grad_clip_norm: f64,
+    pub delta: f64,
+    /// Gaussian releases charged to a sample for one training step it takes part in (the most
+    /// over the steps so far). A release that depends on the whole batch (batch-norm statistics,
+    /// a batch-wide basis) is charged `4 * batch - 3` times: clipping bounds its change by twice
+    /// the bound for every other sample of the batch.
+    pub releases_per_step: u64,
+    /// Output gradients went to the device in the clear (`--protect-gradients` off): the epsilon
+    /// then covers the activation releases only.
+    pub gradients_in_clear: bool,
+    pub training_steps: u64,
+}
+
+impl PrivacyLedger {
+    /// Privacy spent by a sample that took part in `participations` training steps (one per epoch
+    /// when every epoch visits each sample once). `None` without noise: no finite epsilon.
+    pub fn spent(&self, participations: u64) -> Option<PrivacySpent> {
+        if self.noise_multiplier <= 0.0 {
+            return None;
+        }
+        let mut acc = RdpAccountant::new();
+        acc.compose_gaussian(self.noise_multiplier, self.releases_per_step * participations);
+        Some(acc.spent(self.delta))
+    }
+}

@@ -1,0 +1,633 @@
+//! The AsymML placement: per-sample splits inside the enclave, the residual's convolution on the
+//! device, the low-rank part's convolution on r virtual channels in the enclave, concurrently.
+
+use super::lowrank::{find_basis, split, Basis, RankPolicy};
+use super::noise::{clip_and_noise, os_seeded};
+use super::virtual_conv as vc;
+use super::{AsymmlConfig, BasisScope, PrivacyLedger, RankRule};
+use crate::placement::{LayerSplit, PassInfo, Placement, PlacementReport, PlacementResult};
+use crate::{RunnerError, SchemeKind, SplitRunner};
+use rand_chacha::ChaCha20Rng;
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Instant;
+use trustsplit_boundary::{ReleaseInfo, Released, Transcript};
+use trustsplit_device::{Device, DeviceError, DeviceStats};
+use trustsplit_kernels::conv::ConvGeometry;
+use trustsplit_kernels::elementwise::add_assign;
+use trustsplit_kernels::matmul::{matmul, parallelism, MatRef};
+use trustsplit_nn::layers::{Conv2d, Linear};
+use trustsplit_nn::tensor::{data, from_vec};
+use trustsplit_nn::{Mode, Saved, Tensor};
+
+const SCHEME: &str = "asymml";
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// A runner that trains and evaluates under AsymML with `device` computing the residuals.
+pub fn runner(
+    device: Device,
+    cfg: AsymmlConfig,
+    memory_budget: usize,
+    transcript: Arc<Transcript>,
+) -> Result<SplitRunner, RunnerError> {
+    validate(&cfg).map_err(RunnerError::Input)?;
+    let device = Arc::new(Mutex::new(device));
+    let waiting = Arc::new(Mutex::new(0.0));
+    let (handle, wait) = (device.clone(), waiting.clone());
+    let stats = Box::new(move || DeviceStats { device_seconds: *lock(&wait), ..lock(&handle).stats() })
+        as Box<dyn Fn() -> DeviceStats + Send>;
+    let placement = Asymml {
+        rng: os_seeded().map_err(RunnerError::Input)?,
+        cfg,
+        device,
+        transcript: transcript.clone(),
+        waiting,
+        pass: PassInfo { mode: Mode::Eval, batch: 0, couples_samples: false },
+        conv_index: HashMap::new(),
+        warm: HashMap::new(),
+        pending: HashMap::new(),
+        totals: BTreeMap::new(),
+        enclave_macs: 0,
+        device_macs: 0,
+        step_releases: 0,
+        max_step_releases: 0,
+        training_steps: 0,
+        gradients_in_clear: false,
+    };
+    SplitRunner::new(SchemeKind::Asymml, Box::new(placement), Some(memory_budget), transcript, Some(stats))
+}
+
+fn validate(cfg: &AsymmlConfig) -> Result<(), String> {
+    let z = cfg.noise_multiplier;
+    if !(z.is_finite() && z >= 0.0) {
+        return Err(format!("--noise-multiplier must be a finite number >= 0, got {z}"));
+    }
+    for (name, v) in [("--clip-norm", cfg.clip_norm), ("--grad-clip-norm", cfg.grad_clip_norm)] {
+        if !(v.is_finite() && v > 0.0) {
+            return Err(format!("{name} must be a positive number, got {v}"));
+        }
+    }
+    if !(cfg.delta > 0.0 && cfg.delta < 1.0) {
+        return Err(format!("--delta must lie strictly between 0 and 1, got {}", cfg.delta));
+    }
+    match &cfg.rank {
+        RankRule::Schedule(s) if s.is_empty() || s.contains(&0) => {
+            Err(format!("the rank schedule needs at least one rank and no zeros, got {s:?}"))
+        }
+        RankRule::Energy { tau, max_rank } if !(*tau > 0.0 && *tau < 1.0) || *max_rank == 0 => Err(format!(
+            "the energy threshold must lie in (0, 1) and the maximum rank be >= 1, got {tau} and {max_rank}"
+        )),
+        _ => Ok(()),
+    }
+}
+
+/// Samples `start..start + len` sharing one basis, and their coordinates in it.
+struct Group {
+    start: usize,
+    len: usize,
+    basis: Basis,
+    /// `len x rank x positions`.
+    v: Vec<f32>,
+}
+
+/// A batch split into low-rank groups and a residual (`N x C x P`).
+struct Decomposition {
+    groups: Vec<Group>,
+    residual: Vec<f32>,
+}
+
+/// What a layer's forward pass released, kept (outside the enclave: it is already public) until
+/// its backward pass.
+struct Pending {
+    residual: Option<Released<Vec<f32>>>,
+    weight: Option<Released<Vec<f32>>>,
+    is_input: bool,
+    index: usize,
+    in_shape: Vec<usize>,
+}
+
+#[derive(Default)]
+struct SplitTotals {
+    rank_samples: f64,
+    samples: u64,
+    residual_energy: f64,
+    total_energy: f64,
+}
+
+/// The AsymML placement (see the module docs of [`super`] for what it releases).
+pub struct Asymml {
+    cfg: AsymmlConfig,
+    device: Arc<Mutex<Device>>,
+    transcript: Arc<Transcript>,
+    /// Seconds the enclave sat idle waiting for the device.
+    waiting: Arc<Mutex<f64>>,
+    rng: ChaCha20Rng,
+    pass: PassInfo,
+    conv_index: HashMap<String, usize>,
+    /// Last basis per layer and tensor, to warm-start the fast subspace method.
+    warm: HashMap<String, Basis>,
+    pending: HashMap<String, Pending>,
+    totals: BTreeMap<(usize, String, &'static str), SplitTotals>,
+    enclave_macs: u64,
+    device_macs: u64,
+    step_releases: u64,
+    max_step_releases: u64,
+    training_steps: u64,
+    gradients_in_clear: bool,
+}
+
+/// Whether a policy keeps every direction, leaving an all-zero residual: then nothing is released.
+/// Decided from shapes only, so that whether a release happens reveals nothing about the data.
+fn keeps_everything(policy: RankPolicy, channels: usize, group_positions: usize) -> bool {
+    matches!(policy, RankPolicy::Fixed(r) if r >= channels.min(group_positions))
+}
+
+impl Asymml {
+    fn index_of(&mut self, layer: &str) -> usize {
+        let next = self.conv_index.len();
+        *self.conv_index.entry(layer.to_string()).or_insert(next)
+    }
+
+    fn group_len(&self, n: usize) -> usize {
+        match self.cfg.basis {
+            BasisScope::Sample => 1,
+            BasisScope::Batch => n.max(1),
+        }
+    }
+
+    /// Splits `x` (`n` samples of `c x p`) into per-group bases, coordinates and a residual.
+    fn decompose(&mut self, layer: &str, what: &'static str, x: &[f32], shape: (usize, usize, usize)) -> Decomposition {
+        let (n, c, p) = shape;
+        let index = self.index_of(layer);
+        let policy = self.cfg.rank.policy(index);
+        let per = c * p;
+        let step = self.group_len(n);
+        let warm_key = format!("{layer}/{what}");
+        let mut residual = vec![0.0f32; n * per];
+        let mut groups = Vec::new();
+        let totals = self.totals.entry((index, layer.to_string(), what)).or_default();
+        for start in (0..n).step_by(step) {
+            let len = step.min(n - start);
+            let samples: Vec<&[f32]> = (start..start + len).map(|b| &x[b * per..(b + 1) * per]).collect();
+            let basis = find_basis(&samples, c, p, policy, self.cfg.subspace, self.warm.get(&warm_key), &mut self.rng);
+            let mut v = Vec::with_capacity(len * basis.rank * p);
+            for (i, s) in samples.iter().enumerate() {
+                let (vb, rb) = split(&basis, s, p);
+                v.extend_from_slice(&vb);
+                residual[(start + i) * per..][..per].copy_from_slice(&rb);
+            }
+            self.enclave_macs += basis.macs + (2 * len * per * basis.rank) as u64;
+            totals.rank_samples += (basis.rank * len) as f64;
+            totals.samples += len as u64;
+            totals.residual_energy += basis.residual_energy;
+            totals.total_energy += basis.total_energy;
+            self.warm.insert(warm_key.clone(), basis.clone());
+            groups.push(Group { start, len, basis, v });
+        }
+        Decomposition { groups, residual }
+    }
+
+    /// Charges one release to the privacy ledger (training passes only).
+    fn charge(&mut self, depends_on_own_sample_only: bool) {
+        if self.pass.mode != Mode::Train {
+            return;
+        }
+        let coupled = self.cfg.basis == BasisScope::Batch || (self.pass.couples_samples && !depends_on_own_sample_only);
+        let n = self.pass.batch as u64;
+        self.step_releases += if coupled && n > 1 { 4 * n - 3 } else { 1 };
+    }
+
+    fn release(&self, layer: &str, kind: &str, shape: &[usize], values: Vec<f32>, reason: &str) -> Released<Vec<f32>> {
+        let info = ReleaseInfo {
+            scheme: SCHEME.into(),
+            layer: layer.into(),
+            kind: kind.into(),
+            shape: shape.to_vec(),
+            reason: reason.into(),
+        };
+        Released::new(&self.transcript, info, values)
+    }
+
+    fn release_weight(&self, layer: &str, conv: &Conv2d) -> Released<Vec<f32>> {
+        let why = "the model's weights are public to the device in AsymML (not covered by the DP accounting)";
+        self.release(layer, "weight", conv.weight.shape(), data(&conv.weight).to_vec(), why)
+    }
+
+    fn residual_kind(&self, gradient: bool) -> (&'static str, &'static str) {
+        match (gradient, self.cfg.noise_multiplier > 0.0) {
+            (false, true) => ("noised-residual", "residual after the top-r split, clipped, with Gaussian noise"),
+            (false, false) => ("residual", "residual after the top-r split (no noise: --noise-multiplier 0)"),
+            (true, true) => (
+                "noised-gradient-residual",
+                "output-gradient residual after the top-r split, clipped, with Gaussian noise",
+            ),
+            (true, false) => ("gradient-residual", "output-gradient residual after the top-r split (no noise)"),
+        }
+    }
+
+    fn received(&self, layer: &str, kind: &str, expected: usize, values: Vec<f32>) -> PlacementResult<Vec<f32>> {
+        if values.len() != expected {
+            return Err(format!("device returned {} values for {layer} {kind}, expected {expected}", values.len()));
+        }
+        let info = ReleaseInfo {
+            scheme: SCHEME.into(),
+            layer: layer.into(),
+            kind: kind.into(),
+            shape: vec![values.len()],
+            reason: "device result".into(),
+        };
+        self.transcript.record_received(info, (values.len() * 4) as u64);
+        Ok(values)
+    }
+
+    /// Runs `device_work` on the device while the enclave runs `enclave_work`; the time the enclave
+    /// then waits for the device is counted as device time.
+    fn overlapped<T: Send, U>(
+        &self,
+        layer: &str,
+        device_work: impl FnOnce(&mut Device) -> Result<T, DeviceError> + Send,
+        enclave_work: impl FnOnce() -> U,
+    ) -> PlacementResult<(T, U)> {
+        let device = &self.device;
+        std::thread::scope(|s| {
+            let worker = s.spawn(move || device_work(&mut lock(device)));
+            let mine = enclave_work();
+            let waited = Instant::now();
+            let theirs = worker.join().map_err(|_| format!("the device thread panicked on {layer}"))?;
+            *lock(&self.waiting) += waited.elapsed().as_secs_f64();
+            Ok((theirs.map_err(|e| format!("device failed on {layer}: {e}"))?, mine))
+        })
+    }
+}
+
+/// `conv(U V, W)` for every group into `y`.
+fn low_rank_forward(g: &ConvGeometry, w_input_major: &[f32], groups: &[Group], y: &mut [f32]) -> u64 {
+    let per = g.out_channels * g.out_h() * g.out_w();
+    let mut macs = 0;
+    for gr in groups {
+        let gg = ConvGeometry { batch: gr.len, ..*g };
+        let out = &mut y[gr.start * per..(gr.start + gr.len) * per];
+        macs += vc::low_rank_forward(&gg, w_input_major, &gr.basis.u, gr.basis.rank, &gr.v, out);
+    }
+    macs
+}
+
+/// Adds a per-channel bias to `N x C x HW` values.
+fn add_bias(y: &mut [f32], bias: Option<&Tensor>, channels: usize, hw: usize) {
+    if let Some(b) = bias {
+        let b = data(b);
+        for (i, plane) in y.chunks_mut(hw.max(1)).enumerate() {
+            let v = b[i % channels];
+            plane.iter_mut().for_each(|x| *x += v);
+        }
+    }
+}
+
+/// Sum of `dy` over everything but the channel axis (`N x C x HW`).
+fn bias_gradient(dy: &[f32], channels: usize, hw: usize) -> Tensor {
+    let mut db = vec![0.0f32; channels];
+    for (i, plane) in dy.chunks(hw.max(1)).enumerate() {
+        db[i % channels] += plane.iter().sum::<f32>();
+    }
+    from_vec(&[channels], db)
+}
+
+/// The enclave's saved context: for each group, its basis `U` (C x r) and coordinates `V`.
+fn save_groups(groups: Vec<Group>, h: usize, w: usize) -> Saved {
+    let mut list = Vec::with_capacity(2 * groups.len());
+    for g in groups {
+        let (c, r) = (g.basis.channels, g.basis.rank);
+        list.push(from_vec(&[c, r], g.basis.u));
+        list.push(from_vec(&[g.len, r, h, w], g.v));
+    }
+    Saved::Tensors(list)
+}
+
+fn restore_groups(layer: &str, saved: Saved) -> PlacementResult<Vec<Group>> {
+    let Saved::Tensors(list) = saved else {
+        return Err(format!("{layer}: expected AsymML's saved factors, found {saved:?}"));
+    };
+    if list.len() % 2 != 0 {
+        return Err(format!("{layer}: saved factors come in pairs, found {}", list.len()));
+    }
+    let mut groups = Vec::with_capacity(list.len() / 2);
+    let mut start = 0;
+    let mut it = list.into_iter();
+    while let (Some(u), Some(v)) = (it.next(), it.next()) {
+        let (c, r, len) = (u.shape()[0], u.shape()[1], v.shape()[0]);
+        let basis =
+            Basis { channels: c, rank: r, u: data(&u).to_vec(), total_energy: 0.0, residual_energy: 0.0, macs: 0 };
+        groups.push(Group { start, len, basis, v: data(&v).to_vec() });
+        start += len;
+    }
+    Ok(groups)
+}
+
+/// `U v` plus the residual for every sample: the tensor the device and enclave together act on.
+fn recombine(groups: &[Group], residual: &[f32], positions: usize) -> Vec<f32> {
+    let mut out = residual.to_vec();
+    for g in groups {
+        let (c, r) = (g.basis.channels, g.basis.rank);
+        if r == 0 {
+            continue;
+        }
+        let per = c * positions;
+        let u = MatRef::row_major(&g.basis.u, c, r);
+        for i in 0..g.len {
+            let v = MatRef::row_major(&g.v[i * r * positions..(i + 1) * r * positions], r, positions);
+            let dst = &mut out[(g.start + i) * per..(g.start + i + 1) * per];
+            matmul(u, v, dst, positions, true, parallelism(1));
+        }
+    }
+    out
+}
+
+impl Placement for Asymml {
+    fn begin_pass(&mut self, pass: &PassInfo) {
+        if pass.mode == Mode::Train {
+            self.max_step_releases = self.max_step_releases.max(self.step_releases);
+            self.step_releases = 0;
+            self.training_steps += 1;
+        }
+        self.pending.clear();
+        self.pass = *pass;
+    }
+
+    fn conv_forward(
+        &mut self,
+        layer: &str,
+        is_input: bool,
+        conv: &Conv2d,
+        x: &Tensor,
+        mode: Mode,
+    ) -> PlacementResult<(Tensor, Saved)> {
+        let g = conv.geometry(x.shape());
+        let (n, c, p) = (g.batch, g.in_channels, g.in_h * g.in_w);
+        let index = self.index_of(layer);
+        let policy = self.cfg.rank.policy(index);
+        let mut parts = self.decompose(layer, "forward", data(x), (n, c, p));
+        let w_im = vc::input_major(&g, data(&conv.weight));
+        let (out_c, out_hw) = (g.out_channels, g.out_h() * g.out_w());
+        let mut y = vec![0.0f32; n * out_c * out_hw];
+        let mut pending = Pending { residual: None, weight: None, is_input, index, in_shape: x.shape().to_vec() };
+        if keeps_everything(policy, c, p * self.group_len(n)) {
+            self.enclave_macs += low_rank_forward(&g, &w_im, &parts.groups, &mut y);
+        } else {
+            let bound = self.cfg.clip_norm * ((c * p) as f64).sqrt();
+            clip_and_noise(&mut parts.residual, c * p, bound, self.cfg.noise_multiplier, &mut self.rng);
+            self.charge(is_input);
+            let (kind, why) = self.residual_kind(false);
+            let residual = self.release(layer, kind, x.shape(), std::mem::take(&mut parts.residual), why);
+            let weight = self.release_weight(layer, conv);
+            let groups = &parts.groups;
+            let (from_device, macs) = self.overlapped(
+                layer,
+                |d| d.conv_forward(&g, &residual, &weight),
+                || low_rank_forward(&g, &w_im, groups, &mut y),
+            )?;
+            self.enclave_macs += macs;
+            self.device_macs += g.forward_macs();
+            let from_device = self.received(layer, "output", y.len(), from_device)?;
+            add_assign(&mut y, &from_device);
+            pending.residual = Some(residual);
+            pending.weight = Some(weight);
+        }
+        add_bias(&mut y, conv.bias.as_ref(), out_c, out_hw);
+        let y = from_vec(&[n, out_c, g.out_h(), g.out_w()], y);
+        if mode != Mode::Train {
+            return Ok((y, Saved::Nothing));
+        }
+        self.pending.insert(layer.to_string(), pending);
+        Ok((y, save_groups(parts.groups, g.in_h, g.in_w)))
+    }
+
+    fn conv_backward(
+        &mut self,
+        layer: &str,
+        conv: &Conv2d,
+        saved: Saved,
+        dy: &Tensor,
+    ) -> PlacementResult<(Tensor, Vec<Tensor>)> {
+        let pending = self.pending.remove(layer).ok_or_else(|| format!("{layer}: backward without a forward pass"))?;
+        let x_groups = restore_groups(layer, saved)?;
+        let g = conv.geometry(&pending.in_shape);
+        let (n, out_c, out_hw) = (g.batch, g.out_channels, g.out_h() * g.out_w());
+        let taps = g.kernel_h * g.kernel_w;
+        let w = data(&conv.weight);
+        let mut dx = vec![0.0f32; g.input_len()];
+        let mut dw = vec![0.0f32; g.weight_len()];
+        let mut dw_input_major = vec![0.0f32; g.weight_len()];
+        let db = conv.bias.as_ref().map(|_| bias_gradient(data(dy), out_c, out_hw));
+        let need_dx = !pending.is_input;
+
+        if self.cfg.protect_gradients {
+            let policy = self.cfg.rank.policy(pending.index);
+            let mut gparts = self.decompose(layer, "gradient", data(dy), (n, out_c, out_hw));
+            let releases = !keeps_everything(policy, out_c, out_hw * self.group_len(n));
+            if releases {
+                // The bound applies to the gradient of the sample's own loss: n times the batch mean's.
+                let bound = self.cfg.grad_clip_norm * ((out_c * out_hw) as f64).sqrt() / n as f64;
+                clip_and_noise(&mut gparts.residual, out_c * out_hw, bound, self.cfg.noise_multiplier, &mut self.rng);
+                self.charge(false);
+            } else {
+                gparts.residual.fill(0.0); // only rounding is left; the enclave keeps the whole gradient
+            }
+            let dy_effective = recombine(&gparts.groups, &gparts.residual, out_hw);
+            let residual_released = pending.residual.is_some();
+            let device_dx = need_dx && releases;
+            let device_dw = residual_released && releases;
+            let grad = if releases {
+                let (kind, why) = self.residual_kind(true);
+                Some(self.release(layer, kind, dy.shape(), std::mem::take(&mut gparts.residual), why))
+            } else {
+                None
+            };
+            let weight = match pending.weight {
+                Some(wr) => Some(wr),
+                None if device_dx => Some(self.release_weight(layer, conv)),
+                None => None,
+            };
+            let x_residual = pending.residual.as_ref().map(|r| r.get().as_slice());
+            let mut enclave = || {
+                let mut macs = 0;
+                for (xg, gg) in x_groups.iter().zip(&gparts.groups) {
+                    let geo = ConvGeometry { batch: xg.len, ..g };
+                    let (xs, ys) = (xg.start * g.input_len() / n, xg.start * out_c * out_hw);
+                    let dy_g = &dy_effective[ys..ys + xg.len * out_c * out_hw];
+                    macs += vc::add_low_rank_input_weight_gradient(
+                        &geo,
+                        &xg.basis.u,
+                        xg.basis.rank,
+                        &xg.v,
+                        dy_g,
+                        &mut dw_input_major,
+                    );
+                    if need_dx {
+                        let dx_g = &mut dx[xs..xs + geo.input_len()];
+                        macs += vc::low_rank_input_gradient(&geo, w, &gg.basis.u, gg.basis.rank, &gg.v, dx_g);
+                    }
+                    if let Some(xr) = x_residual {
+                        let xr_g = &xr[xs..xs + geo.input_len()];
+                        macs += vc::add_low_rank_gradient_weight_gradient(
+                            &geo,
+                            xr_g,
+                            &gg.basis.u,
+                            gg.basis.rank,
+                            &gg.v,
+                            &mut dw,
+                        );
+                    }
+                }
+                macs
+            };
+            let ((dev_dx, dev_dw), macs) = if device_dx || device_dw {
+                let (grad, weight) = (grad.as_ref().expect("released"), weight.as_ref());
+                let x_res = pending.residual.as_ref();
+                self.overlapped(
+                    layer,
+                    |d| {
+                        let dx = match (device_dx, weight) {
+                            (true, Some(wr)) => Some(d.conv_backward_data(&g, grad, wr)?),
+                            _ => None,
+                        };
+                        let dw = match (device_dw, x_res) {
+                            (true, Some(xr)) => Some(d.conv_backward_weight(&g, xr, grad)?),
+                            _ => None,
+                        };
+                        Ok((dx, dw))
+                    },
+                    enclave,
+                )?
+            } else {
+                ((None, None), enclave())
+            };
+            self.enclave_macs += macs;
+            self.merge_device(layer, &g, dev_dx, dev_dw, &mut dx, &mut dw)?;
+        } else {
+            self.gradients_in_clear = true;
+            let residual_released = pending.residual.is_some();
+            let weight = match pending.weight {
+                Some(wr) => Some(wr),
+                None if need_dx => Some(self.release_weight(layer, conv)),
+                None => None,
+            };
+            let mut enclave = || {
+                let mut macs = 0;
+                for xg in &x_groups {
+                    let geo = ConvGeometry { batch: xg.len, ..g };
+                    let ys = xg.start * out_c * out_hw;
+                    let dy_g = &data(dy)[ys..ys + xg.len * out_c * out_hw];
+                    macs += vc::add_low_rank_input_weight_gradient(
+                        &geo,
+                        &xg.basis.u,
+                        xg.basis.rank,
+                        &xg.v,
+                        dy_g,
+                        &mut dw_input_major,
+                    );
+                }
+                macs
+            };
+            let ((dev_dx, dev_dw), macs) = if need_dx || residual_released {
+                let why = "INSECURE: --protect-gradients is off; the output gradient goes to the device in the clear";
+                let grad = self.release(layer, "output-gradient", dy.shape(), data(dy).to_vec(), why);
+                let x_res = pending.residual.as_ref();
+                let weight = weight.as_ref();
+                self.overlapped(
+                    layer,
+                    |d| {
+                        let dx = match (need_dx, weight) {
+                            (true, Some(wr)) => Some(d.conv_backward_data(&g, &grad, wr)?),
+                            _ => None,
+                        };
+                        let dw = match x_res {
+                            Some(xr) => Some(d.conv_backward_weight(&g, xr, &grad)?),
+                            None => None,
+                        };
+                        Ok((dx, dw))
+                    },
+                    enclave,
+                )?
+            } else {
+                ((None, None), enclave())
+            };
+            self.enclave_macs += macs;
+            self.merge_device(layer, &g, dev_dx, dev_dw, &mut dx, &mut dw)?;
+        }
+        add_assign(&mut dw, &vc::swap_leading_axes(&dw_input_major, g.in_channels, out_c, taps));
+        let grads = std::iter::once(from_vec(conv.weight.shape(), dw)).chain(db).collect();
+        Ok((from_vec(&pending.in_shape, dx), grads))
+    }
+
+    fn linear_forward(&mut self, _: &str, _: bool, lin: &Linear, x: &Tensor) -> PlacementResult<Tensor> {
+        let (n, i, o) = lin.dims(x.shape());
+        self.enclave_macs += (n * i * o) as u64;
+        Ok(lin.forward(x))
+    }
+
+    fn linear_backward(
+        &mut self,
+        _: &str,
+        lin: &Linear,
+        x: &Tensor,
+        dy: &Tensor,
+    ) -> PlacementResult<(Tensor, Vec<Tensor>)> {
+        let (n, i, o) = lin.dims(x.shape());
+        self.enclave_macs += (2 * n * i * o) as u64;
+        Ok(lin.backward(x, dy))
+    }
+
+    fn report(&self) -> PlacementReport {
+        let layers = self
+            .totals
+            .iter()
+            .map(|((_, layer, what), t)| LayerSplit {
+                layer: layer.clone(),
+                what: what.to_string(),
+                mean_rank: t.rank_samples / t.samples.max(1) as f64,
+                residual_energy_ratio: if t.total_energy > 0.0 { t.residual_energy / t.total_energy } else { 0.0 },
+            })
+            .collect();
+        let privacy = PrivacyLedger {
+            noise_multiplier: self.cfg.noise_multiplier,
+            clip_norm: self.cfg.clip_norm,
+            grad_clip_norm: self.cfg.grad_clip_norm,
+            delta: self.cfg.delta,
+            releases_per_step: self.max_step_releases.max(self.step_releases),
+            gradients_in_clear: self.gradients_in_clear,
+            training_steps: self.training_steps,
+        };
+        PlacementReport {
+            enclave_macs: self.enclave_macs,
+            device_macs: self.device_macs,
+            layers,
+            privacy: Some(privacy),
+        }
+    }
+}
+
+impl Asymml {
+    /// Adds the device's input and weight gradients (when it computed them) to the enclave's.
+    fn merge_device(
+        &mut self,
+        layer: &str,
+        g: &ConvGeometry,
+        dev_dx: Option<Vec<f32>>,
+        dev_dw: Option<Vec<f32>>,
+        dx: &mut [f32],
+        dw: &mut [f32],
+    ) -> PlacementResult<()> {
+        if let Some(v) = dev_dx {
+            add_assign(dx, &self.received(layer, "input-gradient", dx.len(), v)?);
+            self.device_macs += g.forward_macs();
+        }
+        if let Some(v) = dev_dw {
+            add_assign(dw, &self.received(layer, "weight-gradient", dw.len(), v)?);
+            self.device_macs += g.forward_macs();
+        }
+        Ok(())
+    }
+}

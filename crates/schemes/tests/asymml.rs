@@ -1,0 +1,193 @@
+//! AsymML: without noise the split computes exactly what plaintext computes (forward, backward,
+//! every rank policy and subspace method); with noise it releases only noised residuals and
+//! public weights.
+
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+use std::collections::BTreeSet;
+use std::sync::Arc;
+use trustsplit_boundary::{Direction, Secret, Transcript};
+use trustsplit_device::{CpuBackend, Device};
+use trustsplit_nn::layers::{BatchNorm, Conv2d, Layer, Linear, Pool, Residual};
+use trustsplit_nn::optim::{Optimizer, OptimizerKind};
+use trustsplit_nn::tensor::from_vec;
+use trustsplit_nn::{Model, Tensor};
+use trustsplit_schemes::asymml::{self, AsymmlConfig, BasisScope, RankRule, Subspace};
+use trustsplit_schemes::{plaintext, SplitRunner};
+
+fn random(rng: &mut ChaCha8Rng, shape: &[usize], scale: f32) -> Tensor {
+    let n = shape.iter().product();
+    from_vec(shape, (0..n).map(|_| rng.random_range(-scale..scale)).collect())
+}
+
+fn conv(rng: &mut ChaCha8Rng, out: usize, inp: usize, k: usize, stride: usize, bias: bool) -> Layer {
+    let scale = (2.0 / (inp * k * k) as f32).sqrt();
+    Layer::Conv2d(Conv2d {
+        weight: random(rng, &[out, inp, k, k], scale),
+        bias: bias.then(|| random(rng, &[out], 0.1)),
+        stride,
+        padding: k / 2,
+    })
+}
+
+/// Convolutions with and without bias, batch-norm, pooling and a projection residual block: every
+/// path the runner can take through a convolution. 3 x 12 x 12 input.
+fn small_model(rng: &mut ChaCha8Rng) -> Model {
+    let block = Layer::Residual(Residual {
+        main: vec![
+            conv(rng, 12, 8, 3, 2, false),
+            Layer::BatchNorm(BatchNorm::new(12)),
+            Layer::Relu,
+            conv(rng, 12, 12, 3, 1, true),
+        ],
+        shortcut: vec![conv(rng, 12, 8, 1, 2, false)],
+    });
+    let layers = vec![
+        conv(rng, 8, 3, 3, 1, true),
+        Layer::BatchNorm(BatchNorm::new(8)),
+        Layer::Relu,
+        Layer::MaxPool(Pool { kernel: 2, stride: 2, padding: 0 }),
+        block,
+        Layer::Relu,
+        Layer::Flatten,
+        Layer::Linear(Linear { weight: random(rng, &[10, 12 * 9], 0.1), bias: Some(random(rng, &[10], 0.1)) }),
+    ];
+    Model::new("small", &[3, 12, 12], layers).unwrap()
+}
+
+fn cpu_device() -> Device {
+    Device::local(Box::new(CpuBackend::new(1).unwrap()))
+}
+
+fn runner(cfg: AsymmlConfig, transcript: Transcript) -> SplitRunner {
+    asymml::runner(cpu_device(), cfg, 96 << 20, Arc::new(transcript)).unwrap()
+}
+
+/// Trains three SGD steps and evaluates once; returns the model and the losses.
+fn train(runner: &mut SplitRunner, seed: u64) -> (Model, Vec<f32>) {
+    let mut rng = ChaCha8Rng::seed_from_u64(seed);
+    let mut model = small_model(&mut rng);
+    let mut opt = Optimizer::new(OptimizerKind::Sgd { momentum: 0.9, nesterov: false }, 5e-4);
+    let mut losses = Vec::new();
+    for _ in 0..3 {
+        let x = random(&mut rng, &[5, 3, 12, 12], 1.0);
+        let y: Vec<usize> = (0..5).map(|_| rng.random_range(0..10)).collect();
+        losses.push(runner.train_step(&mut model, Secret::new(x), &Secret::new(y), &mut opt, 0.05).unwrap().loss);
+    }
+    let x = random(&mut rng, &[4, 3, 12, 12], 1.0);
+    let y: Vec<usize> = (0..4).map(|_| rng.random_range(0..10)).collect();
+    losses.push(runner.eval_batch(&mut model, Secret::new(x), &Secret::new(y)).unwrap().loss);
+    (model, losses)
+}
+
+fn max_relative_difference(a: &Model, b: &Model) -> f32 {
+    let mut worst = 0.0f32;
+    for ((n, x), (_, y)) in a.named_params().iter().zip(b.named_params()) {
+        let scale = x.iter().fold(1e-6f32, |m, v| m.max(v.abs()));
+        let d = x.iter().zip(y.iter()).fold(0.0f32, |m, (p, q)| m.max((p - q).abs())) / scale;
+        assert!(d.is_finite(), "{n}");
+        worst = worst.max(d);
+    }
+    worst
+}
+
+#[test]
+fn without_noise_the_split_computes_what_plaintext_computes() {
+    let (reference, ref_losses) = train(&mut plaintext::runner(Arc::new(Transcript::new())).unwrap(), 7);
+    let settings = [
+        (RankRule::prototype(), Subspace::Exact, BasisScope::Sample, true),
+        (RankRule::Schedule(vec![1, 3]), Subspace::Fast, BasisScope::Sample, true),
+        (RankRule::Energy { tau: 0.2, max_rank: 6 }, Subspace::Exact, BasisScope::Batch, true),
+        (RankRule::Schedule(vec![2]), Subspace::Fast, BasisScope::Batch, false),
+        (RankRule::Energy { tau: 0.05, max_rank: 32 }, Subspace::Fast, BasisScope::Sample, false),
+    ];
+    for (rank, subspace, basis, protect_gradients) in settings {
+        let what = format!("{rank:?} {subspace:?} {basis:?} protect={protect_gradients}");
+        let cfg = AsymmlConfig { rank, subspace, basis, protect_gradients, ..AsymmlConfig::default() };
+        let mut r = runner(cfg, Transcript::new());
+        let (model, losses) = train(&mut r, 7);
+        for (a, b) in losses.iter().zip(&ref_losses) {
+            assert!((a - b).abs() <= 1e-4 * b.abs().max(1.0), "{what}: losses {losses:?} vs {ref_losses:?}");
+        }
+        let d = max_relative_difference(&reference, &model);
+        assert!(d < 1e-4, "{what}: weights differ from plaintext by {d}");
+        let report = r.report();
+        assert!(report.device_seconds >= 0.0 && report.bytes_to_device > 0, "{what}: the device was not used");
+        assert!(report.placement.enclave_macs > 0 && report.placement.device_macs > 0, "{what}");
+        assert!(!report.placement.layers.is_empty(), "{what}: no per-layer ranks");
+    }
+}
+
+#[test]
+fn releases_only_noised_residuals_and_public_weights() {
+    let cfg = AsymmlConfig { noise_multiplier: 1.0, ..AsymmlConfig::default() };
+    let mut r = runner(cfg, Transcript::keeping_records());
+    let (model, losses) = train(&mut r, 3);
+    assert!(losses.iter().all(|l| l.is_finite()), "{losses:?}");
+    assert!(model.named_params().iter().all(|(_, t)| t.iter().all(|v| v.is_finite())));
+    let records = r.transcript().records().unwrap();
+    let sent: BTreeSet<String> =
+        records.iter().filter(|r| r.direction == Direction::TeeToDevice).map(|r| r.info.kind.clone()).collect();
+    let allowed: BTreeSet<String> =
+        ["noised-residual", "weight", "noised-gradient-residual"].iter().map(|s| s.to_string()).collect();
+    assert!(sent.is_subset(&allowed) && sent.len() == 3, "released kinds: {sent:?}");
+    let back: BTreeSet<String> =
+        records.iter().filter(|r| r.direction == Direction::DeviceToTee).map(|r| r.info.kind.clone()).collect();
+    assert!(back.iter().all(|k| ["output", "input-gradient", "weight-gradient"].contains(&k.as_str())), "{back:?}");
+    // The first layer keeps 2 of its 3 input channels; its residual is released, noised.
+    assert!(records.iter().any(|r| r.info.layer == "layers.0" && r.info.kind == "noised-residual"));
+    // The first layer's input gradient is never needed, so its gradient residual only feeds the
+    // weight gradient; nothing releases a label, a logit or the loss.
+    for rec in &records {
+        assert!(!["input", "label", "labels", "logits", "loss", "activation"].contains(&rec.info.kind.as_str()));
+    }
+    let ledger = r.report().placement.privacy.unwrap();
+    // Four convolutions with ranks 2, 4, 8, 16: the 1x1 shortcut (rank 16 >= its 8 channels) keeps
+    // everything, the other three release an activation and a gradient residual per step. The
+    // model has batch-norm, so all but the input's release depend on the whole batch of 5.
+    assert_eq!(ledger.releases_per_step, 1 + 5 * (4 * 5 - 3));
+    assert!(!ledger.gradients_in_clear);
+    let spent = ledger.spent(2).unwrap();
+    assert!(spent.epsilon.is_finite() && spent.epsilon > 0.0, "{spent:?}");
+}
+
+#[test]
+fn a_rank_covering_every_channel_releases_nothing_for_that_layer() {
+    // Rank 3 on the 3-channel input keeps the whole image in the enclave.
+    let cfg = AsymmlConfig { rank: RankRule::Schedule(vec![3, 2]), noise_multiplier: 0.5, ..AsymmlConfig::default() };
+    let mut r = runner(cfg, Transcript::keeping_records());
+    train(&mut r, 5);
+    let records = r.transcript().records().unwrap();
+    assert!(
+        !records.iter().any(|r| r.info.layer == "layers.0"
+            && r.direction == Direction::TeeToDevice
+            && r.info.kind != "noised-gradient-residual"),
+        "layer 0 released its input or weight"
+    );
+    assert!(records.iter().any(|r| r.info.layer.starts_with("layers.4") && r.info.kind == "noised-residual"));
+}
+
+#[test]
+fn unprotected_gradients_are_released_in_the_clear_and_flagged() {
+    let cfg = AsymmlConfig { protect_gradients: false, noise_multiplier: 1.0, ..AsymmlConfig::default() };
+    let mut r = runner(cfg, Transcript::keeping_records());
+    train(&mut r, 9);
+    let records = r.transcript().records().unwrap();
+    assert!(records.iter().any(|r| r.info.kind == "output-gradient"));
+    assert!(r.report().placement.privacy.unwrap().gradients_in_clear);
+}
+
+#[test]
+fn bad_settings_are_refused_with_the_flag_named() {
+    let bad = [
+        (AsymmlConfig { noise_multiplier: -1.0, ..AsymmlConfig::default() }, "--noise-multiplier"),
+        (AsymmlConfig { clip_norm: 0.0, ..AsymmlConfig::default() }, "--clip-norm"),
+        (AsymmlConfig { delta: 1.0, ..AsymmlConfig::default() }, "--delta"),
+        (AsymmlConfig { rank: RankRule::Schedule(vec![]), ..AsymmlConfig::default() }, "rank schedule"),
+        (AsymmlConfig { rank: RankRule::Energy { tau: 1.5, max_rank: 4 }, ..AsymmlConfig::default() }, "energy"),
+    ];
+    for (cfg, needle) in bad {
+        let err = asymml::runner(cpu_device(), cfg, 96 << 20, Arc::new(Transcript::new())).err().unwrap();
+        assert!(err.to_string().contains(needle), "{err}");
+    }
+}
