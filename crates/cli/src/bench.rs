@@ -184,6 +184,11 @@ pub struct StepBench {
     pub memory_budget_bytes: usize,
     /// Forward multiply-adds per sample of the convolutions and linear layers.
     pub forward_macs_per_sample: u64,
+    /// Multiply-adds per step in the convolutions and linear layers: inside the enclave, and asked
+    /// of the device. For schemes that do not count them (plaintext, tee-only, gpu-only) the
+    /// enclave figure is the model's own: forward (x1 inference, x3 training) for the whole batch.
+    pub enclave_macs: u64,
+    pub device_macs: u64,
 }
 
 /// Settings of [`step`].
@@ -196,6 +201,7 @@ pub struct StepOptions<'a> {
     pub threads: usize,
     pub device: &'a str,
     pub memory_budget: usize,
+    pub asymml: crate::asymml_opts::AsymmlOptions,
 }
 
 /// Times training steps (or inference batches) of `model` under a scheme on random data.
@@ -203,7 +209,8 @@ pub fn step(o: &StepOptions) -> Result<StepBench> {
     anyhow::ensure!(o.batch_size > 0 && o.steps > 0, "--batch-size and --steps must be at least 1");
     let input: Vec<usize> = if zoo::required_input_size(o.model).is_some() { vec![3, 32, 32] } else { vec![1, 28, 28] };
     let mut model = zoo::build(o.model, &input, 10, 0).map_err(anyhow::Error::msg)?;
-    let mut runner = crate::schemes::runner_for(o.scheme, o.device, o.memory_budget, None)?;
+    let cfg = o.asymml.config(o.asymml.noise_multiplier);
+    let mut runner = crate::schemes::runner_for(o.scheme, o.device, o.memory_budget, None, &cfg)?;
     let mut opt = Optimizer::new(OptimizerKind::Sgd { momentum: 0.9, nesterov: false }, 5e-4);
     let n = o.batch_size;
     let x = from_vec(&[&[n][..], &input[..]].concat(), pseudo_random(n * input.iter().product::<usize>(), 7));
@@ -252,5 +259,17 @@ pub fn step(o: &StepOptions) -> Result<StepBench> {
         peak_enclave_bytes: mem_a.peak_bytes,
         memory_budget_bytes: if after.memory.is_some() { o.memory_budget } else { 0 },
         forward_macs_per_sample: model.forward_macs_per_sample(),
+        enclave_macs: match o.scheme {
+            crate::train::Scheme::Asymml => per(after.placement.enclave_macs, before.placement.enclave_macs),
+            crate::train::Scheme::GpuOnly => 0,
+            _ => model.forward_macs_per_sample() * n as u64 * if o.inference { 1 } else { 3 },
+        },
+        device_macs: match o.scheme {
+            crate::train::Scheme::Asymml => per(after.placement.device_macs, before.placement.device_macs),
+            crate::train::Scheme::GpuOnly => {
+                model.forward_macs_per_sample() * n as u64 * if o.inference { 1 } else { 3 }
+            }
+            _ => 0,
+        },
     })
 }

@@ -16,6 +16,7 @@ pub fn eval(
     device: &str,
     batch_size: usize,
     threads: usize,
+    asymml: &crate::asymml_opts::AsymmlOptions,
     show: bool,
 ) -> Result<EvalResult> {
     let c = checkpoint::load(ckpt)?;
@@ -33,6 +34,8 @@ pub fn eval(
     let mut model =
         zoo::build(&c.meta.model, &c.meta.input_shape, c.meta.num_classes, 0).map_err(anyhow::Error::msg)?;
     c.restore_model(&mut model)?;
-    let mut runner = crate::schemes::runner_for(scheme, device, DEFAULT_BUDGET_BYTES, None)?;
+    // Inference releases concern the test inputs; the noise multiplier applies as given.
+    let cfg = asymml.config(asymml.noise_multiplier);
+    let mut runner = crate::schemes::runner_for(scheme, device, DEFAULT_BUDGET_BYTES, None, &cfg)?;
     crate::with_threads(threads, || evaluate(&mut runner, &mut model, &data, &data.test, batch_size, show))?
 }

@@ -1,6 +1,7 @@
 //! The `trustsplit` command line's library half: the trainer, evaluation and benchmarks, kept
 //! here so integration tests can drive them without spawning processes.
 
+pub mod asymml_opts;
 pub mod bench;
 pub mod enclave_cmd;
 pub mod eval;
@@ -14,4 +15,11 @@ pub fn with_threads<T: Send>(threads: usize, f: impl FnOnce() -> T + Send) -> an
     anyhow::ensure!(threads >= 1, "--threads must be at least 1");
     let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build()?;
     Ok(pool.install(f))
+}
+
+/// A switch flag's value (`--augment on`, `--protect-gradients off`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum OnOff {
+    On,
+    Off,
 }

@@ -4,7 +4,9 @@
 use anyhow::Result;
 use clap::{Args, Parser, Subcommand};
 use std::path::PathBuf;
+use trustsplit::asymml_opts::{AsymmlArgs, AsymmlOptions};
 use trustsplit::train::{Scheme, TrainConfig};
+use trustsplit::OnOff;
 use trustsplit::{bench, eval, train};
 use trustsplit_nn::optim::{OptimizerKind, Schedule};
 
@@ -53,7 +55,8 @@ struct DeviceArgs {
 #[derive(Args)]
 struct TrainArgs {
     /// Where the trust boundary lies: plaintext (no split, the reference), tee-only (everything
-    /// in the enclave), gpu-only (linear layers on the device in the clear: INSECURE baseline).
+    /// in the enclave), gpu-only (linear layers on the device in the clear: INSECURE baseline),
+    /// asymml (low-rank parts in the enclave, noised residuals on the device; see the AsymML flags).
     #[arg(long, default_value = "plaintext")]
     scheme: Scheme,
     /// Device for schemes that offload: cpu, cpu:THREADS, wgpu, wgpu:cpu, cuda, cuda:INDEX, or
@@ -119,12 +122,8 @@ struct TrainArgs {
     /// Print one JSON summary object on stdout.
     #[arg(long)]
     json: bool,
-}
-
-#[derive(Clone, Copy, clap::ValueEnum)]
-enum OnOff {
-    On,
-    Off,
+    #[command(flatten)]
+    asymml: AsymmlArgs,
 }
 
 #[derive(Args)]
@@ -135,7 +134,7 @@ struct EvalArgs {
     dataset: String,
     #[arg(long)]
     data_dir: Option<PathBuf>,
-    /// Scheme to evaluate under (plaintext, tee-only, gpu-only).
+    /// Scheme to evaluate under (plaintext, tee-only, gpu-only, asymml).
     #[arg(long, default_value = "plaintext")]
     scheme: Scheme,
     /// Device for schemes that offload (see `train --help`).
@@ -147,6 +146,8 @@ struct EvalArgs {
     threads: usize,
     #[arg(long)]
     json: bool,
+    #[command(flatten)]
+    asymml: AsymmlArgs,
 }
 
 #[derive(Subcommand)]
@@ -176,6 +177,8 @@ enum BenchWhat {
         memory_budget_mib: usize,
         #[arg(long)]
         json: bool,
+        #[command(flatten)]
+        asymml: AsymmlArgs,
     },
     /// Conv (batch 32, 64->64, 32x32, 3x3) forward and forward+backward, and a VGG16 training
     /// step, at 1 and 2 threads, beside a GEMM baseline of the same arithmetic.
@@ -231,6 +234,7 @@ fn run_train(a: TrainArgs) -> Result<()> {
     cfg.device = a.device;
     cfg.memory_budget = a.memory_budget_mib << 20;
     cfg.transcript = a.transcript;
+    cfg.asymml = AsymmlOptions::from(&a.asymml);
     let out = a.out.unwrap_or_else(|| PathBuf::from("runs").join(format!("{}-{}", a.model, a.dataset)));
     eprintln!(
         "training {} on {} with scheme {}, {} epochs, batch {}, {} thread(s) -> {}",
@@ -286,6 +290,7 @@ fn main() {
             &a.device,
             a.batch_size,
             a.threads,
+            &AsymmlOptions::from(&a.asymml),
             true,
         )
         .and_then(|r| {
@@ -313,6 +318,7 @@ fn main() {
                     device,
                     memory_budget_mib,
                     json,
+                    asymml,
                 },
         } => bench::step(&bench::StepOptions {
             scheme,
@@ -323,6 +329,7 @@ fn main() {
             threads,
             device: &device,
             memory_budget: memory_budget_mib << 20,
+            asymml: AsymmlOptions::from(&asymml),
         })
         .and_then(|r| {
             eprintln!(

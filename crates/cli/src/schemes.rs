@@ -7,11 +7,13 @@ use std::path::Path;
 use std::sync::Arc;
 use trustsplit_boundary::{ChannelOptions, TcpChannel, Transcript};
 use trustsplit_device::{Backend, CpuBackend, Device};
+use trustsplit_schemes::asymml::{self, AsymmlConfig};
 use trustsplit_schemes::{gpu_only, plaintext, tee_only, SchemeKind, SplitRunner};
 
-/// The runner for a training configuration.
-pub fn build_runner(cfg: &TrainConfig) -> Result<SplitRunner> {
-    runner_for(cfg.scheme, &cfg.device, cfg.memory_budget, cfg.transcript.as_deref())
+/// The runner for a training configuration; `noise_multiplier` is AsymML's (flag or calibrated).
+pub fn build_runner(cfg: &TrainConfig, noise_multiplier: f64) -> Result<SplitRunner> {
+    let asymml = cfg.asymml.config(noise_multiplier);
+    runner_for(cfg.scheme, &cfg.device, cfg.memory_budget, cfg.transcript.as_deref(), &asymml)
 }
 
 /// The runner for `scheme`, with its device opened from `device_spec` when the scheme needs one.
@@ -20,6 +22,7 @@ pub fn runner_for(
     device_spec: &str,
     memory_budget: usize,
     transcript_path: Option<&Path>,
+    asymml: &AsymmlConfig,
 ) -> Result<SplitRunner> {
     let transcript = match transcript_path {
         Some(p) => Transcript::new().with_jsonl(p).with_context(|| format!("creating transcript {}", p.display()))?,
@@ -30,6 +33,13 @@ pub fn runner_for(
         SchemeKind::Plaintext => plaintext::runner(transcript)?,
         SchemeKind::TeeOnly => tee_only::runner(memory_budget, transcript)?,
         SchemeKind::GpuOnly => gpu_only::runner(open_devices(device_spec)?, memory_budget, transcript)?,
+        SchemeKind::Asymml => {
+            let mut devices = open_devices(device_spec)?;
+            if devices.len() != 1 {
+                bail!("asymml uses one device; got {} in --device {device_spec}", devices.len());
+            }
+            asymml::runner(devices.remove(0), asymml.clone(), memory_budget, transcript)?
+        }
     })
 }
 

@@ -45,6 +45,9 @@ pub struct TrainConfig {
     pub device: String,
     /// Write every boundary crossing as a JSON line here.
     pub transcript: Option<PathBuf>,
+    /// AsymML's settings (recorded for every scheme; only asymml reads them).
+    #[serde(default)]
+    pub asymml: crate::asymml_opts::AsymmlOptions,
 }
 
 impl TrainConfig {
@@ -70,6 +73,7 @@ impl TrainConfig {
             memory_budget: trustsplit_enclave::memory::DEFAULT_BUDGET_BYTES,
             device: "cpu".into(),
             transcript: None,
+            asymml: Default::default(),
         }
     }
 
@@ -110,6 +114,8 @@ pub struct TrainSummary {
     pub bytes_from_device: u64,
     /// Costs and releases of the scheme: enclave and device time, memory peak and spill, transcript totals.
     pub scheme_report: trustsplit_schemes::SchemeReport,
+    /// AsymML: the (epsilon, delta) each training sample spent, and what it covers.
+    pub privacy: Option<crate::asymml_opts::PrivacySummary>,
 }
 
 /// Accuracy and mean loss over a dataset.
@@ -270,7 +276,8 @@ pub fn train_with_data(
         .open(metrics_path(out))
         .with_context(|| format!("opening {}", metrics_path(out).display()))?;
     let augment = cfg.augment.unwrap_or(data.kind.augments_by_default());
-    let mut runner = crate::schemes::build_runner(cfg)?;
+    let noise = cfg.asymml.noise_for_training(&model, cfg.batch_size, cfg.epochs)?;
+    let mut runner = crate::schemes::build_runner(cfg, noise)?;
     let steps_per_epoch = num_batches(data.train.len(), cfg.batch_size, false);
     let (mut last_train, mut last_test) = ((0.0, 0.0), EvalResult { accuracy: 0.0, loss: 0.0, samples: 0 });
 
@@ -287,8 +294,13 @@ pub fn train_with_data(
                 let out =
                     runner.train_step(&mut model, x, &Secret::new(b.labels), &mut opt, lr).map_err(|e| match e {
                         RunnerError::Diverged(l) => {
+                            let hint = if cfg.scheme == Scheme::Asymml {
+                                " or less noise (--noise-multiplier, --clip-norm, --grad-clip-norm)"
+                            } else {
+                                ""
+                            };
                             anyhow::anyhow!(
-                                "training diverged: loss is {l} at epoch {} step {}; try a smaller --lr",
+                                "training diverged: loss is {l} at epoch {} step {}; try a smaller --lr{hint}",
                                 epoch + 1,
                                 step + 1
                             )
@@ -331,6 +343,7 @@ pub fn train_with_data(
     })??;
     runner.transcript().flush().map_err(anyhow::Error::msg)?;
     let report = runner.report();
+    let privacy = report.placement.privacy.as_ref().map(|l| crate::asymml_opts::privacy_summary(l, cfg.epochs));
 
     Ok(TrainSummary {
         scheme: cfg.scheme,
@@ -354,6 +367,7 @@ pub fn train_with_data(
         bytes_to_device: report.transcript.bytes_to_device,
         bytes_from_device: report.transcript.bytes_from_device,
         scheme_report: report,
+        privacy,
     })
 }
 
@@ -375,6 +389,34 @@ pub fn print_summary(s: &TrainSummary) {
         "released to the device: {} ({} bytes out, {} bytes back, {} transcript records)",
         s.released, r.transcript.bytes_to_device, r.transcript.bytes_from_device, r.transcript.records
     );
+    if let Some(p) = &s.privacy {
+        match p.epsilon {
+            Some(e) => eprintln!(
+                "privacy: epsilon {e:.3} at delta {} per training sample (noise multiplier {:.4}, {} Gaussian releases per sample); {}",
+                p.delta, p.noise_multiplier, p.releases_per_sample, p.covers
+            ),
+            None => eprintln!(
+                "privacy: NO differential-privacy guarantee (--noise-multiplier 0): residuals were released without noise"
+            ),
+        }
+        let layers = &r.placement.layers;
+        if !layers.is_empty() {
+            let shown: Vec<String> = layers
+                .iter()
+                .map(|l| {
+                    format!(
+                        "{} {} r={:.1} residual {:.1}% clipped {:.0}%",
+                        l.layer,
+                        l.what,
+                        l.mean_rank,
+                        100.0 * l.residual_energy_ratio,
+                        100.0 * l.clipped_fraction
+                    )
+                })
+                .collect();
+            eprintln!("asymml per layer (mean rank per sample; residual share of the energy before noise; released residuals clipped):\n  {}", shown.join("\n  "));
+        }
+    }
     if let Some(m) = &r.memory {
         eprintln!(
             "enclave: {:.1}s computing, device {:.1}s; peak memory {:.1} MiB of a {:.0} MiB budget; sealed spill {:.1} MiB out, {:.1} MiB back",

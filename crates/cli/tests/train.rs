@@ -28,7 +28,18 @@ fn lenet_on_embedded_data_beats_80_percent() {
     assert_eq!(epochs.len(), 5);
     assert_eq!(epochs[4]["test_accuracy"].as_f64().unwrap(), s.accuracy);
     // Evaluating the checkpoint reproduces the final accuracy.
-    let r = trustsplit::eval::eval(&s.checkpoint, "embedded", None, Scheme::Plaintext, "cpu", 100, 1, false).unwrap();
+    let r = trustsplit::eval::eval(
+        &s.checkpoint,
+        "embedded",
+        None,
+        Scheme::Plaintext,
+        "cpu",
+        100,
+        1,
+        &Default::default(),
+        false,
+    )
+    .unwrap();
     assert_eq!(r.accuracy, s.accuracy);
 }
 

@@ -25,6 +25,8 @@ pub struct LayerSplit {
     pub mean_rank: f64,
     /// Residual energy / total energy, before clipping and noise.
     pub residual_energy_ratio: f64,
+    /// Share of released residuals that exceeded the clipping bound and were scaled down.
+    pub clipped_fraction: f64,
 }
 
 /// What a placement reports beyond the runner's own counters.
@@ -45,6 +47,11 @@ pub struct PlacementReport {
 /// the context its backward pass needs (kept in the enclave's budgeted memory by the runner).
 pub trait Placement {
     fn begin_pass(&mut self, _pass: &PassInfo) {}
+    /// Whether the scheme treats the weights (and the optimizer state, derivable from successive
+    /// weights) as public: they then live in untrusted memory, not in the enclave's budget.
+    fn weights_are_public(&self) -> bool {
+        false
+    }
     fn conv_forward(
         &mut self,
         layer: &str,

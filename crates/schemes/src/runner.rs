@@ -105,8 +105,10 @@ impl SplitRunner {
         let started = Instant::now();
         model.check_input(x.expose()).map_err(RunnerError::Input)?;
         let x = x.into_exposed();
-        // Parameters and optimizer state stay resident in the enclave for the whole step.
-        let resident = 4 * model.num_params() * (1 + opt.kind.slots().len());
+        // Parameters and optimizer state stay resident in the enclave for the whole step, unless
+        // the scheme publishes the weights anyway.
+        let resident =
+            if self.placement.weights_are_public() { 0 } else { 4 * model.num_params() * (1 + opt.kind.slots().len()) };
         if let Some(m) = self.memory.as_mut() {
             m.reserve_transient(resident)?;
         }
@@ -171,8 +173,8 @@ impl SplitRunner {
         let mut h = x.into_exposed();
         let n = h.shape()[0];
         self.placement.begin_pass(&PassInfo { mode: Mode::Eval, batch: n, couples_samples: false });
-        // The parameters are resident; each layer holds its input while it computes its output.
-        let resident = 4 * model.num_params();
+        // The parameters are resident (unless public); each layer holds its input while it computes its output.
+        let resident = if self.placement.weights_are_public() { 0 } else { 4 * model.num_params() };
         if let Some(m) = self.memory.as_mut() {
             m.reserve_transient(resident)?;
         }

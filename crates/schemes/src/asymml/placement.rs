@@ -2,7 +2,7 @@
 //! device, the low-rank part's convolution on r virtual channels in the enclave, concurrently.
 
 use super::lowrank::{find_basis, split, Basis, RankPolicy};
-use super::noise::{clip_and_noise, os_seeded};
+use super::noise::{clip_and_noise, os_seeded, Clipped};
 use super::virtual_conv as vc;
 use super::{AsymmlConfig, BasisScope, PrivacyLedger, RankRule};
 use crate::placement::{LayerSplit, PassInfo, Placement, PlacementReport, PlacementResult};
@@ -115,6 +115,8 @@ struct SplitTotals {
     samples: u64,
     residual_energy: f64,
     total_energy: f64,
+    released: u64,
+    clipped: u64,
 }
 
 /// The AsymML placement (see the module docs of [`super`] for what it releases).
@@ -188,6 +190,12 @@ impl Asymml {
             groups.push(Group { start, len, basis, v });
         }
         Decomposition { groups, residual }
+    }
+
+    fn count_clipped(&mut self, index: usize, layer: &str, what: &'static str, c: Clipped) {
+        let t = self.totals.entry((index, layer.to_string(), what)).or_default();
+        t.released += c.samples as u64;
+        t.clipped += c.clipped as u64;
     }
 
     /// Charges one release to the privacy ledger (training passes only).
@@ -346,6 +354,10 @@ fn recombine(groups: &[Group], residual: &[f32], positions: usize) -> Vec<f32> {
 }
 
 impl Placement for Asymml {
+    fn weights_are_public(&self) -> bool {
+        true
+    }
+
     fn begin_pass(&mut self, pass: &PassInfo) {
         if pass.mode == Mode::Train {
             self.max_step_releases = self.max_step_releases.max(self.step_releases);
@@ -377,7 +389,8 @@ impl Placement for Asymml {
             self.enclave_macs += low_rank_forward(&g, &w_im, &parts.groups, &mut y);
         } else {
             let bound = self.cfg.clip_norm * ((c * p) as f64).sqrt();
-            clip_and_noise(&mut parts.residual, c * p, bound, self.cfg.noise_multiplier, &mut self.rng);
+            let clipped = clip_and_noise(&mut parts.residual, c * p, bound, self.cfg.noise_multiplier, &mut self.rng);
+            self.count_clipped(index, layer, "forward", clipped);
             self.charge(is_input);
             let (kind, why) = self.residual_kind(false);
             let residual = self.release(layer, kind, x.shape(), std::mem::take(&mut parts.residual), why);
@@ -423,14 +436,37 @@ impl Placement for Asymml {
         let db = conv.bias.as_ref().map(|_| bias_gradient(data(dy), out_c, out_hw));
         let need_dx = !pending.is_input;
 
-        if self.cfg.protect_gradients {
+        if !need_dx && pending.residual.is_none() {
+            // The first layer kept its whole input: the device has nothing to add, so the output
+            // gradient stays in the enclave too.
+            for xg in &x_groups {
+                let geo = ConvGeometry { batch: xg.len, ..g };
+                let ys = xg.start * out_c * out_hw;
+                let dy_g = &data(dy)[ys..ys + xg.len * out_c * out_hw];
+                self.enclave_macs += vc::add_low_rank_input_weight_gradient(
+                    &geo,
+                    &xg.basis.u,
+                    xg.basis.rank,
+                    &xg.v,
+                    dy_g,
+                    &mut dw_input_major,
+                );
+            }
+        } else if self.cfg.protect_gradients {
             let policy = self.cfg.rank.policy(pending.index);
             let mut gparts = self.decompose(layer, "gradient", data(dy), (n, out_c, out_hw));
             let releases = !keeps_everything(policy, out_c, out_hw * self.group_len(n));
             if releases {
                 // The bound applies to the gradient of the sample's own loss: n times the batch mean's.
                 let bound = self.cfg.grad_clip_norm * ((out_c * out_hw) as f64).sqrt() / n as f64;
-                clip_and_noise(&mut gparts.residual, out_c * out_hw, bound, self.cfg.noise_multiplier, &mut self.rng);
+                let clipped = clip_and_noise(
+                    &mut gparts.residual,
+                    out_c * out_hw,
+                    bound,
+                    self.cfg.noise_multiplier,
+                    &mut self.rng,
+                );
+                self.count_clipped(pending.index, layer, "gradient", clipped);
                 self.charge(false);
             } else {
                 gparts.residual.fill(0.0); // only rounding is left; the enclave keeps the whole gradient
@@ -589,6 +625,7 @@ impl Placement for Asymml {
                 what: what.to_string(),
                 mean_rank: t.rank_samples / t.samples.max(1) as f64,
                 residual_energy_ratio: if t.total_energy > 0.0 { t.residual_energy / t.total_energy } else { 0.0 },
+                clipped_fraction: t.clipped as f64 / t.released.max(1) as f64,
             })
             .collect();
         let privacy = PrivacyLedger {

@@ -10,6 +10,7 @@
 //! Every function works on a group of samples that share one basis (`g.batch` samples).
 
 use trustsplit_kernels::conv::{conv2d_backward_data, conv2d_backward_weight, conv2d_forward, ConvGeometry};
+use trustsplit_kernels::elementwise::add_assign;
 use trustsplit_kernels::matmul::{matmul, parallelism, threads, MatRef};
 
 /// Copies an `a x b x inner` array into `b x a x inner` order.
@@ -53,12 +54,42 @@ pub fn with_outputs(g: &ConvGeometry, r: usize) -> ConvGeometry {
     ConvGeometry { out_channels: r, ..*g }
 }
 
+/// `U V` for each of the group's `n` samples (`n x C x P` from `u`, C x r, and `v`, `n x r x P`).
+pub fn reconstruct(u: &[f32], c: usize, r: usize, v: &[f32], n: usize, p: usize) -> Vec<f32> {
+    let mut out = vec![0.0f32; n * c * p];
+    if r == 0 {
+        return out;
+    }
+    let um = MatRef::row_major(u, c, r);
+    for s in 0..n {
+        let vs = MatRef::row_major(&v[s * r * p..(s + 1) * r * p], r, p);
+        matmul(um, vs, &mut out[s * c * p..(s + 1) * c * p], p, false, parallelism(threads()));
+    }
+    out
+}
+
+/// Whether working through `r` virtual channels costs less than rebuilding the low-rank tensor
+/// and running the ordinary product: at small maps the per-group weight transform (`r x C_in x
+/// C_out x taps`) can exceed the whole convolution, and the enclave then takes the direct path.
+pub(crate) fn factored_is_cheaper(g: &ConvGeometry, r: usize, low_rank_channels: usize) -> bool {
+    let full = g.forward_macs();
+    let factored = r as u64 * g.forward_macs() / low_rank_channels.max(1) as u64
+        + (r * g.in_channels * g.out_channels * taps(g)) as u64;
+    factored < full
+}
+
 /// `y = conv(U V, W)` for the group (overwrites `y`, `N x C_out x H' x W'`); `v` is `N x r x H x W`.
 /// Returns the multiply-adds spent.
 pub fn low_rank_forward(g: &ConvGeometry, w_input_major: &[f32], u: &[f32], r: usize, v: &[f32], y: &mut [f32]) -> u64 {
     if r == 0 {
         y.fill(0.0);
         return 0;
+    }
+    if !factored_is_cheaper(g, r, g.in_channels) {
+        let x = reconstruct(u, g.in_channels, r, v, g.batch, g.in_h * g.in_w);
+        let w = swap_leading_axes(w_input_major, g.in_channels, g.out_channels, taps(g));
+        conv2d_forward(g, &x, &w, None, y);
+        return g.forward_macs() + (g.batch * g.in_channels * r * g.in_h * g.in_w) as u64;
     }
     let wt = virtual_weight(g, w_input_major, u, r);
     let gv = with_inputs(g, r);
@@ -72,6 +103,11 @@ pub fn low_rank_input_gradient(g: &ConvGeometry, w: &[f32], p: &[f32], r: usize,
     if r == 0 {
         dx.fill(0.0);
         return 0;
+    }
+    if !factored_is_cheaper(g, r, g.out_channels) {
+        let dy = reconstruct(p, g.out_channels, r, q, g.batch, g.out_h() * g.out_w());
+        conv2d_backward_data(g, &dy, w, dx);
+        return g.forward_macs() + (g.batch * g.out_channels * r * g.out_h() * g.out_w()) as u64;
     }
     // P^T W: r virtual output channels, each a mix of the real ones.
     let cols = g.in_channels * taps(g);
@@ -94,6 +130,13 @@ pub fn add_low_rank_input_weight_gradient(
 ) -> u64 {
     if r == 0 {
         return 0;
+    }
+    if !factored_is_cheaper(g, r, g.in_channels) {
+        let x = reconstruct(u, g.in_channels, r, v, g.batch, g.in_h * g.in_w);
+        let mut dw = vec![0.0; g.weight_len()];
+        conv2d_backward_weight(g, &x, dy, &mut dw, None);
+        add_assign(dw_input_major, &swap_leading_axes(&dw, g.out_channels, g.in_channels, taps(g)));
+        return g.forward_macs() + (g.batch * g.in_channels * r * g.in_h * g.in_w) as u64;
     }
     let gv = with_inputs(g, r);
     let mut dwt = vec![0.0; gv.weight_len()];
@@ -123,6 +166,13 @@ pub fn add_low_rank_gradient_weight_gradient(
 ) -> u64 {
     if r == 0 {
         return 0;
+    }
+    if !factored_is_cheaper(g, r, g.out_channels) {
+        let dy = reconstruct(p, g.out_channels, r, q, g.batch, g.out_h() * g.out_w());
+        let mut full = vec![0.0; g.weight_len()];
+        conv2d_backward_weight(g, x, &dy, &mut full, None);
+        add_assign(dw, &full);
+        return g.forward_macs() + (g.batch * g.out_channels * r * g.out_h() * g.out_w()) as u64;
     }
     let gq = with_outputs(g, r);
     let mut dwq = vec![0.0; gq.weight_len()];
@@ -189,7 +239,8 @@ mod tests {
     #[test]
     fn factored_products_equal_the_full_convolution() {
         let mut rng = ChaCha8Rng::seed_from_u64(41);
-        for _ in 0..25 {
+        let mut paths = [0usize; 2];
+        for _ in 0..40 {
             let g = geometry(&mut rng);
             let (c, co, n) = (g.in_channels, g.out_channels, g.batch);
             let (p, po) = (g.in_h * g.in_w, g.out_h() * g.out_w());
@@ -198,6 +249,7 @@ mod tests {
             let (u, v) = (random(&mut rng, c * r), random(&mut rng, n * r * p));
             let (pp, q) = (random(&mut rng, co * rg), random(&mut rng, n * rg * po));
             let w = random(&mut rng, g.weight_len());
+            paths[factored_is_cheaper(&g, r, c) as usize] += 1;
             let x_low = expand(&u, c, r, &v, n, p);
             let dy_low = expand(&pp, co, rg, &q, n, po);
 
@@ -227,6 +279,7 @@ mod tests {
             add_low_rank_gradient_weight_gradient(&g, &x, &pp, rg, &q, &mut got);
             close(&got, &want, "weight gradient (P Q)");
         }
+        assert!(paths[0] > 0 && paths[1] > 0, "both the direct and the factored path must be exercised: {paths:?}");
     }
 
     #[test]

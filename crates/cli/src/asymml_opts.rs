@@ -1,0 +1,232 @@
+//! AsymML's command-line settings, their translation into the scheme's configuration, noise
+//! calibration from a target epsilon, and the privacy summary of a run.
+
+use anyhow::{bail, Result};
+use clap::Args;
+use serde::{Deserialize, Serialize};
+use trustsplit_nn::{Layer, Model};
+use trustsplit_schemes::accountant::calibrate_noise_multiplier;
+use trustsplit_schemes::asymml::{AsymmlConfig, BasisScope, PrivacyLedger, RankRule, Subspace};
+
+/// AsymML flags (ignored by the other schemes).
+#[derive(Args, Clone, Debug)]
+pub struct AsymmlArgs {
+    /// AsymML: ranks of the 1st, 2nd, ... convolution (the last repeats). The prototype's 2,4,8,16,32.
+    #[arg(long, value_delimiter = ',', default_value = "2,4,8,16,32", help_heading = "AsymML")]
+    pub rank_schedule: Vec<usize>,
+    /// AsymML: instead of the schedule, keep per sample the fewest components whose residual holds
+    /// at most this share of the energy (e.g. 0.1), up to --max-rank.
+    #[arg(long, help_heading = "AsymML")]
+    pub energy_threshold: Option<f64>,
+    /// AsymML: the most components the energy threshold may keep.
+    #[arg(long, default_value_t = 32, help_heading = "AsymML")]
+    pub max_rank: usize,
+    /// AsymML: exact (eigen-decomposition of the Gram matrix) or fast (one warm-started subspace iteration).
+    #[arg(long, default_value = "exact", help_heading = "AsymML")]
+    pub subspace: SubspaceArg,
+    /// AsymML: one basis per sample (the paper; per-sample DP accounting) or one per batch
+    /// (cheaper; every release is then charged to every sample of its batch).
+    #[arg(long, default_value = "sample", help_heading = "AsymML")]
+    pub basis: BasisArg,
+    /// AsymML: split output gradients too and release only their noised residual (off sends them
+    /// in the clear, as the public prototype does).
+    #[arg(long, default_value = "on", help_heading = "AsymML")]
+    pub protect_gradients: crate::OnOff,
+    /// AsymML: Gaussian noise standard deviation over the clipping bound (0: no clipping, no noise,
+    /// no finite epsilon).
+    #[arg(long, help_heading = "AsymML", conflicts_with = "epsilon", default_value_t = DEFAULT_NOISE)]
+    pub noise_multiplier: f64,
+    /// AsymML: target epsilon; the noise multiplier is calibrated to reach it over the whole run.
+    #[arg(long, help_heading = "AsymML")]
+    pub epsilon: Option<f64>,
+    /// AsymML: delta of the (epsilon, delta) guarantee.
+    #[arg(long, default_value_t = 1e-5, help_heading = "AsymML")]
+    pub delta: f64,
+    /// AsymML: per-value RMS bound on each sample's released activation residual (a residual of D
+    /// values is clipped to L2 norm clip-norm * sqrt(D)).
+    #[arg(long, default_value_t = DEFAULT_CLIP, help_heading = "AsymML")]
+    pub clip_norm: f64,
+    /// AsymML: the same bound for output-gradient residuals (of the sample's own loss).
+    #[arg(long, default_value_t = DEFAULT_GRAD_CLIP, help_heading = "AsymML")]
+    pub grad_clip_norm: f64,
+}
+
+/// The noise multiplier when neither --noise-multiplier nor --epsilon is given.
+pub const DEFAULT_NOISE: f64 = 0.3;
+/// Default per-value clipping bounds (activation residuals, gradient residuals). Residuals hold a
+/// few percent of the energy, so these clip most of them: see `clipped` in the run's summary.
+pub const DEFAULT_CLIP: f64 = 0.02;
+pub const DEFAULT_GRAD_CLIP: f64 = 0.001;
+
+#[derive(Clone, Copy, Debug, clap::ValueEnum, Serialize, Deserialize, PartialEq, Eq)]
+pub enum SubspaceArg {
+    Exact,
+    Fast,
+}
+
+#[derive(Clone, Copy, Debug, clap::ValueEnum, Serialize, Deserialize, PartialEq, Eq)]
+pub enum BasisArg {
+    Sample,
+    Batch,
+}
+
+/// AsymML settings as recorded in a run's configuration (and its checkpoints).
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct AsymmlOptions {
+    pub rank_schedule: Vec<usize>,
+    pub energy_threshold: Option<f64>,
+    pub max_rank: usize,
+    pub subspace: SubspaceArg,
+    pub basis: BasisArg,
+    pub protect_gradients: bool,
+    pub noise_multiplier: f64,
+    pub epsilon: Option<f64>,
+    pub delta: f64,
+    pub clip_norm: f64,
+    pub grad_clip_norm: f64,
+}
+
+impl Default for AsymmlOptions {
+    fn default() -> Self {
+        AsymmlOptions {
+            rank_schedule: vec![2, 4, 8, 16, 32],
+            energy_threshold: None,
+            max_rank: 32,
+            subspace: SubspaceArg::Exact,
+            basis: BasisArg::Sample,
+            protect_gradients: true,
+            noise_multiplier: DEFAULT_NOISE,
+            epsilon: None,
+            delta: 1e-5,
+            clip_norm: DEFAULT_CLIP,
+            grad_clip_norm: DEFAULT_GRAD_CLIP,
+        }
+    }
+}
+
+impl From<&AsymmlArgs> for AsymmlOptions {
+    fn from(a: &AsymmlArgs) -> Self {
+        AsymmlOptions {
+            rank_schedule: a.rank_schedule.clone(),
+            energy_threshold: a.energy_threshold,
+            max_rank: a.max_rank,
+            subspace: a.subspace,
+            basis: a.basis,
+            protect_gradients: matches!(a.protect_gradients, crate::OnOff::On),
+            noise_multiplier: a.noise_multiplier,
+            epsilon: a.epsilon,
+            delta: a.delta,
+            clip_norm: a.clip_norm,
+            grad_clip_norm: a.grad_clip_norm,
+        }
+    }
+}
+
+impl AsymmlOptions {
+    /// The scheme's configuration with `noise_multiplier` (from the flags or a calibration).
+    pub fn config(&self, noise_multiplier: f64) -> AsymmlConfig {
+        AsymmlConfig {
+            rank: match self.energy_threshold {
+                Some(tau) => RankRule::Energy { tau, max_rank: self.max_rank },
+                None => RankRule::Schedule(self.rank_schedule.clone()),
+            },
+            subspace: match self.subspace {
+                SubspaceArg::Exact => Subspace::Exact,
+                SubspaceArg::Fast => Subspace::Fast,
+            },
+            basis: match self.basis {
+                BasisArg::Sample => BasisScope::Sample,
+                BasisArg::Batch => BasisScope::Batch,
+            },
+            protect_gradients: self.protect_gradients,
+            noise_multiplier,
+            clip_norm: self.clip_norm,
+            grad_clip_norm: self.grad_clip_norm,
+            delta: self.delta,
+        }
+    }
+
+    /// The noise multiplier of a training run: the flag's, or the smallest one that keeps every
+    /// sample within `--epsilon` after `epochs` epochs of `batch_size` batches of `model`.
+    pub fn noise_for_training(&self, model: &Model, batch_size: usize, epochs: usize) -> Result<f64> {
+        check(self)?;
+        let Some(target) = self.epsilon else { return Ok(self.noise_multiplier) };
+        let releases = release_bound(model, &self.config(1.0), batch_size) * epochs as u64;
+        calibrate_noise_multiplier(target, self.delta, releases).map_err(|e| anyhow::anyhow!("--epsilon: {e}"))
+    }
+}
+
+fn conv_count(layers: &[Layer]) -> u64 {
+    layers
+        .iter()
+        .map(|l| match l {
+            Layer::Conv2d(_) => 1,
+            Layer::Residual(r) => conv_count(&r.main) + conv_count(&r.shortcut),
+            _ => 0,
+        })
+        .sum()
+}
+
+fn has_batchnorm(layers: &[Layer]) -> bool {
+    layers.iter().any(|l| match l {
+        Layer::BatchNorm(_) => true,
+        Layer::Residual(r) => has_batchnorm(&r.main) || has_batchnorm(&r.shortcut),
+        _ => false,
+    })
+}
+
+/// An upper bound on the Gaussian releases charged to a sample per training step: every
+/// convolution releasing an activation residual (and a gradient residual when protected), each
+/// charged as depending on the whole batch when anything couples the samples. The run's actual
+/// count (reported at the end) can only be lower.
+pub fn release_bound(model: &Model, cfg: &AsymmlConfig, batch_size: usize) -> u64 {
+    let per_conv = if cfg.protect_gradients { 2 } else { 1 };
+    let coupled = cfg.basis == BasisScope::Batch || has_batchnorm(&model.layers);
+    let n = batch_size.max(1) as u64;
+    let charge = if coupled && n > 1 { 4 * n - 3 } else { 1 };
+    conv_count(&model.layers) * per_conv * charge
+}
+
+/// The privacy a training run spent, per sample.
+#[derive(Clone, Debug, Serialize)]
+pub struct PrivacySummary {
+    /// `None` without noise (no finite guarantee); serialised as null.
+    pub epsilon: Option<f64>,
+    pub delta: f64,
+    pub noise_multiplier: f64,
+    /// Gaussian releases charged to each training sample over the run.
+    pub releases_per_sample: u64,
+    /// What the epsilon covers and what it does not, in words.
+    pub covers: String,
+}
+
+/// The privacy summary of a run of `epochs` epochs (each sample takes part in one step per epoch).
+pub fn privacy_summary(ledger: &PrivacyLedger, epochs: usize) -> PrivacySummary {
+    let spent = ledger.spent(epochs as u64);
+    let gradients = if ledger.gradients_in_clear { "" } else { " and output-gradient residuals" };
+    let mut covers = format!(
+        "covers each training sample's clipped, noised activation residuals{gradients} (record-level, \
+         zero-out adjacency; every layer, step and epoch composed by an RDP accountant); does NOT cover \
+         the weights, which are trained on the private data and sent to the device every step"
+    );
+    if ledger.gradients_in_clear {
+        covers.push_str(", nor the output gradients, sent IN THE CLEAR (--protect-gradients off)");
+    }
+    PrivacySummary {
+        epsilon: spent.map(|s| s.epsilon),
+        delta: ledger.delta,
+        noise_multiplier: ledger.noise_multiplier,
+        releases_per_sample: ledger.releases_per_step * epochs as u64,
+        covers,
+    }
+}
+
+/// Rejects settings that cannot make sense before any data is touched.
+pub fn check(o: &AsymmlOptions) -> Result<()> {
+    if let Some(e) = o.epsilon {
+        if !(e.is_finite() && e > 0.0) {
+            bail!("--epsilon must be a positive number, got {e}");
+        }
+    }
+    Ok(())
+}
