@@ -192,6 +192,7 @@ pub struct StepBench {
 }
 
 /// Settings of [`step`].
+#[derive(Clone)]
 pub struct StepOptions<'a> {
     pub scheme: crate::train::Scheme,
     pub model: &'a str,
@@ -202,6 +203,29 @@ pub struct StepOptions<'a> {
     pub device: &'a str,
     pub memory_budget: usize,
     pub asymml: crate::asymml_opts::AsymmlOptions,
+    /// Also time this scheme in the same run and report the enclave-time ratio against it.
+    pub baseline: Option<crate::train::Scheme>,
+}
+
+/// [`step`] of a scheme beside a baseline scheme measured in the same run.
+#[derive(Debug, Serialize)]
+pub struct Compared {
+    #[serde(flatten)]
+    pub run: StepBench,
+    pub baseline: Option<StepBench>,
+    /// Baseline enclave time / this scheme's enclave time.
+    pub enclave_speedup: Option<f64>,
+}
+
+/// Times the scheme and, if asked, its baseline (first, under the same settings).
+pub fn step_compared(o: &StepOptions) -> Result<Compared> {
+    let baseline = match o.baseline {
+        Some(b) if b != o.scheme => Some(step(&StepOptions { scheme: b, baseline: None, ..o.clone() })?),
+        _ => None,
+    };
+    let run = step(o)?;
+    let enclave_speedup = baseline.as_ref().map(|b| b.enclave_ms / run.enclave_ms.max(1e-9));
+    Ok(Compared { run, baseline, enclave_speedup })
 }
 
 /// Times training steps (or inference batches) of `model` under a scheme on random data.

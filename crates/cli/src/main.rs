@@ -177,6 +177,10 @@ enum BenchWhat {
         memory_budget_mib: usize,
         #[arg(long)]
         json: bool,
+        /// Also time this scheme in the same run and print the enclave-time ratio (default:
+        /// tee-only when --scheme is asymml; `none` to skip).
+        #[arg(long)]
+        baseline: Option<String>,
         #[command(flatten)]
         asymml: AsymmlArgs,
     },
@@ -275,6 +279,35 @@ fn run_device(a: DeviceArgs) -> Result<()> {
     Ok(())
 }
 
+/// The baseline of `bench step`: named, `none`, or tee-only for asymml by default.
+fn parse_baseline(arg: Option<&str>, scheme: Scheme) -> Result<Option<Scheme>> {
+    match arg {
+        Some("none") => Ok(None),
+        Some(name) => Ok(Some(name.parse().map_err(anyhow::Error::msg)?)),
+        None if scheme == Scheme::Asymml => Ok(Some(Scheme::TeeOnly)),
+        None => Ok(None),
+    }
+}
+
+fn print_step(r: &bench::StepBench) {
+    eprintln!(
+        "{} {} batch {}{}: {:.0} ms per step ({:.0} ms enclave, {:.0} ms device); {:.1} MB to device, {:.1} MB back; spill {:.1} MB; peak enclave {:.1} MiB; enclave {:.2} G multiply-adds, device {:.2} G",
+        r.scheme,
+        r.model,
+        r.batch_size,
+        if r.inference { " inference" } else { "" },
+        r.step_ms,
+        r.enclave_ms,
+        r.device_ms,
+        r.bytes_to_device as f64 / 1e6,
+        r.bytes_from_device as f64 / 1e6,
+        r.spill_bytes as f64 / 1e6,
+        r.peak_enclave_bytes as f64 / (1 << 20) as f64,
+        r.enclave_macs as f64 / 1e9,
+        r.device_macs as f64 / 1e9
+    );
+}
+
 fn main() {
     let cli = Cli::parse();
     let result = match cli.command {
@@ -318,34 +351,35 @@ fn main() {
                     device,
                     memory_budget_mib,
                     json,
+                    baseline,
                     asymml,
                 },
-        } => bench::step(&bench::StepOptions {
-            scheme,
-            model: &model,
-            batch_size,
-            inference,
-            steps,
-            threads,
-            device: &device,
-            memory_budget: memory_budget_mib << 20,
-            asymml: AsymmlOptions::from(&asymml),
-        })
-        .and_then(|r| {
-            eprintln!(
-                "{} {} batch {}{}: {:.0} ms per step ({:.0} ms enclave, {:.0} ms device); {:.1} MB to device, {:.1} MB back; spill {:.1} MB; peak enclave {:.1} MiB",
-                r.scheme,
-                r.model,
-                r.batch_size,
-                if r.inference { " inference" } else { "" },
-                r.step_ms,
-                r.enclave_ms,
-                r.device_ms,
-                r.bytes_to_device as f64 / 1e6,
-                r.bytes_from_device as f64 / 1e6,
-                r.spill_bytes as f64 / 1e6,
-                r.peak_enclave_bytes as f64 / (1 << 20) as f64
-            );
+        } => parse_baseline(baseline.as_deref(), scheme).and_then(|baseline| {
+            let r = bench::step_compared(&bench::StepOptions {
+                scheme,
+                model: &model,
+                batch_size,
+                inference,
+                steps,
+                threads,
+                device: &device,
+                memory_budget: memory_budget_mib << 20,
+                asymml: AsymmlOptions::from(&asymml),
+                baseline,
+            })?;
+            for b in r.baseline.iter().chain(std::iter::once(&r.run)) {
+                print_step(b);
+            }
+            if let (Some(b), Some(x)) = (&r.baseline, r.enclave_speedup) {
+                eprintln!(
+                    "enclave time: {} {:.0} ms / {} {:.0} ms = {x:.2}x (enclave multiply-adds {:.2}x)",
+                    b.scheme,
+                    b.enclave_ms,
+                    r.run.scheme,
+                    r.run.enclave_ms,
+                    b.enclave_macs as f64 / r.run.enclave_macs.max(1) as f64
+                );
+            }
             if json {
                 println!("{}", serde_json::to_string(&r)?);
             }

@@ -60,7 +60,7 @@ fn train_json_prints_one_object() {
 
 #[test]
 fn bench_step_json_has_the_documented_keys() {
-    for scheme in ["tee-only", "gpu-only"] {
+    for scheme in ["tee-only", "gpu-only", "asymml"] {
         let out = trustsplit()
             .args(["bench", "step", "--scheme", scheme, "--model", "lenet5", "--batch-size", "4", "--steps", "1"])
             .args(["--device", "cpu:1", "--json"])
@@ -75,5 +75,11 @@ fn bench_step_json_has_the_documented_keys() {
         assert!(v["peak_enclave_bytes"].as_u64().unwrap() > 0);
         let to_device = v["bytes_to_device"].as_u64().unwrap();
         assert_eq!(to_device == 0, scheme == "tee-only", "{v}");
+        // asymml is compared with tee-only measured in the same run.
+        assert_eq!(v["enclave_speedup"].is_f64(), scheme == "asymml", "{v}");
+        if scheme == "asymml" {
+            assert_eq!(v["baseline"]["scheme"], "tee-only", "{v}");
+            assert!(v["enclave_macs"].as_u64().unwrap() < v["baseline"]["enclave_macs"].as_u64().unwrap(), "{v}");
+        }
     }
 }

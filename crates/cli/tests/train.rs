@@ -125,3 +125,39 @@ fn bad_settings_are_reported() {
     let err = format!("{:#}", train(&cfg, &out_dir("bad4"), false, false).unwrap_err());
     assert!(err.contains("diverged"), "{err}");
 }
+
+#[test]
+fn asymml_without_noise_trains_like_plaintext() {
+    // Same seed, same data order: without noise the split computes the same function, so the two
+    // runs differ only by floating-point reordering.
+    let plain = train(&small("lenet5", 2), &out_dir("asym-plain"), false, false).unwrap();
+    let mut cfg = small("lenet5", 2);
+    cfg.scheme = Scheme::Asymml;
+    cfg.asymml.noise_multiplier = 0.0;
+    let asym = train(&cfg, &out_dir("asym-clean"), false, false).unwrap();
+    assert!(plain.accuracy > 0.6, "plaintext reached only {}", plain.accuracy);
+    assert!((asym.accuracy - plain.accuracy).abs() <= 0.01, "asymml {} vs plaintext {}", asym.accuracy, plain.accuracy);
+    assert!((asym.train_loss - plain.train_loss).abs() <= 1e-3 * plain.train_loss.max(1.0));
+    let p = asym.privacy.unwrap();
+    assert!(p.epsilon.is_none(), "no noise must mean no finite epsilon: {p:?}");
+    assert!(asym.bytes_to_device > 0);
+}
+
+#[test]
+fn asymml_epsilon_target_calibrates_the_noise() {
+    let mut cfg = small("lenet5", 2);
+    cfg.scheme = Scheme::Asymml;
+    cfg.asymml.epsilon = Some(8.0);
+    let s = train(&cfg, &out_dir("asym-eps"), false, false).unwrap();
+    let p = s.privacy.unwrap();
+    let eps = p.epsilon.unwrap();
+    // Calibrated against an upper bound of the releases, so the run spends at most the target.
+    assert!(eps <= 8.0 + 1e-9 && eps > 1.0, "spent epsilon {eps}");
+    assert!(p.noise_multiplier > 0.0 && p.releases_per_sample > 0, "{p:?}");
+    assert!(p.covers.contains("does NOT cover the weights"), "{}", p.covers);
+    assert!(s.accuracy.is_finite());
+    // A nonsensical target is refused before training.
+    cfg.asymml.epsilon = Some(-1.0);
+    let err = train(&cfg, &out_dir("asym-eps-bad"), false, false).unwrap_err();
+    assert!(format!("{err:#}").contains("--epsilon"), "{err:#}");
+}

@@ -1,19 +1,19 @@
 //! The Gaussian mechanism applied to each released residual: per-sample L2 clipping, then
 //! independent Gaussian noise of standard deviation `noise_multiplier * bound` on every value.
 //!
-//! The noise comes from ChaCha20 keyed from the operating system's CSPRNG (`getrandom`), so the
+//! The noise comes from ChaCha12 (the cipher behind `rand`'s `StdRng`) keyed from the operating system's CSPRNG (`getrandom`), so the
 //! device cannot predict or replay it. (Floating-point Gaussian samplers have known weaknesses
 //! against an adversary that sees the exact bits, Mironov 2012; see docs/asymml.md.)
 
 use rand::SeedableRng;
-use rand_chacha::ChaCha20Rng;
+use rand_chacha::ChaCha12Rng;
 use rand_distr::{Distribution, StandardNormal};
 
 /// A noise source seeded from the operating system.
-pub fn os_seeded() -> Result<ChaCha20Rng, String> {
+pub fn os_seeded() -> Result<ChaCha12Rng, String> {
     let mut seed = [0u8; 32];
     getrandom_fill(&mut seed)?;
-    Ok(ChaCha20Rng::from_seed(seed))
+    Ok(ChaCha12Rng::from_seed(seed))
 }
 
 fn getrandom_fill(buf: &mut [u8]) -> Result<(), String> {
@@ -37,9 +37,9 @@ pub fn clip_and_noise(
     per_sample: usize,
     bound: f64,
     noise_multiplier: f64,
-    rng: &mut ChaCha20Rng,
+    rng: &mut ChaCha12Rng,
 ) -> Clipped {
-    let samples = if per_sample == 0 { 0 } else { values.len() / per_sample };
+    let samples = values.len().checked_div(per_sample).unwrap_or(0);
     let mut out = Clipped { clipped: 0, samples };
     if noise_multiplier <= 0.0 || per_sample == 0 {
         return out;
@@ -66,7 +66,7 @@ mod tests {
 
     #[test]
     fn clips_to_the_bound_and_adds_noise_of_the_right_scale() {
-        let mut rng = ChaCha20Rng::seed_from_u64(3);
+        let mut rng = ChaCha12Rng::seed_from_u64(3);
         let per = 4000;
         // Row 0 is far above the bound, row 1 below it.
         let mut v: Vec<f32> = (0..2 * per).map(|i| if i < per { 0.5 } else { 0.001 * (i % 7) as f32 }).collect();

@@ -7,7 +7,7 @@ use super::virtual_conv as vc;
 use super::{AsymmlConfig, BasisScope, PrivacyLedger, RankRule};
 use crate::placement::{LayerSplit, PassInfo, Placement, PlacementReport, PlacementResult};
 use crate::{RunnerError, SchemeKind, SplitRunner};
-use rand_chacha::ChaCha20Rng;
+use rand_chacha::ChaCha12Rng;
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Instant;
@@ -126,7 +126,7 @@ pub struct Asymml {
     transcript: Arc<Transcript>,
     /// Seconds the enclave sat idle waiting for the device.
     waiting: Arc<Mutex<f64>>,
-    rng: ChaCha20Rng,
+    rng: ChaCha12Rng,
     pass: PassInfo,
     conv_index: HashMap<String, usize>,
     /// Last basis per layer and tensor, to warm-start the fast subspace method.
