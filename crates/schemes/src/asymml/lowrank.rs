@@ -1,1 +1,605 @@
-//! Per-sample low-rank / residual split (being written).
+//! Per-sample low-rank / residual split for AsymML (3LegRace, PoPETs 2022).
+//!
+//! An activation X (C channels x P positions, row-major) is split as X = U V + R: U (C x r) has
+//! orthonormal columns spanning the principal channel subspace of a group of samples, V = U^T X holds
+//! the "principal channels" and R is the residual. The big products run in f32 on the gemm kernel; only
+//! the small symmetric eigenproblems run in f64 (faer), where accumulated rounding would hurt.
+
+use faer::{Mat, Side};
+use rand_distr::StandardNormal;
+use trustsplit_kernels::matmul::{matmul, parallelism, MatRef};
+
+/// How many components to keep.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum RankPolicy {
+    /// Keep exactly r (capped at min(C, total positions)).
+    Fixed(usize),
+    /// Smallest r whose residual energy ||X - U U^T X||_F^2 <= tau * ||X||_F^2 (summed over the group),
+    /// at most max_rank (and min(C, positions)).
+    Energy { tau: f64, max_rank: usize },
+}
+
+/// How the subspace is found.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Subspace {
+    /// Exact top-r from the eigen-decomposition of the smaller Gram matrix (C x C or nP x nP).
+    Exact,
+    /// One step of subspace iteration from a (warm or random) start block plus Rayleigh-Ritz; never
+    /// forms a C x C Gram. Costs about 3 C nP k multiply-adds with k = target rank + 4.
+    Fast,
+}
+
+/// An orthonormal basis of a group's principal subspace.
+#[derive(Clone, Debug)]
+pub struct Basis {
+    pub channels: usize,
+    pub rank: usize,
+    /// C x rank, row-major, orthonormal columns.
+    pub u: Vec<f32>,
+    /// sum over the group of ||X_b||_F^2
+    pub total_energy: f64,
+    /// sum over the group of ||X_b - U U^T X_b||_F^2
+    pub residual_energy: f64,
+    /// multiply-adds this call spent (Gram/products/eigen estimate), for cost reporting
+    pub macs: u64,
+}
+
+/// Extra columns of the fast start block: they absorb the directions just below the cut.
+const OVERSAMPLE: usize = 4;
+
+/// A column is numerically dependent when orthogonalisation leaves less than this fraction of its norm
+/// (just above the f32 rounding level of the products that made it).
+const DEPENDENT: f64 = 1e-6;
+
+/// Rough multiply-adds of a dense symmetric eigendecomposition with vectors (tridiagonalisation and
+/// back-transformation dominate).
+fn eig_macs(m: usize) -> u64 {
+    4 * (m as u64).pow(3)
+}
+
+/// The group as the C x (n P) matrix [X_1 ... X_n], kept as separate per-sample slices.
+struct Group<'a> {
+    xs: &'a [&'a [f32]],
+    c: usize,
+    p: usize,
+}
+
+impl Group<'_> {
+    fn np(&self) -> usize {
+        self.xs.len() * self.p
+    }
+    fn x(&self, b: usize) -> MatRef<'_> {
+        MatRef::row_major(self.xs[b], self.c, self.p)
+    }
+}
+
+/// `samples`: the group's samples, each C x positions row-major (all the same length C*positions).
+/// rank 0 is allowed when the policy gives 0 (Fixed(0)) or all samples are zero: then u is empty and the
+/// residual is everything.
+pub fn find_basis(
+    samples: &[&[f32]],
+    channels: usize,
+    positions: usize,
+    policy: RankPolicy,
+    method: Subspace,
+    warm: Option<&Basis>,
+    rng: &mut impl rand::Rng,
+) -> Basis {
+    for x in samples {
+        assert_eq!(x.len(), channels * positions, "find_basis: sample is not C x positions");
+    }
+    let g = Group { xs: samples, c: channels, p: positions };
+    let total: f64 = samples.iter().map(|x| energy(x)).sum();
+    let target = match policy {
+        RankPolicy::Fixed(r) => r,
+        RankPolicy::Energy { max_rank, .. } => max_rank,
+    }
+    .min(channels.min(g.np()));
+    if target == 0 {
+        return finish(channels, Vec::new(), total, total, 0);
+    }
+    match method {
+        Subspace::Exact => exact_basis(&g, policy, total, target, gram_side(channels, g.np())),
+        Subspace::Fast => fast_basis(&g, policy, total, target, warm, rng),
+    }
+}
+
+/// Splits one sample with a basis: returns (v, residual) with v = U^T x (rank x positions, row-major) and
+/// residual = x - U v (C x positions). Also usable for gradients (C_out x P_out).
+pub fn split(basis: &Basis, x: &[f32], positions: usize) -> (Vec<f32>, Vec<f32>) {
+    assert_eq!(x.len(), basis.channels * positions, "split: sample is not C x positions");
+    let u = MatRef::row_major(&basis.u, basis.channels, basis.rank);
+    let mut v = vec![0.0; basis.rank * positions];
+    matmul(u.t(), MatRef::row_major(x, basis.channels, positions), &mut v, positions, false, parallelism(1));
+    let low = low_rank_part(basis, &v, positions);
+    let residual = x.iter().zip(&low).map(|(a, b)| a - b).collect();
+    (v, residual)
+}
+
+/// Rebuilds U v (C x positions) — the low-rank part — used by tests and by the enclave when it needs the
+/// full low-rank tensor.
+pub fn low_rank_part(basis: &Basis, v: &[f32], positions: usize) -> Vec<f32> {
+    assert_eq!(v.len(), basis.rank * positions, "low_rank_part: v is not rank x positions");
+    let u = MatRef::row_major(&basis.u, basis.channels, basis.rank);
+    let mut out = vec![0.0; basis.channels * positions];
+    matmul(u, MatRef::row_major(v, basis.rank, positions), &mut out, positions, false, parallelism(1));
+    out
+}
+
+fn energy(x: &[f32]) -> f64 {
+    x.iter().map(|&v| f64::from(v) * f64::from(v)).sum()
+}
+
+/// Which Gram matrix the exact method decomposes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum GramSide {
+    /// sum_b X_b X_b^T (C x C).
+    Channels,
+    /// X^T X ((nP) x (nP)), whose eigenvectors lift to left singular vectors.
+    Positions,
+}
+
+/// The smaller Gram is cheaper to form and decompose; both have the same nonzero spectrum.
+fn gram_side(c: usize, np: usize) -> GramSide {
+    if c <= np {
+        GramSide::Channels
+    } else {
+        GramSide::Positions
+    }
+}
+
+fn exact_basis(g: &Group, policy: RankPolicy, total: f64, target: usize, side: GramSide) -> Basis {
+    let (c, p, np, n) = (g.c, g.p, g.np(), g.xs.len());
+    let (m, gram, gram_macs) = match side {
+        GramSide::Channels => (c, channel_gram(g), (c * c * np) as u64),
+        GramSide::Positions => (np, position_gram(g), (n * (n + 1) / 2 * p * p * c) as u64),
+    };
+    let (values, vecs) = sym_eigen_desc(m, |i, j| f64::from(gram[i * m + j]));
+    // The trailing eigenvalues are exactly the energy a rank-r basis misses (summing them directly avoids
+    // cancelling against the total).
+    let mut residuals = vec![0.0; m + 1];
+    for i in (0..m).rev() {
+        residuals[i] = residuals[i + 1] + values[i];
+    }
+    let r = choose_rank(policy, &residuals, total, target);
+    let mut cols: Vec<Vec<f64>> = (0..r).map(|j| (0..m).map(|i| vecs[(i, j)]).collect()).collect();
+    let mut macs = gram_macs + eig_macs(m);
+    if side == GramSide::Positions {
+        cols = lift(g, &cols);
+        macs += (c * np * r) as u64;
+    }
+    // Re-orthonormalising also normalises the lifted u_i = X w_i (norm sqrt(lambda_i)) and completes the
+    // basis where lambda_i = 0.
+    orthonormalize(&mut cols);
+    finish(c, cols, total, residuals[r], macs)
+}
+
+/// sum_b X_b X_b^T (C x C, f32, full).
+fn channel_gram(g: &Group) -> Vec<f32> {
+    let mut gram = vec![0.0; g.c * g.c];
+    for b in 0..g.xs.len() {
+        matmul(g.x(b), g.x(b).t(), &mut gram, g.c, b > 0, parallelism(1));
+    }
+    gram
+}
+
+/// X^T X ((nP) x (nP), f32): only the blocks on and below the diagonal, which is all the eigen-solver
+/// reads.
+fn position_gram(g: &Group) -> Vec<f32> {
+    let (p, np) = (g.p, g.np());
+    let mut gram = vec![0.0; np * np];
+    for a in 0..g.xs.len() {
+        for b in 0..=a {
+            matmul(g.x(a).t(), g.x(b), &mut gram[a * p * np + b * p..], np, false, parallelism(1));
+        }
+    }
+    gram
+}
+
+/// Maps eigenvectors w_j of X^T X (length nP) to X w_j (length C).
+fn lift(g: &Group, ws: &[Vec<f64>]) -> Vec<Vec<f64>> {
+    let (c, p, r) = (g.c, g.p, ws.len());
+    let w: Vec<f32> = (0..g.np() * r).map(|k| ws[k % r][k / r] as f32).collect(); // nP x r row-major
+    let mut xw = vec![0.0; c * r];
+    for b in 0..g.xs.len() {
+        let wb = MatRef::row_major(&w[b * p * r..(b + 1) * p * r], p, r);
+        matmul(g.x(b), wb, &mut xw, r, b > 0, parallelism(1));
+    }
+    to_cols(&xw, c, r)
+}
+
+fn fast_basis(
+    g: &Group,
+    policy: RankPolicy,
+    total: f64,
+    target: usize,
+    warm: Option<&Basis>,
+    rng: &mut impl rand::Rng,
+) -> Basis {
+    let (c, p, np, n) = (g.c, g.p, g.np(), g.xs.len());
+    let k = (target + OVERSAMPLE).min(c.min(np));
+    let omega = start_block(c, k, warm, rng);
+    // Y = X (X^T Omega): one power step squares the spectrum, so the tail below the cut leaks far less
+    // into the block than with Y = X Omega.
+    let mut y = vec![0.0; c * k];
+    let mut t = vec![0.0; p * k];
+    for b in 0..n {
+        matmul(g.x(b).t(), MatRef::row_major(&omega, c, k), &mut t, k, false, parallelism(1));
+        matmul(g.x(b), MatRef::row_major(&t, p, k), &mut y, k, b > 0, parallelism(1));
+    }
+    let mut q = to_cols(&y, c, k);
+    orthonormalize(&mut q);
+    // Rayleigh-Ritz: the best rank-r subspace inside span(Q) comes from the eigenvectors of B B^T, B = Q^T X.
+    let q32 = to_row_major(&q, c);
+    let mut bm = vec![0.0; k * np];
+    for b in 0..n {
+        matmul(MatRef::row_major(&q32, c, k).t(), g.x(b), &mut bm[b * p..], np, false, parallelism(1));
+    }
+    let dot = |i: usize, j: usize| -> f64 {
+        bm[i * np..(i + 1) * np].iter().zip(&bm[j * np..(j + 1) * np]).map(|(&a, &b)| f64::from(a) * f64::from(b)).sum()
+    };
+    let (ritz, s) = sym_eigen_desc(k, dot);
+    // ||U^T X||^2 is the sum of the kept Ritz values, so the residual is what they leave of the total.
+    let mut residuals = vec![total; k + 1];
+    for i in 0..k {
+        residuals[i + 1] = (residuals[i] - ritz[i]).max(0.0);
+    }
+    let r = choose_rank(policy, &residuals, total, target);
+    let cols = (0..r).map(|j| (0..c).map(|i| (0..k).map(|l| q[l][i] * s[(l, j)]).sum()).collect()).collect();
+    let macs = 3 * c * np * k + k * k * np + 2 * c * k * k + c * k * r;
+    finish(c, cols, total, residuals[r], macs as u64 + eig_macs(k))
+}
+
+/// C x k start block: the warm basis' columns first (they already point the right way), then Gaussian.
+fn start_block(c: usize, k: usize, warm: Option<&Basis>, rng: &mut impl rand::Rng) -> Vec<f32> {
+    let warm = warm.filter(|w| w.channels == c);
+    let kept = warm.map_or(0, |w| w.rank.min(k));
+    let mut omega = vec![0.0; c * k];
+    for i in 0..c {
+        for j in 0..k {
+            omega[i * k + j] = match warm {
+                Some(w) if j < kept => w.u[i * w.rank + j],
+                _ => rng.sample(StandardNormal),
+            };
+        }
+    }
+    omega
+}
+
+/// residuals[r] is the residual energy at rank r; cap < residuals.len().
+fn choose_rank(policy: RankPolicy, residuals: &[f64], total: f64, cap: usize) -> usize {
+    match policy {
+        RankPolicy::Fixed(r) => r.min(cap),
+        RankPolicy::Energy { tau, .. } => (0..=cap).find(|&r| residuals[r] <= tau * total).unwrap_or(cap),
+    }
+}
+
+/// Eigen-decomposition of the symmetric m x m matrix whose lower triangle is `entry(i, j)` (i >= j):
+/// eigenvalues descending and clamped at 0 (rounding can push a zero one below), vectors in matching columns.
+fn sym_eigen_desc(m: usize, entry: impl Fn(usize, usize) -> f64) -> (Vec<f64>, Mat<f64>) {
+    let a = Mat::<f64>::from_fn(m, m, |i, j| if i >= j { entry(i, j) } else { entry(j, i) });
+    let evd = a.self_adjoint_eigen(Side::Lower).expect("symmetric eigen-decomposition did not converge");
+    let (s, u) = (evd.S().column_vector(), evd.U());
+    let values = (0..m).map(|i| s[m - 1 - i].max(0.0)).collect();
+    (values, Mat::from_fn(m, m, |i, j| u[(i, m - 1 - j)]))
+}
+
+/// Orthonormalises columns in place: modified Gram-Schmidt, two passes ("twice is enough") so f64
+/// orthogonality holds even for nearly dependent columns. A numerically dependent column is replaced by
+/// the unit vector least covered by the earlier ones, so the count is kept (callers keep it <= length).
+fn orthonormalize(cols: &mut [Vec<f64>]) {
+    for j in 0..cols.len() {
+        let (done, rest) = cols.split_at_mut(j);
+        let col = &mut rest[0];
+        let before = norm(col);
+        let mut after = project_out(done, col);
+        if after <= DEPENDENT * before || after == 0.0 {
+            let coverage = |t: usize| done.iter().map(|q| q[t] * q[t]).sum::<f64>();
+            let t = (0..col.len()).min_by(|&a, &b| coverage(a).total_cmp(&coverage(b))).expect("empty column");
+            col.iter_mut().enumerate().for_each(|(i, v)| *v = if i == t { 1.0 } else { 0.0 });
+            after = project_out(done, col);
+        }
+        col.iter_mut().for_each(|v| *v /= after);
+    }
+}
+
+/// Removes the components along the (orthonormal) `done` columns, twice; returns the remaining norm.
+fn project_out(done: &[Vec<f64>], col: &mut [f64]) -> f64 {
+    for _ in 0..2 {
+        for q in done {
+            let d: f64 = q.iter().zip(col.iter()).map(|(a, b)| a * b).sum();
+            col.iter_mut().zip(q).for_each(|(v, qi)| *v -= d * qi);
+        }
+    }
+    norm(col)
+}
+
+fn norm(x: &[f64]) -> f64 {
+    x.iter().map(|v| v * v).sum::<f64>().sqrt()
+}
+
+/// Columns (as f64) of a row-major rows x cols f32 matrix.
+fn to_cols(a: &[f32], rows: usize, cols: usize) -> Vec<Vec<f64>> {
+    (0..cols).map(|j| (0..rows).map(|i| f64::from(a[i * cols + j])).collect()).collect()
+}
+
+/// Row-major f32 matrix (rows x cols.len()) from f64 columns.
+fn to_row_major(cols: &[Vec<f64>], rows: usize) -> Vec<f32> {
+    let r = cols.len();
+    (0..rows * r).map(|k| cols[k % r][k / r] as f32).collect()
+}
+
+fn finish(c: usize, cols: Vec<Vec<f64>>, total: f64, residual: f64, macs: u64) -> Basis {
+    let rank = cols.len();
+    // A full basis of the channel space leaves nothing; say so exactly rather than report rounding.
+    let residual_energy = if rank == c { 0.0 } else { residual.max(0.0) };
+    Basis { channels: c, rank, u: to_row_major(&cols, c), total_energy: total, residual_energy, macs }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rand::{Rng, SeedableRng};
+    use rand_chacha::ChaCha8Rng;
+
+    fn gauss(rng: &mut ChaCha8Rng, len: usize, scale: f32) -> Vec<f32> {
+        (0..len).map(|_| scale * rng.sample::<f32, _>(StandardNormal)).collect()
+    }
+
+    /// n samples X_b = A B_b + noise sharing a rank-`rank` channel subspace A.
+    fn low_rank_group(rng: &mut ChaCha8Rng, c: usize, p: usize, n: usize, rank: usize, noise: f32) -> Vec<Vec<f32>> {
+        let a = gauss(rng, c * rank, 1.0);
+        (0..n)
+            .map(|_| {
+                let b = gauss(rng, rank * p, 1.0);
+                let mut x = gauss(rng, c * p, noise);
+                matmul(MatRef::row_major(&a, c, rank), MatRef::row_major(&b, rank, p), &mut x, p, true, parallelism(1));
+                x
+            })
+            .collect()
+    }
+
+    /// [X_1 .. X_n] = A diag(sigmas) W^T + noise with orthonormal A (C x t) and W (nP x t).
+    fn spectral_group(rng: &mut ChaCha8Rng, c: usize, p: usize, n: usize, sigmas: &[f64], noise: f32) -> Vec<Vec<f32>> {
+        let mut a = to_cols(&gauss(rng, c * sigmas.len(), 1.0), c, sigmas.len());
+        let mut w = to_cols(&gauss(rng, n * p * sigmas.len(), 1.0), n * p, sigmas.len());
+        orthonormalize(&mut a);
+        orthonormalize(&mut w);
+        let mut xs: Vec<Vec<f32>> = (0..n).map(|_| gauss(rng, c * p, noise)).collect();
+        for (b, x) in xs.iter_mut().enumerate() {
+            for (i, j) in (0..c).flat_map(|i| (0..p).map(move |j| (i, j))) {
+                x[i * p + j] += (0..sigmas.len()).map(|t| a[t][i] * sigmas[t] * w[t][b * p + j]).sum::<f64>() as f32;
+            }
+        }
+        xs
+    }
+
+    fn views(xs: &[Vec<f32>]) -> Vec<&[f32]> {
+        xs.iter().map(Vec::as_slice).collect()
+    }
+
+    /// sum_b ||X_b - U U^T X_b||^2 measured through `split`.
+    fn measured_residual(basis: &Basis, xs: &[Vec<f32>], p: usize) -> f64 {
+        xs.iter().map(|x| energy(&split(basis, x, p).1)).sum()
+    }
+
+    /// Trailing squared singular values of [X_1 .. X_n], from faer's SVD in f64 (not an eigen path).
+    fn svd_tail(xs: &[Vec<f32>], c: usize, p: usize, r: usize) -> f64 {
+        let m = Mat::<f64>::from_fn(c, xs.len() * p, |i, j| f64::from(xs[j / p][i * p + j % p]));
+        m.singular_values().expect("svd").iter().skip(r).map(|s| s * s).sum()
+    }
+
+    fn assert_orthonormal(basis: &Basis) {
+        let (c, r) = (basis.channels, basis.rank);
+        for a in 0..r {
+            for b in 0..r {
+                let d: f32 = (0..c).map(|i| basis.u[i * r + a] * basis.u[i * r + b]).sum();
+                let want = if a == b { 1.0 } else { 0.0 };
+                assert!((d - want).abs() < 1e-4, "U^T U [{a},{b}] = {d}");
+            }
+        }
+    }
+
+    fn close(got: f64, want: f64, rel: f64, abs: f64) -> bool {
+        (got - want).abs() <= rel * want.abs() + abs
+    }
+
+    #[test]
+    fn split_reconstructs_and_is_orthogonal() {
+        let mut rng = ChaCha8Rng::seed_from_u64(1);
+        for case in 0..12 {
+            let (c, p, n) = (rng.random_range(1..24), rng.random_range(1..30), rng.random_range(1..4));
+            let rank = rng.random_range(1..5);
+            let xs = low_rank_group(&mut rng, c, p, n, rank, 0.2);
+            let method = if case % 2 == 0 { Subspace::Exact } else { Subspace::Fast };
+            let r = rng.random_range(0..=c.min(n * p));
+            let basis = find_basis(&views(&xs), c, p, RankPolicy::Fixed(r), method, None, &mut rng);
+            assert_eq!(basis.rank, r);
+            assert_orthonormal(&basis);
+            for x in &xs {
+                let (v, res) = split(&basis, x, p);
+                let low = low_rank_part(&basis, &v, p);
+                let err: Vec<f32> = (0..x.len()).map(|i| low[i] + res[i] - x[i]).collect();
+                assert!(energy(&err).sqrt() <= 1e-5 * energy(x).sqrt(), "case {case}: reconstruction");
+                let (ut_r, _) = split(&basis, &res, p);
+                assert!(energy(&ut_r).sqrt() <= 1e-4 * energy(x).sqrt(), "case {case}: U^T R != 0");
+            }
+        }
+    }
+
+    #[test]
+    fn exact_matches_svd_tail_on_both_gram_sides() {
+        let mut rng = ChaCha8Rng::seed_from_u64(2);
+        // Fixed shapes cover C > nP (positions Gram) and C <= nP (channels Gram); then random ones.
+        let mut shapes = vec![(12, 3, 2), (20, 2, 3), (5, 16, 1), (8, 4, 2), (30, 1, 7)];
+        shapes.extend((0..10).map(|_| (rng.random_range(1..40), rng.random_range(1..20), rng.random_range(1..4))));
+        for (c, p, n) in shapes {
+            let rank = rng.random_range(1..6);
+            let xs = low_rank_group(&mut rng, c, p, n, rank, 0.1);
+            let r = rng.random_range(1..=c.min(n * p));
+            let basis = find_basis(&views(&xs), c, p, RankPolicy::Fixed(r), Subspace::Exact, None, &mut rng);
+            let total = basis.total_energy;
+            let reference = svd_tail(&xs, c, p, r);
+            let shape = (c, p, n, r);
+            assert!(close(basis.residual_energy, reference, 1e-3, 1e-5 * total), "{shape:?}: {basis:?} vs {reference}");
+            let measured = measured_residual(&basis, &xs, p);
+            assert!(close(basis.residual_energy, measured, 1e-3, 1e-5 * total), "{shape:?}: measured {measured}");
+        }
+    }
+
+    #[test]
+    fn both_gram_sides_give_the_same_subspace() {
+        let mut rng = ChaCha8Rng::seed_from_u64(3);
+        let (c, p, n) = (6, 4, 2);
+        let xs = low_rank_group(&mut rng, c, p, n, 3, 0.05);
+        let g = Group { xs: &views(&xs), c, p };
+        let total = xs.iter().map(|x| energy(x)).sum();
+        let policy = RankPolicy::Fixed(3);
+        let by_channels = exact_basis(&g, policy, total, 3, GramSide::Channels);
+        let by_positions = exact_basis(&g, policy, total, 3, GramSide::Positions);
+        let projector = |b: &Basis, i: usize, j: usize| (0..3).map(|t| b.u[i * 3 + t] * b.u[j * 3 + t]).sum::<f32>();
+        for (i, j) in (0..c).flat_map(|i| (0..c).map(move |j| (i, j))) {
+            assert!((projector(&by_channels, i, j) - projector(&by_positions, i, j)).abs() < 1e-4);
+        }
+        assert!(close(by_channels.residual_energy, by_positions.residual_energy, 1e-3, 1e-6 * total));
+    }
+
+    #[test]
+    fn fast_tracks_exact_on_decaying_spectrum() {
+        let mut rng = ChaCha8Rng::seed_from_u64(4);
+        let sigmas: Vec<f64> = (0..12).map(|i| 10.0 * 0.5f64.powi(i)).collect();
+        for (c, p, n, r) in [(64, 256, 1, 4), (48, 8, 4, 6), (64, 4, 3, 5), (16, 64, 2, 3), (40, 3, 2, 2)] {
+            let xs = spectral_group(&mut rng, c, p, n, &sigmas, 1e-3);
+            let exact = find_basis(&views(&xs), c, p, RankPolicy::Fixed(r), Subspace::Exact, None, &mut rng);
+            let fast = find_basis(&views(&xs), c, p, RankPolicy::Fixed(r), Subspace::Fast, None, &mut rng);
+            assert_eq!(fast.rank, r);
+            assert_orthonormal(&fast);
+            let tol = 1e-3 * exact.total_energy;
+            assert!(close(fast.residual_energy, exact.residual_energy, 0.05, tol), "{fast:?} vs {exact:?}");
+            let measured = measured_residual(&fast, &xs, p);
+            assert!(close(fast.residual_energy, measured, 1e-3, 1e-5 * exact.total_energy));
+            if (c, p) == (64, 256) {
+                assert!(fast.macs < exact.macs, "fast costs {} vs exact {}", fast.macs, exact.macs);
+            }
+        }
+    }
+
+    #[test]
+    fn fast_with_warm_start_is_nearly_exact() {
+        let mut rng = ChaCha8Rng::seed_from_u64(5);
+        let sigmas: Vec<f64> = (0..10).map(|i| 10.0 * 0.7f64.powi(i)).collect();
+        for (c, p, n, r) in [(64, 128, 1, 6), (32, 4, 8, 4)] {
+            let xs = spectral_group(&mut rng, c, p, n, &sigmas, 1e-2);
+            let perturbed: Vec<Vec<f32>> = xs
+                .iter()
+                .map(|x| x.iter().map(|v| v + 0.02 * rng.sample::<f32, _>(StandardNormal)).collect())
+                .collect();
+            let policy = RankPolicy::Fixed(r);
+            let prior = find_basis(&views(&perturbed), c, p, policy, Subspace::Exact, None, &mut rng);
+            let exact = find_basis(&views(&xs), c, p, policy, Subspace::Exact, None, &mut rng);
+            let fast = find_basis(&views(&xs), c, p, policy, Subspace::Fast, Some(&prior), &mut rng);
+            assert!(close(fast.residual_energy, exact.residual_energy, 0.01, 1e-6 * exact.total_energy));
+        }
+    }
+
+    #[test]
+    fn energy_policy_picks_smallest_sufficient_rank() {
+        let mut rng = ChaCha8Rng::seed_from_u64(6);
+        for method in [Subspace::Exact, Subspace::Fast] {
+            for _ in 0..6 {
+                let (c, p, n) = (rng.random_range(4..40), rng.random_range(2..30), rng.random_range(1..4));
+                let rank = rng.random_range(2..6);
+                let xs = low_rank_group(&mut rng, c, p, n, rank, 0.1);
+                let tau = rng.random_range(0.02..0.3);
+                let policy = RankPolicy::Energy { tau, max_rank: 8 };
+                let basis = find_basis(&views(&xs), c, p, policy, method, None, &mut rng);
+                let total = basis.total_energy;
+                assert!(basis.rank <= 8);
+                assert!(measured_residual(&basis, &xs, p) <= tau * total * 1.001 || basis.rank == 8);
+                if basis.rank > 0 {
+                    let fewer = RankPolicy::Fixed(basis.rank - 1);
+                    let smaller = find_basis(&views(&xs), c, p, fewer, Subspace::Exact, None, &mut rng);
+                    assert!(measured_residual(&smaller, &xs, p) > tau * total, "rank - 1 already meets tau");
+                }
+            }
+            // A tau no rank can meet stops at max_rank.
+            let xs = low_rank_group(&mut rng, 20, 10, 1, 10, 0.5);
+            let policy = RankPolicy::Energy { tau: 1e-9, max_rank: 3 };
+            assert_eq!(find_basis(&views(&xs), 20, 10, policy, method, None, &mut rng).rank, 3);
+        }
+    }
+
+    #[test]
+    fn fixed_rank_is_capped_and_groups_share_a_basis() {
+        let mut rng = ChaCha8Rng::seed_from_u64(7);
+        for method in [Subspace::Exact, Subspace::Fast] {
+            for (c, p, n, cap) in [(5, 3, 1, 3), (3, 10, 1, 3), (7, 2, 2, 4)] {
+                let xs = low_rank_group(&mut rng, c, p, n, 2, 0.3);
+                assert_eq!(find_basis(&views(&xs), c, p, RankPolicy::Fixed(100), method, None, &mut rng).rank, cap);
+            }
+            let (c, p) = (12, 9);
+            let xs = low_rank_group(&mut rng, c, p, 4, 3, 0.2);
+            let basis = find_basis(&views(&xs), c, p, RankPolicy::Fixed(3), method, None, &mut rng);
+            let total: f64 = xs.iter().map(|x| energy(x)).sum();
+            assert!(close(basis.total_energy, total, 1e-9, 0.0));
+            assert!(close(basis.residual_energy, measured_residual(&basis, &xs, p), 1e-3, 1e-6 * total));
+            // One sample alone is fitted at least as well by its own basis as by the group's.
+            let own = find_basis(&[xs[0].as_slice()], c, p, RankPolicy::Fixed(3), Subspace::Exact, None, &mut rng);
+            assert!(own.residual_energy <= measured_residual(&basis, &xs[..1], p) * 1.001);
+        }
+    }
+
+    #[test]
+    fn degenerate_inputs_stay_finite() {
+        let mut rng = ChaCha8Rng::seed_from_u64(8);
+        for method in [Subspace::Exact, Subspace::Fast] {
+            // All zeros, on both Gram sides: fixed rank keeps its size with a valid basis, energy gives 0.
+            for (c, p) in [(6, 5), (9, 2)] {
+                let zeros = vec![0.0f32; c * p];
+                let basis = find_basis(&[&zeros], c, p, RankPolicy::Fixed(2), method, None, &mut rng);
+                assert!(basis.u.iter().all(|v| v.is_finite()) && basis.residual_energy == 0.0);
+                assert_orthonormal(&basis);
+                let policy = RankPolicy::Energy { tau: 0.1, max_rank: 4 };
+                assert_eq!(find_basis(&[&zeros], c, p, policy, method, None, &mut rng).rank, 0);
+            }
+            // C = 1 and rank = C: a full basis leaves nothing.
+            for (c, p) in [(1, 7), (4, 8), (5, 5)] {
+                let x = gauss(&mut rng, c * p, 1.0);
+                let basis = find_basis(&[&x], c, p, RankPolicy::Fixed(c), method, None, &mut rng);
+                assert_eq!(basis.rank, c);
+                assert_orthonormal(&basis);
+                assert!(measured_residual(&basis, std::slice::from_ref(&x), p) < 1e-8 * energy(&x));
+                assert_eq!(basis.residual_energy, 0.0);
+            }
+            let x = gauss(&mut rng, 12, 1.0);
+            let basis = find_basis(&[&x], 4, 3, RankPolicy::Fixed(0), method, None, &mut rng);
+            assert_eq!((basis.rank, split(&basis, &x, 3).1), (0, x.clone()));
+            assert!(close(basis.residual_energy, energy(&x), 1e-12, 0.0));
+        }
+    }
+
+    /// `cargo test --release -p trustsplit-schemes --lib lowrank -- --ignored --nocapture`
+    #[test]
+    #[ignore]
+    fn timing() {
+        let mut rng = ChaCha8Rng::seed_from_u64(9);
+        for (c, p, n, r) in [(64, 1024, 1, 4), (512, 4, 1, 32), (512, 4, 32, 32), (3, 1024, 1, 2)] {
+            let xs = low_rank_group(&mut rng, c, p, n, 8, 0.1);
+            for method in [Subspace::Exact, Subspace::Fast] {
+                let start = std::time::Instant::now();
+                let reps = 10;
+                let mut basis = None;
+                for _ in 0..reps {
+                    basis = Some(find_basis(&views(&xs), c, p, RankPolicy::Fixed(r), method, None, &mut rng));
+                }
+                let b = basis.expect("ran");
+                let us = start.elapsed().as_secs_f64() * 1e6 / f64::from(reps);
+                println!(
+                    "C={c} P={p} n={n} r={r} {method:?}: {us:.0} us, {} macs, residual {:.4}",
+                    b.macs,
+                    b.residual_energy / b.total_energy
+                );
+            }
+        }
+    }
+}
