@@ -189,6 +189,8 @@ pub struct StepBench {
     /// enclave figure is the model's own: forward (x1 inference, x3 training) for the whole batch.
     pub enclave_macs: u64,
     pub device_macs: u64,
+    /// Enclave milliseconds per step in each of the scheme's own phases (AsymML only).
+    pub enclave_phase_ms: BTreeMap<String, f64>,
 }
 
 /// Settings of [`step`].
@@ -288,6 +290,15 @@ pub fn step(o: &StepOptions) -> Result<StepBench> {
             crate::train::Scheme::GpuOnly => 0,
             _ => model.forward_macs_per_sample() * n as u64 * if o.inference { 1 } else { 3 },
         },
+        enclave_phase_ms: after
+            .placement
+            .enclave_phase_seconds
+            .iter()
+            .map(|(k, v)| {
+                let b = before.placement.enclave_phase_seconds.get(k).copied().unwrap_or(0.0);
+                (k.clone(), (v - b) * 1e3 / o.steps as f64)
+            })
+            .collect(),
         device_macs: match o.scheme {
             crate::train::Scheme::Asymml => per(after.placement.device_macs, before.placement.device_macs),
             crate::train::Scheme::GpuOnly => {

@@ -306,6 +306,10 @@ fn print_step(r: &bench::StepBench) {
         r.enclave_macs as f64 / 1e9,
         r.device_macs as f64 / 1e9
     );
+    if !r.enclave_phase_ms.is_empty() {
+        let phases: Vec<String> = r.enclave_phase_ms.iter().map(|(k, v)| format!("{k} {v:.0} ms")).collect();
+        eprintln!("  enclave phases per step: {}", phases.join(", "));
+    }
 }
 
 fn main() {

@@ -38,6 +38,10 @@ pub struct PlacementReport {
     pub device_macs: u64,
     pub layers: Vec<LayerSplit>,
     pub privacy: Option<crate::asymml::PrivacyLedger>,
+    /// Enclave wall time per phase of the placement's own work (AsymML: subspace, split, noise,
+    /// low-rank products); the rest of the enclave's time is batch-norm, activations, pooling,
+    /// the loss, the optimizer and saved-context handling.
+    pub enclave_phase_seconds: std::collections::BTreeMap<String, f64>,
 }
 
 /// A scheme's decision for the linear layers. Everything else runs inside the enclave.

@@ -8,6 +8,7 @@ use super::{AsymmlConfig, BasisScope, PrivacyLedger, RankRule};
 use crate::placement::{LayerSplit, PassInfo, Placement, PlacementReport, PlacementResult};
 use crate::{RunnerError, SchemeKind, SplitRunner};
 use rand_chacha::ChaCha12Rng;
+use std::cell::RefCell;
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Instant;
@@ -56,6 +57,7 @@ pub fn runner(
         max_step_releases: 0,
         training_steps: 0,
         gradients_in_clear: false,
+        phases: RefCell::new(BTreeMap::new()),
     };
     SplitRunner::new(SchemeKind::Asymml, Box::new(placement), Some(memory_budget), transcript, Some(stats))
 }
@@ -139,6 +141,18 @@ pub struct Asymml {
     max_step_releases: u64,
     training_steps: u64,
     gradients_in_clear: bool,
+    /// Enclave seconds per phase (subspace, split, noise, low-rank products, merge).
+    phases: Phases,
+}
+
+type Phases = RefCell<BTreeMap<&'static str, f64>>;
+
+/// Runs `f`, adding its wall time to `phase`.
+fn timed<T>(phases: &Phases, phase: &'static str, f: impl FnOnce() -> T) -> T {
+    let start = Instant::now();
+    let out = f();
+    *phases.borrow_mut().entry(phase).or_default() += start.elapsed().as_secs_f64();
+    out
 }
 
 /// Whether a policy keeps every direction, leaving an all-zero residual: then nothing is released.
@@ -174,13 +188,19 @@ impl Asymml {
         for start in (0..n).step_by(step) {
             let len = step.min(n - start);
             let samples: Vec<&[f32]> = (start..start + len).map(|b| &x[b * per..(b + 1) * per]).collect();
+            let started = Instant::now();
             let basis = find_basis(&samples, c, p, policy, self.cfg.subspace, self.warm.get(&warm_key), &mut self.rng);
+            let found = Instant::now();
             let mut v = Vec::with_capacity(len * basis.rank * p);
             for (i, s) in samples.iter().enumerate() {
                 let (vb, rb) = split(&basis, s, p);
                 v.extend_from_slice(&vb);
                 residual[(start + i) * per..][..per].copy_from_slice(&rb);
             }
+            let mut phases = self.phases.borrow_mut();
+            *phases.entry("subspace").or_default() += (found - started).as_secs_f64();
+            *phases.entry("split").or_default() += found.elapsed().as_secs_f64();
+            drop(phases);
             self.enclave_macs += basis.macs + (2 * len * per * basis.rank) as u64;
             totals.rank_samples += (basis.rank * len) as f64;
             totals.samples += len as u64;
@@ -262,7 +282,7 @@ impl Asymml {
         let device = &self.device;
         std::thread::scope(|s| {
             let worker = s.spawn(move || device_work(&mut lock(device)));
-            let mine = enclave_work();
+            let mine = timed(&self.phases, "low-rank products", enclave_work);
             let waited = Instant::now();
             let theirs = worker.join().map_err(|_| format!("the device thread panicked on {layer}"))?;
             *lock(&self.waiting) += waited.elapsed().as_secs_f64();
@@ -271,16 +291,12 @@ impl Asymml {
     }
 }
 
-/// `conv(U V, W)` for every group into `y`.
-fn low_rank_forward(g: &ConvGeometry, w_input_major: &[f32], groups: &[Group], y: &mut [f32]) -> u64 {
-    let per = g.out_channels * g.out_h() * g.out_w();
-    let mut macs = 0;
-    for gr in groups {
-        let gg = ConvGeometry { batch: gr.len, ..*g };
-        let out = &mut y[gr.start * per..(gr.start + gr.len) * per];
-        macs += vc::low_rank_forward(&gg, w_input_major, &gr.basis.u, gr.basis.rank, &gr.v, out);
-    }
-    macs
+/// The groups as the virtual-channel kernels see them.
+fn factors(groups: &[Group]) -> Vec<vc::Factors<'_>> {
+    groups
+        .iter()
+        .map(|g| vc::Factors { start: g.start, len: g.len, rank: g.basis.rank, basis: &g.basis.u, coords: &g.v })
+        .collect()
 }
 
 /// Adds a per-channel bias to `N x C x HW` values.
@@ -386,10 +402,14 @@ impl Placement for Asymml {
         let mut y = vec![0.0f32; n * out_c * out_hw];
         let mut pending = Pending { residual: None, weight: None, is_input, index, in_shape: x.shape().to_vec() };
         if keeps_everything(policy, c, p * self.group_len(n)) {
-            self.enclave_macs += low_rank_forward(&g, &w_im, &parts.groups, &mut y);
+            self.enclave_macs += timed(&self.phases, "low-rank products", || {
+                vc::low_rank_forward(&g, &w_im, &factors(&parts.groups), &mut y)
+            });
         } else {
             let bound = self.cfg.clip_norm * ((c * p) as f64).sqrt();
-            let clipped = clip_and_noise(&mut parts.residual, c * p, bound, self.cfg.noise_multiplier, &mut self.rng);
+            let z = self.cfg.noise_multiplier;
+            let clipped =
+                timed(&self.phases, "noise", || clip_and_noise(&mut parts.residual, c * p, bound, z, &mut self.rng));
             self.count_clipped(index, layer, "forward", clipped);
             self.charge(is_input);
             let (kind, why) = self.residual_kind(false);
@@ -399,7 +419,7 @@ impl Placement for Asymml {
             let (from_device, macs) = self.overlapped(
                 layer,
                 |d| d.conv_forward(&g, &residual, &weight),
-                || low_rank_forward(&g, &w_im, groups, &mut y),
+                || vc::low_rank_forward(&g, &w_im, &factors(groups), &mut y),
             )?;
             self.enclave_macs += macs;
             self.device_macs += g.forward_macs();
@@ -439,19 +459,10 @@ impl Placement for Asymml {
         if !need_dx && pending.residual.is_none() {
             // The first layer kept its whole input: the device has nothing to add, so the output
             // gradient stays in the enclave too.
-            for xg in &x_groups {
-                let geo = ConvGeometry { batch: xg.len, ..g };
-                let ys = xg.start * out_c * out_hw;
-                let dy_g = &data(dy)[ys..ys + xg.len * out_c * out_hw];
-                self.enclave_macs += vc::add_low_rank_input_weight_gradient(
-                    &geo,
-                    &xg.basis.u,
-                    xg.basis.rank,
-                    &xg.v,
-                    dy_g,
-                    &mut dw_input_major,
-                );
-            }
+            let xf = factors(&x_groups);
+            self.enclave_macs += timed(&self.phases, "low-rank products", || {
+                vc::add_low_rank_input_weight_gradient(&g, &xf, data(dy), &mut dw_input_major)
+            });
         } else if self.cfg.protect_gradients {
             let policy = self.cfg.rank.policy(pending.index);
             let mut gparts = self.decompose(layer, "gradient", data(dy), (n, out_c, out_hw));
@@ -459,19 +470,16 @@ impl Placement for Asymml {
             if releases {
                 // The bound applies to the gradient of the sample's own loss: n times the batch mean's.
                 let bound = self.cfg.grad_clip_norm * ((out_c * out_hw) as f64).sqrt() / n as f64;
-                let clipped = clip_and_noise(
-                    &mut gparts.residual,
-                    out_c * out_hw,
-                    bound,
-                    self.cfg.noise_multiplier,
-                    &mut self.rng,
-                );
+                let z = self.cfg.noise_multiplier;
+                let clipped = timed(&self.phases, "noise", || {
+                    clip_and_noise(&mut gparts.residual, out_c * out_hw, bound, z, &mut self.rng)
+                });
                 self.count_clipped(pending.index, layer, "gradient", clipped);
                 self.charge(false);
             } else {
                 gparts.residual.fill(0.0); // only rounding is left; the enclave keeps the whole gradient
             }
-            let dy_effective = recombine(&gparts.groups, &gparts.residual, out_hw);
+            let dy_effective = timed(&self.phases, "split", || recombine(&gparts.groups, &gparts.residual, out_hw));
             let residual_released = pending.residual.is_some();
             let device_dx = need_dx && releases;
             let device_dw = residual_released && releases;
@@ -487,35 +495,14 @@ impl Placement for Asymml {
                 None => None,
             };
             let x_residual = pending.residual.as_ref().map(|r| r.get().as_slice());
-            let mut enclave = || {
-                let mut macs = 0;
-                for (xg, gg) in x_groups.iter().zip(&gparts.groups) {
-                    let geo = ConvGeometry { batch: xg.len, ..g };
-                    let (xs, ys) = (xg.start * g.input_len() / n, xg.start * out_c * out_hw);
-                    let dy_g = &dy_effective[ys..ys + xg.len * out_c * out_hw];
-                    macs += vc::add_low_rank_input_weight_gradient(
-                        &geo,
-                        &xg.basis.u,
-                        xg.basis.rank,
-                        &xg.v,
-                        dy_g,
-                        &mut dw_input_major,
-                    );
-                    if need_dx {
-                        let dx_g = &mut dx[xs..xs + geo.input_len()];
-                        macs += vc::low_rank_input_gradient(&geo, w, &gg.basis.u, gg.basis.rank, &gg.v, dx_g);
-                    }
-                    if let Some(xr) = x_residual {
-                        let xr_g = &xr[xs..xs + geo.input_len()];
-                        macs += vc::add_low_rank_gradient_weight_gradient(
-                            &geo,
-                            xr_g,
-                            &gg.basis.u,
-                            gg.basis.rank,
-                            &gg.v,
-                            &mut dw,
-                        );
-                    }
+            let (xf, gf) = (factors(&x_groups), factors(&gparts.groups));
+            let enclave = || {
+                let mut macs = vc::add_low_rank_input_weight_gradient(&g, &xf, &dy_effective, &mut dw_input_major);
+                if need_dx {
+                    macs += vc::low_rank_input_gradient(&g, w, &gf, &mut dx);
+                }
+                if let Some(xr) = x_residual {
+                    macs += vc::add_low_rank_gradient_weight_gradient(&g, xr, &gf, &mut dw);
                 }
                 macs
             };
@@ -538,7 +525,7 @@ impl Placement for Asymml {
                     enclave,
                 )?
             } else {
-                ((None, None), enclave())
+                ((None, None), timed(&self.phases, "low-rank products", enclave))
             };
             self.enclave_macs += macs;
             self.merge_device(layer, &g, dev_dx, dev_dw, &mut dx, &mut dw)?;
@@ -550,23 +537,8 @@ impl Placement for Asymml {
                 None if need_dx => Some(self.release_weight(layer, conv)),
                 None => None,
             };
-            let mut enclave = || {
-                let mut macs = 0;
-                for xg in &x_groups {
-                    let geo = ConvGeometry { batch: xg.len, ..g };
-                    let ys = xg.start * out_c * out_hw;
-                    let dy_g = &data(dy)[ys..ys + xg.len * out_c * out_hw];
-                    macs += vc::add_low_rank_input_weight_gradient(
-                        &geo,
-                        &xg.basis.u,
-                        xg.basis.rank,
-                        &xg.v,
-                        dy_g,
-                        &mut dw_input_major,
-                    );
-                }
-                macs
-            };
+            let xf = factors(&x_groups);
+            let enclave = || vc::add_low_rank_input_weight_gradient(&g, &xf, data(dy), &mut dw_input_major);
             let ((dev_dx, dev_dw), macs) = if need_dx || residual_released {
                 let why = "INSECURE: --protect-gradients is off; the output gradient goes to the device in the clear";
                 let grad = self.release(layer, "output-gradient", dy.shape(), data(dy).to_vec(), why);
@@ -588,7 +560,7 @@ impl Placement for Asymml {
                     enclave,
                 )?
             } else {
-                ((None, None), enclave())
+                ((None, None), timed(&self.phases, "low-rank products", enclave))
             };
             self.enclave_macs += macs;
             self.merge_device(layer, &g, dev_dx, dev_dw, &mut dx, &mut dw)?;
@@ -642,6 +614,7 @@ impl Placement for Asymml {
             device_macs: self.device_macs,
             layers,
             privacy: Some(privacy),
+            enclave_phase_seconds: self.phases.borrow().iter().map(|(k, v)| (k.to_string(), *v)).collect(),
         }
     }
 }

@@ -7,11 +7,26 @@
 //! `conv_transpose(P Q, W) = conv_transpose(Q, P^T W)`, `corr(U V, dY) = corr(V, dY) U^T` and
 //! `corr(X, P Q) = P corr(X, Q)`. Weights are `C_out x C_in x kh x kw` as in the kernels crate.
 //!
-//! Every function works on a group of samples that share one basis (`g.batch` samples).
+//! Every function takes all of a batch's groups (samples sharing a basis) at once, so the weight
+//! is read once per call: the groups' weight transforms are stacked into one matrix product, and
+//! groups for which the factored route would cost more than the ordinary product (at small maps
+//! the transform `r C_in C_out k^2` exceeds the whole convolution) are rebuilt and convolved
+//! together in one ordinary call.
 
 use trustsplit_kernels::conv::{conv2d_backward_data, conv2d_backward_weight, conv2d_forward, ConvGeometry};
 use trustsplit_kernels::elementwise::add_assign;
 use trustsplit_kernels::matmul::{matmul, parallelism, threads, MatRef};
+
+/// One group's factors: samples `start..start + len` share `basis` (`channels x rank`, row-major),
+/// and `coords` holds their coordinates (`len x rank x positions`).
+#[derive(Clone, Copy)]
+pub struct Factors<'a> {
+    pub start: usize,
+    pub len: usize,
+    pub rank: usize,
+    pub basis: &'a [f32],
+    pub coords: &'a [f32],
+}
 
 /// Copies an `a x b x inner` array into `b x a x inner` order.
 pub fn swap_leading_axes(src: &[f32], a: usize, b: usize, inner: usize) -> Vec<f32> {
@@ -29,48 +44,17 @@ fn taps(g: &ConvGeometry) -> usize {
     g.kernel_h * g.kernel_w
 }
 
-/// The weight with input channels first (`C_in x C_out x kh x kw`), computed once per layer call
-/// and shared by every group's [`virtual_weight`].
+fn gemm(a: MatRef, b: MatRef, c: &mut [f32], stride: usize, accumulate: bool) {
+    matmul(a, b, c, stride, accumulate, parallelism(threads()));
+}
+
+/// The weight with input channels first (`C_in x C_out x kh x kw`).
 pub fn input_major(g: &ConvGeometry, w: &[f32]) -> Vec<f32> {
     swap_leading_axes(w, g.out_channels, g.in_channels, taps(g))
 }
 
-/// `W_T = W x_c U` (`C_out x r x kh x kw`) from the input-major weight and `u` (C_in x r).
-pub fn virtual_weight(g: &ConvGeometry, w_input_major: &[f32], u: &[f32], r: usize) -> Vec<f32> {
-    let cols = g.out_channels * taps(g);
-    let mut t = vec![0.0; r * cols];
-    let u = MatRef::row_major(u, g.in_channels, r);
-    matmul(u.t(), MatRef::row_major(w_input_major, g.in_channels, cols), &mut t, cols, false, parallelism(threads()));
-    swap_leading_axes(&t, r, g.out_channels, taps(g))
-}
-
-/// The geometry of the same convolution over `r` virtual input channels.
-pub fn with_inputs(g: &ConvGeometry, r: usize) -> ConvGeometry {
-    ConvGeometry { in_channels: r, ..*g }
-}
-
-/// The geometry of the same convolution producing `r` virtual output channels.
-pub fn with_outputs(g: &ConvGeometry, r: usize) -> ConvGeometry {
-    ConvGeometry { out_channels: r, ..*g }
-}
-
-/// `U V` for each of the group's `n` samples (`n x C x P` from `u`, C x r, and `v`, `n x r x P`).
-pub fn reconstruct(u: &[f32], c: usize, r: usize, v: &[f32], n: usize, p: usize) -> Vec<f32> {
-    let mut out = vec![0.0f32; n * c * p];
-    if r == 0 {
-        return out;
-    }
-    let um = MatRef::row_major(u, c, r);
-    for s in 0..n {
-        let vs = MatRef::row_major(&v[s * r * p..(s + 1) * r * p], r, p);
-        matmul(um, vs, &mut out[s * c * p..(s + 1) * c * p], p, false, parallelism(threads()));
-    }
-    out
-}
-
-/// Whether working through `r` virtual channels costs less than rebuilding the low-rank tensor
-/// and running the ordinary product: at small maps the per-group weight transform (`r x C_in x
-/// C_out x taps`) can exceed the whole convolution, and the enclave then takes the direct path.
+/// Whether `len` samples of rank `r` (over `low_rank_channels` channels) cost less through virtual
+/// channels, transform included, than through the ordinary product on the rebuilt tensor.
 pub(crate) fn factored_is_cheaper(g: &ConvGeometry, r: usize, low_rank_channels: usize) -> bool {
     let full = g.forward_macs();
     let factored = r as u64 * g.forward_macs() / low_rank_channels.max(1) as u64
@@ -78,115 +62,240 @@ pub(crate) fn factored_is_cheaper(g: &ConvGeometry, r: usize, low_rank_channels:
     factored < full
 }
 
-/// `y = conv(U V, W)` for the group (overwrites `y`, `N x C_out x H' x W'`); `v` is `N x r x H x W`.
+/// `U V` for each of the group's samples (`len x C x P`).
+fn rebuild(f: &Factors, channels: usize, positions: usize, out: &mut [f32]) {
+    let (r, p) = (f.rank, positions);
+    if r == 0 {
+        out.fill(0.0);
+        return;
+    }
+    let u = MatRef::row_major(f.basis, channels, r);
+    for s in 0..f.len {
+        let v = MatRef::row_major(&f.coords[s * r * p..(s + 1) * r * p], r, p);
+        gemm(u, v, &mut out[s * channels * p..(s + 1) * channels * p], p, false);
+    }
+}
+
+/// The groups split into those worth factoring and those to rebuild; `channels` is the side the
+/// factors live on (inputs or output gradients).
+fn partition<'a>(g: &ConvGeometry, groups: &[Factors<'a>], channels: usize) -> (Vec<Factors<'a>>, Vec<Factors<'a>>) {
+    groups
+        .iter()
+        .filter(|f| f.len > 0 && f.rank > 0)
+        .partition(|f| factored_is_cheaper(&ConvGeometry { batch: f.len, ..*g }, f.rank, channels))
+}
+
+/// Rebuilds the `direct` groups into one contiguous tensor (in group order) and returns it with the
+/// number of samples.
+fn rebuild_all(direct: &[Factors], channels: usize, positions: usize) -> (Vec<f32>, usize) {
+    let n: usize = direct.iter().map(|f| f.len).sum();
+    let per = channels * positions;
+    let mut out = vec![0.0f32; n * per];
+    let mut at = 0;
+    for f in direct {
+        rebuild(f, channels, positions, &mut out[at * per..(at + f.len) * per]);
+        at += f.len;
+    }
+    (out, n)
+}
+
+/// Copies the groups' rows (`per` values per sample) out of a whole-batch tensor, in group order.
+fn gather(groups: &[Factors], all: &[f32], per: usize) -> Vec<f32> {
+    let mut out = Vec::with_capacity(groups.iter().map(|f| f.len).sum::<usize>() * per);
+    for f in groups {
+        out.extend_from_slice(&all[f.start * per..(f.start + f.len) * per]);
+    }
+    out
+}
+
+/// Writes group-ordered rows back to their places in a whole-batch tensor.
+fn scatter(groups: &[Factors], rows: &[f32], all: &mut [f32], per: usize) {
+    let mut at = 0;
+    for f in groups {
+        all[f.start * per..(f.start + f.len) * per].copy_from_slice(&rows[at * per..(at + f.len) * per]);
+        at += f.len;
+    }
+}
+
+/// The stacked transposed bases `[U_1^T; U_2^T; ...]` (`sum r x channels`).
+fn stacked_transposes(groups: &[Factors], channels: usize) -> Vec<f32> {
+    let total: usize = groups.iter().map(|f| f.rank).sum();
+    let mut out = vec![0.0f32; total * channels];
+    let mut row = 0;
+    for f in groups {
+        for c in 0..channels {
+            for i in 0..f.rank {
+                out[(row + i) * channels + c] = f.basis[c * f.rank + i];
+            }
+        }
+        row += f.rank;
+    }
+    out
+}
+
+/// The bases side by side `[U_1 U_2 ...]` (`channels x sum r`).
+fn side_by_side(groups: &[Factors], channels: usize) -> Vec<f32> {
+    let total: usize = groups.iter().map(|f| f.rank).sum();
+    let mut out = vec![0.0f32; channels * total];
+    let mut col = 0;
+    for f in groups {
+        for c in 0..channels {
+            out[c * total + col..][..f.rank].copy_from_slice(&f.basis[c * f.rank..(c + 1) * f.rank]);
+        }
+        col += f.rank;
+    }
+    out
+}
+
+/// `y = conv(U V, W)` for every group (overwrites `y`, the whole batch's `N x C_out x H' x W'`).
 /// Returns the multiply-adds spent.
-pub fn low_rank_forward(g: &ConvGeometry, w_input_major: &[f32], u: &[f32], r: usize, v: &[f32], y: &mut [f32]) -> u64 {
-    if r == 0 {
-        y.fill(0.0);
-        return 0;
+pub fn low_rank_forward(g: &ConvGeometry, w_input_major: &[f32], groups: &[Factors], y: &mut [f32]) -> u64 {
+    y.fill(0.0);
+    let (c, kk, p) = (g.in_channels, taps(g), g.in_h * g.in_w);
+    let out_per = g.out_channels * g.out_h() * g.out_w();
+    let (factored, direct) = partition(g, groups, c);
+    let mut macs = 0;
+    if !direct.is_empty() {
+        let (x, n) = rebuild_all(&direct, c, p);
+        let w = swap_leading_axes(w_input_major, c, g.out_channels, kk);
+        let gd = ConvGeometry { batch: n, ..*g };
+        let mut out = vec![0.0f32; n * out_per];
+        conv2d_forward(&gd, &x, &w, None, &mut out);
+        scatter(&direct, &out, y, out_per);
+        macs += gd.forward_macs() + (x.len() * direct[0].rank) as u64;
     }
-    if !factored_is_cheaper(g, r, g.in_channels) {
-        let x = reconstruct(u, g.in_channels, r, v, g.batch, g.in_h * g.in_w);
-        let w = swap_leading_axes(w_input_major, g.in_channels, g.out_channels, taps(g));
-        conv2d_forward(g, &x, &w, None, y);
-        return g.forward_macs() + (g.batch * g.in_channels * r * g.in_h * g.in_w) as u64;
+    if !factored.is_empty() {
+        // All groups' transforms in one product: [U_1^T; U_2^T; ...] W (sum r x C_out kk).
+        let total: usize = factored.iter().map(|f| f.rank).sum();
+        let cols = g.out_channels * kk;
+        let mut t = vec![0.0f32; total * cols];
+        let ut = stacked_transposes(&factored, c);
+        gemm(MatRef::row_major(&ut, total, c), MatRef::row_major(w_input_major, c, cols), &mut t, cols, false);
+        macs += (total * c * cols) as u64;
+        let mut row = 0;
+        for f in &factored {
+            let wt = swap_leading_axes(&t[row * cols..(row + f.rank) * cols], f.rank, g.out_channels, kk);
+            let gv = ConvGeometry { batch: f.len, in_channels: f.rank, ..*g };
+            conv2d_forward(&gv, f.coords, &wt, None, &mut y[f.start * out_per..(f.start + f.len) * out_per]);
+            macs += gv.forward_macs();
+            row += f.rank;
+        }
     }
-    let wt = virtual_weight(g, w_input_major, u, r);
-    let gv = with_inputs(g, r);
-    conv2d_forward(&gv, v, &wt, None, y);
-    gv.forward_macs() + (r * g.in_channels * g.out_channels * taps(g)) as u64
+    macs
 }
 
-/// `dx = conv_transpose(P Q, W)` (overwrites `dx`, `N x C_in x H x W`); `p` is C_out x r, `q` is
-/// `N x r x H' x W'`.
-pub fn low_rank_input_gradient(g: &ConvGeometry, w: &[f32], p: &[f32], r: usize, q: &[f32], dx: &mut [f32]) -> u64 {
-    if r == 0 {
-        dx.fill(0.0);
-        return 0;
+/// `dx = conv_transpose(P Q, W)` for every group (overwrites `dx`, the whole batch's input
+/// gradient); the factors live on the output channels.
+pub fn low_rank_input_gradient(g: &ConvGeometry, w: &[f32], groups: &[Factors], dx: &mut [f32]) -> u64 {
+    dx.fill(0.0);
+    let (co, po) = (g.out_channels, g.out_h() * g.out_w());
+    let in_per = g.in_channels * g.in_h * g.in_w;
+    let (factored, direct) = partition(g, groups, co);
+    let mut macs = 0;
+    if !direct.is_empty() {
+        let (dy, n) = rebuild_all(&direct, co, po);
+        let gd = ConvGeometry { batch: n, ..*g };
+        let mut out = vec![0.0f32; n * in_per];
+        conv2d_backward_data(&gd, &dy, w, &mut out);
+        scatter(&direct, &out, dx, in_per);
+        macs += gd.forward_macs() + (dy.len() * direct[0].rank) as u64;
     }
-    if !factored_is_cheaper(g, r, g.out_channels) {
-        let dy = reconstruct(p, g.out_channels, r, q, g.batch, g.out_h() * g.out_w());
-        conv2d_backward_data(g, &dy, w, dx);
-        return g.forward_macs() + (g.batch * g.out_channels * r * g.out_h() * g.out_w()) as u64;
+    if !factored.is_empty() {
+        // [P_1^T; P_2^T; ...] W: each group's r virtual output channels.
+        let total: usize = factored.iter().map(|f| f.rank).sum();
+        let cols = g.in_channels * taps(g);
+        let mut wp = vec![0.0f32; total * cols];
+        let pt = stacked_transposes(&factored, co);
+        gemm(MatRef::row_major(&pt, total, co), MatRef::row_major(w, co, cols), &mut wp, cols, false);
+        macs += (total * co * cols) as u64;
+        let mut row = 0;
+        for f in &factored {
+            let gq = ConvGeometry { batch: f.len, out_channels: f.rank, ..*g };
+            let dst = &mut dx[f.start * in_per..(f.start + f.len) * in_per];
+            conv2d_backward_data(&gq, f.coords, &wp[row * cols..(row + f.rank) * cols], dst);
+            macs += gq.forward_macs();
+            row += f.rank;
+        }
     }
-    // P^T W: r virtual output channels, each a mix of the real ones.
-    let cols = g.in_channels * taps(g);
-    let mut wp = vec![0.0; r * cols];
-    let pm = MatRef::row_major(p, g.out_channels, r);
-    matmul(pm.t(), MatRef::row_major(w, g.out_channels, cols), &mut wp, cols, false, parallelism(threads()));
-    let gq = with_outputs(g, r);
-    conv2d_backward_data(&gq, q, &wp, dx);
-    gq.forward_macs() + (r * g.out_channels * cols) as u64
+    macs
 }
 
-/// Adds `corr(U V, dY)` to `dw_input_major` (`C_in x C_out x kh x kw`).
+/// Adds `corr(U V, dY)` for every group to `dw_input_major` (`C_in x C_out x kh x kw`); `dy` is
+/// the whole batch's output gradient.
 pub fn add_low_rank_input_weight_gradient(
     g: &ConvGeometry,
-    u: &[f32],
-    r: usize,
-    v: &[f32],
+    groups: &[Factors],
     dy: &[f32],
     dw_input_major: &mut [f32],
 ) -> u64 {
-    if r == 0 {
-        return 0;
+    let (c, kk, p) = (g.in_channels, taps(g), g.in_h * g.in_w);
+    let out_per = g.out_channels * g.out_h() * g.out_w();
+    let cols = g.out_channels * kk;
+    let (factored, direct) = partition(g, groups, c);
+    let mut macs = 0;
+    if !direct.is_empty() {
+        let (x, n) = rebuild_all(&direct, c, p);
+        let gd = ConvGeometry { batch: n, ..*g };
+        let mut dw = vec![0.0f32; g.weight_len()];
+        conv2d_backward_weight(&gd, &x, &gather(&direct, dy, out_per), &mut dw, None);
+        add_assign(dw_input_major, &swap_leading_axes(&dw, g.out_channels, c, kk));
+        macs += gd.forward_macs() + (x.len() * direct[0].rank) as u64;
     }
-    if !factored_is_cheaper(g, r, g.in_channels) {
-        let x = reconstruct(u, g.in_channels, r, v, g.batch, g.in_h * g.in_w);
-        let mut dw = vec![0.0; g.weight_len()];
-        conv2d_backward_weight(g, &x, dy, &mut dw, None);
-        add_assign(dw_input_major, &swap_leading_axes(&dw, g.out_channels, g.in_channels, taps(g)));
-        return g.forward_macs() + (g.batch * g.in_channels * r * g.in_h * g.in_w) as u64;
+    if !factored.is_empty() {
+        // Per group dW_T = corr(V, dY) (C_out x r x kk); then dW_im += [U_1 U_2 ...] [D_1; D_2; ...]
+        // with D = dW_T as r x (C_out kk): one product for all groups.
+        let total: usize = factored.iter().map(|f| f.rank).sum();
+        let mut d = vec![0.0f32; total * cols];
+        let mut row = 0;
+        for f in &factored {
+            let gv = ConvGeometry { batch: f.len, in_channels: f.rank, ..*g };
+            let mut dwt = vec![0.0f32; gv.weight_len()];
+            let dy_g = &dy[f.start * out_per..(f.start + f.len) * out_per];
+            conv2d_backward_weight(&gv, f.coords, dy_g, &mut dwt, None);
+            d[row * cols..(row + f.rank) * cols].copy_from_slice(&swap_leading_axes(&dwt, g.out_channels, f.rank, kk));
+            macs += gv.forward_macs();
+            row += f.rank;
+        }
+        let us = side_by_side(&factored, c);
+        gemm(MatRef::row_major(&us, c, total), MatRef::row_major(&d, total, cols), dw_input_major, cols, true);
+        macs += (c * total * cols) as u64;
     }
-    let gv = with_inputs(g, r);
-    let mut dwt = vec![0.0; gv.weight_len()];
-    conv2d_backward_weight(&gv, v, dy, &mut dwt, None);
-    // dW[o, c] = sum_i dW_T[o, i] U[c, i]: with dW_T as r x (C_out kh kw), dW_im += U dW_T.
-    let cols = g.out_channels * taps(g);
-    let d = swap_leading_axes(&dwt, g.out_channels, r, taps(g));
-    matmul(
-        MatRef::row_major(u, g.in_channels, r),
-        MatRef::row_major(&d, r, cols),
-        dw_input_major,
-        cols,
-        true,
-        parallelism(threads()),
-    );
-    gv.forward_macs() + (g.in_channels * r * cols) as u64
+    macs
 }
 
-/// Adds `corr(X, P Q)` to `dw` (`C_out x C_in x kh x kw`); `x` is the group's full input.
-pub fn add_low_rank_gradient_weight_gradient(
-    g: &ConvGeometry,
-    x: &[f32],
-    p: &[f32],
-    r: usize,
-    q: &[f32],
-    dw: &mut [f32],
-) -> u64 {
-    if r == 0 {
-        return 0;
-    }
-    if !factored_is_cheaper(g, r, g.out_channels) {
-        let dy = reconstruct(p, g.out_channels, r, q, g.batch, g.out_h() * g.out_w());
-        let mut full = vec![0.0; g.weight_len()];
-        conv2d_backward_weight(g, x, &dy, &mut full, None);
-        add_assign(dw, &full);
-        return g.forward_macs() + (g.batch * g.out_channels * r * g.out_h() * g.out_w()) as u64;
-    }
-    let gq = with_outputs(g, r);
-    let mut dwq = vec![0.0; gq.weight_len()];
-    conv2d_backward_weight(&gq, x, q, &mut dwq, None);
+/// Adds `corr(X, P Q)` for every group to `dw` (`C_out x C_in x kh x kw`); `x` is the whole
+/// batch's input and the factors live on the output channels.
+pub fn add_low_rank_gradient_weight_gradient(g: &ConvGeometry, x: &[f32], groups: &[Factors], dw: &mut [f32]) -> u64 {
+    let (co, po) = (g.out_channels, g.out_h() * g.out_w());
+    let in_per = g.in_channels * g.in_h * g.in_w;
     let cols = g.in_channels * taps(g);
-    matmul(
-        MatRef::row_major(p, g.out_channels, r),
-        MatRef::row_major(&dwq, r, cols),
-        dw,
-        cols,
-        true,
-        parallelism(threads()),
-    );
-    gq.forward_macs() + (g.out_channels * r * cols) as u64
+    let (factored, direct) = partition(g, groups, co);
+    let mut macs = 0;
+    if !direct.is_empty() {
+        let (dy, n) = rebuild_all(&direct, co, po);
+        let gd = ConvGeometry { batch: n, ..*g };
+        let mut full = vec![0.0f32; g.weight_len()];
+        conv2d_backward_weight(&gd, &gather(&direct, x, in_per), &dy, &mut full, None);
+        add_assign(dw, &full);
+        macs += gd.forward_macs() + (dy.len() * direct[0].rank) as u64;
+    }
+    if !factored.is_empty() {
+        // Per group corr(X, Q) (r x C_in kk), stacked; then dW += [P_1 P_2 ...] [..; ..].
+        let total: usize = factored.iter().map(|f| f.rank).sum();
+        let mut d = vec![0.0f32; total * cols];
+        let mut row = 0;
+        for f in &factored {
+            let gq = ConvGeometry { batch: f.len, out_channels: f.rank, ..*g };
+            let x_g = &x[f.start * in_per..(f.start + f.len) * in_per];
+            conv2d_backward_weight(&gq, x_g, f.coords, &mut d[row * cols..(row + f.rank) * cols], None);
+            macs += gq.forward_macs();
+            row += f.rank;
+        }
+        let ps = side_by_side(&factored, co);
+        gemm(MatRef::row_major(&ps, co, total), MatRef::row_major(&d, total, cols), dw, cols, true);
+        macs += (co * total * cols) as u64;
+    }
+    macs
 }
 
 #[cfg(test)]
@@ -199,14 +308,38 @@ mod tests {
         (0..n).map(|_| rng.random_range(-1.0f32..1.0)).collect()
     }
 
-    /// `U V` for every sample of the group: `N x C x P` from `u` (C x r) and `v` (N x r x P).
-    fn expand(u: &[f32], c: usize, r: usize, v: &[f32], n: usize, p: usize) -> Vec<f32> {
+    /// Random groups over `n` samples (per-sample, or one for the batch), with random ranks up to
+    /// `max_rank`: (start, len, rank, basis, coords).
+    type Owned = (usize, usize, usize, Vec<f32>, Vec<f32>);
+    fn groups(rng: &mut ChaCha8Rng, n: usize, channels: usize, positions: usize, max_rank: usize) -> Vec<Owned> {
+        let per_sample = rng.random_bool(0.5);
+        let spans: Vec<(usize, usize)> = if per_sample { (0..n).map(|s| (s, 1)).collect() } else { vec![(0, n)] };
+        spans
+            .into_iter()
+            .map(|(start, len)| {
+                let r = rng.random_range(0..=max_rank);
+                (start, len, r, random(rng, channels * r), random(rng, len * r * positions))
+            })
+            .collect()
+    }
+
+    fn view(owned: &[Owned]) -> Vec<Factors<'_>> {
+        owned
+            .iter()
+            .map(|(start, len, rank, b, v)| Factors { start: *start, len: *len, rank: *rank, basis: b, coords: v })
+            .collect()
+    }
+
+    /// The whole batch's low-rank tensor, by naive loops.
+    fn expand(owned: &[Owned], n: usize, c: usize, p: usize) -> Vec<f32> {
         let mut x = vec![0.0f32; n * c * p];
-        for s in 0..n {
-            for ch in 0..c {
-                for i in 0..r {
-                    for q in 0..p {
-                        x[(s * c + ch) * p + q] += u[ch * r + i] * v[(s * r + i) * p + q];
+        for (start, len, r, u, v) in owned {
+            for s in 0..*len {
+                for ch in 0..c {
+                    for i in 0..*r {
+                        for q in 0..p {
+                            x[((start + s) * c + ch) * p + q] += u[ch * r + i] * v[(s * r + i) * p + q];
+                        }
                     }
                 }
             }
@@ -224,7 +357,7 @@ mod tests {
     fn geometry(rng: &mut ChaCha8Rng) -> ConvGeometry {
         let k = [1, 3, 5][rng.random_range(0..3)];
         ConvGeometry {
-            batch: rng.random_range(1..4),
+            batch: rng.random_range(1..5),
             in_channels: rng.random_range(2..9),
             out_channels: rng.random_range(1..7),
             in_h: rng.random_range(k..9),
@@ -240,44 +373,49 @@ mod tests {
     fn factored_products_equal_the_full_convolution() {
         let mut rng = ChaCha8Rng::seed_from_u64(41);
         let mut paths = [0usize; 2];
-        for _ in 0..40 {
+        for _ in 0..60 {
             let g = geometry(&mut rng);
             let (c, co, n) = (g.in_channels, g.out_channels, g.batch);
             let (p, po) = (g.in_h * g.in_w, g.out_h() * g.out_w());
-            let r = rng.random_range(1..=c);
-            let rg = rng.random_range(1..=co);
-            let (u, v) = (random(&mut rng, c * r), random(&mut rng, n * r * p));
-            let (pp, q) = (random(&mut rng, co * rg), random(&mut rng, n * rg * po));
+            let xs = groups(&mut rng, n, c, p, c);
+            let gs = groups(&mut rng, n, co, po, co);
+            for (_, len, r, _, _) in &xs {
+                if *r > 0 {
+                    paths[factored_is_cheaper(&ConvGeometry { batch: *len, ..g }, *r, c) as usize] += 1;
+                }
+            }
             let w = random(&mut rng, g.weight_len());
-            paths[factored_is_cheaper(&g, r, c) as usize] += 1;
-            let x_low = expand(&u, c, r, &v, n, p);
-            let dy_low = expand(&pp, co, rg, &q, n, po);
+            let (x_low, dy_low) = (expand(&xs, n, c, p), expand(&gs, n, co, po));
 
             let mut want = vec![0.0; g.output_len()];
             conv2d_forward(&g, &x_low, &w, None, &mut want);
-            let mut got = vec![0.0; g.output_len()];
-            low_rank_forward(&g, &input_major(&g, &w), &u, r, &v, &mut got);
+            let mut got = random(&mut rng, g.output_len()); // overwritten
+            low_rank_forward(&g, &input_major(&g, &w), &view(&xs), &mut got);
             close(&got, &want, "forward");
 
             let mut want = vec![0.0; g.input_len()];
             conv2d_backward_data(&g, &dy_low, &w, &mut want);
-            let mut got = vec![0.0; g.input_len()];
-            low_rank_input_gradient(&g, &w, &pp, rg, &q, &mut got);
+            let mut got = random(&mut rng, g.input_len()); // overwritten
+            low_rank_input_gradient(&g, &w, &view(&gs), &mut got);
             close(&got, &want, "input gradient");
 
             let dy = random(&mut rng, g.output_len());
             let mut want = vec![0.0; g.weight_len()];
             conv2d_backward_weight(&g, &x_low, &dy, &mut want, None);
-            let mut got_im = vec![0.0; g.weight_len()];
-            add_low_rank_input_weight_gradient(&g, &u, r, &v, &dy, &mut got_im);
-            close(&swap_leading_axes(&got_im, c, co, g.kernel_h * g.kernel_w), &want, "weight gradient (U V)");
+            let start = random(&mut rng, g.weight_len()); // accumulated onto
+            let mut got_im = input_major(&g, &start);
+            add_low_rank_input_weight_gradient(&g, &view(&xs), &dy, &mut got_im);
+            let got = swap_leading_axes(&got_im, c, co, g.kernel_h * g.kernel_w);
+            let diff: Vec<f32> = got.iter().zip(&start).map(|(a, b)| a - b).collect();
+            close(&diff, &want, "weight gradient (U V)");
 
             let x = random(&mut rng, g.input_len());
             let mut want = vec![0.0; g.weight_len()];
             conv2d_backward_weight(&g, &x, &dy_low, &mut want, None);
-            let mut got = vec![0.0; g.weight_len()];
-            add_low_rank_gradient_weight_gradient(&g, &x, &pp, rg, &q, &mut got);
-            close(&got, &want, "weight gradient (P Q)");
+            let mut got = start.clone();
+            add_low_rank_gradient_weight_gradient(&g, &x, &view(&gs), &mut got);
+            let diff: Vec<f32> = got.iter().zip(&start).map(|(a, b)| a - b).collect();
+            close(&diff, &want, "weight gradient (P Q)");
         }
         assert!(paths[0] > 0 && paths[1] > 0, "both the direct and the factored path must be exercised: {paths:?}");
     }
