@@ -52,9 +52,11 @@ pub fn clip_and_noise(
             row.iter_mut().for_each(|v| *v *= scale);
             out.clipped += 1;
         }
+        // Single-precision samples: twice as fast as f64 ones here, and the released values are f32.
+        let std = std as f32;
         for v in row.iter_mut() {
-            let z: f64 = StandardNormal.sample(rng);
-            *v += (z * std) as f32;
+            let z: f32 = StandardNormal.sample(rng);
+            *v += z * std;
         }
     }
     out

@@ -397,13 +397,12 @@ impl Placement for Asymml {
         let index = self.index_of(layer);
         let policy = self.cfg.rank.policy(index);
         let mut parts = self.decompose(layer, "forward", data(x), (n, c, p));
-        let w_im = vc::input_major(&g, data(&conv.weight));
         let (out_c, out_hw) = (g.out_channels, g.out_h() * g.out_w());
         let mut y = vec![0.0f32; n * out_c * out_hw];
         let mut pending = Pending { residual: None, weight: None, is_input, index, in_shape: x.shape().to_vec() };
         if keeps_everything(policy, c, p * self.group_len(n)) {
             self.enclave_macs += timed(&self.phases, "low-rank products", || {
-                vc::low_rank_forward(&g, &w_im, &factors(&parts.groups), &mut y)
+                vc::low_rank_forward(&g, data(&conv.weight), &factors(&parts.groups), &mut y)
             });
         } else {
             let bound = self.cfg.clip_norm * ((c * p) as f64).sqrt();
@@ -419,7 +418,7 @@ impl Placement for Asymml {
             let (from_device, macs) = self.overlapped(
                 layer,
                 |d| d.conv_forward(&g, &residual, &weight),
-                || vc::low_rank_forward(&g, &w_im, &factors(groups), &mut y),
+                || vc::low_rank_forward(&g, data(&conv.weight), &factors(groups), &mut y),
             )?;
             self.enclave_macs += macs;
             self.device_macs += g.forward_macs();

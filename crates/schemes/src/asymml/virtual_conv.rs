@@ -149,7 +149,7 @@ fn side_by_side(groups: &[Factors], channels: usize) -> Vec<f32> {
 
 /// `y = conv(U V, W)` for every group (overwrites `y`, the whole batch's `N x C_out x H' x W'`).
 /// Returns the multiply-adds spent.
-pub fn low_rank_forward(g: &ConvGeometry, w_input_major: &[f32], groups: &[Factors], y: &mut [f32]) -> u64 {
+pub fn low_rank_forward(g: &ConvGeometry, w: &[f32], groups: &[Factors], y: &mut [f32]) -> u64 {
     y.fill(0.0);
     let (c, kk, p) = (g.in_channels, taps(g), g.in_h * g.in_w);
     let out_per = g.out_channels * g.out_h() * g.out_w();
@@ -157,10 +157,9 @@ pub fn low_rank_forward(g: &ConvGeometry, w_input_major: &[f32], groups: &[Facto
     let mut macs = 0;
     if !direct.is_empty() {
         let (x, n) = rebuild_all(&direct, c, p);
-        let w = swap_leading_axes(w_input_major, c, g.out_channels, kk);
         let gd = ConvGeometry { batch: n, ..*g };
         let mut out = vec![0.0f32; n * out_per];
-        conv2d_forward(&gd, &x, &w, None, &mut out);
+        conv2d_forward(&gd, &x, w, None, &mut out);
         scatter(&direct, &out, y, out_per);
         macs += gd.forward_macs() + (x.len() * direct[0].rank) as u64;
     }
@@ -170,7 +169,8 @@ pub fn low_rank_forward(g: &ConvGeometry, w_input_major: &[f32], groups: &[Facto
         let cols = g.out_channels * kk;
         let mut t = vec![0.0f32; total * cols];
         let ut = stacked_transposes(&factored, c);
-        gemm(MatRef::row_major(&ut, total, c), MatRef::row_major(w_input_major, c, cols), &mut t, cols, false);
+        let w_input_major = input_major(g, w);
+        gemm(MatRef::row_major(&ut, total, c), MatRef::row_major(&w_input_major, c, cols), &mut t, cols, false);
         macs += (total * c * cols) as u64;
         let mut row = 0;
         for f in &factored {
@@ -390,7 +390,7 @@ mod tests {
             let mut want = vec![0.0; g.output_len()];
             conv2d_forward(&g, &x_low, &w, None, &mut want);
             let mut got = random(&mut rng, g.output_len()); // overwritten
-            low_rank_forward(&g, &input_major(&g, &w), &view(&xs), &mut got);
+            low_rank_forward(&g, &w, &view(&xs), &mut got);
             close(&got, &want, "forward");
 
             let mut want = vec![0.0; g.input_len()];
