@@ -57,7 +57,7 @@ struct TrainArgs {
     /// Where the trust boundary lies: plaintext (no split, the reference), tee-only (everything
     /// in the enclave), gpu-only (linear layers on the device in the clear: INSECURE baseline),
     /// asymml (low-rank parts in the enclave, noised residuals on the device; see the AsymML flags).
-    #[arg(long, default_value = "plaintext")]
+    #[arg(long, default_value = "asymml")]
     scheme: Scheme,
     /// Device for schemes that offload: cpu, cpu:THREADS, wgpu, wgpu:cpu, cuda, cuda:INDEX, or
     /// tcp://HOST:PORT (a `trustsplit device` worker). Several, comma-separated, split each batch.

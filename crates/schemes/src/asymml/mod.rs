@@ -101,8 +101,8 @@ impl Default for AsymmlConfig {
             basis: BasisScope::Sample,
             protect_gradients: true,
             noise_multiplier: 0.0,
-            clip_norm: 0.02,
-            grad_clip_norm: 0.001,
+            clip_norm: 0.001,
+            grad_clip_norm: 0.0001,
             delta: 1e-5,
         }
     }
