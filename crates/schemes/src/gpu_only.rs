@@ -11,7 +11,7 @@
 //! concurrently; each device receives its shard of the activations and gradients and the full
 //! weights, and the weight gradients are summed in shard order inside the enclave.
 
-use crate::placement::{keep_input, saved_input, Placement, PlacementResult};
+use crate::placement::{bias_gradient, keep_input, saved_input, Placement, PlacementResult};
 use crate::{RunnerError, SchemeKind, SplitRunner};
 use std::ops::Range;
 use std::sync::{Arc, Mutex};
@@ -254,15 +254,4 @@ impl Placement for GpuOnly {
         }
         Ok((dx, grads))
     }
-}
-
-/// Bias gradient (sum of `dy` over everything but the channel axis), computed in the enclave.
-fn bias_gradient(dy: &Tensor, channels: usize) -> Tensor {
-    let per_sample = dy.len() / dy.shape()[0];
-    let spatial = per_sample / channels;
-    let mut db = vec![0.0f32; channels];
-    for (i, plane) in data(dy).chunks(spatial).enumerate() {
-        db[i % channels] += plane.iter().sum::<f32>();
-    }
-    from_vec(&[channels], db)
 }

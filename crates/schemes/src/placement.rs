@@ -102,6 +102,17 @@ pub fn saved_input(layer: &str, saved: Saved) -> PlacementResult<Tensor> {
     }
 }
 
+/// Bias gradient (sum of `dy` over everything but the channel axis), computed in the enclave.
+pub fn bias_gradient(dy: &Tensor, channels: usize) -> Tensor {
+    let per_sample = dy.len() / dy.shape()[0].max(1);
+    let spatial = (per_sample / channels.max(1)).max(1);
+    let mut db = vec![0.0f32; channels];
+    for (i, plane) in trustsplit_nn::tensor::data(dy).chunks(spatial).enumerate() {
+        db[i % channels] += plane.iter().sum::<f32>();
+    }
+    trustsplit_nn::tensor::from_vec(&[channels], db)
+}
+
 /// Computes the linear layers inside the trusted side, with the same kernels as plaintext.
 pub struct Trusted;
 

@@ -299,6 +299,22 @@ fn factors(groups: &[Group]) -> Vec<vc::Factors<'_>> {
         .collect()
 }
 
+type Gradients = (Option<Vec<f32>>, Option<Vec<f32>>);
+
+/// The device's share of a convolution's backward pass: the input gradient when given the weight,
+/// the weight gradient when given the released input residual.
+fn device_backward(
+    d: &mut Device,
+    g: &ConvGeometry,
+    grad: &Released<Vec<f32>>,
+    weight: Option<&Released<Vec<f32>>>,
+    x_residual: Option<&Released<Vec<f32>>>,
+) -> Result<Gradients, DeviceError> {
+    let dx = weight.map(|w| d.conv_backward_data(g, grad, w)).transpose()?;
+    let dw = x_residual.map(|x| d.conv_backward_weight(g, x, grad)).transpose()?;
+    Ok((dx, dw))
+}
+
 /// Adds a per-channel bias to `N x C x HW` values.
 fn add_bias(y: &mut [f32], bias: Option<&Tensor>, channels: usize, hw: usize) {
     if let Some(b) = bias {
@@ -308,15 +324,6 @@ fn add_bias(y: &mut [f32], bias: Option<&Tensor>, channels: usize, hw: usize) {
             plane.iter_mut().for_each(|x| *x += v);
         }
     }
-}
-
-/// Sum of `dy` over everything but the channel axis (`N x C x HW`).
-fn bias_gradient(dy: &[f32], channels: usize, hw: usize) -> Tensor {
-    let mut db = vec![0.0f32; channels];
-    for (i, plane) in dy.chunks(hw.max(1)).enumerate() {
-        db[i % channels] += plane.iter().sum::<f32>();
-    }
-    from_vec(&[channels], db)
 }
 
 /// The enclave's saved context: for each group, its basis `U` (C x r) and coordinates `V`.
@@ -452,7 +459,7 @@ impl Placement for Asymml {
         let mut dx = vec![0.0f32; g.input_len()];
         let mut dw = vec![0.0f32; g.weight_len()];
         let mut dw_input_major = vec![0.0f32; g.weight_len()];
-        let db = conv.bias.as_ref().map(|_| bias_gradient(data(dy), out_c, out_hw));
+        let db = conv.bias.as_ref().map(|_| crate::placement::bias_gradient(dy, out_c));
         let need_dx = !pending.is_input;
 
         if !need_dx && pending.residual.is_none() {
@@ -510,17 +517,7 @@ impl Placement for Asymml {
                 let x_res = pending.residual.as_ref();
                 self.overlapped(
                     layer,
-                    |d| {
-                        let dx = match (device_dx, weight) {
-                            (true, Some(wr)) => Some(d.conv_backward_data(&g, grad, wr)?),
-                            _ => None,
-                        };
-                        let dw = match (device_dw, x_res) {
-                            (true, Some(xr)) => Some(d.conv_backward_weight(&g, xr, grad)?),
-                            _ => None,
-                        };
-                        Ok((dx, dw))
-                    },
+                    |d| device_backward(d, &g, grad, weight.filter(|_| device_dx), x_res.filter(|_| device_dw)),
                     enclave,
                 )?
             } else {
@@ -543,21 +540,7 @@ impl Placement for Asymml {
                 let grad = self.release(layer, "output-gradient", dy.shape(), data(dy).to_vec(), why);
                 let x_res = pending.residual.as_ref();
                 let weight = weight.as_ref();
-                self.overlapped(
-                    layer,
-                    |d| {
-                        let dx = match (need_dx, weight) {
-                            (true, Some(wr)) => Some(d.conv_backward_data(&g, &grad, wr)?),
-                            _ => None,
-                        };
-                        let dw = match x_res {
-                            Some(xr) => Some(d.conv_backward_weight(&g, xr, &grad)?),
-                            None => None,
-                        };
-                        Ok((dx, dw))
-                    },
-                    enclave,
-                )?
+                self.overlapped(layer, |d| device_backward(d, &g, &grad, weight.filter(|_| need_dx), x_res), enclave)?
             } else {
                 ((None, None), timed(&self.phases, "low-rank products", enclave))
             };
