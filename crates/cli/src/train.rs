@@ -322,8 +322,11 @@ pub fn train_with_data(
             last_train = (loss_sum / seen as f64, correct as f64 / seen as f64);
             last_test = evaluate(&mut runner, &mut model, &data, &data.test, 256.max(cfg.batch_size), show_progress)?;
             let secs = epoch_start.elapsed().as_secs_f64();
+            // AsymML: the privacy spent so far (each sample has taken part in epoch + 1 steps).
+            let epsilon = runner.report().placement.privacy.and_then(|l| l.spent(epoch as u64 + 1)).map(|p| p.epsilon);
             let line = serde_json::json!({"kind": "epoch", "epoch": epoch + 1, "train_loss": last_train.0,
-                "train_accuracy": last_train.1, "test_loss": last_test.loss, "test_accuracy": last_test.accuracy, "seconds": secs});
+                "train_accuracy": last_train.1, "test_loss": last_test.loss, "test_accuracy": last_test.accuracy,
+                "seconds": secs, "epsilon": epsilon});
             writeln!(metrics, "{line}")?;
             metrics.flush()?;
             let meta = checkpoint::meta(&model, epoch + 1, opt.steps, cfg.seed, cfg.identity());
