@@ -4,9 +4,9 @@
 use anyhow::{bail, Result};
 use clap::Args;
 use serde::{Deserialize, Serialize};
-use trustsplit_nn::{Layer, Model};
+use trustsplit_nn::Model;
 use trustsplit_schemes::accountant::calibrate_noise_multiplier;
-use trustsplit_schemes::asymml::{AsymmlConfig, BasisScope, PrivacyLedger, RankRule, Subspace};
+use trustsplit_schemes::asymml::{releases_per_step, AsymmlConfig, BasisScope, PrivacyLedger, RankRule, Subspace};
 
 /// AsymML flags (ignored by the other schemes).
 #[derive(Args, Clone, Debug)]
@@ -151,44 +151,14 @@ impl AsymmlOptions {
     }
 
     /// The noise multiplier of a training run: the flag's, or the smallest one that keeps every
-    /// sample within `--epsilon` after `epochs` epochs of `batch_size` batches of `model`.
+    /// sample within `--epsilon` after `epochs` epochs of `batch_size` batches of `model` (each
+    /// sample takes part in one step per epoch).
     pub fn noise_for_training(&self, model: &Model, batch_size: usize, epochs: usize) -> Result<f64> {
         check(self)?;
         let Some(target) = self.epsilon else { return Ok(self.noise_multiplier) };
-        let releases = release_bound(model, &self.config(1.0), batch_size) * epochs as u64;
+        let releases = releases_per_step(model, &self.config(1.0), batch_size) * epochs as u64;
         calibrate_noise_multiplier(target, self.delta, releases).map_err(|e| anyhow::anyhow!("--epsilon: {e}"))
     }
-}
-
-fn conv_count(layers: &[Layer]) -> u64 {
-    layers
-        .iter()
-        .map(|l| match l {
-            Layer::Conv2d(_) => 1,
-            Layer::Residual(r) => conv_count(&r.main) + conv_count(&r.shortcut),
-            _ => 0,
-        })
-        .sum()
-}
-
-fn has_batchnorm(layers: &[Layer]) -> bool {
-    layers.iter().any(|l| match l {
-        Layer::BatchNorm(_) => true,
-        Layer::Residual(r) => has_batchnorm(&r.main) || has_batchnorm(&r.shortcut),
-        _ => false,
-    })
-}
-
-/// An upper bound on the Gaussian releases charged to a sample per training step: every
-/// convolution releasing an activation residual (and a gradient residual when protected), each
-/// charged as depending on the whole batch when anything couples the samples. The run's actual
-/// count (reported at the end) can only be lower.
-pub fn release_bound(model: &Model, cfg: &AsymmlConfig, batch_size: usize) -> u64 {
-    let per_conv = if cfg.protect_gradients { 2 } else { 1 };
-    let coupled = cfg.basis == BasisScope::Batch || has_batchnorm(&model.layers);
-    let n = batch_size.max(1) as u64;
-    let charge = if coupled && n > 1 { 4 * n - 3 } else { 1 };
-    conv_count(&model.layers) * per_conv * charge
 }
 
 /// The privacy a training run spent, per sample.

@@ -151,8 +151,9 @@ fn asymml_epsilon_target_calibrates_the_noise() {
     let s = train(&cfg, &out_dir("asym-eps"), false, false).unwrap();
     let p = s.privacy.unwrap();
     let eps = p.epsilon.unwrap();
-    // Calibrated against an upper bound of the releases, so the run spends at most the target.
-    assert!(eps <= 8.0 + 1e-9 && eps > 1.0, "spent epsilon {eps}");
+    // Calibrated on the releases the run makes (counted from the model's shapes): it spends the
+    // target, not more and hardly less.
+    assert!(eps <= 8.0 + 1e-9 && eps > 7.99, "spent epsilon {eps}");
     assert!(p.noise_multiplier > 0.0 && p.releases_per_sample > 0, "{p:?}");
     assert!(p.covers.contains("does NOT cover the weights"), "{}", p.covers);
     assert!(s.accuracy.is_finite());

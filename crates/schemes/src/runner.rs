@@ -350,7 +350,7 @@ fn backward_layer(
 }
 
 /// Whether any layer is a batch-norm (whose training-mode statistics mix the batch's samples).
-fn has_batchnorm(layers: &[Layer]) -> bool {
+pub(crate) fn has_batchnorm(layers: &[Layer]) -> bool {
     layers.iter().any(|l| match l {
         Layer::BatchNorm(_) => true,
         Layer::Residual(r) => has_batchnorm(&r.main) || has_batchnorm(&r.shortcut),

@@ -104,8 +104,11 @@ fn without_noise_the_split_computes_what_plaintext_computes() {
     for (rank, subspace, basis, protect_gradients) in settings {
         let what = format!("{rank:?} {subspace:?} {basis:?} protect={protect_gradients}");
         let cfg = AsymmlConfig { rank, subspace, basis, protect_gradients, ..AsymmlConfig::default() };
-        let mut r = runner(cfg, Transcript::new());
+        let mut r = runner(cfg.clone(), Transcript::new());
         let (model, losses) = train(&mut r, 7);
+        // The count the noise calibration uses, from shapes alone, is the count the run charged.
+        let counted = r.report().placement.privacy.unwrap().releases_per_step;
+        assert_eq!(asymml::releases_per_step(&model, &cfg, 5), counted, "{what}");
         for (a, b) in losses.iter().zip(&ref_losses) {
             assert!((a - b).abs() <= 1e-4 * b.abs().max(1.0), "{what}: losses {losses:?} vs {ref_losses:?}");
         }

@@ -23,7 +23,7 @@ pub mod placement;
 pub mod virtual_conv;
 
 pub use lowrank::{RankPolicy, Subspace};
-pub use placement::runner;
+pub use placement::{releases_per_step, runner};
 
 use crate::accountant::{PrivacySpent, RdpAccountant};
 use serde::Serialize;

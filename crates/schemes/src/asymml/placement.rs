@@ -19,7 +19,7 @@ use trustsplit_kernels::elementwise::add_assign;
 use trustsplit_kernels::matmul::{matmul, parallelism, MatRef};
 use trustsplit_nn::layers::{Conv2d, Linear};
 use trustsplit_nn::tensor::{data, from_vec};
-use trustsplit_nn::{Mode, Saved, Tensor};
+use trustsplit_nn::{Layer, Mode, Model, Saved, Tensor};
 
 const SCHEME: &str = "asymml";
 
@@ -159,6 +159,64 @@ fn timed<T>(phases: &Phases, phase: &'static str, f: impl FnOnce() -> T) -> T {
 /// Decided from shapes only, so that whether a release happens reveals nothing about the data.
 fn keeps_everything(policy: RankPolicy, channels: usize, group_positions: usize) -> bool {
     matches!(policy, RankPolicy::Fixed(r) if r >= channels.min(group_positions))
+}
+
+/// The Gaussian releases one training step charges to each sample of a full batch of `batch`:
+/// the same decisions as the placement makes (which layers release, which releases depend on the
+/// whole batch), taken from the model's shapes before any data is seen. Used to calibrate the
+/// noise for a target epsilon; tests check it against the placement's own count.
+pub fn releases_per_step(model: &Model, cfg: &AsymmlConfig, batch: usize) -> u64 {
+    let coupled_model = crate::runner::has_batchnorm(&model.layers);
+    let group = match cfg.basis {
+        BasisScope::Sample => 1,
+        BasisScope::Batch => batch.max(1),
+    };
+    let n = batch.max(1) as u64;
+    let charge = |own_sample_only: bool| {
+        let coupled = cfg.basis == BasisScope::Batch || (coupled_model && !own_sample_only);
+        if coupled && n > 1 {
+            4 * n - 3
+        } else {
+            1
+        }
+    };
+    let mut convs = Vec::new();
+    collect_convs(&model.layers, &model.input_shape, true, &mut convs);
+    let mut total = 0;
+    for (index, (geometry, is_input)) in convs.iter().enumerate() {
+        let policy = cfg.rank.policy(index);
+        let g = geometry;
+        let forward = !keeps_everything(policy, g.in_channels, g.in_h * g.in_w * group);
+        if forward {
+            total += charge(*is_input);
+        }
+        let device_needed = !is_input || forward;
+        let out_positions = g.out_h() * g.out_w() * group;
+        if cfg.protect_gradients && device_needed && !keeps_everything(policy, g.out_channels, out_positions) {
+            total += charge(false);
+        }
+    }
+    total
+}
+
+/// Every convolution's geometry (batch 1) in the order the runner reaches them, and whether it is
+/// the model's first layer.
+fn collect_convs(layers: &[Layer], shape: &[usize], top_level: bool, out: &mut Vec<(ConvGeometry, bool)>) {
+    let mut shape = shape.to_vec();
+    for (i, layer) in layers.iter().enumerate() {
+        match layer {
+            Layer::Conv2d(c) => {
+                let in_shape: Vec<usize> = std::iter::once(1).chain(shape.iter().copied()).collect();
+                out.push((c.geometry(&in_shape), top_level && i == 0));
+            }
+            Layer::Residual(r) => {
+                collect_convs(&r.main, &shape, false, out);
+                collect_convs(&r.shortcut, &shape, false, out);
+            }
+            _ => {}
+        }
+        shape = layer.output_shape(&shape).expect("a validated model");
+    }
 }
 
 impl Asymml {
