@@ -11,16 +11,18 @@
 //! concurrently; each device receives its shard of the activations and gradients and the full
 //! weights, and the weight gradients are summed in shard order inside the enclave.
 
-use crate::placement::{bias_gradient, keep_input, saved_input, Placement, PlacementResult};
+use crate::placement::{
+    add_bias, bias_gradient, crossing, keep_input, lock, received, saved_input, Placement, PlacementResult,
+};
 use crate::{RunnerError, SchemeKind, SplitRunner};
 use std::ops::Range;
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
-use trustsplit_boundary::{ReleaseInfo, Released, Transcript};
+use trustsplit_boundary::{Released, Transcript};
 use trustsplit_device::{Device, DeviceStats, GemmShape};
 use trustsplit_kernels::elementwise::add_assign;
 use trustsplit_nn::layers::{Conv2d, Linear};
-use trustsplit_nn::tensor::{data, from_vec};
+use trustsplit_nn::tensor::{data, data_mut, from_vec};
 use trustsplit_nn::{Mode, Saved, Tensor};
 
 const SCHEME: &str = "gpu-only";
@@ -34,10 +36,6 @@ pub struct GpuOnly {
     transcript: Arc<Transcript>,
     /// Wall time spent waiting for devices (concurrent shards count once).
     waiting: Shared<f64>,
-}
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 /// A runner whose linear layers run on `devices` (at least one).
@@ -83,14 +81,7 @@ fn rows(t: &Tensor, r: &Range<usize>) -> Tensor {
 
 impl GpuOnly {
     fn release(&self, layer: &str, kind: &str, t: &Tensor) -> Released<Vec<f32>> {
-        let info = ReleaseInfo {
-            scheme: SCHEME.into(),
-            layer: layer.into(),
-            kind: kind.into(),
-            shape: t.shape().to_vec(),
-            reason: WHY.into(),
-        };
-        Released::new(&self.transcript, info, data(t).to_vec())
+        Released::new(&self.transcript, crossing(SCHEME, layer, kind, t.shape(), WHY), data(t).to_vec())
     }
 
     /// Releases `t` split along its batch axis into `parts` (one release when there is one part).
@@ -102,19 +93,7 @@ impl GpuOnly {
     }
 
     fn received(&self, layer: &str, kind: &str, shape: &[usize], values: Vec<f32>) -> PlacementResult<Tensor> {
-        let expected: usize = shape.iter().product();
-        if values.len() != expected {
-            return Err(format!("device returned {} values for {layer} {kind}, expected {expected}", values.len()));
-        }
-        let info = ReleaseInfo {
-            scheme: SCHEME.into(),
-            layer: layer.into(),
-            kind: kind.into(),
-            shape: shape.to_vec(),
-            reason: "device result".into(),
-        };
-        self.transcript.record_received(info, (values.len() * 4) as u64);
-        Ok(from_vec(shape, values))
+        Ok(from_vec(shape, received(&self.transcript, SCHEME, layer, kind, shape, values)?))
     }
 
     /// Runs `work(device, shard)` for every shard, concurrently on one device each; results come
@@ -175,13 +154,7 @@ impl Placement for GpuOnly {
             d.conv_forward(&trustsplit_kernels::ConvGeometry { batch: parts[i].len(), ..g }, &xr[i], &wr[i])
         })?;
         let mut y = self.received(layer, "output", &[g.batch, g.out_channels, g.out_h(), g.out_w()], concat(y))?;
-        if let Some(b) = &conv.bias {
-            let hw = g.out_h() * g.out_w();
-            for (i, plane) in y.as_slice_mut().expect("contiguous").chunks_mut(hw).enumerate() {
-                let bv = b[i % g.out_channels];
-                plane.iter_mut().for_each(|v| *v += bv);
-            }
-        }
+        add_bias(data_mut(&mut y), conv.bias.as_ref(), g.out_channels, g.out_h() * g.out_w());
         Ok((y, keep_input(x, mode)))
     }
 
@@ -220,11 +193,7 @@ impl Placement for GpuOnly {
             d.gemm(&GemmShape { m: parts[s].len(), n: o, k: i, trans_a: false, trans_b: true }, &xr[s], &wr[s])
         })?;
         let mut y = self.received(layer, "output", &[n, o], concat(y))?;
-        if let Some(b) = &lin.bias {
-            for row in y.as_slice_mut().expect("contiguous").chunks_mut(o) {
-                row.iter_mut().zip(b.iter()).for_each(|(v, bv)| *v += bv);
-            }
-        }
+        add_bias(data_mut(&mut y), lin.bias.as_ref(), o, 1);
         Ok(y)
     }
 

@@ -1,6 +1,8 @@
 //! Where a scheme runs the linear layers (convolutions and fully connected layers).
 
 use serde::Serialize;
+use std::sync::{Mutex, MutexGuard};
+use trustsplit_boundary::{ReleaseInfo, Transcript};
 use trustsplit_nn::layers::{Conv2d, Linear};
 use trustsplit_nn::{Mode, Saved, Tensor};
 
@@ -99,6 +101,51 @@ pub fn saved_input(layer: &str, saved: Saved) -> PlacementResult<Tensor> {
     match saved {
         Saved::Input(x) => Ok(x),
         other => Err(format!("{layer}: expected the saved input, found {other:?}")),
+    }
+}
+
+/// Locks a mutex, ignoring poisoning (a panicked device thread already failed its step).
+pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// What a scheme says about one value crossing the boundary.
+pub(crate) fn crossing(scheme: &str, layer: &str, kind: &str, shape: &[usize], reason: &str) -> ReleaseInfo {
+    ReleaseInfo {
+        scheme: scheme.into(),
+        layer: layer.into(),
+        kind: kind.into(),
+        shape: shape.to_vec(),
+        reason: reason.into(),
+    }
+}
+
+/// Checks that a device result holds as many values as `shape` says and records it as received.
+pub(crate) fn received(
+    transcript: &Transcript,
+    scheme: &str,
+    layer: &str,
+    kind: &str,
+    shape: &[usize],
+    values: Vec<f32>,
+) -> PlacementResult<Vec<f32>> {
+    let expected: usize = shape.iter().product();
+    if values.len() != expected {
+        return Err(format!("device returned {} values for {layer} {kind}, expected {expected}", values.len()));
+    }
+    transcript.record_received(crossing(scheme, layer, kind, shape, "device result"), (values.len() * 4) as u64);
+    Ok(values)
+}
+
+/// Adds a per-channel bias to values laid out `N x C x per_channel` (`per_channel` = 1 after a
+/// linear layer).
+pub(crate) fn add_bias(y: &mut [f32], bias: Option<&Tensor>, channels: usize, per_channel: usize) {
+    if let Some(b) = bias {
+        let b = trustsplit_nn::tensor::data(b);
+        for (i, plane) in y.chunks_mut(per_channel.max(1)).enumerate() {
+            let v = b[i % channels];
+            plane.iter_mut().for_each(|x| *x += v);
+        }
     }
 }
 

@@ -5,14 +5,16 @@ use super::lowrank::{find_basis, split, Basis, RankPolicy};
 use super::noise::{clip_and_noise, os_seeded, Clipped};
 use super::virtual_conv as vc;
 use super::{AsymmlConfig, BasisScope, PrivacyLedger, RankRule};
-use crate::placement::{LayerSplit, PassInfo, Placement, PlacementReport, PlacementResult};
+use crate::placement::{
+    add_bias, crossing, lock, received, LayerSplit, PassInfo, Placement, PlacementReport, PlacementResult,
+};
 use crate::{RunnerError, SchemeKind, SplitRunner};
 use rand_chacha::ChaCha12Rng;
 use std::cell::RefCell;
 use std::collections::{BTreeMap, HashMap};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex};
 use std::time::Instant;
-use trustsplit_boundary::{ReleaseInfo, Released, Transcript};
+use trustsplit_boundary::{Released, Transcript};
 use trustsplit_device::{Device, DeviceError, DeviceStats};
 use trustsplit_kernels::conv::ConvGeometry;
 use trustsplit_kernels::elementwise::add_assign;
@@ -22,10 +24,6 @@ use trustsplit_nn::tensor::{data, from_vec};
 use trustsplit_nn::{Layer, Mode, Model, Saved, Tensor};
 
 const SCHEME: &str = "asymml";
-
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
-}
 
 /// A runner that trains and evaluates under AsymML with `device` computing the residuals.
 pub fn runner(
@@ -287,14 +285,7 @@ impl Asymml {
     }
 
     fn release(&self, layer: &str, kind: &str, shape: &[usize], values: Vec<f32>, reason: &str) -> Released<Vec<f32>> {
-        let info = ReleaseInfo {
-            scheme: SCHEME.into(),
-            layer: layer.into(),
-            kind: kind.into(),
-            shape: shape.to_vec(),
-            reason: reason.into(),
-        };
-        Released::new(&self.transcript, info, values)
+        Released::new(&self.transcript, crossing(SCHEME, layer, kind, shape, reason), values)
     }
 
     fn release_weight(&self, layer: &str, conv: &Conv2d) -> Released<Vec<f32>> {
@@ -314,19 +305,8 @@ impl Asymml {
         }
     }
 
-    fn received(&self, layer: &str, kind: &str, expected: usize, values: Vec<f32>) -> PlacementResult<Vec<f32>> {
-        if values.len() != expected {
-            return Err(format!("device returned {} values for {layer} {kind}, expected {expected}", values.len()));
-        }
-        let info = ReleaseInfo {
-            scheme: SCHEME.into(),
-            layer: layer.into(),
-            kind: kind.into(),
-            shape: vec![values.len()],
-            reason: "device result".into(),
-        };
-        self.transcript.record_received(info, (values.len() * 4) as u64);
-        Ok(values)
+    fn received(&self, layer: &str, kind: &str, shape: &[usize], values: Vec<f32>) -> PlacementResult<Vec<f32>> {
+        received(&self.transcript, SCHEME, layer, kind, shape, values)
     }
 
     /// Runs `device_work` on the device while the enclave runs `enclave_work`; the time the enclave
@@ -371,17 +351,6 @@ fn device_backward(
     let dx = weight.map(|w| d.conv_backward_data(g, grad, w)).transpose()?;
     let dw = x_residual.map(|x| d.conv_backward_weight(g, x, grad)).transpose()?;
     Ok((dx, dw))
-}
-
-/// Adds a per-channel bias to `N x C x HW` values.
-fn add_bias(y: &mut [f32], bias: Option<&Tensor>, channels: usize, hw: usize) {
-    if let Some(b) = bias {
-        let b = data(b);
-        for (i, plane) in y.chunks_mut(hw.max(1)).enumerate() {
-            let v = b[i % channels];
-            plane.iter_mut().for_each(|x| *x += v);
-        }
-    }
 }
 
 /// The enclave's saved context: for each group, its basis `U` (C x r) and coordinates `V`.
@@ -487,7 +456,8 @@ impl Placement for Asymml {
             )?;
             self.enclave_macs += macs;
             self.device_macs += g.forward_macs();
-            let from_device = self.received(layer, "output", y.len(), from_device)?;
+            let out_shape = [n, out_c, g.out_h(), g.out_w()];
+            let from_device = self.received(layer, "output", &out_shape, from_device)?;
             add_assign(&mut y, &from_device);
             pending.residual = Some(residual);
             pending.weight = Some(weight);
@@ -671,11 +641,13 @@ impl Asymml {
         dw: &mut [f32],
     ) -> PlacementResult<()> {
         if let Some(v) = dev_dx {
-            add_assign(dx, &self.received(layer, "input-gradient", dx.len(), v)?);
+            let shape = [g.batch, g.in_channels, g.in_h, g.in_w];
+            add_assign(dx, &self.received(layer, "input-gradient", &shape, v)?);
             self.device_macs += g.forward_macs();
         }
         if let Some(v) = dev_dw {
-            add_assign(dw, &self.received(layer, "weight-gradient", dw.len(), v)?);
+            let shape = [g.out_channels, g.in_channels, g.kernel_h, g.kernel_w];
+            add_assign(dw, &self.received(layer, "weight-gradient", &shape, v)?);
             self.device_macs += g.forward_macs();
         }
         Ok(())
