@@ -18,7 +18,6 @@ use trustsplit_boundary::{Released, Transcript};
 use trustsplit_device::{Device, DeviceError, DeviceStats};
 use trustsplit_kernels::conv::ConvGeometry;
 use trustsplit_kernels::elementwise::add_assign;
-use trustsplit_kernels::matmul::{matmul, parallelism, MatRef};
 use trustsplit_nn::layers::{Conv2d, Linear};
 use trustsplit_nn::tensor::{data, from_vec};
 use trustsplit_nn::{Layer, Mode, Model, Saved, Tensor};
@@ -159,24 +158,34 @@ fn keeps_everything(policy: RankPolicy, channels: usize, group_positions: usize)
     matches!(policy, RankPolicy::Fixed(r) if r >= channels.min(group_positions))
 }
 
+/// How many samples share one basis in a batch of `n`.
+fn group_len(basis: BasisScope, n: usize) -> usize {
+    match basis {
+        BasisScope::Sample => 1,
+        BasisScope::Batch => n.max(1),
+    }
+}
+
+/// Gaussian releases charged to each sample for one release over a batch of `n`: 1, or `4n - 3`
+/// when the release depends on the whole batch (its own residual moves by up to the bound, each of
+/// the `n - 1` others by up to twice the bound, both versions being clipped).
+fn release_charge(coupled: bool, n: u64) -> u64 {
+    if coupled && n > 1 {
+        4 * n - 3
+    } else {
+        1
+    }
+}
+
 /// The Gaussian releases one training step charges to each sample of a full batch of `batch`:
 /// the same decisions as the placement makes (which layers release, which releases depend on the
 /// whole batch), taken from the model's shapes before any data is seen. Used to calibrate the
 /// noise for a target epsilon; tests check it against the placement's own count.
 pub fn releases_per_step(model: &Model, cfg: &AsymmlConfig, batch: usize) -> u64 {
     let coupled_model = crate::runner::has_batchnorm(&model.layers);
-    let group = match cfg.basis {
-        BasisScope::Sample => 1,
-        BasisScope::Batch => batch.max(1),
-    };
-    let n = batch.max(1) as u64;
+    let group = group_len(cfg.basis, batch);
     let charge = |own_sample_only: bool| {
-        let coupled = cfg.basis == BasisScope::Batch || (coupled_model && !own_sample_only);
-        if coupled && n > 1 {
-            4 * n - 3
-        } else {
-            1
-        }
+        release_charge(cfg.basis == BasisScope::Batch || (coupled_model && !own_sample_only), batch as u64)
     };
     let mut convs = Vec::new();
     collect_convs(&model.layers, &model.input_shape, true, &mut convs);
@@ -223,20 +232,18 @@ impl Asymml {
         *self.conv_index.entry(layer.to_string()).or_insert(next)
     }
 
-    fn group_len(&self, n: usize) -> usize {
-        match self.cfg.basis {
-            BasisScope::Sample => 1,
-            BasisScope::Batch => n.max(1),
-        }
-    }
-
-    /// Splits `x` (`n` samples of `c x p`) into per-group bases, coordinates and a residual.
-    fn decompose(&mut self, layer: &str, what: &'static str, x: &[f32], shape: (usize, usize, usize)) -> Decomposition {
-        let (n, c, p) = shape;
-        let index = self.index_of(layer);
-        let policy = self.cfg.rank.policy(index);
+    /// Splits `x` (`n` samples of `c x p`) into per-group bases, coordinates and a residual, for
+    /// the `index`-th convolution (`layer`) under `policy`.
+    fn decompose(
+        &mut self,
+        (index, layer): (usize, &str),
+        what: &'static str,
+        policy: RankPolicy,
+        x: &[f32],
+        (n, c, p): (usize, usize, usize),
+    ) -> Decomposition {
         let per = c * p;
-        let step = self.group_len(n);
+        let step = group_len(self.cfg.basis, n);
         let warm_key = format!("{layer}/{what}");
         let mut residual = vec![0.0f32; n * per];
         let mut groups = Vec::new();
@@ -280,8 +287,7 @@ impl Asymml {
             return;
         }
         let coupled = self.cfg.basis == BasisScope::Batch || (self.pass.couples_samples && !depends_on_own_sample_only);
-        let n = self.pass.batch as u64;
-        self.step_releases += if coupled && n > 1 { 4 * n - 3 } else { 1 };
+        self.step_releases += release_charge(coupled, self.pass.batch as u64);
     }
 
     fn release(&self, layer: &str, kind: &str, shape: &[usize], values: Vec<f32>, reason: &str) -> Released<Vec<f32>> {
@@ -291,6 +297,18 @@ impl Asymml {
     fn release_weight(&self, layer: &str, conv: &Conv2d) -> Released<Vec<f32>> {
         let why = "the model's weights are public to the device in AsymML (not covered by the DP accounting)";
         self.release(layer, "weight", conv.weight.shape(), data(&conv.weight).to_vec(), why)
+    }
+
+    /// The weight as released by the forward pass, or released now if the device needs it and the
+    /// forward pass kept the layer whole.
+    fn weight_for_device(
+        &self,
+        released: Option<Released<Vec<f32>>>,
+        needed: bool,
+        layer: &str,
+        conv: &Conv2d,
+    ) -> Option<Released<Vec<f32>>> {
+        released.or_else(|| needed.then(|| self.release_weight(layer, conv)))
     }
 
     fn residual_kind(&self, gradient: bool) -> (&'static str, &'static str) {
@@ -387,18 +405,9 @@ fn restore_groups(layer: &str, saved: Saved) -> PlacementResult<Vec<Group>> {
 /// `U v` plus the residual for every sample: the tensor the device and enclave together act on.
 fn recombine(groups: &[Group], residual: &[f32], positions: usize) -> Vec<f32> {
     let mut out = residual.to_vec();
-    for g in groups {
-        let (c, r) = (g.basis.channels, g.basis.rank);
-        if r == 0 {
-            continue;
-        }
-        let per = c * positions;
-        let u = MatRef::row_major(&g.basis.u, c, r);
-        for i in 0..g.len {
-            let v = MatRef::row_major(&g.v[i * r * positions..(i + 1) * r * positions], r, positions);
-            let dst = &mut out[(g.start + i) * per..(g.start + i + 1) * per];
-            matmul(u, v, dst, positions, true, parallelism(1));
-        }
+    for (g, f) in groups.iter().zip(factors(groups)) {
+        let per = g.basis.channels * positions;
+        vc::rebuild(&f, g.basis.channels, positions, &mut out[g.start * per..(g.start + g.len) * per], true);
     }
     out
 }
@@ -430,11 +439,11 @@ impl Placement for Asymml {
         let (n, c, p) = (g.batch, g.in_channels, g.in_h * g.in_w);
         let index = self.index_of(layer);
         let policy = self.cfg.rank.policy(index);
-        let mut parts = self.decompose(layer, "forward", data(x), (n, c, p));
+        let mut parts = self.decompose((index, layer), "forward", policy, data(x), (n, c, p));
         let (out_c, out_hw) = (g.out_channels, g.out_h() * g.out_w());
         let mut y = vec![0.0f32; n * out_c * out_hw];
         let mut pending = Pending { residual: None, weight: None, is_input, index, in_shape: x.shape().to_vec() };
-        if keeps_everything(policy, c, p * self.group_len(n)) {
+        if keeps_everything(policy, c, p * group_len(self.cfg.basis, n)) {
             self.enclave_macs += timed(&self.phases, "low-rank products", || {
                 vc::low_rank_forward(&g, data(&conv.weight), &factors(&parts.groups), &mut y)
             });
@@ -499,8 +508,8 @@ impl Placement for Asymml {
             });
         } else if self.cfg.protect_gradients {
             let policy = self.cfg.rank.policy(pending.index);
-            let mut gparts = self.decompose(layer, "gradient", data(dy), (n, out_c, out_hw));
-            let releases = !keeps_everything(policy, out_c, out_hw * self.group_len(n));
+            let mut gparts = self.decompose((pending.index, layer), "gradient", policy, data(dy), (n, out_c, out_hw));
+            let releases = !keeps_everything(policy, out_c, out_hw * group_len(self.cfg.basis, n));
             if releases {
                 // The bound applies to the gradient of the sample's own loss: n times the batch mean's.
                 let bound = self.cfg.grad_clip_norm * ((out_c * out_hw) as f64).sqrt() / n as f64;
@@ -523,11 +532,7 @@ impl Placement for Asymml {
             } else {
                 None
             };
-            let weight = match pending.weight {
-                Some(wr) => Some(wr),
-                None if device_dx => Some(self.release_weight(layer, conv)),
-                None => None,
-            };
+            let weight = self.weight_for_device(pending.weight, device_dx, layer, conv);
             let x_residual = pending.residual.as_ref().map(|r| r.get().as_slice());
             let (xf, gf) = (factors(&x_groups), factors(&gparts.groups));
             let enclave = || {
@@ -556,11 +561,7 @@ impl Placement for Asymml {
         } else {
             self.gradients_in_clear = true;
             let residual_released = pending.residual.is_some();
-            let weight = match pending.weight {
-                Some(wr) => Some(wr),
-                None if need_dx => Some(self.release_weight(layer, conv)),
-                None => None,
-            };
+            let weight = self.weight_for_device(pending.weight, need_dx, layer, conv);
             let xf = factors(&x_groups);
             let enclave = || vc::add_low_rank_input_weight_gradient(&g, &xf, data(dy), &mut dw_input_major);
             let ((dev_dx, dev_dw), macs) = if need_dx || residual_released {

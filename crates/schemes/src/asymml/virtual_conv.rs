@@ -62,17 +62,20 @@ pub(crate) fn factored_is_cheaper(g: &ConvGeometry, r: usize, low_rank_channels:
     factored < full
 }
 
-/// `U V` for each of the group's samples (`len x C x P`).
-fn rebuild(f: &Factors, channels: usize, positions: usize, out: &mut [f32]) {
+/// `U V` for each of the group's samples (`len x C x P`), written to `out` or, with `accumulate`,
+/// added to it.
+pub(crate) fn rebuild(f: &Factors, channels: usize, positions: usize, out: &mut [f32], accumulate: bool) {
     let (r, p) = (f.rank, positions);
     if r == 0 {
-        out.fill(0.0);
+        if !accumulate {
+            out.fill(0.0);
+        }
         return;
     }
     let u = MatRef::row_major(f.basis, channels, r);
     for s in 0..f.len {
         let v = MatRef::row_major(&f.coords[s * r * p..(s + 1) * r * p], r, p);
-        gemm(u, v, &mut out[s * channels * p..(s + 1) * channels * p], p, false);
+        gemm(u, v, &mut out[s * channels * p..(s + 1) * channels * p], p, accumulate);
     }
 }
 
@@ -93,7 +96,7 @@ fn rebuild_all(direct: &[Factors], channels: usize, positions: usize) -> (Vec<f3
     let mut out = vec![0.0f32; n * per];
     let mut at = 0;
     for f in direct {
-        rebuild(f, channels, positions, &mut out[at * per..(at + f.len) * per]);
+        rebuild(f, channels, positions, &mut out[at * per..(at + f.len) * per], false);
         at += f.len;
     }
     (out, n)
