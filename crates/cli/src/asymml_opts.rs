@@ -53,14 +53,11 @@ pub struct AsymmlArgs {
 
 /// The noise multiplier when neither --noise-multiplier nor --epsilon is given.
 pub const DEFAULT_NOISE: f64 = 2.0;
-/// Default per-value clipping bounds (activation residuals, gradient residuals). The noise each
-/// released value carries is `noise_multiplier * clip * sqrt(values per sample)`, so a small bound
-/// keeps the noise small at a given epsilon: the residual is mostly clipped away and the model
-/// learns from the low-rank part, which stays exact in the enclave. LeNet-5 on the embedded data:
-/// 82% at epsilon 8 with these defaults; twice the bound at the same multiplier diverged (see
-/// README, "Accuracy against epsilon").
-pub const DEFAULT_CLIP: f64 = 0.001;
-pub const DEFAULT_GRAD_CLIP: f64 = 0.0001;
+/// The scheme's clipping bounds (see [`trustsplit_schemes::asymml::DEFAULT_CLIP_NORM`]). LeNet-5 on
+/// the embedded data: 82% at epsilon 8 with these and the default noise; twice the bound at the
+/// same multiplier diverged (README, "Accuracy against epsilon").
+pub const DEFAULT_CLIP: f64 = trustsplit_schemes::asymml::DEFAULT_CLIP_NORM;
+pub const DEFAULT_GRAD_CLIP: f64 = trustsplit_schemes::asymml::DEFAULT_GRAD_CLIP_NORM;
 
 #[derive(Clone, Copy, Debug, clap::ValueEnum, Serialize, Deserialize, PartialEq, Eq)]
 pub enum SubspaceArg {

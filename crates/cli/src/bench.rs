@@ -264,6 +264,9 @@ pub fn step(o: &StepOptions) -> Result<StepBench> {
     let per = |a: u64, b: u64| (a - b) / o.steps as u64;
     let device_s = (after.device_seconds - before.device_seconds) / o.steps as f64;
     let step_s = wall / o.steps as f64;
+    // The model's own convolution and linear multiply-adds per step: forward, or forward and both
+    // backward products when training.
+    let model_macs = model.forward_macs_per_sample() * n as u64 * if o.inference { 1 } else { 3 };
     let (mem_a, mem_b) = (after.memory.clone().unwrap_or_default(), before.memory.unwrap_or_default());
     Ok(StepBench {
         scheme: o.scheme.to_string(),
@@ -288,7 +291,7 @@ pub fn step(o: &StepOptions) -> Result<StepBench> {
         enclave_macs: match o.scheme {
             crate::train::Scheme::Asymml => per(after.placement.enclave_macs, before.placement.enclave_macs),
             crate::train::Scheme::GpuOnly => 0,
-            _ => model.forward_macs_per_sample() * n as u64 * if o.inference { 1 } else { 3 },
+            _ => model_macs,
         },
         enclave_phase_ms: after
             .placement
@@ -301,9 +304,7 @@ pub fn step(o: &StepOptions) -> Result<StepBench> {
             .collect(),
         device_macs: match o.scheme {
             crate::train::Scheme::Asymml => per(after.placement.device_macs, before.placement.device_macs),
-            crate::train::Scheme::GpuOnly => {
-                model.forward_macs_per_sample() * n as u64 * if o.inference { 1 } else { 3 }
-            }
+            crate::train::Scheme::GpuOnly => model_macs,
             _ => 0,
         },
     })

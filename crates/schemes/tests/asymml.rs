@@ -7,7 +7,9 @@ use rand_chacha::ChaCha8Rng;
 use std::collections::BTreeSet;
 use std::sync::Arc;
 use trustsplit_boundary::{Direction, Secret, Transcript};
-use trustsplit_device::{CpuBackend, Device};
+mod common;
+
+use common::{cpu_device, max_relative_difference};
 use trustsplit_nn::layers::{BatchNorm, Conv2d, Layer, Linear, Pool, Residual};
 use trustsplit_nn::optim::{Optimizer, OptimizerKind};
 use trustsplit_nn::tensor::from_vec;
@@ -55,10 +57,6 @@ fn small_model(rng: &mut ChaCha8Rng) -> Model {
     Model::new("small", &[3, 12, 12], layers).unwrap()
 }
 
-fn cpu_device() -> Device {
-    Device::local(Box::new(CpuBackend::new(1).unwrap()))
-}
-
 fn runner(cfg: AsymmlConfig, transcript: Transcript) -> SplitRunner {
     asymml::runner(cpu_device(), cfg, 96 << 20, Arc::new(transcript)).unwrap()
 }
@@ -78,17 +76,6 @@ fn train(runner: &mut SplitRunner, seed: u64) -> (Model, Vec<f32>) {
     let y: Vec<usize> = (0..4).map(|_| rng.random_range(0..10)).collect();
     losses.push(runner.eval_batch(&mut model, Secret::new(x), &Secret::new(y)).unwrap().loss);
     (model, losses)
-}
-
-fn max_relative_difference(a: &Model, b: &Model) -> f32 {
-    let mut worst = 0.0f32;
-    for ((n, x), (_, y)) in a.named_params().iter().zip(b.named_params()) {
-        let scale = x.iter().fold(1e-6f32, |m, v| m.max(v.abs()));
-        let d = x.iter().zip(y.iter()).fold(0.0f32, |m, (p, q)| m.max((p - q).abs())) / scale;
-        assert!(d.is_finite(), "{n}");
-        worst = worst.max(d);
-    }
-    worst
 }
 
 #[test]

@@ -5,7 +5,9 @@ use rand_chacha::ChaCha8Rng;
 use std::collections::BTreeSet;
 use std::sync::Arc;
 use trustsplit_boundary::{Direction, Secret, Transcript};
-use trustsplit_device::{CpuBackend, Device};
+mod common;
+
+use common::{cpu_device, max_relative_difference};
 use trustsplit_nn::optim::{Optimizer, OptimizerKind};
 use trustsplit_nn::tensor::from_vec;
 use trustsplit_nn::{zoo, Model, Tensor};
@@ -32,21 +34,6 @@ fn train(runner: &mut SplitRunner, name: &str, input: &[usize], steps: usize) ->
     let (x, y) = batch(&mut rng, 6, input);
     runner.eval_batch(&mut model, Secret::new(x), &Secret::new(y)).unwrap();
     (model, losses)
-}
-
-fn cpu_device() -> Device {
-    Device::local(Box::new(CpuBackend::new(1).unwrap()))
-}
-
-fn max_relative_difference(a: &Model, b: &Model) -> f32 {
-    let mut worst = 0.0f32;
-    for ((n, x), (_, y)) in a.named_params().iter().zip(b.named_params()) {
-        let scale = x.iter().fold(1e-6f32, |m, v| m.max(v.abs()));
-        let d = x.iter().zip(y.iter()).fold(0.0f32, |m, (p, q)| m.max((p - q).abs())) / scale;
-        assert!(d.is_finite(), "{n}");
-        worst = worst.max(d);
-    }
-    worst
 }
 
 fn one_thread<T: Send>(f: impl FnOnce() -> T + Send) -> T {

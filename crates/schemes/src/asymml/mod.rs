@@ -74,6 +74,13 @@ pub enum BasisScope {
     Batch,
 }
 
+/// Default per-value clipping bounds for activation and output-gradient residuals. The noise a
+/// released value carries is `noise_multiplier * bound * sqrt(values per sample)`, so a small bound
+/// keeps the noise small at a given epsilon: the residual is mostly clipped away and the model
+/// learns from the low-rank part, which stays exact in the enclave.
+pub const DEFAULT_CLIP_NORM: f64 = 0.001;
+pub const DEFAULT_GRAD_CLIP_NORM: f64 = 0.0001;
+
 /// Settings of an AsymML run.
 #[derive(Clone, Debug)]
 pub struct AsymmlConfig {
@@ -101,8 +108,8 @@ impl Default for AsymmlConfig {
             basis: BasisScope::Sample,
             protect_gradients: true,
             noise_multiplier: 0.0,
-            clip_norm: 0.001,
-            grad_clip_norm: 0.0001,
+            clip_norm: DEFAULT_CLIP_NORM,
+            grad_clip_norm: DEFAULT_GRAD_CLIP_NORM,
             delta: 1e-5,
         }
     }
