@@ -228,8 +228,12 @@ fn collect_convs(layers: &[Layer], shape: &[usize], top_level: bool, out: &mut V
 
 impl Asymml {
     fn index_of(&mut self, layer: &str) -> usize {
+        if let Some(&i) = self.conv_index.get(layer) {
+            return i; // every step after the first: no allocation
+        }
         let next = self.conv_index.len();
-        *self.conv_index.entry(layer.to_string()).or_insert(next)
+        self.conv_index.insert(layer.to_string(), next);
+        next
     }
 
     /// Splits `x` (`n` samples of `c x p`) into per-group bases, coordinates and a residual, for
