@@ -82,6 +82,42 @@ impl ConvGeometry {
             panic!("{e}");
         }
     }
+    /// The "transposed" geometry of a stride-1 convolution with a square kernel: a convolution
+    /// from this one's output (`out_channels` channels, `out_h x out_w`) back to its input size,
+    /// with padding `k - 1 - padding`. Its forward pass with the flipped, transposed weight is this
+    /// one's input gradient, and its weight gradient (roles of input and output swapped) is this
+    /// one's flipped. Both avoid unrolling (or rolling back) the side with more channels, which is
+    /// what makes products with few output channels (AsymML's virtual channels) cheap.
+    /// `None` where the identity does not hold or would not save work.
+    fn transposed(&self) -> Option<ConvGeometry> {
+        let k = self.kernel_h;
+        let applies = self.stride == 1 && self.kernel_w == k && self.padding < k;
+        (applies && self.out_channels < self.in_channels).then(|| ConvGeometry {
+            in_channels: self.out_channels,
+            out_channels: self.in_channels,
+            in_h: self.out_h(),
+            in_w: self.out_w(),
+            padding: k - 1 - self.padding,
+            ..*self
+        })
+    }
+}
+
+/// `w` (`A x B x k x k`) with its two leading axes swapped and each kernel rotated by 180 degrees
+/// (`B x A x k x k`): the weight of the transposed convolution.
+fn flipped_transpose(w: &[f32], a: usize, b: usize, k: usize) -> Vec<f32> {
+    let kk = k * k;
+    let mut out = vec![0.0f32; w.len()];
+    for i in 0..a {
+        for j in 0..b {
+            let src = &w[(i * b + j) * kk..][..kk];
+            let dst = &mut out[(j * a + i) * kk..][..kk];
+            for (t, d) in dst.iter_mut().enumerate() {
+                *d = src[kk - 1 - t];
+            }
+        }
+    }
+    out
 }
 
 /// How samples are grouped and how the work is spread over threads.
@@ -313,6 +349,10 @@ pub fn conv2d_backward_data(g: &ConvGeometry, dy: &[f32], w: &[f32], dx: &mut [f
     assert_eq!(dy.len(), g.output_len(), "conv2d_backward_data: output-gradient length");
     assert_eq!(w.len(), g.weight_len(), "conv2d_backward_data: weight length");
     assert_eq!(dx.len(), g.input_len(), "conv2d_backward_data: input-gradient length");
+    if let Some(t) = g.transposed() {
+        let wt = flipped_transpose(w, g.out_channels, g.in_channels, g.kernel_h);
+        return conv2d_forward(&t, dy, &wt, None, dx);
+    }
     let plan = Plan::new(g);
     let inner = plan.inner(g.batch);
     let (hw, in_len) = (g.out_pixels(), g.in_channels * g.in_h * g.in_w);
@@ -346,6 +386,16 @@ pub fn conv2d_backward_weight(g: &ConvGeometry, x: &[f32], dy: &[f32], dw: &mut 
     assert_eq!(x.len(), g.input_len(), "conv2d_backward_weight: input length");
     assert_eq!(dy.len(), g.output_len(), "conv2d_backward_weight: output-gradient length");
     assert_eq!(dw.len(), g.weight_len(), "conv2d_backward_weight: weight-gradient length");
+    if let Some(t) = g.transposed() {
+        // The transposed convolution maps dy to x, so its weight gradient pairs them the other way.
+        let mut dw_t = vec![0.0f32; dw.len()];
+        conv2d_backward_weight(&t, dy, x, &mut dw_t, None);
+        dw.copy_from_slice(&flipped_transpose(&dw_t, g.in_channels, g.out_channels, g.kernel_h));
+        if let Some(db) = dbias {
+            bias_gradient(g, dy, db);
+        }
+        return;
+    }
     let plan = Plan::new(g);
     let inner = plan.inner(g.batch);
     let (cout, plen) = (g.out_channels, g.patch_len());
@@ -394,13 +444,18 @@ pub fn conv2d_backward_weight(g: &ConvGeometry, x: &[f32], dy: &[f32], dw: &mut 
         }
     }
     if let Some(db) = dbias {
-        assert_eq!(db.len(), cout, "conv2d_backward_weight: bias-gradient length");
-        let hw = g.out_pixels();
-        db.fill(0.0);
-        for n in 0..g.batch {
-            for (co, d) in db.iter_mut().enumerate() {
-                *d += dy[(n * cout + co) * hw..][..hw].iter().sum::<f32>();
-            }
+        bias_gradient(g, dy, db);
+    }
+}
+
+/// `db = sum of dy` per output channel (overwritten).
+fn bias_gradient(g: &ConvGeometry, dy: &[f32], db: &mut [f32]) {
+    let (cout, hw) = (g.out_channels, g.out_pixels());
+    assert_eq!(db.len(), cout, "conv2d_backward_weight: bias-gradient length");
+    db.fill(0.0);
+    for n in 0..g.batch {
+        for (co, d) in db.iter_mut().enumerate() {
+            *d += dy[(n * cout + co) * hw..][..hw].iter().sum::<f32>();
         }
     }
 }

@@ -115,6 +115,12 @@ fn edge_geometries() {
         ConvGeometry { in_h: 2, in_w: 3, batch: 9, ..base },
         // padding larger than the kernel's reach leaves whole zero rows
         ConvGeometry { kernel_h: 1, kernel_w: 1, padding: 2, stride: 2, ..base },
+        // fewer output than input channels, stride 1: both backward passes go through the
+        // transposed convolution (same padding, no padding, and padding up to k - 1)
+        ConvGeometry { in_channels: 9, out_channels: 2, ..base },
+        ConvGeometry { in_channels: 6, out_channels: 1, padding: 0, ..base },
+        ConvGeometry { in_channels: 7, out_channels: 3, kernel_h: 5, kernel_w: 5, padding: 4, ..base },
+        ConvGeometry { in_channels: 5, out_channels: 2, kernel_h: 1, kernel_w: 1, padding: 0, batch: 1, ..base },
     ];
     for (i, g) in cases.iter().enumerate() {
         for threads in [1, 2] {
