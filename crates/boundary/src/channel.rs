@@ -159,15 +159,24 @@ impl TcpChannel {
     }
 
     fn read_exact(&mut self, buf: &mut [u8], context: &str) -> Result<(), ChannelError> {
-        self.stream.read_exact(buf).map_err(|e| match e.kind() {
-            std::io::ErrorKind::UnexpectedEof => {
-                ChannelError::Closed { peer: self.peer.clone(), context: context.to_string() }
+        self.stream.read_exact(buf).map_err(|e| self.classify(e, context))
+    }
+
+    /// Names a dead or hung peer as such, whichever side of the socket noticed first: a peer that
+    /// died shows up as end of file or a reset when reading and as a broken pipe or a reset when
+    /// writing.
+    fn classify(&self, e: std::io::Error, context: &str) -> ChannelError {
+        use std::io::ErrorKind::*;
+        match e.kind() {
+            UnexpectedEof => ChannelError::Closed { peer: self.peer.clone(), context: context.to_string() },
+            BrokenPipe | ConnectionReset | ConnectionAborted => {
+                ChannelError::Closed { peer: self.peer.clone(), context: format!("{context} ({e})") }
             }
-            std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut => {
+            WouldBlock | TimedOut => {
                 ChannelError::Timeout { peer: self.peer.clone(), after: self.opts.timeout.unwrap_or_default() }
             }
             _ => ChannelError::Io { peer: self.peer.clone(), source: e },
-        })
+        }
     }
 }
 
@@ -187,10 +196,9 @@ impl Channel for TcpChannel {
         if payload.len() > max {
             return Err(ChannelError::TooLarge { peer: self.peer.clone(), len: payload.len(), max });
         }
-        let io = |source| ChannelError::Io { peer: self.peer.clone(), source };
-        self.stream.write_all(&header(tag, payload.len())).map_err(io)?;
-        self.stream.write_all(payload).map_err(io)?;
-        self.stream.flush().map_err(io)
+        let write = |stream: &mut TcpStream, bytes: &[u8]| stream.write_all(bytes).and_then(|_| stream.flush());
+        write(&mut self.stream, &header(tag, payload.len())).map_err(|e| self.classify(e, "while sending"))?;
+        write(&mut self.stream, payload).map_err(|e| self.classify(e, "while sending"))
     }
 
     fn recv(&mut self) -> Result<Frame, ChannelError> {

@@ -98,6 +98,17 @@ fn silent_or_dead_peers_time_out_or_close() {
 }
 
 #[test]
+fn sending_to_a_dead_tcp_peer_says_the_connection_closed() {
+    let (mut c, raw) = tcp_pair(opts(1 << 20, 1000));
+    drop(raw);
+    // The first writes may still land in the kernel's buffer; the peer's reset surfaces within a few.
+    let err =
+        (0..100).find_map(|_| c.send(1, &[0u8; 1 << 16]).err()).expect("sends to a closed socket kept succeeding");
+    assert!(matches!(err, ChannelError::Closed { .. }), "{err}");
+    assert!(err.to_string().contains("connection closed while sending"), "{err}");
+}
+
+#[test]
 fn encrypted_channel_round_trips_and_hides_the_payload() {
     let (a, b) = InProcessChannel::pair(opts(1 << 20, 1000));
     let (k1, k2) = ([7u8; 32], [9u8; 32]);

@@ -1,8 +1,11 @@
 //! A device worker process that dies mid-training: clear error, then resume with nothing lost.
 
-use std::io::{BufRead, BufReader};
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{Shutdown, TcpListener, TcpStream};
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{mpsc, Arc};
 use std::time::{Duration, Instant};
 use trustsplit::train::{train, Scheme, TrainConfig};
 use trustsplit_nn::{checkpoint, zoo};
@@ -44,6 +47,59 @@ impl Drop for Worker {
     }
 }
 
+/// A TCP relay in front of a worker that counts the bytes the trainer sends, so the test can kill
+/// the worker at a point fixed by the work done rather than by the wall clock.
+struct CountingRelay {
+    addr: String,
+    sent: Arc<AtomicU64>,
+    crossed: mpsc::Receiver<()>,
+}
+
+impl CountingRelay {
+    /// Relays to `upstream`; `crossed` fires once the trainer has sent `threshold` bytes.
+    fn start(upstream: String, threshold: u64) -> CountingRelay {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap().to_string();
+        let sent = Arc::new(AtomicU64::new(0));
+        let (tx, crossed) = mpsc::channel();
+        let counter = sent.clone();
+        std::thread::spawn(move || {
+            for client in listener.incoming().map_while(Result::ok) {
+                let Ok(worker) = TcpStream::connect(&upstream) else { return };
+                // Without this, Nagle's algorithm holds back every small reply for tens of milliseconds.
+                let _ = (client.set_nodelay(true), worker.set_nodelay(true));
+                let (client_in, worker_out) = (client.try_clone().unwrap(), worker.try_clone().unwrap());
+                std::thread::spawn(move || pump(worker, client, None));
+                let (counter, tx) = (counter.clone(), tx.clone());
+                std::thread::spawn(move || pump(client_in, worker_out, Some((counter, threshold, tx))));
+            }
+        });
+        CountingRelay { addr, sent, crossed }
+    }
+}
+
+/// Copies `from` to `to` until either side closes, then closes both.
+fn pump(mut from: TcpStream, mut to: TcpStream, count: Option<(Arc<AtomicU64>, u64, mpsc::Sender<()>)>) {
+    let mut buf = vec![0u8; 1 << 16];
+    loop {
+        let n = match from.read(&mut buf) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => n,
+        };
+        if to.write_all(&buf[..n]).is_err() {
+            break;
+        }
+        if let Some((sent, threshold, tx)) = &count {
+            let before = sent.fetch_add(n as u64, Ordering::SeqCst);
+            if before < *threshold && before + n as u64 >= *threshold {
+                let _ = tx.send(());
+            }
+        }
+    }
+    let _ = from.shutdown(Shutdown::Both);
+    let _ = to.shutdown(Shutdown::Both);
+}
+
 fn config(epochs: usize, device: &str) -> TrainConfig {
     let mut cfg = TrainConfig::new("lenet5", "embedded");
     cfg.scheme = Scheme::GpuOnly;
@@ -74,19 +130,22 @@ fn killed_worker_gives_a_clear_error_and_training_resumes_without_loss() {
 
     let out = out_dir("interrupted");
     let mut first = Worker::start();
-    train(&config(1, &format!("tcp://{}", first.addr)), &out, false, false).unwrap();
+    let measuring = CountingRelay::start(first.addr.clone(), u64::MAX);
+    train(&config(1, &format!("tcp://{}", measuring.addr)), &out, false, false).unwrap();
+    let bytes_per_epoch = measuring.sent.load(Ordering::SeqCst);
 
     // A worker that is gone before the run starts: a connection error naming the address.
     first.kill();
     let gone = format!("{:#}", train(&config(3, &format!("tcp://{}", first.addr)), &out, true, false).unwrap_err());
     assert!(gone.contains(&first.addr), "{gone}");
 
-    // A worker killed in the middle of a step: the step fails promptly with a clear error.
+    // A worker killed halfway through the second epoch: the step fails promptly with a clear error.
     let mut second = Worker::start();
-    let cfg = config(3, &format!("tcp://{}", second.addr));
+    let relay = CountingRelay::start(second.addr.clone(), bytes_per_epoch / 2);
+    let cfg = config(3, &format!("tcp://{}", relay.addr));
     let (out2, started) = (out.clone(), Instant::now());
     let run = std::thread::spawn(move || train(&cfg, &out2, true, false));
-    std::thread::sleep(Duration::from_millis(700));
+    relay.crossed.recv_timeout(Duration::from_secs(120)).expect("the resumed run never reached mid-epoch");
     second.kill();
     let err = format!("{:#}", run.join().unwrap().unwrap_err());
     assert!(started.elapsed() < Duration::from_secs(60), "the failure took {:?}", started.elapsed());
