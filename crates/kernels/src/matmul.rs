@@ -52,6 +52,21 @@ pub fn parallelism(threads: usize) -> Parallelism {
 /// `c = a * b` (or `c += a * b` when `accumulate`), with `c` row-major `a.rows x b.cols`
 /// starting at `c[0]` with row stride `c_row_stride`.
 pub fn matmul(a: MatRef, b: MatRef, c: &mut [f32], c_row_stride: usize, accumulate: bool, par: Parallelism) {
+    matmul_strided(a, b, c, c_row_stride, 1, accumulate, par);
+}
+
+/// `c = a * b` (or `c += a * b` when `accumulate`), with `c` an `a.rows x b.cols` matrix starting
+/// at `c[0]`: element `(i, j)` lives at `c[i * c_row_stride + j * c_col_stride]`. The strides must
+/// not make two elements share a place (the product would race on them).
+pub fn matmul_strided(
+    a: MatRef,
+    b: MatRef,
+    c: &mut [f32],
+    c_row_stride: usize,
+    c_col_stride: usize,
+    accumulate: bool,
+    par: Parallelism,
+) {
     assert_eq!(a.cols, b.rows, "matmul: inner dimensions differ");
     let (m, n, k) = (a.rows, b.cols, a.cols);
     a.check("lhs");
@@ -59,24 +74,28 @@ pub fn matmul(a: MatRef, b: MatRef, c: &mut [f32], c_row_stride: usize, accumula
     if m == 0 || n == 0 {
         return;
     }
-    assert!((m - 1) * c_row_stride + n <= c.len(), "matmul: destination too small");
+    assert!((m - 1) * c_row_stride + (n - 1) * c_col_stride < c.len(), "matmul: destination too small");
+    assert!(disjoint(m, n, c_row_stride, c_col_stride), "matmul: destination elements overlap");
     if k == 0 {
         if !accumulate {
             for r in 0..m {
-                c[r * c_row_stride..r * c_row_stride + n].fill(0.0);
+                for j in 0..n {
+                    c[r * c_row_stride + j * c_col_stride] = 0.0;
+                }
             }
         }
         return;
     }
-    // SAFETY: the asserts above keep every index the product touches inside the three slices;
-    // `c` is borrowed mutably, so it cannot alias `a` or `b`.
+    // SAFETY: the asserts above keep every index the product touches inside the three slices and
+    // give every destination element its own place; `c` is borrowed mutably, so it cannot alias
+    // `a` or `b`.
     unsafe {
         gemm::gemm(
             m,
             n,
             k,
             c.as_mut_ptr(),
-            1,
+            c_col_stride as isize,
             c_row_stride as isize,
             accumulate,
             a.data.as_ptr(),
@@ -91,6 +110,109 @@ pub fn matmul(a: MatRef, b: MatRef, c: &mut [f32], c_row_stride: usize, accumula
             false,
             false,
             par,
+        );
+    }
+}
+
+/// Whether an `m x n` destination with these strides gives every element its own place (a
+/// sufficient test: one axis steps over the whole extent of the other).
+fn disjoint(m: usize, n: usize, row_stride: usize, col_stride: usize) -> bool {
+    match (m, n) {
+        (1, 1) => true,
+        (1, _) => col_stride > 0,
+        (_, 1) => row_stride > 0,
+        _ => (col_stride > 0 && row_stride >= n * col_stride) || (row_stride > 0 && col_stride >= m * row_stride),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rand::{Rng, SeedableRng};
+    use rand_chacha::ChaCha8Rng;
+
+    /// A strided view of the given shape and strides, starting at `offset`, over random values.
+    fn random_view(rng: &mut ChaCha8Rng, rows: usize, cols: usize, rs: usize, cs: usize, offset: usize) -> Vec<f32> {
+        let len = offset + (rows.max(1) - 1) * rs + (cols.max(1) - 1) * cs + 1 + rng.random_range(0..3);
+        (0..len).map(|_| rng.random_range(-1.0f32..1.0)).collect()
+    }
+
+    #[test]
+    fn strided_products_match_a_naive_loop() {
+        let mut rng = ChaCha8Rng::seed_from_u64(7);
+        for case in 0..200 {
+            let (m, n, k) = (rng.random_range(1..9), rng.random_range(1..9), rng.random_range(0..9));
+            // Operand layouts: row-major, column-major or interleaved (padded) strides.
+            let layout = |rng: &mut ChaCha8Rng, rows: usize, cols: usize| -> (usize, usize) {
+                let pad = rng.random_range(0..3);
+                match rng.random_range(0..3) {
+                    0 => (cols + pad, 1),
+                    1 => (1, rows + pad),
+                    _ => {
+                        let inner = rng.random_range(2..4);
+                        (cols * inner + pad, inner)
+                    }
+                }
+            };
+            let (ars, acs) = layout(&mut rng, m, k);
+            let (brs, bcs) = layout(&mut rng, k, n);
+            let (crs, ccs) = layout(&mut rng, m, n);
+            let (ao, bo, co) = (rng.random_range(0..3), rng.random_range(0..3), rng.random_range(0..3));
+            let a_data = random_view(&mut rng, m, k, ars, acs, ao);
+            let b_data = random_view(&mut rng, k, n, brs, bcs, bo);
+            let c_start = random_view(&mut rng, m, n, crs, ccs, co);
+            let a = MatRef { data: &a_data[ao..], rows: m, cols: k, row_stride: ars, col_stride: acs };
+            let b = MatRef { data: &b_data[bo..], rows: k, cols: n, row_stride: brs, col_stride: bcs };
+            for accumulate in [false, true] {
+                let par = if case % 2 == 0 { Parallelism::None } else { parallelism(2) };
+                let mut c = c_start.clone();
+                matmul_strided(a, b, &mut c[co..], crs, ccs, accumulate, par);
+                let mut want: Vec<f64> = c_start.iter().map(|&v| v as f64).collect();
+                for i in 0..m {
+                    for j in 0..n {
+                        let mut sum = 0.0f64;
+                        for l in 0..k {
+                            sum += a_data[ao + i * ars + l * acs] as f64 * b_data[bo + l * brs + j * bcs] as f64;
+                        }
+                        let at = co + i * crs + j * ccs;
+                        want[at] = if accumulate { want[at] + sum } else { sum };
+                    }
+                }
+                // Every value outside the destination's elements is left alone.
+                for (at, (&got, &w)) in c.iter().zip(&want).enumerate() {
+                    assert!(
+                        (got as f64 - w).abs() <= 1e-5 * (1.0 + w.abs()),
+                        "case {case} ({m}x{k} * {k}x{n}, accumulate {accumulate}): [{at}] {got} vs {w}"
+                    );
+                }
+            }
+        }
+    }
+
+    #[test]
+    #[should_panic(expected = "destination elements overlap")]
+    fn overlapping_destination_strides_are_refused() {
+        let (a, b) = (vec![1.0f32; 4], vec![1.0f32; 4]);
+        let mut c = vec![0.0f32; 8];
+        // 2 x 2 with strides (1, 1): elements (0, 1) and (1, 0) share a place.
+        let (a, b) = (MatRef::row_major(&a, 2, 2), MatRef::row_major(&b, 2, 2));
+        matmul_strided(a, b, &mut c, 1, 1, false, Parallelism::None);
+    }
+
+    #[test]
+    #[should_panic(expected = "destination too small")]
+    fn a_destination_past_its_slice_is_refused() {
+        let (a, b) = (vec![1.0f32; 4], vec![1.0f32; 4]);
+        let mut c = vec![0.0f32; 6];
+        // 2 x 2 with strides (4, 2): the last element sits at 4 + 2 = 6.
+        matmul_strided(
+            MatRef::row_major(&a, 2, 2),
+            MatRef::row_major(&b, 2, 2),
+            &mut c,
+            4,
+            2,
+            false,
+            Parallelism::None,
         );
     }
 }

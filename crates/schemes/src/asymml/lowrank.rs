@@ -107,13 +107,23 @@ pub fn find_basis(
 /// Splits one sample with a basis: returns (v, residual) with v = U^T x (rank x positions, row-major) and
 /// residual = x - U v (C x positions). Also usable for gradients (C_out x P_out).
 pub fn split(basis: &Basis, x: &[f32], positions: usize) -> (Vec<f32>, Vec<f32>) {
-    assert_eq!(x.len(), basis.channels * positions, "split: sample is not C x positions");
-    let u = MatRef::row_major(&basis.u, basis.channels, basis.rank);
     let mut v = vec![0.0; basis.rank * positions];
-    matmul(u.t(), MatRef::row_major(x, basis.channels, positions), &mut v, positions, false, parallelism(1));
-    let low = low_rank_part(basis, &v, positions);
-    let residual = x.iter().zip(&low).map(|(a, b)| a - b).collect();
+    let mut residual = vec![0.0; x.len()];
+    split_into(basis, x, positions, &mut v, &mut residual);
     (v, residual)
+}
+
+/// [`split`] into caller-owned buffers (`v`: rank x positions, `residual`: C x positions), both
+/// overwritten: the enclave splits every activation of every step, so it avoids the temporaries.
+pub fn split_into(basis: &Basis, x: &[f32], positions: usize, v: &mut [f32], residual: &mut [f32]) {
+    assert_eq!(x.len(), basis.channels * positions, "split: sample is not C x positions");
+    assert_eq!(v.len(), basis.rank * positions, "split: v is not rank x positions");
+    assert_eq!(residual.len(), x.len(), "split: residual is not C x positions");
+    let u = MatRef::row_major(&basis.u, basis.channels, basis.rank);
+    matmul(u.t(), MatRef::row_major(x, basis.channels, positions), v, positions, false, parallelism(1));
+    // residual = x - U v, with U v written into the residual's own buffer first.
+    matmul(u, MatRef::row_major(v, basis.rank, positions), residual, positions, false, parallelism(1));
+    residual.iter_mut().zip(x).for_each(|(r, &a)| *r = a - *r);
 }
 
 /// Rebuilds U v (C x positions) — the low-rank part — used by tests and by the enclave when it needs the
@@ -126,8 +136,18 @@ pub fn low_rank_part(basis: &Basis, v: &[f32], positions: usize) -> Vec<f32> {
     out
 }
 
+/// Sum of squares in f64. Eight independent partial sums let the compiler vectorise the loop (a
+/// single running f64 sum is bound by the latency of each addition).
 fn energy(x: &[f32]) -> f64 {
-    x.iter().map(|&v| f64::from(v) * f64::from(v)).sum()
+    let mut lanes = [0.0f64; 8];
+    let chunks = x.chunks_exact(8);
+    let tail: f64 = chunks.remainder().iter().map(|&v| f64::from(v) * f64::from(v)).sum();
+    for chunk in chunks {
+        for (lane, &v) in lanes.iter_mut().zip(chunk) {
+            *lane += f64::from(v) * f64::from(v);
+        }
+    }
+    lanes.iter().sum::<f64>() + tail
 }
 
 /// Which Gram matrix the exact method decomposes.

@@ -1,7 +1,7 @@
 //! The AsymML placement: per-sample splits inside the enclave, the residual's convolution on the
 //! device, the low-rank part's convolution on r virtual channels in the enclave, concurrently.
 
-use super::lowrank::{find_basis, split, Basis, RankPolicy};
+use super::lowrank::{find_basis, split_into, Basis, RankPolicy};
 use super::noise::{clip_and_noise, os_seeded, Clipped};
 use super::virtual_conv as vc;
 use super::{AsymmlConfig, BasisScope, PrivacyLedger, RankRule};
@@ -258,11 +258,10 @@ impl Asymml {
             let started = Instant::now();
             let basis = find_basis(&samples, c, p, policy, self.cfg.subspace, self.warm.get(&warm_key), &mut self.rng);
             let found = Instant::now();
-            let mut v = Vec::with_capacity(len * basis.rank * p);
+            let rp = basis.rank * p;
+            let mut v = vec![0.0f32; len * rp];
             for (i, s) in samples.iter().enumerate() {
-                let (vb, rb) = split(&basis, s, p);
-                v.extend_from_slice(&vb);
-                residual[(start + i) * per..][..per].copy_from_slice(&rb);
+                split_into(&basis, s, p, &mut v[i * rp..(i + 1) * rp], &mut residual[(start + i) * per..][..per]);
             }
             let mut phases = self.phases.borrow_mut();
             *phases.entry("subspace").or_default() += (found - started).as_secs_f64();
@@ -495,11 +494,9 @@ impl Placement for Asymml {
         let x_groups = restore_groups(layer, saved)?;
         let g = conv.geometry(&pending.in_shape);
         let (n, out_c, out_hw) = (g.batch, g.out_channels, g.out_h() * g.out_w());
-        let taps = g.kernel_h * g.kernel_w;
         let w = data(&conv.weight);
         let mut dx = vec![0.0f32; g.input_len()];
         let mut dw = vec![0.0f32; g.weight_len()];
-        let mut dw_input_major = vec![0.0f32; g.weight_len()];
         let db = conv.bias.as_ref().map(|_| crate::placement::bias_gradient(dy, out_c));
         let need_dx = !pending.is_input;
 
@@ -508,7 +505,7 @@ impl Placement for Asymml {
             // gradient stays in the enclave too.
             let xf = factors(&x_groups);
             self.enclave_macs += timed(&self.phases, "low-rank products", || {
-                vc::add_low_rank_input_weight_gradient(&g, &xf, data(dy), &mut dw_input_major)
+                vc::add_low_rank_input_weight_gradient(&g, &xf, data(dy), &mut dw)
             });
         } else if self.cfg.protect_gradients {
             let policy = self.cfg.rank.policy(pending.index);
@@ -540,7 +537,7 @@ impl Placement for Asymml {
             let x_residual = pending.residual.as_ref().map(|r| r.get().as_slice());
             let (xf, gf) = (factors(&x_groups), factors(&gparts.groups));
             let enclave = || {
-                let mut macs = vc::add_low_rank_input_weight_gradient(&g, &xf, &dy_effective, &mut dw_input_major);
+                let mut macs = vc::add_low_rank_input_weight_gradient(&g, &xf, &dy_effective, &mut dw);
                 if need_dx {
                     macs += vc::low_rank_input_gradient(&g, w, &gf, &mut dx);
                 }
@@ -567,7 +564,7 @@ impl Placement for Asymml {
             let residual_released = pending.residual.is_some();
             let weight = self.weight_for_device(pending.weight, need_dx, layer, conv);
             let xf = factors(&x_groups);
-            let enclave = || vc::add_low_rank_input_weight_gradient(&g, &xf, data(dy), &mut dw_input_major);
+            let enclave = || vc::add_low_rank_input_weight_gradient(&g, &xf, data(dy), &mut dw);
             let ((dev_dx, dev_dw), macs) = if need_dx || residual_released {
                 let why = "INSECURE: --protect-gradients is off; the output gradient goes to the device in the clear";
                 let grad = self.release(layer, "output-gradient", dy.shape(), data(dy).to_vec(), why);
@@ -580,7 +577,6 @@ impl Placement for Asymml {
             self.enclave_macs += macs;
             self.merge_device(layer, &g, dev_dx, dev_dw, &mut dx, &mut dw)?;
         }
-        add_assign(&mut dw, &vc::swap_leading_axes(&dw_input_major, g.in_channels, out_c, taps));
         let grads = std::iter::once(from_vec(conv.weight.shape(), dw)).chain(db).collect();
         Ok((from_vec(&pending.in_shape, dx), grads))
     }

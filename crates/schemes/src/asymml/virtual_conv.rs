@@ -8,14 +8,16 @@
 //! `corr(X, P Q) = P corr(X, Q)`. Weights are `C_out x C_in x kh x kw` as in the kernels crate.
 //!
 //! Every function takes all of a batch's groups (samples sharing a basis) at once, so the weight
-//! is read once per call: the groups' weight transforms are stacked into one matrix product, and
+//! (or its gradient) is swept once per call: the groups' bases are stacked side by side and
+//! transformed together, in the weight's own layout (no transposed copy of the weight), and
 //! groups for which the factored route would cost more than the ordinary product (at small maps
 //! the transform `r C_in C_out k^2` exceeds the whole convolution) are rebuilt and convolved
 //! together in one ordinary call.
 
+use std::borrow::Cow;
 use trustsplit_kernels::conv::{conv2d_backward_data, conv2d_backward_weight, conv2d_forward, ConvGeometry};
 use trustsplit_kernels::elementwise::add_assign;
-use trustsplit_kernels::matmul::{matmul, parallelism, threads, MatRef};
+use trustsplit_kernels::matmul::{matmul, matmul_strided, parallelism, threads, MatRef};
 
 /// One group's factors: samples `start..start + len` share `basis` (`channels x rank`, row-major),
 /// and `coords` holds their coordinates (`len x rank x positions`).
@@ -28,18 +30,6 @@ pub struct Factors<'a> {
     pub coords: &'a [f32],
 }
 
-/// Copies an `a x b x inner` array into `b x a x inner` order.
-pub fn swap_leading_axes(src: &[f32], a: usize, b: usize, inner: usize) -> Vec<f32> {
-    assert_eq!(src.len(), a * b * inner, "swap_leading_axes: length");
-    let mut out = vec![0.0; src.len()];
-    for i in 0..a {
-        for j in 0..b {
-            out[(j * a + i) * inner..][..inner].copy_from_slice(&src[(i * b + j) * inner..][..inner]);
-        }
-    }
-    out
-}
-
 fn taps(g: &ConvGeometry) -> usize {
     g.kernel_h * g.kernel_w
 }
@@ -48,9 +38,41 @@ fn gemm(a: MatRef, b: MatRef, c: &mut [f32], stride: usize, accumulate: bool) {
     matmul(a, b, c, stride, accumulate, parallelism(threads()));
 }
 
-/// The weight with input channels first (`C_in x C_out x kh x kw`).
-pub fn input_major(g: &ConvGeometry, w: &[f32]) -> Vec<f32> {
-    swap_leading_axes(w, g.out_channels, g.in_channels, taps(g))
+fn gemm_strided(a: MatRef, b: MatRef, c: &mut [f32], strides: (usize, usize), accumulate: bool) {
+    matmul_strided(a, b, c, strides.0, strides.1, accumulate, parallelism(threads()));
+}
+
+/// `T = W [U_1 U_2 ...]` over the input channels, tap by tap: `us` is the bases side by side
+/// (`C_in x total`), the result `C_out x total x kh x kw`, so that each group's `r` columns, taken
+/// per output channel, are its weight on `r` virtual input channels.
+fn transformed_weight(g: &ConvGeometry, w: &[f32], us: &[f32], total: usize) -> Vec<f32> {
+    let (c, co, kk) = (g.in_channels, g.out_channels, taps(g));
+    let mut t = vec![0.0f32; co * total * kk];
+    let u = MatRef::row_major(us, c, total);
+    for tap in 0..kk {
+        let w_tap = MatRef { data: &w[tap..], rows: co, cols: c, row_stride: c * kk, col_stride: kk };
+        gemm_strided(w_tap, u, &mut t[tap..], (total * kk, kk), false);
+    }
+    t
+}
+
+/// `dW += D [U_1 U_2 ...]^T` over the input channels: `d` is `C_out x total x kh x kw` (the
+/// groups' `corr(V, dY)` stacked along the middle axis), `us` the bases side by side
+/// (`C_in x total`) and `dw` the normal-layout weight gradient. One product per output channel,
+/// `dW[o] (C_in x kk) += [U_1 U_2 ...] D[o] (total x kk)`, so `dw` is read and written once, in
+/// order (measured faster than one product per tap, whose strided destination is swept `kk`
+/// times, at the small total ranks this serves).
+fn add_expanded_weight_gradient(g: &ConvGeometry, d: &[f32], us: &[f32], total: usize, dw: &mut [f32]) {
+    let (c, kk) = (g.in_channels, taps(g));
+    let u = MatRef::row_major(us, c, total);
+    if kk == 1 {
+        // A pointwise conv: dW (C_out x C_in) += D (C_out x total) [U_1 U_2 ...]^T in one product.
+        gemm(MatRef::row_major(d, g.out_channels, total), u.t(), dw, c, true);
+        return;
+    }
+    for (dw_o, d_o) in dw.chunks_exact_mut(c * kk).zip(d.chunks_exact(total * kk)) {
+        gemm(u, MatRef::row_major(d_o, total, kk), dw_o, kk, true);
+    }
 }
 
 /// Whether `len` samples of rank `r` (over `low_rank_channels` channels) cost less through virtual
@@ -102,17 +124,42 @@ fn rebuild_all(direct: &[Factors], channels: usize, positions: usize) -> (Vec<f3
     (out, n)
 }
 
-/// Copies the groups' rows (`per` values per sample) out of a whole-batch tensor, in group order.
-fn gather(groups: &[Factors], all: &[f32], per: usize) -> Vec<f32> {
+/// The samples the groups cover, as `start..end`, when they follow one another without a gap.
+fn contiguous(groups: &[Factors]) -> Option<std::ops::Range<usize>> {
+    let start = groups.first()?.start;
+    let mut end = start;
+    for f in groups {
+        if f.start != end {
+            return None;
+        }
+        end += f.len;
+    }
+    Some(start..end)
+}
+
+/// The groups' rows (`per` values per sample) of a whole-batch tensor, in group order: borrowed
+/// when the groups are one contiguous run, copied out otherwise.
+fn gather<'a>(groups: &[Factors], all: &'a [f32], per: usize) -> Cow<'a, [f32]> {
+    if let Some(span) = contiguous(groups) {
+        return Cow::Borrowed(&all[span.start * per..span.end * per]);
+    }
     let mut out = Vec::with_capacity(groups.iter().map(|f| f.len).sum::<usize>() * per);
     for f in groups {
         out.extend_from_slice(&all[f.start * per..(f.start + f.len) * per]);
     }
-    out
+    Cow::Owned(out)
 }
 
-/// Writes group-ordered rows back to their places in a whole-batch tensor.
-fn scatter(groups: &[Factors], rows: &[f32], all: &mut [f32], per: usize) {
+/// Runs `write` (which overwrites its argument) on the groups' rows of a whole-batch tensor, in
+/// group order: in place when the groups are one contiguous run, else through a buffer written
+/// back to the groups' places.
+fn write_rows(groups: &[Factors], all: &mut [f32], per: usize, write: impl FnOnce(&mut [f32])) {
+    if let Some(span) = contiguous(groups) {
+        write(&mut all[span.start * per..span.end * per]);
+        return;
+    }
+    let mut rows = vec![0.0f32; groups.iter().map(|f| f.len).sum::<usize>() * per];
+    write(&mut rows);
     let mut at = 0;
     for f in groups {
         all[f.start * per..(f.start + f.len) * per].copy_from_slice(&rows[at * per..(at + f.len) * per]);
@@ -161,25 +208,26 @@ pub fn low_rank_forward(g: &ConvGeometry, w: &[f32], groups: &[Factors], y: &mut
     if !direct.is_empty() {
         let (x, n) = rebuild_all(&direct, c, p);
         let gd = ConvGeometry { batch: n, ..*g };
-        let mut out = vec![0.0f32; n * out_per];
-        conv2d_forward(&gd, &x, w, None, &mut out);
-        scatter(&direct, &out, y, out_per);
+        write_rows(&direct, y, out_per, |out| conv2d_forward(&gd, &x, w, None, out));
         macs += gd.forward_macs() + (x.len() * direct[0].rank) as u64;
     }
     if !factored.is_empty() {
-        // All groups' transforms in one product: [U_1^T; U_2^T; ...] W (sum r x C_out kk).
+        // All groups' transforms in one pass over the weight: W [U_1 U_2 ...] (C_out x sum r x kk).
         let total: usize = factored.iter().map(|f| f.rank).sum();
-        let cols = g.out_channels * kk;
-        let mut t = vec![0.0f32; total * cols];
-        let ut = stacked_transposes(&factored, c);
-        let w_input_major = input_major(g, w);
-        gemm(MatRef::row_major(&ut, total, c), MatRef::row_major(&w_input_major, c, cols), &mut t, cols, false);
-        macs += (total * c * cols) as u64;
+        let t = transformed_weight(g, w, &side_by_side(&factored, c), total);
+        macs += (total * c * g.out_channels * kk) as u64;
         let mut row = 0;
         for f in &factored {
-            let wt = swap_leading_axes(&t[row * cols..(row + f.rank) * cols], f.rank, g.out_channels, kk);
             let gv = ConvGeometry { batch: f.len, in_channels: f.rank, ..*g };
-            conv2d_forward(&gv, f.coords, &wt, None, &mut y[f.start * out_per..(f.start + f.len) * out_per]);
+            let dst = &mut y[f.start * out_per..(f.start + f.len) * out_per];
+            if f.rank == total {
+                conv2d_forward(&gv, f.coords, &t, None, dst);
+            } else {
+                // The group's columns, per output channel (C_out x r x kk: small).
+                let wt: Vec<f32> =
+                    t.chunks_exact(total * kk).flat_map(|o| &o[row * kk..(row + f.rank) * kk]).copied().collect();
+                conv2d_forward(&gv, f.coords, &wt, None, dst);
+            }
             macs += gv.forward_macs();
             row += f.rank;
         }
@@ -198,9 +246,7 @@ pub fn low_rank_input_gradient(g: &ConvGeometry, w: &[f32], groups: &[Factors], 
     if !direct.is_empty() {
         let (dy, n) = rebuild_all(&direct, co, po);
         let gd = ConvGeometry { batch: n, ..*g };
-        let mut out = vec![0.0f32; n * in_per];
-        conv2d_backward_data(&gd, &dy, w, &mut out);
-        scatter(&direct, &out, dx, in_per);
+        write_rows(&direct, dx, in_per, |out| conv2d_backward_data(&gd, &dy, w, out));
         macs += gd.forward_macs() + (dy.len() * direct[0].rank) as u64;
     }
     if !factored.is_empty() {
@@ -223,45 +269,44 @@ pub fn low_rank_input_gradient(g: &ConvGeometry, w: &[f32], groups: &[Factors], 
     macs
 }
 
-/// Adds `corr(U V, dY)` for every group to `dw_input_major` (`C_in x C_out x kh x kw`); `dy` is
-/// the whole batch's output gradient.
-pub fn add_low_rank_input_weight_gradient(
-    g: &ConvGeometry,
-    groups: &[Factors],
-    dy: &[f32],
-    dw_input_major: &mut [f32],
-) -> u64 {
+/// Adds `corr(U V, dY)` for every group to `dw` (`C_out x C_in x kh x kw`); `dy` is the whole
+/// batch's output gradient.
+pub fn add_low_rank_input_weight_gradient(g: &ConvGeometry, groups: &[Factors], dy: &[f32], dw: &mut [f32]) -> u64 {
     let (c, kk, p) = (g.in_channels, taps(g), g.in_h * g.in_w);
     let out_per = g.out_channels * g.out_h() * g.out_w();
-    let cols = g.out_channels * kk;
     let (factored, direct) = partition(g, groups, c);
     let mut macs = 0;
     if !direct.is_empty() {
         let (x, n) = rebuild_all(&direct, c, p);
         let gd = ConvGeometry { batch: n, ..*g };
-        let mut dw = vec![0.0f32; g.weight_len()];
-        conv2d_backward_weight(&gd, &x, &gather(&direct, dy, out_per), &mut dw, None);
-        add_assign(dw_input_major, &swap_leading_axes(&dw, g.out_channels, c, kk));
+        let mut full = vec![0.0f32; g.weight_len()];
+        conv2d_backward_weight(&gd, &x, &gather(&direct, dy, out_per), &mut full, None);
+        add_assign(dw, &full);
         macs += gd.forward_macs() + (x.len() * direct[0].rank) as u64;
     }
     if !factored.is_empty() {
-        // Per group dW_T = corr(V, dY) (C_out x r x kk); then dW_im += [U_1 U_2 ...] [D_1; D_2; ...]
-        // with D = dW_T as r x (C_out kk): one product for all groups.
+        // Per group corr(V, dY) (C_out x r x kk), stacked along the middle axis into D
+        // (C_out x sum r x kk); then dW += D [U_1 U_2 ...]^T: one pass over dW for all groups.
         let total: usize = factored.iter().map(|f| f.rank).sum();
-        let mut d = vec![0.0f32; total * cols];
+        let mut d = vec![0.0f32; g.out_channels * total * kk];
         let mut row = 0;
         for f in &factored {
             let gv = ConvGeometry { batch: f.len, in_channels: f.rank, ..*g };
-            let mut dwt = vec![0.0f32; gv.weight_len()];
             let dy_g = &dy[f.start * out_per..(f.start + f.len) * out_per];
-            conv2d_backward_weight(&gv, f.coords, dy_g, &mut dwt, None);
-            d[row * cols..(row + f.rank) * cols].copy_from_slice(&swap_leading_axes(&dwt, g.out_channels, f.rank, kk));
+            if f.rank == total {
+                conv2d_backward_weight(&gv, f.coords, dy_g, &mut d, None);
+            } else {
+                let mut dwt = vec![0.0f32; gv.weight_len()];
+                conv2d_backward_weight(&gv, f.coords, dy_g, &mut dwt, None);
+                for (dst, src) in d.chunks_exact_mut(total * kk).zip(dwt.chunks_exact(f.rank * kk)) {
+                    dst[row * kk..(row + f.rank) * kk].copy_from_slice(src);
+                }
+            }
             macs += gv.forward_macs();
             row += f.rank;
         }
-        let us = side_by_side(&factored, c);
-        gemm(MatRef::row_major(&us, c, total), MatRef::row_major(&d, total, cols), dw_input_major, cols, true);
-        macs += (c * total * cols) as u64;
+        add_expanded_weight_gradient(g, &d, &side_by_side(&factored, c), total, dw);
+        macs += (c * total * g.out_channels * kk) as u64;
     }
     macs
 }
@@ -406,9 +451,8 @@ mod tests {
             let mut want = vec![0.0; g.weight_len()];
             conv2d_backward_weight(&g, &x_low, &dy, &mut want, None);
             let start = random(&mut rng, g.weight_len()); // accumulated onto
-            let mut got_im = input_major(&g, &start);
-            add_low_rank_input_weight_gradient(&g, &view(&xs), &dy, &mut got_im);
-            let got = swap_leading_axes(&got_im, c, co, g.kernel_h * g.kernel_w);
+            let mut got = start.clone();
+            add_low_rank_input_weight_gradient(&g, &view(&xs), &dy, &mut got);
             let diff: Vec<f32> = got.iter().zip(&start).map(|(a, b)| a - b).collect();
             close(&diff, &want, "weight gradient (U V)");
 
@@ -421,14 +465,5 @@ mod tests {
             close(&diff, &want, "weight gradient (P Q)");
         }
         assert!(paths[0] > 0 && paths[1] > 0, "both the direct and the factored path must be exercised: {paths:?}");
-    }
-
-    #[test]
-    fn swapping_axes_twice_is_the_identity() {
-        let mut rng = ChaCha8Rng::seed_from_u64(2);
-        let a = random(&mut rng, 3 * 5 * 2);
-        let once = swap_leading_axes(&a, 3, 5, 2);
-        assert_eq!(once[2..4], a[10..12]); // element (0, 1) of the 3 x 5 grid lands at (1, 0)
-        assert_eq!(swap_leading_axes(&once, 5, 3, 2), a);
     }
 }
