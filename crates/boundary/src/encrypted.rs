@@ -6,58 +6,57 @@
 //! uses them.
 
 use crate::channel::{Channel, ChannelError, Frame};
-use aes_gcm::aead::{Aead, KeyInit, Payload};
-use aes_gcm::{Aes256Gcm, Nonce};
+use ring::aead::{Aad, LessSafeKey, Nonce, UnboundKey, AES_256_GCM};
 
 pub struct EncryptedChannel<C: Channel> {
     inner: C,
-    send: Aes256Gcm,
-    recv: Aes256Gcm,
+    send: LessSafeKey,
+    recv: LessSafeKey,
     send_counter: u64,
     recv_counter: u64,
 }
 
-fn nonce(counter: u64) -> [u8; 12] {
+/// The nonce for a message counter; each direction has its own key, so counters never repeat a
+/// nonce under one key.
+fn nonce(counter: u64) -> Nonce {
     let mut n = [0u8; 12];
     n[4..].copy_from_slice(&counter.to_le_bytes());
-    n
+    Nonce::assume_unique_for_key(n)
+}
+
+fn key(bytes: &[u8; 32]) -> LessSafeKey {
+    // ring rejects only keys of the wrong length, and this one is 32 bytes by type.
+    LessSafeKey::new(UnboundKey::new(&AES_256_GCM, bytes).expect("AES-256-GCM takes a 32-byte key"))
 }
 
 impl<C: Channel> EncryptedChannel<C> {
     /// `send_key` encrypts what this end sends; `recv_key` what it receives (the peer swaps them).
     pub fn new(inner: C, send_key: &[u8; 32], recv_key: &[u8; 32]) -> Self {
-        EncryptedChannel {
-            inner,
-            send: Aes256Gcm::new(send_key.into()),
-            recv: Aes256Gcm::new(recv_key.into()),
-            send_counter: 0,
-            recv_counter: 0,
-        }
+        EncryptedChannel { inner, send: key(send_key), recv: key(recv_key), send_counter: 0, recv_counter: 0 }
     }
 }
 
 impl<C: Channel> Channel for EncryptedChannel<C> {
     fn send(&mut self, tag: u16, payload: &[u8]) -> Result<(), ChannelError> {
-        let n = nonce(self.send_counter);
-        let aad = tag.to_le_bytes();
-        let sealed = self
-            .send
-            .encrypt(Nonce::from_slice(&n), Payload { msg: payload, aad: &aad })
+        let mut sealed = Vec::with_capacity(payload.len() + AES_256_GCM.tag_len());
+        sealed.extend_from_slice(payload);
+        self.send
+            .seal_in_place_append_tag(nonce(self.send_counter), Aad::from(tag.to_le_bytes()), &mut sealed)
             .map_err(|_| ChannelError::Malformed { peer: self.peer(), reason: "encryption failed".into() })?;
         self.send_counter += 1;
         self.inner.send(tag, &sealed)
     }
 
     fn recv(&mut self) -> Result<Frame, ChannelError> {
-        let f = self.inner.recv()?;
-        let n = nonce(self.recv_counter);
-        let aad = f.tag.to_le_bytes();
-        let plain = self
+        let Frame { tag, mut payload } = self.inner.recv()?;
+        let plain_len = self
             .recv
-            .decrypt(Nonce::from_slice(&n), Payload { msg: &f.payload, aad: &aad })
-            .map_err(|_| ChannelError::Authentication { peer: self.peer() })?;
+            .open_in_place(nonce(self.recv_counter), Aad::from(tag.to_le_bytes()), &mut payload)
+            .map_err(|_| ChannelError::Authentication { peer: self.peer() })?
+            .len();
+        payload.truncate(plain_len);
         self.recv_counter += 1;
-        Ok(Frame { tag: f.tag, payload: plain })
+        Ok(Frame { tag, payload })
     }
 
     fn peer(&self) -> String {

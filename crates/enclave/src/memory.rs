@@ -24,8 +24,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::fmt;
 use std::time::Instant;
 
-use aes_gcm::aead::{AeadInPlace, KeyInit};
-use aes_gcm::{Aes256Gcm, Key, Nonce};
+use ring::aead::{Aad, LessSafeKey, Nonce, UnboundKey, AES_256_GCM};
 
 /// Usable EPC of a typical SGX machine; the default budget of the trusted side.
 pub const DEFAULT_BUDGET_BYTES: usize = 96 << 20;
@@ -123,7 +122,7 @@ struct Entry {
 /// untrusted memory. See the [module documentation](crate::memory).
 pub struct SecureMemory {
     budget: usize,
-    cipher: Aes256Gcm,
+    cipher: LessSafeKey,
     /// Next nonce, as a 96-bit counter (checked against [`NONCE_LIMIT`]).
     next_nonce: u128,
     next_id: u64,
@@ -160,7 +159,9 @@ impl SecureMemory {
     pub fn new(budget_bytes: usize) -> Result<Self, MemoryError> {
         let mut key = [0u8; 32];
         getrandom::fill(&mut key).map_err(|e| MemoryError::Rng(e.to_string()))?;
-        let cipher = Aes256Gcm::new(Key::<Aes256Gcm>::from_slice(&key));
+        // ring rejects only keys of the wrong length, and this one is 32 bytes by type.
+        let unbound = UnboundKey::new(&AES_256_GCM, &key).expect("AES-256-GCM takes a 32-byte key");
+        let cipher = LessSafeKey::new(unbound);
         // Best effort: the cipher holds its own expanded key; do not leave a second copy around.
         key.fill(0);
         std::hint::black_box(&key);
@@ -371,7 +372,9 @@ impl SecureMemory {
         let started = Instant::now();
         let mut page = bytes;
         page.reserve_exact(TAG_BYTES);
-        let sealed = self.cipher.encrypt_in_place(Nonce::from_slice(&nonce), &aad, &mut page);
+        // The nonce is unique: `fresh_nonce` counts up and never repeats under this key.
+        let sealed =
+            self.cipher.seal_in_place_append_tag(Nonce::assume_unique_for_key(nonce), Aad::from(&aad), &mut page);
         self.seal_seconds += started.elapsed().as_secs_f64();
         if let Err(e) = sealed {
             // Cannot happen below AES-GCM's 64 GiB message limit; if it does, report rather than lose
@@ -420,11 +423,13 @@ impl SecureMemory {
         let mut bytes = page.clone();
         let aad = associated_data(id, generation, len);
         let started = Instant::now();
-        let opened = self.cipher.decrypt_in_place(Nonce::from_slice(&nonce), &aad, &mut bytes);
+        let opened =
+            self.cipher.open_in_place(Nonce::assume_unique_for_key(nonce), Aad::from(&aad), &mut bytes).is_ok();
         self.unseal_seconds += started.elapsed().as_secs_f64();
-        if opened.is_err() {
+        if !opened {
             return Err(MemoryError::Tampered { id: id.0, reason: "it was modified, replayed or swapped".into() });
         }
+        bytes.truncate(len);
 
         self.untrusted.remove(&id);
         let tick = self.next_tick();
