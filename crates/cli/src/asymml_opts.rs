@@ -199,5 +199,5 @@ pub fn check(o: &AsymmlOptions) -> Result<()> {
             bail!("--epsilon must be a positive number, got {e}");
         }
     }
-    Ok(())
+    trustsplit_schemes::asymml::validate(&o.config(o.noise_multiplier)).map_err(anyhow::Error::msg)
 }

@@ -7,6 +7,7 @@
 //! satisfies its policy: the expected measurement, an accepted TCB status, no debug enclave, and
 //! simulated quotes only when asked for explicitly.
 
+use crate::asymml_opts::{AsymmlArgs, AsymmlOptions};
 use anyhow::{bail, ensure, Context, Result};
 use std::net::TcpListener;
 use std::path::PathBuf;
@@ -62,7 +63,8 @@ pub struct EnclaveArgs {
     /// standard names; IDX may be .gz).
     #[arg(long)]
     dataset: DatasetKind,
-    /// Where the trust boundary lies: tee-only (everything in the enclave), plaintext (no split
+    /// Where the trust boundary lies: tee-only (everything in the enclave), asymml (low-rank part
+    /// in the enclave, noised residual on --device; see the AsymML options), plaintext (no split
     /// and no memory budget), gpu-only (linear layers on --device in the clear: INSECURE baseline).
     #[arg(long, default_value = "tee-only")]
     scheme: Scheme,
@@ -94,6 +96,8 @@ pub struct EnclaveArgs {
     /// Print one JSON summary object on stdout.
     #[arg(long)]
     json: bool,
+    #[command(flatten)]
+    asymml: AsymmlArgs,
 }
 
 #[derive(clap::Args)]
@@ -147,6 +151,7 @@ pub fn run_enclave(a: EnclaveArgs) -> Result<()> {
     ensure!(a.epochs >= 1 && a.batch_size >= 1, "--batch-size and --epochs must be at least 1");
     ensure!(a.lr.is_finite() && a.lr > 0.0, "--lr must be a positive number, got {}", a.lr);
     ensure!(a.threads >= 1, "--threads must be at least 1");
+    crate::asymml_opts::check(&AsymmlOptions::from(&a.asymml))?;
     let max_upload_bytes = a.max_upload_mib.checked_mul(1 << 20).context("--max-upload-mib is too large")?;
 
     let provider: Box<dyn AttestationProvider> = match a.attestation {
@@ -211,6 +216,7 @@ pub fn run_enclave(a: EnclaveArgs) -> Result<()> {
     cfg.seed = a.seed;
     cfg.device = a.device;
     cfg.memory_budget = a.memory_budget_mib << 20;
+    cfg.asymml = AsymmlOptions::from(&a.asymml);
     let out = a.out.unwrap_or_else(|| PathBuf::from("runs").join(format!("{}-{}", a.model, a.dataset)));
     eprintln!(
         "training {} on the uploaded {} with scheme {}, {} epochs, batch {}, {} thread(s) -> {}",

@@ -139,8 +139,14 @@ fn value_after(text: &str, prefix: &str) -> Option<String> {
 /// Starts a simulated enclave training LeNet-5 for one epoch, and reads its address, measurement
 /// and key from its stderr.
 fn start_enclave(dir: &Path) -> Enclave {
+    start_enclave_with(dir, &["--scheme", "tee-only"])
+}
+
+/// Starts `trustsplit enclave` for one epoch of LeNet-5 on uploaded Fashion-MNIST, with the given
+/// scheme flags.
+fn start_enclave_with(dir: &Path, scheme_args: &[&str]) -> Enclave {
     let out = dir.join("run");
-    let args = [
+    let mut args = vec![
         "enclave",
         "--listen",
         "127.0.0.1:0",
@@ -152,12 +158,11 @@ fn start_enclave(dir: &Path) -> Enclave {
         "1",
         "--batch-size",
         "32",
-        "--scheme",
-        "tee-only",
         "--json",
         "--out",
         out.to_str().unwrap(),
     ];
+    args.extend_from_slice(scheme_args);
     let mut proc = Proc::spawn("enclave", dir, &args);
     let start = Instant::now();
     loop {
@@ -229,6 +234,51 @@ fn owner_uploads_to_attested_enclave_which_trains() {
     assert_eq!(summary["bytes_to_device"], 0, "tee-only releases nothing: {summary}");
     assert!(tmp.0.join("run/checkpoint.safetensors").is_file(), "{enclave_err}");
     assert!(enclave_err.contains("received 4 file(s)"), "{enclave_err}");
+}
+
+#[test]
+fn enclave_trains_the_upload_under_asymml_with_its_flags() {
+    let tmp = TempDir::new("asymml");
+    let data = tmp.0.join("data");
+    write_dataset(&data);
+    let flags = ["--scheme", "asymml", "--noise-multiplier", "1.5", "--rank-schedule", "1,3", "--device", "cpu:1"];
+    let mut enclave = start_enclave_with(&tmp.0, &flags);
+    let (measurement, key) = (enclave.measurement.clone(), enclave.key.clone());
+    let (status, err) = upload(&tmp.0, &enclave, &data, &key, &measurement);
+    assert!(status.success(), "upload failed ({status}):\n{err}\nenclave:\n{}", enclave.proc.stderr());
+
+    let status = enclave.proc.wait(TRAIN_DEADLINE);
+    let enclave_err = enclave.proc.stderr();
+    assert!(status.success(), "enclave failed ({status}):\n{enclave_err}");
+    let summary: serde_json::Value = serde_json::from_str(enclave.proc.stdout().trim())
+        .unwrap_or_else(|e| panic!("enclave stdout is not one JSON object ({e}):\n{}", enclave.proc.stdout()));
+    assert_eq!(summary["scheme"], "asymml", "{summary}");
+    let privacy = &summary["privacy"];
+    assert_eq!(privacy["noise_multiplier"], 1.5, "the flag did not reach the scheme: {summary}");
+    assert!(privacy["epsilon"].as_f64().is_some_and(|e| e.is_finite() && e > 0.0), "{summary}");
+    let ranks: Vec<f64> = summary["scheme_report"]["placement"]["layers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|l| l["what"] == "forward")
+        .map(|l| l["mean_rank"].as_f64().unwrap())
+        .collect();
+    assert_eq!(ranks, [1.0, 3.0], "the rank schedule did not reach the scheme: {summary}");
+    assert!(summary["bytes_to_device"].as_u64().unwrap() > 0, "{summary}");
+}
+
+#[test]
+fn enclave_refuses_bad_asymml_flags_before_listening() {
+    let tmp = TempDir::new("bad-asymml");
+    let mut proc = Proc::spawn(
+        "enclave",
+        &tmp.0,
+        &["enclave", "--listen", "127.0.0.1:0", "--dataset", "fashion-mnist", "--scheme", "asymml", "--clip-norm=-1"],
+    );
+    let status = proc.wait(DEADLINE);
+    let err = proc.stderr();
+    assert!(!status.success() && err.contains("--clip-norm must be a positive number, got -1"), "{err}");
+    assert!(!err.contains("listening"), "it listened before checking its flags: {err}");
 }
 
 #[test]

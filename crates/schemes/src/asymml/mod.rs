@@ -23,7 +23,7 @@ pub mod placement;
 pub mod virtual_conv;
 
 pub use lowrank::{RankPolicy, Subspace};
-pub use placement::{releases_per_step, runner};
+pub use placement::{releases_per_step, runner, validate};
 
 use crate::accountant::{PrivacySpent, RdpAccountant};
 use serde::Serialize;

@@ -59,7 +59,8 @@ pub fn runner(
     SplitRunner::new(SchemeKind::Asymml, Box::new(placement), Some(memory_budget), transcript, Some(stats))
 }
 
-fn validate(cfg: &AsymmlConfig) -> Result<(), String> {
+/// Checks a configuration's numbers, naming the command-line flag at fault.
+pub fn validate(cfg: &AsymmlConfig) -> Result<(), String> {
     let z = cfg.noise_multiplier;
     if !(z.is_finite() && z >= 0.0) {
         return Err(format!("--noise-multiplier must be a finite number >= 0, got {z}"));
