@@ -6,7 +6,9 @@ use clap::Args;
 use serde::{Deserialize, Serialize};
 use trustsplit_nn::Model;
 use trustsplit_schemes::accountant::calibrate_noise_multiplier;
-use trustsplit_schemes::asymml::{releases_per_step, AsymmlConfig, BasisScope, PrivacyLedger, RankRule, Subspace};
+use trustsplit_schemes::asymml::{
+    releases_per_step, AsymmlConfig, BasisScope, PrivacyLedger, RankRule, Subspace, PROTOTYPE_RANKS,
+};
 
 /// AsymML flags (ignored by the other schemes).
 #[derive(Args, Clone, Debug)]
@@ -90,7 +92,7 @@ pub struct AsymmlOptions {
 impl Default for AsymmlOptions {
     fn default() -> Self {
         AsymmlOptions {
-            rank_schedule: vec![2, 4, 8, 16, 32],
+            rank_schedule: PROTOTYPE_RANKS.to_vec(),
             energy_threshold: None,
             max_rank: 32,
             subspace: SubspaceArg::Exact,
@@ -200,4 +202,28 @@ pub fn check(o: &AsymmlOptions) -> Result<()> {
         }
     }
     trustsplit_schemes::asymml::validate(&o.config(o.noise_multiplier)).map_err(anyhow::Error::msg)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[derive(Parser)]
+    struct Flags {
+        #[command(flatten)]
+        asymml: AsymmlArgs,
+    }
+
+    #[test]
+    fn command_line_defaults_are_the_recorded_defaults() {
+        // Runs configured in code (tests, the library) and runs from the command line with no
+        // AsymML flags must get the same settings, including the prototype's rank schedule.
+        let parsed = Flags::try_parse_from(["trustsplit"]).unwrap();
+        assert_eq!(AsymmlOptions::from(&parsed.asymml), AsymmlOptions::default());
+        assert_eq!(AsymmlOptions::default().rank_schedule, PROTOTYPE_RANKS);
+        let custom = Flags::try_parse_from(["trustsplit", "--rank-schedule", "1,3", "--clip-norm", "0.5"]).unwrap();
+        let options = AsymmlOptions::from(&custom.asymml);
+        assert_eq!((options.rank_schedule, options.clip_norm), (vec![1, 3], 0.5));
+    }
 }

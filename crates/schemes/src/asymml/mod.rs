@@ -38,10 +38,13 @@ pub enum RankRule {
     Energy { tau: f64, max_rank: usize },
 }
 
+/// The prototype's rank schedule: 2, 4, 8, 16, then 32 for every later convolution.
+pub const PROTOTYPE_RANKS: [usize; 5] = [2, 4, 8, 16, 32];
+
 impl RankRule {
-    /// The prototype's schedule: 2, 4, 8, 16, then 32 for every later convolution.
+    /// The prototype's schedule, [`PROTOTYPE_RANKS`].
     pub fn prototype() -> RankRule {
-        RankRule::Schedule(vec![2, 4, 8, 16, 32])
+        RankRule::Schedule(PROTOTYPE_RANKS.to_vec())
     }
 
     /// The policy of the `index`-th convolution.
