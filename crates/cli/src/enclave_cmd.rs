@@ -218,22 +218,9 @@ pub fn run_enclave(a: EnclaveArgs) -> Result<()> {
     cfg.memory_budget = a.memory_budget_mib << 20;
     cfg.asymml = AsymmlOptions::from(&a.asymml);
     let out = a.out.unwrap_or_else(|| PathBuf::from("runs").join(format!("{}-{}", a.model, a.dataset)));
-    eprintln!(
-        "training {} on the uploaded {} with scheme {}, {} epochs, batch {}, {} thread(s) -> {}",
-        cfg.model,
-        cfg.dataset,
-        cfg.scheme,
-        cfg.epochs,
-        cfg.batch_size,
-        cfg.threads,
-        out.display()
-    );
+    train::announce(&cfg, &format!("the uploaded {}", cfg.dataset), &out);
     let s = train::train_with_data(&cfg, data, &out, false, true)?;
-    train::print_summary(&s);
-    if a.json {
-        println!("{}", serde_json::to_string(&s)?);
-    }
-    Ok(())
+    train::report(&s, a.json)
 }
 
 /// Runs the upload protocol's enclave side, turning the ways it ends early into messages that

@@ -240,22 +240,9 @@ fn run_train(a: TrainArgs) -> Result<()> {
     cfg.transcript = a.transcript;
     cfg.asymml = AsymmlOptions::from(&a.asymml);
     let out = a.out.unwrap_or_else(|| PathBuf::from("runs").join(format!("{}-{}", a.model, a.dataset)));
-    eprintln!(
-        "training {} on {} with scheme {}, {} epochs, batch {}, {} thread(s) -> {}",
-        cfg.model,
-        cfg.dataset,
-        cfg.scheme,
-        cfg.epochs,
-        cfg.batch_size,
-        cfg.threads,
-        out.display()
-    );
+    train::announce(&cfg, &cfg.dataset, &out);
     let s = train::train(&cfg, &out, a.resume, true)?;
-    train::print_summary(&s);
-    if a.json {
-        println!("{}", serde_json::to_string(&s)?);
-    }
-    Ok(())
+    train::report(&s, a.json)
 }
 
 fn run_device(a: DeviceArgs) -> Result<()> {

@@ -374,6 +374,30 @@ pub fn train_with_data(
     })
 }
 
+/// Says on stderr what is about to be trained on what (`data`, e.g. "embedded" or "the uploaded
+/// fashion-mnist"), how, and where its checkpoints go.
+pub fn announce(cfg: &TrainConfig, data: &str, out: &Path) {
+    eprintln!(
+        "training {} on {data} with scheme {}, {} epochs, batch {}, {} thread(s) -> {}",
+        cfg.model,
+        cfg.scheme,
+        cfg.epochs,
+        cfg.batch_size,
+        cfg.threads,
+        out.display()
+    );
+}
+
+/// Ends a command that trained: the human-readable summary on stderr and, with `json`, one JSON
+/// object on stdout.
+pub fn report(s: &TrainSummary, json: bool) -> Result<()> {
+    print_summary(s);
+    if json {
+        println!("{}", serde_json::to_string(s)?);
+    }
+    Ok(())
+}
+
 /// Prints the human-readable end of a run on stderr.
 pub fn print_summary(s: &TrainSummary) {
     eprintln!(
