@@ -418,6 +418,42 @@ mod tests {
     }
 
     #[test]
+    fn expanded_weight_gradient_matches_a_naive_sum() {
+        let mut rng = ChaCha8Rng::seed_from_u64(43);
+        for (c, co, k, total) in [(5, 70, 3, 3), (3, 32, 3, 1), (4, 33, 5, 8), (6, 65, 1, 2), (2, 1, 3, 4)] {
+            let g = ConvGeometry {
+                batch: 1,
+                in_channels: c,
+                out_channels: co,
+                in_h: k,
+                in_w: k,
+                kernel_h: k,
+                kernel_w: k,
+                stride: 1,
+                padding: 0,
+            };
+            let kk = k * k;
+            let (d, us) = (random(&mut rng, co * total * kk), random(&mut rng, c * total));
+            let start = random(&mut rng, co * c * kk);
+            let mut got = start.clone();
+            add_expanded_weight_gradient(&g, &d, &us, total, &mut got);
+            let mut want: Vec<f64> = start.iter().map(|&v| v as f64).collect();
+            for o in 0..co {
+                for ci in 0..c {
+                    for t in 0..kk {
+                        for j in 0..total {
+                            want[(o * c + ci) * kk + t] +=
+                                us[ci * total + j] as f64 * d[(o * total + j) * kk + t] as f64;
+                        }
+                    }
+                }
+            }
+            let want: Vec<f32> = want.iter().map(|&v| v as f32).collect();
+            close(&got, &want, &format!("C_in {c}, C_out {co}, k {k}, total rank {total}"));
+        }
+    }
+
+    #[test]
     fn factored_products_equal_the_full_convolution() {
         let mut rng = ChaCha8Rng::seed_from_u64(41);
         let mut paths = [0usize; 2];
