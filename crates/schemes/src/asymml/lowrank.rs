@@ -104,17 +104,10 @@ pub fn find_basis(
     }
 }
 
-/// Splits one sample with a basis: returns (v, residual) with v = U^T x (rank x positions, row-major) and
-/// residual = x - U v (C x positions). Also usable for gradients (C_out x P_out).
-pub fn split(basis: &Basis, x: &[f32], positions: usize) -> (Vec<f32>, Vec<f32>) {
-    let mut v = vec![0.0; basis.rank * positions];
-    let mut residual = vec![0.0; x.len()];
-    split_into(basis, x, positions, &mut v, &mut residual);
-    (v, residual)
-}
-
-/// [`split`] into caller-owned buffers (`v`: rank x positions, `residual`: C x positions), both
-/// overwritten: the enclave splits every activation of every step, so it avoids the temporaries.
+/// Splits one sample with a basis into v = U^T x (rank x positions, row-major) and residual =
+/// x - U v (C x positions), written into caller-owned buffers (both overwritten): the enclave splits
+/// every activation of every step, so it avoids temporaries. Also usable for gradients
+/// (C_out x P_out).
 pub fn split_into(basis: &Basis, x: &[f32], positions: usize, v: &mut [f32], residual: &mut [f32]) {
     assert_eq!(x.len(), basis.channels * positions, "split: sample is not C x positions");
     assert_eq!(v.len(), basis.rank * positions, "split: v is not rank x positions");
@@ -124,16 +117,6 @@ pub fn split_into(basis: &Basis, x: &[f32], positions: usize, v: &mut [f32], res
     // residual = x - U v, with U v written into the residual's own buffer first.
     matmul(u, MatRef::row_major(v, basis.rank, positions), residual, positions, false, parallelism(1));
     residual.iter_mut().zip(x).for_each(|(r, &a)| *r = a - *r);
-}
-
-/// Rebuilds U v (C x positions) — the low-rank part — used by tests and by the enclave when it needs the
-/// full low-rank tensor.
-pub fn low_rank_part(basis: &Basis, v: &[f32], positions: usize) -> Vec<f32> {
-    assert_eq!(v.len(), basis.rank * positions, "low_rank_part: v is not rank x positions");
-    let u = MatRef::row_major(&basis.u, basis.channels, basis.rank);
-    let mut out = vec![0.0; basis.channels * positions];
-    matmul(u, MatRef::row_major(v, basis.rank, positions), &mut out, positions, false, parallelism(1));
-    out
 }
 
 /// Sum of squares in f64. Eight independent partial sums let the compiler vectorise the loop (a
@@ -361,6 +344,23 @@ mod tests {
     use super::*;
     use rand::{Rng, SeedableRng};
     use rand_chacha::ChaCha8Rng;
+
+    /// [`split_into`] into fresh buffers: (v, residual).
+    fn split(basis: &Basis, x: &[f32], positions: usize) -> (Vec<f32>, Vec<f32>) {
+        let mut v = vec![0.0; basis.rank * positions];
+        let mut residual = vec![0.0; x.len()];
+        split_into(basis, x, positions, &mut v, &mut residual);
+        (v, residual)
+    }
+
+    /// Rebuilds U v (C x positions), the low-rank part.
+    fn low_rank_part(basis: &Basis, v: &[f32], positions: usize) -> Vec<f32> {
+        assert_eq!(v.len(), basis.rank * positions, "low_rank_part: v is not rank x positions");
+        let u = MatRef::row_major(&basis.u, basis.channels, basis.rank);
+        let mut out = vec![0.0; basis.channels * positions];
+        matmul(u, MatRef::row_major(v, basis.rank, positions), &mut out, positions, false, parallelism(1));
+        out
+    }
 
     fn gauss(rng: &mut ChaCha8Rng, len: usize, scale: f32) -> Vec<f32> {
         (0..len).map(|_| scale * rng.sample::<f32, _>(StandardNormal)).collect()
