@@ -164,8 +164,9 @@ pub struct StepBench {
     pub batch_size: usize,
     /// Inference batches instead of training steps.
     pub inference: bool,
-    /// Measured steps (after one warm-up step).
+    /// Measured steps, after `warmup` unmeasured ones.
     pub steps: usize,
+    pub warmup: usize,
     pub threads: usize,
     pub device: String,
     /// Wall time per step.
@@ -201,6 +202,8 @@ pub struct StepOptions<'a> {
     pub batch_size: usize,
     pub inference: bool,
     pub steps: usize,
+    /// Unmeasured steps before the measured ones.
+    pub warmup: usize,
     pub threads: usize,
     pub device: &'a str,
     pub memory_budget: usize,
@@ -251,7 +254,9 @@ pub fn step(o: &StepOptions) -> Result<StepBench> {
         Ok(())
     };
     let (before, wall) = crate::with_threads(o.threads, || -> Result<_> {
-        run_one(&mut runner, &mut model)?;
+        for _ in 0..o.warmup {
+            run_one(&mut runner, &mut model)?;
+        }
         runner.reset_peak();
         let before = runner.report();
         let start = Instant::now();
@@ -274,6 +279,7 @@ pub fn step(o: &StepOptions) -> Result<StepBench> {
         batch_size: n,
         inference: o.inference,
         steps: o.steps,
+        warmup: o.warmup,
         threads: o.threads,
         device: if o.scheme.uses_device() { o.device.to_string() } else { "none".into() },
         step_ms: step_s * 1e3,

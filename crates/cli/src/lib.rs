@@ -5,6 +5,7 @@ pub mod asymml_opts;
 pub mod bench;
 pub mod enclave_cmd;
 pub mod eval;
+pub mod memory_tuning;
 pub mod progress;
 pub mod schemes;
 pub mod train;

@@ -10,6 +10,9 @@ use trustsplit::OnOff;
 use trustsplit::{bench, eval, train};
 use trustsplit_nn::optim::{OptimizerKind, Schedule};
 
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[derive(Parser)]
 #[command(name = "trustsplit", version, about = "Private deep learning split between a TEE and untrusted GPUs")]
 #[command(long_about = "Train and evaluate deep neural networks on private data, splitting each step \
@@ -164,9 +167,13 @@ enum BenchWhat {
         /// Time inference batches instead of training steps.
         #[arg(long)]
         inference: bool,
-        /// Measured steps after one warm-up step.
+        /// Measured steps, after the warm-up steps.
         #[arg(long, default_value_t = 3)]
         steps: usize,
+        /// Unmeasured steps first: the first steps fault in the process's working set (the
+        /// allocator keeps it from then on), which a long training run pays once.
+        #[arg(long, default_value_t = 2)]
+        warmup: usize,
         /// Enclave threads.
         #[arg(long, default_value_t = 1)]
         threads: usize,
@@ -300,6 +307,7 @@ fn print_step(r: &bench::StepBench) {
 }
 
 fn main() {
+    trustsplit::memory_tuning::configure_allocator();
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Device(d) => run_device(d),
@@ -338,6 +346,7 @@ fn main() {
                     batch_size,
                     inference,
                     steps,
+                    warmup,
                     threads,
                     device,
                     memory_budget_mib,
@@ -352,6 +361,7 @@ fn main() {
                 batch_size,
                 inference,
                 steps,
+                warmup,
                 threads,
                 device: &device,
                 memory_budget: memory_budget_mib << 20,
