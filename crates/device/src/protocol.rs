@@ -147,10 +147,7 @@ pub fn tag_name(tag: u16) -> String {
 
 /// Appends `values` as little-endian f32 bytes.
 pub fn put_f32s(out: &mut Vec<u8>, values: &[f32]) {
-    out.reserve(values.len() * 4);
-    for v in values {
-        out.extend_from_slice(&v.to_le_bytes());
-    }
+    trustsplit_kernels::le_bytes::put_f32s(out, values);
 }
 
 /// `values` as little-endian f32 bytes.
@@ -162,11 +159,8 @@ pub fn f32_bytes(values: &[f32]) -> Vec<u8> {
 
 /// Reads little-endian f32s; the length must be a multiple of 4.
 pub fn read_f32s(bytes: &[u8]) -> Result<Vec<f32>, String> {
-    let chunks = bytes.chunks_exact(4);
-    if !chunks.remainder().is_empty() {
-        return Err(format!("{} bytes is not a whole number of f32 values", bytes.len()));
-    }
-    Ok(chunks.map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect())
+    trustsplit_kernels::le_bytes::f32s(bytes)
+        .ok_or_else(|| format!("{} bytes is not a whole number of f32 values", bytes.len()))
 }
 
 /// Encodes a request: `(tag, payload)`. Operand lengths are taken as given (the client validates

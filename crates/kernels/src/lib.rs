@@ -9,6 +9,7 @@ pub mod activation;
 pub mod batchnorm;
 pub mod conv;
 pub mod elementwise;
+pub mod le_bytes;
 pub mod linear;
 pub mod loss;
 pub mod matmul;

@@ -127,7 +127,9 @@ pub fn load(path: &Path) -> Result<Checkpoint, CheckpointError> {
         if view.dtype() != Dtype::F32 {
             return Err(format(format!("tensor {name} has dtype {:?}, expected F32", view.dtype())));
         }
-        let values = view.data().chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect();
+        let values = trustsplit_kernels::le_bytes::f32s(view.data()).ok_or_else(|| {
+            format(format!("tensor {name}: {} bytes is not a whole number of f32s", view.data().len()))
+        })?;
         tensors.insert(name, from_vec(view.shape(), values));
     }
     Ok(Checkpoint { meta, tensors, path: path.to_path_buf() })

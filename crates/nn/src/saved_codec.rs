@@ -4,6 +4,7 @@
 use crate::layers::Saved;
 use crate::tensor::{data, from_vec, Tensor};
 use trustsplit_kernels::batchnorm::BnBatchStats;
+use trustsplit_kernels::le_bytes;
 
 const INPUT: u8 = 1;
 const BATCHNORM: u8 = 2;
@@ -23,7 +24,7 @@ fn put_shape(out: &mut Vec<u8>, s: &[usize]) {
 }
 fn put_f32s(out: &mut Vec<u8>, v: &[f32]) {
     put_u64(out, v.len() as u64);
-    v.iter().for_each(|x| out.extend_from_slice(&x.to_le_bytes()));
+    le_bytes::put_f32s(out, v);
 }
 fn put_tensor(out: &mut Vec<u8>, t: &Tensor) {
     put_shape(out, t.shape());
@@ -65,7 +66,7 @@ impl Reader<'_> {
     fn f32s(&mut self) -> Result<Vec<f32>, String> {
         let n = self.len()?;
         let raw = self.take(n.checked_mul(4).ok_or("length overflow")?)?;
-        Ok(raw.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect())
+        Ok(le_bytes::f32s(raw).ok_or("f32 data not a multiple of 4 bytes")?)
     }
     fn tensor(&mut self) -> Result<Tensor, String> {
         let shape = self.shape()?;
@@ -92,7 +93,7 @@ impl Reader<'_> {
                 let in_shape = self.shape()?;
                 let n = self.len()?;
                 let raw = self.take(n.checked_mul(4).ok_or("length overflow")?)?;
-                let argmax = raw.chunks_exact(4).map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect();
+                let argmax = le_bytes::u32s(raw).ok_or("argmax data not a multiple of 4 bytes")?;
                 Saved::MaxPool { argmax, in_shape }
             }
             SHAPE => Saved::Shape(self.shape()?),
@@ -130,7 +131,7 @@ impl Saved {
                 out.push(MAXPOOL);
                 put_shape(out, in_shape);
                 put_u64(out, argmax.len() as u64);
-                argmax.iter().for_each(|i| out.extend_from_slice(&i.to_le_bytes()));
+                le_bytes::put_u32s(out, argmax);
             }
             Saved::Shape(s) => {
                 out.push(SHAPE);
