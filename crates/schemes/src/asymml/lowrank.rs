@@ -119,15 +119,21 @@ pub fn split_into(basis: &Basis, x: &[f32], positions: usize, v: &mut [f32], res
     residual.iter_mut().zip(x).for_each(|(r, &a)| *r = a - *r);
 }
 
-/// Sum of squares in f64. Eight independent partial sums let the compiler vectorise the loop (a
-/// single running f64 sum is bound by the latency of each addition).
+/// Sum of squares in f64.
 fn energy(x: &[f32]) -> f64 {
+    dot_f64(x, x)
+}
+
+/// Dot product accumulated in f64. Eight independent partial sums let the compiler vectorise the
+/// loop (a single running f64 sum is bound by the latency of each addition).
+fn dot_f64(a: &[f32], b: &[f32]) -> f64 {
+    debug_assert_eq!(a.len(), b.len());
     let mut lanes = [0.0f64; 8];
-    let chunks = x.chunks_exact(8);
-    let tail: f64 = chunks.remainder().iter().map(|&v| f64::from(v) * f64::from(v)).sum();
-    for chunk in chunks {
-        for (lane, &v) in lanes.iter_mut().zip(chunk) {
-            *lane += f64::from(v) * f64::from(v);
+    let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));
+    let tail: f64 = ca.remainder().iter().zip(cb.remainder()).map(|(&x, &y)| f64::from(x) * f64::from(y)).sum();
+    for (xa, xb) in ca.zip(cb) {
+        for ((lane, &x), &y) in lanes.iter_mut().zip(xa).zip(xb) {
+            *lane += f64::from(x) * f64::from(y);
         }
     }
     lanes.iter().sum::<f64>() + tail
@@ -238,9 +244,7 @@ fn fast_basis(
     for b in 0..n {
         matmul(MatRef::row_major(&q32, c, k).t(), g.x(b), &mut bm[b * p..], np, false, parallelism(1));
     }
-    let dot = |i: usize, j: usize| -> f64 {
-        bm[i * np..(i + 1) * np].iter().zip(&bm[j * np..(j + 1) * np]).map(|(&a, &b)| f64::from(a) * f64::from(b)).sum()
-    };
+    let dot = |i: usize, j: usize| dot_f64(&bm[i * np..(i + 1) * np], &bm[j * np..(j + 1) * np]);
     let (ritz, s) = sym_eigen_desc(k, dot);
     // ||U^T X||^2 is the sum of the kept Ritz values, so the residual is what they leave of the total.
     let mut residuals = vec![total; k + 1];
@@ -280,7 +284,8 @@ fn choose_rank(policy: RankPolicy, residuals: &[f64], total: f64, cap: usize) ->
 /// Eigen-decomposition of the symmetric m x m matrix whose lower triangle is `entry(i, j)` (i >= j):
 /// eigenvalues descending and clamped at 0 (rounding can push a zero one below), vectors in matching columns.
 fn sym_eigen_desc(m: usize, entry: impl Fn(usize, usize) -> f64) -> (Vec<f64>, Mat<f64>) {
-    let a = Mat::<f64>::from_fn(m, m, |i, j| if i >= j { entry(i, j) } else { entry(j, i) });
+    // Only the lower triangle is read (Side::Lower), so each entry is computed once.
+    let a = Mat::<f64>::from_fn(m, m, |i, j| if i >= j { entry(i, j) } else { 0.0 });
     let evd = a.self_adjoint_eigen(Side::Lower).expect("symmetric eigen-decomposition did not converge");
     let (s, u) = (evd.S().column_vector(), evd.U());
     let values = (0..m).map(|i| s[m - 1 - i].max(0.0)).collect();
@@ -519,6 +524,19 @@ mod tests {
             let exact = find_basis(&views(&xs), c, p, policy, Subspace::Exact, None, &mut rng);
             let fast = find_basis(&views(&xs), c, p, policy, Subspace::Fast, Some(&prior), &mut rng);
             assert!(close(fast.residual_energy, exact.residual_energy, 0.01, 1e-6 * exact.total_energy));
+        }
+    }
+
+    #[test]
+    fn f64_dot_matches_a_naive_sum() {
+        let mut rng = ChaCha8Rng::seed_from_u64(11);
+        for len in [0usize, 1, 7, 8, 9, 100, 1027] {
+            let a: Vec<f32> = (0..len).map(|_| rng.random_range(-3.0f32..3.0)).collect();
+            let b: Vec<f32> = (0..len).map(|_| rng.random_range(-3.0f32..3.0)).collect();
+            let naive: f64 = a.iter().zip(&b).map(|(&x, &y)| f64::from(x) * f64::from(y)).sum();
+            assert!((dot_f64(&a, &b) - naive).abs() <= 1e-12 * (1.0 + naive.abs()), "len {len}");
+            let squares: f64 = a.iter().map(|&x| f64::from(x) * f64::from(x)).sum();
+            assert!((energy(&a) - squares).abs() <= 1e-12 * (1.0 + squares));
         }
     }
 
