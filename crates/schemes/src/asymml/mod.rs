@@ -17,6 +17,7 @@
 //!
 //! Never released: inputs, labels, logits, the loss, batch-norm statistics, the low-rank factors.
 
+pub mod keystream;
 pub mod lowrank;
 pub mod noise;
 pub mod placement;

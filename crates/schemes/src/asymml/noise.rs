@@ -1,29 +1,23 @@
 //! The Gaussian mechanism applied to each released residual: per-sample L2 clipping, then
 //! independent Gaussian noise of standard deviation `noise_multiplier * bound` on every value.
 //!
-//! The noise comes from ChaCha12 (the cipher behind `rand`'s `StdRng`) keyed from the operating system's CSPRNG (`getrandom`), so the
-//! device cannot predict or replay it. (Floating-point Gaussian samplers have known weaknesses
+//! The noise comes from the AES-256-CTR keystream keyed from the operating system's CSPRNG
+//! ([`NoiseRng`]), so the device cannot predict or replay it. (Floating-point Gaussian samplers have known weaknesses
 //! against an adversary that sees the exact bits, Mironov 2012; see docs/asymml.md.)
 //!
 //! The standard normals come from a single-precision ziggurat written for this module (one `u32` of
-//! the ChaCha12 stream per draw on its fast path); see [`Ziggurat`] for why it samples N(0, 1)
+//! the keystream per draw on its fast path); see [`Ziggurat`] for why it samples N(0, 1)
 //! exactly up to the rounding of its result to `f32`.
 
 use std::sync::OnceLock;
 
-use rand::{Rng, RngCore, SeedableRng};
-use rand_chacha::ChaCha12Rng;
+use rand::{Rng, RngCore};
 
-/// A noise source seeded from the operating system.
-pub fn os_seeded() -> Result<ChaCha12Rng, String> {
-    let mut seed = [0u8; 32];
-    getrandom_fill(&mut seed)?;
-    Ok(ChaCha12Rng::from_seed(seed))
-}
+pub use super::keystream::NoiseRng;
 
-fn getrandom_fill(buf: &mut [u8]) -> Result<(), String> {
-    use rand::TryRngCore;
-    rand::rngs::OsRng.try_fill_bytes(buf).map_err(|e| format!("the operating system's random source failed: {e}"))
+/// A noise source keyed from the operating system.
+pub fn os_seeded() -> Result<NoiseRng, String> {
+    NoiseRng::from_os()
 }
 
 /// What one call clipped.
@@ -48,7 +42,7 @@ pub fn clip_and_noise(
     per_sample: usize,
     bound: f64,
     noise_multiplier: f64,
-    rng: &mut ChaCha12Rng,
+    rng: &mut NoiseRng,
 ) -> Clipped {
     let samples = values.len().checked_div(per_sample).unwrap_or(0);
     let mut out = Clipped { clipped: 0, samples };
@@ -131,8 +125,7 @@ fn l2_norm(row: &[f32]) -> f64 {
     sum.norm()
 }
 
-/// Random words pulled from the ChaCha12 stream at once (ChaCha12Rng generates four 64-byte blocks
-/// per refill, vectorised; 256 words are four refills).
+/// Random words pulled from the keystream at once.
 const WORDS: usize = 256;
 /// Layers of the ziggurat; the top 8 bits of a word pick one.
 const LAYERS: usize = 256;
@@ -171,7 +164,7 @@ const UNIFORM_MASK: u32 = (1 << UNIFORM_BITS) - 1;
 /// distribution up to: the 23-bit grid of the horizontal uniform and the 32-bit grid of the other
 /// uniforms (cell midpoints, so no value is 0 and nothing is biased to one side), the rounding of
 /// the tables to f64 and of the result to f32, and the tail being cut at `r + 33 ln 2 / r ≈ 9.9`
-/// (probability about 1e-23). All random words come from the ChaCha12 stream; words consumed by a
+/// (probability about 1e-23). All random words come from the keystream; words consumed by a
 /// rejected draw are discarded. The Mironov caveat of the module doc applies: the released `f32`
 /// values carry the grid and rounding pattern of the sampler, which a party that sees exact bits
 /// could in principle exploit. This sampler does not mitigate that, and its grid (`x[i] / 2^23`,
@@ -274,7 +267,7 @@ impl Ziggurat {
 
     /// Fills `out` with independent standard normals, pulling `out.len()` words of the stream in
     /// bulk (up to [`WORDS`] at a time) plus a few more for the rare rejected or wedge draws.
-    fn fill(&self, rng: &mut ChaCha12Rng, out: &mut [f32]) {
+    fn fill(&self, rng: &mut NoiseRng, out: &mut [f32]) {
         let mut words = [0u32; WORDS];
         for out in out.chunks_mut(WORDS) {
             let words = &mut words[..out.len()];
@@ -304,7 +297,7 @@ impl Ziggurat {
 
     /// One standard normal from `word` (and, if it misses the fast path, more words from `rng`).
     #[inline(always)]
-    fn draw(&self, word: u32, rng: &mut ChaCha12Rng) -> f32 {
+    fn draw(&self, word: u32, rng: &mut NoiseRng) -> f32 {
         let e = (word >> ENTRY_SHIFT) as usize;
         let m = word & UNIFORM_MASK;
         if m < self.k[e] {
@@ -324,7 +317,7 @@ impl Ziggurat {
     /// words from `rng` (and a complete restart on rejection).
     #[cold]
     #[inline(never)]
-    fn slow(&self, mut word: u32, rng: &mut ChaCha12Rng) -> f32 {
+    fn slow(&self, mut word: u32, rng: &mut NoiseRng) -> f32 {
         loop {
             let i = (word >> LAYER_SHIFT) as usize;
             let m = word & UNIFORM_MASK;
@@ -344,7 +337,7 @@ impl Ziggurat {
     }
 
     /// `x > r` with density proportional to `f` (Marsaglia 1964).
-    fn tail(&self, rng: &mut ChaCha12Rng) -> f64 {
+    fn tail(&self, rng: &mut NoiseRng) -> f64 {
         loop {
             let a = -unit_open(rng.next_u32()).ln() / self.r;
             let b = -unit_open(rng.next_u32()).ln();
@@ -368,10 +361,12 @@ fn with_sign(x: f32, word: u32) -> f32 {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use rand::SeedableRng;
+    use rand_chacha::ChaCha12Rng;
 
     #[test]
     fn clips_to_the_bound_and_adds_noise_of_the_right_scale() {
-        let mut rng = ChaCha12Rng::seed_from_u64(3);
+        let mut rng = NoiseRng::seed_from_u64(3);
         let per = 4000;
         // Row 0 is far above the bound, row 1 below it.
         let mut v: Vec<f32> = (0..2 * per).map(|i| if i < per { 0.5 } else { 0.001 * (i % 7) as f32 }).collect();
@@ -402,7 +397,7 @@ mod tests {
 
     /// `n` draws of the sampler from a fixed seed (in calls of 1000, not a multiple of its 256-word refills).
     fn draws(seed: u64, n: usize) -> Vec<f32> {
-        let mut rng = ChaCha12Rng::seed_from_u64(seed);
+        let mut rng = NoiseRng::seed_from_u64(seed);
         let mut z = vec![0.0f32; n];
         let table = Ziggurat::get();
         for block in z.chunks_mut(1000) {
@@ -542,7 +537,7 @@ mod tests {
         // The base layer's tail is only ~6e-4 of all draws: test it on its own (KS, alpha 0.01)
         // against P(X <= x | X > r) = 1 - Q(x) / Q(r).
         let t = Ziggurat::get();
-        let mut rng = ChaCha12Rng::seed_from_u64(13);
+        let mut rng = NoiseRng::seed_from_u64(13);
         let n = 200_000;
         let mut x: Vec<f64> = (0..n).map(|_| t.tail(&mut rng)).collect();
         assert!(x.iter().all(|&x| x > t.r));
@@ -602,12 +597,12 @@ mod tests {
                 .collect();
             let (bound, z) = (2.5, 0.7);
             let mut fused = original.clone();
-            let mut rng = ChaCha12Rng::seed_from_u64(21);
+            let mut rng = NoiseRng::seed_from_u64(21);
             let c = clip_and_noise(&mut fused, per, bound, z, &mut rng);
             assert_eq!(c, Clipped { clipped: 4, samples: rows }, "rows of {per}");
             // Reference: clip every row in its own pass, then add the same noise stream.
             let mut two_pass = original.clone();
-            let mut rng = ChaCha12Rng::seed_from_u64(21);
+            let mut rng = NoiseRng::seed_from_u64(21);
             let table = Ziggurat::get();
             let std = (z * bound) as f32;
             for row in two_pass.chunks_mut(per) {
@@ -643,7 +638,7 @@ mod tests {
         let mut v: Vec<f32> = vec![1.0; 3 * per];
         v[5] = f32::NAN;
         v[per + 7] = f32::INFINITY;
-        let mut rng = ChaCha12Rng::seed_from_u64(5);
+        let mut rng = NoiseRng::seed_from_u64(5);
         let c = clip_and_noise(&mut v, per, 1.0, 0.1, &mut rng);
         // The NaN row is not clipped (NaN > bound is false); the infinite row is (scale 0).
         assert_eq!(c, Clipped { clipped: 2, samples: 3 });
@@ -656,8 +651,8 @@ mod tests {
         assert!(l2_norm(&v[2 * per..]) < 1.0 + 5.0 * 0.1 * (per as f64).sqrt());
     }
 
-    /// The previous implementation (rand_distr's f32 `StandardNormal`, separate scale pass),
-    /// kept as the baseline of the timing below.
+    /// The implementation before the ziggurat (rand_distr's f32 `StandardNormal` on ChaCha12, separate
+    /// scale pass), kept as the baseline of the timing below.
     fn clip_and_noise_rand_distr(
         values: &mut [f32],
         per_sample: usize,
@@ -696,7 +691,8 @@ mod tests {
         let per = 65536;
         let n = 268 * per; // 17.6 million values
         let data: Vec<f32> = (0..n).map(|i| ((i as f32 * 0.618_034).fract() - 0.5) * 0.05).collect();
-        let mut rng = ChaCha12Rng::seed_from_u64(1);
+        // Each with the generator it used in production: ChaCha12 then, the AES keystream now.
+        let (mut old_rng, mut rng) = (ChaCha12Rng::seed_from_u64(1), NoiseRng::seed_from_u64(1));
         let mut v = data.clone();
         // Bound 1: every row is clipped (the old code then takes a third pass); bound 1e6: none is.
         for bound in [1.0, 1e6] {
@@ -706,7 +702,7 @@ mod tests {
             for _ in 0..7 {
                 v.copy_from_slice(&data);
                 let start = std::time::Instant::now();
-                c_old = clip_and_noise_rand_distr(&mut v, per, bound, 1.1, &mut rng);
+                c_old = clip_and_noise_rand_distr(&mut v, per, bound, 1.1, &mut old_rng);
                 old = old.min(start.elapsed().as_secs_f64());
                 std::hint::black_box(&v);
                 v.copy_from_slice(&data);

@@ -2,14 +2,14 @@
 //! device, the low-rank part's convolution on r virtual channels in the enclave, concurrently.
 
 use super::lowrank::{find_basis, split_into, Basis, RankPolicy};
-use super::noise::{clip_and_noise, os_seeded, Clipped};
+use super::noise::{clip_and_noise, os_seeded, Clipped, NoiseRng};
 use super::virtual_conv as vc;
 use super::{AsymmlConfig, BasisScope, PrivacyLedger, RankRule};
 use crate::placement::{
     add_bias, crossing, lock, received, LayerSplit, PassInfo, Placement, PlacementReport, PlacementResult,
 };
 use crate::{RunnerError, SchemeKind, SplitRunner};
-use rand_chacha::ChaCha12Rng;
+
 use std::cell::RefCell;
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
@@ -126,7 +126,7 @@ pub struct Asymml {
     transcript: Arc<Transcript>,
     /// Seconds the enclave sat idle waiting for the device.
     waiting: Arc<Mutex<f64>>,
-    rng: ChaCha12Rng,
+    rng: NoiseRng,
     pass: PassInfo,
     conv_index: HashMap<String, usize>,
     /// Last basis per layer and tensor, to warm-start the fast subspace method.
