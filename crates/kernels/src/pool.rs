@@ -59,35 +59,76 @@ impl PoolGeometry {
 }
 
 /// `y` = window maxima; `argmax` gets, per output, the index of the winner within its input plane.
+/// Ties go to the first maximum in row-major order; a NaN wins (the last one, if several) so that
+/// it propagates, as in PyTorch.
 pub fn max_pool_forward(g: &PoolGeometry, x: &[f32], y: &mut [f32], argmax: &mut [u32]) {
     g.check();
     assert_eq!(x.len(), g.input_len(), "max_pool_forward: input length");
     assert_eq!(y.len(), g.output_len(), "max_pool_forward: output length");
     assert_eq!(argmax.len(), g.output_len(), "max_pool_forward: argmax length");
     let (ih, iw, oh, ow) = (g.in_h, g.in_w, g.out_h(), g.out_w());
+    let two_by_two = g.kernel == 2 && g.stride == 2 && g.padding == 0;
     y.par_chunks_mut(oh * ow).zip(argmax.par_chunks_mut(oh * ow)).zip(x.par_chunks(ih * iw)).for_each(
         |((y, am), x)| {
-            for r in 0..oh {
-                let (r0, r1) = g.window(r, ih);
-                for c in 0..ow {
-                    let (c0, c1) = g.window(c, iw);
-                    let (mut best, mut best_i) = (f32::NEG_INFINITY, r0 * iw + c0);
-                    for i in r0..r1 {
-                        for j in c0..c1 {
-                            let v = x[i * iw + j];
-                            // A NaN wins (and stays) so it propagates, as in PyTorch.
-                            if v > best || v.is_nan() {
-                                best = v;
-                                best_i = i * iw + j;
-                            }
-                        }
-                    }
-                    y[r * ow + c] = best;
-                    am[r * ow + c] = best_i as u32;
-                }
+            if two_by_two {
+                max_pool_2x2_plane(x, iw, oh, ow, y, am);
+            } else {
+                max_pool_plane(g, x, y, am);
             }
         },
     );
+}
+
+/// Whether `v` takes over from the window's best so far (see [`max_pool_forward`] for ties and NaN).
+#[inline(always)]
+fn beats(v: f32, best: f32) -> bool {
+    v > best || v.is_nan()
+}
+
+/// Any window: scans each window's rows and columns.
+fn max_pool_plane(g: &PoolGeometry, x: &[f32], y: &mut [f32], am: &mut [u32]) {
+    let (ih, iw, oh, ow) = (g.in_h, g.in_w, g.out_h(), g.out_w());
+    for r in 0..oh {
+        let (r0, r1) = g.window(r, ih);
+        for c in 0..ow {
+            let (c0, c1) = g.window(c, iw);
+            let (mut best, mut best_i) = (f32::NEG_INFINITY, r0 * iw + c0);
+            for i in r0..r1 {
+                for j in c0..c1 {
+                    let v = x[i * iw + j];
+                    if beats(v, best) {
+                        best = v;
+                        best_i = i * iw + j;
+                    }
+                }
+            }
+            y[r * ow + c] = best;
+            am[r * ow + c] = best_i as u32;
+        }
+    }
+}
+
+/// 2x2 windows at stride 2 without padding (VGG's and most CIFAR networks' pooling): the four
+/// candidates are compared without branches. The generic loop's data-dependent branch mispredicted
+/// about half the time and made pooling 8% of AsymML's enclave time in a VGG16 step.
+fn max_pool_2x2_plane(x: &[f32], iw: usize, oh: usize, ow: usize, y: &mut [f32], am: &mut [u32]) {
+    for r in 0..oh {
+        let top = &x[2 * r * iw..][..2 * ow];
+        let bottom = &x[(2 * r + 1) * iw..][..2 * ow];
+        let base = (2 * r * iw) as u32;
+        let rows = top.chunks_exact(2).zip(bottom.chunks_exact(2));
+        for (c, ((t, b), (y, am))) in rows.zip(y[r * ow..][..ow].iter_mut().zip(&mut am[r * ow..][..ow])).enumerate() {
+            let at = base + 2 * c as u32;
+            let (mut best, mut best_i) = (t[0], at);
+            for (v, i) in [(t[1], at + 1), (b[0], at + iw as u32), (b[1], at + iw as u32 + 1)] {
+                let take = beats(v, best);
+                best = if take { v } else { best };
+                best_i = if take { i } else { best_i };
+            }
+            *y = best;
+            *am = best_i;
+        }
+    }
 }
 
 /// Routes each output gradient to its window's winner. `dx` is overwritten.
@@ -149,4 +190,43 @@ pub fn avg_pool_backward(g: &PoolGeometry, dy: &[f32], dx: &mut [f32]) {
             }
         }
     });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The 2x2 path against the generic one, bit for bit, on values with ties, infinities and NaNs.
+    #[test]
+    fn two_by_two_path_matches_the_generic_window_scan() {
+        let mut state = 0x2545_f491_4f6c_dd1du64;
+        let mut next = move || {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            state
+        };
+        let special = [f32::NAN, f32::INFINITY, f32::NEG_INFINITY, 0.0, -0.0, 1.0];
+        for case in 0..60 {
+            let (in_h, in_w) = (2 + (next() % 9) as usize, 2 + (next() % 9) as usize);
+            let g = PoolGeometry { batch: 1, channels: 2, in_h, in_w, kernel: 2, stride: 2, padding: 0 };
+            let x: Vec<f32> = (0..g.input_len())
+                .map(|_| match next() % 8 {
+                    0 => special[(next() % special.len() as u64) as usize],
+                    1 => 0.5, // ties
+                    _ => (next() % 1000) as f32 / 100.0 - 5.0,
+                })
+                .collect();
+            let (plane_in, plane_out) = (in_h * in_w, g.out_h() * g.out_w());
+            for (ch, xp) in x.chunks(plane_in).enumerate() {
+                let (mut y1, mut a1) = (vec![0.0; plane_out], vec![0; plane_out]);
+                let (mut y2, mut a2) = (vec![0.0; plane_out], vec![0; plane_out]);
+                max_pool_plane(&g, xp, &mut y1, &mut a1);
+                max_pool_2x2_plane(xp, in_w, g.out_h(), g.out_w(), &mut y2, &mut a2);
+                let bits = |v: &[f32]| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
+                assert_eq!(bits(&y1), bits(&y2), "case {case} channel {ch} values");
+                assert_eq!(a1, a2, "case {case} channel {ch} argmax");
+            }
+        }
+    }
 }
