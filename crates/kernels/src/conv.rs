@@ -464,14 +464,8 @@ fn transpose_into(a: &[f32], rows: usize, cols: usize, out: &mut [f32]) {
 
 /// `db = sum of dy` per output channel (overwritten).
 fn bias_gradient(g: &ConvGeometry, dy: &[f32], db: &mut [f32]) {
-    let (cout, hw) = (g.out_channels, g.out_pixels());
-    assert_eq!(db.len(), cout, "conv2d_backward_weight: bias-gradient length");
-    db.fill(0.0);
-    for n in 0..g.batch {
-        for (co, d) in db.iter_mut().enumerate() {
-            *d += dy[(n * cout + co) * hw..][..hw].iter().sum::<f32>();
-        }
-    }
+    assert_eq!(db.len(), g.out_channels, "conv2d_backward_weight: bias-gradient length");
+    crate::elementwise::channel_sums(dy, g.out_channels, g.out_pixels(), db);
 }
 
 #[cfg(test)]

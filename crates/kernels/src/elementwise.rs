@@ -15,3 +15,59 @@ pub fn add(a: &[f32], b: &[f32], out: &mut [f32]) {
         *o = x + y;
     }
 }
+
+/// Sum of `x`. Eight independent partial sums let the compiler vectorise the loop (one running
+/// sum is bound by the latency of each addition) and keep the rounding error smaller.
+pub fn sum(x: &[f32]) -> f32 {
+    let mut lanes = [0.0f32; 8];
+    let chunks = x.chunks_exact(8);
+    let tail: f32 = chunks.remainder().iter().sum();
+    for chunk in chunks {
+        for (lane, &v) in lanes.iter_mut().zip(chunk) {
+            *lane += v;
+        }
+    }
+    lanes.iter().sum::<f32>() + tail
+}
+
+/// Per-channel sums of an `N x C x spatial` tensor (a convolution's bias gradient) into `out`
+/// (`C` long, overwritten).
+pub fn channel_sums(x: &[f32], channels: usize, spatial: usize, out: &mut [f32]) {
+    assert_eq!(out.len(), channels, "channel_sums: output length");
+    assert!(
+        channels * spatial == 0 || x.len() % (channels * spatial) == 0,
+        "channel_sums: length {} is not a whole number of {channels} x {spatial} samples",
+        x.len()
+    );
+    out.fill(0.0);
+    if channels == 0 || spatial == 0 {
+        return;
+    }
+    for (i, plane) in x.chunks_exact(spatial).enumerate() {
+        out[i % channels] += sum(plane);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rand::{Rng, SeedableRng};
+
+    #[test]
+    fn sums_match_naive_f64_sums() {
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(4);
+        for _ in 0..30 {
+            let (n, c, p) = (rng.random_range(1..4), rng.random_range(1..6), rng.random_range(1..40));
+            let x: Vec<f32> = (0..n * c * p).map(|_| rng.random_range(-2.0f32..2.0)).collect();
+            let naive: f64 = x.iter().map(|&v| f64::from(v)).sum();
+            assert!((f64::from(sum(&x)) - naive).abs() < 1e-4 * (1.0 + naive.abs()));
+            let mut out = vec![f32::NAN; c];
+            channel_sums(&x, c, p, &mut out);
+            for (ch, &got) in out.iter().enumerate() {
+                let want: f64 = (0..n).flat_map(|s| &x[(s * c + ch) * p..][..p]).map(|&v| f64::from(v)).sum();
+                assert!((f64::from(got) - want).abs() < 1e-4 * (1.0 + want.abs()), "channel {ch}");
+            }
+        }
+        assert_eq!(sum(&[]), 0.0);
+    }
+}

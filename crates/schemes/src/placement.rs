@@ -154,9 +154,7 @@ pub fn bias_gradient(dy: &Tensor, channels: usize) -> Tensor {
     let per_sample = dy.len() / dy.shape()[0].max(1);
     let spatial = (per_sample / channels.max(1)).max(1);
     let mut db = vec![0.0f32; channels];
-    for (i, plane) in trustsplit_nn::tensor::data(dy).chunks(spatial).enumerate() {
-        db[i % channels] += plane.iter().sum::<f32>();
-    }
+    trustsplit_kernels::elementwise::channel_sums(trustsplit_nn::tensor::data(dy), channels, spatial, &mut db);
     trustsplit_nn::tensor::from_vec(&[channels], db)
 }
 
