@@ -35,7 +35,7 @@ pub fn sum(x: &[f32]) -> f32 {
 pub fn channel_sums(x: &[f32], channels: usize, spatial: usize, out: &mut [f32]) {
     assert_eq!(out.len(), channels, "channel_sums: output length");
     assert!(
-        channels * spatial == 0 || x.len() % (channels * spatial) == 0,
+        channels * spatial == 0 || x.len().is_multiple_of(channels * spatial),
         "channel_sums: length {} is not a whole number of {channels} x {spatial} samples",
         x.len()
     );
