@@ -444,6 +444,27 @@ pub fn conv2d_backward_weight(g: &ConvGeometry, x: &[f32], dy: &[f32], dw: &mut 
     }
 }
 
+/// [`conv2d_backward_weight`] (without the bias) for a convolution with few input channels, such
+/// as AsymML's virtual channels: per sample `dw += dy_n * patches(x_n)^T` with `dy_n` read in place
+/// as the left operand, so the large side is neither gathered nor read through a transposed view;
+/// only the small patch matrix is unrolled. `dw` is overwritten.
+pub fn conv2d_backward_weight_few_inputs(g: &ConvGeometry, x: &[f32], dy: &[f32], dw: &mut [f32]) {
+    g.check();
+    assert_eq!(x.len(), g.input_len(), "conv2d_backward_weight_few_inputs: input length");
+    assert_eq!(dy.len(), g.output_len(), "conv2d_backward_weight_few_inputs: output-gradient length");
+    assert_eq!(dw.len(), g.weight_len(), "conv2d_backward_weight_few_inputs: weight-gradient length");
+    let (hw, cout, plen) = (g.out_pixels(), g.out_channels, g.patch_len());
+    let in_len = g.in_channels * g.in_h * g.in_w;
+    let par = parallelism(threads());
+    let mut cols = vec![0.0f32; plen * hw];
+    dw.fill(0.0);
+    for n in 0..g.batch {
+        im2col(g, &x[n * in_len..(n + 1) * in_len], &mut cols, hw, 0);
+        let dy_n = MatRef::row_major(&dy[n * cout * hw..][..cout * hw], cout, hw);
+        matmul(dy_n, MatRef::row_major(&cols, plen, hw).t(), dw, plen, true, par);
+    }
+}
+
 /// Writes the transpose of the row-major `rows x cols` matrix `a` into `out` (`cols x rows`),
 /// tile by tile so that both sides stay in cache (an element-by-element strided write measured
 /// most of the backward-weight pass outside its GEMM for 512-channel layers).

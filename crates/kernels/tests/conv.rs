@@ -62,7 +62,7 @@ fn check(g: &ConvGeometry, seed: u64, threads: usize) {
     let b = random_vec(&mut r, g.out_channels);
     let dy = random_vec(&mut r, g.output_len());
     let (xd, wd, bd, dyd) = (to_f64(&x), to_f64(&w), to_f64(&b), to_f64(&dy));
-    let (y, dx, dw, db) = with_threads(threads, || {
+    let (y, dx, dw, db, dw_few) = with_threads(threads, || {
         let mut y = vec![0.0; g.output_len()];
         conv2d_forward(g, &x, &w, Some(&b), &mut y);
         let mut dx = vec![f32::NAN; g.input_len()];
@@ -70,7 +70,9 @@ fn check(g: &ConvGeometry, seed: u64, threads: usize) {
         let mut dw = vec![f32::NAN; g.weight_len()];
         let mut db = vec![f32::NAN; g.out_channels];
         conv2d_backward_weight(g, &x, &dy, &mut dw, Some(&mut db));
-        (y, dx, dw, db)
+        let mut dw_few = vec![f32::NAN; g.weight_len()];
+        conv2d_backward_weight_few_inputs(g, &x, &dy, &mut dw_few);
+        (y, dx, dw, db, dw_few)
     });
     let what = format!("{g:?} threads={threads}");
     assert_close(&format!("forward {what}"), &y, &naive_forward(g, &xd, &wd, &bd), 1e-5);
@@ -78,6 +80,7 @@ fn check(g: &ConvGeometry, seed: u64, threads: usize) {
     assert_close(&format!("backward-data {what}"), &dx, &want_dx, 1e-5);
     let want_dw = finite_difference(|wv| naive_forward(g, &xd, wv, &bd), &wd, &dyd);
     assert_close(&format!("backward-weight {what}"), &dw, &want_dw, 1e-5);
+    assert_close(&format!("backward-weight, few-inputs path {what}"), &dw_few, &want_dw, 1e-5);
     let want_db = finite_difference(|bv| naive_forward(g, &xd, &wd, bv), &bd, &dyd);
     assert_close(&format!("backward-bias {what}"), &db, &want_db, 1e-5);
 }

@@ -15,7 +15,9 @@
 //! together in one ordinary call.
 
 use std::borrow::Cow;
-use trustsplit_kernels::conv::{conv2d_backward_data, conv2d_backward_weight, conv2d_forward, ConvGeometry};
+use trustsplit_kernels::conv::{
+    conv2d_backward_data, conv2d_backward_weight, conv2d_backward_weight_few_inputs, conv2d_forward, ConvGeometry,
+};
 use trustsplit_kernels::elementwise::add_assign;
 use trustsplit_kernels::matmul::{matmul, matmul_strided, parallelism, threads, MatRef};
 
@@ -294,10 +296,10 @@ pub fn add_low_rank_input_weight_gradient(g: &ConvGeometry, groups: &[Factors], 
             let gv = ConvGeometry { batch: f.len, in_channels: f.rank, ..*g };
             let dy_g = &dy[f.start * out_per..(f.start + f.len) * out_per];
             if f.rank == total {
-                conv2d_backward_weight(&gv, f.coords, dy_g, &mut d, None);
+                conv2d_backward_weight_few_inputs(&gv, f.coords, dy_g, &mut d);
             } else {
                 let mut dwt = vec![0.0f32; gv.weight_len()];
-                conv2d_backward_weight(&gv, f.coords, dy_g, &mut dwt, None);
+                conv2d_backward_weight_few_inputs(&gv, f.coords, dy_g, &mut dwt);
                 for (dst, src) in d.chunks_exact_mut(total * kk).zip(dwt.chunks_exact(f.rank * kk)) {
                     dst[row * kk..(row + f.rank) * kk].copy_from_slice(src);
                 }
