@@ -1,6 +1,7 @@
 //! Little-endian byte encoding of `f32` and `u32` slices, for device messages and the enclave's
 //! saved contexts. On little-endian CPUs (every target we run on) both directions are one
-//! `memcpy`; the per-value loop it replaces was a sixth of AsymML's enclave time in a VGG16 step.
+//! `memcpy`; replacing the per-value loop took the enclave's VGG16 training step from about 400 to
+//! 380 ms under tee-only and from about 180 to 163 ms under AsymML (A/B of two builds, Zen 5).
 
 /// Appends `values` as little-endian bytes.
 pub fn put_f32s(out: &mut Vec<u8>, values: &[f32]) {
