@@ -1,5 +1,5 @@
-//! Convolutions lowered to GEMMs on the host: im2col / col2im here, the product wherever the
-//! supplied `gemm` runs (cuBLAS for the CUDA backend).
+//! Convolutions lowered to GEMMs on the host: the kernels crate's im2col / col2im here, the
+//! product wherever the supplied `gemm` runs (cuBLAS for the CUDA backend).
 //!
 //! This is the simple way to put convolutions on a BLAS-only device: the unrolled patches travel
 //! to the device, which costs `kernel_h * kernel_w` times the input's bytes in transfers. It lives
@@ -8,6 +8,7 @@
 
 use crate::error::DeviceError;
 use crate::op::{GemmShape, Op};
+use trustsplit_kernels::conv::{col2im, im2col};
 use trustsplit_kernels::ConvGeometry;
 
 /// A GEMM provider: `C = op(A) op(B)` as in [`crate::Backend::gemm`].
@@ -35,50 +36,6 @@ fn plan(op: Op, a: &[f32], b: &[f32], max_cols: usize) -> Result<Plan, DeviceErr
     };
     let per = (max_cols / sizes.scratch.max(1)).clamp(1, g.batch.max(1));
     Ok(Plan::Chunks { out_len: sizes.out, hw: g.out_h() * g.out_w(), per })
-}
-
-/// Unrolls one sample into `cols` (rows of length `row_stride`) starting at column `col0`.
-fn im2col(g: &ConvGeometry, x: &[f32], cols: &mut [f32], row_stride: usize, col0: usize) {
-    let (oh_n, ow_n) = (g.out_h(), g.out_w());
-    for c in 0..g.in_channels {
-        for ki in 0..g.kernel_h {
-            for kj in 0..g.kernel_w {
-                let row = ((c * g.kernel_h + ki) * g.kernel_w + kj) * row_stride + col0;
-                for oh in 0..oh_n {
-                    for ow in 0..ow_n {
-                        cols[row + oh * ow_n + ow] = input_index(g, c, oh, ow, ki, kj).map_or(0.0, |i| x[i]);
-                    }
-                }
-            }
-        }
-    }
-}
-
-/// Adds unrolled gradients back onto one sample (the adjoint of `im2col`).
-fn col2im(g: &ConvGeometry, cols: &[f32], row_stride: usize, col0: usize, dx: &mut [f32]) {
-    let (oh_n, ow_n) = (g.out_h(), g.out_w());
-    for c in 0..g.in_channels {
-        for ki in 0..g.kernel_h {
-            for kj in 0..g.kernel_w {
-                let row = ((c * g.kernel_h + ki) * g.kernel_w + kj) * row_stride + col0;
-                for oh in 0..oh_n {
-                    for ow in 0..ow_n {
-                        if let Some(i) = input_index(g, c, oh, ow, ki, kj) {
-                            dx[i] += cols[row + oh * ow_n + ow];
-                        }
-                    }
-                }
-            }
-        }
-    }
-}
-
-/// Index into one sample's `C x H x W` input read by output pixel `(oh, ow)` at kernel tap
-/// `(ki, kj)`, or `None` in the zero padding.
-fn input_index(g: &ConvGeometry, c: usize, oh: usize, ow: usize, ki: usize, kj: usize) -> Option<usize> {
-    let ih = (oh * g.stride + ki).checked_sub(g.padding).filter(|&v| v < g.in_h)?;
-    let iw = (ow * g.stride + kj).checked_sub(g.padding).filter(|&v| v < g.in_w)?;
-    Some((c * g.in_h + ih) * g.in_w + iw)
 }
 
 /// `C_out x (samples * out_pixels)` matrix of the output gradient of samples `first..first+count`.

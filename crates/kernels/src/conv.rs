@@ -195,8 +195,10 @@ fn valid_range(out: usize, size: usize, k: usize, stride: usize, padding: usize)
     (lo.min(hi), hi)
 }
 
-/// Unrolls one sample `x` (`C x H x W`) into `cols` rows of length `row_stride`, at column `col0`.
-fn im2col(g: &ConvGeometry, x: &[f32], cols: &mut [f32], row_stride: usize, col0: usize) {
+/// Unrolls one sample `x` (`C x H x W`) into `cols` rows of length `row_stride`, at column `col0`:
+/// row `(c, ki, kj)` holds, for each output pixel, the input value its kernel tap reads (0 in the
+/// padding). Also used by the device crate's host-side lowering for BLAS-only devices.
+pub fn im2col(g: &ConvGeometry, x: &[f32], cols: &mut [f32], row_stride: usize, col0: usize) {
     let (h, w, oh_n, ow_n) = (g.in_h, g.in_w, g.out_h(), g.out_w());
     let (s, p) = (g.stride, g.padding);
     for c in 0..g.in_channels {
@@ -230,8 +232,9 @@ fn im2col(g: &ConvGeometry, x: &[f32], cols: &mut [f32], row_stride: usize, col0
     }
 }
 
-/// Adds unrolled patch gradients back onto one sample `dx` (`C x H x W`): the adjoint of `im2col`.
-fn col2im(g: &ConvGeometry, cols: &[f32], row_stride: usize, col0: usize, dx: &mut [f32]) {
+/// Adds unrolled patch gradients back onto one sample `dx` (`C x H x W`): the adjoint of
+/// [`im2col`].
+pub fn col2im(g: &ConvGeometry, cols: &[f32], row_stride: usize, col0: usize, dx: &mut [f32]) {
     let (h, w, oh_n, ow_n) = (g.in_h, g.in_w, g.out_h(), g.out_w());
     let (s, p) = (g.stride, g.padding);
     for c in 0..g.in_channels {
