@@ -3,6 +3,7 @@
 //! Statistics are accumulated in f64: a channel of a large batch sums hundreds of thousands of
 //! values, and the variance of nearly constant channels would otherwise lose its digits.
 
+use crate::elementwise::{dot_f64_of, sum_f64_of};
 use rayon::prelude::*;
 
 /// Shapes: `batch x channels x spatial` (spatial = H*W; 1 after a linear layer).
@@ -25,35 +26,6 @@ impl BnShape {
         let (cs, s) = (self.channels * self.spatial, self.spatial);
         (0..self.batch).map(move |n| &x[n * cs + c * s..n * cs + (c + 1) * s])
     }
-}
-
-/// `sum f(x_i)` in f64 over eight independent partial sums, so the loop vectorises instead of
-/// waiting on each addition in turn.
-#[inline(always)]
-fn lanes_sum(x: &[f32], f: impl Fn(f64) -> f64) -> f64 {
-    let mut lanes = [0.0f64; 8];
-    let chunks = x.chunks_exact(8);
-    let tail: f64 = chunks.remainder().iter().map(|&v| f(f64::from(v))).sum();
-    for chunk in chunks {
-        for (lane, &v) in lanes.iter_mut().zip(chunk) {
-            *lane += f(f64::from(v));
-        }
-    }
-    lanes.iter().sum::<f64>() + tail
-}
-
-/// `sum f(a_i, b_i)` in f64, as [`lanes_sum`].
-#[inline(always)]
-fn lanes_dot(a: &[f32], b: &[f32], f: impl Fn(f64, f64) -> f64) -> f64 {
-    let mut lanes = [0.0f64; 8];
-    let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));
-    let tail: f64 = ca.remainder().iter().zip(cb.remainder()).map(|(&x, &y)| f(f64::from(x), f64::from(y))).sum();
-    for (xa, xb) in ca.zip(cb) {
-        for ((lane, &x), &y) in lanes.iter_mut().zip(xa).zip(xb) {
-            *lane += f(f64::from(x), f64::from(y));
-        }
-    }
-    lanes.iter().sum::<f64>() + tail
 }
 
 /// Per-channel batch statistics from a training-mode forward pass.
@@ -81,8 +53,8 @@ pub fn batchnorm_train_forward(
     let (mean, var): (Vec<f32>, Vec<f32>) = (0..s.channels)
         .into_par_iter()
         .map(|c| {
-            let m = s.channel_planes(x, c).map(|p| lanes_sum(p, |v| v)).sum::<f64>() / count;
-            let v = s.channel_planes(x, c).map(|p| lanes_sum(p, |v| (v - m) * (v - m))).sum::<f64>() / count;
+            let m = s.channel_planes(x, c).map(|p| sum_f64_of(p, |v| v)).sum::<f64>() / count;
+            let v = s.channel_planes(x, c).map(|p| sum_f64_of(p, |v| (v - m) * (v - m))).sum::<f64>() / count;
             (m as f32, v as f32)
         })
         .unzip();
@@ -143,8 +115,8 @@ pub fn batchnorm_backward(
             let (m, inv) = (stats.mean[c] as f64, stats.inv_std[c] as f64);
             let (mut sum_dy, mut sum_dy_xc) = (0.0, 0.0);
             for (g, v) in s.channel_planes(dy, c).zip(s.channel_planes(x, c)) {
-                sum_dy += lanes_sum(g, |g| g);
-                sum_dy_xc += lanes_dot(g, v, |g, v| g * (v - m));
+                sum_dy += sum_f64_of(g, |g| g);
+                sum_dy_xc += dot_f64_of(g, v, |g, v| g * (v - m));
             }
             (sum_dy, sum_dy_xc * inv)
         })

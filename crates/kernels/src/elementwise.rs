@@ -30,6 +30,36 @@ pub fn sum(x: &[f32]) -> f32 {
     lanes.iter().sum::<f32>() + tail
 }
 
+/// `sum f(x_i)` accumulated in f64 over eight independent partial sums, so the loop vectorises
+/// instead of waiting on each addition in turn (batch-norm statistics, energies).
+#[inline(always)]
+pub fn sum_f64_of(x: &[f32], f: impl Fn(f64) -> f64) -> f64 {
+    let mut lanes = [0.0f64; 8];
+    let chunks = x.chunks_exact(8);
+    let tail: f64 = chunks.remainder().iter().map(|&v| f(f64::from(v))).sum();
+    for chunk in chunks {
+        for (lane, &v) in lanes.iter_mut().zip(chunk) {
+            *lane += f(f64::from(v));
+        }
+    }
+    lanes.iter().sum::<f64>() + tail
+}
+
+/// `sum f(a_i, b_i)` in f64, as [`sum_f64_of`] (`f = |x, y| x * y` is a dot product).
+#[inline(always)]
+pub fn dot_f64_of(a: &[f32], b: &[f32], f: impl Fn(f64, f64) -> f64) -> f64 {
+    debug_assert_eq!(a.len(), b.len());
+    let mut lanes = [0.0f64; 8];
+    let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));
+    let tail: f64 = ca.remainder().iter().zip(cb.remainder()).map(|(&x, &y)| f(f64::from(x), f64::from(y))).sum();
+    for (xa, xb) in ca.zip(cb) {
+        for ((lane, &x), &y) in lanes.iter_mut().zip(xa).zip(xb) {
+            *lane += f(f64::from(x), f64::from(y));
+        }
+    }
+    lanes.iter().sum::<f64>() + tail
+}
+
 /// Per-channel sums of an `N x C x spatial` tensor (a convolution's bias gradient) into `out`
 /// (`C` long, overwritten).
 pub fn channel_sums(x: &[f32], channels: usize, spatial: usize, out: &mut [f32]) {
@@ -69,5 +99,18 @@ mod tests {
             }
         }
         assert_eq!(sum(&[]), 0.0);
+    }
+
+    #[test]
+    fn f64_sums_and_dots_match_naive_sums() {
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(11);
+        for len in [0usize, 1, 7, 8, 9, 100, 1027] {
+            let a: Vec<f32> = (0..len).map(|_| rng.random_range(-3.0f32..3.0)).collect();
+            let b: Vec<f32> = (0..len).map(|_| rng.random_range(-3.0f32..3.0)).collect();
+            let naive: f64 = a.iter().zip(&b).map(|(&x, &y)| f64::from(x) * f64::from(y)).sum();
+            assert!((dot_f64_of(&a, &b, |x, y| x * y) - naive).abs() <= 1e-12 * (1.0 + naive.abs()), "len {len}");
+            let squares: f64 = a.iter().map(|&x| f64::from(x) * f64::from(x)).sum();
+            assert!((sum_f64_of(&a, |x| x * x) - squares).abs() <= 1e-12 * (1.0 + squares), "len {len}");
+        }
     }
 }

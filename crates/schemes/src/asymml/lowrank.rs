@@ -7,6 +7,7 @@
 
 use faer::{Mat, Side};
 use rand_distr::StandardNormal;
+use trustsplit_kernels::elementwise::{dot_f64_of, sum_f64_of};
 use trustsplit_kernels::matmul::{matmul, parallelism, MatRef};
 
 /// How many components to keep.
@@ -121,22 +122,7 @@ pub fn split_into(basis: &Basis, x: &[f32], positions: usize, v: &mut [f32], res
 
 /// Sum of squares in f64.
 fn energy(x: &[f32]) -> f64 {
-    dot_f64(x, x)
-}
-
-/// Dot product accumulated in f64. Eight independent partial sums let the compiler vectorise the
-/// loop (a single running f64 sum is bound by the latency of each addition).
-fn dot_f64(a: &[f32], b: &[f32]) -> f64 {
-    debug_assert_eq!(a.len(), b.len());
-    let mut lanes = [0.0f64; 8];
-    let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));
-    let tail: f64 = ca.remainder().iter().zip(cb.remainder()).map(|(&x, &y)| f64::from(x) * f64::from(y)).sum();
-    for (xa, xb) in ca.zip(cb) {
-        for ((lane, &x), &y) in lanes.iter_mut().zip(xa).zip(xb) {
-            *lane += f64::from(x) * f64::from(y);
-        }
-    }
-    lanes.iter().sum::<f64>() + tail
+    sum_f64_of(x, |v| v * v)
 }
 
 /// Which Gram matrix the exact method decomposes.
@@ -244,7 +230,7 @@ fn fast_basis(
     for b in 0..n {
         matmul(MatRef::row_major(&q32, c, k).t(), g.x(b), &mut bm[b * p..], np, false, parallelism(1));
     }
-    let dot = |i: usize, j: usize| dot_f64(&bm[i * np..(i + 1) * np], &bm[j * np..(j + 1) * np]);
+    let dot = |i: usize, j: usize| dot_f64_of(&bm[i * np..(i + 1) * np], &bm[j * np..(j + 1) * np], |a, b| a * b);
     let (ritz, s) = sym_eigen_desc(k, dot);
     // ||U^T X||^2 is the sum of the kept Ritz values, so the residual is what they leave of the total.
     let mut residuals = vec![total; k + 1];
@@ -524,19 +510,6 @@ mod tests {
             let exact = find_basis(&views(&xs), c, p, policy, Subspace::Exact, None, &mut rng);
             let fast = find_basis(&views(&xs), c, p, policy, Subspace::Fast, Some(&prior), &mut rng);
             assert!(close(fast.residual_energy, exact.residual_energy, 0.01, 1e-6 * exact.total_energy));
-        }
-    }
-
-    #[test]
-    fn f64_dot_matches_a_naive_sum() {
-        let mut rng = ChaCha8Rng::seed_from_u64(11);
-        for len in [0usize, 1, 7, 8, 9, 100, 1027] {
-            let a: Vec<f32> = (0..len).map(|_| rng.random_range(-3.0f32..3.0)).collect();
-            let b: Vec<f32> = (0..len).map(|_| rng.random_range(-3.0f32..3.0)).collect();
-            let naive: f64 = a.iter().zip(&b).map(|(&x, &y)| f64::from(x) * f64::from(y)).sum();
-            assert!((dot_f64(&a, &b) - naive).abs() <= 1e-12 * (1.0 + naive.abs()), "len {len}");
-            let squares: f64 = a.iter().map(|&x| f64::from(x) * f64::from(x)).sum();
-            assert!((energy(&a) - squares).abs() <= 1e-12 * (1.0 + squares));
         }
     }
 
