@@ -2,8 +2,9 @@
 //! independent Gaussian noise of standard deviation `noise_multiplier * bound` on every value.
 //!
 //! The noise comes from the AES-256-CTR keystream keyed from the operating system's CSPRNG
-//! ([`NoiseRng`]), so the device cannot predict or replay it. (Floating-point Gaussian samplers have known weaknesses
-//! against an adversary that sees the exact bits, Mironov 2012; see docs/asymml.md.)
+//! ([`NoiseRng`]), so the device cannot predict or replay it. (Floating-point Gaussian samplers
+//! have known weaknesses against an adversary that sees the exact bits, Mironov 2012; see
+//! docs/asymml.md.)
 //!
 //! The standard normals come from a single-precision ziggurat written for this module (one `u32` of
 //! the keystream per draw on its fast path); see [`Ziggurat`] for why it samples N(0, 1)
@@ -13,12 +14,7 @@ use std::sync::OnceLock;
 
 use rand::{Rng, RngCore};
 
-pub use super::keystream::NoiseRng;
-
-/// A noise source keyed from the operating system.
-pub fn os_seeded() -> Result<NoiseRng, String> {
-    NoiseRng::from_os()
-}
+use super::keystream::NoiseRng;
 
 /// What one call clipped.
 #[derive(Clone, Copy, Debug, Default, PartialEq)]
@@ -386,13 +382,6 @@ mod tests {
         clip_and_noise(&mut w, 20000, 2.0, 0.5, &mut rng);
         let std = (w.iter().map(|&x| (x as f64).powi(2)).sum::<f64>() / w.len() as f64).sqrt();
         assert!((std - 1.0).abs() < 0.03, "noise std {std}, expected 1.0");
-    }
-
-    #[test]
-    fn os_seeded_sources_differ() {
-        use rand::Rng;
-        let (mut a, mut b) = (os_seeded().unwrap(), os_seeded().unwrap());
-        assert_ne!(a.random::<u64>(), b.random::<u64>());
     }
 
     /// `n` draws of the sampler from a fixed seed (in calls of 1000, not a multiple of its 256-word refills).

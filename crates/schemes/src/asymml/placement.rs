@@ -1,15 +1,15 @@
 //! The AsymML placement: per-sample splits inside the enclave, the residual's convolution on the
 //! device, the low-rank part's convolution on r virtual channels in the enclave, concurrently.
 
+use super::keystream::NoiseRng;
 use super::lowrank::{find_basis, split_into, Basis, RankPolicy};
-use super::noise::{clip_and_noise, os_seeded, Clipped, NoiseRng};
+use super::noise::{clip_and_noise, Clipped};
 use super::virtual_conv as vc;
 use super::{AsymmlConfig, BasisScope, PrivacyLedger, RankRule};
 use crate::placement::{
     add_bias, crossing, lock, received, LayerSplit, PassInfo, Placement, PlacementReport, PlacementResult,
 };
 use crate::{RunnerError, SchemeKind, SplitRunner};
-
 use std::cell::RefCell;
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
@@ -38,7 +38,7 @@ pub fn runner(
     let stats = Box::new(move || DeviceStats { device_seconds: *lock(&wait), ..lock(&handle).stats() })
         as Box<dyn Fn() -> DeviceStats + Send>;
     let placement = Asymml {
-        rng: os_seeded().map_err(RunnerError::Input)?,
+        rng: NoiseRng::from_os().map_err(RunnerError::Input)?,
         cfg,
         device,
         transcript: transcript.clone(),
