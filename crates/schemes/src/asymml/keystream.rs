@@ -5,9 +5,10 @@
 //! is the core of NIST SP 800-90A's CTR_DRBG): without the key, its output cannot be told from
 //! uniform bytes, so the device can neither predict nor replay the noise. It replaced ChaCha12
 //! (`rand`'s `StdRng`) because the CPU's AES instructions make it about 2.8x faster here (17.6 M
-//! words, one VGG16 step's noise: 25 ms with ChaCha12 against 9 ms, Zen 5; the `timing` test in
-//! `noise.rs` measures the whole sampler), and the noise is the largest AsymML phase that is not a
-//! product. The 128-bit counter never wraps in practice (2^128 blocks).
+//! words, one VGG16 step's noise: 25.4 ms with ChaCha12 against 9.0 ms on a Zen 5 core, this
+//! module's `timing` test; the one in `noise.rs` measures the whole sampler), and the noise is the
+//! largest AsymML phase that is not a product. The 128-bit counter never wraps in practice (2^128
+//! blocks).
 
 use aes::cipher::{KeyIvInit, StreamCipher};
 use rand::{CryptoRng, RngCore, SeedableRng};
@@ -69,7 +70,7 @@ impl RngCore for NoiseRng {
         u64::from_le_bytes(self.take())
     }
 
-    /// Large requests take fresh keystream straight into `dst` (what is left in the buffer stays
+    /// Fresh keystream straight into `dst`, whatever its length (what is left in the buffer stays
     /// for later word reads).
     fn fill_bytes(&mut self, dst: &mut [u8]) {
         dst.fill(0);
