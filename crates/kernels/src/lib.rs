@@ -14,6 +14,7 @@ pub mod linear;
 pub mod loss;
 pub mod matmul;
 pub mod pool;
+pub mod tap_products;
 
 pub use conv::ConvGeometry;
 pub use pool::PoolGeometry;

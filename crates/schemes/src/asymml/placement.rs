@@ -497,17 +497,17 @@ impl Placement for Asymml {
         let (n, out_c, out_hw) = (g.batch, g.out_channels, g.out_h() * g.out_w());
         let w = data(&conv.weight);
         let mut dx = vec![0.0f32; g.input_len()];
-        let mut dw = vec![0.0f32; g.weight_len()];
         let db = conv.bias.as_ref().map(|_| crate::placement::bias_gradient(dy, out_c));
         let need_dx = !pending.is_input;
 
-        if !need_dx && pending.residual.is_none() {
+        let dw = if !need_dx && pending.residual.is_none() {
             // The first layer kept its whole input: the device has nothing to add, so the output
             // gradient stays in the enclave too.
             let xf = factors(&x_groups);
-            self.enclave_macs += timed(&self.phases, "low-rank products", || {
-                vc::add_low_rank_input_weight_gradient(&g, &xf, data(dy), &mut dw)
-            });
+            let mut low_rank = vc::LowRankWeightGradient::default();
+            self.enclave_macs +=
+                timed(&self.phases, "low-rank products", || low_rank.add_input_side(&g, &xf, data(dy)));
+            self.merge_device(layer, &g, None, None, &mut dx, low_rank)?
         } else if self.cfg.protect_gradients {
             let policy = self.cfg.rank.policy(pending.index);
             let mut gparts = self.decompose((pending.index, layer), "gradient", policy, data(dy), (n, out_c, out_hw));
@@ -538,16 +538,17 @@ impl Placement for Asymml {
             let x_residual = pending.residual.as_ref().map(|r| r.get().as_slice());
             let (xf, gf) = (factors(&x_groups), factors(&gparts.groups));
             let enclave = || {
-                let mut macs = vc::add_low_rank_input_weight_gradient(&g, &xf, &dy_effective, &mut dw);
+                let mut low_rank = vc::LowRankWeightGradient::default();
+                let mut macs = low_rank.add_input_side(&g, &xf, &dy_effective);
                 if need_dx {
                     macs += vc::low_rank_input_gradient(&g, w, &gf, &mut dx);
                 }
                 if let Some(xr) = x_residual {
-                    macs += vc::add_low_rank_gradient_weight_gradient(&g, xr, &gf, &mut dw);
+                    macs += low_rank.add_output_side(&g, xr, &gf);
                 }
-                macs
+                (low_rank, macs)
             };
-            let ((dev_dx, dev_dw), macs) = if device_dx || device_dw {
+            let ((dev_dx, dev_dw), (low_rank, macs)) = if device_dx || device_dw {
                 let (grad, weight) = (grad.as_ref().expect("released"), weight.as_ref());
                 let x_res = pending.residual.as_ref();
                 self.overlapped(
@@ -559,14 +560,18 @@ impl Placement for Asymml {
                 ((None, None), timed(&self.phases, "low-rank products", enclave))
             };
             self.enclave_macs += macs;
-            self.merge_device(layer, &g, dev_dx, dev_dw, &mut dx, &mut dw)?;
+            self.merge_device(layer, &g, dev_dx, dev_dw, &mut dx, low_rank)?
         } else {
             self.gradients_in_clear = true;
             let residual_released = pending.residual.is_some();
             let weight = self.weight_for_device(pending.weight, need_dx, layer, conv);
             let xf = factors(&x_groups);
-            let enclave = || vc::add_low_rank_input_weight_gradient(&g, &xf, data(dy), &mut dw);
-            let ((dev_dx, dev_dw), macs) = if need_dx || residual_released {
+            let enclave = || {
+                let mut low_rank = vc::LowRankWeightGradient::default();
+                let macs = low_rank.add_input_side(&g, &xf, data(dy));
+                (low_rank, macs)
+            };
+            let ((dev_dx, dev_dw), (low_rank, macs)) = if need_dx || residual_released {
                 let why = "INSECURE: --protect-gradients is off; the output gradient goes to the device in the clear";
                 let grad = self.release(layer, "output-gradient", dy.shape(), data(dy).to_vec(), why);
                 let x_res = pending.residual.as_ref();
@@ -576,8 +581,8 @@ impl Placement for Asymml {
                 ((None, None), timed(&self.phases, "low-rank products", enclave))
             };
             self.enclave_macs += macs;
-            self.merge_device(layer, &g, dev_dx, dev_dw, &mut dx, &mut dw)?;
-        }
+            self.merge_device(layer, &g, dev_dx, dev_dw, &mut dx, low_rank)?
+        };
         let grads = std::iter::once(from_vec(conv.weight.shape(), dw)).chain(db).collect();
         Ok((from_vec(&pending.in_shape, dx), grads))
     }
@@ -632,7 +637,9 @@ impl Placement for Asymml {
 }
 
 impl Asymml {
-    /// Adds the device's input and weight gradients (when it computed them) to the enclave's.
+    /// Adds the device's input gradient (when it computed one) to the enclave's, and returns the
+    /// weight gradient: the enclave's low-rank terms expanded into the device's share (or into
+    /// zeros), so that the weight-sized gradient is swept once.
     fn merge_device(
         &mut self,
         layer: &str,
@@ -640,18 +647,22 @@ impl Asymml {
         dev_dx: Option<Vec<f32>>,
         dev_dw: Option<Vec<f32>>,
         dx: &mut [f32],
-        dw: &mut [f32],
-    ) -> PlacementResult<()> {
+        low_rank: vc::LowRankWeightGradient,
+    ) -> PlacementResult<Vec<f32>> {
         if let Some(v) = dev_dx {
             let shape = [g.batch, g.in_channels, g.in_h, g.in_w];
             add_assign(dx, &self.received(layer, "input-gradient", &shape, v)?);
             self.device_macs += g.forward_macs();
         }
-        if let Some(v) = dev_dw {
-            let shape = [g.out_channels, g.in_channels, g.kernel_h, g.kernel_w];
-            add_assign(dw, &self.received(layer, "weight-gradient", &shape, v)?);
-            self.device_macs += g.forward_macs();
-        }
-        Ok(())
+        let mut dw = match dev_dw {
+            Some(v) => {
+                let shape = [g.out_channels, g.in_channels, g.kernel_h, g.kernel_w];
+                self.device_macs += g.forward_macs();
+                self.received(layer, "weight-gradient", &shape, v)?
+            }
+            None => vec![0.0f32; g.weight_len()],
+        };
+        self.enclave_macs += timed(&self.phases, "low-rank products", || low_rank.add_to(g, &mut dw));
+        Ok(dw)
     }
 }

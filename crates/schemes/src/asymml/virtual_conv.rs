@@ -8,18 +8,20 @@
 //! `corr(X, P Q) = P corr(X, Q)`. Weights are `C_out x C_in x kh x kw` as in the kernels crate.
 //!
 //! Every function takes all of a batch's groups (samples sharing a basis) at once, so the weight
-//! (or its gradient) is swept once per call: the groups' bases are stacked side by side and
-//! transformed together, in the weight's own layout (no transposed copy of the weight), and
-//! groups for which the factored route would cost more than the ordinary product (at small maps
-//! the transform `r C_in C_out k^2` exceeds the whole convolution) are rebuilt and convolved
-//! together in one ordinary call.
+//! is swept once per call: the groups' bases are stacked side by side and transformed together,
+//! in the weight's own layout (no transposed copy of the weight; `kernels::tap_products`). The
+//! weight gradient's low-rank terms stay factored ([`LowRankWeightGradient`]) until they are added
+//! to the device's share in one sweep. Groups for which the factored route would cost more than
+//! the ordinary product (at small maps the transform `r C_in C_out k^2` exceeds the whole
+//! convolution) are rebuilt and convolved together in one ordinary call.
 
 use std::borrow::Cow;
 use trustsplit_kernels::conv::{
     conv2d_backward_data, conv2d_backward_weight, conv2d_backward_weight_few_inputs, conv2d_forward, ConvGeometry,
 };
 use trustsplit_kernels::elementwise::add_assign;
-use trustsplit_kernels::matmul::{matmul, matmul_strided, parallelism, threads, MatRef};
+use trustsplit_kernels::matmul::{matmul, parallelism, threads, MatRef};
+use trustsplit_kernels::tap_products::{add_expansions, transform_inputs, transform_outputs, Expansion, TapShape};
 
 /// One group's factors: samples `start..start + len` share `basis` (`channels x rank`, row-major),
 /// and `coords` holds their coordinates (`len x rank x positions`).
@@ -40,41 +42,17 @@ fn gemm(a: MatRef, b: MatRef, c: &mut [f32], stride: usize, accumulate: bool) {
     matmul(a, b, c, stride, accumulate, parallelism(threads()));
 }
 
-fn gemm_strided(a: MatRef, b: MatRef, c: &mut [f32], strides: (usize, usize), accumulate: bool) {
-    matmul_strided(a, b, c, strides.0, strides.1, accumulate, parallelism(threads()));
+fn tap_shape(g: &ConvGeometry) -> TapShape {
+    TapShape { out_channels: g.out_channels, in_channels: g.in_channels, taps: taps(g) }
 }
 
-/// `T = W [U_1 U_2 ...]` over the input channels, tap by tap: `us` is the bases side by side
-/// (`C_in x total`), the result `C_out x total x kh x kw`, so that each group's `r` columns, taken
-/// per output channel, are its weight on `r` virtual input channels.
+/// `T = W [U_1 U_2 ...]` over the input channels: `us` is the bases side by side (`C_in x total`),
+/// the result `C_out x total x kh x kw`, so that each group's `r` columns, taken per output
+/// channel, are its weight on `r` virtual input channels.
 fn transformed_weight(g: &ConvGeometry, w: &[f32], us: &[f32], total: usize) -> Vec<f32> {
-    let (c, co, kk) = (g.in_channels, g.out_channels, taps(g));
-    let mut t = vec![0.0f32; co * total * kk];
-    let u = MatRef::row_major(us, c, total);
-    for tap in 0..kk {
-        let w_tap = MatRef { data: &w[tap..], rows: co, cols: c, row_stride: c * kk, col_stride: kk };
-        gemm_strided(w_tap, u, &mut t[tap..], (total * kk, kk), false);
-    }
+    let mut t = vec![0.0f32; g.out_channels * total * taps(g)];
+    transform_inputs(tap_shape(g), w, us, total, &mut t);
     t
-}
-
-/// `dW += D [U_1 U_2 ...]^T` over the input channels: `d` is `C_out x total x kh x kw` (the
-/// groups' `corr(V, dY)` stacked along the middle axis), `us` the bases side by side
-/// (`C_in x total`) and `dw` the normal-layout weight gradient. One product per output channel,
-/// `dW[o] (C_in x kk) += [U_1 U_2 ...] D[o] (total x kk)`, so `dw` is read and written once, in
-/// order (measured faster than one product per tap, whose strided destination is swept `kk`
-/// times, at the small total ranks this serves).
-fn add_expanded_weight_gradient(g: &ConvGeometry, d: &[f32], us: &[f32], total: usize, dw: &mut [f32]) {
-    let (c, kk) = (g.in_channels, taps(g));
-    let u = MatRef::row_major(us, c, total);
-    if kk == 1 {
-        // A pointwise conv: dW (C_out x C_in) += D (C_out x total) [U_1 U_2 ...]^T in one product.
-        gemm(MatRef::row_major(d, g.out_channels, total), u.t(), dw, c, true);
-        return;
-    }
-    for (dw_o, d_o) in dw.chunks_exact_mut(c * kk).zip(d.chunks_exact(total * kk)) {
-        gemm(u, MatRef::row_major(d_o, total, kk), dw_o, kk, true);
-    }
 }
 
 /// Whether `len` samples of rank `r` (over `low_rank_channels` channels) cost less through virtual
@@ -169,22 +147,6 @@ fn write_rows(groups: &[Factors], all: &mut [f32], per: usize, write: impl FnOnc
     }
 }
 
-/// The stacked transposed bases `[U_1^T; U_2^T; ...]` (`sum r x channels`).
-fn stacked_transposes(groups: &[Factors], channels: usize) -> Vec<f32> {
-    let total: usize = groups.iter().map(|f| f.rank).sum();
-    let mut out = vec![0.0f32; total * channels];
-    let mut row = 0;
-    for f in groups {
-        for c in 0..channels {
-            for i in 0..f.rank {
-                out[(row + i) * channels + c] = f.basis[c * f.rank + i];
-            }
-        }
-        row += f.rank;
-    }
-    out
-}
-
 /// The bases side by side `[U_1 U_2 ...]` (`channels x sum r`).
 fn side_by_side(groups: &[Factors], channels: usize) -> Vec<f32> {
     let total: usize = groups.iter().map(|f| f.rank).sum();
@@ -252,12 +214,11 @@ pub fn low_rank_input_gradient(g: &ConvGeometry, w: &[f32], groups: &[Factors], 
         macs += gd.forward_macs() + (dy.len() * direct[0].rank) as u64;
     }
     if !factored.is_empty() {
-        // [P_1^T; P_2^T; ...] W: each group's r virtual output channels.
+        // [P_1 P_2 ...]^T W: each group's r virtual output channels.
         let total: usize = factored.iter().map(|f| f.rank).sum();
         let cols = g.in_channels * taps(g);
         let mut wp = vec![0.0f32; total * cols];
-        let pt = stacked_transposes(&factored, co);
-        gemm(MatRef::row_major(&pt, total, co), MatRef::row_major(w, co, cols), &mut wp, cols, false);
+        transform_outputs(tap_shape(g), w, &side_by_side(&factored, co), total, &mut wp);
         macs += (total * co * cols) as u64;
         let mut row = 0;
         for f in &factored {
@@ -271,81 +232,116 @@ pub fn low_rank_input_gradient(g: &ConvGeometry, w: &[f32], groups: &[Factors], 
     macs
 }
 
-/// Adds `corr(U V, dY)` for every group to `dw` (`C_out x C_in x kh x kw`); `dy` is the whole
-/// batch's output gradient.
-pub fn add_low_rank_input_weight_gradient(g: &ConvGeometry, groups: &[Factors], dy: &[f32], dw: &mut [f32]) -> u64 {
-    let (c, kk, p) = (g.in_channels, taps(g), g.in_h * g.in_w);
-    let out_per = g.out_channels * g.out_h() * g.out_w();
-    let (factored, direct) = partition(g, groups, c);
-    let mut macs = 0;
-    if !direct.is_empty() {
-        let (x, n) = rebuild_all(&direct, c, p);
-        let gd = ConvGeometry { batch: n, ..*g };
-        let mut full = vec![0.0f32; g.weight_len()];
-        conv2d_backward_weight(&gd, &x, &gather(&direct, dy, out_per), &mut full, None);
-        add_assign(dw, &full);
-        macs += gd.forward_macs() + (x.len() * direct[0].rank) as u64;
-    }
-    if !factored.is_empty() {
-        // Per group corr(V, dY) (C_out x r x kk), stacked along the middle axis into D
-        // (C_out x sum r x kk); then dW += D [U_1 U_2 ...]^T: one pass over dW for all groups.
-        let total: usize = factored.iter().map(|f| f.rank).sum();
-        let mut d = vec![0.0f32; g.out_channels * total * kk];
-        let mut row = 0;
-        for f in &factored {
-            let gv = ConvGeometry { batch: f.len, in_channels: f.rank, ..*g };
-            let dy_g = &dy[f.start * out_per..(f.start + f.len) * out_per];
-            if f.rank == total {
-                conv2d_backward_weight_few_inputs(&gv, f.coords, dy_g, &mut d);
-            } else {
-                let mut dwt = vec![0.0f32; gv.weight_len()];
-                conv2d_backward_weight_few_inputs(&gv, f.coords, dy_g, &mut dwt);
-                for (dst, src) in d.chunks_exact_mut(total * kk).zip(dwt.chunks_exact(f.rank * kk)) {
-                    dst[row * kk..(row + f.rank) * kk].copy_from_slice(src);
-                }
-            }
-            macs += gv.forward_macs();
-            row += f.rank;
-        }
-        add_expanded_weight_gradient(g, &d, &side_by_side(&factored, c), total, dw);
-        macs += (c * total * g.out_channels * kk) as u64;
-    }
-    macs
+fn term(t: &Option<(Vec<f32>, Vec<f32>, usize)>) -> Option<Expansion<'_>> {
+    t.as_ref().map(|(basis, coeffs, cols)| Expansion { basis, coeffs, cols: *cols })
 }
 
-/// Adds `corr(X, P Q)` for every group to `dw` (`C_out x C_in x kh x kw`); `x` is the whole
-/// batch's input and the factors live on the output channels.
-pub fn add_low_rank_gradient_weight_gradient(g: &ConvGeometry, x: &[f32], groups: &[Factors], dw: &mut [f32]) -> u64 {
-    let (co, po) = (g.out_channels, g.out_h() * g.out_w());
-    let in_per = g.in_channels * g.in_h * g.in_w;
-    let cols = g.in_channels * taps(g);
-    let (factored, direct) = partition(g, groups, co);
-    let mut macs = 0;
-    if !direct.is_empty() {
-        let (dy, n) = rebuild_all(&direct, co, po);
-        let gd = ConvGeometry { batch: n, ..*g };
-        let mut full = vec![0.0f32; g.weight_len()];
-        conv2d_backward_weight(&gd, &gather(&direct, x, in_per), &dy, &mut full, None);
-        add_assign(dw, &full);
-        macs += gd.forward_macs() + (dy.len() * direct[0].rank) as u64;
-    }
-    if !factored.is_empty() {
-        // Per group corr(X, Q) (r x C_in kk), stacked; then dW += [P_1 P_2 ...] [..; ..].
-        let total: usize = factored.iter().map(|f| f.rank).sum();
-        let mut d = vec![0.0f32; total * cols];
-        let mut row = 0;
-        for f in &factored {
-            let gq = ConvGeometry { batch: f.len, out_channels: f.rank, ..*g };
-            let x_g = &x[f.start * in_per..(f.start + f.len) * in_per];
-            conv2d_backward_weight(&gq, x_g, f.coords, &mut d[row * cols..(row + f.rank) * cols], None);
-            macs += gq.forward_macs();
-            row += f.rank;
+/// The enclave's share of a weight gradient, kept as factors: `corr(U V, dY)` as the bases
+/// `[U_1 U_2 ...]` and `D = [corr(V_1, dY) ...]`, `corr(X, P Q)` as `[P_1 P_2 ...]` and
+/// `E = [corr(X, Q_1); ...]`. [`LowRankWeightGradient::add_to`] expands both terms into a full
+/// gradient (the device's share) in one sweep of it, so the enclave never writes a weight-sized
+/// buffer of its own for them. Groups not worth factoring are correlated in full instead.
+#[derive(Default)]
+pub struct LowRankWeightGradient {
+    full: Option<Vec<f32>>,
+    /// Bases side by side (`C_in x cols`), `D` (`C_out x cols x kh x kw`), `cols`.
+    inputs: Option<(Vec<f32>, Vec<f32>, usize)>,
+    /// Output-gradient bases side by side (`C_out x cols`), `E` (`cols x C_in x kh x kw`), `cols`.
+    outputs: Option<(Vec<f32>, Vec<f32>, usize)>,
+}
+
+impl LowRankWeightGradient {
+    fn add_full(&mut self, g: &ConvGeometry, compute: impl FnOnce(&mut [f32])) {
+        let mut part = vec![0.0f32; g.weight_len()];
+        compute(&mut part);
+        match &mut self.full {
+            Some(full) => add_assign(full, &part),
+            None => self.full = Some(part),
         }
-        let ps = side_by_side(&factored, co);
-        gemm(MatRef::row_major(&ps, co, total), MatRef::row_major(&d, total, cols), dw, cols, true);
-        macs += (co * total * cols) as u64;
     }
-    macs
+
+    /// Adds `corr(U V, dY)` for every group (the factors live on the input channels); `dy` is the
+    /// whole batch's output gradient. Returns the multiply-adds spent.
+    pub fn add_input_side(&mut self, g: &ConvGeometry, groups: &[Factors], dy: &[f32]) -> u64 {
+        assert!(self.inputs.is_none(), "one input-side term per gradient");
+        let (c, kk, p) = (g.in_channels, taps(g), g.in_h * g.in_w);
+        let out_per = g.out_channels * g.out_h() * g.out_w();
+        let (factored, direct) = partition(g, groups, c);
+        let mut macs = 0;
+        if !direct.is_empty() {
+            let (x, n) = rebuild_all(&direct, c, p);
+            let gd = ConvGeometry { batch: n, ..*g };
+            self.add_full(g, |full| conv2d_backward_weight(&gd, &x, &gather(&direct, dy, out_per), full, None));
+            macs += gd.forward_macs() + (x.len() * direct[0].rank) as u64;
+        }
+        if !factored.is_empty() {
+            // Per group corr(V, dY) (C_out x r x kk), stacked along the middle axis into D.
+            let total: usize = factored.iter().map(|f| f.rank).sum();
+            let mut d = vec![0.0f32; g.out_channels * total * kk];
+            let mut row = 0;
+            for f in &factored {
+                let gv = ConvGeometry { batch: f.len, in_channels: f.rank, ..*g };
+                let dy_g = &dy[f.start * out_per..(f.start + f.len) * out_per];
+                if f.rank == total {
+                    conv2d_backward_weight_few_inputs(&gv, f.coords, dy_g, &mut d);
+                } else {
+                    let mut dwt = vec![0.0f32; gv.weight_len()];
+                    conv2d_backward_weight_few_inputs(&gv, f.coords, dy_g, &mut dwt);
+                    for (dst, src) in d.chunks_exact_mut(total * kk).zip(dwt.chunks_exact(f.rank * kk)) {
+                        dst[row * kk..(row + f.rank) * kk].copy_from_slice(src);
+                    }
+                }
+                macs += gv.forward_macs();
+                row += f.rank;
+            }
+            self.inputs = Some((side_by_side(&factored, c), d, total));
+        }
+        macs
+    }
+
+    /// Adds `corr(X, P Q)` for every group (the factors live on the output channels); `x` is the
+    /// whole batch's input. Returns the multiply-adds spent.
+    pub fn add_output_side(&mut self, g: &ConvGeometry, x: &[f32], groups: &[Factors]) -> u64 {
+        assert!(self.outputs.is_none(), "one output-side term per gradient");
+        let (co, po) = (g.out_channels, g.out_h() * g.out_w());
+        let in_per = g.in_channels * g.in_h * g.in_w;
+        let cols = g.in_channels * taps(g);
+        let (factored, direct) = partition(g, groups, co);
+        let mut macs = 0;
+        if !direct.is_empty() {
+            let (dy, n) = rebuild_all(&direct, co, po);
+            let gd = ConvGeometry { batch: n, ..*g };
+            self.add_full(g, |full| conv2d_backward_weight(&gd, &gather(&direct, x, in_per), &dy, full, None));
+            macs += gd.forward_macs() + (dy.len() * direct[0].rank) as u64;
+        }
+        if !factored.is_empty() {
+            // Per group corr(X, Q) (r x C_in kk), stacked into E.
+            let total: usize = factored.iter().map(|f| f.rank).sum();
+            let mut e = vec![0.0f32; total * cols];
+            let mut row = 0;
+            for f in &factored {
+                let gq = ConvGeometry { batch: f.len, out_channels: f.rank, ..*g };
+                let x_g = &x[f.start * in_per..(f.start + f.len) * in_per];
+                conv2d_backward_weight(&gq, x_g, f.coords, &mut e[row * cols..(row + f.rank) * cols], None);
+                macs += gq.forward_macs();
+                row += f.rank;
+            }
+            self.outputs = Some((side_by_side(&factored, co), e, total));
+        }
+        macs
+    }
+
+    /// Adds the whole low-rank gradient to `dw` (`C_out x C_in x kh x kw`). Returns the
+    /// multiply-adds of the expansion.
+    pub fn add_to(&self, g: &ConvGeometry, dw: &mut [f32]) -> u64 {
+        if let Some(full) = &self.full {
+            add_assign(dw, full);
+        }
+        let (inputs, outputs) = (term(&self.inputs), term(&self.outputs));
+        add_expansions(tap_shape(g), inputs, outputs, dw);
+        let cols = inputs.map_or(0, |e| e.cols) + outputs.map_or(0, |e| e.cols);
+        (cols * g.weight_len()) as u64
+    }
 }
 
 #[cfg(test)]
@@ -420,42 +416,6 @@ mod tests {
     }
 
     #[test]
-    fn expanded_weight_gradient_matches_a_naive_sum() {
-        let mut rng = ChaCha8Rng::seed_from_u64(43);
-        for (c, co, k, total) in [(5, 70, 3, 3), (3, 32, 3, 1), (4, 33, 5, 8), (6, 65, 1, 2), (2, 1, 3, 4)] {
-            let g = ConvGeometry {
-                batch: 1,
-                in_channels: c,
-                out_channels: co,
-                in_h: k,
-                in_w: k,
-                kernel_h: k,
-                kernel_w: k,
-                stride: 1,
-                padding: 0,
-            };
-            let kk = k * k;
-            let (d, us) = (random(&mut rng, co * total * kk), random(&mut rng, c * total));
-            let start = random(&mut rng, co * c * kk);
-            let mut got = start.clone();
-            add_expanded_weight_gradient(&g, &d, &us, total, &mut got);
-            let mut want: Vec<f64> = start.iter().map(|&v| v as f64).collect();
-            for o in 0..co {
-                for ci in 0..c {
-                    for t in 0..kk {
-                        for j in 0..total {
-                            want[(o * c + ci) * kk + t] +=
-                                us[ci * total + j] as f64 * d[(o * total + j) * kk + t] as f64;
-                        }
-                    }
-                }
-            }
-            let want: Vec<f32> = want.iter().map(|&v| v as f32).collect();
-            close(&got, &want, &format!("C_in {c}, C_out {co}, k {k}, total rank {total}"));
-        }
-    }
-
-    #[test]
     fn factored_products_equal_the_full_convolution() {
         let mut rng = ChaCha8Rng::seed_from_u64(41);
         let mut paths = [0usize; 2];
@@ -486,21 +446,33 @@ mod tests {
             close(&got, &want, "input gradient");
 
             let dy = random(&mut rng, g.output_len());
-            let mut want = vec![0.0; g.weight_len()];
-            conv2d_backward_weight(&g, &x_low, &dy, &mut want, None);
+            let mut want_u = vec![0.0; g.weight_len()];
+            conv2d_backward_weight(&g, &x_low, &dy, &mut want_u, None);
             let start = random(&mut rng, g.weight_len()); // accumulated onto
             let mut got = start.clone();
-            add_low_rank_input_weight_gradient(&g, &view(&xs), &dy, &mut got);
+            let mut lr = LowRankWeightGradient::default();
+            lr.add_input_side(&g, &view(&xs), &dy);
+            lr.add_to(&g, &mut got);
             let diff: Vec<f32> = got.iter().zip(&start).map(|(a, b)| a - b).collect();
-            close(&diff, &want, "weight gradient (U V)");
+            close(&diff, &want_u, "weight gradient (U V)");
 
             let x = random(&mut rng, g.input_len());
-            let mut want = vec![0.0; g.weight_len()];
-            conv2d_backward_weight(&g, &x, &dy_low, &mut want, None);
+            let mut want_p = vec![0.0; g.weight_len()];
+            conv2d_backward_weight(&g, &x, &dy_low, &mut want_p, None);
             let mut got = start.clone();
-            add_low_rank_gradient_weight_gradient(&g, &x, &view(&gs), &mut got);
+            let mut lr_p = LowRankWeightGradient::default();
+            lr_p.add_output_side(&g, &x, &view(&gs));
+            lr_p.add_to(&g, &mut got);
             let diff: Vec<f32> = got.iter().zip(&start).map(|(a, b)| a - b).collect();
-            close(&diff, &want, "weight gradient (P Q)");
+            close(&diff, &want_p, "weight gradient (P Q)");
+
+            // Both terms in one sweep, as the placement uses them.
+            lr.add_output_side(&g, &x, &view(&gs));
+            let mut got = start.clone();
+            lr.add_to(&g, &mut got);
+            let diff: Vec<f32> = got.iter().zip(&start).map(|(a, b)| a - b).collect();
+            let want: Vec<f32> = want_u.iter().zip(&want_p).map(|(a, b)| a + b).collect();
+            close(&diff, &want, "weight gradient (U V and P Q together)");
         }
         assert!(paths[0] > 0 && paths[1] > 0, "both the direct and the factored path must be exercised: {paths:?}");
     }

@@ -1,0 +1,561 @@
+//! Products of a convolution weight (`C_out x C_in x taps`, row-major) with a few columns along one
+//! of its channel axes: the weight-sized work of the low-rank (AsymML) convolution path.
+//!
+//! - [`transform_inputs`]: `T[o, i, t] = sum_c W[o, c, t] U[c, i]`, the weight on `cols` virtual
+//!   input channels (`T` is `C_out x cols x taps`).
+//! - [`add_expansions`]: `dW[o, c, t] += sum_i U[c, i] D[o, i, t] + sum_j P[o, j] E[j, c, t]`, a
+//!   weight gradient's two low-rank terms (one per channel axis) added in one sweep of `dW`.
+//!
+//! Both read or update the weight once, in order. With a handful of columns and 9 taps these
+//! products are far from the shapes a GEMM microkernel is built for: through `gemm`, VGG16's
+//! forward transforms took about 4x as long as the AVX-512 path here, in which each `(o, c)` row
+//! of taps sits in one 16-lane register. Without AVX-512, for 1x1 kernels or for more than 16 taps
+//! they go through `gemm`.
+
+use crate::matmul::{matmul, matmul_strided, parallelism, threads, MatRef};
+
+/// The weight's shape: `out_channels x in_channels x taps` (taps = kernel height x width).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct TapShape {
+    pub out_channels: usize,
+    pub in_channels: usize,
+    pub taps: usize,
+}
+
+impl TapShape {
+    pub fn weight_len(&self) -> usize {
+        self.out_channels * self.in_channels * self.taps
+    }
+}
+
+/// One low-rank term of [`add_expansions`]: `basis` holds the columns along a channel axis and
+/// `coeffs` what multiplies them.
+#[derive(Clone, Copy)]
+pub struct Expansion<'a> {
+    pub basis: &'a [f32],
+    pub coeffs: &'a [f32],
+    pub cols: usize,
+}
+
+/// `t = W U` over the input channels: `u` is `in_channels x cols` (row-major), `t` receives
+/// `out_channels x cols x taps`.
+pub fn transform_inputs(s: TapShape, w: &[f32], u: &[f32], cols: usize, t: &mut [f32]) {
+    assert_eq!(w.len(), s.weight_len(), "transform_inputs: weight length");
+    assert_eq!(u.len(), s.in_channels * cols, "transform_inputs: basis length");
+    assert_eq!(t.len(), s.out_channels * cols * s.taps, "transform_inputs: output length");
+    if cols == 0 || s.weight_len() == 0 {
+        return;
+    }
+    #[cfg(target_arch = "x86_64")]
+    if avx512::usable(s.taps) {
+        // SAFETY: `usable` checked that the CPU has AVX-512F; the asserts above give the lengths
+        // the kernel indexes by.
+        return unsafe { avx512::transform_inputs(s, w, u, cols, t) };
+    }
+    portable::transform_inputs(s, w, u, cols, t);
+}
+
+/// `t = P^T W` over the output channels: `p` is `out_channels x cols` (row-major), `t` receives
+/// `cols x in_channels x taps` (the weight seen from `cols` virtual output channels).
+pub fn transform_outputs(s: TapShape, w: &[f32], p: &[f32], cols: usize, t: &mut [f32]) {
+    assert_eq!(w.len(), s.weight_len(), "transform_outputs: weight length");
+    assert_eq!(p.len(), s.out_channels * cols, "transform_outputs: basis length");
+    assert_eq!(t.len(), cols * s.in_channels * s.taps, "transform_outputs: output length");
+    if cols == 0 || s.weight_len() == 0 {
+        return;
+    }
+    #[cfg(target_arch = "x86_64")]
+    if cols <= avx512::MAX_OUTPUT_COLS && avx512::usable(s.taps) {
+        // SAFETY: as in `transform_inputs`.
+        return unsafe { avx512::transform_outputs(s, w, p, cols, t) };
+    }
+    portable::transform_outputs(s, w, p, cols, t);
+}
+
+/// `dW += U D` (over the input channels) `+ P E` (over the output channels). `inputs`: `basis` U is
+/// `in_channels x cols`, `coeffs` D is `out_channels x cols x taps`. `outputs`: `basis` P is
+/// `out_channels x cols`, `coeffs` E is `cols x in_channels x taps`.
+pub fn add_expansions(s: TapShape, inputs: Option<Expansion>, outputs: Option<Expansion>, dw: &mut [f32]) {
+    assert_eq!(dw.len(), s.weight_len(), "add_expansions: gradient length");
+    if let Some(e) = inputs {
+        assert_eq!(e.basis.len(), s.in_channels * e.cols, "add_expansions: input basis length");
+        assert_eq!(e.coeffs.len(), s.out_channels * e.cols * s.taps, "add_expansions: input coefficients length");
+    }
+    if let Some(e) = outputs {
+        assert_eq!(e.basis.len(), s.out_channels * e.cols, "add_expansions: output basis length");
+        assert_eq!(e.coeffs.len(), e.cols * s.in_channels * s.taps, "add_expansions: output coefficients length");
+    }
+    let inputs = inputs.filter(|e| e.cols > 0);
+    let outputs = outputs.filter(|e| e.cols > 0);
+    if (inputs.is_none() && outputs.is_none()) || dw.is_empty() {
+        return;
+    }
+    #[cfg(target_arch = "x86_64")]
+    if avx512::usable(s.taps) {
+        // SAFETY: as in `transform_inputs`.
+        return unsafe { avx512::add_expansions(s, inputs, outputs, dw) };
+    }
+    portable::add_expansions(s, inputs, outputs, dw);
+}
+
+/// The same products through `gemm`, for any CPU and tap count.
+pub(crate) mod portable {
+    use super::*;
+
+    fn gemm(a: MatRef, b: MatRef, c: &mut [f32], stride: usize, accumulate: bool) {
+        matmul(a, b, c, stride, accumulate, parallelism(threads()));
+    }
+
+    pub(crate) fn transform_inputs(s: TapShape, w: &[f32], u: &[f32], cols: usize, t: &mut [f32]) {
+        let (c, co, kk) = (s.in_channels, s.out_channels, s.taps);
+        if cols == 0 {
+            return;
+        }
+        let u = MatRef::row_major(u, c, cols);
+        for tap in 0..kk {
+            let w_tap = MatRef { data: &w[tap..], rows: co, cols: c, row_stride: c * kk, col_stride: kk };
+            matmul_strided(w_tap, u, &mut t[tap..], cols * kk, kk, false, parallelism(threads()));
+        }
+    }
+
+    pub(crate) fn transform_outputs(s: TapShape, w: &[f32], p: &[f32], cols: usize, t: &mut [f32]) {
+        let (co, n) = (s.out_channels, s.in_channels * s.taps);
+        if cols == 0 {
+            return;
+        }
+        gemm(MatRef::row_major(p, co, cols).t(), MatRef::row_major(w, co, n), t, n, false);
+    }
+
+    pub(crate) fn add_expansions(s: TapShape, inputs: Option<Expansion>, outputs: Option<Expansion>, dw: &mut [f32]) {
+        let (c, co, kk) = (s.in_channels, s.out_channels, s.taps);
+        if let Some(e) = inputs.filter(|e| e.cols > 0) {
+            let u = MatRef::row_major(e.basis, c, e.cols);
+            // One product per output channel, dW[o] (C_in x kk) += U D[o] (cols x kk): `dw` is
+            // read and written once, in order.
+            for (dw_o, d_o) in dw.chunks_exact_mut(c * kk).zip(e.coeffs.chunks_exact(e.cols * kk)) {
+                gemm(u, MatRef::row_major(d_o, e.cols, kk), dw_o, kk, true);
+            }
+        }
+        if let Some(e) = outputs.filter(|e| e.cols > 0) {
+            let p = MatRef::row_major(e.basis, co, e.cols);
+            gemm(p, MatRef::row_major(e.coeffs, e.cols, c * kk), dw, c * kk, true);
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+pub(crate) mod avx512 {
+    use super::{Expansion, TapShape};
+    use std::arch::x86_64::*;
+
+    /// Columns a block keeps in registers.
+    const BLOCK: usize = 8;
+    /// Output channels whose rows take the output-side term together.
+    const ROWS: usize = 4;
+
+    pub(crate) fn usable(taps: usize) -> bool {
+        (2..=16).contains(&taps) && is_x86_feature_detected!("avx512f")
+    }
+
+    fn lanes(taps: usize) -> __mmask16 {
+        ((1u32 << taps) - 1) as __mmask16
+    }
+
+    /// 16 values from `v[at..]`, or the first `taps` of them (the rest zero) where 16 would run
+    /// past the slice. Plain loads where possible: masked loads from memory measured several
+    /// times slower on Zen 5; the extra lanes are never stored.
+    #[target_feature(enable = "avx512f")]
+    #[inline]
+    unsafe fn load(v: &[f32], at: usize, mask: __mmask16) -> __m512 {
+        if at + 16 <= v.len() {
+            _mm512_loadu_ps(v.as_ptr().add(at))
+        } else {
+            debug_assert!(at + mask.count_ones() as usize <= v.len());
+            _mm512_maskz_loadu_ps(mask, v.as_ptr().add(at))
+        }
+    }
+
+    /// Asks for `v[start..start + len]` (clipped to the slice) to be brought into L2 while the
+    /// current row is worked on: the rows are streamed from memory, and the kernels' long FMA
+    /// chains leave too few loads in flight to cover its latency (measured 2-3x slower without).
+    #[target_feature(enable = "avx512f")]
+    #[inline]
+    unsafe fn prefetch_row(v: &[f32], start: usize, len: usize) {
+        let end = (start + len).min(v.len());
+        for at in (start..end).step_by(16) {
+            _mm_prefetch::<_MM_HINT_T1>(v.as_ptr().add(at) as *const i8);
+        }
+    }
+
+    /// Calls `$f::<R>` with the const `R` equal to the runtime `$n` (1..=BLOCK).
+    macro_rules! with_block {
+        ($n:expr, $f:ident ( $($arg:expr),* )) => {
+            match $n {
+                1 => $f::<1>($($arg),*),
+                2 => $f::<2>($($arg),*),
+                3 => $f::<3>($($arg),*),
+                4 => $f::<4>($($arg),*),
+                5 => $f::<5>($($arg),*),
+                6 => $f::<6>($($arg),*),
+                7 => $f::<7>($($arg),*),
+                _ => $f::<8>($($arg),*),
+            }
+        };
+    }
+
+    /// # Safety
+    /// The CPU must have AVX-512F; the slices must have the lengths `super::transform_inputs` asserts.
+    #[target_feature(enable = "avx512f")]
+    pub(crate) unsafe fn transform_inputs(s: TapShape, w: &[f32], u: &[f32], cols: usize, t: &mut [f32]) {
+        let per_out = cols * s.taps;
+        let w_row = s.in_channels * s.taps;
+        for (o, t_o) in t.chunks_exact_mut(per_out).enumerate() {
+            prefetch_row(w, (o + 1) * w_row, w_row);
+            let mut first = 0;
+            while first < cols {
+                let n = (cols - first).min(BLOCK);
+                with_block!(n, transform_block(s, w, o, u, cols, first, t_o));
+                first += n;
+            }
+        }
+    }
+
+    /// Columns `first..first + R` of output channel `o`: `R` accumulators, one FMA per column for
+    /// each input channel's row of taps.
+    #[target_feature(enable = "avx512f")]
+    #[inline]
+    unsafe fn transform_block<const R: usize>(
+        s: TapShape,
+        w: &[f32],
+        o: usize,
+        u: &[f32],
+        cols: usize,
+        first: usize,
+        t_o: &mut [f32],
+    ) {
+        let (c, kk) = (s.in_channels, s.taps);
+        let mask = lanes(kk);
+        let base = o * c * kk;
+        let mut acc = [_mm512_setzero_ps(); R];
+        for ci in 0..c {
+            let row = load(w, base + ci * kk, mask);
+            let u_row = u.as_ptr().add(ci * cols + first);
+            for (i, a) in acc.iter_mut().enumerate() {
+                *a = _mm512_fmadd_ps(_mm512_set1_ps(*u_row.add(i)), row, *a);
+            }
+        }
+        for (i, a) in acc.iter().enumerate() {
+            _mm512_mask_storeu_ps(t_o.as_mut_ptr().add((first + i) * kk), mask, *a);
+        }
+    }
+
+    /// # Safety
+    /// The CPU must have AVX-512F; the slices must have the lengths `super::add_expansions` asserts.
+    #[target_feature(enable = "avx512f")]
+    pub(crate) unsafe fn add_expansions(
+        s: TapShape,
+        inputs: Option<Expansion>,
+        outputs: Option<Expansion>,
+        dw: &mut [f32],
+    ) {
+        let per_out = s.in_channels * s.taps;
+        // Output channels in blocks of ROWS: each block's rows get their input-side terms, then
+        // the output-side term for all of them at once, which reads each E vector once per
+        // block instead of once per row (E is L2-resident; that traffic bounded the kernel).
+        for (block, dw_b) in dw.chunks_mut(ROWS * per_out).enumerate() {
+            let first_o = block * ROWS;
+            if let Some(e) = inputs {
+                for (k, dw_o) in dw_b.chunks_exact_mut(per_out).enumerate() {
+                    let mut first = 0;
+                    while first < e.cols {
+                        let n = (e.cols - first).min(BLOCK);
+                        with_block!(n, add_input_block(s, e, first_o + k, first, dw_o));
+                        first += n;
+                    }
+                }
+            }
+            if let Some(e) = outputs {
+                match dw_b.len() / per_out {
+                    4 => add_output_term::<4>(e, first_o, per_out, dw_b),
+                    3 => add_output_term::<3>(e, first_o, per_out, dw_b),
+                    2 => add_output_term::<2>(e, first_o, per_out, dw_b),
+                    _ => add_output_term::<1>(e, first_o, per_out, dw_b),
+                }
+            }
+        }
+    }
+
+    /// The most columns [`transform_outputs`] takes: its result rows are updated once per block
+    /// of weight rows, which pays while they stay in L2; more columns go through `gemm`.
+    pub(crate) const MAX_OUTPUT_COLS: usize = 16;
+
+    /// # Safety
+    /// The CPU must have AVX-512F; the slices must have the lengths `super::transform_outputs`
+    /// asserts.
+    #[target_feature(enable = "avx512f")]
+    pub(crate) unsafe fn transform_outputs(s: TapShape, w: &[f32], p: &[f32], cols: usize, t: &mut [f32]) {
+        let n = s.in_channels * s.taps;
+        t.fill(0.0);
+        // Weight rows in blocks of ROWS: each result vector is read and written once per block.
+        for (block, w_b) in w.chunks(ROWS * n).enumerate() {
+            let first_o = block * ROWS;
+            match w_b.len() / n {
+                4 => accumulate_outputs::<4>(w_b, n, p, cols, first_o, t),
+                3 => accumulate_outputs::<3>(w_b, n, p, cols, first_o, t),
+                2 => accumulate_outputs::<2>(w_b, n, p, cols, first_o, t),
+                _ => accumulate_outputs::<1>(w_b, n, p, cols, first_o, t),
+            }
+        }
+    }
+
+    /// `T[j, :] += sum_k P[first_o + k, j] W[first_o + k, :]` over the `R` weight rows in `w_b`.
+    #[target_feature(enable = "avx512f")]
+    #[inline]
+    unsafe fn accumulate_outputs<const R: usize>(
+        w_b: &[f32],
+        n: usize,
+        p: &[f32],
+        cols: usize,
+        first_o: usize,
+        t: &mut [f32],
+    ) {
+        let p = p.as_ptr().add(first_o * cols);
+        let (w, out) = (w_b.as_ptr(), t.as_mut_ptr());
+        let whole = n - n % 16;
+        for x in (0..whole).step_by(16) {
+            let mut rows = [_mm512_setzero_ps(); R];
+            for (k, r) in rows.iter_mut().enumerate() {
+                *r = _mm512_loadu_ps(w.add(k * n + x));
+            }
+            for j in 0..cols {
+                let mut acc = _mm512_loadu_ps(out.add(j * n + x));
+                for (k, r) in rows.iter().enumerate() {
+                    acc = _mm512_fmadd_ps(_mm512_set1_ps(*p.add(k * cols + j)), *r, acc);
+                }
+                _mm512_storeu_ps(out.add(j * n + x), acc);
+            }
+        }
+        if whole < n {
+            let mask = ((1u32 << (n - whole)) - 1) as __mmask16;
+            for j in 0..cols {
+                let mut acc = _mm512_maskz_loadu_ps(mask, out.add(j * n + whole));
+                for k in 0..R {
+                    let r = _mm512_maskz_loadu_ps(mask, w.add(k * n + whole));
+                    acc = _mm512_fmadd_ps(_mm512_set1_ps(*p.add(k * cols + j)), r, acc);
+                }
+                _mm512_mask_storeu_ps(out.add(j * n + whole), mask, acc);
+            }
+        }
+    }
+
+    /// `dW[o, c, :] += sum_i U[c, i] D[o, i, :]` over input-side columns `first..first + R`, whose
+    /// coefficients for output channel `o` stay in registers.
+    #[target_feature(enable = "avx512f")]
+    #[inline]
+    unsafe fn add_input_block<const R: usize>(s: TapShape, e: Expansion, o: usize, first: usize, dw_o: &mut [f32]) {
+        let (c, kk) = (s.in_channels, s.taps);
+        let mask = lanes(kk);
+        let mut d = [_mm512_setzero_ps(); R];
+        for (i, di) in d.iter_mut().enumerate() {
+            *di = _mm512_maskz_loadu_ps(mask, e.coeffs.as_ptr().add((o * e.cols + first + i) * kk));
+        }
+        let u = e.basis.as_ptr().add(first);
+        // A masked store seems to block later loads from anywhere in its 64 bytes (the next row's
+        // load stalled ~20 cycles), so rows are visited `stride` apart: each 16-lane load then
+        // starts past the registers of the stores still in flight.
+        let stride = 16usize.div_ceil(kk);
+        for ci in (0..stride).flat_map(|phase| (phase..c).step_by(stride)) {
+            let at = ci * kk;
+            let mut acc = load(dw_o, at, mask);
+            for (i, di) in d.iter().enumerate() {
+                acc = _mm512_fmadd_ps(_mm512_set1_ps(*u.add(ci * e.cols + i)), *di, acc);
+            }
+            _mm512_mask_storeu_ps(dw_o.as_mut_ptr().add(at), mask, acc);
+        }
+    }
+
+    /// `dW[o, :] += sum_j P[o, j] E[j, :]` for the `R` rows `first_o..` held in `dw_b`, each a flat
+    /// row of `n = C_in x taps` values: no tap structure is needed, so whole 16-lane vectors
+    /// (plain loads and stores; only the tail is masked).
+    #[target_feature(enable = "avx512f")]
+    #[inline]
+    unsafe fn add_output_term<const R: usize>(e: Expansion, first_o: usize, n: usize, dw_b: &mut [f32]) {
+        let p = e.basis.as_ptr().add(first_o * e.cols);
+        let whole = n - n % 16;
+        let d = dw_b.as_mut_ptr();
+        for x in (0..whole).step_by(16) {
+            let mut acc = [_mm512_setzero_ps(); R];
+            for (k, a) in acc.iter_mut().enumerate() {
+                *a = _mm512_loadu_ps(d.add(k * n + x));
+            }
+            for j in 0..e.cols {
+                let row = _mm512_loadu_ps(e.coeffs.as_ptr().add(j * n + x));
+                for (k, a) in acc.iter_mut().enumerate() {
+                    *a = _mm512_fmadd_ps(_mm512_set1_ps(*p.add(k * e.cols + j)), row, *a);
+                }
+            }
+            for (k, a) in acc.iter().enumerate() {
+                _mm512_storeu_ps(d.add(k * n + x), *a);
+            }
+        }
+        if whole < n {
+            let mask = ((1u32 << (n - whole)) - 1) as __mmask16;
+            for k in 0..R {
+                let mut acc = _mm512_maskz_loadu_ps(mask, d.add(k * n + whole));
+                for j in 0..e.cols {
+                    let row = _mm512_maskz_loadu_ps(mask, e.coeffs.as_ptr().add(j * n + whole));
+                    acc = _mm512_fmadd_ps(_mm512_set1_ps(*p.add(k * e.cols + j)), row, acc);
+                }
+                _mm512_mask_storeu_ps(d.add(k * n + whole), mask, acc);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Deterministic values in [-1, 1) without a dev-dependency on a generator here.
+    fn values(seed: u64, n: usize) -> Vec<f32> {
+        let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+        (0..n)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                (x >> 40) as f32 / (1u64 << 23) as f32 - 1.0
+            })
+            .collect()
+    }
+
+    fn close(got: &[f32], want: &[f64], what: &str) {
+        let scale = want.iter().fold(1e-3f64, |m, v| m.max(v.abs()));
+        for (i, (g, w)) in got.iter().zip(want).enumerate() {
+            assert!((*g as f64 - w).abs() <= 1e-5 * scale, "{what}[{i}]: {g} vs {w}");
+        }
+    }
+
+    fn shapes() -> Vec<(TapShape, usize, usize)> {
+        let mut out = Vec::new();
+        for (k, (c, co)) in [(1, (5, 3)), (2, (3, 4)), (3, (7, 5)), (3, (1, 2)), (4, (6, 3)), (5, (4, 3))] {
+            for (cols_in, cols_out) in [(1, 2), (3, 0), (0, 5), (8, 8), (11, 9), (17, 1)] {
+                out.push((TapShape { out_channels: co, in_channels: c, taps: k * k }, cols_in, cols_out));
+            }
+        }
+        out
+    }
+
+    fn naive_transform(s: TapShape, w: &[f32], u: &[f32], cols: usize) -> Vec<f64> {
+        let (c, kk) = (s.in_channels, s.taps);
+        let mut t = vec![0.0f64; s.out_channels * cols * kk];
+        for o in 0..s.out_channels {
+            for i in 0..cols {
+                for tap in 0..kk {
+                    t[(o * cols + i) * kk + tap] =
+                        (0..c).map(|ci| w[(o * c + ci) * kk + tap] as f64 * u[ci * cols + i] as f64).sum();
+                }
+            }
+        }
+        t
+    }
+
+    fn naive_expansions(
+        s: TapShape,
+        dw: &[f32],
+        ins: (&[f32], &[f32], usize),
+        outs: (&[f32], &[f32], usize),
+    ) -> Vec<f64> {
+        let (c, kk) = (s.in_channels, s.taps);
+        let mut want: Vec<f64> = dw.iter().map(|&v| v as f64).collect();
+        for o in 0..s.out_channels {
+            for ci in 0..c {
+                for tap in 0..kk {
+                    let at = (o * c + ci) * kk + tap;
+                    let (u, d, n) = ins;
+                    for i in 0..n {
+                        want[at] += u[ci * n + i] as f64 * d[(o * n + i) * kk + tap] as f64;
+                    }
+                    let (p, e, n) = outs;
+                    for j in 0..n {
+                        want[at] += p[o * n + j] as f64 * e[(j * c + ci) * kk + tap] as f64;
+                    }
+                }
+            }
+        }
+        want
+    }
+
+    #[test]
+    fn transform_matches_naive_loops() {
+        for (seed, (s, cols, _)) in shapes().into_iter().enumerate() {
+            let (w, u) = (values(seed as u64, s.weight_len()), values(seed as u64 + 99, s.in_channels * cols));
+            let want = naive_transform(s, &w, &u, cols);
+            let mut t = vec![f32::NAN; s.out_channels * cols * s.taps];
+            transform_inputs(s, &w, &u, cols, &mut t);
+            close(&t, &want, &format!("dispatched {s:?} cols {cols}"));
+            let mut t = vec![f32::NAN; want.len()];
+            portable::transform_inputs(s, &w, &u, cols, &mut t);
+            close(&t, &want, &format!("portable {s:?} cols {cols}"));
+        }
+    }
+
+    #[test]
+    fn output_transform_matches_naive_loops() {
+        for (seed, (s, _, cols)) in shapes().into_iter().enumerate() {
+            let cols = if seed % 5 == 0 { cols + 20 } else { cols }; // some past the fast path's limit
+            let (w, p) = (values(seed as u64 + 5, s.weight_len()), values(seed as u64 + 50, s.out_channels * cols));
+            let n = s.in_channels * s.taps;
+            let mut want = vec![0.0f64; cols * n];
+            for j in 0..cols {
+                for x in 0..n {
+                    want[j * n + x] = (0..s.out_channels).map(|o| p[o * cols + j] as f64 * w[o * n + x] as f64).sum();
+                }
+            }
+            let mut t = vec![f32::NAN; want.len()];
+            transform_outputs(s, &w, &p, cols, &mut t);
+            close(&t, &want, &format!("dispatched {s:?} cols {cols}"));
+            let mut t = vec![f32::NAN; want.len()];
+            portable::transform_outputs(s, &w, &p, cols, &mut t);
+            close(&t, &want, &format!("portable {s:?} cols {cols}"));
+        }
+    }
+
+    #[test]
+    fn expansions_match_naive_loops() {
+        for (seed, (s, ci, co)) in shapes().into_iter().enumerate() {
+            let seed = seed as u64 * 7;
+            let (u, d) = (values(seed + 1, s.in_channels * ci), values(seed + 2, s.out_channels * ci * s.taps));
+            let (p, e) = (values(seed + 3, s.out_channels * co), values(seed + 4, co * s.in_channels * s.taps));
+            let start = values(seed + 5, s.weight_len());
+            let want = naive_expansions(s, &start, (&u, &d, ci), (&p, &e, co));
+            let ins = Some(Expansion { basis: &u, coeffs: &d, cols: ci });
+            let outs = Some(Expansion { basis: &p, coeffs: &e, cols: co });
+            let mut got = start.clone();
+            add_expansions(s, ins, outs, &mut got);
+            close(&got, &want, &format!("dispatched {s:?} cols {ci}/{co}"));
+            let mut got = start.clone();
+            portable::add_expansions(s, ins, outs, &mut got);
+            close(&got, &want, &format!("portable {s:?} cols {ci}/{co}"));
+            // Each term alone.
+            let only_in = naive_expansions(s, &start, (&u, &d, ci), (&p, &e, 0));
+            let mut got = start.clone();
+            add_expansions(s, ins, None, &mut got);
+            close(&got, &only_in, &format!("inputs only {s:?} cols {ci}"));
+            let only_out = naive_expansions(s, &start, (&u, &d, 0), (&p, &e, co));
+            let mut got = start.clone();
+            add_expansions(s, None, outs, &mut got);
+            close(&got, &only_out, &format!("outputs only {s:?} cols {co}"));
+        }
+    }
+
+    #[test]
+    #[cfg(target_arch = "x86_64")]
+    fn fast_path_takes_only_the_tap_counts_it_handles() {
+        eprintln!(
+            "AVX-512F on this CPU: {} (the tests above compared that path too)",
+            is_x86_feature_detected!("avx512f")
+        );
+        assert!(!avx512::usable(1) && !avx512::usable(17) && !avx512::usable(25));
+    }
+}
