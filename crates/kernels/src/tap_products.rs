@@ -3,14 +3,17 @@
 //!
 //! - [`transform_inputs`]: `T[o, i, t] = sum_c W[o, c, t] U[c, i]`, the weight on `cols` virtual
 //!   input channels (`T` is `C_out x cols x taps`).
+//! - [`transform_outputs`]: `T[j, c, t] = sum_o P^T[j, o] W[o, c, t]`, the weight on `cols` virtual
+//!   output channels (one `gemm` product).
 //! - [`add_expansions`]: `dW[o, c, t] += sum_i U[c, i] D[o, i, t] + sum_j P[o, j] E[j, c, t]`, a
 //!   weight gradient's two low-rank terms (one per channel axis) added in one sweep of `dW`.
 //!
-//! Both read or update the weight once, in order. With a handful of columns and 9 taps these
-//! products are far from the shapes a GEMM microkernel is built for: through `gemm`, VGG16's
-//! forward transforms took about 4x as long as the AVX-512 path here, in which each `(o, c)` row
-//! of taps sits in one 16-lane register. Without AVX-512, for 1x1 kernels or for more than 16 taps
-//! they go through `gemm`.
+//! Each reads or updates the weight once, in order. With a handful of columns and 9 taps the first
+//! and last are far from the shapes a GEMM microkernel is built for: through `gemm`, VGG16's
+//! forward transforms took about twice as long as the AVX-512 path here, in which each `(o, c)`
+//! row of taps sits in one 16-lane register. Without AVX-512, for 1x1 kernels, more than 16 taps
+//! or more columns than these kernels win at (per-sample bases stacked for a batch), they go
+//! through `gemm`.
 
 use crate::matmul::{matmul, matmul_strided, parallelism, threads, MatRef};
 
@@ -47,7 +50,7 @@ pub fn transform_inputs(s: TapShape, w: &[f32], u: &[f32], cols: usize, t: &mut 
         return;
     }
     #[cfg(target_arch = "x86_64")]
-    if avx512::usable(s.taps) {
+    if cols <= avx512::MAX_TRANSFORM_COLS && avx512::usable(s.taps) {
         // SAFETY: `usable` checked that the CPU has AVX-512F; the asserts above give the lengths
         // the kernel indexes by.
         return unsafe { avx512::transform_inputs(s, w, u, cols, t) };
@@ -55,21 +58,19 @@ pub fn transform_inputs(s: TapShape, w: &[f32], u: &[f32], cols: usize, t: &mut 
     portable::transform_inputs(s, w, u, cols, t);
 }
 
-/// `t = P^T W` over the output channels: `p` is `out_channels x cols` (row-major), `t` receives
-/// `cols x in_channels x taps` (the weight seen from `cols` virtual output channels).
-pub fn transform_outputs(s: TapShape, w: &[f32], p: &[f32], cols: usize, t: &mut [f32]) {
+/// `t = P^T W` over the output channels: `pt` is `P^T`, `cols x out_channels` (row-major), `t`
+/// receives `cols x in_channels x taps` (the weight seen from `cols` virtual output channels). The
+/// flat rows need no tap structure and `gemm` handles this shape well (an AVX-512 version like the
+/// others here measured no faster), so it is one product.
+pub fn transform_outputs(s: TapShape, w: &[f32], pt: &[f32], cols: usize, t: &mut [f32]) {
     assert_eq!(w.len(), s.weight_len(), "transform_outputs: weight length");
-    assert_eq!(p.len(), s.out_channels * cols, "transform_outputs: basis length");
+    assert_eq!(pt.len(), s.out_channels * cols, "transform_outputs: basis length");
     assert_eq!(t.len(), cols * s.in_channels * s.taps, "transform_outputs: output length");
     if cols == 0 || s.weight_len() == 0 {
         return;
     }
-    #[cfg(target_arch = "x86_64")]
-    if cols <= avx512::MAX_OUTPUT_COLS && avx512::usable(s.taps) {
-        // SAFETY: as in `transform_inputs`.
-        return unsafe { avx512::transform_outputs(s, w, p, cols, t) };
-    }
-    portable::transform_outputs(s, w, p, cols, t);
+    let (co, n) = (s.out_channels, s.in_channels * s.taps);
+    matmul(MatRef::row_major(pt, cols, co), MatRef::row_major(w, co, n), t, n, false, parallelism(threads()));
 }
 
 /// `dW += U D` (over the input channels) `+ P E` (over the output channels). `inputs`: `basis` U is
@@ -90,8 +91,9 @@ pub fn add_expansions(s: TapShape, inputs: Option<Expansion>, outputs: Option<Ex
     if (inputs.is_none() && outputs.is_none()) || dw.is_empty() {
         return;
     }
+    let cols = inputs.map_or(0, |e| e.cols).max(outputs.map_or(0, |e| e.cols));
     #[cfg(target_arch = "x86_64")]
-    if avx512::usable(s.taps) {
+    if cols <= avx512::MAX_EXPANSION_COLS && avx512::usable(s.taps) {
         // SAFETY: as in `transform_inputs`.
         return unsafe { avx512::add_expansions(s, inputs, outputs, dw) };
     }
@@ -118,14 +120,6 @@ pub(crate) mod portable {
         }
     }
 
-    pub(crate) fn transform_outputs(s: TapShape, w: &[f32], p: &[f32], cols: usize, t: &mut [f32]) {
-        let (co, n) = (s.out_channels, s.in_channels * s.taps);
-        if cols == 0 {
-            return;
-        }
-        gemm(MatRef::row_major(p, co, cols).t(), MatRef::row_major(w, co, n), t, n, false);
-    }
-
     pub(crate) fn add_expansions(s: TapShape, inputs: Option<Expansion>, outputs: Option<Expansion>, dw: &mut [f32]) {
         let (c, co, kk) = (s.in_channels, s.out_channels, s.taps);
         if let Some(e) = inputs.filter(|e| e.cols > 0) {
@@ -150,6 +144,10 @@ pub(crate) mod avx512 {
 
     /// Columns a block keeps in registers.
     const BLOCK: usize = 8;
+    /// Up to how many columns these kernels beat `gemm` (single thread, VGG16-sized layers:
+    /// beyond them, as with per-sample bases stacked for a whole batch, `gemm`'s blocking wins).
+    pub(crate) const MAX_TRANSFORM_COLS: usize = 24;
+    pub(crate) const MAX_EXPANSION_COLS: usize = 32;
     /// Output channels whose rows take the output-side term together.
     const ROWS: usize = 4;
 
@@ -285,69 +283,6 @@ pub(crate) mod avx512 {
         }
     }
 
-    /// The most columns [`transform_outputs`] takes: its result rows are updated once per block
-    /// of weight rows, which pays while they stay in L2; more columns go through `gemm`.
-    pub(crate) const MAX_OUTPUT_COLS: usize = 16;
-
-    /// # Safety
-    /// The CPU must have AVX-512F; the slices must have the lengths `super::transform_outputs`
-    /// asserts.
-    #[target_feature(enable = "avx512f")]
-    pub(crate) unsafe fn transform_outputs(s: TapShape, w: &[f32], p: &[f32], cols: usize, t: &mut [f32]) {
-        let n = s.in_channels * s.taps;
-        t.fill(0.0);
-        // Weight rows in blocks of ROWS: each result vector is read and written once per block.
-        for (block, w_b) in w.chunks(ROWS * n).enumerate() {
-            let first_o = block * ROWS;
-            match w_b.len() / n {
-                4 => accumulate_outputs::<4>(w_b, n, p, cols, first_o, t),
-                3 => accumulate_outputs::<3>(w_b, n, p, cols, first_o, t),
-                2 => accumulate_outputs::<2>(w_b, n, p, cols, first_o, t),
-                _ => accumulate_outputs::<1>(w_b, n, p, cols, first_o, t),
-            }
-        }
-    }
-
-    /// `T[j, :] += sum_k P[first_o + k, j] W[first_o + k, :]` over the `R` weight rows in `w_b`.
-    #[target_feature(enable = "avx512f")]
-    #[inline]
-    unsafe fn accumulate_outputs<const R: usize>(
-        w_b: &[f32],
-        n: usize,
-        p: &[f32],
-        cols: usize,
-        first_o: usize,
-        t: &mut [f32],
-    ) {
-        let p = p.as_ptr().add(first_o * cols);
-        let (w, out) = (w_b.as_ptr(), t.as_mut_ptr());
-        let whole = n - n % 16;
-        for x in (0..whole).step_by(16) {
-            let mut rows = [_mm512_setzero_ps(); R];
-            for (k, r) in rows.iter_mut().enumerate() {
-                *r = _mm512_loadu_ps(w.add(k * n + x));
-            }
-            for j in 0..cols {
-                let mut acc = _mm512_loadu_ps(out.add(j * n + x));
-                for (k, r) in rows.iter().enumerate() {
-                    acc = _mm512_fmadd_ps(_mm512_set1_ps(*p.add(k * cols + j)), *r, acc);
-                }
-                _mm512_storeu_ps(out.add(j * n + x), acc);
-            }
-        }
-        if whole < n {
-            let mask = ((1u32 << (n - whole)) - 1) as __mmask16;
-            for j in 0..cols {
-                let mut acc = _mm512_maskz_loadu_ps(mask, out.add(j * n + whole));
-                for k in 0..R {
-                    let r = _mm512_maskz_loadu_ps(mask, w.add(k * n + whole));
-                    acc = _mm512_fmadd_ps(_mm512_set1_ps(*p.add(k * cols + j)), r, acc);
-                }
-                _mm512_mask_storeu_ps(out.add(j * n + whole), mask, acc);
-            }
-        }
-    }
-
     /// `dW[o, c, :] += sum_i U[c, i] D[o, i, :]` over input-side columns `first..first + R`, whose
     /// coefficients for output channel `o` stay in registers.
     #[target_feature(enable = "avx512f")]
@@ -439,7 +374,8 @@ mod tests {
     fn shapes() -> Vec<(TapShape, usize, usize)> {
         let mut out = Vec::new();
         for (k, (c, co)) in [(1, (5, 3)), (2, (3, 4)), (3, (7, 5)), (3, (1, 2)), (4, (6, 3)), (5, (4, 3))] {
-            for (cols_in, cols_out) in [(1, 2), (3, 0), (0, 5), (8, 8), (11, 9), (17, 1)] {
+            // The last pairs pass the fast paths' column limits, so the dispatch falls back to gemm.
+            for (cols_in, cols_out) in [(1, 2), (3, 0), (0, 5), (8, 8), (11, 9), (17, 1), (30, 3), (5, 40)] {
                 out.push((TapShape { out_channels: co, in_channels: c, taps: k * k }, cols_in, cols_out));
             }
         }
@@ -503,7 +439,6 @@ mod tests {
     #[test]
     fn output_transform_matches_naive_loops() {
         for (seed, (s, _, cols)) in shapes().into_iter().enumerate() {
-            let cols = if seed % 5 == 0 { cols + 20 } else { cols }; // some past the fast path's limit
             let (w, p) = (values(seed as u64 + 5, s.weight_len()), values(seed as u64 + 50, s.out_channels * cols));
             let n = s.in_channels * s.taps;
             let mut want = vec![0.0f64; cols * n];
@@ -512,12 +447,11 @@ mod tests {
                     want[j * n + x] = (0..s.out_channels).map(|o| p[o * cols + j] as f64 * w[o * n + x] as f64).sum();
                 }
             }
+            let pt: Vec<f32> =
+                (0..cols * s.out_channels).map(|i| p[(i % s.out_channels) * cols + i / s.out_channels]).collect();
             let mut t = vec![f32::NAN; want.len()];
-            transform_outputs(s, &w, &p, cols, &mut t);
-            close(&t, &want, &format!("dispatched {s:?} cols {cols}"));
-            let mut t = vec![f32::NAN; want.len()];
-            portable::transform_outputs(s, &w, &p, cols, &mut t);
-            close(&t, &want, &format!("portable {s:?} cols {cols}"));
+            transform_outputs(s, &w, &pt, cols, &mut t);
+            close(&t, &want, &format!("{s:?} cols {cols}"));
         }
     }
 

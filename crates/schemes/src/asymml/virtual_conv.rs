@@ -147,6 +147,22 @@ fn write_rows(groups: &[Factors], all: &mut [f32], per: usize, write: impl FnOnc
     }
 }
 
+/// The stacked transposed bases `[U_1^T; U_2^T; ...]` (`sum r x channels`).
+fn stacked_transposes(groups: &[Factors], channels: usize) -> Vec<f32> {
+    let total: usize = groups.iter().map(|f| f.rank).sum();
+    let mut out = vec![0.0f32; total * channels];
+    let mut row = 0;
+    for f in groups {
+        for c in 0..channels {
+            for i in 0..f.rank {
+                out[(row + i) * channels + c] = f.basis[c * f.rank + i];
+            }
+        }
+        row += f.rank;
+    }
+    out
+}
+
 /// The bases side by side `[U_1 U_2 ...]` (`channels x sum r`).
 fn side_by_side(groups: &[Factors], channels: usize) -> Vec<f32> {
     let total: usize = groups.iter().map(|f| f.rank).sum();
@@ -214,11 +230,11 @@ pub fn low_rank_input_gradient(g: &ConvGeometry, w: &[f32], groups: &[Factors], 
         macs += gd.forward_macs() + (dy.len() * direct[0].rank) as u64;
     }
     if !factored.is_empty() {
-        // [P_1 P_2 ...]^T W: each group's r virtual output channels.
+        // [P_1^T; P_2^T; ...] W: each group's r virtual output channels.
         let total: usize = factored.iter().map(|f| f.rank).sum();
         let cols = g.in_channels * taps(g);
         let mut wp = vec![0.0f32; total * cols];
-        transform_outputs(tap_shape(g), w, &side_by_side(&factored, co), total, &mut wp);
+        transform_outputs(tap_shape(g), w, &stacked_transposes(&factored, co), total, &mut wp);
         macs += (total * co * cols) as u64;
         let mut row = 0;
         for f in &factored {
