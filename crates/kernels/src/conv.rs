@@ -468,6 +468,96 @@ pub fn conv2d_backward_weight_few_inputs(g: &ConvGeometry, x: &[f32], dy: &[f32]
     }
 }
 
+/// Spreads one sample's output gradient `dy_n` (`C_out x H' x W'`) to the input positions each
+/// kernel tap read: row `(o, ki, kj)` of `spread` (`C_out kh kw x H W`) holds at input position
+/// `q` the gradient of the output that tap `(ki, kj)` read from `q`. A tap reads each input
+/// position for at most one output, so this is the transpose of im2col's pattern without its
+/// sums. Positions no tap reaches are left as they are (the caller zeroes them once: they are the
+/// same for every sample).
+fn spread_output_gradient(g: &ConvGeometry, dy_n: &[f32], spread: &mut [f32]) {
+    let (h, w, oh_n, ow_n) = (g.in_h, g.in_w, g.out_h(), g.out_w());
+    let (s, p, in_hw, out_hw) = (g.stride, g.padding, h * w, oh_n * ow_n);
+    for o in 0..g.out_channels {
+        for ki in 0..g.kernel_h {
+            for kj in 0..g.kernel_w {
+                let row = &mut spread[((o * g.kernel_h + ki) * g.kernel_w + kj) * in_hw..][..in_hw];
+                let (lo, hi) = valid_range(ow_n, w, kj, s, p);
+                for oh in 0..oh_n {
+                    let ih = (oh * s + ki) as isize - p as isize;
+                    if ih < 0 || ih >= h as isize {
+                        continue;
+                    }
+                    let src = &dy_n[o * out_hw + oh * ow_n..][..ow_n];
+                    let dst = &mut row[ih as usize * w..(ih as usize + 1) * w];
+                    for ow in lo..hi {
+                        dst[ow * s + kj - p] = src[ow];
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// [`conv2d_backward_weight`] (without the bias) for a convolution with few output channels, such
+/// as AsymML's virtual output channels: per sample `acc += x_n * spread_n^T`, with `x_n` read in
+/// place as the left operand and only the small output gradient spread out, so the large input
+/// is never unrolled. About 2x faster than the im2col route on ResNet18-like layers with 1-8
+/// output channels (single thread). `dw` is overwritten.
+pub fn conv2d_backward_weight_few_outputs(g: &ConvGeometry, x: &[f32], dy: &[f32], dw: &mut [f32]) {
+    g.check();
+    assert_eq!(x.len(), g.input_len(), "conv2d_backward_weight_few_outputs: input length");
+    assert_eq!(dy.len(), g.output_len(), "conv2d_backward_weight_few_outputs: output-gradient length");
+    assert_eq!(dw.len(), g.weight_len(), "conv2d_backward_weight_few_outputs: weight-gradient length");
+    let (c, kk, in_hw) = (g.in_channels, g.kernel_h * g.kernel_w, g.in_h * g.in_w);
+    let rows = g.out_channels * kk;
+    let mut spread = vec![0.0f32; rows * in_hw];
+    let mut acc = vec![0.0f32; c * rows];
+    for n in 0..g.batch {
+        spread_output_gradient(
+            g,
+            &dy[n * g.out_channels * g.out_pixels()..][..g.out_channels * g.out_pixels()],
+            &mut spread,
+        );
+        let x_n = MatRef::row_major(&x[n * c * in_hw..][..c * in_hw], c, in_hw);
+        matmul(x_n, MatRef::row_major(&spread, rows, in_hw).t(), &mut acc, rows, n > 0, parallelism(threads()));
+    }
+    // acc is C_in x (C_out, tap); dw is C_out x C_in x tap.
+    for ci in 0..c {
+        for o in 0..g.out_channels {
+            dw[(o * c + ci) * kk..][..kk].copy_from_slice(&acc[ci * rows + o * kk..][..kk]);
+        }
+    }
+}
+
+/// [`conv2d_backward_data`] for a convolution with few output channels: per sample
+/// `dx_n = W' spread_n` with `W'` the weight as `C_in x (C_out, tap)`, written straight into `dx`
+/// instead of through a `C_in kh kw x H' W'` column matrix and col2im. `dx` is overwritten.
+pub fn conv2d_backward_data_few_outputs(g: &ConvGeometry, dy: &[f32], w: &[f32], dx: &mut [f32]) {
+    g.check();
+    assert_eq!(dy.len(), g.output_len(), "conv2d_backward_data_few_outputs: output-gradient length");
+    assert_eq!(w.len(), g.weight_len(), "conv2d_backward_data_few_outputs: weight length");
+    assert_eq!(dx.len(), g.input_len(), "conv2d_backward_data_few_outputs: input-gradient length");
+    let (c, kk, in_hw) = (g.in_channels, g.kernel_h * g.kernel_w, g.in_h * g.in_w);
+    let rows = g.out_channels * kk;
+    let mut w_t = vec![0.0f32; c * rows];
+    for o in 0..g.out_channels {
+        for ci in 0..c {
+            w_t[ci * rows + o * kk..][..kk].copy_from_slice(&w[(o * c + ci) * kk..][..kk]);
+        }
+    }
+    let w_t = MatRef::row_major(&w_t, c, rows);
+    let mut spread = vec![0.0f32; rows * in_hw];
+    for n in 0..g.batch {
+        spread_output_gradient(
+            g,
+            &dy[n * g.out_channels * g.out_pixels()..][..g.out_channels * g.out_pixels()],
+            &mut spread,
+        );
+        let dx_n = &mut dx[n * c * in_hw..][..c * in_hw];
+        matmul(w_t, MatRef::row_major(&spread, rows, in_hw), dx_n, in_hw, false, parallelism(threads()));
+    }
+}
+
 /// Writes the transpose of the row-major `rows x cols` matrix `a` into `out` (`cols x rows`),
 /// tile by tile so that both sides stay in cache (an element-by-element strided write measured
 /// most of the backward-weight pass outside its GEMM for 512-channel layers).

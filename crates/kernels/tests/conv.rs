@@ -62,7 +62,7 @@ fn check(g: &ConvGeometry, seed: u64, threads: usize) {
     let b = random_vec(&mut r, g.out_channels);
     let dy = random_vec(&mut r, g.output_len());
     let (xd, wd, bd, dyd) = (to_f64(&x), to_f64(&w), to_f64(&b), to_f64(&dy));
-    let (y, dx, dw, db, dw_few) = with_threads(threads, || {
+    let (y, dx, dw, db, [dw_few, dw_few_out], dx_few_out) = with_threads(threads, || {
         let mut y = vec![0.0; g.output_len()];
         conv2d_forward(g, &x, &w, Some(&b), &mut y);
         let mut dx = vec![f32::NAN; g.input_len()];
@@ -72,15 +72,21 @@ fn check(g: &ConvGeometry, seed: u64, threads: usize) {
         conv2d_backward_weight(g, &x, &dy, &mut dw, Some(&mut db));
         let mut dw_few = vec![f32::NAN; g.weight_len()];
         conv2d_backward_weight_few_inputs(g, &x, &dy, &mut dw_few);
-        (y, dx, dw, db, dw_few)
+        let mut dw_few_out = vec![f32::NAN; g.weight_len()];
+        conv2d_backward_weight_few_outputs(g, &x, &dy, &mut dw_few_out);
+        let mut dx_few_out = vec![f32::NAN; g.input_len()];
+        conv2d_backward_data_few_outputs(g, &dy, &w, &mut dx_few_out);
+        (y, dx, dw, db, [dw_few, dw_few_out], dx_few_out)
     });
     let what = format!("{g:?} threads={threads}");
     assert_close(&format!("forward {what}"), &y, &naive_forward(g, &xd, &wd, &bd), 1e-5);
     let want_dx = finite_difference(|xv| naive_forward(g, xv, &wd, &bd), &xd, &dyd);
     assert_close(&format!("backward-data {what}"), &dx, &want_dx, 1e-5);
+    assert_close(&format!("backward-data, few-outputs path {what}"), &dx_few_out, &want_dx, 1e-5);
     let want_dw = finite_difference(|wv| naive_forward(g, &xd, wv, &bd), &wd, &dyd);
     assert_close(&format!("backward-weight {what}"), &dw, &want_dw, 1e-5);
     assert_close(&format!("backward-weight, few-inputs path {what}"), &dw_few, &want_dw, 1e-5);
+    assert_close(&format!("backward-weight, few-outputs path {what}"), &dw_few_out, &want_dw, 1e-5);
     let want_db = finite_difference(|bv| naive_forward(g, &xd, &wd, bv), &bd, &dyd);
     assert_close(&format!("backward-bias {what}"), &db, &want_db, 1e-5);
 }

@@ -17,7 +17,8 @@
 
 use std::borrow::Cow;
 use trustsplit_kernels::conv::{
-    conv2d_backward_data, conv2d_backward_weight, conv2d_backward_weight_few_inputs, conv2d_forward, ConvGeometry,
+    conv2d_backward_data, conv2d_backward_data_few_outputs, conv2d_backward_weight, conv2d_backward_weight_few_inputs,
+    conv2d_backward_weight_few_outputs, conv2d_forward, ConvGeometry,
 };
 use trustsplit_kernels::elementwise::add_assign;
 use trustsplit_kernels::matmul::{matmul, parallelism, threads, MatRef};
@@ -240,7 +241,7 @@ pub fn low_rank_input_gradient(g: &ConvGeometry, w: &[f32], groups: &[Factors], 
         for f in &factored {
             let gq = ConvGeometry { batch: f.len, out_channels: f.rank, ..*g };
             let dst = &mut dx[f.start * in_per..(f.start + f.len) * in_per];
-            conv2d_backward_data(&gq, f.coords, &wp[row * cols..(row + f.rank) * cols], dst);
+            conv2d_backward_data_few_outputs(&gq, f.coords, &wp[row * cols..(row + f.rank) * cols], dst);
             macs += gq.forward_macs();
             row += f.rank;
         }
@@ -338,7 +339,7 @@ impl LowRankWeightGradient {
             for f in &factored {
                 let gq = ConvGeometry { batch: f.len, out_channels: f.rank, ..*g };
                 let x_g = &x[f.start * in_per..(f.start + f.len) * in_per];
-                conv2d_backward_weight(&gq, x_g, f.coords, &mut e[row * cols..(row + f.rank) * cols], None);
+                conv2d_backward_weight_few_outputs(&gq, x_g, f.coords, &mut e[row * cols..(row + f.rank) * cols]);
                 macs += gq.forward_macs();
                 row += f.rank;
             }
