@@ -124,15 +124,26 @@ pub(crate) mod portable {
         let (c, co, kk) = (s.in_channels, s.out_channels, s.taps);
         if let Some(e) = inputs.filter(|e| e.cols > 0) {
             let u = MatRef::row_major(e.basis, c, e.cols);
+            if kk == 1 {
+                // A pointwise conv: dW (C_out x C_in) += D (C_out x cols) U^T in one product.
+                gemm(MatRef::row_major(e.coeffs, co, e.cols), u.t(), dw, c, true);
+                return add_output_term(s, outputs, dw);
+            }
             // One product per output channel, dW[o] (C_in x kk) += U D[o] (cols x kk): `dw` is
             // read and written once, in order.
             for (dw_o, d_o) in dw.chunks_exact_mut(c * kk).zip(e.coeffs.chunks_exact(e.cols * kk)) {
                 gemm(u, MatRef::row_major(d_o, e.cols, kk), dw_o, kk, true);
             }
         }
+        add_output_term(s, outputs, dw);
+    }
+
+    /// `dW += P E`: one product over the flat rows.
+    fn add_output_term(s: TapShape, outputs: Option<Expansion>, dw: &mut [f32]) {
+        let n = s.in_channels * s.taps;
         if let Some(e) = outputs.filter(|e| e.cols > 0) {
-            let p = MatRef::row_major(e.basis, co, e.cols);
-            gemm(p, MatRef::row_major(e.coeffs, e.cols, c * kk), dw, c * kk, true);
+            let p = MatRef::row_major(e.basis, s.out_channels, e.cols);
+            gemm(p, MatRef::row_major(e.coeffs, e.cols, n), dw, n, true);
         }
     }
 }
@@ -173,18 +184,6 @@ pub(crate) mod avx512 {
         }
     }
 
-    /// Asks for `v[start..start + len]` (clipped to the slice) to be brought into L2 while the
-    /// current row is worked on: the rows are streamed from memory, and the kernels' long FMA
-    /// chains leave too few loads in flight to cover its latency (measured 2-3x slower without).
-    #[target_feature(enable = "avx512f")]
-    #[inline]
-    unsafe fn prefetch_row(v: &[f32], start: usize, len: usize) {
-        let end = (start + len).min(v.len());
-        for at in (start..end).step_by(16) {
-            _mm_prefetch::<_MM_HINT_T1>(v.as_ptr().add(at) as *const i8);
-        }
-    }
-
     /// Calls `$f::<R>` with the const `R` equal to the runtime `$n` (1..=BLOCK).
     macro_rules! with_block {
         ($n:expr, $f:ident ( $($arg:expr),* )) => {
@@ -206,9 +205,7 @@ pub(crate) mod avx512 {
     #[target_feature(enable = "avx512f")]
     pub(crate) unsafe fn transform_inputs(s: TapShape, w: &[f32], u: &[f32], cols: usize, t: &mut [f32]) {
         let per_out = cols * s.taps;
-        let w_row = s.in_channels * s.taps;
         for (o, t_o) in t.chunks_exact_mut(per_out).enumerate() {
-            prefetch_row(w, (o + 1) * w_row, w_row);
             let mut first = 0;
             while first < cols {
                 let n = (cols - first).min(BLOCK);

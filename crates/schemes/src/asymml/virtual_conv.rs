@@ -35,25 +35,6 @@ pub struct Factors<'a> {
     pub coords: &'a [f32],
 }
 
-/// Up to this many virtual output channels the kernels' few-outputs backward products beat the
-/// unrolled ones (single thread, ResNet18-like layers: 3.9 vs 13.5 ms for the weight gradient at 2
-/// channels, 10.4 vs 11.5 at 8, 19.3 vs 14.6 at 16).
-const FEW_OUTPUTS: usize = 8;
-
-/// Up to this many virtual input channels the few-inputs weight gradient beats the unrolled one
-/// (single thread, ResNet18-like layers: 2.4 vs 10.0 ms at 2 channels, 25.6 vs 29.3 at 16, 49.8 vs
-/// 35.9 at 32).
-const FEW_INPUTS: usize = 16;
-
-/// `corr(V, dY)` for a convolution whose inputs are `gv.in_channels` virtual channels.
-fn corr_of_virtual_inputs(gv: &ConvGeometry, v: &[f32], dy: &[f32], out: &mut [f32]) {
-    if gv.in_channels <= FEW_INPUTS {
-        conv2d_backward_weight_few_inputs(gv, v, dy, out);
-    } else {
-        conv2d_backward_weight(gv, v, dy, out, None);
-    }
-}
-
 fn taps(g: &ConvGeometry) -> usize {
     g.kernel_h * g.kernel_w
 }
@@ -260,12 +241,7 @@ pub fn low_rank_input_gradient(g: &ConvGeometry, w: &[f32], groups: &[Factors], 
         for f in &factored {
             let gq = ConvGeometry { batch: f.len, out_channels: f.rank, ..*g };
             let dst = &mut dx[f.start * in_per..(f.start + f.len) * in_per];
-            let wq = &wp[row * cols..(row + f.rank) * cols];
-            if f.rank <= FEW_OUTPUTS {
-                conv2d_backward_data_few_outputs(&gq, f.coords, wq, dst);
-            } else {
-                conv2d_backward_data(&gq, f.coords, wq, dst);
-            }
+            conv2d_backward_data_few_outputs(&gq, f.coords, &wp[row * cols..(row + f.rank) * cols], dst);
             macs += gq.forward_macs();
             row += f.rank;
         }
@@ -324,10 +300,10 @@ impl LowRankWeightGradient {
                 let gv = ConvGeometry { batch: f.len, in_channels: f.rank, ..*g };
                 let dy_g = &dy[f.start * out_per..(f.start + f.len) * out_per];
                 if f.rank == total {
-                    corr_of_virtual_inputs(&gv, f.coords, dy_g, &mut d);
+                    conv2d_backward_weight_few_inputs(&gv, f.coords, dy_g, &mut d);
                 } else {
                     let mut dwt = vec![0.0f32; gv.weight_len()];
-                    corr_of_virtual_inputs(&gv, f.coords, dy_g, &mut dwt);
+                    conv2d_backward_weight_few_inputs(&gv, f.coords, dy_g, &mut dwt);
                     for (dst, src) in d.chunks_exact_mut(total * kk).zip(dwt.chunks_exact(f.rank * kk)) {
                         dst[row * kk..(row + f.rank) * kk].copy_from_slice(src);
                     }
@@ -363,12 +339,7 @@ impl LowRankWeightGradient {
             for f in &factored {
                 let gq = ConvGeometry { batch: f.len, out_channels: f.rank, ..*g };
                 let x_g = &x[f.start * in_per..(f.start + f.len) * in_per];
-                let e_g = &mut e[row * cols..(row + f.rank) * cols];
-                if f.rank <= FEW_OUTPUTS {
-                    conv2d_backward_weight_few_outputs(&gq, x_g, f.coords, e_g);
-                } else {
-                    conv2d_backward_weight(&gq, x_g, f.coords, e_g, None);
-                }
+                conv2d_backward_weight_few_outputs(&gq, x_g, f.coords, &mut e[row * cols..(row + f.rank) * cols]);
                 macs += gq.forward_macs();
                 row += f.rank;
             }
@@ -450,8 +421,9 @@ mod tests {
         let k = [1, 3, 5][rng.random_range(0..3)];
         ConvGeometry {
             batch: rng.random_range(1..5),
-            in_channels: rng.random_range(2..21),  // past FEW_INPUTS too
-            out_channels: rng.random_range(1..13), // past FEW_OUTPUTS too
+            // Past the kernels' FEW_INPUTS and FEW_OUTPUTS too, so both of their routes run.
+            in_channels: rng.random_range(2..21),
+            out_channels: rng.random_range(1..13),
             in_h: rng.random_range(k..9),
             in_w: rng.random_range(k..9),
             kernel_h: k,
