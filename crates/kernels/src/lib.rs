@@ -7,6 +7,7 @@
 
 pub mod activation;
 pub mod batchnorm;
+pub mod channel_products;
 pub mod conv;
 pub mod elementwise;
 pub mod le_bytes;

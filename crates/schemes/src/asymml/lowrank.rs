@@ -7,6 +7,7 @@
 
 use faer::{Mat, Side};
 use rand_distr::StandardNormal;
+use trustsplit_kernels::channel_products;
 use trustsplit_kernels::elementwise::{dot_f64_of, sum_f64_of};
 use trustsplit_kernels::matmul::{matmul, parallelism, MatRef};
 
@@ -72,6 +73,18 @@ impl Group<'_> {
     fn x(&self, b: usize) -> MatRef<'_> {
         MatRef::row_major(self.xs[b], self.c, self.p)
     }
+
+    /// The samples side by side: C x nP, sample b in columns b P .. (b + 1) P.
+    fn side_by_side(&self) -> Vec<f32> {
+        let (c, p, np) = (self.c, self.p, self.np());
+        let mut out = vec![0.0; c * np];
+        for (b, x) in self.xs.iter().enumerate() {
+            for (ci, row) in x.chunks_exact(p).enumerate() {
+                out[ci * np + b * p..ci * np + (b + 1) * p].copy_from_slice(row);
+            }
+        }
+        out
+    }
 }
 
 /// `samples`: the group's samples, each C x positions row-major (all the same length C*positions).
@@ -113,11 +126,7 @@ pub fn split_into(basis: &Basis, x: &[f32], positions: usize, v: &mut [f32], res
     assert_eq!(x.len(), basis.channels * positions, "split: sample is not C x positions");
     assert_eq!(v.len(), basis.rank * positions, "split: v is not rank x positions");
     assert_eq!(residual.len(), x.len(), "split: residual is not C x positions");
-    let u = MatRef::row_major(&basis.u, basis.channels, basis.rank);
-    matmul(u.t(), MatRef::row_major(x, basis.channels, positions), v, positions, false, parallelism(1));
-    // residual = x - U v, with U v written into the residual's own buffer first.
-    matmul(u, MatRef::row_major(v, basis.rank, positions), residual, positions, false, parallelism(1));
-    residual.iter_mut().zip(x).for_each(|(r, &a)| *r = a - *r);
+    channel_products::split(&basis.u, basis.rank, x, positions, v, residual);
 }
 
 /// Sum of squares in f64.
@@ -216,19 +225,24 @@ fn fast_basis(
     let omega = start_block(c, k, warm, rng);
     // Y = X (X^T Omega): one power step squares the spectrum, so the tail below the cut leaks far less
     // into the block than with Y = X Omega.
+    // Small maps of a batch side by side as one C x nP matrix: the products are much faster on long
+    // rows than on many short ones (see `channel_products`).
+    let side_by_side = (n > 1 && p < channel_products::LONG_ROWS).then(|| g.side_by_side());
+    let (blocks, width): (Vec<&[f32]>, usize) = match &side_by_side {
+        Some(x) => (vec![x.as_slice()], np),
+        None => (g.xs.to_vec(), p),
+    };
     let mut y = vec![0.0; c * k];
-    let mut t = vec![0.0; p * k];
-    for b in 0..n {
-        matmul(g.x(b).t(), MatRef::row_major(&omega, c, k), &mut t, k, false, parallelism(1));
-        matmul(g.x(b), MatRef::row_major(&t, p, k), &mut y, k, b > 0, parallelism(1));
+    for (b, x) in blocks.iter().enumerate() {
+        channel_products::power_step(x, width, &omega, k, &mut y, b > 0);
     }
     let mut q = to_cols(&y, c, k);
     orthonormalize(&mut q);
     // Rayleigh-Ritz: the best rank-r subspace inside span(Q) comes from the eigenvectors of B B^T, B = Q^T X.
     let q32 = to_row_major(&q, c);
     let mut bm = vec![0.0; k * np];
-    for b in 0..n {
-        matmul(MatRef::row_major(&q32, c, k).t(), g.x(b), &mut bm[b * p..], np, false, parallelism(1));
+    for (b, x) in blocks.iter().enumerate() {
+        channel_products::project(&q32, k, x, width, &mut bm[b * width..], np);
     }
     let dot = |i: usize, j: usize| dot_f64_of(&bm[i * np..(i + 1) * np], &bm[j * np..(j + 1) * np], |a, b| a * b);
     let (ritz, s) = sym_eigen_desc(k, dot);
