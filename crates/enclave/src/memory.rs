@@ -1,7 +1,8 @@
 //! The enclave's memory budget, modelled on SGX's usable EPC.
 //!
 //! The trusted side keeps some buffers between a forward and a backward pass (saved activations,
-//! stored here as opaque byte blobs). Inside a real enclave those bytes live in the EPC, which is
+//! stored here as blobs: anything that can turn itself into bytes, [`Spill`]; a resident blob stays
+//! in its own form and is encoded only when it has to be sealed). Inside a real enclave those bytes live in the EPC, which is
 //! small (about 96 MiB usable on many SGX parts); past it, the hardware or the runtime pages out to
 //! host memory that the attacker controls. [`SecureMemory`] makes that cost visible and the paging
 //! safe:
@@ -39,6 +40,29 @@ const NONCE_LIMIT: u128 = 1 << 96;
 /// ciphertext a future version might produce under a related key.
 const AAD_LABEL: &[u8; 24] = b"trustsplit/spill-page/v1";
 
+/// What [`SecureMemory`] stores. A blob is accounted by its encoded length and encoded only to be
+/// sealed, so contexts that never leave the budget are never copied into bytes and back (for
+/// AsymML's VGG16 step, which never spills, that was about 4% of the enclave's time).
+pub trait Spill: Sized {
+    /// The length of [`Spill::into_bytes`]'s result, without encoding.
+    fn spill_len(&self) -> usize;
+    fn into_bytes(self) -> Vec<u8>;
+    /// Rebuilds a blob from what `into_bytes` gave (after authenticated decryption).
+    fn from_bytes(bytes: Vec<u8>) -> Result<Self, String>;
+}
+
+impl Spill for Vec<u8> {
+    fn spill_len(&self) -> usize {
+        self.len()
+    }
+    fn into_bytes(self) -> Vec<u8> {
+        self
+    }
+    fn from_bytes(bytes: Vec<u8>) -> Result<Self, String> {
+        Ok(bytes)
+    }
+}
+
 /// Handle to a blob stored in a [`SecureMemory`]. Ids are never reused within one instance.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct BlobId(u64);
@@ -68,6 +92,8 @@ pub enum MemoryError {
     Rng(String),
     #[error("could not seal page {id} for spilling to untrusted memory: {reason}")]
     Seal { id: u64, reason: String },
+    #[error("blob {id} does not encode as accounted or decode after authentication: {reason}")]
+    Codec { id: u64, reason: String },
     #[error("the 96-bit sealing nonce counter is exhausted; refusing to reuse a nonce (create a new SecureMemory)")]
     NonceExhausted,
 }
@@ -102,25 +128,25 @@ pub struct MemoryStats {
 
 /// What the trusted side knows about one blob. For a spilled blob this is the metadata that makes
 /// the untrusted copy verifiable; it never leaves the enclave.
-enum Slot {
+enum Slot<T> {
     /// In enclave memory. `tick` is its position in the LRU order (key of `SecureMemory::lru`).
-    Resident { bytes: Vec<u8>, tick: u64 },
+    Resident { blob: T, tick: u64 },
     /// Sealed in untrusted memory (the ciphertext is in `SecureMemory::untrusted`).
     Spilled { nonce: [u8; 12] },
 }
 
-struct Entry {
+struct Entry<T> {
     /// Plaintext length; kept so a spilled blob's size is known without trusting the host.
     len: usize,
     /// How many times this blob has been sealed. Bound into the associated data, so an older sealed
     /// version of the same blob does not authenticate once the blob has been sealed again.
     generation: u64,
-    slot: Slot,
+    slot: Slot<T>,
 }
 
 /// The enclave's accounted memory: a budget, an LRU set of resident blobs, and sealed spill to
 /// untrusted memory. See the [module documentation](crate::memory).
-pub struct SecureMemory {
+pub struct SecureMemory<T: Spill = Vec<u8>> {
     budget: usize,
     cipher: LessSafeKey,
     /// Next nonce, as a 96-bit counter (checked against [`NONCE_LIMIT`]).
@@ -128,7 +154,7 @@ pub struct SecureMemory {
     next_id: u64,
     /// Monotonic use counter for the LRU order.
     next_tick: u64,
-    entries: HashMap<BlobId, Entry>,
+    entries: HashMap<BlobId, Entry<T>>,
     /// Resident blobs by last use, oldest first.
     lru: BTreeMap<u64, BlobId>,
     /// Host memory outside the enclave: sealed pages (ciphertext followed by the tag).
@@ -145,14 +171,14 @@ pub struct SecureMemory {
     unseal_seconds: f64,
 }
 
-impl fmt::Debug for SecureMemory {
+impl<T: Spill> fmt::Debug for SecureMemory<T> {
     /// Shows the accounting only; the key stays out of logs.
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("SecureMemory").field("stats", &self.stats()).finish_non_exhaustive()
     }
 }
 
-impl SecureMemory {
+impl<T: Spill> SecureMemory<T> {
     /// Creates an empty memory with the given budget and a fresh sealing key from the OS CSPRNG.
     ///
     /// A budget of 0 is allowed: every stored blob is then oversized (see [`SecureMemory::store`]).
@@ -197,14 +223,14 @@ impl SecureMemory {
     /// first, and it counts toward the peak.
     ///
     /// The new blob is the most recently used one.
-    pub fn store(&mut self, bytes: Vec<u8>) -> Result<BlobId, MemoryError> {
-        let len = bytes.len();
+    pub fn store(&mut self, blob: T) -> Result<BlobId, MemoryError> {
+        let len = blob.spill_len();
         self.make_room(len)?;
         let id = BlobId(self.next_id);
         self.next_id += 1;
         let tick = self.next_tick();
         self.lru.insert(tick, id);
-        self.entries.insert(id, Entry { len, generation: 0, slot: Slot::Resident { bytes, tick } });
+        self.entries.insert(id, Entry { len, generation: 0, slot: Slot::Resident { blob, tick } });
         self.resident_blob_bytes += len;
         self.note_peak();
         Ok(id)
@@ -219,30 +245,30 @@ impl SecureMemory {
     ///
     /// On [`MemoryError::Tampered`] the blob stays spilled (every later access fails the same way)
     /// until it is freed.
-    pub fn take(&mut self, id: BlobId) -> Result<Vec<u8>, MemoryError> {
+    pub fn take(&mut self, id: BlobId) -> Result<T, MemoryError> {
         self.ensure_resident(id)?;
         let entry = self.entries.remove(&id).ok_or(MemoryError::UnknownBlob { id: id.0 })?;
         match entry.slot {
-            Slot::Resident { bytes, tick } => {
+            Slot::Resident { blob, tick } => {
                 self.lru.remove(&tick);
                 self.resident_blob_bytes -= entry.len;
-                Ok(bytes)
+                Ok(blob)
             }
             Slot::Spilled { .. } => unreachable!("ensure_resident left blob {id} spilled"),
         }
     }
 
     /// Read access without removing (restores if spilled; marks it most recently used).
-    pub fn get(&mut self, id: BlobId) -> Result<&[u8], MemoryError> {
+    pub fn get(&mut self, id: BlobId) -> Result<&T, MemoryError> {
         self.ensure_resident(id)?;
         let tick = self.next_tick();
         let entry = self.entries.get_mut(&id).ok_or(MemoryError::UnknownBlob { id: id.0 })?;
         match &mut entry.slot {
-            Slot::Resident { bytes, tick: old } => {
+            Slot::Resident { blob, tick: old } => {
                 self.lru.remove(old);
                 self.lru.insert(tick, id);
                 *old = tick;
-                Ok(bytes.as_slice())
+                Ok(blob)
             }
             Slot::Spilled { .. } => unreachable!("ensure_resident left blob {id} spilled"),
         }
@@ -363,14 +389,23 @@ impl SecureMemory {
     fn spill(&mut self, id: BlobId) -> Result<(), MemoryError> {
         let nonce = self.fresh_nonce()?;
         let entry = self.entries.get_mut(&id).expect("LRU order names a blob that is not stored");
-        let Slot::Resident { bytes, .. } = std::mem::replace(&mut entry.slot, Slot::Spilled { nonce }) else {
+        let Slot::Resident { blob, .. } = std::mem::replace(&mut entry.slot, Slot::Spilled { nonce }) else {
             unreachable!("LRU order names spilled blob {id}");
         };
         entry.generation += 1;
         let aad = associated_data(id, entry.generation, entry.len);
 
         let started = Instant::now();
-        let mut page = bytes;
+        let mut page = blob.into_bytes();
+        if page.len() != entry.len {
+            // The blob's `spill_len` was wrong: the accounting (and the length bound into the
+            // associated data) would not match what is sealed. A bug, reported rather than sealed.
+            let len = entry.len;
+            self.entries.remove(&id);
+            self.resident_blob_bytes -= len;
+            let reason = format!("it encodes to {} bytes where {len} were accounted", page.len());
+            return Err(MemoryError::Codec { id: id.0, reason });
+        }
         page.reserve_exact(TAG_BYTES);
         // The nonce is unique: `fresh_nonce` counts up and never repeats under this key.
         let sealed =
@@ -430,12 +465,13 @@ impl SecureMemory {
             return Err(MemoryError::Tampered { id: id.0, reason: "it was modified, replayed or swapped".into() });
         }
         bytes.truncate(len);
+        let blob = T::from_bytes(bytes).map_err(|reason| MemoryError::Codec { id: id.0, reason })?;
 
         self.untrusted.remove(&id);
         let tick = self.next_tick();
         self.lru.insert(tick, id);
         let entry = self.entries.get_mut(&id).expect("entry checked above");
-        entry.slot = Slot::Resident { bytes, tick };
+        entry.slot = Slot::Resident { blob, tick };
         self.spilled_bytes_now -= len;
         self.resident_blob_bytes += len;
         self.restore_bytes += len as u64;

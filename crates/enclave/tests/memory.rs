@@ -1,6 +1,8 @@
 //! Tests of the enclave's memory budget: accounting, LRU spill, sealed restore and tamper detection.
 
-use trustsplit_enclave::memory::{BlobId, MemoryError, SecureMemory, DEFAULT_BUDGET_BYTES};
+use std::cell::Cell;
+
+use trustsplit_enclave::memory::{BlobId, MemoryError, SecureMemory, Spill, DEFAULT_BUDGET_BYTES};
 
 /// Random bytes from the OS, so sealed pages can be checked against real-looking plaintext (zeros
 /// would hide mistakes such as returning the wrong blob).
@@ -253,7 +255,7 @@ fn transient_reservations_count_and_force_spills() {
 #[test]
 #[should_panic(expected = "exceeds")]
 fn releasing_more_than_reserved_panics() {
-    let mut mem = SecureMemory::new(1000).unwrap();
+    let mut mem: SecureMemory = SecureMemory::new(1000).unwrap();
     mem.reserve_transient(10).unwrap();
     mem.release_transient(11);
 }
@@ -267,4 +269,84 @@ fn stats_serialise_to_json() {
     assert_eq!(json["budget_bytes"], 100);
     assert_eq!(json["spill_count"], 1);
     assert_eq!(json["spilled_bytes_now"], 80);
+}
+
+thread_local! {
+    /// How many times a `Words` blob was encoded on this test thread.
+    static ENCODED: Cell<usize> = const { Cell::new(0) };
+}
+
+/// A blob that is not bytes: words, encoded little-endian (and counted) only when sealed.
+/// `claimed_len`, when set, is a wrong `spill_len`, standing for a codec bug.
+#[derive(Clone, Debug, PartialEq)]
+struct Words {
+    words: Vec<u32>,
+    claimed_len: Option<usize>,
+}
+
+impl Spill for Words {
+    fn spill_len(&self) -> usize {
+        self.claimed_len.unwrap_or(4 * self.words.len())
+    }
+    fn into_bytes(self) -> Vec<u8> {
+        ENCODED.with(|n| n.set(n.get() + 1));
+        self.words.iter().flat_map(|w| w.to_le_bytes()).collect()
+    }
+    fn from_bytes(bytes: Vec<u8>) -> Result<Self, String> {
+        if !bytes.len().is_multiple_of(4) {
+            return Err(format!("{} bytes are not whole words", bytes.len()));
+        }
+        let words = bytes.chunks_exact(4).map(|c| u32::from_le_bytes(c.try_into().unwrap())).collect();
+        Ok(Words { words, claimed_len: None })
+    }
+}
+
+fn words(n: usize) -> Words {
+    let bytes = random_bytes(4 * n);
+    Words::from_bytes(bytes).unwrap()
+}
+
+#[test]
+fn blobs_are_encoded_only_when_sealed() {
+    ENCODED.with(|n| n.set(0));
+    let mut mem: SecureMemory<Words> = SecureMemory::new(1000).unwrap();
+    // Three blobs of 400 bytes in a 1000-byte budget: the third spills the first, once.
+    let blobs: Vec<Words> = (0..3).map(|_| words(100)).collect();
+    let ids: Vec<BlobId> = blobs.iter().map(|b| mem.store(b.clone()).unwrap()).collect();
+    assert_eq!(ENCODED.with(Cell::get), 1);
+    assert!(!is_resident_words(&mut mem, ids[0]) && is_resident_words(&mut mem, ids[2]));
+    assert_eq!(mem.stats().spilled_bytes_now, 400);
+    // Resident blobs come back as they were stored, without a round trip through bytes.
+    assert_eq!(mem.take(ids[2]).unwrap(), blobs[2]);
+    assert_eq!(ENCODED.with(Cell::get), 1);
+    // The spilled one is decrypted, authenticated and decoded back to the same words.
+    assert_eq!(mem.take(ids[0]).unwrap(), blobs[0]);
+    assert_eq!(mem.take(ids[1]).unwrap(), blobs[1]);
+    assert_eq!(mem.stats().resident_bytes, 0);
+}
+
+#[test]
+fn a_blob_that_encodes_to_another_length_than_accounted_is_refused() {
+    let mut mem: SecureMemory<Words> = SecureMemory::new(100).unwrap();
+    let liar = Words { claimed_len: Some(60), ..words(10) };
+    let id = mem.store(liar).unwrap();
+    // Storing another 60 bytes must spill the first, whose 40 encoded bytes do not match its 60.
+    let err = mem.store(words(15)).unwrap_err();
+    match &err {
+        MemoryError::Codec { id: got, reason } => {
+            assert_eq!(*got, id.get());
+            assert!(reason.contains("40 bytes where 60"), "{reason}");
+        }
+        other => panic!("expected a codec error, got {other}"),
+    }
+    // The refused blob is gone from the accounting; the memory stays usable.
+    assert!(matches!(mem.take(id), Err(MemoryError::UnknownBlob { .. })));
+    assert_eq!(mem.stats().resident_bytes, 0);
+    let again = words(5);
+    let id2 = mem.store(again.clone()).unwrap();
+    assert_eq!(mem.take(id2).unwrap(), again);
+}
+
+fn is_resident_words(mem: &mut SecureMemory<Words>, id: BlobId) -> bool {
+    mem.untrusted_page_mut(id).is_none()
 }

@@ -108,7 +108,35 @@ impl Reader<'_> {
     }
 }
 
+fn shape_len(s: &[usize]) -> usize {
+    8 + 8 * s.len()
+}
+fn f32s_len(n: usize) -> usize {
+    8 + 4 * n
+}
+fn tensor_len(t: &Tensor) -> usize {
+    shape_len(t.shape()) + f32s_len(data(t).len())
+}
+
 impl Saved {
+    /// The number of bytes [`Saved::encode`] appends, without encoding (what enclave memory
+    /// accounts for a context it keeps unencoded until it has to seal it).
+    pub fn encoded_len(&self) -> usize {
+        1 + match self {
+            Saved::Input(t) | Saved::Output(t) => tensor_len(t),
+            Saved::BatchNorm { x, stats } => {
+                tensor_len(x) + f32s_len(stats.mean.len()) + f32s_len(stats.var.len()) + f32s_len(stats.inv_std.len())
+            }
+            Saved::MaxPool { argmax, in_shape } => shape_len(in_shape) + 8 + 4 * argmax.len(),
+            Saved::Shape(s) => shape_len(s),
+            Saved::Residual { main, shortcut } => {
+                [main, shortcut].iter().map(|l| 8 + l.iter().map(Saved::encoded_len).sum::<usize>()).sum()
+            }
+            Saved::Nothing => 0,
+            Saved::Tensors(list) => 8 + list.iter().map(tensor_len).sum::<usize>(),
+        }
+    }
+
     /// Appends this context's bytes to `out`.
     pub fn encode(&self, out: &mut Vec<u8>) {
         match self {

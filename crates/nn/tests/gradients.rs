@@ -145,6 +145,7 @@ fn saved_contexts_survive_encoding() {
         .map(|s| {
             bytes.clear();
             s.encode(&mut bytes);
+            assert_eq!(bytes.len(), s.encoded_len(), "{s:?}");
             trustsplit_nn::Saved::decode(&bytes).unwrap()
         })
         .collect();
@@ -158,8 +159,12 @@ fn saved_contexts_survive_encoding() {
     let list = vec![random(&mut rng, &[3, 2]), random(&mut rng, &[2, 1, 5])];
     bytes.clear();
     trustsplit_nn::Saved::Tensors(list.clone()).encode(&mut bytes);
+    assert_eq!(bytes.len(), trustsplit_nn::Saved::Tensors(list.clone()).encoded_len());
     match trustsplit_nn::Saved::decode(&bytes).unwrap() {
         trustsplit_nn::Saved::Tensors(back) => assert_eq!(back, list),
         other => panic!("decoded {other:?}"),
     }
+    bytes.clear();
+    trustsplit_nn::Saved::Nothing.encode(&mut bytes);
+    assert_eq!(bytes.len(), trustsplit_nn::Saved::Nothing.encoded_len());
 }

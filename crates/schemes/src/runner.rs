@@ -3,7 +3,8 @@
 //! Inside the enclave: batch-norm, activations, pooling, residual additions, the loss, labels and
 //! the optimizer. The scheme's [`Placement`] decides where convolutions and linear layers run.
 //! Between the forward and the backward pass each layer's saved context is kept in the enclave's
-//! budgeted memory ([`SecureMemory`]), which seals and spills it when the budget is exceeded.
+//! budgeted memory ([`SecureMemory`]), which encodes, seals and spills it only when the budget is
+//! exceeded.
 
 use crate::placement::{PassInfo, Placement, PlacementReport, PlacementResult};
 use crate::SchemeKind;
@@ -12,7 +13,7 @@ use std::sync::Arc;
 use std::time::Instant;
 use trustsplit_boundary::{Secret, Transcript, TranscriptSummary};
 use trustsplit_device::DeviceStats;
-use trustsplit_enclave::memory::{BlobId, MemoryError, MemoryStats, SecureMemory};
+use trustsplit_enclave::memory::{BlobId, MemoryError, MemoryStats, SecureMemory, Spill};
 use trustsplit_kernels::{elementwise, loss::softmax_cross_entropy};
 use trustsplit_nn::optim::Optimizer;
 use trustsplit_nn::tensor::{data, data_mut, zeros};
@@ -55,6 +56,23 @@ pub struct SchemeReport {
 }
 
 /// Where the enclave keeps a layer's saved context between the passes.
+/// A saved context as enclave memory keeps it: as it is while resident, encoded only to be sealed.
+struct Context(Saved);
+
+impl Spill for Context {
+    fn spill_len(&self) -> usize {
+        self.0.encoded_len()
+    }
+    fn into_bytes(self) -> Vec<u8> {
+        let mut bytes = Vec::with_capacity(self.spill_len());
+        self.0.encode(&mut bytes);
+        bytes
+    }
+    fn from_bytes(bytes: Vec<u8>) -> Result<Self, String> {
+        Saved::decode(&bytes).map(Context).map_err(|e| format!("corrupt saved context: {e}"))
+    }
+}
+
 enum Kept {
     Plain(Saved),
     Sealed(BlobId),
@@ -64,7 +82,7 @@ enum Kept {
 pub struct SplitRunner {
     kind: SchemeKind,
     placement: Box<dyn Placement + Send>,
-    memory: Option<SecureMemory>,
+    memory: Option<SecureMemory<Context>>,
     transcript: Arc<Transcript>,
     device_stats: Option<Box<dyn Fn() -> DeviceStats + Send>>,
     steps: u64,
@@ -216,11 +234,7 @@ impl SplitRunner {
     fn keep(&mut self, saved: Saved) -> Result<Kept, RunnerError> {
         match self.memory.as_mut() {
             None => Ok(Kept::Plain(saved)),
-            Some(m) => {
-                let mut bytes = Vec::new();
-                saved.encode(&mut bytes);
-                Ok(Kept::Sealed(m.store(bytes)?))
-            }
+            Some(m) => Ok(Kept::Sealed(m.store(Context(saved))?)),
         }
     }
 
@@ -229,8 +243,7 @@ impl SplitRunner {
             Kept::Plain(s) => Ok(s),
             Kept::Sealed(id) => {
                 let m = self.memory.as_mut().expect("sealed contexts imply enclave memory");
-                let bytes = m.take(id)?;
-                Saved::decode(&bytes).map_err(|e| RunnerError::Input(format!("corrupt saved context: {e}")))
+                Ok(m.take(id)?.0)
             }
         }
     }
