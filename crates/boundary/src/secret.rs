@@ -51,6 +51,12 @@ impl WireSize for [f32] {
         std::mem::size_of_val(self) as u64
     }
 }
+/// A borrowed value is released without copying it (e.g. a model's public weights).
+impl<T: WireSize + ?Sized> WireSize for &T {
+    fn wire_bytes(&self) -> u64 {
+        (**self).wire_bytes()
+    }
+}
 impl WireSize for Vec<u64> {
     fn wire_bytes(&self) -> u64 {
         (self.len() * 8) as u64

@@ -105,37 +105,37 @@ impl Device {
     pub fn gemm(
         &mut self,
         s: &GemmShape,
-        a: &Released<Vec<f32>>,
-        b: &Released<Vec<f32>>,
+        a: &Released<impl AsRef<[f32]>>,
+        b: &Released<impl AsRef<[f32]>>,
     ) -> Result<Vec<f32>, DeviceError> {
-        self.call(Op::Gemm(*s), a.get(), b.get())
+        self.call(Op::Gemm(*s), a.get().as_ref(), b.get().as_ref())
     }
 
     pub fn conv_forward(
         &mut self,
         g: &ConvGeometry,
-        x: &Released<Vec<f32>>,
-        w: &Released<Vec<f32>>,
+        x: &Released<impl AsRef<[f32]>>,
+        w: &Released<impl AsRef<[f32]>>,
     ) -> Result<Vec<f32>, DeviceError> {
-        self.call(Op::ConvForward(*g), x.get(), w.get())
+        self.call(Op::ConvForward(*g), x.get().as_ref(), w.get().as_ref())
     }
 
     pub fn conv_backward_data(
         &mut self,
         g: &ConvGeometry,
-        dy: &Released<Vec<f32>>,
-        w: &Released<Vec<f32>>,
+        dy: &Released<impl AsRef<[f32]>>,
+        w: &Released<impl AsRef<[f32]>>,
     ) -> Result<Vec<f32>, DeviceError> {
-        self.call(Op::ConvBackwardData(*g), dy.get(), w.get())
+        self.call(Op::ConvBackwardData(*g), dy.get().as_ref(), w.get().as_ref())
     }
 
     pub fn conv_backward_weight(
         &mut self,
         g: &ConvGeometry,
-        x: &Released<Vec<f32>>,
-        dy: &Released<Vec<f32>>,
+        x: &Released<impl AsRef<[f32]>>,
+        dy: &Released<impl AsRef<[f32]>>,
     ) -> Result<Vec<f32>, DeviceError> {
-        self.call(Op::ConvBackwardWeight(*g), x.get(), dy.get())
+        self.call(Op::ConvBackwardWeight(*g), x.get().as_ref(), dy.get().as_ref())
     }
 
     /// Ends the session (remote: sends `Shutdown`; errors are ignored, the device may be gone).

@@ -100,10 +100,10 @@ struct Decomposition {
 }
 
 /// What a layer's forward pass released, kept (outside the enclave: it is already public) until
-/// its backward pass.
+/// its backward pass. (The weight is released again, without a copy, when the backward pass sends
+/// it.)
 struct Pending {
     residual: Option<Released<Vec<f32>>>,
-    weight: Option<Released<Vec<f32>>>,
     is_input: bool,
     index: usize,
     in_shape: Vec<usize>,
@@ -298,21 +298,12 @@ impl Asymml {
         Released::new(&self.transcript, crossing(SCHEME, layer, kind, shape, reason), values)
     }
 
-    fn release_weight(&self, layer: &str, conv: &Conv2d) -> Released<Vec<f32>> {
+    /// The layer's weight, released in place (no copy: the device reads it while the enclave
+    /// leaves it untouched, and the optimizer changes it only after the step).
+    fn release_weight<'w>(&self, layer: &str, conv: &'w Conv2d) -> Released<&'w [f32]> {
         let why = "the model's weights are public to the device in AsymML (not covered by the DP accounting)";
-        self.release(layer, "weight", conv.weight.shape(), data(&conv.weight).to_vec(), why)
-    }
-
-    /// The weight as released by the forward pass, or released now if the device needs it and the
-    /// forward pass kept the layer whole.
-    fn weight_for_device(
-        &self,
-        released: Option<Released<Vec<f32>>>,
-        needed: bool,
-        layer: &str,
-        conv: &Conv2d,
-    ) -> Option<Released<Vec<f32>>> {
-        released.or_else(|| needed.then(|| self.release_weight(layer, conv)))
+        let info = crossing(SCHEME, layer, "weight", conv.weight.shape(), why);
+        Released::new(&self.transcript, info, data(&conv.weight))
     }
 
     fn residual_kind(&self, gradient: bool) -> (&'static str, &'static str) {
@@ -367,7 +358,7 @@ fn device_backward(
     d: &mut Device,
     g: &ConvGeometry,
     grad: &Released<Vec<f32>>,
-    weight: Option<&Released<Vec<f32>>>,
+    weight: Option<&Released<&[f32]>>,
     x_residual: Option<&Released<Vec<f32>>>,
 ) -> Result<Gradients, DeviceError> {
     let dx = weight.map(|w| d.conv_backward_data(g, grad, w)).transpose()?;
@@ -446,7 +437,7 @@ impl Placement for Asymml {
         let mut parts = self.decompose((index, layer), "forward", policy, data(x), (n, c, p));
         let (out_c, out_hw) = (g.out_channels, g.out_h() * g.out_w());
         let mut y = vec![0.0f32; n * out_c * out_hw];
-        let mut pending = Pending { residual: None, weight: None, is_input, index, in_shape: x.shape().to_vec() };
+        let mut pending = Pending { residual: None, is_input, index, in_shape: x.shape().to_vec() };
         if keeps_everything(policy, c, p * group_len(self.cfg.basis, n)) {
             self.enclave_macs += timed(&self.phases, "low-rank products", || {
                 vc::low_rank_forward(&g, data(&conv.weight), &factors(&parts.groups), &mut y)
@@ -473,7 +464,6 @@ impl Placement for Asymml {
             let from_device = self.received(layer, "output", &out_shape, from_device)?;
             add_assign(&mut y, &from_device);
             pending.residual = Some(residual);
-            pending.weight = Some(weight);
         }
         add_bias(&mut y, conv.bias.as_ref(), out_c, out_hw);
         let y = from_vec(&[n, out_c, g.out_h(), g.out_w()], y);
@@ -534,7 +524,7 @@ impl Placement for Asymml {
             } else {
                 None
             };
-            let weight = self.weight_for_device(pending.weight, device_dx, layer, conv);
+            let weight = device_dx.then(|| self.release_weight(layer, conv));
             let x_residual = pending.residual.as_ref().map(|r| r.get().as_slice());
             let (xf, gf) = (factors(&x_groups), factors(&gparts.groups));
             let enclave = || {
@@ -564,7 +554,7 @@ impl Placement for Asymml {
         } else {
             self.gradients_in_clear = true;
             let residual_released = pending.residual.is_some();
-            let weight = self.weight_for_device(pending.weight, need_dx, layer, conv);
+            let weight = need_dx.then(|| self.release_weight(layer, conv));
             let xf = factors(&x_groups);
             let enclave = || {
                 let mut low_rank = vc::LowRankWeightGradient::default();
