@@ -175,16 +175,34 @@ fn linear_matches_reference() {
 #[test]
 fn relu_matches_reference() {
     let mut r = rng(14);
-    let x = random_vec(&mut r, 40_000);
-    let dy = random_vec(&mut r, x.len());
-    let mut y = vec![0.0; x.len()];
-    relu_forward(&x, &mut y);
-    let want: Vec<f64> = x.iter().map(|&v| (v as f64).max(0.0)).collect();
-    assert_close("relu", &y, &want, 0.0);
-    let mut dx = vec![0.0; x.len()];
-    relu_backward(&y, &dy, &mut dx);
-    let want: Vec<f64> = x.iter().zip(&dy).map(|(&v, &g)| if v > 0.0 { g as f64 } else { 0.0 }).collect();
-    assert_close("relu backward", &dx, &want, 0.0);
+    // Lengths around the 32-value mask words and the parallel chunks; special values mixed in.
+    for len in [0, 1, 31, 32, 33, 1000, 16_384, 40_001] {
+        let mut x = random_vec(&mut r, len);
+        for (i, special) in [f32::NAN, -0.0, 0.0, f32::INFINITY, f32::NEG_INFINITY, 1e-40].into_iter().enumerate() {
+            if let Some(v) = x.get_mut(i * 7) {
+                *v = special;
+            }
+        }
+        let dy = random_vec(&mut r, len);
+        let (mut y, mut mask) = (vec![f32::NAN; len], vec![0xdead_beef; len.div_ceil(MASK_BITS)]);
+        relu_forward(&x, &mut y, &mut mask);
+        // f64's max also returns the number when the other operand is NaN. ReLU is exact (and
+        // infinities stay infinite), so values are compared exactly.
+        let want: Vec<f64> = x.iter().map(|&v| (v as f64).max(0.0)).collect();
+        for (i, (&got, &w)) in y.iter().zip(&want).enumerate() {
+            assert_eq!(got as f64, w, "relu {i} of {len}");
+        }
+        for (i, &v) in want.iter().enumerate() {
+            assert_eq!(mask[i / 32] >> (i % 32) & 1 == 1, v > 0.0, "mask bit {i} of {len}");
+        }
+        if len % 32 != 0 {
+            assert_eq!(mask[len / 32] >> (len % 32), 0, "bits past the end of {len} values");
+        }
+        let mut dx = vec![f32::NAN; len];
+        relu_backward(&mask, &dy, &mut dx);
+        let want: Vec<f64> = want.iter().zip(&dy).map(|(&v, &g)| if v > 0.0 { g as f64 } else { 0.0 }).collect();
+        assert_close("relu backward", &dx, &want, 0.0);
+    }
 }
 
 fn naive_ce(n: usize, k: usize, logits: &[f64], labels: &[usize]) -> f64 {

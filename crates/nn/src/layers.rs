@@ -79,8 +79,12 @@ pub enum Saved {
         x: Tensor,
         stats: bn::BnBatchStats,
     },
-    /// The layer's output (ReLU needs only the sign of its output).
-    Output(Tensor),
+    /// Where a ReLU's output was positive (all its backward pass needs): bit `i % 32` of word
+    /// `i / 32` for value `i` of a tensor of `shape`.
+    Positive {
+        mask: Vec<u32>,
+        shape: Vec<usize>,
+    },
     /// Where each window's maximum came from.
     MaxPool {
         argmax: Vec<u32>,
@@ -104,7 +108,7 @@ impl std::fmt::Debug for Saved {
         let name = match self {
             Saved::Input(_) => "Input",
             Saved::BatchNorm { .. } => "BatchNorm",
-            Saved::Output(_) => "Output",
+            Saved::Positive { .. } => "Positive",
             Saved::MaxPool { .. } => "MaxPool",
             Saved::Shape(_) => "Shape",
             Saved::Residual { .. } => "Residual",
@@ -258,8 +262,9 @@ impl Layer {
             }
             Layer::Relu => {
                 let mut y = zeros(x.shape());
-                activation::relu_forward(data(x), data_mut(&mut y));
-                let saved = if train { Saved::Output(y.clone()) } else { Saved::Nothing };
+                let mut mask = vec![0u32; y.len().div_ceil(activation::MASK_BITS)];
+                activation::relu_forward(data(x), data_mut(&mut y), &mut mask);
+                let saved = if train { Saved::Positive { mask, shape: x.shape().to_vec() } } else { Saved::Nothing };
                 (y, saved)
             }
             Layer::MaxPool(p) => {
@@ -315,9 +320,9 @@ impl Layer {
                 );
                 (dx, vec![dg, db])
             }
-            (Layer::Relu, Saved::Output(y)) => {
-                let mut dx = zeros(y.shape());
-                activation::relu_backward(data(&y), data(dy), data_mut(&mut dx));
+            (Layer::Relu, Saved::Positive { mask, shape }) => {
+                let mut dx = zeros(&shape);
+                activation::relu_backward(&mask, data(dy), data_mut(&mut dx));
                 (dx, vec![])
             }
             (Layer::MaxPool(p), Saved::MaxPool { argmax, in_shape }) => {

@@ -8,12 +8,12 @@ use trustsplit_kernels::le_bytes;
 
 const INPUT: u8 = 1;
 const BATCHNORM: u8 = 2;
-const OUTPUT: u8 = 3;
 const MAXPOOL: u8 = 4;
 const SHAPE: u8 = 5;
 const RESIDUAL: u8 = 6;
 const NOTHING: u8 = 7;
 const TENSORS: u8 = 8;
+const POSITIVE: u8 = 9;
 
 fn put_u64(out: &mut Vec<u8>, v: u64) {
     out.extend_from_slice(&v.to_le_bytes());
@@ -88,7 +88,17 @@ impl Reader<'_> {
                 let (mean, var, inv_std) = (self.f32s()?, self.f32s()?, self.f32s()?);
                 Saved::BatchNorm { x, stats: BnBatchStats { mean, var, inv_std } }
             }
-            OUTPUT => Saved::Output(self.tensor()?),
+            POSITIVE => {
+                let shape = self.shape()?;
+                let values = shape.iter().try_fold(1usize, |n, &d| n.checked_mul(d)).ok_or("shape overflow")?;
+                let n = self.len()?;
+                if n != values.div_ceil(32) {
+                    return Err(format!("a ReLU mask of {n} words for {values} values"));
+                }
+                let raw = self.take(n.checked_mul(4).ok_or("length overflow")?)?;
+                let mask = le_bytes::u32s(raw).ok_or("mask data not a multiple of 4 bytes")?;
+                Saved::Positive { mask, shape }
+            }
             MAXPOOL => {
                 let in_shape = self.shape()?;
                 let n = self.len()?;
@@ -123,7 +133,8 @@ impl Saved {
     /// accounts for a context it keeps unencoded until it has to seal it).
     pub fn encoded_len(&self) -> usize {
         1 + match self {
-            Saved::Input(t) | Saved::Output(t) => tensor_len(t),
+            Saved::Input(t) => tensor_len(t),
+            Saved::Positive { mask, shape } => shape_len(shape) + 8 + 4 * mask.len(),
             Saved::BatchNorm { x, stats } => {
                 tensor_len(x) + f32s_len(stats.mean.len()) + f32s_len(stats.var.len()) + f32s_len(stats.inv_std.len())
             }
@@ -151,9 +162,11 @@ impl Saved {
                 put_f32s(out, &stats.var);
                 put_f32s(out, &stats.inv_std);
             }
-            Saved::Output(t) => {
-                out.push(OUTPUT);
-                put_tensor(out, t);
+            Saved::Positive { mask, shape } => {
+                out.push(POSITIVE);
+                put_shape(out, shape);
+                put_u64(out, mask.len() as u64);
+                le_bytes::put_u32s(out, mask);
             }
             Saved::MaxPool { argmax, in_shape } => {
                 out.push(MAXPOOL);

@@ -167,4 +167,9 @@ fn saved_contexts_survive_encoding() {
     bytes.clear();
     trustsplit_nn::Saved::Nothing.encode(&mut bytes);
     assert_eq!(bytes.len(), trustsplit_nn::Saved::Nothing.encoded_len());
+    // A ReLU mask whose length does not fit its shape (120 values need 4 words) is refused.
+    bytes.clear();
+    trustsplit_nn::Saved::Positive { mask: vec![7; 3], shape: vec![3, 40] }.encode(&mut bytes);
+    let err = trustsplit_nn::Saved::decode(&bytes).unwrap_err();
+    assert!(err.contains("mask of 3 words for 120 values"), "{err}");
 }
