@@ -177,6 +177,9 @@ struct Ziggurat {
     x: [f64; LAYERS + 1],
     /// `f(x[i])`, with `f[256] = 1` (`f[0]` is unused).
     f: [f64; LAYERS + 1],
+    /// Slope magnitude of layer `i`'s chord from `(x[i], f[i])` to `(x[i+1], f[i+1])` (the wedge
+    /// test's squeeze, see [`Ziggurat::under_density`]).
+    chord: [f64; LAYERS],
     r: f64,
 }
 
@@ -246,7 +249,11 @@ impl Ziggurat {
         }
         f[LAYERS] = 1.0;
         let unit = (1u64 << UNIFORM_BITS) as f64;
-        let mut t = Ziggurat { k: [0; 2 * LAYERS], w: [0.0; 2 * LAYERS], x, f, r };
+        let mut chord = [0.0f64; LAYERS];
+        for i in 1..LAYERS {
+            chord[i] = (f[i + 1] - f[i]) / (x[i] - x[i + 1]);
+        }
+        let mut t = Ziggurat { k: [0; 2 * LAYERS], w: [0.0; 2 * LAYERS], x, f, chord, r };
         for i in 0..LAYERS {
             // m accepted iff (m + 1/2) / 2^23 < x[i+1] / x[i]; a hair conservative against rounding
             // (a word just below the threshold takes the slow path, which decides it exactly).
@@ -325,10 +332,39 @@ impl Ziggurat {
                 return with_sign(self.tail(rng) as f32, word);
             }
             let y = self.f[i] + unit_open(rng.next_u32()) * (self.f[i + 1] - self.f[i]);
-            if y < density(x) {
+            if self.under_density(i, x, y) {
                 return with_sign(x as f32, word);
             }
             word = rng.next_u32();
+        }
+    }
+
+    /// `y < f(x)` for a wedge point of layer `i >= 1` (`x[i+1] <= x <= x[i]`), mostly without the
+    /// exponential: on a layer where `f` is convex (`x >= 1`) it lies below the chord between the
+    /// layer's corners and above the tangents there; where it is concave (`x <= 1`), the other way
+    /// round. A point clearly outside those bounds (by a relative margin of 1e-12, far above their
+    /// f64 rounding) is decided at once; the rest, and the layer holding the inflection point, by
+    /// `exp`. So the decision is the exact test's, at about a third of its cost.
+    #[inline]
+    fn under_density(&self, i: usize, x: f64, y: f64) -> bool {
+        const MARGIN: f64 = 1e-12;
+        let (xa, xb, fa, fb) = (self.x[i], self.x[i + 1], self.f[i], self.f[i + 1]);
+        let chord = fa + self.chord[i] * (xa - x);
+        // Tangents at the two corners (f' = -x f).
+        let tangent = |x0: f64, f0: f64| f0 - x0 * f0 * (x - x0);
+        let (below, above) = if xb >= 1.0 {
+            (tangent(xa, fa).max(tangent(xb, fb)), chord)
+        } else if xa <= 1.0 {
+            (chord, tangent(xa, fa).min(tangent(xb, fb)))
+        } else {
+            return y < density(x);
+        };
+        if y < below * (1.0 - MARGIN) {
+            true
+        } else if y >= above * (1.0 + MARGIN) {
+            false
+        } else {
+            y < density(x)
         }
     }
 
@@ -519,6 +555,41 @@ mod tests {
         let negative = z.iter().filter(|x| x.is_sign_negative()).count() as f64 / n as f64;
         assert!((negative - 0.5).abs() < 0.001, "negative fraction {negative}");
         assert!(z.iter().all(|&x| x != 0.0));
+    }
+
+    #[test]
+    fn the_wedge_squeeze_decides_as_the_exact_test() {
+        // Random wedge points of every layer, and points just above and below the curve: the
+        // squeezed decision is `y < f(x)`'s.
+        let t = Ziggurat::get();
+        let mut rng = NoiseRng::seed_from_u64(14);
+        let (mut checked, mut decided_without_exp) = (0usize, 0usize);
+        for i in 1..LAYERS {
+            let (xa, xb, fa, fb) = (t.x[i], t.x[i + 1], t.f[i], t.f[i + 1]);
+            for k in 0..2000 {
+                let x = xb + unit_open(rng.next_u32()) * (xa - xb);
+                let y = match k % 4 {
+                    0 => density(x) * (1.0 + 1e-9),
+                    1 => density(x) * (1.0 - 1e-9),
+                    _ => fa + unit_open(rng.next_u32()) * (fb - fa),
+                };
+                assert_eq!(t.under_density(i, x, y), y < density(x), "layer {i}, x {x}, y {y}");
+                checked += 1;
+                if k % 4 >= 2 {
+                    let chord = fa + t.chord[i] * (xa - x);
+                    let tangents = [(xa, fa), (xb, fb)].map(|(x0, f0)| f0 - x0 * f0 * (x - x0));
+                    let (lo, hi) = if xb >= 1.0 {
+                        (tangents[0].max(tangents[1]), chord)
+                    } else {
+                        (chord, tangents[0].min(tangents[1]))
+                    };
+                    decided_without_exp += usize::from(y < lo * (1.0 - 1e-12) || y >= hi * (1.0 + 1e-12));
+                }
+            }
+        }
+        // The squeeze earns its keep: most uniform wedge points need no exponential.
+        let uniform = checked / 2;
+        assert!(decided_without_exp * 10 > uniform * 7, "{decided_without_exp} of {uniform}");
     }
 
     #[test]
