@@ -240,21 +240,17 @@ pub(crate) mod avx512 {
         pos
     }
 
-    /// Positions `pos..pos + 16 B` of `v`, in `R x B` registers (one FMA per column for each
-    /// channel's row), then, if `res` is given, of the residual from the same rows (now in L1).
+    /// `U^T X` for positions `pos..pos + 16 B` (`u` is `c x R`), in `R x B` registers: one FMA per
+    /// column for each channel's row.
     #[target_feature(enable = "avx512f")]
     #[inline]
-    #[allow(clippy::too_many_arguments)]
-    unsafe fn project_block<const R: usize, const B: usize>(
+    unsafe fn projection<const R: usize, const B: usize>(
         u: *const f32,
         c: usize,
         x: *const f32,
         p: usize,
         pos: usize,
-        v: *mut f32,
-        v_stride: usize,
-        res: Option<*mut f32>,
-    ) {
+    ) -> [[__m512; B]; R] {
         let mut acc = [[_mm512_setzero_ps(); B]; R];
         let mut xs = [_mm512_setzero_ps(); B];
         for ci in 0..c {
@@ -270,6 +266,25 @@ pub(crate) mod avx512 {
                 }
             }
         }
+        acc
+    }
+
+    /// Positions `pos..pos + 16 B` of `v` (see `projection`), then, if `res` is given, of the
+    /// residual from the same rows (now in L1).
+    #[target_feature(enable = "avx512f")]
+    #[inline]
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn project_block<const R: usize, const B: usize>(
+        u: *const f32,
+        c: usize,
+        x: *const f32,
+        p: usize,
+        pos: usize,
+        v: *mut f32,
+        v_stride: usize,
+        res: Option<*mut f32>,
+    ) {
+        let acc = projection::<R, B>(u, c, x, p, pos);
         for (j, acc_j) in acc.iter().enumerate() {
             for (b, a) in acc_j.iter().enumerate() {
                 _mm512_storeu_ps(v.add(j * v_stride + pos + LANES * b), *a);
@@ -393,21 +408,8 @@ pub(crate) mod avx512 {
         omega: *const f32,
         partial: *mut f32,
     ) {
-        let mut t = [[_mm512_setzero_ps(); B]; K];
+        let t = projection::<K, B>(omega, c, x, p, pos);
         let mut xs = [_mm512_setzero_ps(); B];
-        for ci in 0..c {
-            let row = x.add(ci * p + pos);
-            for (b, xb) in xs.iter_mut().enumerate() {
-                *xb = _mm512_loadu_ps(row.add(LANES * b));
-            }
-            let o_row = omega.add(ci * K);
-            for (j, t_j) in t.iter_mut().enumerate() {
-                let oj = _mm512_set1_ps(*o_row.add(j));
-                for (a, xb) in t_j.iter_mut().zip(&xs) {
-                    *a = _mm512_fmadd_ps(oj, *xb, *a);
-                }
-            }
-        }
         for ci in 0..c {
             let row = x.add(ci * p + pos);
             for (b, xb) in xs.iter_mut().enumerate() {
