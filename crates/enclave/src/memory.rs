@@ -2,9 +2,9 @@
 //!
 //! The trusted side keeps some buffers between a forward and a backward pass (saved activations,
 //! stored here as blobs: anything that can turn itself into bytes, [`Spill`]; a resident blob stays
-//! in its own form and is encoded only when it has to be sealed). Inside a real enclave those bytes live in the EPC, which is
-//! small (about 96 MiB usable on many SGX parts); past it, the hardware or the runtime pages out to
-//! host memory that the attacker controls. [`SecureMemory`] makes that cost visible and the paging
+//! in its own form and is encoded only when it has to be sealed). Inside a real enclave they live
+//! in the EPC, which is small (about 96 MiB usable on many SGX parts); past it, the hardware or the
+//! runtime pages out to host memory that the attacker controls. [`SecureMemory`] makes that cost visible and the paging
 //! safe:
 //!
 //! - Every byte is accounted: stored blobs that are resident, plus transient working buffers the

@@ -55,7 +55,6 @@ pub struct SchemeReport {
     pub placement: PlacementReport,
 }
 
-/// Where the enclave keeps a layer's saved context between the passes.
 /// A saved context as enclave memory keeps it: as it is while resident, encoded only to be sealed.
 struct Context(Saved);
 
@@ -73,9 +72,11 @@ impl Spill for Context {
     }
 }
 
+/// Where the enclave keeps a layer's saved context between the passes: as it is (no memory
+/// budget), or in the budgeted memory, which may seal and spill it.
 enum Kept {
     Plain(Saved),
-    Sealed(BlobId),
+    Stored(BlobId),
 }
 
 /// Runs training steps and evaluation batches under one scheme.
@@ -234,15 +235,15 @@ impl SplitRunner {
     fn keep(&mut self, saved: Saved) -> Result<Kept, RunnerError> {
         match self.memory.as_mut() {
             None => Ok(Kept::Plain(saved)),
-            Some(m) => Ok(Kept::Sealed(m.store(Context(saved))?)),
+            Some(m) => Ok(Kept::Stored(m.store(Context(saved))?)),
         }
     }
 
     fn restore(&mut self, kept: Kept) -> Result<Saved, RunnerError> {
         match kept {
             Kept::Plain(s) => Ok(s),
-            Kept::Sealed(id) => {
-                let m = self.memory.as_mut().expect("sealed contexts imply enclave memory");
+            Kept::Stored(id) => {
+                let m = self.memory.as_mut().expect("stored contexts imply enclave memory");
                 Ok(m.take(id)?.0)
             }
         }
@@ -251,7 +252,7 @@ impl SplitRunner {
     fn discard(&mut self, kept: Vec<Kept>) {
         if let Some(m) = self.memory.as_mut() {
             for k in kept {
-                if let Kept::Sealed(id) = k {
+                if let Kept::Stored(id) = k {
                     m.free(id);
                 }
             }
