@@ -15,6 +15,7 @@
 //! `gemm` measured faster), the portable code (`gemm`) does the work; the last `< 16` positions of
 //! a row take plain loops.
 
+use crate::elementwise::sum_f64_of;
 use crate::matmul::{matmul, parallelism, MatRef};
 
 /// Columns up to which the AVX-512 kernels hold a block's results in registers.
@@ -38,27 +39,29 @@ pub fn project(u: &[f32], cols: usize, x: &[f32], positions: usize, v: &mut [f32
     #[cfg(target_arch = "x86_64")]
     if avx512::usable(cols) {
         // SAFETY: `usable` checked AVX-512F; the asserts above give the lengths the kernel indexes by.
-        return unsafe { avx512::project_or_split(u, channels, cols, x, positions, v, v_stride, None) };
+        unsafe { avx512::project_or_split(u, channels, cols, x, positions, v, v_stride, None) };
+        return;
     }
     portable::project(u, channels, cols, x, positions, v, v_stride);
 }
 
 /// `v = U^T X` (`cols x positions`) and `residual = X - U v` (`channels x positions`), both
-/// overwritten.
-pub fn split(u: &[f32], cols: usize, x: &[f32], positions: usize, v: &mut [f32], residual: &mut [f32]) {
+/// overwritten. Returns the residual's energy, the sum of its squares accumulated in f64 (each
+/// square of an f32 is exact there): what clipping it needs, computed while the values are at hand.
+pub fn split(u: &[f32], cols: usize, x: &[f32], positions: usize, v: &mut [f32], residual: &mut [f32]) -> f64 {
     let channels = check(u, cols, x, positions, "split");
     assert_eq!(v.len(), cols * positions, "split: v is not cols x positions");
     assert_eq!(residual.len(), x.len(), "split: residual is not channels x positions");
     if cols == 0 || positions == 0 {
         residual.copy_from_slice(x);
-        return;
+        return sum_f64_of(residual, |r| r * r);
     }
     #[cfg(target_arch = "x86_64")]
     if avx512::usable(cols) {
         // SAFETY: as in `project`.
         return unsafe { avx512::project_or_split(u, channels, cols, x, positions, v, positions, Some(residual)) };
     }
-    portable::split(u, channels, cols, x, positions, v, residual);
+    portable::split(u, channels, cols, x, positions, v, residual)
 }
 
 /// `y = X (X^T omega)`, or `y +=` it when `accumulate`: `x` is `channels x positions`, `omega` and
@@ -99,11 +102,20 @@ pub(crate) mod portable {
         gemm(MatRef::row_major(u, c, r).t(), MatRef::row_major(x, c, p), v, v_stride, false);
     }
 
-    pub(crate) fn split(u: &[f32], c: usize, r: usize, x: &[f32], p: usize, v: &mut [f32], residual: &mut [f32]) {
+    pub(crate) fn split(
+        u: &[f32],
+        c: usize,
+        r: usize,
+        x: &[f32],
+        p: usize,
+        v: &mut [f32],
+        residual: &mut [f32],
+    ) -> f64 {
         project(u, c, r, x, p, v, p);
         // residual = x - U v, with U v written into the residual's own buffer first.
         gemm(MatRef::row_major(u, c, r), MatRef::row_major(v, r, p), residual, p, false);
         residual.iter_mut().zip(x).for_each(|(d, &a)| *d = a - *d);
+        sum_f64_of(residual, |r| r * r)
     }
 
     pub(crate) fn power_step(x: &[f32], c: usize, p: usize, omega: &[f32], k: usize, y: &mut [f32]) {
@@ -153,7 +165,8 @@ pub(crate) mod avx512 {
 
     /// # Safety
     /// The CPU must have AVX-512F; `u` is `c x r`, `x` (and `residual`) `c x p`, `v` holds `r`
-    /// rows of `p` at stride `v_stride`; `1 <= r <= 16`.
+    /// rows of `p` at stride `v_stride`; `1 <= r <= 16`. Returns the residual's energy (0 without
+    /// one).
     #[target_feature(enable = "avx512f")]
     #[allow(clippy::too_many_arguments)]
     pub(crate) unsafe fn project_or_split(
@@ -165,12 +178,13 @@ pub(crate) mod avx512 {
         v: &mut [f32],
         v_stride: usize,
         mut residual: Option<&mut [f32]>,
-    ) {
+    ) -> f64 {
         // Rows of 512 positions or more are 2 KiB or more apart, and a block's stores to all of
         // them at once collide in L1's sets (VGG16's 64 x 1024 split: 0.73 ms this way against
         // 0.55 ms as two passes); there the residual is a second, row-by-row pass.
         let fused = residual.is_some() && p < FUSED_BELOW;
-        let res = residual.as_mut().filter(|_| fused).map(|s| s.as_mut_ptr());
+        let mut energy = 0.0f64;
+        let res = residual.as_mut().filter(|_| fused).map(|s| ResidualOut { at: s.as_mut_ptr(), energy: &mut energy });
         let (up, xp, vp) = (u.as_ptr(), x.as_ptr(), v.as_mut_ptr());
         let mut pos = dispatch!(r, project_blocks(up, c, xp, p, 0, vp, v_stride, res));
         // Whole blocks of 16 left over, one at a time.
@@ -189,13 +203,27 @@ pub(crate) mod avx512 {
             }
         }
         if let Some(residual) = residual {
-            if fused {
-                // Only the last few positions are left.
-                subtract_low_rank(u, c, r, x, p, v, v_stride, residual, pos);
-            } else {
-                subtract_low_rank(u, c, r, x, p, v, v_stride, residual, 0);
-            }
+            // Fused: only the last few positions are left.
+            energy += subtract_low_rank(u, c, r, x, p, v, v_stride, residual, if fused { pos } else { 0 });
         }
+        energy
+    }
+
+    /// Where a block writes the residual, and the energy it adds its squares to.
+    #[derive(Clone, Copy)]
+    struct ResidualOut {
+        at: *mut f32,
+        energy: *mut f64,
+    }
+
+    /// Adds the squares of `s`'s 16 values, in f64 (exact squares), to two 8-lane accumulators.
+    #[target_feature(enable = "avx512f")]
+    #[inline]
+    fn add_squares(s: __m512, acc: &mut [__m512d; 2]) {
+        let lo = _mm512_cvtps_pd(_mm512_castps512_ps256(s));
+        let hi = _mm512_cvtps_pd(_mm256_castsi256_ps(_mm512_extracti64x4_epi64::<1>(_mm512_castps_si512(s))));
+        acc[0] = _mm512_fmadd_pd(lo, lo, acc[0]);
+        acc[1] = _mm512_fmadd_pd(hi, hi, acc[1]);
     }
 
     #[target_feature(enable = "avx512f")]
@@ -209,7 +237,7 @@ pub(crate) mod avx512 {
         pos: usize,
         v: *mut f32,
         v_stride: usize,
-        res: Option<*mut f32>,
+        res: Option<ResidualOut>,
     ) {
         macro_rules! one {
             ($($n:literal)*) => {
@@ -230,7 +258,7 @@ pub(crate) mod avx512 {
         start: usize,
         v: *mut f32,
         v_stride: usize,
-        res: Option<*mut f32>,
+        res: Option<ResidualOut>,
     ) -> usize {
         let mut pos = start;
         while pos + LANES * B <= p {
@@ -282,7 +310,7 @@ pub(crate) mod avx512 {
         pos: usize,
         v: *mut f32,
         v_stride: usize,
-        res: Option<*mut f32>,
+        res: Option<ResidualOut>,
     ) {
         let acc = projection::<R, B>(u, c, x, p, pos);
         for (j, acc_j) in acc.iter().enumerate() {
@@ -291,21 +319,29 @@ pub(crate) mod avx512 {
             }
         }
         let Some(res) = res else { return };
+        // One pair of accumulators per block column, so the squares do not wait on each other.
+        let mut squares = [[_mm512_setzero_pd(); 2]; B];
         for ci in 0..c {
             let row = x.add(ci * p + pos);
             let u_row = u.add(ci * R);
-            for b in 0..B {
+            for (b, sq) in squares.iter_mut().enumerate() {
                 let mut s = _mm512_loadu_ps(row.add(LANES * b));
                 for (j, acc_j) in acc.iter().enumerate() {
                     s = _mm512_fnmadd_ps(_mm512_set1_ps(*u_row.add(j)), acc_j[b], s);
                 }
-                _mm512_storeu_ps(res.add(ci * p + pos + LANES * b), s);
+                _mm512_storeu_ps(res.at.add(ci * p + pos + LANES * b), s);
+                add_squares(s, sq);
             }
         }
+        let mut total = _mm512_setzero_pd();
+        for [a, b] in squares {
+            total = _mm512_add_pd(total, _mm512_add_pd(a, b));
+        }
+        *res.energy += _mm512_reduce_add_pd(total);
     }
 
     /// `residual = x - U v` for positions `from..`, one channel's row at a time (sequential rows of
-    /// `x` and `residual`, `v` in L1).
+    /// `x` and `residual`, `v` in L1); returns the energy of what it wrote.
     #[target_feature(enable = "avx512f")]
     #[allow(clippy::too_many_arguments)]
     unsafe fn subtract_low_rank(
@@ -318,8 +354,10 @@ pub(crate) mod avx512 {
         v_stride: usize,
         residual: &mut [f32],
         from: usize,
-    ) {
+    ) -> f64 {
         let whole = if from == 0 { p / LANES * LANES } else { from };
+        let mut squares = [_mm512_setzero_pd(); 2];
+        let mut tail = 0.0f64;
         for ci in 0..c {
             let (row, out, u_row) =
                 (&x[ci * p..(ci + 1) * p], &mut residual[ci * p..(ci + 1) * p], &u[ci * r..(ci + 1) * r]);
@@ -329,6 +367,7 @@ pub(crate) mod avx512 {
                     s = _mm512_fnmadd_ps(_mm512_set1_ps(uj), _mm512_loadu_ps(v.as_ptr().add(j * v_stride + pos)), s);
                 }
                 _mm512_storeu_ps(out.as_mut_ptr().add(pos), s);
+                add_squares(s, &mut squares);
             }
             for q in whole..p {
                 let mut s = row[q];
@@ -336,8 +375,10 @@ pub(crate) mod avx512 {
                     s -= uj * v[j * v_stride + q];
                 }
                 out[q] = s;
+                tail += f64::from(s) * f64::from(s);
             }
         }
+        _mm512_reduce_add_pd(_mm512_add_pd(squares[0], squares[1])) + tail
     }
 
     /// # Safety
@@ -477,9 +518,12 @@ mod tests {
             let what = format!("c {c} p {p} r {r}");
             let scale = (c * r) as f64;
             let (mut v, mut res) = (vec![f32::NAN; r * p], vec![f32::NAN; c * p]);
-            split(&u, r, &x, p, &mut v, &mut res);
+            let energy = split(&u, r, &x, p, &mut v, &mut res);
             assert_close(&v, &v_want, scale, &format!("split v, {what}"));
             assert_close(&res, &res_want, scale, &format!("split residual, {what}"));
+            // The energy is that of the residual as written, to f64 summation rounding.
+            let written: f64 = res.iter().map(|&r| f64::from(r) * f64::from(r)).sum();
+            assert!((energy - written).abs() <= 1e-12 * written, "split energy {energy} vs {written}, {what}");
             // Into a wider matrix: other columns untouched.
             let stride = p + 5;
             let mut wide = vec![7.0f32; r * stride];
@@ -490,9 +534,11 @@ mod tests {
             }
             let mut v_portable = vec![f32::NAN; r * p];
             let mut res_portable = vec![f32::NAN; c * p];
-            portable::split(&u, c, r, &x, p, &mut v_portable, &mut res_portable);
+            let energy = portable::split(&u, c, r, &x, p, &mut v_portable, &mut res_portable);
             assert_close(&v_portable, &v_want, scale, &format!("portable v, {what}"));
             assert_close(&res_portable, &res_want, scale, &format!("portable residual, {what}"));
+            let written: f64 = res_portable.iter().map(|&r| f64::from(r) * f64::from(r)).sum();
+            assert!((energy - written).abs() <= 1e-12 * written, "portable energy {energy} vs {written}, {what}");
         }
     }
 
@@ -532,8 +578,9 @@ mod tests {
     fn no_columns_leave_the_residual_equal_to_the_input() {
         let x: Vec<f32> = (0..12).map(|i| i as f32 - 5.5).collect();
         let mut res = vec![0.0; 12];
-        split(&[], 0, &x, 4, &mut [], &mut res);
+        let energy = split(&[], 0, &x, 4, &mut [], &mut res);
         assert_eq!(res, x);
+        assert_eq!(energy, x.iter().map(|&v| f64::from(v) * f64::from(v)).sum::<f64>());
         let mut y = vec![1.0f32; 0];
         power_step(&x, 4, &[], 0, &mut y, false);
     }

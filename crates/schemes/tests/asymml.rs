@@ -181,3 +181,91 @@ fn bad_settings_are_refused_with_the_flag_named() {
         assert!(err.to_string().contains(needle), "{err}");
     }
 }
+
+/// What the recording device saw: (values per sample, batch size, the operand).
+type Seen = Arc<std::sync::Mutex<Vec<(usize, usize, Vec<f32>)>>>;
+
+/// Our CPU kernels, keeping a copy of every forward convolution's input and every backward
+/// convolution's output gradient as the device received them (a layer's released, noised
+/// residuals).
+struct RecordingDevice {
+    kernels: trustsplit_device::CpuBackend,
+    inputs: Seen,
+    gradients: Seen,
+}
+
+impl trustsplit_device::Backend for RecordingDevice {
+    fn name(&self) -> String {
+        "recording cpu".into()
+    }
+    fn gemm(
+        &mut self,
+        s: &trustsplit_device::GemmShape,
+        a: &[f32],
+        b: &[f32],
+    ) -> Result<Vec<f32>, trustsplit_device::DeviceError> {
+        self.kernels.gemm(s, a, b)
+    }
+    fn conv_forward(
+        &mut self,
+        g: &trustsplit_kernels::ConvGeometry,
+        x: &[f32],
+        w: &[f32],
+    ) -> Result<Vec<f32>, trustsplit_device::DeviceError> {
+        self.inputs.lock().unwrap().push((g.in_channels * g.in_h * g.in_w, g.batch, x.to_vec()));
+        self.kernels.conv_forward(g, x, w)
+    }
+    fn conv_backward_data(
+        &mut self,
+        g: &trustsplit_kernels::ConvGeometry,
+        dy: &[f32],
+        w: &[f32],
+    ) -> Result<Vec<f32>, trustsplit_device::DeviceError> {
+        self.gradients.lock().unwrap().push((g.out_channels * g.out_h() * g.out_w(), g.batch, dy.to_vec()));
+        self.kernels.conv_backward_data(g, dy, w)
+    }
+    fn conv_backward_weight(
+        &mut self,
+        g: &trustsplit_kernels::ConvGeometry,
+        x: &[f32],
+        dy: &[f32],
+    ) -> Result<Vec<f32>, trustsplit_device::DeviceError> {
+        self.kernels.conv_backward_weight(g, x, dy)
+    }
+}
+
+#[test]
+fn every_released_residual_is_clipped_to_its_bound() {
+    // Residuals far above the clipping bounds and almost no noise: every sample's released residual
+    // must sit on its bound, none above it, with either basis scope. Activations: clip_norm *
+    // sqrt(values per sample); output gradients (of the batch-mean loss): grad_clip_norm *
+    // sqrt(values per sample) / batch. This is the sensitivity the accountant assumes.
+    for basis in [BasisScope::Sample, BasisScope::Batch] {
+        let (inputs, gradients): (Seen, Seen) = Default::default();
+        let device = trustsplit_device::Device::local(Box::new(RecordingDevice {
+            kernels: trustsplit_device::CpuBackend::new(1).unwrap(),
+            inputs: inputs.clone(),
+            gradients: gradients.clone(),
+        }));
+        let cfg = AsymmlConfig {
+            noise_multiplier: 1e-6,
+            clip_norm: 1e-3,
+            grad_clip_norm: 1e-6,
+            basis,
+            ..AsymmlConfig::default()
+        };
+        let mut r = asymml::runner(device, cfg, 96 << 20, Arc::new(Transcript::new())).unwrap();
+        train(&mut r, 5);
+        for (what, seen, clip) in [("residual", inputs, 1e-3), ("gradient residual", gradients, 1e-6)] {
+            let seen = seen.lock().unwrap();
+            assert!(!seen.is_empty(), "{basis:?}: no {what} was released");
+            for (per, batch, values) in seen.iter() {
+                let bound = clip * (*per as f64).sqrt() / if what == "residual" { 1.0 } else { *batch as f64 };
+                for sample in values.chunks(*per) {
+                    let norm = sample.iter().map(|&v| f64::from(v) * f64::from(v)).sum::<f64>().sqrt();
+                    assert!((norm - bound).abs() <= 1e-3 * bound, "{basis:?}: {what} norm {norm}, bound {bound}");
+                }
+            }
+        }
+    }
+}

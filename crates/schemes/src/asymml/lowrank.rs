@@ -121,12 +121,12 @@ pub fn find_basis(
 /// Splits one sample with a basis into v = U^T x (rank x positions, row-major) and residual =
 /// x - U v (C x positions), written into caller-owned buffers (both overwritten): the enclave splits
 /// every activation of every step, so it avoids temporaries. Also usable for gradients
-/// (C_out x P_out).
-pub fn split_into(basis: &Basis, x: &[f32], positions: usize, v: &mut [f32], residual: &mut [f32]) {
+/// (C_out x P_out). Returns the residual's energy (sum of squares in f64), which clipping needs.
+pub fn split_into(basis: &Basis, x: &[f32], positions: usize, v: &mut [f32], residual: &mut [f32]) -> f64 {
     assert_eq!(x.len(), basis.channels * positions, "split: sample is not C x positions");
     assert_eq!(v.len(), basis.rank * positions, "split: v is not rank x positions");
     assert_eq!(residual.len(), x.len(), "split: residual is not C x positions");
-    channel_products::split(&basis.u, basis.rank, x, positions, v, residual);
+    channel_products::split(&basis.u, basis.rank, x, positions, v, residual)
 }
 
 /// Sum of squares in f64.

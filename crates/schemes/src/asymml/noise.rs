@@ -13,6 +13,7 @@
 use std::sync::OnceLock;
 
 use rand::{Rng, RngCore};
+use trustsplit_kernels::elementwise::sum_f64_of;
 
 use super::keystream::NoiseRng;
 
@@ -25,17 +26,22 @@ pub struct Clipped {
 }
 
 /// Clips every `per_sample`-long row of `values` to L2 norm `bound` and adds Gaussian noise of
-/// standard deviation `noise_multiplier * bound` to every value. `noise_multiplier == 0` leaves the
-/// values untouched (no clipping, no noise).
+/// standard deviation `noise_multiplier * bound` to every value. `norms` holds each row's L2 norm
+/// (the split computes them while it writes the residual; [`row_norms`] computes them otherwise).
+/// `noise_multiplier == 0` leaves the values untouched (no clipping, no noise).
 ///
 /// A trailing partial row (when `values.len()` is not a multiple of `per_sample`) is clipped and
 /// noised like a full one but not counted in `samples`. A row containing NaN has a NaN norm, which
 /// compares false with `bound`: it is neither clipped nor counted as clipped, its NaNs stay NaN and
 /// its other values get noise (unclipped). A row containing an infinity has an infinite norm, is
 /// scaled by `0.0` and so becomes NaN where it held infinities. Nothing panics in either case.
+///
+/// # Panics
+/// If `norms` does not hold one norm per row: a caller bug that would clip with the wrong norm.
 pub fn clip_and_noise(
     values: &mut [f32],
     per_sample: usize,
+    norms: &[f64],
     bound: f64,
     noise_multiplier: f64,
     rng: &mut NoiseRng,
@@ -45,22 +51,12 @@ pub fn clip_and_noise(
     if noise_multiplier <= 0.0 || per_sample == 0 {
         return out;
     }
+    assert_eq!(norms.len(), values.len().div_ceil(per_sample), "clip_and_noise: one norm per row");
     // Single-precision samples: the released values are f32.
     let std = (noise_multiplier * bound) as f32;
     let table = Ziggurat::get();
     let mut z = [0.0f32; WORDS];
-    // Each row's norm is accumulated while the row before it is noised (a slice of the next row per
-    // block of this one), so its loads overlap the sampler's arithmetic instead of taking a pass of
-    // their own; the first row's is computed up front.
-    let mut rest: &mut [f32] = values;
-    let mut norm = l2_norm(&rest[..per_sample.min(rest.len())]);
-    while !rest.is_empty() {
-        let len = per_sample.min(rest.len());
-        let (row, tail) = std::mem::take(&mut rest).split_at_mut(len);
-        let next = &tail[..per_sample.min(tail.len())];
-        // Slices of `next` in multiples of 8, so that the sum is the same as `l2_norm(next)`'s.
-        let step = next.len().div_ceil(row.len().div_ceil(WORDS)).next_multiple_of(8);
-        let mut next_squares = SquareSum::default();
+    for (row, &norm) in values.chunks_mut(per_sample).zip(norms) {
         // Multiplying by 1.0 is exact, so an unclipped row is only noised.
         let scale = if norm > bound {
             out.clipped += 1;
@@ -69,56 +65,30 @@ pub fn clip_and_noise(
             1.0
         };
         // One pass: scale and noise together, a block of standard normals at a time.
-        for (b, block) in row.chunks_mut(WORDS).enumerate() {
+        for block in row.chunks_mut(WORDS) {
             let z = &mut z[..block.len()];
             table.fill(rng, z);
             for (v, &z) in block.iter_mut().zip(z.iter()) {
                 *v = *v * scale + z * std;
             }
-            let start = (b * step).min(next.len());
-            next_squares.add(&next[start..(start + step).min(next.len())]);
         }
-        norm = next_squares.norm();
-        rest = tail;
     }
     out
 }
 
-/// A sum of squares of f32 values accumulated in f64: each square of an f32 is exact in f64, and
-/// eight independent accumulators let the loop vectorise without changing the accuracy class of a
-/// plain f64 sum (relative error about `len / 8 * 2^-53`). Adding a row in pieces whose lengths are
-/// multiples of 8 (but the last) gives the same sum, bit for bit, as adding it at once.
-#[derive(Default)]
-struct SquareSum {
-    lanes: [f64; 8],
-    rest: f64,
+/// The L2 norm of each `per_sample`-long row of `values` (the last may be shorter), for
+/// [`clip_and_noise`] when the caller has not computed them.
+pub fn row_norms(values: &[f32], per_sample: usize) -> Vec<f64> {
+    if per_sample == 0 {
+        return Vec::new();
+    }
+    values.chunks(per_sample).map(l2_norm).collect()
 }
 
-impl SquareSum {
-    fn add(&mut self, values: &[f32]) {
-        let mut chunks = values.chunks_exact(8);
-        for c in &mut chunks {
-            for (a, &v) in self.lanes.iter_mut().zip(c) {
-                let v = v as f64;
-                *a += v * v;
-            }
-        }
-        for &v in chunks.remainder() {
-            self.rest += (v as f64) * (v as f64);
-        }
-    }
-
-    fn norm(&self) -> f64 {
-        let l = &self.lanes;
-        (((l[0] + l[4]) + (l[1] + l[5])) + ((l[2] + l[6]) + (l[3] + l[7])) + self.rest).sqrt()
-    }
-}
-
-/// The L2 norm of `row`, accumulated in f64 (see [`SquareSum`]).
+/// The L2 norm of `row`: its squares (exact in f64) summed in f64 over eight independent lanes
+/// (relative error about `len / 8 * 2^-53`).
 fn l2_norm(row: &[f32]) -> f64 {
-    let mut sum = SquareSum::default();
-    sum.add(row);
-    sum.norm()
+    sum_f64_of(row, |v| v * v).sqrt()
 }
 
 /// Random words pulled from the keystream at once.
@@ -393,6 +363,12 @@ fn with_sign(x: f32, word: u32) -> f32 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// [`clip_and_noise`] with the norms computed from the values themselves.
+    fn clip_and_noise_own(values: &mut [f32], per: usize, bound: f64, z: f64, rng: &mut NoiseRng) -> Clipped {
+        let norms = row_norms(values, per);
+        clip_and_noise(values, per, &norms, bound, z, rng)
+    }
     use rand::SeedableRng;
     use rand_chacha::ChaCha12Rng;
 
@@ -405,17 +381,17 @@ mod tests {
         let original = v.clone();
         let bound = 3.0;
         // No noise: untouched.
-        assert_eq!(clip_and_noise(&mut v, per, bound, 0.0, &mut rng), Clipped { clipped: 0, samples: 2 });
+        assert_eq!(clip_and_noise_own(&mut v, per, bound, 0.0, &mut rng), Clipped { clipped: 0, samples: 2 });
         assert_eq!(v, original);
         // Tiny noise: row 0 lands on the bound, row 1 keeps its values.
-        let c = clip_and_noise(&mut v, per, bound, 1e-9, &mut rng);
+        let c = clip_and_noise_own(&mut v, per, bound, 1e-9, &mut rng);
         assert_eq!(c, Clipped { clipped: 1, samples: 2 });
         let norm0 = v[..per].iter().map(|&x| (x as f64).powi(2)).sum::<f64>().sqrt();
         assert!((norm0 - bound).abs() < 1e-3, "clipped norm {norm0}");
         assert!(v[per..].iter().zip(&original[per..]).all(|(a, b)| (a - b).abs() < 1e-6));
         // Real noise: the per-value standard deviation is z * bound.
         let mut w = vec![0.0f32; 20000];
-        clip_and_noise(&mut w, 20000, 2.0, 0.5, &mut rng);
+        clip_and_noise_own(&mut w, 20000, 2.0, 0.5, &mut rng);
         let std = (w.iter().map(|&x| (x as f64).powi(2)).sum::<f64>() / w.len() as f64).sqrt();
         assert!((std - 1.0).abs() < 0.03, "noise std {std}, expected 1.0");
     }
@@ -640,8 +616,7 @@ mod tests {
 
     #[test]
     fn fused_pass_equals_clipping_then_noising() {
-        // Row lengths below, at and above the block of 256 values, multiples of 8 or not (each
-        // row's norm is accumulated in slices while the previous row is noised).
+        // Row lengths below, at and above the block of 256 values, multiples of 8 or not.
         for per in [1000, 37, 700, 773, 256] {
             let rows = 5;
             // Rows 0, 2, 4 above the bound, 1 and 3 below; a trailing partial row, above it.
@@ -658,7 +633,7 @@ mod tests {
             let (bound, z) = (2.5, 0.7);
             let mut fused = original.clone();
             let mut rng = NoiseRng::seed_from_u64(21);
-            let c = clip_and_noise(&mut fused, per, bound, z, &mut rng);
+            let c = clip_and_noise_own(&mut fused, per, bound, z, &mut rng);
             assert_eq!(c, Clipped { clipped: 4, samples: rows }, "rows of {per}");
             // Reference: clip every row in its own pass, then add the same noise stream.
             let mut two_pass = original.clone();
@@ -683,7 +658,7 @@ mod tests {
             assert_eq!(fused, two_pass, "rows of {per}");
             // And with almost no noise the clipped rows sit on the bound, the others keep their norm.
             let mut quiet = original.clone();
-            clip_and_noise(&mut quiet, per, bound, 1e-9, &mut rng);
+            clip_and_noise_own(&mut quiet, per, bound, 1e-9, &mut rng);
             for (r, (row, before)) in quiet.chunks(per).zip(original.chunks(per)).enumerate() {
                 let (norm, before) = (l2_norm(row), l2_norm(before));
                 let expected = before.min(bound);
@@ -699,7 +674,7 @@ mod tests {
         v[5] = f32::NAN;
         v[per + 7] = f32::INFINITY;
         let mut rng = NoiseRng::seed_from_u64(5);
-        let c = clip_and_noise(&mut v, per, 1.0, 0.1, &mut rng);
+        let c = clip_and_noise_own(&mut v, per, 1.0, 0.1, &mut rng);
         // The NaN row is not clipped (NaN > bound is false); the infinite row is (scale 0).
         assert_eq!(c, Clipped { clipped: 2, samples: 3 });
         assert!(v[5].is_nan());
@@ -767,7 +742,7 @@ mod tests {
                 std::hint::black_box(&v);
                 v.copy_from_slice(&data);
                 let start = std::time::Instant::now();
-                c_new = clip_and_noise(&mut v, per, bound, 1.1, &mut rng);
+                c_new = clip_and_noise_own(&mut v, per, bound, 1.1, &mut rng);
                 new = new.min(start.elapsed().as_secs_f64());
                 std::hint::black_box(&v);
             }

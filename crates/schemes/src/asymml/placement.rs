@@ -93,10 +93,12 @@ struct Group {
     v: Vec<f32>,
 }
 
-/// A batch split into low-rank groups and a residual (`N x C x P`).
+/// A batch split into low-rank groups and a residual (`N x C x P`), with each sample's residual
+/// norm (computed by the split, for the clipping).
 struct Decomposition {
     groups: Vec<Group>,
     residual: Vec<f32>,
+    norms: Vec<f64>,
 }
 
 /// What a layer's forward pass released, kept (outside the enclave: it is already public) until
@@ -251,6 +253,7 @@ impl Asymml {
         let step = group_len(self.cfg.basis, n);
         let warm_key = format!("{layer}/{what}");
         let mut residual = vec![0.0f32; n * per];
+        let mut norms = vec![0.0f64; n];
         let mut groups = Vec::new();
         let totals = self.totals.entry((index, layer.to_string(), what)).or_default();
         for start in (0..n).step_by(step) {
@@ -262,7 +265,9 @@ impl Asymml {
             let rp = basis.rank * p;
             let mut v = vec![0.0f32; len * rp];
             for (i, s) in samples.iter().enumerate() {
-                split_into(&basis, s, p, &mut v[i * rp..(i + 1) * rp], &mut residual[(start + i) * per..][..per]);
+                let energy =
+                    split_into(&basis, s, p, &mut v[i * rp..(i + 1) * rp], &mut residual[(start + i) * per..][..per]);
+                norms[start + i] = energy.sqrt();
             }
             let mut phases = self.phases.borrow_mut();
             *phases.entry("subspace").or_default() += (found - started).as_secs_f64();
@@ -276,7 +281,7 @@ impl Asymml {
             self.warm.insert(warm_key.clone(), basis.clone());
             groups.push(Group { start, len, basis, v });
         }
-        Decomposition { groups, residual }
+        Decomposition { groups, residual, norms }
     }
 
     fn count_clipped(&mut self, index: usize, layer: &str, what: &'static str, c: Clipped) {
@@ -445,8 +450,9 @@ impl Placement for Asymml {
         } else {
             let bound = self.cfg.clip_norm * ((c * p) as f64).sqrt();
             let z = self.cfg.noise_multiplier;
-            let clipped =
-                timed(&self.phases, "noise", || clip_and_noise(&mut parts.residual, c * p, bound, z, &mut self.rng));
+            let clipped = timed(&self.phases, "noise", || {
+                clip_and_noise(&mut parts.residual, c * p, &parts.norms, bound, z, &mut self.rng)
+            });
             self.count_clipped(index, layer, "forward", clipped);
             self.charge(is_input);
             let (kind, why) = self.residual_kind(false);
@@ -507,7 +513,7 @@ impl Placement for Asymml {
                 let bound = self.cfg.grad_clip_norm * ((out_c * out_hw) as f64).sqrt() / n as f64;
                 let z = self.cfg.noise_multiplier;
                 let clipped = timed(&self.phases, "noise", || {
-                    clip_and_noise(&mut gparts.residual, out_c * out_hw, bound, z, &mut self.rng)
+                    clip_and_noise(&mut gparts.residual, out_c * out_hw, &gparts.norms, bound, z, &mut self.rng)
                 });
                 self.count_clipped(pending.index, layer, "gradient", clipped);
                 self.charge(false);
