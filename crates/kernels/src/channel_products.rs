@@ -163,6 +163,31 @@ pub(crate) mod avx512 {
         };
     }
 
+    /// Calls `$f::<R, 1>` for the runtime column count `$r` (1..=16): one block of 16 positions
+    /// per step, for the whole blocks the wider steps leave.
+    macro_rules! dispatch_narrow {
+        ($r:expr, $f:ident ( $($arg:expr),* )) => {
+            match $r {
+                1 => $f::<1, 1>($($arg),*),
+                2 => $f::<2, 1>($($arg),*),
+                3 => $f::<3, 1>($($arg),*),
+                4 => $f::<4, 1>($($arg),*),
+                5 => $f::<5, 1>($($arg),*),
+                6 => $f::<6, 1>($($arg),*),
+                7 => $f::<7, 1>($($arg),*),
+                8 => $f::<8, 1>($($arg),*),
+                9 => $f::<9, 1>($($arg),*),
+                10 => $f::<10, 1>($($arg),*),
+                11 => $f::<11, 1>($($arg),*),
+                12 => $f::<12, 1>($($arg),*),
+                13 => $f::<13, 1>($($arg),*),
+                14 => $f::<14, 1>($($arg),*),
+                15 => $f::<15, 1>($($arg),*),
+                _ => $f::<16, 1>($($arg),*),
+            }
+        };
+    }
+
     /// # Safety
     /// The CPU must have AVX-512F; `u` is `c x r`, `x` (and `residual`) `c x p`, `v` holds `r`
     /// rows of `p` at stride `v_stride`; `1 <= r <= 16`. Returns the residual's energy (0 without
@@ -186,12 +211,9 @@ pub(crate) mod avx512 {
         let mut energy = 0.0f64;
         let res = residual.as_mut().filter(|_| fused).map(|s| ResidualOut { at: s.as_mut_ptr(), energy: &mut energy });
         let (up, xp, vp) = (u.as_ptr(), x.as_ptr(), v.as_mut_ptr());
-        let mut pos = dispatch!(r, project_blocks(up, c, xp, p, 0, vp, v_stride, res));
+        let pos = dispatch!(r, project_blocks(up, c, xp, p, 0, vp, v_stride, res));
         // Whole blocks of 16 left over, one at a time.
-        while pos + LANES <= p {
-            dispatch_narrow(r, up, c, xp, p, pos, vp, v_stride, res);
-            pos += LANES;
-        }
+        let pos = dispatch_narrow!(r, project_blocks(up, c, xp, p, pos, vp, v_stride, res));
         // The last few positions.
         for q in pos..p {
             for j in 0..r {
@@ -224,27 +246,6 @@ pub(crate) mod avx512 {
         let hi = _mm512_cvtps_pd(_mm256_castsi256_ps(_mm512_extracti64x4_epi64::<1>(_mm512_castps_si512(s))));
         acc[0] = _mm512_fmadd_pd(lo, lo, acc[0]);
         acc[1] = _mm512_fmadd_pd(hi, hi, acc[1]);
-    }
-
-    #[target_feature(enable = "avx512f")]
-    #[allow(clippy::too_many_arguments)]
-    unsafe fn dispatch_narrow(
-        r: usize,
-        u: *const f32,
-        c: usize,
-        x: *const f32,
-        p: usize,
-        pos: usize,
-        v: *mut f32,
-        v_stride: usize,
-        res: Option<ResidualOut>,
-    ) {
-        macro_rules! one {
-            ($($n:literal)*) => {
-                match r { $($n => project_block::<$n, 1>(u, c, x, p, pos, v, v_stride, res),)* _ => unreachable!() }
-            };
-        }
-        one!(1 2 3 4 5 6 7 8 9 10 11 12 13 14 15 16)
     }
 
     /// Every whole step of `16 B` positions from `start`; returns where they end.
@@ -388,16 +389,8 @@ pub(crate) mod avx512 {
         // Per (channel, column): 16 lanes of partial sums over the blocks, reduced at the end.
         let mut partial = vec![0.0f32; c * k * LANES];
         let (xp, op, pp) = (x.as_ptr(), omega.as_ptr(), partial.as_mut_ptr());
-        let mut pos = dispatch!(k, power_blocks(xp, c, p, 0, op, pp));
-        while pos + LANES <= p {
-            macro_rules! one {
-                ($($n:literal)*) => {
-                    match k { $($n => power_block::<$n, 1>(xp, c, p, pos, op, pp),)* _ => unreachable!() }
-                };
-            }
-            one!(1 2 3 4 5 6 7 8 9 10 11 12 13 14 15 16);
-            pos += LANES;
-        }
+        let pos = dispatch!(k, power_blocks(xp, c, p, 0, op, pp));
+        let pos = dispatch_narrow!(k, power_blocks(xp, c, p, pos, op, pp));
         for (yv, lanes) in y.iter_mut().zip(partial.chunks_exact(LANES)) {
             *yv += _mm512_reduce_add_ps(_mm512_loadu_ps(lanes.as_ptr()));
         }
@@ -420,6 +413,7 @@ pub(crate) mod avx512 {
         }
     }
 
+    /// Every whole step of `16 B` positions from `start`; returns where they end.
     #[target_feature(enable = "avx512f")]
     unsafe fn power_blocks<const K: usize, const B: usize>(
         x: *const f32,

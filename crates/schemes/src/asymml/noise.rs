@@ -13,7 +13,6 @@
 use std::sync::OnceLock;
 
 use rand::{Rng, RngCore};
-use trustsplit_kernels::elementwise::sum_f64_of;
 
 use super::keystream::NoiseRng;
 
@@ -27,7 +26,7 @@ pub struct Clipped {
 
 /// Clips every `per_sample`-long row of `values` to L2 norm `bound` and adds Gaussian noise of
 /// standard deviation `noise_multiplier * bound` to every value. `norms` holds each row's L2 norm
-/// (the split computes them while it writes the residual; [`row_norms`] computes them otherwise).
+/// (the split computes them while it writes the residual).
 /// `noise_multiplier == 0` leaves the values untouched (no clipping, no noise).
 ///
 /// A trailing partial row (when `values.len()` is not a multiple of `per_sample`) is clipped and
@@ -74,21 +73,6 @@ pub fn clip_and_noise(
         }
     }
     out
-}
-
-/// The L2 norm of each `per_sample`-long row of `values` (the last may be shorter), for
-/// [`clip_and_noise`] when the caller has not computed them.
-pub fn row_norms(values: &[f32], per_sample: usize) -> Vec<f64> {
-    if per_sample == 0 {
-        return Vec::new();
-    }
-    values.chunks(per_sample).map(l2_norm).collect()
-}
-
-/// The L2 norm of `row`: its squares (exact in f64) summed in f64 over eight independent lanes
-/// (relative error about `len / 8 * 2^-53`).
-fn l2_norm(row: &[f32]) -> f64 {
-    sum_f64_of(row, |v| v * v).sqrt()
 }
 
 /// Random words pulled from the keystream at once.
@@ -363,6 +347,17 @@ fn with_sign(x: f32, word: u32) -> f32 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The L2 norm of `row`: its squares (exact in f64) summed in f64 over eight independent lanes
+    /// (relative error about `len / 8 * 2^-53`), as the split computes it.
+    fn l2_norm(row: &[f32]) -> f64 {
+        trustsplit_kernels::elementwise::sum_f64_of(row, |v| v * v).sqrt()
+    }
+
+    /// The L2 norm of each `per`-long row of `values` (the last may be shorter).
+    fn row_norms(values: &[f32], per: usize) -> Vec<f64> {
+        values.chunks(per).map(l2_norm).collect()
+    }
 
     /// [`clip_and_noise`] with the norms computed from the values themselves.
     fn clip_and_noise_own(values: &mut [f32], per: usize, bound: f64, z: f64, rng: &mut NoiseRng) -> Clipped {

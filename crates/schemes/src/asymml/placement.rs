@@ -14,6 +14,7 @@ use std::cell::RefCell;
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
+use trustsplit_boundary::secret::WireSize;
 use trustsplit_boundary::{Released, Transcript};
 use trustsplit_device::{Device, DeviceError, DeviceStats};
 use trustsplit_kernels::conv::ConvGeometry;
@@ -299,7 +300,7 @@ impl Asymml {
         self.step_releases += release_charge(coupled, self.pass.batch as u64);
     }
 
-    fn release(&self, layer: &str, kind: &str, shape: &[usize], values: Vec<f32>, reason: &str) -> Released<Vec<f32>> {
+    fn release<T: WireSize>(&self, layer: &str, kind: &str, shape: &[usize], values: T, reason: &str) -> Released<T> {
         Released::new(&self.transcript, crossing(SCHEME, layer, kind, shape, reason), values)
     }
 
@@ -307,8 +308,7 @@ impl Asymml {
     /// leaves it untouched, and the optimizer changes it only after the step).
     fn release_weight<'w>(&self, layer: &str, conv: &'w Conv2d) -> Released<&'w [f32]> {
         let why = "the model's weights are public to the device in AsymML (not covered by the DP accounting)";
-        let info = crossing(SCHEME, layer, "weight", conv.weight.shape(), why);
-        Released::new(&self.transcript, info, data(&conv.weight))
+        self.release(layer, "weight", conv.weight.shape(), data(&conv.weight), why)
     }
 
     fn residual_kind(&self, gradient: bool) -> (&'static str, &'static str) {
