@@ -4,6 +4,7 @@
 //! values, and the variance of nearly constant channels would otherwise lose its digits.
 
 use crate::elementwise::{dot_f64_of, sum_f64_of};
+use crate::simd::multiversion;
 use rayon::prelude::*;
 
 /// Shapes: `batch x channels x spatial` (spatial = H*W; 1 after a linear layer).
@@ -88,10 +89,17 @@ fn apply_affine(s: BnShape, x: &[f32], scale: &[f32], shift: &[f32], y: &mut [f3
     let plane = s.spatial.max(1);
     y.par_chunks_mut(plane).zip(x.par_chunks(plane)).enumerate().for_each(|(i, (y, x))| {
         let c = i % s.channels;
-        for (o, &v) in y.iter_mut().zip(x) {
-            *o = v * scale[c] + shift[c];
-        }
+        affine_plane(y, x, scale[c], shift[c]);
     });
+}
+
+multiversion! {
+    /// `y = x * scale + shift` over one plane.
+    fn affine_plane(y: &mut [f32], x: &[f32], scale: f32, shift: f32) {
+        for (o, &v) in y.iter_mut().zip(x) {
+            *o = v * scale + shift;
+        }
+    }
 }
 
 /// Training-mode backward. Writes `dx`, `dgamma` and `dbeta` (all overwritten).
@@ -133,11 +141,19 @@ pub fn batchnorm_backward(
             let (m, inv) = (stats.mean[c], stats.inv_std[c]);
             let mean_dy = (sums[c].0 / count) as f32;
             let mean_dy_xhat = (sums[c].1 / count) as f32;
-            let k = gamma[c] * inv;
-            for ((d, &g), &v) in dx.iter_mut().zip(dy).zip(x) {
-                let xhat = (v - m) * inv;
-                *d = k * (g - mean_dy - xhat * mean_dy_xhat);
-            }
+            input_gradient_plane(dx, dy, x, [m, inv, gamma[c] * inv, mean_dy, mean_dy_xhat]);
         },
     );
+}
+
+multiversion! {
+    /// One plane of the input gradient, `dx = k (dy - mean(dy) - xhat mean(dy xhat))` with
+    /// `xhat = (x - mean) inv_std`; `c` is `[mean, inv_std, k, mean(dy), mean(dy xhat)]`.
+    fn input_gradient_plane(dx: &mut [f32], dy: &[f32], x: &[f32], c: [f32; 5]) {
+        let [m, inv, k, mean_dy, mean_dy_xhat] = c;
+        for ((d, &g), &v) in dx.iter_mut().zip(dy).zip(x) {
+            let xhat = (v - m) * inv;
+            *d = k * (g - mean_dy - xhat * mean_dy_xhat);
+        }
+    }
 }

@@ -30,34 +30,45 @@ pub fn sum(x: &[f32]) -> f32 {
     lanes.iter().sum::<f32>() + tail
 }
 
-/// `sum f(x_i)` accumulated in f64 over eight independent partial sums, so the loop vectorises
-/// instead of waiting on each addition in turn (batch-norm statistics, energies).
-#[inline(always)]
-pub fn sum_f64_of(x: &[f32], f: impl Fn(f64) -> f64) -> f64 {
-    let mut lanes = [0.0f64; 8];
-    let chunks = x.chunks_exact(8);
-    let tail: f64 = chunks.remainder().iter().map(|&v| f(f64::from(v))).sum();
-    for chunk in chunks {
-        for (lane, &v) in lanes.iter_mut().zip(chunk) {
-            *lane += f(f64::from(v));
+/// Partial sums of [`sum_f64_of`] and [`dot_f64_of`]: four AVX-512 registers (eight AVX2 ones), so
+/// that four additions, each waiting on its register's last, are in flight at once.
+pub const F64_LANES: usize = 32;
+
+crate::simd::multiversion! {
+    /// `sum f(x_i)` accumulated in f64 over [`F64_LANES`] independent partial sums, so the loop
+    /// vectorises and keeps several additions in flight instead of waiting on each in turn
+    /// (batch-norm statistics, energies); compiled for the CPU's widest vectors ([`crate::simd`]:
+    /// same result on every path).
+    #[inline]
+    pub fn sum_f64_of(x: &[f32], f: impl Fn(f64) -> f64) -> f64 {
+        let mut lanes = [0.0f64; F64_LANES];
+        let chunks = x.chunks_exact(F64_LANES);
+        let tail: f64 = chunks.remainder().iter().map(|&v| f(f64::from(v))).sum();
+        for chunk in chunks {
+            for (lane, &v) in lanes.iter_mut().zip(chunk) {
+                *lane += f(f64::from(v));
+            }
         }
+        lanes.iter().sum::<f64>() + tail
     }
-    lanes.iter().sum::<f64>() + tail
 }
 
-/// `sum f(a_i, b_i)` in f64, as [`sum_f64_of`] (`f = |x, y| x * y` is a dot product).
-#[inline(always)]
-pub fn dot_f64_of(a: &[f32], b: &[f32], f: impl Fn(f64, f64) -> f64) -> f64 {
-    debug_assert_eq!(a.len(), b.len());
-    let mut lanes = [0.0f64; 8];
-    let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));
-    let tail: f64 = ca.remainder().iter().zip(cb.remainder()).map(|(&x, &y)| f(f64::from(x), f64::from(y))).sum();
-    for (xa, xb) in ca.zip(cb) {
-        for ((lane, &x), &y) in lanes.iter_mut().zip(xa).zip(xb) {
-            *lane += f(f64::from(x), f64::from(y));
+crate::simd::multiversion! {
+    /// `sum f(a_i, b_i)` in f64, as [`sum_f64_of`] (`f = |x, y| x * y` is a dot product).
+    #[inline]
+    pub fn dot_f64_of(a: &[f32], b: &[f32], f: impl Fn(f64, f64) -> f64) -> f64 {
+        debug_assert_eq!(a.len(), b.len());
+        let mut lanes = [0.0f64; F64_LANES];
+        let (ca, cb) = (a.chunks_exact(F64_LANES), b.chunks_exact(F64_LANES));
+        let tail: f64 =
+            ca.remainder().iter().zip(cb.remainder()).map(|(&x, &y)| f(f64::from(x), f64::from(y))).sum();
+        for (xa, xb) in ca.zip(cb) {
+            for ((lane, &x), &y) in lanes.iter_mut().zip(xa).zip(xb) {
+                *lane += f(f64::from(x), f64::from(y));
+            }
         }
+        lanes.iter().sum::<f64>() + tail
     }
-    lanes.iter().sum::<f64>() + tail
 }
 
 /// Per-channel sums of an `N x C x spatial` tensor (a convolution's bias gradient) into `out`
@@ -111,6 +122,29 @@ mod tests {
             assert!((dot_f64_of(&a, &b, |x, y| x * y) - naive).abs() <= 1e-12 * (1.0 + naive.abs()), "len {len}");
             let squares: f64 = a.iter().map(|&x| f64::from(x) * f64::from(x)).sum();
             assert!((sum_f64_of(&a, |x| x * x) - squares).abs() <= 1e-12 * (1.0 + squares), "len {len}");
+            let plain: f64 = a.iter().map(|&x| f64::from(x)).sum();
+            assert!((f64::from(sum(&a)) - plain).abs() <= 1e-5 * (1.0 + len as f64), "len {len}: f32 sum");
+        }
+    }
+
+    #[test]
+    fn f64_sums_and_dots_are_the_same_bits_at_every_vector_width() {
+        use crate::simd::{level, with_level_cap, Level};
+        eprintln!("this CPU: {:?}", level());
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(12);
+        for len in [0usize, 1, 7, 8, 9, 31, 100, 1027, 4096] {
+            let a: Vec<f32> = (0..len).map(|_| rng.random_range(-3.0f32..3.0)).collect();
+            let b: Vec<f32> = (0..len).map(|_| rng.random_range(-3.0f32..3.0)).collect();
+            let at = |cap| {
+                with_level_cap(cap, || {
+                    let dot = dot_f64_of(&a, &b, |x, y| x * (y - 0.25));
+                    let sum = sum_f64_of(&a, |x| (x - 0.5) * (x - 0.5));
+                    [dot.to_bits(), sum.to_bits()]
+                })
+            };
+            let baseline = at(Level::Baseline);
+            assert_eq!(at(Level::Avx2), baseline, "len {len}: AVX2");
+            assert_eq!(at(Level::Avx512), baseline, "len {len}: AVX-512");
         }
     }
 }

@@ -15,6 +15,7 @@ pub mod linear;
 pub mod loss;
 pub mod matmul;
 pub mod pool;
+pub mod simd;
 pub mod tap_products;
 
 pub use conv::ConvGeometry;

@@ -473,8 +473,8 @@ fn with_sign(x: f32, word: u32) -> f32 {
 mod tests {
     use super::*;
 
-    /// The L2 norm of `row`: its squares (exact in f64) summed in f64 over eight independent lanes
-    /// (relative error about `len / 8 * 2^-53`), as the split computes it.
+    /// The L2 norm of `row`: its squares (exact in f64) summed in f64 over independent lanes
+    /// (relative error about `len / lanes * 2^-53`), as the split computes it.
     fn l2_norm(row: &[f32]) -> f64 {
         trustsplit_kernels::elementwise::sum_f64_of(row, |v| v * v).sqrt()
     }
