@@ -68,6 +68,7 @@ pub fn with_level_cap<R>(cap: Level, f: impl FnOnce() -> R) -> R {
 /// and runs the best version [`level`] allows. The body is an `#[inline(always)]` inner function,
 /// so it (and the `#[inline(always)]` helpers and small closures it calls) is compiled inside each
 /// `#[target_feature]` wrapper.
+#[macro_export]
 macro_rules! multiversion {
     ($(#[$meta:meta])* $vis:vis fn $name:ident ($($arg:ident : $ty:ty),* $(,)?) $(-> $ret:ty)? $body:block) => {
         $(#[$meta])*
@@ -96,4 +97,4 @@ macro_rules! multiversion {
         }
     };
 }
-pub(crate) use multiversion;
+pub use multiversion;

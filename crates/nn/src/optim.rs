@@ -50,13 +50,7 @@ impl Optimizer {
             let (p, g) = (data_mut(p), data(g));
             match self.kind {
                 OptimizerKind::Sgd { momentum, nesterov } => {
-                    let buf = data_mut(&mut self.state[0][i]);
-                    for ((w, &gr), b) in p.iter_mut().zip(g).zip(buf.iter_mut()) {
-                        let d = gr + wd * *w;
-                        *b = momentum * *b + d;
-                        let step = if nesterov { d + momentum * *b } else { *b };
-                        *w -= lr * step;
-                    }
+                    sgd_update(p, g, data_mut(&mut self.state[0][i]), [lr, momentum, wd], nesterov);
                 }
                 OptimizerKind::Adam { beta1, beta2, eps } => {
                     let (m_slot, v_slot) = self.state.split_at_mut(1);
@@ -71,6 +65,20 @@ impl Optimizer {
                     }
                 }
             }
+        }
+    }
+}
+
+trustsplit_kernels::simd::multiversion! {
+    /// One SGD step over a parameter: `d = g + wd w`, `b = momentum b + d`, `w -= lr b` (or
+    /// `lr (d + momentum b)` with Nesterov); `h` is `[lr, momentum, wd]`.
+    fn sgd_update(w: &mut [f32], g: &[f32], b: &mut [f32], h: [f32; 3], nesterov: bool) {
+        let [lr, momentum, wd] = h;
+        for ((w, &gr), b) in w.iter_mut().zip(g).zip(b.iter_mut()) {
+            let d = gr + wd * *w;
+            *b = momentum * *b + d;
+            let step = if nesterov { d + momentum * *b } else { *b };
+            *w -= lr * step;
         }
     }
 }
