@@ -3,6 +3,7 @@
 //!
 //! - [`project`]: `V = U^T X` (`cols x positions`), `U` being `channels x cols`.
 //! - [`split`]: `V = U^T X` and the residual `X - U V` in one sweep.
+//! - [`residual`]: `X - U V` for coordinates `V` already known.
 //! - [`power_step`]: `Y = X (X^T Omega)` (`channels x cols`), or `Y +=` it: one step of subspace
 //!   iteration without forming `X X^T`.
 //!
@@ -64,6 +65,25 @@ pub fn split(u: &[f32], cols: usize, x: &[f32], positions: usize, v: &mut [f32],
     portable::split(u, channels, cols, x, positions, v, residual)
 }
 
+/// `residual = X - U v` (`channels x positions`, overwritten) for coordinates `v` (`cols x
+/// positions`) known already (the fast subspace computes them from its own projection, saving the
+/// split its product `U^T X`). Returns the residual's energy, as [`split`] does.
+pub fn residual(u: &[f32], cols: usize, x: &[f32], positions: usize, v: &[f32], residual: &mut [f32]) -> f64 {
+    let channels = check(u, cols, x, positions, "residual");
+    assert_eq!(v.len(), cols * positions, "residual: v is not cols x positions");
+    assert_eq!(residual.len(), x.len(), "residual: output is not channels x positions");
+    if cols == 0 || positions == 0 {
+        residual.copy_from_slice(x);
+        return sum_f64_of(residual, |r| r * r);
+    }
+    #[cfg(target_arch = "x86_64")]
+    if avx512::usable(cols) {
+        // SAFETY: as in `project`; `v` holds `cols` rows of `positions`.
+        return unsafe { avx512::residual(u, channels, cols, x, positions, v, positions, residual) };
+    }
+    portable::residual(u, channels, cols, x, positions, v, residual)
+}
+
 /// `y = X (X^T omega)`, or `y +=` it when `accumulate`: `x` is `channels x positions`, `omega` and
 /// `y` are `channels x cols`.
 pub fn power_step(x: &[f32], positions: usize, omega: &[f32], cols: usize, y: &mut [f32], accumulate: bool) {
@@ -112,6 +132,10 @@ pub(crate) mod portable {
         residual: &mut [f32],
     ) -> f64 {
         project(u, c, r, x, p, v, p);
+        self::residual(u, c, r, x, p, v, residual)
+    }
+
+    pub(crate) fn residual(u: &[f32], c: usize, r: usize, x: &[f32], p: usize, v: &[f32], residual: &mut [f32]) -> f64 {
         // residual = x - U v, with U v written into the residual's own buffer first.
         gemm(MatRef::row_major(u, c, r), MatRef::row_major(v, r, p), residual, p, false);
         residual.iter_mut().zip(x).for_each(|(d, &a)| *d = a - *d);
@@ -319,7 +343,49 @@ pub(crate) mod avx512 {
                 _mm512_storeu_ps(v.add(j * v_stride + pos + LANES * b), *a);
             }
         }
-        let Some(res) = res else { return };
+        if let Some(res) = res {
+            subtract_block::<R, B>(u, c, x, p, pos, &acc, res);
+        }
+    }
+
+    /// Every whole step of `16 B` positions from `start` of `residual = x - U v`, for `v` (`R` rows
+    /// at `v_stride`) given: each block's `v` is loaded into registers once for all channels.
+    #[target_feature(enable = "avx512f")]
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn residual_blocks<const R: usize, const B: usize>(
+        u: *const f32,
+        c: usize,
+        x: *const f32,
+        p: usize,
+        start: usize,
+        v: *const f32,
+        v_stride: usize,
+        res: ResidualOut,
+    ) -> usize {
+        let mut pos = start;
+        while pos + LANES * B <= p {
+            let acc: [[__m512; B]; R] = std::array::from_fn(|j| {
+                std::array::from_fn(|b| _mm512_loadu_ps(v.add(j * v_stride + pos + LANES * b)))
+            });
+            subtract_block::<R, B>(u, c, x, p, pos, &acc, res);
+            pos += LANES * B;
+        }
+        pos
+    }
+
+    /// `residual = x - U v` at positions `pos..pos + 16 B`, with that block of `v` in registers.
+    #[target_feature(enable = "avx512f")]
+    #[inline]
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn subtract_block<const R: usize, const B: usize>(
+        u: *const f32,
+        c: usize,
+        x: *const f32,
+        p: usize,
+        pos: usize,
+        acc: &[[__m512; B]; R],
+        res: ResidualOut,
+    ) {
         // One pair of accumulators per block column, so the squares do not wait on each other.
         let mut squares = [[_mm512_setzero_pd(); 2]; B];
         for ci in 0..c {
@@ -339,6 +405,36 @@ pub(crate) mod avx512 {
             total = _mm512_add_pd(total, _mm512_add_pd(a, b));
         }
         *res.energy += _mm512_reduce_add_pd(total);
+    }
+
+    /// `residual = x - U v` for coordinates `v` known already (`r x p` at `v_stride`): rows shorter
+    /// than [`FUSED_BELOW`] in blocks of positions (each block's `v` in registers for all channels,
+    /// as the split's fused walk does), longer ones row by row. Returns the residual's energy.
+    ///
+    /// # Safety
+    /// As [`project_or_split`]'s, with `v` holding `r` rows of `p` at stride `v_stride`.
+    #[target_feature(enable = "avx512f")]
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) unsafe fn residual(
+        u: &[f32],
+        c: usize,
+        r: usize,
+        x: &[f32],
+        p: usize,
+        v: &[f32],
+        v_stride: usize,
+        residual: &mut [f32],
+    ) -> f64 {
+        if p >= FUSED_BELOW {
+            return subtract_low_rank(u, c, r, x, p, v, v_stride, residual, 0);
+        }
+        let mut energy = 0.0f64;
+        let res = ResidualOut { at: residual.as_mut_ptr(), energy: &mut energy };
+        let (up, xp, vp) = (u.as_ptr(), x.as_ptr(), v.as_ptr());
+        let pos = dispatch!(r, residual_blocks(up, c, xp, p, 0, vp, v_stride, res));
+        let pos = dispatch_narrow!(r, residual_blocks(up, c, xp, p, pos, vp, v_stride, res));
+        // The last few positions (all of them below 16: `from == 0` means the whole row there).
+        energy + subtract_low_rank(u, c, r, x, p, v, v_stride, residual, pos)
     }
 
     /// `residual = x - U v` for positions `from..`, one channel's row at a time (sequential rows of
@@ -533,6 +629,26 @@ mod tests {
             assert_close(&res_portable, &res_want, scale, &format!("portable residual, {what}"));
             let written: f64 = res_portable.iter().map(|&r| f64::from(r) * f64::from(r)).sum();
             assert!((energy - written).abs() <= 1e-12 * written, "portable energy {energy} vs {written}, {what}");
+            // The residual alone, from coordinates computed elsewhere (here: random ones, so the
+            // reference is recomputed for them).
+            let v_given = values(&mut rng, r * p);
+            let mut want = vec![0.0f64; c * p];
+            for ci in 0..c {
+                for q in 0..p {
+                    let low: f64 = (0..r).map(|j| u[ci * r + j] as f64 * v_given[j * p + q] as f64).sum();
+                    want[ci * p + q] = x[ci * p + q] as f64 - low;
+                }
+            }
+            let mut out = vec![f32::NAN; c * p];
+            let energy = residual(&u, r, &x, p, &v_given, &mut out);
+            assert_close(&out, &want, scale, &format!("residual, {what}"));
+            let written: f64 = out.iter().map(|&r| f64::from(r) * f64::from(r)).sum();
+            assert!((energy - written).abs() <= 1e-12 * written, "residual energy {energy} vs {written}, {what}");
+            let mut out = vec![f32::NAN; c * p];
+            let energy = portable::residual(&u, c, r, &x, p, &v_given, &mut out);
+            assert_close(&out, &want, scale, &format!("portable residual from v, {what}"));
+            let written: f64 = out.iter().map(|&r| f64::from(r) * f64::from(r)).sum();
+            assert!((energy - written).abs() <= 1e-12 * written, "portable residual energy, {what}");
         }
     }
 

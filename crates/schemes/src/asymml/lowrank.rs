@@ -99,6 +99,23 @@ pub fn find_basis(
     warm: Option<&Basis>,
     rng: &mut impl rand::Rng,
 ) -> Basis {
+    find_basis_and_coordinates(samples, channels, positions, policy, method, warm, rng).0
+}
+
+/// [`find_basis`], and the samples' coordinates `V = U^T X` where the method has them for free:
+/// the fast subspace's Rayleigh-Ritz step projects the samples on its block `Q` and takes `U = Q S`,
+/// so `U^T X = S^T (Q^T X)` costs `r k` multiply-adds per position instead of a product with `X`.
+/// They come as `len x rank x positions` (sample by sample, each `rank x positions`), ready for
+/// [`channel_products::residual`]; the exact method gives `None`.
+pub fn find_basis_and_coordinates(
+    samples: &[&[f32]],
+    channels: usize,
+    positions: usize,
+    policy: RankPolicy,
+    method: Subspace,
+    warm: Option<&Basis>,
+    rng: &mut impl rand::Rng,
+) -> (Basis, Option<Vec<f32>>) {
     for x in samples {
         assert_eq!(x.len(), channels * positions, "find_basis: sample is not C x positions");
     }
@@ -110,11 +127,14 @@ pub fn find_basis(
     }
     .min(channels.min(g.np()));
     if target == 0 {
-        return finish(channels, Vec::new(), total, total, 0);
+        return (finish(channels, Vec::new(), total, total, 0), None);
     }
     match method {
-        Subspace::Exact => exact_basis(&g, policy, total, target, gram_side(channels, g.np())),
-        Subspace::Fast => fast_basis(&g, policy, total, target, warm, rng),
+        Subspace::Exact => (exact_basis(&g, policy, total, target, gram_side(channels, g.np())), None),
+        Subspace::Fast => {
+            let (basis, coordinates) = fast_basis(&g, policy, total, target, warm, rng);
+            (basis, Some(coordinates))
+        }
     }
 }
 
@@ -127,6 +147,13 @@ pub fn split_into(basis: &Basis, x: &[f32], positions: usize, v: &mut [f32], res
     assert_eq!(v.len(), basis.rank * positions, "split: v is not rank x positions");
     assert_eq!(residual.len(), x.len(), "split: residual is not C x positions");
     channel_products::split(&basis.u, basis.rank, x, positions, v, residual)
+}
+
+/// Writes `residual = x - U v` for coordinates `v` that [`find_basis_and_coordinates`] gave (instead
+/// of [`split_into`]'s own projection); returns the residual's energy.
+pub fn residual_into(basis: &Basis, x: &[f32], positions: usize, v: &[f32], residual: &mut [f32]) -> f64 {
+    assert_eq!(x.len(), basis.channels * positions, "residual: sample is not C x positions");
+    channel_products::residual(&basis.u, basis.rank, x, positions, v, residual)
 }
 
 /// Sum of squares in f64.
@@ -219,7 +246,7 @@ fn fast_basis(
     target: usize,
     warm: Option<&Basis>,
     rng: &mut impl rand::Rng,
-) -> Basis {
+) -> (Basis, Vec<f32>) {
     let (c, p, np, n) = (g.c, g.p, g.np(), g.xs.len());
     let k = (target + OVERSAMPLE).min(c.min(np));
     let omega = start_block(c, k, warm, rng);
@@ -253,8 +280,19 @@ fn fast_basis(
     }
     let r = choose_rank(policy, &residuals, total, target);
     let cols = (0..r).map(|j| (0..c).map(|i| (0..k).map(|l| q[l][i] * s[(l, j)]).sum()).collect()).collect();
-    let macs = 3 * c * np * k + k * k * np + 2 * c * k * k + c * k * r;
-    finish(c, cols, total, residuals[r], macs as u64 + eig_macs(k))
+    // Each sample's V = S_r^T B (B's sample b is its columns b P .. (b + 1) P).
+    let mut coordinates = vec![0.0f32; n * r * p];
+    for (b, v) in coordinates.chunks_exact_mut((r * p).max(1)).enumerate() {
+        for (j, v_row) in v.chunks_exact_mut(p).enumerate() {
+            for l in 0..k {
+                let weight = s[(l, j)] as f32;
+                let b_row = &bm[l * np + b * p..][..p];
+                v_row.iter_mut().zip(b_row).for_each(|(v, &x)| *v += weight * x);
+            }
+        }
+    }
+    let macs = 3 * c * np * k + k * k * np + 2 * c * k * k + c * k * r + r * k * np;
+    (finish(c, cols, total, residuals[r], macs as u64 + eig_macs(k)), coordinates)
 }
 
 /// C x k start block: the warm basis' columns first (they already point the right way), then Gaussian.
@@ -572,6 +610,53 @@ mod tests {
             let own = find_basis(&[xs[0].as_slice()], c, p, RankPolicy::Fixed(3), Subspace::Exact, None, &mut rng);
             assert!(own.residual_energy <= measured_residual(&basis, &xs[..1], p) * 1.001);
         }
+    }
+
+    #[test]
+    fn fast_coordinates_are_the_splits_projection() {
+        // Shapes with one sample and with several (side by side when the maps are short), ranks
+        // from 1 to 8, random data (flat spectrum) and a decaying spectrum; plus the energy policy.
+        let mut rng = ChaCha8Rng::seed_from_u64(9);
+        let sigmas: Vec<f64> = (0..12).map(|i| 10.0 * 0.6f64.powi(i)).collect();
+        for (c, p, n, r) in
+            [(64, 256, 1, 4), (48, 8, 4, 6), (64, 4, 3, 1), (16, 200, 3, 3), (512, 4, 8, 8), (3, 64, 2, 2)]
+        {
+            for spectral in [false, true] {
+                let xs: Vec<Vec<f32>> = if spectral {
+                    spectral_group(&mut rng, c, p, n, &sigmas, 1e-2)
+                } else {
+                    (0..n).map(|_| gauss(&mut rng, c * p, 1.0)).collect()
+                };
+                for policy in [RankPolicy::Fixed(r), RankPolicy::Energy { tau: 0.2, max_rank: r }] {
+                    let (basis, v) =
+                        find_basis_and_coordinates(&views(&xs), c, p, policy, Subspace::Fast, None, &mut rng);
+                    let v = v.expect("the fast subspace gives coordinates");
+                    let rp = basis.rank * p;
+                    assert_eq!(v.len(), n * rp);
+                    for (b, x) in xs.iter().enumerate() {
+                        let what = format!("c {c} p {p} n {n} {policy:?} spectral {spectral} sample {b}");
+                        let (want_v, want_residual) = split(&basis, x, p);
+                        let scale = energy(x).sqrt() / (c * p) as f64 + 1e-30;
+                        let v_b = &v[b * rp..(b + 1) * rp];
+                        for (i, (&got, &want)) in v_b.iter().zip(&want_v).enumerate() {
+                            assert!(
+                                f64::from((got - want).abs()) <= 1e-3 * scale * (c as f64).sqrt(),
+                                "{what}: v[{i}]"
+                            );
+                        }
+                        let mut residual = vec![f32::NAN; x.len()];
+                        let got_energy = residual_into(&basis, x, p, v_b, &mut residual);
+                        let err: Vec<f32> = residual.iter().zip(&want_residual).map(|(a, b)| a - b).collect();
+                        assert!(energy(&err).sqrt() <= 1e-4 * energy(x).sqrt(), "{what}: residual");
+                        assert!(close(got_energy, energy(&residual), 1e-9, 1e-30), "{what}: energy");
+                    }
+                }
+            }
+        }
+        // The exact subspace has no coordinates to give.
+        let x = gauss(&mut rng, 4 * 9, 1.0);
+        let (_, v) = find_basis_and_coordinates(&[&x], 4, 9, RankPolicy::Fixed(2), Subspace::Exact, None, &mut rng);
+        assert!(v.is_none());
     }
 
     #[test]

@@ -2,7 +2,7 @@
 //! device, the low-rank part's convolution on r virtual channels in the enclave, concurrently.
 
 use super::keystream::NoiseRng;
-use super::lowrank::{find_basis, split_into, Basis, RankPolicy};
+use super::lowrank::{find_basis_and_coordinates, residual_into, split_into, Basis, RankPolicy};
 use super::noise::{clip_and_noise, Clipped};
 use super::virtual_conv as vc;
 use super::{AsymmlConfig, BasisScope, PrivacyLedger, RankRule};
@@ -261,20 +261,36 @@ impl Asymml {
             let len = step.min(n - start);
             let samples: Vec<&[f32]> = (start..start + len).map(|b| &x[b * per..(b + 1) * per]).collect();
             let started = Instant::now();
-            let basis = find_basis(&samples, c, p, policy, self.cfg.subspace, self.warm.get(&warm_key), &mut self.rng);
+            let warm = self.warm.get(&warm_key);
+            let (basis, coordinates) =
+                find_basis_and_coordinates(&samples, c, p, policy, self.cfg.subspace, warm, &mut self.rng);
             let found = Instant::now();
             let rp = basis.rank * p;
-            let mut v = vec![0.0f32; len * rp];
-            for (i, s) in samples.iter().enumerate() {
-                let energy =
-                    split_into(&basis, s, p, &mut v[i * rp..(i + 1) * rp], &mut residual[(start + i) * per..][..per]);
-                norms[start + i] = energy.sqrt();
-            }
+            // The fast subspace hands over the coordinates; otherwise the split projects.
+            // Multiply-adds of the split: the residual's `U v`, and `U^T X` where the split projects.
+            let split_products = if coordinates.is_some() { 1 } else { 2 };
+            let v = match coordinates {
+                Some(v) => {
+                    for (i, s) in samples.iter().enumerate() {
+                        let out = &mut residual[(start + i) * per..][..per];
+                        norms[start + i] = residual_into(&basis, s, p, &v[i * rp..(i + 1) * rp], out).sqrt();
+                    }
+                    v
+                }
+                None => {
+                    let mut v = vec![0.0f32; len * rp];
+                    for (i, s) in samples.iter().enumerate() {
+                        let out = &mut residual[(start + i) * per..][..per];
+                        norms[start + i] = split_into(&basis, s, p, &mut v[i * rp..(i + 1) * rp], out).sqrt();
+                    }
+                    v
+                }
+            };
             let mut phases = self.phases.borrow_mut();
             *phases.entry("subspace").or_default() += (found - started).as_secs_f64();
             *phases.entry("split").or_default() += found.elapsed().as_secs_f64();
             drop(phases);
-            self.enclave_macs += basis.macs + (2 * len * per * basis.rank) as u64;
+            self.enclave_macs += basis.macs + (split_products * len * per * basis.rank) as u64;
             totals.rank_samples += (basis.rank * len) as f64;
             totals.samples += len as u64;
             totals.residual_energy += basis.residual_energy;
