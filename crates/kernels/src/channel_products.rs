@@ -50,13 +50,10 @@ pub fn project(u: &[f32], cols: usize, x: &[f32], positions: usize, v: &mut [f32
 /// overwritten. Returns the residual's energy, the sum of its squares accumulated in f64 (each
 /// square of an f32 is exact there): what clipping it needs, computed while the values are at hand.
 pub fn split(u: &[f32], cols: usize, x: &[f32], positions: usize, v: &mut [f32], residual: &mut [f32]) -> f64 {
-    let channels = check(u, cols, x, positions, "split");
-    assert_eq!(v.len(), cols * positions, "split: v is not cols x positions");
-    assert_eq!(residual.len(), x.len(), "split: residual is not channels x positions");
-    if cols == 0 || positions == 0 {
-        residual.copy_from_slice(x);
-        return sum_f64_of(residual, |r| r * r);
-    }
+    let channels = match split_operands(u, cols, x, positions, v.len(), residual, "split") {
+        Ok(channels) => channels,
+        Err(energy) => return energy,
+    };
     #[cfg(target_arch = "x86_64")]
     if avx512::usable(cols) {
         // SAFETY: as in `project`.
@@ -69,13 +66,10 @@ pub fn split(u: &[f32], cols: usize, x: &[f32], positions: usize, v: &mut [f32],
 /// positions`) known already (the fast subspace computes them from its own projection, saving the
 /// split its product `U^T X`). Returns the residual's energy, as [`split`] does.
 pub fn residual(u: &[f32], cols: usize, x: &[f32], positions: usize, v: &[f32], residual: &mut [f32]) -> f64 {
-    let channels = check(u, cols, x, positions, "residual");
-    assert_eq!(v.len(), cols * positions, "residual: v is not cols x positions");
-    assert_eq!(residual.len(), x.len(), "residual: output is not channels x positions");
-    if cols == 0 || positions == 0 {
-        residual.copy_from_slice(x);
-        return sum_f64_of(residual, |r| r * r);
-    }
+    let channels = match split_operands(u, cols, x, positions, v.len(), residual, "residual") {
+        Ok(channels) => channels,
+        Err(energy) => return energy,
+    };
     #[cfg(target_arch = "x86_64")]
     if avx512::usable(cols) {
         // SAFETY: as in `project`; `v` holds `cols` rows of `positions`.
@@ -101,6 +95,28 @@ pub fn power_step(x: &[f32], positions: usize, omega: &[f32], cols: usize, y: &m
         return unsafe { avx512::power_step(x, channels, positions, omega, cols, y) };
     }
     portable::power_step(x, channels, positions, omega, cols, y);
+}
+
+/// Checks a split's operands (`v` is `cols x positions`, the residual as long as `x`) and returns
+/// `channels`; with no columns or positions the residual is `x` itself, written here, and `Err`
+/// carries its energy.
+fn split_operands(
+    u: &[f32],
+    cols: usize,
+    x: &[f32],
+    positions: usize,
+    v_len: usize,
+    residual: &mut [f32],
+    what: &str,
+) -> Result<usize, f64> {
+    let channels = check(u, cols, x, positions, what);
+    assert_eq!(v_len, cols * positions, "{what}: v is not cols x positions");
+    assert_eq!(residual.len(), x.len(), "{what}: residual is not channels x positions");
+    if cols == 0 || positions == 0 {
+        residual.copy_from_slice(x);
+        return Err(sum_f64_of(residual, |r| r * r));
+    }
+    Ok(channels)
 }
 
 /// Checks that `basis` is `channels x cols` for the `channels` that `x` has; returns `channels`.
