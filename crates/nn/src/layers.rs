@@ -223,6 +223,22 @@ impl Linear {
     }
 }
 
+/// ReLU on `x`, in place (the tensor becomes the output), and its sign mask when training.
+fn relu_forward(mut x: Tensor, mode: Mode) -> (Tensor, Saved) {
+    let mut mask = vec![0u32; x.len().div_ceil(activation::MASK_BITS)];
+    activation::relu_in_place(data_mut(&mut x), &mut mask);
+    let saved = if mode == Mode::Train { Saved::Positive { mask, shape: x.shape().to_vec() } } else { Saved::Nothing };
+    (x, saved)
+}
+
+/// ReLU's backward pass on `dy`, in place.
+fn relu_backward(mut dy: Tensor, saved: Saved) -> (Tensor, Vec<Tensor>) {
+    let Saved::Positive { mask, shape } = saved else { panic!("relu backward without its mask") };
+    assert_eq!(dy.shape(), &shape[..], "relu backward: gradient shape");
+    activation::relu_backward_in_place(&mask, data_mut(&mut dy));
+    (dy, vec![])
+}
+
 impl Layer {
     /// Runs the layer. In training mode batch-norm uses (and updates) batch statistics and the
     /// returned `Saved` holds what `backward` needs; in evaluation mode it is `Saved::Nothing`.
@@ -260,13 +276,7 @@ impl Layer {
                 }
                 (y, Saved::BatchNorm { x: x.clone(), stats })
             }
-            Layer::Relu => {
-                let mut y = zeros(x.shape());
-                let mut mask = vec![0u32; y.len().div_ceil(activation::MASK_BITS)];
-                activation::relu_forward(data(x), data_mut(&mut y), &mut mask);
-                let saved = if train { Saved::Positive { mask, shape: x.shape().to_vec() } } else { Saved::Nothing };
-                (y, saved)
-            }
+            Layer::Relu => relu_forward(x.clone(), mode),
             Layer::MaxPool(p) => {
                 let g = p.geometry(x.shape());
                 let mut y = zeros(&[g.batch, g.channels, g.out_h(), g.out_w()]);
@@ -299,6 +309,23 @@ impl Layer {
         }
     }
 
+    /// [`Layer::forward`] on an input the caller gives up: a ReLU then works in place instead of
+    /// allocating its output.
+    pub fn forward_owned(&mut self, x: Tensor, mode: Mode) -> (Tensor, Saved) {
+        match self {
+            Layer::Relu => relu_forward(x, mode),
+            _ => self.forward(&x, mode),
+        }
+    }
+
+    /// [`Layer::backward`] on an output gradient the caller gives up: a ReLU then masks it in place.
+    pub fn backward_owned(&self, dy: Tensor, saved: Saved) -> (Tensor, Vec<Tensor>) {
+        match (self, saved) {
+            (Layer::Relu, saved @ Saved::Positive { .. }) => relu_backward(dy, saved),
+            (_, saved) => self.backward(&dy, saved),
+        }
+    }
+
     /// Gradients: `dx` and one gradient per entry of `params()`, in that order.
     pub fn backward(&self, dy: &Tensor, saved: Saved) -> (Tensor, Vec<Tensor>) {
         match (self, saved) {
@@ -320,11 +347,7 @@ impl Layer {
                 );
                 (dx, vec![dg, db])
             }
-            (Layer::Relu, Saved::Positive { mask, shape }) => {
-                let mut dx = zeros(&shape);
-                activation::relu_backward(&mask, data(dy), data_mut(&mut dx));
-                (dx, vec![])
-            }
+            (Layer::Relu, saved @ Saved::Positive { .. }) => relu_backward(dy.clone(), saved),
             (Layer::MaxPool(p), Saved::MaxPool { argmax, in_shape }) => {
                 let g = p.geometry(&in_shape);
                 let mut dx = zeros(&in_shape);

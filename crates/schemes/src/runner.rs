@@ -155,8 +155,10 @@ impl SplitRunner {
         let mut h = x;
         for (i, layer) in model.layers.iter_mut().enumerate() {
             let name = format!("layers.{i}");
+            let bytes = h.len() * 4;
+            let input = take(&mut h);
             let (y, saved) =
-                self.with_transient(h.len() * 4, |p| forward_layer(p, layer, &name, i == 0, &h, Mode::Train))?;
+                self.with_transient(bytes, |p| forward_layer(p, layer, &name, i == 0, input, Mode::Train))?;
             kept.push(self.keep(saved)?);
             h = y;
         }
@@ -171,7 +173,10 @@ impl SplitRunner {
         for (i, layer) in model.layers.iter().enumerate().rev() {
             let saved = self.restore(kept.pop().expect("one context per layer"))?;
             let name = format!("layers.{i}");
-            let (dx, grads) = self.with_transient(g.len() * 4, |p| backward_layer(p, layer, &name, &g, saved))?;
+            let bytes = g.len() * 4;
+            let output_gradient = take(&mut g);
+            let (dx, grads) =
+                self.with_transient(bytes, |p| backward_layer(p, layer, &name, output_gradient, saved))?;
             per_layer.push(grads);
             g = dx;
         }
@@ -200,7 +205,9 @@ impl SplitRunner {
         let mut result = Ok(());
         for (i, layer) in model.layers.iter_mut().enumerate() {
             let name = format!("layers.{i}");
-            match self.with_transient(h.len() * 4, |p| forward_layer(p, layer, &name, i == 0, &h, Mode::Eval)) {
+            let bytes = h.len() * 4;
+            let input = take(&mut h);
+            match self.with_transient(bytes, |p| forward_layer(p, layer, &name, i == 0, input, Mode::Eval)) {
                 Ok((y, _)) => h = y,
                 Err(e) => {
                     result = Err(e);
@@ -294,7 +301,7 @@ fn forward_list(
     let mut saved = Vec::with_capacity(layers.len());
     let mut h = x.clone();
     for (i, l) in layers.iter_mut().enumerate() {
-        let (y, s) = forward_layer(p, l, &format!("{prefix}.{i}"), false, &h, mode)?;
+        let (y, s) = forward_layer(p, l, &format!("{prefix}.{i}"), false, take(&mut h), mode)?;
         saved.push(s);
         h = y;
     }
@@ -306,22 +313,29 @@ fn forward_layer(
     layer: &mut Layer,
     name: &str,
     is_input: bool,
-    x: &Tensor,
+    x: Tensor,
     mode: Mode,
 ) -> PlacementResult<(Tensor, Saved)> {
-    let keep = |x: &Tensor| if mode == Mode::Train { Saved::Input(x.clone()) } else { Saved::Nothing };
     Ok(match layer {
-        Layer::Conv2d(c) => p.conv_forward(name, is_input, c, x, mode)?,
-        Layer::Linear(l) => (p.linear_forward(name, is_input, l, x)?, keep(x)),
+        Layer::Conv2d(c) => p.conv_forward(name, is_input, c, &x, mode)?,
+        Layer::Linear(l) => {
+            let y = p.linear_forward(name, is_input, l, &x)?;
+            (y, if mode == Mode::Train { Saved::Input(x) } else { Saved::Nothing })
+        }
         Layer::Residual(r) => {
-            let (mut y, main) = forward_list(p, &mut r.main, &format!("{name}.main"), x, mode)?;
-            let (s, shortcut) = forward_list(p, &mut r.shortcut, &format!("{name}.shortcut"), x, mode)?;
+            let (mut y, main) = forward_list(p, &mut r.main, &format!("{name}.main"), &x, mode)?;
+            let (s, shortcut) = forward_list(p, &mut r.shortcut, &format!("{name}.shortcut"), &x, mode)?;
             elementwise::add_assign(data_mut(&mut y), data(&s));
             let saved = if mode == Mode::Train { Saved::Residual { main, shortcut } } else { Saved::Nothing };
             (y, saved)
         }
-        other => other.forward(x, mode),
+        other => other.forward_owned(x, mode),
     })
+}
+
+/// Moves a tensor out, leaving an empty one (no allocation) in its place.
+fn take(t: &mut Tensor) -> Tensor {
+    std::mem::replace(t, zeros(&[0]))
 }
 
 fn backward_list(
@@ -334,7 +348,7 @@ fn backward_list(
     let mut per_layer = Vec::with_capacity(layers.len());
     let mut g = dy.clone();
     for (i, (l, s)) in layers.iter().zip(saved).enumerate().rev() {
-        let (dx, grads) = backward_layer(p, l, &format!("{prefix}.{i}"), &g, s)?;
+        let (dx, grads) = backward_layer(p, l, &format!("{prefix}.{i}"), take(&mut g), s)?;
         per_layer.push(grads);
         g = dx;
     }
@@ -346,20 +360,20 @@ fn backward_layer(
     p: &mut dyn Placement,
     layer: &Layer,
     name: &str,
-    dy: &Tensor,
+    dy: Tensor,
     saved: Saved,
 ) -> PlacementResult<(Tensor, Vec<Tensor>)> {
     match (layer, saved) {
-        (Layer::Conv2d(c), saved) => p.conv_backward(name, c, saved, dy),
-        (Layer::Linear(l), Saved::Input(x)) => p.linear_backward(name, l, &x, dy),
+        (Layer::Conv2d(c), saved) => p.conv_backward(name, c, saved, &dy),
+        (Layer::Linear(l), Saved::Input(x)) => p.linear_backward(name, l, &x, &dy),
         (Layer::Residual(r), Saved::Residual { main, shortcut }) => {
-            let (mut dx, mut grads) = backward_list(p, &r.main, &format!("{name}.main"), dy, main)?;
-            let (ds, short) = backward_list(p, &r.shortcut, &format!("{name}.shortcut"), dy, shortcut)?;
+            let (mut dx, mut grads) = backward_list(p, &r.main, &format!("{name}.main"), &dy, main)?;
+            let (ds, short) = backward_list(p, &r.shortcut, &format!("{name}.shortcut"), &dy, shortcut)?;
             elementwise::add_assign(data_mut(&mut dx), data(&ds));
             grads.extend(short);
             Ok((dx, grads))
         }
-        (l, s) => Ok(l.backward(dy, s)),
+        (l, s) => Ok(l.backward_owned(dy, s)),
     }
 }
 
