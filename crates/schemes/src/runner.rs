@@ -295,11 +295,11 @@ fn forward_list(
     p: &mut dyn Placement,
     layers: &mut [Layer],
     prefix: &str,
-    x: &Tensor,
+    x: Tensor,
     mode: Mode,
 ) -> PlacementResult<(Tensor, Vec<Saved>)> {
     let mut saved = Vec::with_capacity(layers.len());
-    let mut h = x.clone();
+    let mut h = x;
     for (i, l) in layers.iter_mut().enumerate() {
         let (y, s) = forward_layer(p, l, &format!("{prefix}.{i}"), false, take(&mut h), mode)?;
         saved.push(s);
@@ -323,8 +323,8 @@ fn forward_layer(
             (y, if mode == Mode::Train { Saved::Input(x) } else { Saved::Nothing })
         }
         Layer::Residual(r) => {
-            let (mut y, main) = forward_list(p, &mut r.main, &format!("{name}.main"), &x, mode)?;
-            let (s, shortcut) = forward_list(p, &mut r.shortcut, &format!("{name}.shortcut"), &x, mode)?;
+            let (mut y, main) = forward_list(p, &mut r.main, &format!("{name}.main"), x.clone(), mode)?;
+            let (s, shortcut) = forward_list(p, &mut r.shortcut, &format!("{name}.shortcut"), x, mode)?;
             elementwise::add_assign(data_mut(&mut y), data(&s));
             let saved = if mode == Mode::Train { Saved::Residual { main, shortcut } } else { Saved::Nothing };
             (y, saved)
@@ -342,11 +342,11 @@ fn backward_list(
     p: &mut dyn Placement,
     layers: &[Layer],
     prefix: &str,
-    dy: &Tensor,
+    dy: Tensor,
     saved: Vec<Saved>,
 ) -> PlacementResult<(Tensor, Vec<Tensor>)> {
     let mut per_layer = Vec::with_capacity(layers.len());
-    let mut g = dy.clone();
+    let mut g = dy;
     for (i, (l, s)) in layers.iter().zip(saved).enumerate().rev() {
         let (dx, grads) = backward_layer(p, l, &format!("{prefix}.{i}"), take(&mut g), s)?;
         per_layer.push(grads);
@@ -367,8 +367,8 @@ fn backward_layer(
         (Layer::Conv2d(c), saved) => p.conv_backward(name, c, saved, &dy),
         (Layer::Linear(l), Saved::Input(x)) => p.linear_backward(name, l, &x, &dy),
         (Layer::Residual(r), Saved::Residual { main, shortcut }) => {
-            let (mut dx, mut grads) = backward_list(p, &r.main, &format!("{name}.main"), &dy, main)?;
-            let (ds, short) = backward_list(p, &r.shortcut, &format!("{name}.shortcut"), &dy, shortcut)?;
+            let (mut dx, mut grads) = backward_list(p, &r.main, &format!("{name}.main"), dy.clone(), main)?;
+            let (ds, short) = backward_list(p, &r.shortcut, &format!("{name}.shortcut"), dy, shortcut)?;
             elementwise::add_assign(data_mut(&mut dx), data(&ds));
             grads.extend(short);
             Ok((dx, grads))

@@ -67,10 +67,20 @@ pub fn clip_and_noise(
         for block in row.chunks_mut(WORDS) {
             let z = &mut z[..block.len()];
             table.fill(rng, z);
-            table.scale_and_add(block, scale, z, std);
+            scale_and_add(block, scale, z, std);
         }
     }
     out
+}
+
+trustsplit_kernels::simd::multiversion! {
+    /// `v = v * scale + z * std` for each value and its normal, compiled for the CPU's widest
+    /// vectors (separate roundings, no fused multiply-add, on every path).
+    fn scale_and_add(values: &mut [f32], scale: f32, z: &[f32], std: f32) {
+        for (v, &z) in values.iter_mut().zip(z) {
+            *v = *v * scale + z * std;
+        }
+    }
 }
 
 /// Random words pulled from the keystream at once.
@@ -250,19 +260,6 @@ impl Ziggurat {
         self.fill_scalar(rng, out)
     }
 
-    /// `v = v * scale + z * std` for each value and its normal (separate roundings, no fused
-    /// multiply-add, on either path).
-    fn scale_and_add(&self, values: &mut [f32], scale: f32, z: &[f32], std: f32) {
-        #[cfg(target_arch = "x86_64")]
-        if self.avx512 {
-            // SAFETY: as in `fill`.
-            return unsafe { avx512::scale_and_add(values, scale, z, std) };
-        }
-        for (v, &z) in values.iter_mut().zip(z) {
-            *v = *v * scale + z * std;
-        }
-    }
-
     /// [`Ziggurat::fill`] in portable code.
     fn fill_scalar(&self, rng: &mut NoiseRng, out: &mut [f32]) {
         let mut words = [0u32; WORDS];
@@ -432,14 +429,6 @@ mod avx512 {
             for (o, &w) in out[tail..].iter_mut().zip(&words[tail..]) {
                 *o = t.draw(w, rng);
             }
-        }
-    }
-
-    /// [`Ziggurat::scale_and_add`]'s loop, compiled for 16 lanes.
-    #[target_feature(enable = "avx512f")]
-    pub fn scale_and_add(values: &mut [f32], scale: f32, z: &[f32], std: f32) {
-        for (v, &z) in values.iter_mut().zip(z) {
-            *v = *v * scale + z * std;
         }
     }
 

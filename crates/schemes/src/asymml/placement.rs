@@ -267,25 +267,16 @@ impl Asymml {
             let found = Instant::now();
             let rp = basis.rank * p;
             // The fast subspace hands over the coordinates; otherwise the split projects.
+            let given = coordinates.is_some();
+            let mut v = coordinates.unwrap_or_else(|| vec![0.0f32; len * rp]);
+            for (i, s) in samples.iter().enumerate() {
+                let (v_i, out) = (&mut v[i * rp..(i + 1) * rp], &mut residual[(start + i) * per..][..per]);
+                let energy =
+                    if given { residual_into(&basis, s, p, v_i, out) } else { split_into(&basis, s, p, v_i, out) };
+                norms[start + i] = energy.sqrt();
+            }
             // Multiply-adds of the split: the residual's `U v`, and `U^T X` where the split projects.
-            let split_products = if coordinates.is_some() { 1 } else { 2 };
-            let v = match coordinates {
-                Some(v) => {
-                    for (i, s) in samples.iter().enumerate() {
-                        let out = &mut residual[(start + i) * per..][..per];
-                        norms[start + i] = residual_into(&basis, s, p, &v[i * rp..(i + 1) * rp], out).sqrt();
-                    }
-                    v
-                }
-                None => {
-                    let mut v = vec![0.0f32; len * rp];
-                    for (i, s) in samples.iter().enumerate() {
-                        let out = &mut residual[(start + i) * per..][..per];
-                        norms[start + i] = split_into(&basis, s, p, &mut v[i * rp..(i + 1) * rp], out).sqrt();
-                    }
-                    v
-                }
-            };
+            let split_products = if given { 1 } else { 2 };
             let mut phases = self.phases.borrow_mut();
             *phases.entry("subspace").or_default() += (found - started).as_secs_f64();
             *phases.entry("split").or_default() += found.elapsed().as_secs_f64();
