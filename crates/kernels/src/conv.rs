@@ -8,6 +8,7 @@
 //! little memory.
 
 use crate::matmul::{matmul, parallelism, threads, MatRef};
+use crate::thin_conv;
 use gemm::Parallelism;
 use rayon::prelude::*;
 
@@ -382,13 +383,21 @@ pub fn conv2d_backward_data(g: &ConvGeometry, dy: &[f32], w: &[f32], dx: &mut [f
     });
 }
 
-/// Weight (and bias) gradients: `dw = sum_n dy_n * patches(x_n)^T`, `dbias = sum dy`.
-/// `dw` and `dbias` are overwritten.
+/// Weight (and bias) gradients: `dw = sum_n dy_n * patches(x_n)^T`, `dbias = sum dy`; with few
+/// input channels (a network's RGB input) by [`thin_conv`] where it fits. `dw` and `dbias` are
+/// overwritten.
 pub fn conv2d_backward_weight(g: &ConvGeometry, x: &[f32], dy: &[f32], dw: &mut [f32], dbias: Option<&mut [f32]>) {
     g.check();
     assert_eq!(x.len(), g.input_len(), "conv2d_backward_weight: input length");
     assert_eq!(dy.len(), g.output_len(), "conv2d_backward_weight: output-gradient length");
     assert_eq!(dw.len(), g.weight_len(), "conv2d_backward_weight: weight-gradient length");
+    if thin_conv::fits(g, g.in_channels) {
+        thin_conv::backward_weight_few_inputs(g, x, dy, dw);
+        if let Some(db) = dbias {
+            bias_gradient(g, dy, db);
+        }
+        return;
+    }
     if let Some(t) = g.transposed() {
         // The transposed convolution maps dy to x, so its weight gradient pairs them the other way.
         let mut dw_t = vec![0.0f32; dw.len()];
@@ -451,7 +460,8 @@ pub fn conv2d_backward_weight(g: &ConvGeometry, x: &[f32], dy: &[f32], dw: &mut 
 /// as AsymML's virtual channels: per sample `dw += dy_n * patches(x_n)^T` with `dy_n` read in place
 /// as the left operand, so the large side is neither gathered nor read through a transposed view;
 /// only the small patch matrix is unrolled. Past [`FEW_INPUTS`] input channels it takes the
-/// unrolled route, which wins there. `dw` is overwritten.
+/// unrolled route, which wins there; where [`thin_conv::fits`], the direct AVX-512 correlation.
+/// `dw` is overwritten.
 pub fn conv2d_backward_weight_few_inputs(g: &ConvGeometry, x: &[f32], dy: &[f32], dw: &mut [f32]) {
     if g.in_channels > FEW_INPUTS {
         return conv2d_backward_weight(g, x, dy, dw, None);
@@ -460,6 +470,16 @@ pub fn conv2d_backward_weight_few_inputs(g: &ConvGeometry, x: &[f32], dy: &[f32]
     assert_eq!(x.len(), g.input_len(), "conv2d_backward_weight_few_inputs: input length");
     assert_eq!(dy.len(), g.output_len(), "conv2d_backward_weight_few_inputs: output-gradient length");
     assert_eq!(dw.len(), g.weight_len(), "conv2d_backward_weight_few_inputs: weight-gradient length");
+    if thin_conv::fits(g, g.in_channels) {
+        return thin_conv::backward_weight_few_inputs(g, x, dy, dw);
+    }
+    backward_weight_few_inputs_by_gemm(g, x, dy, dw);
+}
+
+/// [`conv2d_backward_weight_few_inputs`] without the direct route (public for the benchmark that
+/// compares the two: `cargo run --release -p trustsplit-kernels --example thin_conv`).
+#[doc(hidden)]
+pub fn backward_weight_few_inputs_by_gemm(g: &ConvGeometry, x: &[f32], dy: &[f32], dw: &mut [f32]) {
     let (hw, cout, plen) = (g.out_pixels(), g.out_channels, g.patch_len());
     let in_len = g.in_channels * g.in_h * g.in_w;
     let par = parallelism(threads());
@@ -524,8 +544,8 @@ fn swap_leading_axes(src: &[f32], a: usize, b: usize, kk: usize, dst: &mut [f32]
 /// [`conv2d_backward_weight`] (without the bias) for a convolution with few output channels, such
 /// as AsymML's virtual output channels: per sample `acc += x_n * spread_n^T`, with `x_n` read in
 /// place as the left operand and only the small output gradient spread out, so the large input
-/// is never unrolled. Past [`FEW_OUTPUTS`] output channels it takes the unrolled route. `dw` is
-/// overwritten.
+/// is never unrolled. Past [`FEW_OUTPUTS`] output channels it takes the unrolled route; where
+/// [`thin_conv::fits`], the direct AVX-512 correlation. `dw` is overwritten.
 pub fn conv2d_backward_weight_few_outputs(g: &ConvGeometry, x: &[f32], dy: &[f32], dw: &mut [f32]) {
     if g.out_channels > FEW_OUTPUTS {
         return conv2d_backward_weight(g, x, dy, dw, None);
@@ -534,6 +554,15 @@ pub fn conv2d_backward_weight_few_outputs(g: &ConvGeometry, x: &[f32], dy: &[f32
     assert_eq!(x.len(), g.input_len(), "conv2d_backward_weight_few_outputs: input length");
     assert_eq!(dy.len(), g.output_len(), "conv2d_backward_weight_few_outputs: output-gradient length");
     assert_eq!(dw.len(), g.weight_len(), "conv2d_backward_weight_few_outputs: weight-gradient length");
+    if thin_conv::fits(g, g.out_channels) {
+        return thin_conv::backward_weight_few_outputs(g, x, dy, dw);
+    }
+    backward_weight_few_outputs_by_gemm(g, x, dy, dw);
+}
+
+/// [`conv2d_backward_weight_few_outputs`] without the direct route (public for the benchmark).
+#[doc(hidden)]
+pub fn backward_weight_few_outputs_by_gemm(g: &ConvGeometry, x: &[f32], dy: &[f32], dw: &mut [f32]) {
     let (c, kk, in_hw) = (g.in_channels, g.kernel_h * g.kernel_w, g.in_h * g.in_w);
     let rows = g.out_channels * kk;
     let mut spread = vec![0.0f32; rows * in_hw];

@@ -17,6 +17,7 @@ pub mod matmul;
 pub mod pool;
 pub mod simd;
 pub mod tap_products;
+pub mod thin_conv;
 
 pub use conv::ConvGeometry;
 pub use pool::PoolGeometry;
