@@ -221,7 +221,9 @@ mod avx512 {
             for_each_vector(p, &masks, |p0, masks| {
                 let wide = rows.map(|row| _mm512_loadu_ps(row.add(p0)));
                 for (t, &(off, col)) in offsets.iter().enumerate() {
-                    let tap = _mm512_maskz_loadu_ps(masks[col], base.offset(p0 as isize + off));
+                    let at = base.offset(p0 as isize + off);
+                    // The centre column never crosses a row's edge.
+                    let tap = if col == 1 { _mm512_loadu_ps(at) } else { _mm512_maskz_loadu_ps(masks[col], at) };
                     for (sum, w) in sums.iter_mut().zip(&wide) {
                         sum[t] = _mm512_fmadd_ps(*w, tap, sum[t]);
                     }
