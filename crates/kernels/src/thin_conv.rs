@@ -15,7 +15,7 @@
 //! up); [`fits`] says when a geometry qualifies, and callers take the GEMM route otherwise.
 //!
 //! The forward pass and the input gradient were tried the same way (weights broadcast against
-//! shifted planes) and dropped: no faster than the GEMM route at 1 thread, and 4x slower at 32x32
+//! shifted planes) and dropped: no faster than the GEMM route at 1 thread, and 2-4x slower at 32x32
 //! where the channels' 4 KiB distance aliases in the store buffer (BENCHMARKS.md).
 
 use crate::conv::ConvGeometry;
