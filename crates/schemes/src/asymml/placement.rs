@@ -527,7 +527,16 @@ impl Placement for Asymml {
             } else {
                 gparts.residual.fill(0.0); // only rounding is left; the enclave keeps the whole gradient
             }
-            let dy_effective = timed(&self.phases, "split", || recombine(&gparts.groups, &gparts.residual, out_hw));
+            // The input side's `corr(U V, dY)` wants the whole effective gradient `P Q + R`: by
+            // pairs of factors where every group is factored (`corr(U V, R)` plus the small
+            // `P corr(V, Q)`), else on the rebuilt tensor.
+            let (xf, gf) = (factors(&x_groups), factors(&gparts.groups));
+            let by_pairs = releases && vc::LowRankWeightGradient::pairs_cover(&g, &xf, &gf);
+            let dy_effective = if by_pairs {
+                None
+            } else {
+                Some(timed(&self.phases, "split", || recombine(&gparts.groups, &gparts.residual, out_hw)))
+            };
             let residual_released = pending.residual.is_some();
             let device_dx = need_dx && releases;
             let device_dw = residual_released && releases;
@@ -539,10 +548,16 @@ impl Placement for Asymml {
             };
             let weight = device_dx.then(|| self.release_weight(layer, conv));
             let x_residual = pending.residual.as_ref().map(|r| r.get().as_slice());
-            let (xf, gf) = (factors(&x_groups), factors(&gparts.groups));
+            let released_grad = grad.as_ref().map(|r| r.get().as_slice());
             let enclave = || {
                 let mut low_rank = vc::LowRankWeightGradient::default();
-                let mut macs = low_rank.add_input_side(&g, &xf, &dy_effective);
+                let mut macs = match &dy_effective {
+                    Some(dy) => low_rank.add_input_side(&g, &xf, dy),
+                    None => {
+                        let residual = released_grad.expect("released when paired");
+                        low_rank.add_input_side(&g, &xf, residual) + low_rank.add_low_rank_pairs(&g, &xf, &gf)
+                    }
+                };
                 if need_dx {
                     macs += vc::low_rank_input_gradient(&g, w, &gf, &mut dx);
                 }

@@ -316,6 +316,53 @@ impl LowRankWeightGradient {
         macs
     }
 
+    /// Whether [`LowRankWeightGradient::add_low_rank_pairs`] can stand in for adding `P Q` to the
+    /// output gradient before [`LowRankWeightGradient::add_input_side`]: every input group with a
+    /// basis is factored, and each is paired with the output-gradient group over the same samples.
+    pub fn pairs_cover(g: &ConvGeometry, x_groups: &[Factors], dy_groups: &[Factors]) -> bool {
+        let (factored, direct) = partition(g, x_groups, g.in_channels);
+        direct.is_empty() && factored.iter().all(|f| dy_groups.iter().any(|d| d.start == f.start && d.len == f.len))
+    }
+
+    /// Adds `corr(U V, P Q)` for each input group and the output-gradient group over the same
+    /// samples, to the input-side term that [`LowRankWeightGradient::add_input_side`] left:
+    /// `corr(V, P Q) = P corr(V, Q)`, whose `corr(V, Q)` has `r_x r_dy k^2` entries. With the
+    /// output gradient split as `P Q + R`, `add_input_side` on `R` and this give the input side of
+    /// the whole gradient without rebuilding `P Q + R`. Requires [`LowRankWeightGradient::pairs_cover`].
+    /// Returns the multiply-adds spent.
+    pub fn add_low_rank_pairs(&mut self, g: &ConvGeometry, x_groups: &[Factors], dy_groups: &[Factors]) -> u64 {
+        assert!(Self::pairs_cover(g, x_groups, dy_groups), "add_low_rank_pairs: groups not paired");
+        let Some((_, d, total)) = &mut self.inputs else {
+            return 0; // no input group has a basis
+        };
+        let (co, kk, total) = (g.out_channels, taps(g), *total);
+        let (factored, _) = partition(g, x_groups, g.in_channels);
+        let mut macs = 0;
+        let mut row = 0;
+        for f in &factored {
+            let pair = dy_groups.iter().find(|q| q.start == f.start && q.len == f.len).expect("paired");
+            let (rx, rq) = (f.rank, pair.rank);
+            if rq > 0 {
+                // corr(V, Q): a convolution from rx channels to rq, its weight gradient (rq x rx x kk).
+                let gv = ConvGeometry { batch: f.len, in_channels: rx, out_channels: rq, ..*g };
+                let mut c = vec![0.0f32; gv.weight_len()];
+                conv2d_backward_weight_few_inputs(&gv, f.coords, pair.coords, &mut c);
+                macs += gv.forward_macs();
+                // D[o, row + i, t] += sum_j P[o, j] c[j, i, t].
+                for o in 0..co {
+                    let d_o = &mut d[(o * total + row) * kk..][..rx * kk];
+                    for j in 0..rq {
+                        let p = pair.basis[o * rq + j];
+                        d_o.iter_mut().zip(&c[j * rx * kk..(j + 1) * rx * kk]).for_each(|(d, c)| *d += p * c);
+                    }
+                }
+                macs += (co * rq * rx * kk) as u64;
+            }
+            row += rx;
+        }
+        macs
+    }
+
     /// Adds `corr(X, P Q)` for every group (the factors live on the output channels); `x` is the
     /// whole batch's input. Returns the multiply-adds spent.
     pub fn add_output_side(&mut self, g: &ConvGeometry, x: &[f32], groups: &[Factors]) -> u64 {
@@ -437,6 +484,7 @@ mod tests {
     fn factored_products_equal_the_full_convolution() {
         let mut rng = ChaCha8Rng::seed_from_u64(41);
         let mut paths = [0usize; 2];
+        let mut paired = 0;
         for _ in 0..60 {
             let g = geometry(&mut rng);
             let (c, co, n) = (g.in_channels, g.out_channels, g.batch);
@@ -491,7 +539,26 @@ mod tests {
             let diff: Vec<f32> = got.iter().zip(&start).map(|(a, b)| a - b).collect();
             let want: Vec<f32> = want_u.iter().zip(&want_p).map(|(a, b)| a + b).collect();
             close(&diff, &want, "weight gradient (U V and P Q together)");
+
+            // The input side of a gradient split as P Q + R, without rebuilding it.
+            let (xv, gv) = (view(&xs), view(&gs));
+            if LowRankWeightGradient::pairs_cover(&g, &xv, &gv) {
+                paired += 1;
+                let r = random(&mut rng, g.output_len());
+                let whole: Vec<f32> = r.iter().zip(&dy_low).map(|(a, b)| a + b).collect();
+                let mut want = start.clone();
+                let mut lr = LowRankWeightGradient::default();
+                lr.add_input_side(&g, &xv, &whole);
+                lr.add_to(&g, &mut want);
+                let mut got = start.clone();
+                let mut lr = LowRankWeightGradient::default();
+                lr.add_input_side(&g, &xv, &r);
+                lr.add_low_rank_pairs(&g, &xv, &gv);
+                lr.add_to(&g, &mut got);
+                close(&got, &want, "weight gradient (U V against R, then P Q by pairs)");
+            }
         }
         assert!(paths[0] > 0 && paths[1] > 0, "both the direct and the factored path must be exercised: {paths:?}");
+        assert!(paired > 5, "the paired input side must be exercised: {paired} times");
     }
 }
