@@ -11,6 +11,22 @@ crate::simd::multiversion! {
 }
 
 crate::simd::multiversion! {
+    /// `acc += x`, then `+ bias[c]` on each plane of `acc` (laid out `N x C x per_channel`, with
+    /// `C = bias.len()`): a merge and a bias in one pass, rounding as the two passes would.
+    pub fn add_assign_with_bias(acc: &mut [f32], x: &[f32], bias: &[f32], per_channel: usize) {
+        assert_eq!(acc.len(), x.len(), "add_assign_with_bias: lengths differ");
+        assert!(per_channel > 0 && !bias.is_empty(), "add_assign_with_bias: empty planes or bias");
+        assert_eq!(acc.len() % (bias.len() * per_channel), 0, "add_assign_with_bias: not N x C x per_channel");
+        let planes = acc.chunks_exact_mut(per_channel).zip(x.chunks_exact(per_channel));
+        for ((a_plane, x_plane), b) in planes.zip(bias.iter().cycle()) {
+            for (a, &v) in a_plane.iter_mut().zip(x_plane) {
+                *a = *a + v + *b;
+            }
+        }
+    }
+}
+
+crate::simd::multiversion! {
     /// `out = a + b`.
     pub fn add(a: &[f32], b: &[f32], out: &mut [f32]) {
         assert!(a.len() == b.len() && b.len() == out.len(), "add: lengths differ");
@@ -114,6 +130,28 @@ mod tests {
             }
         }
         assert_eq!(sum(&[]), 0.0);
+    }
+
+    #[test]
+    fn merge_with_bias_is_the_two_passes_bit_for_bit() {
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(5);
+        for _ in 0..30 {
+            let (n, c, p) = (rng.random_range(1..4), rng.random_range(1..6), rng.random_range(1..70));
+            let mut acc: Vec<f32> = (0..n * c * p).map(|_| rng.random_range(-2.0f32..2.0)).collect();
+            let x: Vec<f32> = (0..n * c * p).map(|_| rng.random_range(-2.0f32..2.0)).collect();
+            let bias: Vec<f32> = (0..c).map(|_| rng.random_range(-2.0f32..2.0)).collect();
+            let mut want = acc.clone();
+            for (i, w) in want.iter_mut().enumerate() {
+                *w += x[i];
+                *w += bias[(i / p) % c];
+            }
+            for level in [crate::simd::Level::Baseline, crate::simd::Level::Avx512] {
+                let mut got = acc.clone();
+                crate::simd::with_level_cap(level, || add_assign_with_bias(&mut got, &x, &bias, p));
+                assert_eq!(got, want, "{n} x {c} x {p} at {level:?}");
+            }
+            acc.clear();
+        }
     }
 
     #[test]

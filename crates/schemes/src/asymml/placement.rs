@@ -18,7 +18,7 @@ use trustsplit_boundary::secret::WireSize;
 use trustsplit_boundary::{Released, Transcript};
 use trustsplit_device::{Device, DeviceError, DeviceStats};
 use trustsplit_kernels::conv::ConvGeometry;
-use trustsplit_kernels::elementwise::add_assign;
+use trustsplit_kernels::elementwise::{add_assign, add_assign_with_bias};
 use trustsplit_nn::layers::{Conv2d, Linear};
 use trustsplit_nn::tensor::{data, from_vec};
 use trustsplit_nn::{Layer, Mode, Model, Saved, Tensor};
@@ -454,6 +454,7 @@ impl Placement for Asymml {
             self.enclave_macs += timed(&self.phases, "low-rank products", || {
                 vc::low_rank_forward(&g, data(&conv.weight), &factors(&parts.groups), &mut y)
             });
+            add_bias(&mut y, conv.bias.as_ref(), out_c, out_hw);
         } else {
             let bound = self.cfg.clip_norm * ((c * p) as f64).sqrt();
             let z = self.cfg.noise_multiplier;
@@ -475,10 +476,12 @@ impl Placement for Asymml {
             self.device_macs += g.forward_macs();
             let out_shape = [n, out_c, g.out_h(), g.out_w()];
             let from_device = self.received(layer, "output", &out_shape, from_device)?;
-            add_assign(&mut y, &from_device);
+            match &conv.bias {
+                Some(b) => add_assign_with_bias(&mut y, &from_device, data(b), out_hw),
+                None => add_assign(&mut y, &from_device),
+            }
             pending.residual = Some(residual);
         }
-        add_bias(&mut y, conv.bias.as_ref(), out_c, out_hw);
         let y = from_vec(&[n, out_c, g.out_h(), g.out_w()], y);
         if mode != Mode::Train {
             return Ok((y, Saved::Nothing));

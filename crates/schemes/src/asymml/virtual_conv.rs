@@ -148,6 +148,18 @@ fn write_rows(groups: &[Factors], all: &mut [f32], per: usize, write: impl FnOnc
     }
 }
 
+/// Zeroes the rows (`per` values per sample) of the samples no group with a basis covers: the
+/// products overwrite every other row, so the whole output need not be cleared first.
+fn zero_rows_without_factors(groups: &[Factors], per: usize, out: &mut [f32]) {
+    let mut covered = vec![false; out.len() / per.max(1)];
+    for f in groups.iter().filter(|f| f.rank > 0) {
+        covered[f.start..f.start + f.len].iter_mut().for_each(|c| *c = true);
+    }
+    for (row, _) in out.chunks_exact_mut(per.max(1)).zip(&covered).filter(|(_, &c)| !c) {
+        row.fill(0.0);
+    }
+}
+
 /// The stacked transposed bases `[U_1^T; U_2^T; ...]` (`sum r x channels`).
 fn stacked_transposes(groups: &[Factors], channels: usize) -> Vec<f32> {
     let total: usize = groups.iter().map(|f| f.rank).sum();
@@ -181,9 +193,9 @@ fn side_by_side(groups: &[Factors], channels: usize) -> Vec<f32> {
 /// `y = conv(U V, W)` for every group (overwrites `y`, the whole batch's `N x C_out x H' x W'`).
 /// Returns the multiply-adds spent.
 pub fn low_rank_forward(g: &ConvGeometry, w: &[f32], groups: &[Factors], y: &mut [f32]) -> u64 {
-    y.fill(0.0);
     let (c, kk, p) = (g.in_channels, taps(g), g.in_h * g.in_w);
     let out_per = g.out_channels * g.out_h() * g.out_w();
+    zero_rows_without_factors(groups, out_per, y);
     let (factored, direct) = partition(g, groups, c);
     let mut macs = 0;
     if !direct.is_empty() {
@@ -219,9 +231,9 @@ pub fn low_rank_forward(g: &ConvGeometry, w: &[f32], groups: &[Factors], y: &mut
 /// `dx = conv_transpose(P Q, W)` for every group (overwrites `dx`, the whole batch's input
 /// gradient); the factors live on the output channels.
 pub fn low_rank_input_gradient(g: &ConvGeometry, w: &[f32], groups: &[Factors], dx: &mut [f32]) -> u64 {
-    dx.fill(0.0);
     let (co, po) = (g.out_channels, g.out_h() * g.out_w());
     let in_per = g.in_channels * g.in_h * g.in_w;
+    zero_rows_without_factors(groups, in_per, dx);
     let (factored, direct) = partition(g, groups, co);
     let mut macs = 0;
     if !direct.is_empty() {
