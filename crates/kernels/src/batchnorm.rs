@@ -3,7 +3,7 @@
 //! Statistics are accumulated in f64: a channel of a large batch sums hundreds of thousands of
 //! values, and the variance of nearly constant channels would otherwise lose its digits.
 
-use crate::elementwise::{dot_f64_of, sum_f64_of};
+use crate::elementwise::{sum_and_dot_f64_of, sum_f64_of};
 use crate::simd::multiversion;
 use rayon::prelude::*;
 
@@ -123,8 +123,9 @@ pub fn batchnorm_backward(
             let (m, inv) = (stats.mean[c] as f64, stats.inv_std[c] as f64);
             let (mut sum_dy, mut sum_dy_xc) = (0.0, 0.0);
             for (g, v) in s.channel_planes(dy, c).zip(s.channel_planes(x, c)) {
-                sum_dy += sum_f64_of(g, |g| g);
-                sum_dy_xc += dot_f64_of(g, v, |g, v| g * (v - m));
+                let (plane_dy, plane_dy_xc) = sum_and_dot_f64_of(g, v, |g| g, |g, v| g * (v - m));
+                sum_dy += plane_dy;
+                sum_dy_xc += plane_dy_xc;
             }
             (sum_dy, sum_dy_xc * inv)
         })

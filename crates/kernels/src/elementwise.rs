@@ -91,6 +91,34 @@ crate::simd::multiversion! {
     }
 }
 
+crate::simd::multiversion! {
+    /// `(sum f(a_i), sum g(a_i, b_i))` in one pass, each with the lanes and order of
+    /// [`sum_f64_of`] and [`dot_f64_of`], so each result is theirs bit for bit (batch-norm's
+    /// backward sums, which reads `a` once instead of twice).
+    #[inline]
+    pub fn sum_and_dot_f64_of(
+        a: &[f32],
+        b: &[f32],
+        f: impl Fn(f64) -> f64,
+        g: impl Fn(f64, f64) -> f64,
+    ) -> (f64, f64) {
+        assert_eq!(a.len(), b.len(), "sum_and_dot_f64_of: lengths differ");
+        let (mut sums, mut dots) = ([0.0f64; F64_LANES], [0.0f64; F64_LANES]);
+        let (ca, cb) = (a.chunks_exact(F64_LANES), b.chunks_exact(F64_LANES));
+        let tail_a = ca.remainder().iter().map(|&x| f(f64::from(x))).sum::<f64>();
+        let tail_b: f64 =
+            ca.remainder().iter().zip(cb.remainder()).map(|(&x, &y)| g(f64::from(x), f64::from(y))).sum();
+        for (xa, xb) in ca.zip(cb) {
+            for (((s, d), &x), &y) in sums.iter_mut().zip(dots.iter_mut()).zip(xa).zip(xb) {
+                let x = f64::from(x);
+                *s += f(x);
+                *d += g(x, f64::from(y));
+            }
+        }
+        (sums.iter().sum::<f64>() + tail_a, dots.iter().sum::<f64>() + tail_b)
+    }
+}
+
 /// Per-channel sums of an `N x C x spatial` tensor (a convolution's bias gradient) into `out`
 /// (`C` long, overwritten).
 pub fn channel_sums(x: &[f32], channels: usize, spatial: usize, out: &mut [f32]) {
@@ -151,6 +179,21 @@ mod tests {
                 assert_eq!(got, want, "{n} x {c} x {p} at {level:?}");
             }
             acc.clear();
+        }
+    }
+
+    #[test]
+    fn fused_sum_and_dot_are_the_separate_ones_bit_for_bit() {
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(12);
+        for len in [0usize, 1, 31, 32, 33, 100, 1027] {
+            let a: Vec<f32> = (0..len).map(|_| rng.random_range(-3.0f32..3.0)).collect();
+            let b: Vec<f32> = (0..len).map(|_| rng.random_range(-3.0f32..3.0)).collect();
+            let m = 0.37;
+            let want = (sum_f64_of(&a, |x| x), dot_f64_of(&a, &b, |x, y| x * (y - m)));
+            for level in [crate::simd::Level::Baseline, crate::simd::Level::Avx512] {
+                let got = crate::simd::with_level_cap(level, || sum_and_dot_f64_of(&a, &b, |x| x, |x, y| x * (y - m)));
+                assert_eq!(got, want, "len {len} at {level:?}");
+            }
         }
     }
 
