@@ -75,8 +75,8 @@ pub struct EnclaveArgs {
     epochs: usize,
     #[arg(long, default_value_t = 32)]
     batch_size: usize,
-    /// Base learning rate (SGD with momentum 0.9, cosine schedule).
-    #[arg(long, default_value_t = 0.03)]
+    /// Base learning rate (SGD with momentum 0.9, cosine schedule; 0.02 as for `train`).
+    #[arg(long, default_value_t = 0.02)]
     lr: f32,
     /// Compute threads (the trusted side of a TEE typically has 1 or 2).
     #[arg(long, default_value_t = 1)]

@@ -60,7 +60,7 @@ impl TrainConfig {
             data_dir: None,
             epochs: 5,
             batch_size: 32,
-            lr: 0.03,
+            lr: 0.02,
             optimizer: OptimizerKind::Sgd { momentum: 0.9, nesterov: false },
             weight_decay: 5e-4,
             schedule: Schedule::Cosine { epochs: 5 },
