@@ -60,10 +60,16 @@ fn avx512_available() -> bool {
     }
 }
 
+/// Zeros before (and after) each guarded plane of rows of `w`: every tap above or below the
+/// plane, `W + 1` positions away at most, lands in them.
+fn guard(w: usize) -> usize {
+    w + 1
+}
+
 /// The thin side of a batch (`planes` planes of `positions` values, one after the other) copied
 /// into zero-guarded planes; returns the buffer and the distance between planes.
 fn guarded_planes(thin: &[f32], positions: usize, w: usize) -> (Vec<f32>, usize) {
-    let guard = w + 1;
+    let guard = guard(w);
     let stride = positions + 2 * guard;
     let planes = thin.len() / positions;
     let mut out = vec![0.0f32; planes * stride];
@@ -96,18 +102,17 @@ fn correlate_batch(plane: Plane, wide: &[f32], c: usize, thin: &[f32], j: usize,
     assert_eq!(thin.len(), n * j * p, "correlate: thin side is not N x J x H x W");
     let (guarded, stride) = guarded_planes(thin, p, plane.w);
     // Channels in blocks; each block's rows of `acc` are its own, so blocks may run in parallel.
-    let block = ROW_BLOCK;
     let per_block = |(b, out): (usize, &mut [f32])| {
         // SAFETY: `fits` checked AVX-512 and the plane shape; the slices have the lengths asserted.
         #[cfg(target_arch = "x86_64")]
         unsafe {
-            avx512::correlate(plane, wide, c, n, b * block, &guarded, stride, j, out)
+            avx512::correlate(plane, wide, c, n, b * ROW_BLOCK, &guarded, stride, j, out)
         }
     };
-    if threads() > 1 && c > block {
-        acc.par_chunks_mut(block * j * 9).enumerate().for_each(per_block);
+    if threads() > 1 && c > ROW_BLOCK {
+        acc.par_chunks_mut(ROW_BLOCK * j * 9).enumerate().for_each(per_block);
     } else {
-        acc.chunks_mut(block * j * 9).enumerate().for_each(per_block);
+        acc.chunks_mut(ROW_BLOCK * j * 9).enumerate().for_each(per_block);
     }
 }
 
@@ -142,7 +147,7 @@ pub fn backward_weight_few_outputs(g: &ConvGeometry, x: &[f32], dy: &[f32], dw: 
 
 #[cfg(target_arch = "x86_64")]
 mod avx512 {
-    use super::{tap_offsets, Plane, LANES, ROW_BLOCK};
+    use super::{guard, tap_offsets, Plane, LANES, ROW_BLOCK};
     use std::arch::x86_64::*;
 
     /// For each vector of a plane row (`max(W / 16, 1)` of them, a period the positions repeat
@@ -193,7 +198,7 @@ mod avx512 {
         // The last block may have fewer rows: it repeats its last one and drops those sums.
         let wide_rows = |s: usize| [0, 1, 2].map(|r| wide.as_ptr().add((s * c + c0 + r.min(rows - 1)) * p));
         for jj in 0..j {
-            let thin_plane = |s: usize| guarded.as_ptr().add((s * j + jj) * stride + plane.w + 1);
+            let thin_plane = |s: usize| guarded.as_ptr().add((s * j + jj) * stride + guard(plane.w));
             let sums = correlate_rows(plane, n, wide_rows, thin_plane);
             for (r, row) in sums.iter().take(rows).enumerate() {
                 for (t, v) in row.iter().enumerate() {
