@@ -11,9 +11,11 @@
 //! Each reads or updates the weight once, in order. With a handful of columns and 9 taps the first
 //! and last are far from the shapes a GEMM microkernel is built for: through `gemm`, VGG16's
 //! forward transforms took about twice as long as the AVX-512 path here, in which each `(o, c)`
-//! row of taps sits in one 16-lane register. Without AVX-512, for 1x1 kernels, more than 16 taps
-//! or more columns than these kernels win at (per-sample bases stacked for a batch), they go
-//! through `gemm`.
+//! row of taps sits in one 16-lane register. The expansion works on whole 16-lane vectors of each
+//! output channel's flat `C_in x taps` row instead, with the input-side basis spread along the row
+//! once per call and the coefficients permuted into the row's repeating tap pattern (see
+//! `add_input_term`). Without AVX-512, for 1x1 kernels, more than 16 taps or more columns than
+//! these kernels win at (per-sample bases stacked for a batch), they go through `gemm`.
 
 use crate::matmul::{matmul, matmul_strided, parallelism, threads, MatRef};
 
@@ -184,18 +186,22 @@ pub(crate) mod avx512 {
         }
     }
 
-    /// Calls `$f::<R>` with the const `R` equal to the runtime `$n` (1..=BLOCK).
+    /// Calls `$f::<R>` (or `$f::<G, R>` for a leading const `G`) with the const `R` equal to the
+    /// runtime `$n` (1..=BLOCK).
     macro_rules! with_block {
         ($n:expr, $f:ident ( $($arg:expr),* )) => {
+            with_block!($n, $f::<>($($arg),*))
+        };
+        ($n:expr, $f:ident :: < $($g:literal)? > ( $($arg:expr),* )) => {
             match $n {
-                1 => $f::<1>($($arg),*),
-                2 => $f::<2>($($arg),*),
-                3 => $f::<3>($($arg),*),
-                4 => $f::<4>($($arg),*),
-                5 => $f::<5>($($arg),*),
-                6 => $f::<6>($($arg),*),
-                7 => $f::<7>($($arg),*),
-                _ => $f::<8>($($arg),*),
+                1 => $f::<$($g,)? 1>($($arg),*),
+                2 => $f::<$($g,)? 2>($($arg),*),
+                3 => $f::<$($g,)? 3>($($arg),*),
+                4 => $f::<$($g,)? 4>($($arg),*),
+                5 => $f::<$($g,)? 5>($($arg),*),
+                6 => $f::<$($g,)? 6>($($arg),*),
+                7 => $f::<$($g,)? 7>($($arg),*),
+                _ => $f::<$($g,)? 8>($($arg),*),
             }
         };
     }
@@ -254,19 +260,23 @@ pub(crate) mod avx512 {
         dw: &mut [f32],
     ) {
         let per_out = s.in_channels * s.taps;
-        // Output channels in blocks of ROWS: each block's rows get their input-side terms, then
-        // the output-side term for all of them at once, which reads each E vector once per
-        // block instead of once per row (E is L2-resident; that traffic bounded the kernel).
+        let spread = inputs.map(|e| SpreadBasis::new(s, e));
+        // Output channels in blocks of ROWS: each term is added to the block's rows together, which
+        // reads each vector of the spread basis and of E once per block instead of once per row
+        // (both are L2-resident; that traffic bounded the kernel).
         for (block, dw_b) in dw.chunks_mut(ROWS * per_out).enumerate() {
             let first_o = block * ROWS;
-            if let Some(e) = inputs {
-                for (k, dw_o) in dw_b.chunks_exact_mut(per_out).enumerate() {
-                    let mut first = 0;
-                    while first < e.cols {
-                        let n = (e.cols - first).min(BLOCK);
-                        with_block!(n, add_input_block(s, e, first_o + k, first, dw_o));
-                        first += n;
+            if let (Some(e), Some(spread)) = (inputs, &spread) {
+                let mut first = 0;
+                while first < e.cols {
+                    let n = (e.cols - first).min(BLOCK);
+                    match dw_b.len() / per_out {
+                        4 => with_block!(n, add_input_term::<4>(s, e, spread, first_o, first, dw_b)),
+                        3 => with_block!(n, add_input_term::<3>(s, e, spread, first_o, first, dw_b)),
+                        2 => with_block!(n, add_input_term::<2>(s, e, spread, first_o, first, dw_b)),
+                        _ => with_block!(n, add_input_term::<1>(s, e, spread, first_o, first, dw_b)),
                     }
+                    first += n;
                 }
             }
             if let Some(e) = outputs {
@@ -280,30 +290,119 @@ pub(crate) mod avx512 {
         }
     }
 
-    /// `dW[o, c, :] += sum_i U[c, i] D[o, i, :]` over input-side columns `first..first + R`, whose
-    /// coefficients for output channel `o` stay in registers.
+    /// The input-side basis laid along a gradient row: `values[i * stride + f] = U[f / taps, i]` for
+    /// each position `f` of a flat `C_in x taps` row, zero-padded to whole vectors. With it the input
+    /// term is, like the output term, a sum of whole 16-lane vectors along the row: the `9`-value
+    /// rows of taps, each a masked load and store, ran at a third of the output term's speed.
+    struct SpreadBasis {
+        values: Vec<f32>,
+        stride: usize,
+    }
+
+    impl SpreadBasis {
+        fn new(s: TapShape, e: Expansion) -> SpreadBasis {
+            let n = s.in_channels * s.taps;
+            let stride = n.next_multiple_of(16);
+            let mut values = vec![0.0; e.cols * stride];
+            for (i, row) in values.chunks_exact_mut(stride).enumerate() {
+                for (c, taps) in row[..n].chunks_exact_mut(s.taps).enumerate() {
+                    taps.fill(e.basis[c * e.cols + i]);
+                }
+            }
+            SpreadBasis { values, stride }
+        }
+    }
+
+    fn gcd(a: usize, b: usize) -> usize {
+        if b == 0 {
+            a
+        } else {
+            gcd(b, a % b)
+        }
+    }
+
+    /// `dW[o, c, t] += sum_i U[c, i] D[o, i, t]` over input-side columns `first..first + R`, for the
+    /// `ROWS` output channels from `first_o` held in `dw_b`, along the flat rows. Lane `l` of the
+    /// row's vector at `x` holds tap `(x + l) % taps`, a pattern that repeats every `taps /
+    /// gcd(taps, 16)` vectors (9 for 3x3 kernels); so each pattern's coefficient vectors
+    /// (`D[o, i, :]` permuted into it) are made once, then every vector with that pattern is one FMA
+    /// per column against the spread basis.
     #[target_feature(enable = "avx512f")]
     #[inline]
-    unsafe fn add_input_block<const R: usize>(s: TapShape, e: Expansion, o: usize, first: usize, dw_o: &mut [f32]) {
-        let (c, kk) = (s.in_channels, s.taps);
-        let mask = lanes(kk);
-        let mut d = [_mm512_setzero_ps(); R];
-        for (i, di) in d.iter_mut().enumerate() {
-            *di = _mm512_maskz_loadu_ps(mask, e.coeffs.as_ptr().add((o * e.cols + first + i) * kk));
-        }
-        let u = e.basis.as_ptr().add(first);
-        // A masked store seems to block later loads from anywhere in its 64 bytes (the next row's
-        // load stalled ~20 cycles), so rows are visited `stride` apart: each 16-lane load then
-        // starts past the registers of the stores still in flight.
-        let stride = 16usize.div_ceil(kk);
-        for ci in (0..stride).flat_map(|phase| (phase..c).step_by(stride)) {
-            let at = ci * kk;
-            let mut acc = load(dw_o, at, mask);
-            for (i, di) in d.iter().enumerate() {
-                acc = _mm512_fmadd_ps(_mm512_set1_ps(*u.add(ci * e.cols + i)), *di, acc);
+    unsafe fn add_input_term<const ROWS: usize, const R: usize>(
+        s: TapShape,
+        e: Expansion,
+        spread: &SpreadBasis,
+        first_o: usize,
+        first: usize,
+        dw_b: &mut [f32],
+    ) {
+        let (kk, n) = (s.taps, s.in_channels * s.taps);
+        let patterns = kk / gcd(kk, 16);
+        let whole = n - n % 16;
+        let d = dw_b.as_mut_ptr();
+        let u = spread.values.as_ptr().add(first * spread.stride);
+        let mut coeffs = [[_mm512_setzero_ps(); R]; ROWS];
+        for (k, row) in coeffs.iter_mut().enumerate() {
+            for (i, c) in row.iter_mut().enumerate() {
+                let at = ((first_o + k) * e.cols + first + i) * kk;
+                *c = _mm512_maskz_loadu_ps(lanes(kk), e.coeffs.as_ptr().add(at));
             }
-            _mm512_mask_storeu_ps(dw_o.as_mut_ptr().add(at), mask, acc);
         }
+        for m in 0..patterns.min(whole / 16) {
+            let p = in_pattern(&coeffs, 16 * m, kk);
+            for x in (16 * m..whole).step_by(16 * patterns) {
+                let mut acc = [_mm512_setzero_ps(); ROWS];
+                for (k, a) in acc.iter_mut().enumerate() {
+                    *a = _mm512_loadu_ps(d.add(k * n + x));
+                }
+                for i in 0..R {
+                    let u_i = _mm512_loadu_ps(u.add(i * spread.stride + x));
+                    for (a, p_k) in acc.iter_mut().zip(&p) {
+                        *a = _mm512_fmadd_ps(u_i, p_k[i], *a);
+                    }
+                }
+                for (k, a) in acc.iter().enumerate() {
+                    _mm512_storeu_ps(d.add(k * n + x), *a);
+                }
+            }
+        }
+        if whole < n {
+            let tail = ((1u32 << (n - whole)) - 1) as __mmask16;
+            let p = in_pattern(&coeffs, whole, kk);
+            for (k, p_k) in p.iter().enumerate() {
+                let mut a = _mm512_maskz_loadu_ps(tail, d.add(k * n + whole));
+                for (i, p_ki) in p_k.iter().enumerate() {
+                    // The spread basis is padded to whole vectors: a plain load.
+                    a = _mm512_fmadd_ps(_mm512_loadu_ps(u.add(i * spread.stride + whole)), *p_ki, a);
+                }
+                _mm512_mask_storeu_ps(d.add(k * n + whole), tail, a);
+            }
+        }
+    }
+
+    /// The coefficient vectors permuted into the tap pattern of the row's vector at `x`: lane `l`
+    /// gets tap `(x + l) % taps`.
+    #[target_feature(enable = "avx512f")]
+    #[inline]
+    fn in_pattern<const ROWS: usize, const R: usize>(
+        coeffs: &[[__m512; R]; ROWS],
+        x: usize,
+        taps: usize,
+    ) -> [[__m512; R]; ROWS] {
+        let mut index = [0i32; 16];
+        for (l, t) in index.iter_mut().enumerate() {
+            *t = ((x + l) % taps) as i32;
+        }
+        // SAFETY: 16 values; unaligned load.
+        let index = unsafe { _mm512_loadu_si512(index.as_ptr().cast()) };
+        let mut out = [[_mm512_setzero_ps(); R]; ROWS];
+        for (out_k, c_k) in out.iter_mut().zip(coeffs) {
+            for (o, c) in out_k.iter_mut().zip(c_k) {
+                *o = _mm512_permutexvar_ps(index, *c);
+            }
+        }
+        out
     }
 
     /// `dW[o, :] += sum_j P[o, j] E[j, :]` for the `R` rows `first_o..` held in `dw_b`, each a flat
@@ -370,7 +469,10 @@ mod tests {
 
     fn shapes() -> Vec<(TapShape, usize, usize)> {
         let mut out = Vec::new();
-        for (k, (c, co)) in [(1, (5, 3)), (2, (3, 4)), (3, (7, 5)), (3, (1, 2)), (4, (6, 3)), (5, (4, 3))] {
+        // Rows of a few vectors and of many (each tap pattern repeating), with and without a
+        // partial last vector; output channels in whole blocks of four and not.
+        let sizes = [(1, (5, 3)), (2, (3, 4)), (3, (7, 5)), (3, (1, 2)), (4, (6, 3)), (5, (4, 3))];
+        for (k, (c, co)) in sizes.into_iter().chain([(3, (64, 9)), (3, (21, 4)), (2, (37, 6)), (4, (33, 2))]) {
             // The last pairs pass the fast paths' column limits, so the dispatch falls back to gemm.
             for (cols_in, cols_out) in [(1, 2), (3, 0), (0, 5), (8, 8), (11, 9), (17, 1), (30, 3), (5, 40)] {
                 out.push((TapShape { out_channels: co, in_channels: c, taps: k * k }, cols_in, cols_out));
