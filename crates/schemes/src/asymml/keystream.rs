@@ -25,7 +25,9 @@ const BUFFER: usize = BLOCKS * 16;
 const _: () = assert!(BUFFER.is_multiple_of(vaes::CHUNK));
 
 /// A cryptographically secure random generator: the AES-256-CTR keystream (128-bit big-endian
-/// counter from zero) under a 256-bit key. Every keystream byte is handed out once, in order.
+/// counter from zero) under a 256-bit key. Every keystream byte is handed out at most once, in
+/// order (only [`NoiseRng::words_in_place`] skips any: the last 1-3 bytes of a batch that a
+/// byte-sized read left short of a word).
 ///
 /// Counter mode is written here over the `aes` block cipher rather than taken from the `ctr`
 /// crate: the keystream is the encryption of the counter blocks themselves, so a batch of them is
@@ -92,6 +94,23 @@ impl NoiseRng {
 
     fn bytes(&self) -> &[u8] {
         Block::slice_as_flattened(&self.buffer)
+    }
+
+    /// The next whole words of the keystream, up to `max_words` (at least one when `max_words > 0`),
+    /// as their little-endian bytes, read in place instead of copied out: at most what is left of
+    /// the current batch. A word is four bytes; should a byte-sized read have left fewer than four
+    /// in the batch, they are skipped (the rest of the stream is still handed out once, in order).
+    pub fn words_in_place(&mut self, max_words: usize) -> &[u8] {
+        if max_words == 0 {
+            return &[];
+        }
+        if BUFFER - self.used < 4 {
+            self.refill();
+        }
+        let n = 4 * max_words.min((BUFFER - self.used) / 4);
+        let start = self.used;
+        self.used += n;
+        &self.bytes()[start..start + n]
     }
 
     /// The next `N` bytes of the keystream.
@@ -346,6 +365,33 @@ mod tests {
             }
         }
         assert_eq!(handed_out, reference_keystream(key, 0, handed_out.len()));
+    }
+
+    #[test]
+    fn words_in_place_continue_the_keystream_in_order() {
+        // Word-sized reads in place, mixed with copied reads, across batch boundaries.
+        let key = [9u8; 32];
+        let mut picks = rand::rngs::StdRng::seed_from_u64(4);
+        let mut rng = NoiseRng::from_seed(key);
+        let mut handed_out = Vec::new();
+        while handed_out.len() < 3 * BUFFER {
+            if picks.random_range(0..4) == 0 {
+                handed_out.extend(rng.next_u32().to_le_bytes());
+            } else {
+                let want = picks.random_range(1..700);
+                let words = rng.words_in_place(want);
+                assert!(!words.is_empty() && words.len() <= 4 * want && words.len() % 4 == 0);
+                handed_out.extend_from_slice(words);
+            }
+        }
+        assert_eq!(handed_out, reference_keystream(key, 0, handed_out.len()));
+        assert!(rng.words_in_place(0).is_empty());
+        // A byte-sized read that leaves less than a word in the batch: those bytes are skipped.
+        let mut rng = NoiseRng::from_seed(key);
+        let mut bulk = vec![0u8; BUFFER - 3];
+        rng.fill_bytes(&mut bulk);
+        let next = rng.words_in_place(1).to_vec();
+        assert_eq!(next, reference_keystream(key, 0, BUFFER + 4)[BUFFER..]);
     }
 
     /// Words per second against the `ctr` crate's AES-256-CTR (what this module used before) and

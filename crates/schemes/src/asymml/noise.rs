@@ -12,7 +12,7 @@
 
 use std::sync::OnceLock;
 
-use rand::{Rng, RngCore};
+use rand::RngCore;
 
 use super::keystream::NoiseRng;
 
@@ -54,7 +54,6 @@ pub fn clip_and_noise(
     // Single-precision samples: the released values are f32.
     let std = (noise_multiplier * bound) as f32;
     let table = Ziggurat::get();
-    let mut z = [0.0f32; WORDS];
     for (row, &norm) in values.chunks_mut(per_sample).zip(norms) {
         // Multiplying by 1.0 is exact, so an unclipped row is only noised.
         let scale = if norm > bound {
@@ -63,24 +62,10 @@ pub fn clip_and_noise(
         } else {
             1.0
         };
-        // One pass: scale and noise together, a block of standard normals at a time.
-        for block in row.chunks_mut(WORDS) {
-            let z = &mut z[..block.len()];
-            table.fill(rng, z);
-            scale_and_add(block, scale, z, std);
-        }
+        // One pass: scale and noise together, as the normals are drawn.
+        table.add_noise(rng, row, scale, std);
     }
     out
-}
-
-trustsplit_kernels::simd::multiversion! {
-    /// `v = v * scale + z * std` for each value and its normal, compiled for the CPU's widest
-    /// vectors (separate roundings, no fused multiply-add, on every path).
-    fn scale_and_add(values: &mut [f32], scale: f32, z: &[f32], std: f32) {
-        for (v, &z) in values.iter_mut().zip(z) {
-            *v = *v * scale + z * std;
-        }
-    }
 }
 
 /// Random words pulled from the keystream at once.
@@ -249,55 +234,60 @@ impl Ziggurat {
         t
     }
 
-    /// Fills `out` with independent standard normals, pulling `out.len()` words of the stream in
-    /// bulk (up to [`WORDS`] at a time) plus a few more for the rare rejected or wedge draws.
-    fn fill(&self, rng: &mut NoiseRng, out: &mut [f32]) {
+    /// `values[i] = values[i] * scale + z_i * std` for independent standard normals `z_i` (two
+    /// roundings and an addition, no fused multiply-add, on every path). The words come from the
+    /// stream a batch at a time, read in place (up to [`WORDS`], no further than the keystream's
+    /// own batch); the draws of a batch that miss the fast path are finished after it, in order,
+    /// with more words: their values hold `values[i] * scale` until then, and adding `z_i * std`
+    /// to that rounds exactly as the one expression would.
+    fn add_noise(&self, rng: &mut NoiseRng, values: &mut [f32], scale: f32, std: f32) {
         #[cfg(target_arch = "x86_64")]
         if self.avx512 {
             // SAFETY: `avx512` is set only where the CPU has AVX-512F and POPCNT.
-            return unsafe { avx512::fill(self, rng, out) };
+            return unsafe { avx512::add_noise(self, rng, values, scale, std) };
         }
-        self.fill_scalar(rng, out)
+        self.add_noise_portable(rng, values, scale, std)
+    }
+
+    /// Fills `out` with independent standard normals (the noise added to zeros: `0 * 0 + z * 1`
+    /// is `z` exactly).
+    #[cfg(test)]
+    fn fill(&self, rng: &mut NoiseRng, out: &mut [f32]) {
+        out.fill(0.0);
+        self.add_noise(rng, out, 0.0, 1.0);
     }
 
     /// [`Ziggurat::fill`] in portable code.
+    #[cfg(test)]
     fn fill_scalar(&self, rng: &mut NoiseRng, out: &mut [f32]) {
-        let mut words = [0u32; WORDS];
-        for out in out.chunks_mut(WORDS) {
-            let words = &mut words[..out.len()];
-            rng.fill(words);
-            // Four draws at a time, with one branch for the common case (about 94%) that all four
-            // take the fast path; otherwise each goes its own way, in order.
-            let mut outs = out.chunks_exact_mut(4);
-            let mut quads = words.chunks_exact(4);
-            for (o, w) in (&mut outs).zip(&mut quads) {
-                let e = [0, 1, 2, 3].map(|j| (w[j] >> ENTRY_SHIFT) as usize);
-                let m = [0, 1, 2, 3].map(|j| w[j] & UNIFORM_MASK);
-                if (0..4).all(|j| m[j] < self.k[e[j]]) {
-                    for (o, (&m, &e)) in o.iter_mut().zip(m.iter().zip(&e)) {
-                        *o = self.fast(m, e);
-                    }
-                } else {
-                    for (o, &w) in o.iter_mut().zip(w) {
-                        *o = self.draw(w, rng);
-                    }
-                }
-            }
-            for (o, &w) in outs.into_remainder().iter_mut().zip(quads.remainder()) {
-                *o = self.draw(w, rng);
-            }
-        }
+        out.fill(0.0);
+        self.add_noise_portable(rng, out, 0.0, 1.0);
     }
 
-    /// One standard normal from `word` (and, if it misses the fast path, more words from `rng`).
-    #[inline(always)]
-    fn draw(&self, word: u32, rng: &mut NoiseRng) -> f32 {
-        let e = (word >> ENTRY_SHIFT) as usize;
-        let m = word & UNIFORM_MASK;
-        if m < self.k[e] {
-            self.fast(m, e)
-        } else {
-            self.slow(word, rng)
+    /// [`Ziggurat::add_noise`] in portable code.
+    fn add_noise_portable(&self, rng: &mut NoiseRng, values: &mut [f32], scale: f32, std: f32) {
+        let mut missed = [(0usize, 0u32); WORDS];
+        let mut done = 0;
+        while done < values.len() {
+            let words = rng.words_in_place((values.len() - done).min(WORDS));
+            let batch = &mut values[done..done + words.len() / 4];
+            let mut misses = 0;
+            for (j, (v, w)) in batch.iter_mut().zip(words.chunks_exact(4)).enumerate() {
+                let word = u32::from_le_bytes([w[0], w[1], w[2], w[3]]);
+                let (e, m) = ((word >> ENTRY_SHIFT) as usize, word & UNIFORM_MASK);
+                let scaled = *v * scale;
+                *v = if m < self.k[e] {
+                    scaled + self.fast(m, e) * std
+                } else {
+                    missed[misses] = (j, word);
+                    misses += 1;
+                    scaled
+                };
+            }
+            for &(j, word) in &missed[..misses] {
+                batch[j] += self.slow(word, rng) * std;
+            }
+            done += batch.len();
         }
     }
 
@@ -380,25 +370,27 @@ impl Ziggurat {
 mod avx512 {
     use std::arch::x86_64::*;
 
-    use super::{NoiseRng, Rng, Ziggurat, LAYER_SHIFT, SIGN_BIT, UNIFORM_MASK, WORDS};
+    use super::{NoiseRng, Ziggurat, ENTRY_SHIFT, LAYER_SHIFT, SIGN_BIT, UNIFORM_MASK, WORDS};
 
     const LANES: usize = 16;
 
     #[target_feature(enable = "avx512f,popcnt")]
-    pub fn fill(t: &Ziggurat, rng: &mut NoiseRng, out: &mut [f32]) {
-        let mut words = [0u32; WORDS];
-        // Where the draws that missed the fast path are (16 spare for a whole-register store).
+    pub fn add_noise(t: &Ziggurat, rng: &mut NoiseRng, values: &mut [f32], scale: f32, std: f32) {
+        // The draws that missed the fast path: where, and their first word (16 spare entries for a
+        // whole-register store).
         let mut missed_at = [0u32; WORDS + LANES];
+        let mut missed_word = [0u32; WORDS + LANES];
         let lane_numbers = _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0);
-        for out in out.chunks_mut(WORDS) {
-            let words = &mut words[..out.len()];
-            rng.fill(words);
+        let (scales, stds) = (_mm512_set1_ps(scale), _mm512_set1_ps(std));
+        let mut done = 0;
+        while done < values.len() {
+            let words = rng.words_in_place((values.len() - done).min(WORDS));
+            let batch = &mut values[done..done + words.len() / 4];
             let mut missed = 0;
-            let mut outs = out.chunks_exact_mut(LANES);
-            let mut blocks = words.chunks_exact(LANES);
-            for (b, (o, w)) in (&mut outs).zip(&mut blocks).enumerate() {
-                // SAFETY: `w` holds 16 words; unaligned load.
-                let word = unsafe { _mm512_loadu_si512(w.as_ptr().cast()) };
+            let tail = batch.len() - batch.len() % LANES;
+            for (b, v) in batch[..tail].chunks_exact_mut(LANES).enumerate() {
+                // SAFETY: the batch has 16 words (64 bytes) from `64 b`; unaligned load.
+                let word = unsafe { _mm512_loadu_si512(words.as_ptr().add(64 * b).cast()) };
                 let layer = _mm512_srli_epi32::<LAYER_SHIFT>(word);
                 let bit = |b: i32| _mm512_test_epi32_mask(layer, _mm512_set1_epi32(b));
                 let top = [bit(32), bit(64), bit(128)];
@@ -410,25 +402,41 @@ mod avx512 {
                 let odd = _mm512_add_epi32(_mm512_add_epi32(m, m), _mm512_set1_epi32(1));
                 let magnitude = _mm512_castps_si512(_mm512_mul_ps(_mm512_cvtepi32_ps(odd), width));
                 let sign = _mm512_slli_epi32::<8>(_mm512_and_si512(word, _mm512_set1_epi32(SIGN_BIT as i32)));
-                // SAFETY: `o` holds 16 floats; unaligned store.
-                unsafe { _mm512_storeu_si512(o.as_mut_ptr().cast(), _mm512_or_si512(magnitude, sign)) };
+                let z = _mm512_castsi512_ps(_mm512_or_si512(magnitude, sign));
+                // SAFETY: `v` holds 16 floats; unaligned load and store.
+                let scaled = _mm512_mul_ps(unsafe { _mm512_loadu_ps(v.as_ptr()) }, scales);
+                let noised = _mm512_add_ps(scaled, _mm512_mul_ps(z, stds));
+                unsafe { _mm512_storeu_ps(v.as_mut_ptr(), _mm512_mask_blend_ps(fast, scaled, noised)) };
                 // The misses are rare (about 1.5% of lanes), so they are noted here and drawn after
                 // the block loop, in order, without a mispredicted branch per block.
                 let positions = _mm512_add_epi32(lane_numbers, _mm512_set1_epi32((LANES * b) as i32));
-                let misses = _mm512_maskz_compress_epi32(!fast, positions);
-                // SAFETY: `missed <= LANES * b` and the array has LANES more entries than WORDS.
-                unsafe { _mm512_storeu_si512(missed_at.as_mut_ptr().add(missed).cast(), misses) };
+                // SAFETY: `missed <= LANES * b` and the arrays have LANES more entries than WORDS.
+                unsafe {
+                    let (at, first) = (missed_at.as_mut_ptr().add(missed), missed_word.as_mut_ptr().add(missed));
+                    _mm512_storeu_si512(at.cast(), _mm512_maskz_compress_epi32(!fast, positions));
+                    _mm512_storeu_si512(first.cast(), _mm512_maskz_compress_epi32(!fast, word));
+                }
                 missed += (!fast).count_ones() as usize;
             }
-            // Same draws in the same order as the portable path: its misses take their extra words
-            // from the stream in position order too, after the chunk's words.
-            for &at in &missed_at[..missed] {
-                out[at as usize] = t.slow(words[at as usize], rng);
+            // The last few values, one at a time, in the same order as the portable path.
+            for (j, w) in (tail..batch.len()).zip(words[4 * tail..].chunks_exact(4)) {
+                let word = u32::from_le_bytes([w[0], w[1], w[2], w[3]]);
+                let (e, m) = ((word >> ENTRY_SHIFT) as usize, word & UNIFORM_MASK);
+                let scaled = batch[j] * scale;
+                batch[j] = if m < t.k[e] {
+                    scaled + t.fast(m, e) * std
+                } else {
+                    (missed_at[missed], missed_word[missed]) = (j as u32, word);
+                    missed += 1;
+                    scaled
+                };
             }
-            let tail = out.len() - out.len() % LANES;
-            for (o, &w) in out[tail..].iter_mut().zip(&words[tail..]) {
-                *o = t.draw(w, rng);
+            // Same draws in the same order as the portable path: the misses take their extra words
+            // from the stream in position order, after the batch's words.
+            for (&at, &word) in missed_at[..missed].iter().zip(&missed_word[..missed]) {
+                batch[at as usize] += t.slow(word, rng) * std;
             }
+            done += batch.len();
         }
     }
 
@@ -537,6 +545,17 @@ mod tests {
             beyond_r += fast[..n].iter().filter(|z| f64::from(z.abs()) > t.r).count();
         }
         assert!(beyond_r > 100, "only {beyond_r} tail draws: the test did not reach the slow path");
+        assert_eq!(a.next_u64(), b.next_u64(), "the two paths consumed different amounts of keystream");
+        // Noise added to values (scaled), bit for bit too, the misses' values included.
+        let values: Vec<f32> = (0..4099).map(|i| ((i as f32 * 0.754_877_7).fract() - 0.5) * 3.0).collect();
+        for call in 0..200 {
+            let n = [4099, 4096, 17, 256, 1000][call % 5];
+            let (mut fast, mut portable) = (values[..n].to_vec(), values[..n].to_vec());
+            t.add_noise(&mut a, &mut fast, 0.37, 1.3);
+            t.add_noise_portable(&mut b, &mut portable, 0.37, 1.3);
+            let same = fast.iter().zip(&portable).all(|(x, y)| x.to_bits() == y.to_bits());
+            assert!(same, "call {call}: the AVX-512 path added different noise");
+        }
         assert_eq!(a.next_u64(), b.next_u64(), "the two paths consumed different amounts of keystream");
     }
 
@@ -779,11 +798,10 @@ mod tests {
                     let scale = (bound / norm) as f32;
                     row.iter_mut().for_each(|v| *v *= scale);
                 }
+                // A row's normals in one call, as `clip_and_noise` draws them: the same words of the
+                // stream in the same batches.
                 let mut noise = vec![0.0f32; row.len()];
-                // The same block boundaries as `clip_and_noise`, so the same words of the stream.
-                for block in noise.chunks_mut(WORDS) {
-                    table.fill(&mut rng, block);
-                }
+                table.fill(&mut rng, &mut noise);
                 for (v, n) in row.iter_mut().zip(&noise) {
                     *v += n * std;
                 }
