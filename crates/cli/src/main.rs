@@ -97,6 +97,12 @@ struct TrainArgs {
     momentum: f32,
     #[arg(long, default_value_t = 5e-4)]
     weight_decay: f32,
+    /// Clip each step's gradients to this global L2 norm before the update (PyTorch's
+    /// clip_grad_norm_); off by default. Steadies AsymML under heavy noise: at
+    /// --noise-multiplier 8, 1.0 kept LeNet-5 from collapsing (README, "Accuracy against
+    /// epsilon"), but at the default noise it costs accuracy in 5 epochs.
+    #[arg(long, value_name = "NORM")]
+    max_grad_norm: Option<f32>,
     /// Learning-rate schedule: cosine, constant, or step:EVERY:GAMMA (e.g. step:30:0.1).
     #[arg(long, default_value = "cosine")]
     schedule: String,
@@ -236,6 +242,7 @@ fn run_train(a: TrainArgs) -> Result<()> {
     cfg.lr = a.lr;
     cfg.optimizer = parse_optimizer(&a.optimizer, a.momentum)?;
     cfg.weight_decay = a.weight_decay;
+    cfg.max_grad_norm = a.max_grad_norm;
     cfg.schedule = parse_schedule(&a.schedule, a.epochs)?;
     cfg.threads = a.threads;
     cfg.seed = a.seed;

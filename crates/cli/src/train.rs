@@ -28,6 +28,10 @@ pub struct TrainConfig {
     pub lr: f32,
     pub optimizer: OptimizerKind,
     pub weight_decay: f32,
+    /// Clip each step's gradients to this global L2 norm (`None`: no clipping; left out of the
+    /// recorded configuration then, so that older checkpoints still resume).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_grad_norm: Option<f32>,
     pub schedule: Schedule,
     pub threads: usize,
     pub seed: u64,
@@ -63,6 +67,7 @@ impl TrainConfig {
             lr: 0.02,
             optimizer: OptimizerKind::Sgd { momentum: 0.9, nesterov: false },
             weight_decay: 5e-4,
+            max_grad_norm: None,
             schedule: Schedule::Cosine { epochs: 5 },
             threads: 1,
             seed: 0,
@@ -243,10 +248,13 @@ pub fn train_with_data(
     if !(cfg.lr.is_finite() && cfg.lr > 0.0) {
         bail!("--lr must be a positive number, got {}", cfg.lr);
     }
+    if let Some(max) = cfg.max_grad_norm.filter(|m| !(m.is_finite() && *m > 0.0)) {
+        bail!("--max-grad-norm must be a positive number, got {max}");
+    }
     let started = Instant::now();
     let mut model =
         zoo::build(&cfg.model, &data.input_shape, data.train.num_classes, cfg.seed).map_err(anyhow::Error::msg)?;
-    let mut opt = Optimizer::new(cfg.optimizer, cfg.weight_decay);
+    let mut opt = Optimizer::new(cfg.optimizer, cfg.weight_decay).with_max_grad_norm(cfg.max_grad_norm);
     let ckpt_path = checkpoint_path(out);
     let mut start_epoch = 0;
     if resume {
@@ -295,12 +303,13 @@ pub fn train_with_data(
                     runner.train_step(&mut model, x, &Secret::new(b.labels), &mut opt, lr).map_err(|e| match e {
                         RunnerError::Diverged(l) => {
                             let hint = if cfg.scheme == Scheme::Asymml {
-                                " or less noise (--noise-multiplier, --clip-norm, --grad-clip-norm)"
+                                ", less noise (--noise-multiplier, --clip-norm, --grad-clip-norm)"
                             } else {
                                 ""
                             };
                             anyhow::anyhow!(
-                                "training diverged: loss is {l} at epoch {} step {}; try a smaller --lr{hint}",
+                                "training diverged: loss is {l} at epoch {} step {}; try a smaller --lr{hint} or \
+                                 --max-grad-norm",
                                 epoch + 1,
                                 step + 1
                             )

@@ -124,6 +124,33 @@ fn bad_settings_are_reported() {
     cfg.lr = 1e6;
     let err = format!("{:#}", train(&cfg, &out_dir("bad4"), false, false).unwrap_err());
     assert!(err.contains("diverged"), "{err}");
+    for bad in [0.0, -1.0, f32::NAN] {
+        let mut cfg = small("lenet5", 1);
+        cfg.max_grad_norm = Some(bad);
+        let err = format!("{:#}", train(&cfg, &out_dir("bad5"), false, false).unwrap_err());
+        assert!(err.contains("--max-grad-norm must be a positive number"), "{err}");
+    }
+}
+
+#[test]
+fn gradient_clipping_changes_training_and_is_part_of_the_settings() {
+    // A bound far below LeNet-5's gradient norms changes the weights; without one the recorded
+    // settings have no such key (so checkpoints from before the option still resume).
+    let plain = train(&small("lenet5", 1), &out_dir("clip0"), false, false).unwrap();
+    let mut cfg = small("lenet5", 1);
+    cfg.max_grad_norm = Some(0.01);
+    let out = out_dir("clip1");
+    let clipped = train(&cfg, &out, false, false).unwrap();
+    assert_ne!(plain.loss, clipped.loss);
+    let meta = checkpoint::load(&clipped.checkpoint).unwrap().meta;
+    assert_eq!(meta.config["max_grad_norm"], serde_json::json!(0.01f32));
+    let meta = checkpoint::load(&plain.checkpoint).unwrap().meta;
+    assert!(meta.config.get("max_grad_norm").is_none(), "{}", meta.config);
+    // Resuming under another bound is refused.
+    let mut other = small("lenet5", 2);
+    other.max_grad_norm = Some(0.02);
+    let err = format!("{:#}", train(&other, &out, true, false).unwrap_err());
+    assert!(err.contains("different settings"), "{err}");
 }
 
 #[test]

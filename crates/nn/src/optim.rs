@@ -2,6 +2,7 @@
 
 use crate::tensor::{data, data_mut, zeros, Tensor};
 use serde::{Deserialize, Serialize};
+use trustsplit_kernels::elementwise::sum_f64_of;
 
 /// Which update rule, with its hyper-parameters.
 #[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
@@ -26,6 +27,9 @@ pub struct Optimizer {
     pub kind: OptimizerKind,
     /// L2 penalty added to the gradient (PyTorch's `weight_decay`).
     pub weight_decay: f32,
+    /// Bound on the global L2 norm of all gradients of a step, applied before the update by
+    /// whoever runs the step ([`Optimizer::clip_gradients`]); `None`: no clipping.
+    pub max_grad_norm: Option<f32>,
     /// `state[slot][param]`, created on the first step.
     pub state: Vec<Vec<Tensor>>,
     /// Updates applied so far (Adam's bias correction needs it).
@@ -34,7 +38,19 @@ pub struct Optimizer {
 
 impl Optimizer {
     pub fn new(kind: OptimizerKind, weight_decay: f32) -> Self {
-        Optimizer { kind, weight_decay, state: Vec::new(), steps: 0 }
+        Optimizer { kind, weight_decay, max_grad_norm: None, state: Vec::new(), steps: 0 }
+    }
+
+    /// The same, clipping each step's gradients to global L2 norm `max` where given.
+    pub fn with_max_grad_norm(mut self, max: Option<f32>) -> Self {
+        self.max_grad_norm = max;
+        self
+    }
+
+    /// Scales `grads` down to the global norm bound where one is set and exceeded
+    /// ([`clip_grad_norm`]); returns their norm before, where a bound is set.
+    pub fn clip_gradients(&self, grads: &mut [Tensor]) -> Option<f64> {
+        self.max_grad_norm.map(|max| clip_grad_norm(grads, f64::from(max)))
     }
 
     /// Applies one update with learning rate `lr`.
@@ -81,6 +97,21 @@ trustsplit_kernels::simd::multiversion! {
             *w -= lr * step;
         }
     }
+}
+
+/// Scales all `grads` by one factor so that their global L2 norm (over every value of every
+/// tensor, summed in f64) is at most `max`, as PyTorch's `clip_grad_norm_` does (factor
+/// `max / (norm + 1e-6)`); returns the norm before. Gradients within the bound are left as they
+/// are, and so are non-finite ones (the step's loss check or the next one catches those).
+pub fn clip_grad_norm(grads: &mut [Tensor], max: f64) -> f64 {
+    let norm = grads.iter().map(|g| sum_f64_of(data(g), |v| v * v)).sum::<f64>().sqrt();
+    if norm.is_finite() && norm > max {
+        let scale = (max / (norm + 1e-6)) as f32;
+        for g in grads.iter_mut() {
+            data_mut(g).iter_mut().for_each(|v| *v *= scale);
+        }
+    }
+    norm
 }
 
 /// How the learning rate changes over training.

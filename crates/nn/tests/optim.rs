@@ -1,7 +1,7 @@
 //! Optimizer updates against hand-computed PyTorch formulas; schedules; checkpoints.
 
-use trustsplit_nn::optim::{Optimizer, OptimizerKind, Schedule};
-use trustsplit_nn::tensor::from_vec;
+use trustsplit_nn::optim::{clip_grad_norm, Optimizer, OptimizerKind, Schedule};
+use trustsplit_nn::tensor::{data_mut, from_vec};
 use trustsplit_nn::{checkpoint, zoo, Mode};
 
 #[test]
@@ -19,6 +19,43 @@ fn sgd_momentum_weight_decay_matches_formula() {
     let b2 = [0.9 * b1[0] + d[0], 0.9 * b1[1] + d[1]];
     assert!((p[0] - (p1[0] - 0.1 * b2[0])).abs() < 1e-6);
     assert!((p[1] - (p1[1] - 0.1 * b2[1])).abs() < 1e-6);
+}
+
+#[test]
+fn gradient_clipping_scales_to_the_global_norm() {
+    // Three tensors of different sizes with values of either sign; the global norm in f64.
+    let values = |n: usize, k: f32| (0..n).map(|i| ((i as f32 * 0.618 + k).fract() - 0.4) * 3.0).collect::<Vec<_>>();
+    let grads =
+        vec![from_vec(&[3, 5], values(15, 0.1)), from_vec(&[7], values(7, 0.5)), from_vec(&[2, 2], values(4, 0.9))];
+    let norm = grads.iter().flat_map(|g| g.iter()).map(|&v| f64::from(v) * f64::from(v)).sum::<f64>().sqrt();
+    // Above the bound: one factor for every value, the result on the bound (PyTorch's 1e-6).
+    let mut clipped = grads.clone();
+    assert!((clip_grad_norm(&mut clipped, 0.5 * norm) - norm).abs() <= 1e-12 * norm);
+    let factor = (0.5 * norm / (norm + 1e-6)) as f32;
+    for (c, g) in clipped.iter().zip(&grads) {
+        assert!(c.iter().zip(g.iter()).all(|(&c, &g)| c == g * factor));
+    }
+    let after = clipped.iter().flat_map(|g| g.iter()).map(|&v| f64::from(v) * f64::from(v)).sum::<f64>().sqrt();
+    assert!((after - 0.5 * norm).abs() <= 1e-5 * norm, "{after} vs {}", 0.5 * norm);
+    // Within the bound, or not finite: untouched.
+    let mut same = grads.clone();
+    clip_grad_norm(&mut same, 2.0 * norm);
+    assert_eq!(same, grads);
+    let mut broken = grads.clone();
+    data_mut(&mut broken[1])[3] = f32::INFINITY;
+    let before = broken.clone();
+    assert!(clip_grad_norm(&mut broken, 1e-3).is_infinite());
+    assert_eq!(broken, before);
+    // Through the optimizer: only where a bound is set.
+    let opt = Optimizer::new(OptimizerKind::Sgd { momentum: 0.9, nesterov: false }, 0.0);
+    let mut untouched = grads.clone();
+    assert_eq!(opt.clip_gradients(&mut untouched), None);
+    assert_eq!(untouched, grads);
+    let opt = opt.with_max_grad_norm(Some((0.5 * norm) as f32));
+    let mut through = grads.clone();
+    assert!(opt.clip_gradients(&mut through).is_some());
+    let after = through.iter().flat_map(|g| g.iter()).map(|&v| f64::from(v) * f64::from(v)).sum::<f64>().sqrt();
+    assert!((after - 0.5 * norm).abs() <= 1e-5 * norm);
 }
 
 #[test]

@@ -181,7 +181,8 @@ impl SplitRunner {
             g = dx;
         }
         per_layer.reverse();
-        let grads: Vec<Tensor> = per_layer.into_iter().flatten().collect();
+        let mut grads: Vec<Tensor> = per_layer.into_iter().flatten().collect();
+        opt.clip_gradients(&mut grads);
         opt.step(model.params_mut(), &grads, lr);
         Ok(StepOutput { loss: out.loss, correct: out.correct, samples: n })
     }

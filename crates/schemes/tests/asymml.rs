@@ -109,6 +109,26 @@ fn without_noise_the_split_computes_what_plaintext_computes() {
 }
 
 #[test]
+fn blown_up_weights_end_the_step_with_an_error_not_a_panic() {
+    // A NaN weight in the first convolution (as a diverging run ends up with) makes every later
+    // activation NaN: no subspace exists for them, and both methods say so.
+    for subspace in [Subspace::Exact, Subspace::Fast] {
+        let mut rng = ChaCha8Rng::seed_from_u64(3);
+        let mut model = small_model(&mut rng);
+        if let Layer::Conv2d(c) = &mut model.layers[0] {
+            c.weight.as_slice_mut().expect("contiguous")[5] = f32::NAN;
+        }
+        let cfg = AsymmlConfig { subspace, noise_multiplier: 1.0, ..AsymmlConfig::default() };
+        let mut r = runner(cfg, Transcript::new());
+        let mut opt = Optimizer::new(OptimizerKind::Sgd { momentum: 0.9, nesterov: false }, 5e-4);
+        let x = random(&mut rng, &[5, 3, 12, 12], 1.0);
+        let y: Vec<usize> = (0..5).map(|_| rng.random_range(0..10)).collect();
+        let err = r.train_step(&mut model, Secret::new(x), &Secret::new(y), &mut opt, 0.05).unwrap_err().to_string();
+        assert!(err.contains("training diverged") && err.contains("NaN or infinite"), "{subspace:?}: {err}");
+    }
+}
+
+#[test]
 fn releases_only_noised_residuals_and_public_weights() {
     let cfg = AsymmlConfig { noise_multiplier: 1.0, ..AsymmlConfig::default() };
     let mut r = runner(cfg, Transcript::keeping_records());

@@ -89,7 +89,8 @@ impl Group<'_> {
 
 /// `samples`: the group's samples, each C x positions row-major (all the same length C*positions).
 /// rank 0 is allowed when the policy gives 0 (Fixed(0)) or all samples are zero: then u is empty and the
-/// residual is everything.
+/// residual is everything. (The tests' shorthand for [`find_basis_and_coordinates`] on finite data.)
+#[cfg(test)]
 pub fn find_basis(
     samples: &[&[f32]],
     channels: usize,
@@ -99,7 +100,7 @@ pub fn find_basis(
     warm: Option<&Basis>,
     rng: &mut impl rand::Rng,
 ) -> Basis {
-    find_basis_and_coordinates(samples, channels, positions, policy, method, warm, rng).0
+    find_basis_and_coordinates(samples, channels, positions, policy, method, warm, rng).expect("finite samples").0
 }
 
 /// [`find_basis`], and the samples' coordinates `V = U^T X` where the method has them for free:
@@ -107,6 +108,9 @@ pub fn find_basis(
 /// so `U^T X = S^T (Q^T X)` costs `r k` multiply-adds per position instead of a product with `X`.
 /// They come as `len x rank x positions` (sample by sample, each `rank x positions`), ready for
 /// [`channel_products::residual`]; the exact method gives `None`.
+///
+/// An error where the samples hold NaN or infinite values (a diverged training run: no subspace
+/// is defined), or where the small eigenproblem does not converge.
 pub fn find_basis_and_coordinates(
     samples: &[&[f32]],
     channels: usize,
@@ -115,27 +119,30 @@ pub fn find_basis_and_coordinates(
     method: Subspace,
     warm: Option<&Basis>,
     rng: &mut impl rand::Rng,
-) -> (Basis, Option<Vec<f32>>) {
+) -> Result<(Basis, Option<Vec<f32>>), String> {
     for x in samples {
         assert_eq!(x.len(), channels * positions, "find_basis: sample is not C x positions");
     }
     let g = Group { xs: samples, c: channels, p: positions };
     let total: f64 = samples.iter().map(|x| energy(x)).sum();
+    if !total.is_finite() {
+        return Err("it holds NaN or infinite values".into());
+    }
     let target = match policy {
         RankPolicy::Fixed(r) => r,
         RankPolicy::Energy { max_rank, .. } => max_rank,
     }
     .min(channels.min(g.np()));
     if target == 0 {
-        return (finish(channels, Vec::new(), total, total, 0), None);
+        return Ok((finish(channels, Vec::new(), total, total, 0), None));
     }
-    match method {
-        Subspace::Exact => (exact_basis(&g, policy, total, target, gram_side(channels, g.np())), None),
+    Ok(match method {
+        Subspace::Exact => (exact_basis(&g, policy, total, target, gram_side(channels, g.np()))?, None),
         Subspace::Fast => {
-            let (basis, coordinates) = fast_basis(&g, policy, total, target, warm, rng);
+            let (basis, coordinates) = fast_basis(&g, policy, total, target, warm, rng)?;
             (basis, Some(coordinates))
         }
-    }
+    })
 }
 
 /// Splits one sample with a basis into v = U^T x (rank x positions, row-major) and residual =
@@ -179,13 +186,13 @@ fn gram_side(c: usize, np: usize) -> GramSide {
     }
 }
 
-fn exact_basis(g: &Group, policy: RankPolicy, total: f64, target: usize, side: GramSide) -> Basis {
+fn exact_basis(g: &Group, policy: RankPolicy, total: f64, target: usize, side: GramSide) -> Result<Basis, String> {
     let (c, p, np, n) = (g.c, g.p, g.np(), g.xs.len());
     let (m, gram, gram_macs) = match side {
         GramSide::Channels => (c, channel_gram(g), (c * c * np) as u64),
         GramSide::Positions => (np, position_gram(g), (n * (n + 1) / 2 * p * p * c) as u64),
     };
-    let (values, vecs) = sym_eigen_desc(m, |i, j| f64::from(gram[i * m + j]));
+    let (values, vecs) = sym_eigen_desc(m, |i, j| f64::from(gram[i * m + j]))?;
     // The trailing eigenvalues are exactly the energy a rank-r basis misses (summing them directly avoids
     // cancelling against the total).
     let mut residuals = vec![0.0; m + 1];
@@ -202,7 +209,7 @@ fn exact_basis(g: &Group, policy: RankPolicy, total: f64, target: usize, side: G
     // Re-orthonormalising also normalises the lifted u_i = X w_i (norm sqrt(lambda_i)) and completes the
     // basis where lambda_i = 0.
     orthonormalize(&mut cols);
-    finish(c, cols, total, residuals[r], macs)
+    Ok(finish(c, cols, total, residuals[r], macs))
 }
 
 /// sum_b X_b X_b^T (C x C, f32, full).
@@ -246,7 +253,7 @@ fn fast_basis(
     target: usize,
     warm: Option<&Basis>,
     rng: &mut impl rand::Rng,
-) -> (Basis, Vec<f32>) {
+) -> Result<(Basis, Vec<f32>), String> {
     let (c, p, np, n) = (g.c, g.p, g.np(), g.xs.len());
     let k = (target + OVERSAMPLE).min(c.min(np));
     let omega = start_block(c, k, warm, rng);
@@ -272,7 +279,7 @@ fn fast_basis(
         channel_products::project(&q32, k, x, width, &mut bm[b * width..], np);
     }
     let dot = |i: usize, j: usize| dot_f64_of(&bm[i * np..(i + 1) * np], &bm[j * np..(j + 1) * np], |a, b| a * b);
-    let (ritz, s) = sym_eigen_desc(k, dot);
+    let (ritz, s) = sym_eigen_desc(k, dot)?;
     // ||U^T X||^2 is the sum of the kept Ritz values, so the residual is what they leave of the total.
     let mut residuals = vec![total; k + 1];
     for i in 0..k {
@@ -292,7 +299,7 @@ fn fast_basis(
         }
     }
     let macs = 3 * c * np * k + k * k * np + 2 * c * k * k + c * k * r + r * k * np;
-    (finish(c, cols, total, residuals[r], macs as u64 + eig_macs(k)), coordinates)
+    Ok((finish(c, cols, total, residuals[r], macs as u64 + eig_macs(k)), coordinates))
 }
 
 /// C x k start block: the warm basis' columns first (they already point the right way), then Gaussian.
@@ -321,13 +328,15 @@ fn choose_rank(policy: RankPolicy, residuals: &[f64], total: f64, cap: usize) ->
 
 /// Eigen-decomposition of the symmetric m x m matrix whose lower triangle is `entry(i, j)` (i >= j):
 /// eigenvalues descending and clamped at 0 (rounding can push a zero one below), vectors in matching columns.
-fn sym_eigen_desc(m: usize, entry: impl Fn(usize, usize) -> f64) -> (Vec<f64>, Mat<f64>) {
+fn sym_eigen_desc(m: usize, entry: impl Fn(usize, usize) -> f64) -> Result<(Vec<f64>, Mat<f64>), String> {
     // Only the lower triangle is read (Side::Lower), so each entry is computed once.
     let a = Mat::<f64>::from_fn(m, m, |i, j| if i >= j { entry(i, j) } else { 0.0 });
-    let evd = a.self_adjoint_eigen(Side::Lower).expect("symmetric eigen-decomposition did not converge");
+    let evd = a
+        .self_adjoint_eigen(Side::Lower)
+        .map_err(|e| format!("the {m} x {m} symmetric eigen-decomposition of its subspace did not converge ({e:?})"))?;
     let (s, u) = (evd.S().column_vector(), evd.U());
     let values = (0..m).map(|i| s[m - 1 - i].max(0.0)).collect();
-    (values, Mat::from_fn(m, m, |i, j| u[(i, m - 1 - j)]))
+    Ok((values, Mat::from_fn(m, m, |i, j| u[(i, m - 1 - j)])))
 }
 
 /// Orthonormalises columns in place: modified Gram-Schmidt, two passes ("twice is enough") so f64
@@ -521,8 +530,8 @@ mod tests {
         let g = Group { xs: &views(&xs), c, p };
         let total = xs.iter().map(|x| energy(x)).sum();
         let policy = RankPolicy::Fixed(3);
-        let by_channels = exact_basis(&g, policy, total, 3, GramSide::Channels);
-        let by_positions = exact_basis(&g, policy, total, 3, GramSide::Positions);
+        let by_channels = exact_basis(&g, policy, total, 3, GramSide::Channels).unwrap();
+        let by_positions = exact_basis(&g, policy, total, 3, GramSide::Positions).unwrap();
         let projector = |b: &Basis, i: usize, j: usize| (0..3).map(|t| b.u[i * 3 + t] * b.u[j * 3 + t]).sum::<f32>();
         for (i, j) in (0..c).flat_map(|i| (0..c).map(move |j| (i, j))) {
             assert!((projector(&by_channels, i, j) - projector(&by_positions, i, j)).abs() < 1e-4);
@@ -632,7 +641,7 @@ mod tests {
                 };
                 for policy in [RankPolicy::Fixed(r), RankPolicy::Energy { tau: 0.2, max_rank: r }] {
                     let (basis, v) =
-                        find_basis_and_coordinates(&views(&xs), c, p, policy, Subspace::Fast, None, &mut rng);
+                        find_basis_and_coordinates(&views(&xs), c, p, policy, Subspace::Fast, None, &mut rng).unwrap();
                     let v = v.expect("the fast subspace gives coordinates");
                     let rp = basis.rank * p;
                     assert_eq!(v.len(), n * rp);
@@ -658,7 +667,8 @@ mod tests {
         }
         // The exact subspace has no coordinates to give.
         let x = gauss(&mut rng, 4 * 9, 1.0);
-        let (_, v) = find_basis_and_coordinates(&[&x], 4, 9, RankPolicy::Fixed(2), Subspace::Exact, None, &mut rng);
+        let (_, v) =
+            find_basis_and_coordinates(&[&x], 4, 9, RankPolicy::Fixed(2), Subspace::Exact, None, &mut rng).unwrap();
         assert!(v.is_none());
     }
 

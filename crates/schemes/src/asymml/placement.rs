@@ -241,7 +241,8 @@ impl Asymml {
     }
 
     /// Splits `x` (`n` samples of `c x p`) into per-group bases, coordinates and a residual, for
-    /// the `index`-th convolution (`layer`) under `policy`.
+    /// the `index`-th convolution (`layer`) under `policy`. An error where no subspace exists:
+    /// values that are NaN or infinite, as a run whose weights have blown up produces.
     fn decompose(
         &mut self,
         (index, layer): (usize, &str),
@@ -249,7 +250,7 @@ impl Asymml {
         policy: RankPolicy,
         x: &[f32],
         (n, c, p): (usize, usize, usize),
-    ) -> Decomposition {
+    ) -> PlacementResult<Decomposition> {
         let per = c * p;
         let step = group_len(self.cfg.basis, n);
         let warm_key = format!("{layer}/{what}");
@@ -263,7 +264,14 @@ impl Asymml {
             let started = Instant::now();
             let warm = self.warm.get(&warm_key);
             let (basis, coordinates) =
-                find_basis_and_coordinates(&samples, c, p, policy, self.cfg.subspace, warm, &mut self.rng);
+                find_basis_and_coordinates(&samples, c, p, policy, self.cfg.subspace, warm, &mut self.rng).map_err(
+                    |e| {
+                        format!(
+                            "training diverged: {layer}'s {what} cannot be split: {e}; try a smaller --lr, \
+                             less noise or --max-grad-norm"
+                        )
+                    },
+                )?;
             let found = Instant::now();
             let rp = basis.rank * p;
             // The fast subspace hands over the coordinates; otherwise the split projects.
@@ -289,7 +297,7 @@ impl Asymml {
             self.warm.insert(warm_key.clone(), basis.clone());
             groups.push(Group { start, len, basis, v });
         }
-        Decomposition { groups, residual, norms }
+        Ok(Decomposition { groups, residual, norms })
     }
 
     fn count_clipped(&mut self, index: usize, layer: &str, what: &'static str, c: Clipped) {
@@ -446,7 +454,7 @@ impl Placement for Asymml {
         let (n, c, p) = (g.batch, g.in_channels, g.in_h * g.in_w);
         let index = self.index_of(layer);
         let policy = self.cfg.rank.policy(index);
-        let mut parts = self.decompose((index, layer), "forward", policy, data(x), (n, c, p));
+        let mut parts = self.decompose((index, layer), "forward", policy, data(x), (n, c, p))?;
         let (out_c, out_hw) = (g.out_channels, g.out_h() * g.out_w());
         let mut y = vec![0.0f32; n * out_c * out_hw];
         let mut pending = Pending { residual: None, is_input, index, in_shape: x.shape().to_vec() };
@@ -516,7 +524,8 @@ impl Placement for Asymml {
             self.merge_device(layer, &g, None, None, &mut dx, low_rank)?
         } else if self.cfg.protect_gradients {
             let policy = self.cfg.rank.policy(pending.index);
-            let mut gparts = self.decompose((pending.index, layer), "gradient", policy, data(dy), (n, out_c, out_hw));
+            let mut gparts =
+                self.decompose((pending.index, layer), "gradient", policy, data(dy), (n, out_c, out_hw))?;
             let releases = !keeps_everything(policy, out_c, out_hw * group_len(self.cfg.basis, n));
             if releases {
                 // The bound applies to the gradient of the sample's own loss: n times the batch mean's.
