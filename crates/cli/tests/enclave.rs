@@ -279,6 +279,15 @@ fn enclave_refuses_bad_asymml_flags_before_listening() {
     let err = proc.stderr();
     assert!(!status.success() && err.contains("--clip-norm must be a positive number, got -1"), "{err}");
     assert!(!err.contains("listening"), "it listened before checking its flags: {err}");
+    let mut proc = Proc::spawn(
+        "enclave",
+        &tmp.0,
+        &["enclave", "--listen", "127.0.0.1:0", "--dataset", "fashion-mnist", "--max-grad-norm", "0"],
+    );
+    let status = proc.wait(DEADLINE);
+    let err = proc.stderr();
+    assert!(!status.success() && err.contains("--max-grad-norm must be a positive number, got 0"), "{err}");
+    assert!(!err.contains("listening"), "it listened before checking its flags: {err}");
 }
 
 #[test]
