@@ -273,21 +273,32 @@ impl Ziggurat {
             let batch = &mut values[done..done + words.len() / 4];
             let mut misses = 0;
             for (j, (v, w)) in batch.iter_mut().zip(words.chunks_exact(4)).enumerate() {
-                let word = u32::from_le_bytes([w[0], w[1], w[2], w[3]]);
-                let (e, m) = ((word >> ENTRY_SHIFT) as usize, word & UNIFORM_MASK);
-                let scaled = *v * scale;
-                *v = if m < self.k[e] {
-                    scaled + self.fast(m, e) * std
-                } else {
+                if let Some(word) = self.add_fast(v, w, scale, std) {
                     missed[misses] = (j, word);
                     misses += 1;
-                    scaled
-                };
+                }
             }
             for &(j, word) in &missed[..misses] {
                 batch[j] += self.slow(word, rng) * std;
             }
             done += batch.len();
+        }
+    }
+
+    /// One draw on the fast path from the word in `bytes` (little-endian): `v = v * scale + z *
+    /// std`. A word that misses the fast path leaves `v * scale` and is returned, for the caller
+    /// to finish the draw with [`Ziggurat::slow`] and add `z * std` (the same roundings).
+    #[inline(always)]
+    fn add_fast(&self, v: &mut f32, bytes: &[u8], scale: f32, std: f32) -> Option<u32> {
+        let word = u32::from_le_bytes([bytes[0], bytes[1], bytes[2], bytes[3]]);
+        let (e, m) = ((word >> ENTRY_SHIFT) as usize, word & UNIFORM_MASK);
+        let scaled = *v * scale;
+        if m < self.k[e] {
+            *v = scaled + self.fast(m, e) * std;
+            None
+        } else {
+            *v = scaled;
+            Some(word)
         }
     }
 
@@ -370,7 +381,7 @@ impl Ziggurat {
 mod avx512 {
     use std::arch::x86_64::*;
 
-    use super::{NoiseRng, Ziggurat, ENTRY_SHIFT, LAYER_SHIFT, SIGN_BIT, UNIFORM_MASK, WORDS};
+    use super::{NoiseRng, Ziggurat, LAYER_SHIFT, SIGN_BIT, UNIFORM_MASK, WORDS};
 
     const LANES: usize = 16;
 
@@ -420,16 +431,10 @@ mod avx512 {
             }
             // The last few values, one at a time, in the same order as the portable path.
             for (j, w) in (tail..batch.len()).zip(words[4 * tail..].chunks_exact(4)) {
-                let word = u32::from_le_bytes([w[0], w[1], w[2], w[3]]);
-                let (e, m) = ((word >> ENTRY_SHIFT) as usize, word & UNIFORM_MASK);
-                let scaled = batch[j] * scale;
-                batch[j] = if m < t.k[e] {
-                    scaled + t.fast(m, e) * std
-                } else {
+                if let Some(word) = t.add_fast(&mut batch[j], w, scale, std) {
                     (missed_at[missed], missed_word[missed]) = (j as u32, word);
                     missed += 1;
-                    scaled
-                };
+                }
             }
             // Same draws in the same order as the portable path: the misses take their extra words
             // from the stream in position order, after the batch's words.
