@@ -153,10 +153,7 @@ pub fn run_enclave(a: EnclaveArgs) -> Result<()> {
         trustsplit_nn::zoo::MODEL_NAMES.join(", ")
     );
     ensure!(a.epochs >= 1 && a.batch_size >= 1, "--batch-size and --epochs must be at least 1");
-    ensure!(a.lr.is_finite() && a.lr > 0.0, "--lr must be a positive number, got {}", a.lr);
-    if let Some(max) = a.max_grad_norm {
-        ensure!(max.is_finite() && max > 0.0, "--max-grad-norm must be a positive number, got {max}");
-    }
+    train::check_update_settings(a.lr, a.max_grad_norm)?;
     ensure!(a.threads >= 1, "--threads must be at least 1");
     crate::asymml_opts::check(&AsymmlOptions::from(&a.asymml))?;
     let max_upload_bytes = a.max_upload_mib.checked_mul(1 << 20).context("--max-upload-mib is too large")?;

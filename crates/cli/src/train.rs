@@ -141,6 +141,18 @@ pub struct Data {
     pub input_shape: Vec<usize>,
 }
 
+/// The learning rate and the gradient bound must be positive numbers (the `enclave` command checks
+/// them before it listens, `train` before it starts).
+pub fn check_update_settings(lr: f32, max_grad_norm: Option<f32>) -> Result<()> {
+    if !(lr.is_finite() && lr > 0.0) {
+        bail!("--lr must be a positive number, got {lr}");
+    }
+    if let Some(max) = max_grad_norm.filter(|m| !(m.is_finite() && *m > 0.0)) {
+        bail!("--max-grad-norm must be a positive number, got {max}");
+    }
+    Ok(())
+}
+
 /// Loads a dataset and works out the input shape `model` will see.
 pub fn load_data(
     dataset: &str,
@@ -245,12 +257,7 @@ pub fn train_with_data(
     if cfg.batch_size == 0 || cfg.epochs == 0 {
         bail!("--batch-size and --epochs must be at least 1");
     }
-    if !(cfg.lr.is_finite() && cfg.lr > 0.0) {
-        bail!("--lr must be a positive number, got {}", cfg.lr);
-    }
-    if let Some(max) = cfg.max_grad_norm.filter(|m| !(m.is_finite() && *m > 0.0)) {
-        bail!("--max-grad-norm must be a positive number, got {max}");
-    }
+    check_update_settings(cfg.lr, cfg.max_grad_norm)?;
     let started = Instant::now();
     let mut model =
         zoo::build(&cfg.model, &data.input_shape, data.train.num_classes, cfg.seed).map_err(anyhow::Error::msg)?;
