@@ -17,7 +17,7 @@ use std::time::Instant;
 use trustsplit_boundary::secret::WireSize;
 use trustsplit_boundary::{Released, Transcript};
 use trustsplit_device::{Device, DeviceError, DeviceStats};
-use trustsplit_kernels::conv::ConvGeometry;
+use trustsplit_kernels::conv::{conv2d_backward_weight_few_inputs, ConvGeometry};
 use trustsplit_kernels::elementwise::{add_assign, add_assign_with_bias};
 use trustsplit_nn::layers::{Conv2d, Linear};
 use trustsplit_nn::tensor::{data, from_vec};
@@ -201,9 +201,9 @@ pub fn releases_per_step(model: &Model, cfg: &AsymmlConfig, batch: usize) -> u64
         if forward {
             total += charge(*is_input);
         }
-        let device_needed = !is_input || forward;
+        // The first layer's output gradient stays in the enclave (`conv_backward`).
         let out_positions = g.out_h() * g.out_w() * group;
-        if cfg.protect_gradients && device_needed && !keeps_everything(policy, g.out_channels, out_positions) {
+        if cfg.protect_gradients && !is_input && !keeps_everything(policy, g.out_channels, out_positions) {
             total += charge(false);
         }
     }
@@ -514,14 +514,40 @@ impl Placement for Asymml {
         let db = conv.bias.as_ref().map(|_| crate::placement::bias_gradient(dy, out_c));
         let need_dx = !pending.is_input;
 
-        let dw = if !need_dx && pending.residual.is_none() {
-            // The first layer kept its whole input: the device has nothing to add, so the output
-            // gradient stays in the enclave too.
-            let xf = factors(&x_groups);
-            let mut low_rank = vc::LowRankWeightGradient::default();
-            self.enclave_macs +=
-                timed(&self.phases, "low-rank products", || low_rank.add_input_side(&g, &xf, data(dy)));
-            self.merge_device(layer, &g, None, None, &mut dx, low_rank)?
+        let dw = if !need_dx {
+            // The first layer: no input gradient is wanted, so the device's only use would be the
+            // residual's weight gradient. Its input has few channels, so the whole product
+            // `corr(X, dY)` costs the enclave less than splitting and noising the output
+            // gradient would, and nothing of the gradient leaves the enclave.
+            let dw = match pending.residual {
+                None => {
+                    let xf = factors(&x_groups);
+                    let mut low_rank = vc::LowRankWeightGradient::default();
+                    self.enclave_macs +=
+                        timed(&self.phases, "low-rank products", || low_rank.add_input_side(&g, &xf, data(dy)));
+                    self.merge_device(layer, &g, None, None, &mut dx, low_rank)?
+                }
+                Some(residual) => {
+                    // The input the forward pass convolved: low-rank part plus the noised residual.
+                    let x = timed(&self.phases, "split", || recombine(&x_groups, residual.get(), g.in_h * g.in_w));
+                    let mut dw = vec![0.0f32; g.weight_len()];
+                    timed(&self.phases, "first-layer weight gradient", || {
+                        conv2d_backward_weight_few_inputs(&g, &x, data(dy), &mut dw)
+                    });
+                    self.enclave_macs += g.forward_macs();
+                    dw
+                }
+            };
+            // No split of this gradient would notice a diverged run (a NaN that a ReLU zeroed
+            // in the forward pass can come back through batch-norm's backward): check the
+            // (small) weight gradient itself.
+            if !dw.iter().all(|v| v.is_finite()) {
+                return Err(format!(
+                    "training diverged: {layer}'s weight gradient holds NaN or infinite values; try a smaller \
+                     --lr, less noise or --max-grad-norm"
+                ));
+            }
+            dw
         } else if self.cfg.protect_gradients {
             let policy = self.cfg.rank.policy(pending.index);
             let mut gparts =
