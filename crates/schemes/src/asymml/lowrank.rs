@@ -76,11 +76,12 @@ impl Group<'_> {
 
     /// The samples side by side: C x nP, sample b in columns b P .. (b + 1) P.
     fn side_by_side(&self) -> Vec<f32> {
-        let (c, p, np) = (self.c, self.p, self.np());
-        let mut out = vec![0.0; c * np];
-        for (b, x) in self.xs.iter().enumerate() {
-            for (ci, row) in x.chunks_exact(p).enumerate() {
-                out[ci * np + b * p..ci * np + (b + 1) * p].copy_from_slice(row);
+        let (c, p) = (self.c, self.p);
+        // Appended row by row rather than copied into a zeroed buffer: no pass to zero it first.
+        let mut out = Vec::with_capacity(c * self.np());
+        for ci in 0..c {
+            for x in self.xs {
+                out.extend_from_slice(&x[ci * p..(ci + 1) * p]);
             }
         }
         out

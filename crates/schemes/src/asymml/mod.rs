@@ -21,6 +21,7 @@ pub mod keystream;
 pub mod lowrank;
 pub mod noise;
 pub mod placement;
+mod spares;
 pub mod virtual_conv;
 
 pub use lowrank::{RankPolicy, Subspace};

@@ -4,6 +4,7 @@
 use super::keystream::NoiseRng;
 use super::lowrank::{find_basis_and_coordinates, residual_into, split_into, Basis, RankPolicy};
 use super::noise::{clip_and_noise, Clipped};
+use super::spares::Spares;
 use super::virtual_conv as vc;
 use super::{AsymmlConfig, BasisScope, PrivacyLedger, RankRule};
 use crate::placement::{
@@ -33,31 +34,41 @@ pub fn runner(
     transcript: Arc<Transcript>,
 ) -> Result<SplitRunner, RunnerError> {
     validate(&cfg).map_err(RunnerError::Input)?;
-    let device = Arc::new(Mutex::new(device));
-    let waiting = Arc::new(Mutex::new(0.0));
-    let (handle, wait) = (device.clone(), waiting.clone());
-    let stats = Box::new(move || DeviceStats { device_seconds: *lock(&wait), ..lock(&handle).stats() })
-        as Box<dyn Fn() -> DeviceStats + Send>;
-    let placement = Asymml {
-        rng: NoiseRng::from_os().map_err(RunnerError::Input)?,
-        cfg,
-        device,
-        transcript: transcript.clone(),
-        waiting,
-        pass: PassInfo { mode: Mode::Eval, batch: 0, couples_samples: false },
-        conv_index: HashMap::new(),
-        warm: HashMap::new(),
-        pending: HashMap::new(),
-        totals: BTreeMap::new(),
-        enclave_macs: 0,
-        device_macs: 0,
-        step_releases: 0,
-        max_step_releases: 0,
-        training_steps: 0,
-        gradients_in_clear: false,
-        phases: RefCell::new(BTreeMap::new()),
-    };
+    let placement = Asymml::new(device, cfg, transcript.clone())?;
+    let stats = placement.device_stats();
     SplitRunner::new(SchemeKind::Asymml, Box::new(placement), Some(memory_budget), transcript, Some(stats))
+}
+
+impl Asymml {
+    fn new(device: Device, cfg: AsymmlConfig, transcript: Arc<Transcript>) -> Result<Asymml, RunnerError> {
+        let device = Arc::new(Mutex::new(device));
+        Ok(Asymml {
+            rng: NoiseRng::from_os().map_err(RunnerError::Input)?,
+            cfg,
+            device,
+            transcript,
+            waiting: Arc::new(Mutex::new(0.0)),
+            pass: PassInfo { mode: Mode::Eval, batch: 0, couples_samples: false },
+            conv_index: HashMap::new(),
+            warm: HashMap::new(),
+            pending: HashMap::new(),
+            totals: BTreeMap::new(),
+            enclave_macs: 0,
+            device_macs: 0,
+            step_releases: 0,
+            max_step_releases: 0,
+            training_steps: 0,
+            gradients_in_clear: false,
+            phases: RefCell::new(BTreeMap::new()),
+            spares: Spares::default(),
+        })
+    }
+
+    /// The device's statistics, with the time the enclave waited for it.
+    fn device_stats(&self) -> Box<dyn Fn() -> DeviceStats + Send> {
+        let (handle, wait) = (self.device.clone(), self.waiting.clone());
+        Box::new(move || DeviceStats { device_seconds: *lock(&wait), ..lock(&handle).stats() })
+    }
 }
 
 /// Checks a configuration's numbers, naming the command-line flag at fault.
@@ -144,6 +155,8 @@ pub struct Asymml {
     gradients_in_clear: bool,
     /// Enclave seconds per phase (subspace, split, noise, low-rank products, merge).
     phases: Phases,
+    /// Released residuals and device results, reused as buffers for outputs written in full.
+    spares: Spares,
 }
 
 type Phases = RefCell<BTreeMap<&'static str, f64>>;
@@ -254,7 +267,8 @@ impl Asymml {
         let per = c * p;
         let step = group_len(self.cfg.basis, n);
         let warm_key = format!("{layer}/{what}");
-        let mut residual = vec![0.0f32; n * per];
+        // Every sample's residual is written below (`residual_into` or `split_into`).
+        let mut residual = self.spares.take(n * per);
         let mut norms = vec![0.0f64; n];
         let mut groups = Vec::new();
         let totals = self.totals.entry((index, layer.to_string(), what)).or_default();
@@ -456,7 +470,8 @@ impl Placement for Asymml {
         let policy = self.cfg.rank.policy(index);
         let mut parts = self.decompose((index, layer), "forward", policy, data(x), (n, c, p))?;
         let (out_c, out_hw) = (g.out_channels, g.out_h() * g.out_w());
-        let mut y = vec![0.0f32; n * out_c * out_hw];
+        // `low_rank_forward` overwrites all of it, in both branches below.
+        let mut y = self.spares.take(n * out_c * out_hw);
         let mut pending = Pending { residual: None, is_input, index, in_shape: x.shape().to_vec() };
         if keeps_everything(policy, c, p * group_len(self.cfg.basis, n)) {
             self.enclave_macs += timed(&self.phases, "low-rank products", || {
@@ -488,10 +503,14 @@ impl Placement for Asymml {
                 Some(b) => add_assign_with_bias(&mut y, &from_device, data(b), out_hw),
                 None => add_assign(&mut y, &from_device),
             }
+            self.spares.keep(from_device);
             pending.residual = Some(residual);
         }
         let y = from_vec(&[n, out_c, g.out_h(), g.out_w()], y);
         if mode != Mode::Train {
+            if let Some(released) = pending.residual {
+                self.spares.keep(released.into_inner());
+            }
             return Ok((y, Saved::Nothing));
         }
         self.pending.insert(layer.to_string(), pending);
@@ -510,16 +529,21 @@ impl Placement for Asymml {
         let g = conv.geometry(&pending.in_shape);
         let (n, out_c, out_hw) = (g.batch, g.out_channels, g.out_h() * g.out_w());
         let w = data(&conv.weight);
-        let mut dx = vec![0.0f32; g.input_len()];
         let db = conv.bias.as_ref().map(|_| crate::placement::bias_gradient(dy, out_c));
         let need_dx = !pending.is_input;
+        // With protected gradients `low_rank_input_gradient` overwrites all of the input gradient;
+        // otherwise the device's is added to zeros.
+        let mut dx = match need_dx && self.cfg.protect_gradients {
+            true => self.spares.take(g.input_len()),
+            false => vec![0.0f32; g.input_len()],
+        };
 
         let dw = if !need_dx {
             // The first layer: no input gradient is wanted, so the device's only use would be the
             // residual's weight gradient. Its input has few channels, so the whole product
             // `corr(X, dY)` costs the enclave less than splitting and noising the output
             // gradient would, and nothing of the gradient leaves the enclave.
-            let dw = match pending.residual {
+            let dw = match &pending.residual {
                 None => {
                     let xf = factors(&x_groups);
                     let mut low_rank = vc::LowRankWeightGradient::default();
@@ -616,7 +640,11 @@ impl Placement for Asymml {
                 ((None, None), timed(&self.phases, "low-rank products", enclave))
             };
             self.enclave_macs += macs;
-            self.merge_device(layer, &g, dev_dx, dev_dw, &mut dx, low_rank)?
+            let dw = self.merge_device(layer, &g, dev_dx, dev_dw, &mut dx, low_rank)?;
+            if let Some(released) = grad {
+                self.spares.keep(released.into_inner());
+            }
+            dw
         } else {
             self.gradients_in_clear = true;
             let residual_released = pending.residual.is_some();
@@ -632,13 +660,22 @@ impl Placement for Asymml {
                 let grad = self.release(layer, "output-gradient", dy.shape(), data(dy).to_vec(), why);
                 let x_res = pending.residual.as_ref();
                 let weight = weight.as_ref();
-                self.overlapped(layer, |d| device_backward(d, &g, &grad, weight.filter(|_| need_dx), x_res), enclave)?
+                let out = self.overlapped(
+                    layer,
+                    |d| device_backward(d, &g, &grad, weight.filter(|_| need_dx), x_res),
+                    enclave,
+                )?;
+                self.spares.keep(grad.into_inner());
+                out
             } else {
                 ((None, None), timed(&self.phases, "low-rank products", enclave))
             };
             self.enclave_macs += macs;
             self.merge_device(layer, &g, dev_dx, dev_dw, &mut dx, low_rank)?
         };
+        if let Some(released) = pending.residual {
+            self.spares.keep(released.into_inner());
+        }
         let grads = std::iter::once(from_vec(conv.weight.shape(), dw)).chain(db).collect();
         Ok((from_vec(&pending.in_shape, dx), grads))
     }
@@ -707,7 +744,9 @@ impl Asymml {
     ) -> PlacementResult<Vec<f32>> {
         if let Some(v) = dev_dx {
             let shape = [g.batch, g.in_channels, g.in_h, g.in_w];
-            add_assign(dx, &self.received(layer, "input-gradient", &shape, v)?);
+            let v = self.received(layer, "input-gradient", &shape, v)?;
+            add_assign(dx, &v);
+            self.spares.keep(v);
             self.device_macs += g.forward_macs();
         }
         let mut dw = match dev_dw {
@@ -720,5 +759,69 @@ impl Asymml {
         };
         self.enclave_macs += timed(&self.phases, "low-rank products", || low_rank.add_to(g, &mut dw));
         Ok(dw)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rand::{Rng, SeedableRng};
+    use rand_chacha::ChaCha8Rng;
+    use trustsplit_device::CpuBackend;
+
+    fn random(rng: &mut ChaCha8Rng, shape: &[usize]) -> Tensor {
+        let n = shape.iter().product();
+        from_vec(shape, (0..n).map(|_| rng.random_range(-1.0..1.0)).collect())
+    }
+
+    /// One forward and backward pass of a convolution, for both gradient settings.
+    fn pass(a: &mut Asymml, conv: &Conv2d, x: &Tensor, dy: &Tensor) -> (Tensor, Tensor, Vec<Tensor>) {
+        a.begin_pass(&PassInfo { mode: Mode::Train, batch: x.shape()[0], couples_samples: false });
+        let (y, saved) = a.conv_forward("layers.1", false, conv, x, Mode::Train).unwrap();
+        let (dx, grads) = a.conv_backward("layers.1", conv, saved, dy).unwrap();
+        (y, dx, grads)
+    }
+
+    #[test]
+    fn reused_buffers_are_written_in_full_before_they_are_read() {
+        // Buffers kept from the first pass are filled with NaN before the second: a value a
+        // taker did not write would show up as NaN, or as a difference from the first pass.
+        for (protect_gradients, basis) in
+            [(true, BasisScope::Batch), (true, BasisScope::Sample), (false, BasisScope::Batch)]
+        {
+            let mut rng = ChaCha8Rng::seed_from_u64(11);
+            let conv = Conv2d {
+                weight: random(&mut rng, &[5, 6, 3, 3]),
+                bias: Some(random(&mut rng, &[5])),
+                stride: 1,
+                padding: 1,
+            };
+            let x = random(&mut rng, &[3, 6, 7, 9]);
+            let dy = random(&mut rng, &[3, 5, 7, 9]);
+            let cfg = AsymmlConfig {
+                noise_multiplier: 0.0,
+                subspace: super::super::Subspace::Exact,
+                protect_gradients,
+                basis,
+                rank: RankRule::Schedule(vec![2]),
+                ..AsymmlConfig::default()
+            };
+            let device = Device::local(Box::new(CpuBackend::new(1).unwrap()));
+            let mut a = Asymml::new(device, cfg, Arc::new(Transcript::new())).unwrap();
+            let first = pass(&mut a, &conv, &x, &dy);
+            assert!(a.spares.count() >= 3, "kept {}", a.spares.count());
+            a.spares.poison();
+            let second = pass(&mut a, &conv, &x, &dy);
+            let flat = |t: &(Tensor, Tensor, Vec<Tensor>)| -> Vec<f32> {
+                [&t.0, &t.1].into_iter().chain(&t.2).flat_map(|t| data(t).to_vec()).collect()
+            };
+            let (p, q) = (flat(&first), flat(&second));
+            assert!(
+                q.iter().all(|v| v.is_finite()),
+                "{protect_gradients} {basis:?}: a reused buffer was read unwritten"
+            );
+            let worst = p.iter().zip(&q).map(|(a, b)| (a - b).abs()).fold(0.0f32, f32::max);
+            assert!(worst < 1e-5, "{protect_gradients} {basis:?}: passes differ by {worst}");
+        }
     }
 }
