@@ -114,9 +114,27 @@ pub fn batchnorm_backward(
     dgamma: &mut [f32],
     dbeta: &mut [f32],
 ) {
-    assert!(x.len() == s.len() && dy.len() == s.len() && dx.len() == s.len(), "batchnorm: lengths");
+    assert_eq!(dx.len(), dy.len(), "batchnorm: lengths");
+    dx.copy_from_slice(dy);
+    batchnorm_backward_in_place(s, x, dx, gamma, stats, dgamma, dbeta);
+}
+
+/// [`batchnorm_backward`] with the input gradient written over the output gradient `dy_dx`
+/// (each value depends only on its own `dy`, once the per-channel sums are taken), so no
+/// buffer is allocated and zeroed for it.
+pub fn batchnorm_backward_in_place(
+    s: BnShape,
+    x: &[f32],
+    dy_dx: &mut [f32],
+    gamma: &[f32],
+    stats: &BnBatchStats,
+    dgamma: &mut [f32],
+    dbeta: &mut [f32],
+) {
+    assert!(x.len() == s.len() && dy_dx.len() == s.len(), "batchnorm: lengths");
     let count = (s.batch * s.spatial) as f64;
     // Per channel: sum(dy) and sum(dy * xhat).
+    let dy: &[f32] = dy_dx;
     let sums: Vec<(f64, f64)> = (0..s.channels)
         .into_par_iter()
         .map(|c| {
@@ -136,25 +154,24 @@ pub fn batchnorm_backward(
     }
     // dx = gamma * inv_std * (dy - mean(dy) - xhat * mean(dy * xhat))
     let plane = s.spatial.max(1);
-    dx.par_chunks_mut(plane).zip(dy.par_chunks(plane).zip(x.par_chunks(plane))).enumerate().for_each(
-        |(i, (dx, (dy, x)))| {
-            let c = i % s.channels;
-            let (m, inv) = (stats.mean[c], stats.inv_std[c]);
-            let mean_dy = (sums[c].0 / count) as f32;
-            let mean_dy_xhat = (sums[c].1 / count) as f32;
-            input_gradient_plane(dx, dy, x, [m, inv, gamma[c] * inv, mean_dy, mean_dy_xhat]);
-        },
-    );
+    dy_dx.par_chunks_mut(plane).zip(x.par_chunks(plane)).enumerate().for_each(|(i, (g, x))| {
+        let c = i % s.channels;
+        let (m, inv) = (stats.mean[c], stats.inv_std[c]);
+        let mean_dy = (sums[c].0 / count) as f32;
+        let mean_dy_xhat = (sums[c].1 / count) as f32;
+        input_gradient_plane(g, x, [m, inv, gamma[c] * inv, mean_dy, mean_dy_xhat]);
+    });
 }
 
 multiversion! {
-    /// One plane of the input gradient, `dx = k (dy - mean(dy) - xhat mean(dy xhat))` with
-    /// `xhat = (x - mean) inv_std`; `c` is `[mean, inv_std, k, mean(dy), mean(dy xhat)]`.
-    fn input_gradient_plane(dx: &mut [f32], dy: &[f32], x: &[f32], c: [f32; 5]) {
+    /// One plane of the input gradient, written over `dy`: `dx = k (dy - mean(dy) - xhat
+    /// mean(dy xhat))` with `xhat = (x - mean) inv_std`; `c` is `[mean, inv_std, k, mean(dy),
+    /// mean(dy xhat)]`.
+    fn input_gradient_plane(dy_dx: &mut [f32], x: &[f32], c: [f32; 5]) {
         let [m, inv, k, mean_dy, mean_dy_xhat] = c;
-        for ((d, &g), &v) in dx.iter_mut().zip(dy).zip(x) {
+        for (d, &v) in dy_dx.iter_mut().zip(x) {
             let xhat = (v - m) * inv;
-            *d = k * (g - mean_dy - xhat * mean_dy_xhat);
+            *d = k * (*d - mean_dy - xhat * mean_dy_xhat);
         }
     }
 }

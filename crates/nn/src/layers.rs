@@ -239,6 +239,53 @@ fn relu_backward(mut dy: Tensor, saved: Saved) -> (Tensor, Vec<Tensor>) {
     (dy, vec![])
 }
 
+/// Batch-norm's output, and in training mode the batch statistics its backward pass needs (the
+/// running statistics are updated); in evaluation mode the running statistics are used.
+fn batchnorm_forward(b: &mut BatchNorm, x: &Tensor, mode: Mode) -> (Tensor, Option<bn::BnBatchStats>) {
+    let s = b.shape(x.shape());
+    let mut y = zeros(x.shape());
+    if mode != Mode::Train {
+        bn::batchnorm_eval_forward(
+            s,
+            data(x),
+            data(&b.gamma),
+            data(&b.beta),
+            data(&b.running_mean),
+            data(&b.running_var),
+            b.eps,
+            data_mut(&mut y),
+        );
+        return (y, None);
+    }
+    let stats = bn::batchnorm_train_forward(s, data(x), data(&b.gamma), data(&b.beta), b.eps, data_mut(&mut y));
+    // Running variance uses the unbiased estimate, as PyTorch does.
+    let count = (s.batch * s.spatial) as f32;
+    let unbias = if count > 1.0 { count / (count - 1.0) } else { 1.0 };
+    let m = b.momentum;
+    for c in 0..s.channels {
+        b.running_mean[c] = (1.0 - m) * b.running_mean[c] + m * stats.mean[c];
+        b.running_var[c] = (1.0 - m) * b.running_var[c] + m * stats.var[c] * unbias;
+    }
+    (y, Some(stats))
+}
+
+/// Batch-norm's training-mode backward: the input gradient written over `dy`, then the gradients
+/// of gamma and beta.
+fn batchnorm_backward(b: &BatchNorm, mut dy: Tensor, x: &Tensor, stats: &bn::BnBatchStats) -> (Tensor, Vec<Tensor>) {
+    let s = b.shape(x.shape());
+    let (mut dg, mut db) = (zeros(b.gamma.shape()), zeros(b.beta.shape()));
+    bn::batchnorm_backward_in_place(
+        s,
+        data(x),
+        data_mut(&mut dy),
+        data(&b.gamma),
+        stats,
+        data_mut(&mut dg),
+        data_mut(&mut db),
+    );
+    (dy, vec![dg, db])
+}
+
 impl Layer {
     /// Runs the layer. In training mode batch-norm uses (and updates) batch statistics and the
     /// returned `Saved` holds what `backward` needs; in evaluation mode it is `Saved::Nothing`.
@@ -248,34 +295,10 @@ impl Layer {
         match self {
             Layer::Conv2d(c) => (c.forward(x), keep_input(x)),
             Layer::Linear(l) => (l.forward(x), keep_input(x)),
-            Layer::BatchNorm(b) => {
-                let s = b.shape(x.shape());
-                let mut y = zeros(x.shape());
-                if !train {
-                    bn::batchnorm_eval_forward(
-                        s,
-                        data(x),
-                        data(&b.gamma),
-                        data(&b.beta),
-                        data(&b.running_mean),
-                        data(&b.running_var),
-                        b.eps,
-                        data_mut(&mut y),
-                    );
-                    return (y, Saved::Nothing);
-                }
-                let stats =
-                    bn::batchnorm_train_forward(s, data(x), data(&b.gamma), data(&b.beta), b.eps, data_mut(&mut y));
-                // Running variance uses the unbiased estimate, as PyTorch does.
-                let count = (s.batch * s.spatial) as f32;
-                let unbias = if count > 1.0 { count / (count - 1.0) } else { 1.0 };
-                let m = b.momentum;
-                for c in 0..s.channels {
-                    b.running_mean[c] = (1.0 - m) * b.running_mean[c] + m * stats.mean[c];
-                    b.running_var[c] = (1.0 - m) * b.running_var[c] + m * stats.var[c] * unbias;
-                }
-                (y, Saved::BatchNorm { x: x.clone(), stats })
-            }
+            Layer::BatchNorm(b) => match batchnorm_forward(b, x, mode) {
+                (y, Some(stats)) => (y, Saved::BatchNorm { x: x.clone(), stats }),
+                (y, None) => (y, Saved::Nothing),
+            },
             Layer::Relu => relu_forward(x.clone(), mode),
             Layer::MaxPool(p) => {
                 let g = p.geometry(x.shape());
@@ -314,6 +337,11 @@ impl Layer {
     pub fn forward_owned(&mut self, x: Tensor, mode: Mode) -> (Tensor, Saved) {
         match self {
             Layer::Relu => relu_forward(x, mode),
+            // Batch-norm keeps its input for the backward pass: the given one, not a copy.
+            Layer::BatchNorm(b) => match batchnorm_forward(b, &x, mode) {
+                (y, Some(stats)) => (y, Saved::BatchNorm { x, stats }),
+                (y, None) => (y, Saved::Nothing),
+            },
             _ => self.forward(&x, mode),
         }
     }
@@ -322,6 +350,7 @@ impl Layer {
     pub fn backward_owned(&self, dy: Tensor, saved: Saved) -> (Tensor, Vec<Tensor>) {
         match (self, saved) {
             (Layer::Relu, saved @ Saved::Positive { .. }) => relu_backward(dy, saved),
+            (Layer::BatchNorm(b), Saved::BatchNorm { x, stats }) => batchnorm_backward(b, dy, &x, &stats),
             (_, saved) => self.backward(&dy, saved),
         }
     }
@@ -331,22 +360,7 @@ impl Layer {
         match (self, saved) {
             (Layer::Conv2d(c), Saved::Input(x)) => c.backward(&x, dy),
             (Layer::Linear(l), Saved::Input(x)) => l.backward(&x, dy),
-            (Layer::BatchNorm(b), Saved::BatchNorm { x, stats }) => {
-                let s = b.shape(x.shape());
-                let mut dx = zeros(x.shape());
-                let (mut dg, mut db) = (zeros(b.gamma.shape()), zeros(b.beta.shape()));
-                bn::batchnorm_backward(
-                    s,
-                    data(&x),
-                    data(dy),
-                    data(&b.gamma),
-                    &stats,
-                    data_mut(&mut dx),
-                    data_mut(&mut dg),
-                    data_mut(&mut db),
-                );
-                (dx, vec![dg, db])
-            }
+            (Layer::BatchNorm(b), Saved::BatchNorm { x, stats }) => batchnorm_backward(b, dy.clone(), &x, &stats),
             (Layer::Relu, saved @ Saved::Positive { .. }) => relu_backward(dy.clone(), saved),
             (Layer::MaxPool(p), Saved::MaxPool { argmax, in_shape }) => {
                 let g = p.geometry(&in_shape);

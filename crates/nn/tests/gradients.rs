@@ -173,3 +173,22 @@ fn saved_contexts_survive_encoding() {
     let err = trustsplit_nn::Saved::decode(&bytes).unwrap_err();
     assert!(err.contains("mask of 3 words for 120 values"), "{err}");
 }
+
+#[test]
+fn batchnorm_on_owned_tensors_matches_the_borrowing_passes() {
+    // The owned passes keep the given input and write the input gradient over the given output
+    // gradient instead of copying: same values, bit for bit.
+    let mut rng = ChaCha8Rng::seed_from_u64(21);
+    let mut a = bn(&mut rng, 5);
+    let mut b = a.clone();
+    let x = random(&mut rng, &[3, 5, 4, 6]);
+    let dy = random(&mut rng, &[3, 5, 4, 6]);
+    let (ya, sa) = a.forward(&x, Mode::Train);
+    let (yb, sb) = b.forward_owned(x.clone(), Mode::Train);
+    assert_eq!(ya, yb);
+    let (dxa, ga) = a.backward(&dy, sa);
+    let (dxb, gb) = b.backward_owned(dy.clone(), sb);
+    assert_eq!(dxa, dxb);
+    assert_eq!(ga, gb);
+    assert!(data(&dxa).iter().any(|&v| v != 0.0) && dxa != dy);
+}
