@@ -171,9 +171,56 @@ pub struct PrivacySummary {
     pub releases_per_sample: u64,
     /// What the epsilon covers and what it does not, in words.
     pub covers: String,
+    /// The evaluated (test) examples, accounted apart: their residuals are released, noised, each
+    /// time they are evaluated.
+    pub evaluation: EvaluationPrivacy,
 }
 
-/// The privacy summary of a run of `epochs` epochs (each sample takes part in one step per epoch).
+/// What evaluating released about each evaluated example.
+#[derive(Clone, Debug, Serialize)]
+pub struct EvaluationPrivacy {
+    /// How many times each example was evaluated (the training command evaluates the test split
+    /// once per epoch).
+    pub evaluations: u64,
+    /// Gaussian releases charged to an example per evaluation; 0 when evaluating released nothing.
+    pub releases_per_evaluation: u64,
+    /// Over all the evaluations; `None` without noise or without releases (serialised as null).
+    pub epsilon: Option<f64>,
+    pub delta: f64,
+}
+
+impl EvaluationPrivacy {
+    pub fn new(ledger: &PrivacyLedger, evaluations: u64) -> EvaluationPrivacy {
+        EvaluationPrivacy {
+            evaluations,
+            releases_per_evaluation: ledger.releases_per_evaluation,
+            epsilon: ledger.spent_by_evaluations(evaluations).map(|s| s.epsilon),
+            delta: ledger.delta,
+        }
+    }
+
+    /// One line for the summary.
+    pub fn describe(&self) -> String {
+        let plural = |n: u64, word: &str| format!("{n} {word}{}", if n == 1 { "" } else { "s" });
+        match (self.releases_per_evaluation, self.epsilon) {
+            (0, _) => "privacy of the test examples: nothing of them was released".to_string(),
+            (r, Some(e)) => format!(
+                "privacy of the test examples: epsilon {e:.3} at delta {} per example over {} ({} per \
+                 evaluation: each evaluation sends their noised residuals to the device), accounted apart from \
+                 the training samples",
+                self.delta,
+                plural(self.evaluations, "evaluation"),
+                plural(r, "Gaussian release")
+            ),
+            (_, None) => "privacy of the test examples: NO differential-privacy guarantee (--noise-multiplier 0): \
+                          their residuals were released without noise"
+                .to_string(),
+        }
+    }
+}
+
+/// The privacy summary of a run of `epochs` epochs (each sample takes part in one step per epoch,
+/// and the test split is evaluated once per epoch).
 pub fn privacy_summary(ledger: &PrivacyLedger, epochs: usize) -> PrivacySummary {
     let spent = ledger.spent(epochs as u64);
     let gradients = if ledger.gradients_in_clear { "" } else { " and output-gradient residuals" };
@@ -191,6 +238,7 @@ pub fn privacy_summary(ledger: &PrivacyLedger, epochs: usize) -> PrivacySummary 
         noise_multiplier: ledger.noise_multiplier,
         releases_per_sample: ledger.releases_per_step * epochs as u64,
         covers,
+        evaluation: EvaluationPrivacy::new(ledger, epochs as u64),
     }
 }
 

@@ -37,5 +37,8 @@ pub fn eval(
     // Inference releases concern the test inputs; the noise multiplier applies as given.
     let cfg = asymml.config(asymml.noise_multiplier);
     let mut runner = crate::schemes::runner_for(scheme, device, DEFAULT_BUDGET_BYTES, None, &cfg)?;
-    crate::with_threads(threads, || evaluate(&mut runner, &mut model, &data, &data.test, batch_size, show))?
+    let mut result =
+        crate::with_threads(threads, || evaluate(&mut runner, &mut model, &data, &data.test, batch_size, show))??;
+    result.privacy = runner.report().placement.privacy.map(|l| crate::asymml_opts::EvaluationPrivacy::new(&l, 1));
+    Ok(result)
 }

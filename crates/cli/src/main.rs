@@ -341,6 +341,9 @@ fn main() {
                 r.loss,
                 r.samples
             );
+            if let Some(p) = &r.privacy {
+                eprintln!("{}", p.describe());
+            }
             if a.json {
                 println!("{}", serde_json::to_string(&r)?);
             }

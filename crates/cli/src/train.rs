@@ -124,11 +124,14 @@ pub struct TrainSummary {
 }
 
 /// Accuracy and mean loss over a dataset.
-#[derive(Clone, Copy, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize)]
 pub struct EvalResult {
     pub accuracy: f64,
     pub loss: f64,
     pub samples: usize,
+    /// AsymML (set by `trustsplit eval`): what this evaluation released about each example.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub privacy: Option<crate::asymml_opts::EvaluationPrivacy>,
 }
 
 /// Loaded data with the batch settings the model needs.
@@ -227,7 +230,12 @@ pub fn evaluate(
         pb.inc(1);
     }
     pb.finish_and_clear();
-    Ok(EvalResult { accuracy: correct as f64 / ds.len() as f64, loss: loss / ds.len() as f64, samples: ds.len() })
+    Ok(EvalResult {
+        accuracy: correct as f64 / ds.len() as f64,
+        loss: loss / ds.len() as f64,
+        samples: ds.len(),
+        privacy: None,
+    })
 }
 
 /// Files a run writes into its output folder.
@@ -294,7 +302,8 @@ pub fn train_with_data(
     let noise = cfg.asymml.noise_for_training(&model, cfg.batch_size, cfg.epochs)?;
     let mut runner = crate::schemes::build_runner(cfg, noise)?;
     let steps_per_epoch = num_batches(data.train.len(), cfg.batch_size, false);
-    let (mut last_train, mut last_test) = ((0.0, 0.0), EvalResult { accuracy: 0.0, loss: 0.0, samples: 0 });
+    let (mut last_train, mut last_test) =
+        ((0.0, 0.0), EvalResult { accuracy: 0.0, loss: 0.0, samples: 0, privacy: None });
 
     crate::with_threads(cfg.threads, || -> Result<()> {
         for epoch in start_epoch..cfg.epochs {
@@ -442,6 +451,7 @@ pub fn print_summary(s: &TrainSummary) {
                 "privacy: NO differential-privacy guarantee (--noise-multiplier 0): residuals were released without noise"
             ),
         }
+        eprintln!("{}", p.evaluation.describe());
         let layers = &r.placement.layers;
         if !layers.is_empty() {
             let shown: Vec<String> = layers

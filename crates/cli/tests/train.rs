@@ -184,6 +184,21 @@ fn asymml_epsilon_target_calibrates_the_noise() {
     assert!(p.noise_multiplier > 0.0 && p.releases_per_sample > 0, "{p:?}");
     assert!(p.covers.contains("does NOT cover the weights"), "{}", p.covers);
     assert!(s.accuracy.is_finite());
+    // The test split, evaluated once per epoch, is accounted apart: LeNet-5's first layer keeps
+    // its one-channel input, the second releases one residual per evaluation.
+    let e = &p.evaluation;
+    assert_eq!((e.evaluations, e.releases_per_evaluation), (2, 1), "{e:?}");
+    assert!(e.epsilon.is_some_and(|v| v > 0.0 && v < eps), "{e:?}");
+    // `eval` accounts its own single evaluation of the checkpoint.
+    let mut asymml = cfg.asymml.clone();
+    asymml.epsilon = None;
+    asymml.noise_multiplier = p.noise_multiplier;
+    let r =
+        trustsplit::eval::eval(&s.checkpoint, "embedded", None, Scheme::Asymml, "cpu", 100, 1, &asymml, false).unwrap();
+    let once = r.privacy.unwrap();
+    assert_eq!((once.evaluations, once.releases_per_evaluation), (1, 1), "{once:?}");
+    assert!(once.epsilon.is_some_and(|v| v < e.epsilon.unwrap()), "{once:?} vs {e:?}");
+    assert!(once.describe().contains("per example over 1 evaluation ("), "{}", once.describe());
     // A nonsensical target is refused before training.
     cfg.asymml.epsilon = Some(-1.0);
     let err = train(&cfg, &out_dir("asym-eps-bad"), false, false).unwrap_err();

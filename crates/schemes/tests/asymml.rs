@@ -160,6 +160,11 @@ fn releases_only_noised_residuals_and_public_weights() {
     // layer, a gradient residual. The model has batch-norm, so all but the input's release depend
     // on the whole batch of 5.
     assert_eq!(ledger.releases_per_step, 1 + 4 * (4 * 5 - 3));
+    // Evaluating releases the same three forward residuals per example, charged apart from the
+    // training samples; batch-norm then uses its running statistics, so none is coupled.
+    assert_eq!(ledger.releases_per_evaluation, 3);
+    let test_spent = ledger.spent_by_evaluations(2).unwrap();
+    assert!(test_spent.epsilon > 0.0 && test_spent.epsilon < ledger.spent(2).unwrap().epsilon, "{test_spent:?}");
     assert!(!ledger.gradients_in_clear);
     let spent = ledger.spent(2).unwrap();
     assert!(spent.epsilon.is_finite() && spent.epsilon > 0.0, "{spent:?}");

@@ -132,6 +132,11 @@ pub struct PrivacyLedger {
     /// a batch-wide basis) is charged `4 * batch - 3` times: clipping bounds its change by twice
     /// the bound for every other sample of the batch.
     pub releases_per_step: u64,
+    /// Gaussian releases charged to an example each time it is evaluated (evaluation mode: the
+    /// forward releases only; batch-norm uses its running statistics, so only a batch-wide basis
+    /// couples the examples of a batch). These concern the evaluated (test) data, not the
+    /// training samples, and are accounted apart from them.
+    pub releases_per_evaluation: u64,
     /// Output gradients went to the device in the clear (`--protect-gradients` off): the epsilon
     /// then covers the activation releases only.
     pub gradients_in_clear: bool,
@@ -147,6 +152,17 @@ impl PrivacyLedger {
         }
         let mut acc = RdpAccountant::new();
         acc.compose_gaussian(self.noise_multiplier, self.releases_per_step * participations);
+        Some(acc.spent(self.delta))
+    }
+
+    /// Privacy spent by an evaluated example over `evaluations` evaluations of it (`None` without
+    /// noise, or when no evaluation released anything).
+    pub fn spent_by_evaluations(&self, evaluations: u64) -> Option<PrivacySpent> {
+        if self.noise_multiplier <= 0.0 || self.releases_per_evaluation == 0 || evaluations == 0 {
+            return None;
+        }
+        let mut acc = RdpAccountant::new();
+        acc.compose_gaussian(self.noise_multiplier, self.releases_per_evaluation * evaluations);
         Some(acc.spent(self.delta))
     }
 }

@@ -57,6 +57,8 @@ impl Asymml {
             device_macs: 0,
             step_releases: 0,
             max_step_releases: 0,
+            evaluation_releases: 0,
+            max_evaluation_releases: 0,
             training_steps: 0,
             gradients_in_clear: false,
             phases: RefCell::new(BTreeMap::new()),
@@ -151,6 +153,9 @@ pub struct Asymml {
     device_macs: u64,
     step_releases: u64,
     max_step_releases: u64,
+    /// The same for evaluation passes: releases charged to each example evaluated.
+    evaluation_releases: u64,
+    max_evaluation_releases: u64,
     training_steps: u64,
     gradients_in_clear: bool,
     /// Enclave seconds per phase (subspace, split, noise, low-rank products, merge).
@@ -322,11 +327,13 @@ impl Asymml {
 
     /// Charges one release to the privacy ledger (training passes only).
     fn charge(&mut self, depends_on_own_sample_only: bool) {
-        if self.pass.mode != Mode::Train {
-            return;
-        }
         let coupled = self.cfg.basis == BasisScope::Batch || (self.pass.couples_samples && !depends_on_own_sample_only);
-        self.step_releases += release_charge(coupled, self.pass.batch as u64);
+        let charge = release_charge(coupled, self.pass.batch as u64);
+        match self.pass.mode {
+            Mode::Train => self.step_releases += charge,
+            // Evaluation releases concern the examples evaluated (test data), accounted apart.
+            _ => self.evaluation_releases += charge,
+        }
     }
 
     fn release<T: WireSize>(&self, layer: &str, kind: &str, shape: &[usize], values: T, reason: &str) -> Released<T> {
@@ -451,6 +458,9 @@ impl Placement for Asymml {
             self.max_step_releases = self.max_step_releases.max(self.step_releases);
             self.step_releases = 0;
             self.training_steps += 1;
+        } else {
+            self.max_evaluation_releases = self.max_evaluation_releases.max(self.evaluation_releases);
+            self.evaluation_releases = 0;
         }
         self.pending.clear();
         self.spares.begin_pass();
@@ -717,6 +727,7 @@ impl Placement for Asymml {
             grad_clip_norm: self.cfg.grad_clip_norm,
             delta: self.cfg.delta,
             releases_per_step: self.max_step_releases.max(self.step_releases),
+            releases_per_evaluation: self.max_evaluation_releases.max(self.evaluation_releases),
             gradients_in_clear: self.gradients_in_clear,
             training_steps: self.training_steps,
         };
