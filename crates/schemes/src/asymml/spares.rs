@@ -24,12 +24,15 @@ struct Kept {
 }
 
 impl Spares {
-    /// Starts a pass: the takes counted so far become the previous pass's demand.
+    /// Starts a pass: the takes counted so far become the previous pass's demand, and buffers of
+    /// a length the previous pass did not take are dropped (evaluation batches, say, whose
+    /// buffers would otherwise be held through the training passes between evaluations).
     pub(crate) fn begin_pass(&mut self) {
-        for kept in self.by_len.values_mut() {
+        self.by_len.retain(|_, kept| {
             kept.taken_last_pass = kept.taken_this_pass;
             kept.taken_this_pass = 0;
-        }
+            kept.taken_last_pass > 0
+        });
     }
 
     /// A buffer of `len` values with unspecified (public) contents, for an output that
@@ -86,16 +89,19 @@ mod tests {
     #[test]
     fn as_many_are_kept_as_the_last_pass_took() {
         let mut s = Spares::default();
+        // A pass takes three buffers of 4 and gives back eight: three are kept.
         let taken: Vec<Vec<f32>> = (0..3).map(|_| s.take(4)).collect();
-        s.begin_pass();
         for b in taken.into_iter().chain((0..5).map(|_| vec![0.0; 4])) {
             s.keep(b);
         }
         assert_eq!(s.count(), 3);
-        s.begin_pass(); // a pass that took none of them: the one before still counts
-        s.begin_pass(); // now two passes without a take: nothing more is kept
-        let _ = (s.take(4), s.take(4), s.take(4));
+        s.begin_pass(); // the pass before took three: they stay for this one
+        assert_eq!(s.count(), 3);
+        s.begin_pass(); // the pass before took none: they are dropped
         assert_eq!(s.count(), 0);
+        s.keep(vec![0.0; 4]);
+        assert_eq!(s.count(), 0, "nothing of that length is wanted any more");
+        let _ = s.take(4);
         s.keep(vec![0.0; 4]);
         assert_eq!(s.count(), 1);
     }
