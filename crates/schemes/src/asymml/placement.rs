@@ -325,7 +325,8 @@ impl Asymml {
         t.clipped += c.clipped as u64;
     }
 
-    /// Charges one release to the privacy ledger (training passes only).
+    /// Charges one release to the privacy ledger: to the training samples in a training pass, to
+    /// the evaluated examples otherwise.
     fn charge(&mut self, depends_on_own_sample_only: bool) {
         let coupled = self.cfg.basis == BasisScope::Batch || (self.pass.couples_samples && !depends_on_own_sample_only);
         let charge = release_charge(coupled, self.pass.batch as u64);
