@@ -27,6 +27,39 @@ crate::simd::multiversion! {
 }
 
 crate::simd::multiversion! {
+    /// [`add_assign`], and whether every value of `x` is finite: an untrusted operand (a device's
+    /// result) checked in the pass that merges it rather than in a pass of its own.
+    pub fn add_assign_finite(acc: &mut [f32], x: &[f32]) -> bool {
+        assert_eq!(acc.len(), x.len(), "add_assign_finite: lengths differ");
+        let mut non_finite = false;
+        for (a, &b) in acc.iter_mut().zip(x) {
+            *a += b;
+            non_finite |= !b.is_finite();
+        }
+        !non_finite
+    }
+}
+
+crate::simd::multiversion! {
+    /// [`add_assign_with_bias`], and whether every value of `x` is finite (as
+    /// [`add_assign_finite`]).
+    pub fn add_assign_with_bias_finite(acc: &mut [f32], x: &[f32], bias: &[f32], per_channel: usize) -> bool {
+        assert_eq!(acc.len(), x.len(), "add_assign_with_bias_finite: lengths differ");
+        assert!(per_channel > 0 && !bias.is_empty(), "add_assign_with_bias_finite: empty planes or bias");
+        assert_eq!(acc.len() % (bias.len() * per_channel), 0, "add_assign_with_bias_finite: not N x C x per_channel");
+        let mut non_finite = false;
+        let planes = acc.chunks_exact_mut(per_channel).zip(x.chunks_exact(per_channel));
+        for ((a_plane, x_plane), b) in planes.zip(bias.iter().cycle()) {
+            for (a, &v) in a_plane.iter_mut().zip(x_plane) {
+                *a = *a + v + *b;
+                non_finite |= !v.is_finite();
+            }
+        }
+        !non_finite
+    }
+}
+
+crate::simd::multiversion! {
     /// `out = a + b`.
     pub fn add(a: &[f32], b: &[f32], out: &mut [f32]) {
         assert!(a.len() == b.len() && b.len() == out.len(), "add: lengths differ");
@@ -179,6 +212,34 @@ mod tests {
                 assert_eq!(got, want, "{n} x {c} x {p} at {level:?}");
             }
             acc.clear();
+        }
+    }
+
+    #[test]
+    fn checked_merges_add_as_the_plain_ones_and_spot_every_non_finite_value() {
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(13);
+        let (c, p) = (3usize, 37usize);
+        let len = 2 * c * p;
+        let acc: Vec<f32> = (0..len).map(|_| rng.random_range(-3.0f32..3.0)).collect();
+        let x: Vec<f32> = (0..len).map(|_| rng.random_range(-3.0f32..3.0)).collect();
+        let bias: Vec<f32> = (0..c).map(|_| rng.random_range(-1.0f32..1.0)).collect();
+        let (mut want, mut want_bias) = (acc.clone(), acc.clone());
+        add_assign(&mut want, &x);
+        add_assign_with_bias(&mut want_bias, &x, &bias, p);
+        for level in [crate::simd::Level::Baseline, crate::simd::Level::Avx512] {
+            let (mut got, mut got_bias) = (acc.clone(), acc.clone());
+            assert!(crate::simd::with_level_cap(level, || add_assign_finite(&mut got, &x)));
+            assert!(crate::simd::with_level_cap(level, || add_assign_with_bias_finite(&mut got_bias, &x, &bias, p)));
+            assert_eq!((got, got_bias), (want.clone(), want_bias.clone()), "{level:?}");
+            // One bad value anywhere, first, last or inside a vector, is reported.
+            for (at, bad) in [(0, f32::NAN), (len - 1, f32::INFINITY), (41, f32::NEG_INFINITY), (17, f32::NAN)] {
+                let mut x = x.clone();
+                x[at] = bad;
+                let (mut a, mut b) = (acc.clone(), acc.clone());
+                assert!(!crate::simd::with_level_cap(level, || add_assign_finite(&mut a, &x)), "{at} {level:?}");
+                let finite = crate::simd::with_level_cap(level, || add_assign_with_bias_finite(&mut b, &x, &bias, p));
+                assert!(!finite, "{at} {level:?}");
+            }
         }
     }
 

@@ -19,7 +19,7 @@ use trustsplit_boundary::secret::WireSize;
 use trustsplit_boundary::{Released, Transcript};
 use trustsplit_device::{Device, DeviceError, DeviceStats};
 use trustsplit_kernels::conv::{conv2d_backward_weight_few_inputs, ConvGeometry};
-use trustsplit_kernels::elementwise::{add_assign, add_assign_with_bias};
+use trustsplit_kernels::elementwise::{add_assign_finite, add_assign_with_bias_finite};
 use trustsplit_nn::layers::{Conv2d, Linear};
 use trustsplit_nn::tensor::{data, from_vec};
 use trustsplit_nn::{Layer, Mode, Model, Saved, Tensor};
@@ -440,6 +440,22 @@ fn restore_groups(layer: &str, saved: Saved) -> PlacementResult<Vec<Group>> {
 }
 
 /// `U v` plus the residual for every sample: the tensor the device and enclave together act on.
+/// The error for a device result holding NaN or infinite values. The weight it was computed
+/// with comes from the enclave: where that is not finite, training diverged; otherwise the device
+/// is at fault (AsymML does not verify its arithmetic, but these values cannot be used).
+fn device_fault(layer: &str, what: &str, weight: &[f32]) -> String {
+    if !weight.iter().all(|v| v.is_finite()) {
+        return format!(
+            "training diverged: {layer}'s weight holds NaN or infinite values; try a smaller --lr, less noise \
+             or --max-grad-norm"
+        );
+    }
+    format!(
+        "the device returned NaN or infinite values as {layer}'s {what}: a faulty or malicious device \
+         (its results are not verified, and these cannot be used)"
+    )
+}
+
 fn recombine(groups: &[Group], residual: &[f32], positions: usize) -> Vec<f32> {
     let mut out = residual.to_vec();
     for (g, f) in groups.iter().zip(factors(groups)) {
@@ -511,9 +527,12 @@ impl Placement for Asymml {
             self.device_macs += g.forward_macs();
             let out_shape = [n, out_c, g.out_h(), g.out_w()];
             let from_device = self.received(layer, "output", &out_shape, from_device)?;
-            match &conv.bias {
-                Some(b) => add_assign_with_bias(&mut y, &from_device, data(b), out_hw),
-                None => add_assign(&mut y, &from_device),
+            let finite = match &conv.bias {
+                Some(b) => add_assign_with_bias_finite(&mut y, &from_device, data(b), out_hw),
+                None => add_assign_finite(&mut y, &from_device),
+            };
+            if !finite {
+                return Err(device_fault(layer, "output", data(&conv.weight)));
             }
             self.spares.keep(from_device);
             pending.residual = Some(residual);
@@ -561,7 +580,7 @@ impl Placement for Asymml {
                     let mut low_rank = vc::LowRankWeightGradient::default();
                     self.enclave_macs +=
                         timed(&self.phases, "low-rank products", || low_rank.add_input_side(&g, &xf, data(dy)));
-                    self.merge_device(layer, &g, None, None, &mut dx, low_rank)?
+                    self.merge_device((layer, w), &g, None, None, &mut dx, low_rank)?
                 }
                 Some(residual) => {
                     // The input the forward pass convolved: low-rank part plus the noised residual.
@@ -652,7 +671,7 @@ impl Placement for Asymml {
                 ((None, None), timed(&self.phases, "low-rank products", enclave))
             };
             self.enclave_macs += macs;
-            let dw = self.merge_device(layer, &g, dev_dx, dev_dw, &mut dx, low_rank)?;
+            let dw = self.merge_device((layer, w), &g, dev_dx, dev_dw, &mut dx, low_rank)?;
             if let Some(released) = grad {
                 self.spares.keep(released.into_inner());
             }
@@ -683,7 +702,7 @@ impl Placement for Asymml {
                 ((None, None), timed(&self.phases, "low-rank products", enclave))
             };
             self.enclave_macs += macs;
-            self.merge_device(layer, &g, dev_dx, dev_dw, &mut dx, low_rank)?
+            self.merge_device((layer, w), &g, dev_dx, dev_dw, &mut dx, low_rank)?
         };
         if let Some(released) = pending.residual {
             self.spares.keep(released.into_inner());
@@ -745,10 +764,11 @@ impl Placement for Asymml {
 impl Asymml {
     /// Adds the device's input gradient (when it computed one) to the enclave's, and returns the
     /// weight gradient: the enclave's low-rank terms expanded into the device's share (or into
-    /// zeros), so that the weight-sized gradient is swept once.
+    /// zeros), so that the weight-sized gradient is swept once. `weight` is the layer's, to tell a
+    /// diverged run from a faulty device when the device's input gradient is not finite.
     fn merge_device(
         &mut self,
-        layer: &str,
+        (layer, weight): (&str, &[f32]),
         g: &ConvGeometry,
         dev_dx: Option<Vec<f32>>,
         dev_dw: Option<Vec<f32>>,
@@ -758,7 +778,9 @@ impl Asymml {
         if let Some(v) = dev_dx {
             let shape = [g.batch, g.in_channels, g.in_h, g.in_w];
             let v = self.received(layer, "input-gradient", &shape, v)?;
-            add_assign(dx, &v);
+            if !add_assign_finite(dx, &v) {
+                return Err(device_fault(layer, "input gradient", weight));
+            }
             self.spares.keep(v);
             self.device_macs += g.forward_macs();
         }
@@ -793,6 +815,87 @@ mod tests {
         let (y, saved) = a.conv_forward("layers.1", false, conv, x, Mode::Train).unwrap();
         let (dx, grads) = a.conv_backward("layers.1", conv, saved, dy).unwrap();
         (y, dx, grads)
+    }
+
+    /// Our CPU kernels, with one value of a chosen result replaced by NaN.
+    struct Faulty {
+        inner: CpuBackend,
+        output: bool,
+        input_gradient: bool,
+    }
+
+    fn poisoned(mut v: Vec<f32>, poison: bool) -> Result<Vec<f32>, trustsplit_device::DeviceError> {
+        if poison {
+            let at = v.len() / 2;
+            v[at] = f32::NAN;
+        }
+        Ok(v)
+    }
+
+    impl trustsplit_device::Backend for Faulty {
+        fn name(&self) -> String {
+            "faulty".into()
+        }
+        fn gemm(
+            &mut self,
+            s: &trustsplit_device::GemmShape,
+            a: &[f32],
+            b: &[f32],
+        ) -> Result<Vec<f32>, trustsplit_device::DeviceError> {
+            self.inner.gemm(s, a, b)
+        }
+        fn conv_forward(
+            &mut self,
+            g: &ConvGeometry,
+            x: &[f32],
+            w: &[f32],
+        ) -> Result<Vec<f32>, trustsplit_device::DeviceError> {
+            poisoned(self.inner.conv_forward(g, x, w)?, self.output)
+        }
+        fn conv_backward_data(
+            &mut self,
+            g: &ConvGeometry,
+            dy: &[f32],
+            w: &[f32],
+        ) -> Result<Vec<f32>, trustsplit_device::DeviceError> {
+            poisoned(self.inner.conv_backward_data(g, dy, w)?, self.input_gradient)
+        }
+        fn conv_backward_weight(
+            &mut self,
+            g: &ConvGeometry,
+            x: &[f32],
+            dy: &[f32],
+        ) -> Result<Vec<f32>, trustsplit_device::DeviceError> {
+            self.inner.conv_backward_weight(g, x, dy)
+        }
+    }
+
+    #[test]
+    fn a_device_result_with_nan_ends_the_pass_with_an_error_that_names_the_device() {
+        for (output, input_gradient, protect_gradients) in
+            [(true, false, true), (false, true, true), (false, true, false)]
+        {
+            let mut rng = ChaCha8Rng::seed_from_u64(12);
+            let conv = Conv2d {
+                weight: random(&mut rng, &[5, 6, 3, 3]),
+                bias: Some(random(&mut rng, &[5])),
+                stride: 1,
+                padding: 1,
+            };
+            let x = random(&mut rng, &[3, 6, 7, 9]);
+            let dy = random(&mut rng, &[3, 5, 7, 9]);
+            let backend = Faulty { inner: CpuBackend::new(1).unwrap(), output, input_gradient };
+            let cfg = AsymmlConfig { noise_multiplier: 1.0, protect_gradients, ..AsymmlConfig::default() };
+            let mut a = Asymml::new(Device::local(Box::new(backend)), cfg, Arc::new(Transcript::new())).unwrap();
+            a.begin_pass(&PassInfo { mode: Mode::Train, batch: 3, couples_samples: false });
+            let forward = a.conv_forward("layers.1", false, &conv, &x, Mode::Train);
+            let err = match forward {
+                Err(e) => e,
+                Ok((_, saved)) => a.conv_backward("layers.1", &conv, saved, &dy).expect_err("the NaN went unnoticed"),
+            };
+            let what = if output { "layers.1's output" } else { "layers.1's input gradient" };
+            assert!(err.contains("device returned NaN or infinite values") && err.contains(what), "{err}");
+        }
     }
 
     #[test]
