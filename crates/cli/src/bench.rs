@@ -148,7 +148,9 @@ fn vgg16_step(batch: usize, repeats: usize) -> Result<f64> {
         let mut dlogits = zeros(logits.shape());
         softmax_cross_entropy(batch, 10, data(&logits), &labels, Some(data_mut(&mut dlogits)));
         let grads = model.backward(&dlogits, saved);
-        opt.step(model.params_mut(), &grads, 1e-3);
+        if let Err(i) = opt.step(model.params_mut(), &grads, 1e-3) {
+            failure = Some(format!("the gradient of parameter {i} holds NaN or infinite values"));
+        }
     });
     match failure {
         Some(e) => Err(anyhow::Error::msg(e)),

@@ -10,11 +10,11 @@ fn sgd_momentum_weight_decay_matches_formula() {
     let mut opt = Optimizer::new(OptimizerKind::Sgd { momentum: 0.9, nesterov: false }, 0.1);
     let g1 = from_vec(&[2], vec![0.5, 0.25]);
     let g2 = from_vec(&[2], vec![-1.0, 2.0]);
-    opt.step(vec![&mut p], std::slice::from_ref(&g1), 0.1);
+    opt.step(vec![&mut p], std::slice::from_ref(&g1), 0.1).unwrap();
     // buf = g + wd*p = [0.6, 0.05]; p -= 0.1*buf
     let (b1, p1) = ([0.6f32, 0.05], [1.0f32 - 0.06, -2.0 - 0.005]);
     assert!((p[0] - p1[0]).abs() < 1e-6 && (p[1] - p1[1]).abs() < 1e-6);
-    opt.step(vec![&mut p], std::slice::from_ref(&g2), 0.1);
+    opt.step(vec![&mut p], std::slice::from_ref(&g2), 0.1).unwrap();
     let d = [-1.0 + 0.1 * p1[0], 2.0 + 0.1 * p1[1]];
     let b2 = [0.9 * b1[0] + d[0], 0.9 * b1[1] + d[1]];
     assert!((p[0] - (p1[0] - 0.1 * b2[0])).abs() < 1e-6);
@@ -64,7 +64,7 @@ fn adam_matches_formula() {
     let mut opt = Optimizer::new(OptimizerKind::Adam { beta1: 0.9, beta2: 0.999, eps: 1e-8 }, 0.0);
     let (mut m, mut v, mut w) = (0.0f64, 0.0f64, 0.5f64);
     for (t, g) in [0.3f64, -0.7, 0.2].iter().enumerate() {
-        opt.step(vec![&mut p], &[from_vec(&[1], vec![*g as f32])], 0.01);
+        opt.step(vec![&mut p], &[from_vec(&[1], vec![*g as f32])], 0.01).unwrap();
         m = 0.9 * m + 0.1 * g;
         v = 0.999 * v + 0.001 * g * g;
         let (mh, vh) = (m / (1.0 - 0.9f64.powi(t as i32 + 1)), v / (1.0 - 0.999f64.powi(t as i32 + 1)));
@@ -99,7 +99,7 @@ fn checkpoint_round_trip_restores_everything() {
     let (y, saved) = m.forward(&x, Mode::Train).unwrap();
     let grads = m.backward(&y, saved);
     let mut opt = Optimizer::new(OptimizerKind::Sgd { momentum: 0.9, nesterov: false }, 5e-4);
-    opt.step(m.params_mut(), &grads, 0.01);
+    opt.step(m.params_mut(), &grads, 0.01).unwrap();
     let dir = temp_dir("ckpt");
     let path = dir.join("c.safetensors");
     let meta = checkpoint::meta(&m, 3, opt.steps, 42, serde_json::json!({"lr": 0.01}));
@@ -144,4 +144,27 @@ fn corrupt_checkpoints_give_clear_errors() {
     let bytes = std::fs::read(&good).unwrap();
     std::fs::write(&path, &bytes[..bytes.len() - 100]).unwrap();
     assert!(checkpoint::load(&path).is_err());
+}
+
+#[test]
+fn a_non_finite_gradient_is_refused_with_its_parameter_named() {
+    // Both kinds, the bad value first, last or inside a vector of a larger parameter.
+    let kinds = [
+        OptimizerKind::Sgd { momentum: 0.9, nesterov: false },
+        OptimizerKind::Sgd { momentum: 0.9, nesterov: true },
+        OptimizerKind::Adam { beta1: 0.9, beta2: 0.999, eps: 1e-8 },
+    ];
+    for kind in kinds {
+        for (at, bad) in [(0, f32::NAN), (99, f32::INFINITY), (37, f32::NEG_INFINITY)] {
+            let mut opt = Optimizer::new(kind, 1e-4);
+            let (mut a, mut b) = (from_vec(&[3], vec![0.5; 3]), from_vec(&[100], vec![0.25; 100]));
+            let mut g = vec![0.01f32; 100];
+            g[at] = bad;
+            let grads = [from_vec(&[3], vec![0.1; 3]), from_vec(&[100], g)];
+            assert_eq!(opt.step(vec![&mut a, &mut b], &grads, 0.1), Err(1), "{kind:?} at {at}");
+            let fine = [from_vec(&[3], vec![0.1; 3]), from_vec(&[100], vec![0.01; 100])];
+            let mut opt = Optimizer::new(kind, 1e-4);
+            assert_eq!(opt.step(vec![&mut a, &mut b], &fine, 0.1), Ok(()));
+        }
+    }
 }

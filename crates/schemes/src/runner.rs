@@ -29,6 +29,10 @@ pub enum RunnerError {
     Memory(#[from] MemoryError),
     #[error("training diverged: the loss is {0}; try a smaller --lr")]
     Diverged(f32),
+    /// The step was abandoned part-way through the update: the model is not to be used further
+    /// (the last checkpoint is untouched).
+    #[error("training diverged: the gradient of {0} holds NaN or infinite values; try a smaller --lr")]
+    NonFiniteGradient(String),
 }
 
 /// Loss and accuracy of one batch.
@@ -183,7 +187,10 @@ impl SplitRunner {
         per_layer.reverse();
         let mut grads: Vec<Tensor> = per_layer.into_iter().flatten().collect();
         opt.clip_gradients(&mut grads);
-        opt.step(model.params_mut(), &grads, lr);
+        if let Err(i) = opt.step(model.params_mut(), &grads, lr) {
+            let name = model.named_params().into_iter().nth(i).map_or_else(|| format!("parameter {i}"), |(n, _)| n);
+            return Err(RunnerError::NonFiniteGradient(name));
+        }
         Ok(StepOutput { loss: out.loss, correct: out.correct, samples: n })
     }
 

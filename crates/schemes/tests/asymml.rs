@@ -129,6 +129,25 @@ fn blown_up_weights_end_the_step_with_an_error_not_a_panic() {
 }
 
 #[test]
+fn a_nan_weight_that_a_relu_hides_from_the_loss_ends_the_step_at_the_update() {
+    // Without a split to notice it (plaintext), a NaN weight in the first convolution yields a
+    // NaN channel that the ReLU zeroes: the loss stays finite, but the gradient does not, and the
+    // optimizer refuses it rather than spreading NaN through the weights.
+    let mut rng = ChaCha8Rng::seed_from_u64(3);
+    let mut model = small_model(&mut rng);
+    if let Layer::Conv2d(c) = &mut model.layers[0] {
+        c.weight.as_slice_mut().expect("contiguous")[5] = f32::NAN;
+    }
+    let mut r = plaintext::runner(Arc::new(Transcript::new())).unwrap();
+    let mut opt = Optimizer::new(OptimizerKind::Sgd { momentum: 0.9, nesterov: false }, 5e-4);
+    let x = random(&mut rng, &[5, 3, 12, 12], 1.0);
+    let y: Vec<usize> = (0..5).map(|_| rng.random_range(0..10)).collect();
+    let err = r.train_step(&mut model, Secret::new(x), &Secret::new(y), &mut opt, 0.05).unwrap_err().to_string();
+    assert!(err.contains("training diverged") && err.contains("NaN or infinite"), "{err}");
+    assert!(err.contains("layers.0.") || err.contains("layers.1."), "the parameter is not named: {err}");
+}
+
+#[test]
 fn releases_only_noised_residuals_and_public_weights() {
     let cfg = AsymmlConfig { noise_multiplier: 1.0, ..AsymmlConfig::default() };
     let mut r = runner(cfg, Transcript::keeping_records());
