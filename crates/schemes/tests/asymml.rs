@@ -235,11 +235,33 @@ type Seen = Arc<std::sync::Mutex<Vec<(usize, usize, Vec<f32>)>>>;
 
 /// Our CPU kernels, keeping a copy of every forward convolution's input and every backward
 /// convolution's output gradient as the device received them (a layer's released, noised
-/// residuals).
+/// residuals); `poison` makes it a faulty device, one value of each output (`.0`) or input
+/// gradient (`.1`) it returns replaced by NaN.
 struct RecordingDevice {
     kernels: trustsplit_device::CpuBackend,
     inputs: Seen,
     gradients: Seen,
+    poison: (bool, bool),
+}
+
+impl RecordingDevice {
+    fn new(poison: (bool, bool)) -> RecordingDevice {
+        let kernels = trustsplit_device::CpuBackend::new(1).unwrap();
+        RecordingDevice { kernels, inputs: Seen::default(), gradients: Seen::default(), poison }
+    }
+}
+
+/// `values` with its middle value replaced by NaN where `poison`.
+fn poisoned(
+    values: Result<Vec<f32>, trustsplit_device::DeviceError>,
+    poison: bool,
+) -> Result<Vec<f32>, trustsplit_device::DeviceError> {
+    let mut values = values?;
+    if poison {
+        let at = values.len() / 2;
+        values[at] = f32::NAN;
+    }
+    Ok(values)
 }
 
 impl trustsplit_device::Backend for RecordingDevice {
@@ -261,7 +283,7 @@ impl trustsplit_device::Backend for RecordingDevice {
         w: &[f32],
     ) -> Result<Vec<f32>, trustsplit_device::DeviceError> {
         self.inputs.lock().unwrap().push((g.in_channels * g.in_h * g.in_w, g.batch, x.to_vec()));
-        self.kernels.conv_forward(g, x, w)
+        poisoned(self.kernels.conv_forward(g, x, w), self.poison.0)
     }
     fn conv_backward_data(
         &mut self,
@@ -270,7 +292,7 @@ impl trustsplit_device::Backend for RecordingDevice {
         w: &[f32],
     ) -> Result<Vec<f32>, trustsplit_device::DeviceError> {
         self.gradients.lock().unwrap().push((g.out_channels * g.out_h() * g.out_w(), g.batch, dy.to_vec()));
-        self.kernels.conv_backward_data(g, dy, w)
+        poisoned(self.kernels.conv_backward_data(g, dy, w), self.poison.1)
     }
     fn conv_backward_weight(
         &mut self,
@@ -283,18 +305,37 @@ impl trustsplit_device::Backend for RecordingDevice {
 }
 
 #[test]
+fn a_device_result_with_nan_ends_the_step_with_an_error_that_names_the_device() {
+    // A faulty device's NaN output or input gradient is refused where it is merged (it would
+    // otherwise pass for the enclave's own divergence), with gradients protected or in the clear.
+    for (poison, protect_gradients, what) in [
+        ((true, false), true, "'s output"),
+        ((false, true), true, "'s input gradient"),
+        ((false, true), false, "'s input gradient"),
+    ] {
+        let device = trustsplit_device::Device::local(Box::new(RecordingDevice::new(poison)));
+        let cfg = AsymmlConfig { noise_multiplier: 1.0, protect_gradients, ..AsymmlConfig::default() };
+        let mut r = asymml::runner(device, cfg, 96 << 20, Arc::new(Transcript::new())).unwrap();
+        let mut rng = ChaCha8Rng::seed_from_u64(12);
+        let mut model = small_model(&mut rng);
+        let mut opt = Optimizer::new(OptimizerKind::Sgd { momentum: 0.9, nesterov: false }, 5e-4);
+        let x = random(&mut rng, &[5, 3, 12, 12], 1.0);
+        let y: Vec<usize> = (0..5).map(|_| rng.random_range(0..10)).collect();
+        let err = r.train_step(&mut model, Secret::new(x), &Secret::new(y), &mut opt, 0.05).unwrap_err().to_string();
+        assert!(err.contains("device returned NaN or infinite values") && err.contains(what), "{poison:?}: {err}");
+    }
+}
+
+#[test]
 fn every_released_residual_is_clipped_to_its_bound() {
     // Residuals far above the clipping bounds and almost no noise: every sample's released residual
     // must sit on its bound, none above it, with either basis scope. Activations: clip_norm *
     // sqrt(values per sample); output gradients (of the batch-mean loss): grad_clip_norm *
     // sqrt(values per sample) / batch. This is the sensitivity the accountant assumes.
     for basis in [BasisScope::Sample, BasisScope::Batch] {
-        let (inputs, gradients): (Seen, Seen) = Default::default();
-        let device = trustsplit_device::Device::local(Box::new(RecordingDevice {
-            kernels: trustsplit_device::CpuBackend::new(1).unwrap(),
-            inputs: inputs.clone(),
-            gradients: gradients.clone(),
-        }));
+        let recording = RecordingDevice::new((false, false));
+        let (inputs, gradients) = (recording.inputs.clone(), recording.gradients.clone());
+        let device = trustsplit_device::Device::local(Box::new(recording));
         let cfg = AsymmlConfig {
             noise_multiplier: 1e-6,
             clip_norm: 1e-3,
