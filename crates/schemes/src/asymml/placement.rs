@@ -439,7 +439,6 @@ fn restore_groups(layer: &str, saved: Saved) -> PlacementResult<Vec<Group>> {
     Ok(groups)
 }
 
-/// `U v` plus the residual for every sample: the tensor the device and enclave together act on.
 /// The error for a device result holding NaN or infinite values. The weight it was computed
 /// with comes from the enclave: where that is not finite, training diverged; otherwise the device
 /// is at fault (AsymML does not verify its arithmetic, but these values cannot be used).
@@ -456,6 +455,7 @@ fn device_fault(layer: &str, what: &str, weight: &[f32]) -> String {
     )
 }
 
+/// `U v` plus the residual for every sample: the tensor the device and enclave together act on.
 fn recombine(groups: &[Group], residual: &[f32], positions: usize) -> Vec<f32> {
     let mut out = residual.to_vec();
     for (g, f) in groups.iter().zip(factors(groups)) {
@@ -564,18 +564,18 @@ impl Placement for Asymml {
         let need_dx = !pending.is_input;
         // With protected gradients `low_rank_input_gradient` overwrites all of the input gradient;
         // otherwise the device's is added to zeros.
-        let mut dx = match need_dx && self.cfg.protect_gradients {
-            true => self.spares.take(g.input_len()),
-            false => vec![0.0f32; g.input_len()],
+        let mut dx = if need_dx && self.cfg.protect_gradients {
+            self.spares.take(g.input_len())
+        } else {
+            vec![0.0f32; g.input_len()]
         };
 
         let dw = if !need_dx {
             // The first layer: no input gradient is wanted, so the device's only use would be the
             // residual's weight gradient. Its input has few channels, so the whole product
             // `corr(X, dY)` costs the enclave less than splitting and noising the output
-            // gradient would, and nothing of the gradient leaves the enclave.
-            // No split of this gradient looks at it: a non-finite one (a diverged run) is refused
-            // by the optimizer's update, as every parameter's is.
+            // gradient would, and nothing of the gradient leaves the enclave. (With no split to
+            // look at it, a non-finite one is refused by the optimizer, as every parameter's is.)
             match &pending.residual {
                 None => {
                     let xf = factors(&x_groups);
