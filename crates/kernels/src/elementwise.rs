@@ -41,6 +41,18 @@ crate::simd::multiversion! {
 }
 
 crate::simd::multiversion! {
+    /// Whether every value of `x` is finite (no NaN or infinity): one read-only pass, the flags
+    /// OR-ed so that the loop vectorises instead of stopping at the first bad value.
+    pub fn all_finite(x: &[f32]) -> bool {
+        let mut non_finite = false;
+        for &v in x {
+            non_finite |= !v.is_finite();
+        }
+        !non_finite
+    }
+}
+
+crate::simd::multiversion! {
     /// `out = a + b`.
     pub fn add(a: &[f32], b: &[f32], out: &mut [f32]) {
         assert!(a.len() == b.len() && b.len() == out.len(), "add: lengths differ");
@@ -194,6 +206,26 @@ mod tests {
             }
             acc.clear();
         }
+    }
+
+    #[test]
+    fn all_finite_spots_one_bad_value_anywhere_on_every_path() {
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(14);
+        for len in [1usize, 15, 16, 17, 100, 1000] {
+            let x: Vec<f32> = (0..len).map(|_| rng.random_range(-1e30f32..1e30)).collect();
+            for level in [crate::simd::Level::Baseline, crate::simd::Level::Avx2, crate::simd::Level::Avx512] {
+                assert!(crate::simd::with_level_cap(level, || all_finite(&x)), "{len} at {level:?}");
+                for bad in [f32::NAN, f32::INFINITY, f32::NEG_INFINITY] {
+                    for at in [0, len / 2, len - 1, rng.random_range(0..len)] {
+                        let mut y = x.clone();
+                        y[at] = bad;
+                        assert!(!crate::simd::with_level_cap(level, || all_finite(&y)), "{bad} at {at} of {len}");
+                    }
+                }
+            }
+        }
+        assert!(all_finite(&[]), "nothing to refuse in an empty slice");
+        assert!(all_finite(&[f32::MAX, f32::MIN, f32::MIN_POSITIVE / 2.0]), "extremes and subnormals are finite");
     }
 
     #[test]

@@ -2,7 +2,7 @@
 
 use crate::tensor::{data, data_mut, zeros, Tensor};
 use serde::{Deserialize, Serialize};
-use trustsplit_kernels::elementwise::sum_f64_of;
+use trustsplit_kernels::elementwise::{all_finite, sum_f64_of};
 
 /// Which update rule, with its hyper-parameters.
 #[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
@@ -53,11 +53,14 @@ impl Optimizer {
         self.max_grad_norm.map(|max| clip_grad_norm(grads, f64::from(max)))
     }
 
-    /// Applies one update with learning rate `lr`. A gradient holding NaN or infinite values ends
-    /// the update with `Err(index)` of its parameter (checked in the update's own sweep, so the
-    /// parameters before it are already updated: the step is to be abandoned, not resumed).
+    /// Applies one update with learning rate `lr`. A gradient holding NaN or infinite values is
+    /// refused with `Err(index)` of its parameter before anything changes: the parameters and the
+    /// optimizer's state are left as they were (one read-only pass over the gradients first).
     pub fn step(&mut self, params: Vec<&mut Tensor>, grads: &[Tensor], lr: f32) -> Result<(), usize> {
         assert_eq!(params.len(), grads.len(), "optimizer: one gradient per parameter");
+        if let Some(i) = grads.iter().position(|g| !all_finite(data(g))) {
+            return Err(i);
+        }
         if self.state.is_empty() {
             self.state = self.kind.slots().iter().map(|_| params.iter().map(|p| zeros(p.shape())).collect()).collect();
         }
@@ -68,25 +71,18 @@ impl Optimizer {
             let (p, g) = (data_mut(p), data(g));
             match self.kind {
                 OptimizerKind::Sgd { momentum, nesterov } => {
-                    if !sgd_update(p, g, data_mut(&mut self.state[0][i]), [lr, momentum, wd], nesterov) {
-                        return Err(i);
-                    }
+                    sgd_update(p, g, data_mut(&mut self.state[0][i]), [lr, momentum, wd], nesterov)
                 }
                 OptimizerKind::Adam { beta1, beta2, eps } => {
                     let (m_slot, v_slot) = self.state.split_at_mut(1);
                     let (m, v) = (data_mut(&mut m_slot[0][i]), data_mut(&mut v_slot[0][i]));
                     let c1 = 1.0 - beta1.powi(self.steps as i32);
                     let c2 = 1.0 - beta2.powi(self.steps as i32);
-                    let mut non_finite = false;
                     for (((w, &gr), m), v) in p.iter_mut().zip(g).zip(m.iter_mut()).zip(v.iter_mut()) {
                         let d = gr + wd * *w;
                         *m = beta1 * *m + (1.0 - beta1) * d;
                         *v = beta2 * *v + (1.0 - beta2) * d * d;
                         *w -= lr * (*m / c1) / ((*v / c2).sqrt() + eps);
-                        non_finite |= !gr.is_finite();
-                    }
-                    if non_finite {
-                        return Err(i);
                     }
                 }
             }
@@ -97,19 +93,15 @@ impl Optimizer {
 
 trustsplit_kernels::simd::multiversion! {
     /// One SGD step over a parameter: `d = g + wd w`, `b = momentum b + d`, `w -= lr b` (or
-    /// `lr (d + momentum b)` with Nesterov); `h` is `[lr, momentum, wd]`. Returns whether every
-    /// gradient value was finite.
-    fn sgd_update(w: &mut [f32], g: &[f32], b: &mut [f32], h: [f32; 3], nesterov: bool) -> bool {
+    /// `lr (d + momentum b)` with Nesterov); `h` is `[lr, momentum, wd]`.
+    fn sgd_update(w: &mut [f32], g: &[f32], b: &mut [f32], h: [f32; 3], nesterov: bool) {
         let [lr, momentum, wd] = h;
-        let mut non_finite = false;
         for ((w, &gr), b) in w.iter_mut().zip(g).zip(b.iter_mut()) {
             let d = gr + wd * *w;
             *b = momentum * *b + d;
             let step = if nesterov { d + momentum * *b } else { *b };
             *w -= lr * step;
-            non_finite |= !gr.is_finite();
         }
-        !non_finite
     }
 }
 

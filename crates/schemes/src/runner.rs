@@ -29,8 +29,8 @@ pub enum RunnerError {
     Memory(#[from] MemoryError),
     #[error("training diverged: the loss is {0}; try a smaller --lr")]
     Diverged(f32),
-    /// The step was abandoned part-way through the update: the model is not to be used further
-    /// (the last checkpoint is untouched).
+    /// The step was refused before the update: the model and the optimizer's state are as before
+    /// the step.
     #[error("training diverged: the gradient of {0} holds NaN or infinite values; try a smaller --lr")]
     NonFiniteGradient(String),
 }
