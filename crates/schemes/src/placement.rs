@@ -66,6 +66,21 @@ pub trait Placement {
         x: &Tensor,
         mode: Mode,
     ) -> PlacementResult<(Tensor, Saved)>;
+    /// Two convolutions of the same input, neither the model's first layer (a residual block's
+    /// first convolution and its projection shortcut, in that order): by default two
+    /// [`Placement::conv_forward`] calls. Each is later given back to `conv_backward` on its own.
+    fn conv_forward_pair(
+        &mut self,
+        first: (&str, &Conv2d),
+        second: (&str, &Conv2d),
+        x: &Tensor,
+        mode: Mode,
+    ) -> PlacementResult<[(Tensor, Saved); 2]> {
+        Ok([
+            self.conv_forward(first.0, false, first.1, x, mode)?,
+            self.conv_forward(second.0, false, second.1, x, mode)?,
+        ])
+    }
     /// `dx` and `[dweight, dbias?]` from what `conv_forward` saved.
     fn conv_backward(
         &mut self,

@@ -15,6 +15,7 @@ use trustsplit_boundary::{Secret, Transcript, TranscriptSummary};
 use trustsplit_device::DeviceStats;
 use trustsplit_enclave::memory::{BlobId, MemoryError, MemoryStats, SecureMemory, Spill};
 use trustsplit_kernels::{elementwise, loss::softmax_cross_entropy};
+use trustsplit_nn::layers::Residual;
 use trustsplit_nn::optim::Optimizer;
 use trustsplit_nn::tensor::{data, data_mut, zeros};
 use trustsplit_nn::{Layer, Mode, Model, Saved, Tensor};
@@ -299,17 +300,19 @@ impl SplitRunner {
     }
 }
 
+/// The layers of a branch from its `first`-th on (named by their place in the branch).
 fn forward_list(
     p: &mut dyn Placement,
     layers: &mut [Layer],
     prefix: &str,
+    first: usize,
     x: Tensor,
     mode: Mode,
 ) -> PlacementResult<(Tensor, Vec<Saved>)> {
     let mut saved = Vec::with_capacity(layers.len());
     let mut h = x;
     for (i, l) in layers.iter_mut().enumerate() {
-        let (y, s) = forward_layer(p, l, &format!("{prefix}.{i}"), false, take(&mut h), mode)?;
+        let (y, s) = forward_layer(p, l, &format!("{prefix}.{}", first + i), false, take(&mut h), mode)?;
         saved.push(s);
         h = y;
     }
@@ -330,15 +333,46 @@ fn forward_layer(
             let y = p.linear_forward(name, is_input, l, &x)?;
             (y, if mode == Mode::Train { Saved::Input(x) } else { Saved::Nothing })
         }
-        Layer::Residual(r) => {
-            let (mut y, main) = forward_list(p, &mut r.main, &format!("{name}.main"), x.clone(), mode)?;
-            let (s, shortcut) = forward_list(p, &mut r.shortcut, &format!("{name}.shortcut"), x, mode)?;
-            elementwise::add_assign(data_mut(&mut y), data(&s));
-            let saved = if mode == Mode::Train { Saved::Residual { main, shortcut } } else { Saved::Nothing };
-            (y, saved)
-        }
+        Layer::Residual(r) => forward_residual(p, r, name, x, mode)?,
         other => other.forward_owned(x, mode),
     })
+}
+
+/// A residual block `main(x) + shortcut(x)`. Where a branch starts with a convolution, that
+/// convolution reads `x` in place (no copy for the branch); where both do (a projection
+/// shortcut), they go to the placement together, which may split `x` once for both.
+fn forward_residual(
+    p: &mut dyn Placement,
+    r: &mut Residual,
+    name: &str,
+    x: Tensor,
+    mode: Mode,
+) -> PlacementResult<(Tensor, Saved)> {
+    let (main_prefix, short_prefix) = (format!("{name}.main"), format!("{name}.shortcut"));
+    let (mut main_saved, mut short_saved) = (Vec::new(), Vec::new());
+    let (main_head, short_head, skipped) = match (r.main.first_mut(), r.shortcut.first_mut()) {
+        (Some(Layer::Conv2d(a)), Some(Layer::Conv2d(b))) => {
+            let names = (format!("{main_prefix}.0"), format!("{short_prefix}.0"));
+            let [(ya, sa), (yb, sb)] = p.conv_forward_pair((&names.0, a), (&names.1, b), &x, mode)?;
+            main_saved.push(sa);
+            short_saved.push(sb);
+            (ya, yb, (1, 1))
+        }
+        (Some(Layer::Conv2d(a)), _) => {
+            let (ya, sa) = p.conv_forward(&format!("{main_prefix}.0"), false, a, &x, mode)?;
+            main_saved.push(sa);
+            (ya, x, (1, 0))
+        }
+        _ => (x.clone(), x, (0, 0)),
+    };
+    let (mut y, main) = forward_list(p, &mut r.main[skipped.0..], &main_prefix, skipped.0, main_head, mode)?;
+    let (s, shortcut) = forward_list(p, &mut r.shortcut[skipped.1..], &short_prefix, skipped.1, short_head, mode)?;
+    elementwise::add_assign(data_mut(&mut y), data(&s));
+    main_saved.extend(main);
+    short_saved.extend(shortcut);
+    let saved =
+        if mode == Mode::Train { Saved::Residual { main: main_saved, shortcut: short_saved } } else { Saved::Nothing };
+    Ok((y, saved))
 }
 
 /// Moves a tensor out, leaving an empty one (no allocation) in its place.

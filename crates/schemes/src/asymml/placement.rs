@@ -99,6 +99,7 @@ pub fn validate(cfg: &AsymmlConfig) -> Result<(), String> {
 }
 
 /// Samples `start..start + len` sharing one basis, and their coordinates in it.
+#[derive(Clone)]
 struct Group {
     start: usize,
     len: usize,
@@ -119,7 +120,8 @@ struct Decomposition {
 /// its backward pass. (The weight is released again, without a copy, when the backward pass sends
 /// it.)
 struct Pending {
-    residual: Option<Released<Vec<f32>>>,
+    /// Shared by the convolutions that read the same input ([`Asymml::forward_sharing_split`]).
+    residual: Option<Arc<Released<Vec<f32>>>>,
     is_input: bool,
     index: usize,
     in_shape: Vec<usize>,
@@ -212,36 +214,60 @@ pub fn releases_per_step(model: &Model, cfg: &AsymmlConfig, batch: usize) -> u64
     let mut convs = Vec::new();
     collect_convs(&model.layers, &model.input_shape, true, &mut convs);
     let mut total = 0;
-    for (index, (geometry, is_input)) in convs.iter().enumerate() {
+    for (index, site) in convs.iter().enumerate() {
         let policy = cfg.rank.policy(index);
-        let g = geometry;
-        let forward = !keeps_everything(policy, g.in_channels, g.in_h * g.in_w * group);
+        let g = &site.geometry;
+        // A projection shortcut's input was split and released with its block's first convolution.
+        let forward = !site.shares_split && !keeps_everything(policy, g.in_channels, g.in_h * g.in_w * group);
         if forward {
-            total += charge(*is_input);
+            total += charge(site.is_input);
         }
         // The first layer's output gradient stays in the enclave (`conv_backward`).
         let out_positions = g.out_h() * g.out_w() * group;
-        if cfg.protect_gradients && !is_input && !keeps_everything(policy, g.out_channels, out_positions) {
+        if cfg.protect_gradients && !site.is_input && !keeps_everything(policy, g.out_channels, out_positions) {
             total += charge(false);
         }
     }
     total
 }
 
-/// Every convolution's geometry (batch 1) in the order the runner reaches them, and whether it is
-/// the model's first layer.
-fn collect_convs(layers: &[Layer], shape: &[usize], top_level: bool, out: &mut Vec<(ConvGeometry, bool)>) {
+/// A convolution as [`releases_per_step`] sees it.
+struct ConvSite {
+    geometry: ConvGeometry,
+    /// The model's first layer.
+    is_input: bool,
+    /// A projection shortcut, whose input is split with its block's first convolution.
+    shares_split: bool,
+}
+
+/// Every convolution's geometry (batch 1) in the order the placement first meets them (the
+/// runner's order, a residual block's two leading convolutions together), and how it is split.
+fn collect_convs(layers: &[Layer], shape: &[usize], top_level: bool, out: &mut Vec<ConvSite>) {
     let mut shape = shape.to_vec();
+    let with_batch = |shape: &[usize]| -> Vec<usize> { std::iter::once(1).chain(shape.iter().copied()).collect() };
     for (i, layer) in layers.iter().enumerate() {
         match layer {
             Layer::Conv2d(c) => {
-                let in_shape: Vec<usize> = std::iter::once(1).chain(shape.iter().copied()).collect();
-                out.push((c.geometry(&in_shape), top_level && i == 0));
+                out.push(ConvSite {
+                    geometry: c.geometry(&with_batch(&shape)),
+                    is_input: top_level && i == 0,
+                    shares_split: false,
+                });
             }
-            Layer::Residual(r) => {
-                collect_convs(&r.main, &shape, false, out);
-                collect_convs(&r.shortcut, &shape, false, out);
-            }
+            Layer::Residual(r) => match (r.main.first(), r.shortcut.first()) {
+                (Some(Layer::Conv2d(a)), Some(Layer::Conv2d(b))) => {
+                    let in_shape = with_batch(&shape);
+                    out.push(ConvSite { geometry: a.geometry(&in_shape), is_input: false, shares_split: false });
+                    out.push(ConvSite { geometry: b.geometry(&in_shape), is_input: false, shares_split: true });
+                    let after = |l: &Layer| l.output_shape(&shape).expect("a validated model");
+                    collect_convs(&r.main[1..], &after(&r.main[0]), false, out);
+                    collect_convs(&r.shortcut[1..], &after(&r.shortcut[0]), false, out);
+                }
+                _ => {
+                    collect_convs(&r.main, &shape, false, out);
+                    collect_convs(&r.shortcut, &shape, false, out);
+                }
+            },
             _ => {}
         }
         shape = layer.output_shape(&shape).expect("a validated model");
@@ -384,6 +410,110 @@ impl Asymml {
     }
 }
 
+impl Asymml {
+    /// The forward passes of convolutions reading the same input `x`: it is split once, under the
+    /// first convolution's rank policy, and its noised residual released once (named after the
+    /// first, charged once); each convolution then runs its own device and low-rank products.
+    /// Each convolution keeps its own index (its output gradient is split under its own policy).
+    fn forward_sharing_split(
+        &mut self,
+        convs: &[(&str, &Conv2d)],
+        is_input: bool,
+        x: &Tensor,
+        mode: Mode,
+    ) -> PlacementResult<Vec<(Tensor, Saved)>> {
+        let (layer, first) = convs[0];
+        let g = first.geometry(x.shape());
+        let (n, c, p) = (g.batch, g.in_channels, g.in_h * g.in_w);
+        let indices: Vec<usize> = convs.iter().map(|(name, _)| self.index_of(name)).collect();
+        let policy = self.cfg.rank.policy(indices[0]);
+        let mut parts = self.decompose((indices[0], layer), "forward", policy, data(x), (n, c, p))?;
+        let released = if keeps_everything(policy, c, p * group_len(self.cfg.basis, n)) {
+            None
+        } else {
+            let bound = self.cfg.clip_norm * ((c * p) as f64).sqrt();
+            let z = self.cfg.noise_multiplier;
+            let clipped = timed(&self.phases, "noise", || {
+                clip_and_noise(&mut parts.residual, c * p, &parts.norms, bound, z, &mut self.rng)
+            });
+            self.count_clipped(indices[0], layer, "forward", clipped);
+            self.charge(is_input);
+            let (kind, why) = self.residual_kind(false);
+            let why = match convs {
+                [_, rest @ ..] if !rest.is_empty() => {
+                    let others: Vec<&str> = rest.iter().map(|(name, _)| *name).collect();
+                    format!("{why}; also the input of {}", others.join(", "))
+                }
+                _ => why.to_string(),
+            };
+            Some(Arc::new(self.release(layer, kind, x.shape(), std::mem::take(&mut parts.residual), &why)))
+        };
+        let mut out = Vec::with_capacity(convs.len());
+        for (k, (&(name, conv), &index)) in convs.iter().zip(&indices).enumerate() {
+            let y = self.forward_products(name, conv, &parts.groups, released.as_deref(), x.shape())?;
+            if mode != Mode::Train {
+                out.push((y, Saved::Nothing));
+                continue;
+            }
+            let residual = released.clone();
+            self.pending.insert(name.to_string(), Pending { residual, is_input, index, in_shape: x.shape().to_vec() });
+            // The last convolution takes the factors; the others get copies (bases and
+            // coordinates: r channels, not C).
+            let groups = if k + 1 == convs.len() { std::mem::take(&mut parts.groups) } else { parts.groups.clone() };
+            out.push((y, save_groups(groups, g.in_h, g.in_w)));
+        }
+        if let Some(released) = released {
+            // Kept by the pending backward passes in training; done with otherwise.
+            if let Ok(released) = Arc::try_unwrap(released) {
+                self.spares.keep(released.into_inner());
+            }
+        }
+        Ok(out)
+    }
+
+    /// One convolution's output from the split of its input: the enclave's low-rank products,
+    /// plus (where a residual was released) the device's convolution of it, merged.
+    fn forward_products(
+        &mut self,
+        layer: &str,
+        conv: &Conv2d,
+        groups: &[Group],
+        residual: Option<&Released<Vec<f32>>>,
+        in_shape: &[usize],
+    ) -> PlacementResult<Tensor> {
+        let g = conv.geometry(in_shape);
+        let (n, out_c, out_hw) = (g.batch, g.out_channels, g.out_h() * g.out_w());
+        // `low_rank_forward` overwrites all of it, in both branches below.
+        let mut y = self.spares.take(n * out_c * out_hw);
+        let Some(residual) = residual else {
+            self.enclave_macs += timed(&self.phases, "low-rank products", || {
+                vc::low_rank_forward(&g, data(&conv.weight), &factors(groups), &mut y)
+            });
+            add_bias(&mut y, conv.bias.as_ref(), out_c, out_hw);
+            return Ok(from_vec(&[n, out_c, g.out_h(), g.out_w()], y));
+        };
+        let weight = self.release_weight(layer, conv);
+        let (from_device, macs) = self.overlapped(
+            layer,
+            |d| d.conv_forward(&g, residual, &weight),
+            || vc::low_rank_forward(&g, data(&conv.weight), &factors(groups), &mut y),
+        )?;
+        self.enclave_macs += macs;
+        self.device_macs += g.forward_macs();
+        let out_shape = [n, out_c, g.out_h(), g.out_w()];
+        let from_device = self.received(layer, "output", &out_shape, from_device)?;
+        let finite = match &conv.bias {
+            Some(b) => add_assign_with_bias_finite(&mut y, &from_device, data(b), out_hw),
+            None => add_assign_finite(&mut y, &from_device),
+        };
+        if !finite {
+            return Err(device_fault(layer, "output", data(&conv.weight)));
+        }
+        self.spares.keep(from_device);
+        Ok(from_vec(&out_shape, y))
+    }
+}
+
 /// The groups as the virtual-channel kernels see them.
 fn factors(groups: &[Group]) -> Vec<vc::Factors<'_>> {
     groups
@@ -492,60 +622,22 @@ impl Placement for Asymml {
         x: &Tensor,
         mode: Mode,
     ) -> PlacementResult<(Tensor, Saved)> {
-        let g = conv.geometry(x.shape());
-        let (n, c, p) = (g.batch, g.in_channels, g.in_h * g.in_w);
-        let index = self.index_of(layer);
-        let policy = self.cfg.rank.policy(index);
-        let mut parts = self.decompose((index, layer), "forward", policy, data(x), (n, c, p))?;
-        let (out_c, out_hw) = (g.out_channels, g.out_h() * g.out_w());
-        // `low_rank_forward` overwrites all of it, in both branches below.
-        let mut y = self.spares.take(n * out_c * out_hw);
-        let mut pending = Pending { residual: None, is_input, index, in_shape: x.shape().to_vec() };
-        if keeps_everything(policy, c, p * group_len(self.cfg.basis, n)) {
-            self.enclave_macs += timed(&self.phases, "low-rank products", || {
-                vc::low_rank_forward(&g, data(&conv.weight), &factors(&parts.groups), &mut y)
-            });
-            add_bias(&mut y, conv.bias.as_ref(), out_c, out_hw);
-        } else {
-            let bound = self.cfg.clip_norm * ((c * p) as f64).sqrt();
-            let z = self.cfg.noise_multiplier;
-            let clipped = timed(&self.phases, "noise", || {
-                clip_and_noise(&mut parts.residual, c * p, &parts.norms, bound, z, &mut self.rng)
-            });
-            self.count_clipped(index, layer, "forward", clipped);
-            self.charge(is_input);
-            let (kind, why) = self.residual_kind(false);
-            let residual = self.release(layer, kind, x.shape(), std::mem::take(&mut parts.residual), why);
-            let weight = self.release_weight(layer, conv);
-            let groups = &parts.groups;
-            let (from_device, macs) = self.overlapped(
-                layer,
-                |d| d.conv_forward(&g, &residual, &weight),
-                || vc::low_rank_forward(&g, data(&conv.weight), &factors(groups), &mut y),
-            )?;
-            self.enclave_macs += macs;
-            self.device_macs += g.forward_macs();
-            let out_shape = [n, out_c, g.out_h(), g.out_w()];
-            let from_device = self.received(layer, "output", &out_shape, from_device)?;
-            let finite = match &conv.bias {
-                Some(b) => add_assign_with_bias_finite(&mut y, &from_device, data(b), out_hw),
-                None => add_assign_finite(&mut y, &from_device),
-            };
-            if !finite {
-                return Err(device_fault(layer, "output", data(&conv.weight)));
-            }
-            self.spares.keep(from_device);
-            pending.residual = Some(residual);
-        }
-        let y = from_vec(&[n, out_c, g.out_h(), g.out_w()], y);
-        if mode != Mode::Train {
-            if let Some(released) = pending.residual {
-                self.spares.keep(released.into_inner());
-            }
-            return Ok((y, Saved::Nothing));
-        }
-        self.pending.insert(layer.to_string(), pending);
-        Ok((y, save_groups(parts.groups, g.in_h, g.in_w)))
+        let mut out = self.forward_sharing_split(&[(layer, conv)], is_input, x, mode)?;
+        Ok(out.pop().expect("one output per convolution"))
+    }
+
+    /// One split of `x` for both: one subspace, one noised residual released (and charged), which
+    /// the device convolves with both weights.
+    fn conv_forward_pair(
+        &mut self,
+        first: (&str, &Conv2d),
+        second: (&str, &Conv2d),
+        x: &Tensor,
+        mode: Mode,
+    ) -> PlacementResult<[(Tensor, Saved); 2]> {
+        let mut out = self.forward_sharing_split(&[first, second], false, x, mode)?;
+        let b = out.pop().expect("two outputs");
+        Ok([out.pop().expect("two outputs"), b])
     }
 
     fn conv_backward(
@@ -653,7 +745,7 @@ impl Placement for Asymml {
             };
             let ((dev_dx, dev_dw), (low_rank, macs)) = if device_dx || device_dw {
                 let (grad, weight) = (grad.as_ref().expect("released"), weight.as_ref());
-                let x_res = pending.residual.as_ref();
+                let x_res = pending.residual.as_deref();
                 self.overlapped(
                     layer,
                     |d| device_backward(d, &g, grad, weight.filter(|_| device_dx), x_res.filter(|_| device_dw)),
@@ -681,7 +773,7 @@ impl Placement for Asymml {
             let ((dev_dx, dev_dw), (low_rank, macs)) = if need_dx || residual_released {
                 let why = "INSECURE: --protect-gradients is off; the output gradient goes to the device in the clear";
                 let grad = self.release(layer, "output-gradient", dy.shape(), data(dy).to_vec(), why);
-                let x_res = pending.residual.as_ref();
+                let x_res = pending.residual.as_deref();
                 let weight = weight.as_ref();
                 let out = self.overlapped(
                     layer,
@@ -696,7 +788,8 @@ impl Placement for Asymml {
             self.enclave_macs += macs;
             self.merge_device((layer, w), &g, dev_dx, dev_dw, &mut dx, low_rank)?
         };
-        if let Some(released) = pending.residual {
+        // The last of the convolutions sharing the released input returns it for reuse.
+        if let Some(Ok(released)) = pending.residual.map(Arc::try_unwrap) {
             self.spares.keep(released.into_inner());
         }
         let grads = std::iter::once(from_vec(conv.weight.shape(), dw)).chain(db).collect();
