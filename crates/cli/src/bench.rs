@@ -164,6 +164,8 @@ pub struct StepBench {
     pub scheme: String,
     pub model: String,
     pub batch_size: usize,
+    /// One sample's shape, `C x H x W`.
+    pub input_shape: Vec<usize>,
     /// Inference batches instead of training steps.
     pub inference: bool,
     /// Measured steps, after `warmup` unmeasured ones.
@@ -202,6 +204,8 @@ pub struct StepOptions<'a> {
     pub scheme: crate::train::Scheme,
     pub model: &'a str,
     pub batch_size: usize,
+    /// Square input images of this side (`None`: the model's usual 32, or 28 for LeNet-5).
+    pub image_size: Option<usize>,
     pub inference: bool,
     pub steps: usize,
     /// Unmeasured steps before the measured ones.
@@ -238,8 +242,12 @@ pub fn step_compared(o: &StepOptions) -> Result<Compared> {
 /// Times training steps (or inference batches) of `model` under a scheme on random data.
 pub fn step(o: &StepOptions) -> Result<StepBench> {
     anyhow::ensure!(o.batch_size > 0 && o.steps > 0, "--batch-size and --steps must be at least 1");
-    let input: Vec<usize> = if zoo::required_input_size(o.model).is_some() { vec![3, 32, 32] } else { vec![1, 28, 28] };
-    let mut model = zoo::build(o.model, &input, 10, 0).map_err(anyhow::Error::msg)?;
+    let (channels, usual) = if zoo::required_input_size(o.model).is_some() { (3, 32) } else { (1, 28) };
+    let side = o.image_size.unwrap_or(usual);
+    anyhow::ensure!(side > 0, "--image-size must be at least 1");
+    let input = vec![channels, side, side];
+    let mut model = zoo::build(o.model, &input, 10, 0)
+        .map_err(|e| anyhow::anyhow!("{} does not take {side}x{side} images: {e}", o.model))?;
     let cfg = o.asymml.config(o.asymml.noise_multiplier);
     let mut runner = crate::schemes::runner_for(o.scheme, o.device, o.memory_budget, None, &cfg)?;
     let mut opt = Optimizer::new(OptimizerKind::Sgd { momentum: 0.9, nesterov: false }, 5e-4);
@@ -279,6 +287,7 @@ pub fn step(o: &StepOptions) -> Result<StepBench> {
         scheme: o.scheme.to_string(),
         model: o.model.to_string(),
         batch_size: n,
+        input_shape: input.clone(),
         inference: o.inference,
         steps: o.steps,
         warmup: o.warmup,

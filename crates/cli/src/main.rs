@@ -171,6 +171,12 @@ enum BenchWhat {
         model: String,
         #[arg(long, default_value_t = 32)]
         batch_size: usize,
+        /// Height and width of the random input images (default: 32 for the CIFAR-sized models, 28
+        /// for lenet5). VGG needs at least 32 (five 2x2 poolings); the residual networks end in a
+        /// global average pool and take any size. Larger images make the enclave's saved
+        /// activations outgrow --memory-budget-mib sooner (then sealed and spilled).
+        #[arg(long)]
+        image_size: Option<usize>,
         /// Time inference batches instead of training steps.
         #[arg(long)]
         inference: bool,
@@ -293,10 +299,11 @@ fn parse_baseline(arg: Option<&str>, scheme: Scheme) -> Result<Option<Scheme>> {
 
 fn print_step(r: &bench::StepBench) {
     eprintln!(
-        "{} {} batch {}{}: {:.0} ms per step ({:.0} ms enclave, {:.0} ms device); {:.1} MB to device, {:.1} MB back; spill {:.1} MB; peak enclave {:.1} MiB; enclave {:.2} G multiply-adds, device {:.2} G",
+        "{} {} batch {} of {}{}: {:.0} ms per step ({:.0} ms enclave, {:.0} ms device); {:.1} MB to device, {:.1} MB back; spill {:.1} MB; peak enclave {:.1} MiB; enclave {:.2} G multiply-adds, device {:.2} G",
         r.scheme,
         r.model,
         r.batch_size,
+        r.input_shape.iter().map(|d| d.to_string()).collect::<Vec<_>>().join("x"),
         if r.inference { " inference" } else { "" },
         r.step_ms,
         r.enclave_ms,
@@ -355,6 +362,7 @@ fn main() {
                     scheme,
                     model,
                     batch_size,
+                    image_size,
                     inference,
                     steps,
                     warmup,
@@ -370,6 +378,7 @@ fn main() {
                 scheme,
                 model: &model,
                 batch_size,
+                image_size,
                 inference,
                 steps,
                 warmup,

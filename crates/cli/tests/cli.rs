@@ -83,3 +83,31 @@ fn bench_step_json_has_the_documented_keys() {
         }
     }
 }
+
+#[test]
+fn bench_step_takes_other_image_sizes_and_names_a_size_a_model_cannot_take() {
+    let run = |model: &str, size: &str| {
+        trustsplit()
+            .args(["bench", "step", "--model", model, "--image-size", size, "--batch-size", "2", "--steps", "1"])
+            .args(["--warmup", "0", "--json"])
+            .output()
+            .unwrap()
+    };
+    // LeNet-5 at 36x36 instead of 28x28: 1.65x the pixels, and more multiply-adds per sample.
+    let usual = trustsplit()
+        .args(["bench", "step", "--model", "lenet5", "--batch-size", "2", "--steps", "1", "--warmup", "0", "--json"])
+        .output()
+        .unwrap();
+    let larger = run("lenet5", "36");
+    assert!(usual.status.success() && larger.status.success(), "{}", String::from_utf8_lossy(&larger.stderr));
+    let (usual, larger): (serde_json::Value, serde_json::Value) =
+        (serde_json::from_slice(&usual.stdout).unwrap(), serde_json::from_slice(&larger.stdout).unwrap());
+    assert_eq!(usual["input_shape"], serde_json::json!([1, 28, 28]));
+    assert_eq!(larger["input_shape"], serde_json::json!([1, 36, 36]));
+    assert!(larger["forward_macs_per_sample"].as_u64() > usual["forward_macs_per_sample"].as_u64());
+    // VGG's five poolings need at least 32 pixels: the error names the model, the size and the layer.
+    let out = run("vgg11", "16");
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("vgg11 does not take 16x16 images") && err.contains("maxpool"), "{err}");
+}
