@@ -168,6 +168,8 @@ pub struct StepBench {
     pub input_shape: Vec<usize>,
     /// Inference batches instead of training steps.
     pub inference: bool,
+    /// Learning rate of the training steps.
+    pub lr: f32,
     /// Measured steps, after `warmup` unmeasured ones.
     pub steps: usize,
     pub warmup: usize,
@@ -207,6 +209,8 @@ pub struct StepOptions<'a> {
     /// Square input images of this side (`None`: the model's usual 32, or 28 for LeNet-5).
     pub image_size: Option<usize>,
     pub inference: bool,
+    /// Learning rate of the timed steps.
+    pub lr: f32,
     pub steps: usize,
     /// Unmeasured steps before the measured ones.
     pub warmup: usize,
@@ -242,6 +246,7 @@ pub fn step_compared(o: &StepOptions) -> Result<Compared> {
 /// Times training steps (or inference batches) of `model` under a scheme on random data.
 pub fn step(o: &StepOptions) -> Result<StepBench> {
     anyhow::ensure!(o.batch_size > 0 && o.steps > 0, "--batch-size and --steps must be at least 1");
+    anyhow::ensure!(o.lr.is_finite() && o.lr >= 0.0, "--lr must be a finite rate of at least 0, got {}", o.lr);
     let (channels, usual) = if zoo::required_input_size(o.model).is_some() { (3, 32) } else { (1, 28) };
     let side = o.image_size.unwrap_or(usual);
     anyhow::ensure!(side > 0, "--image-size must be at least 1");
@@ -259,7 +264,7 @@ pub fn step(o: &StepOptions) -> Result<StepBench> {
         if o.inference {
             runner.eval_batch(model, xs, &ys)?;
         } else {
-            runner.train_step(model, xs, &ys, &mut opt, 1e-3)?;
+            runner.train_step(model, xs, &ys, &mut opt, o.lr)?;
         }
         Ok(())
     };
@@ -289,6 +294,7 @@ pub fn step(o: &StepOptions) -> Result<StepBench> {
         batch_size: n,
         input_shape: input.clone(),
         inference: o.inference,
+        lr: o.lr,
         steps: o.steps,
         warmup: o.warmup,
         threads: o.threads,

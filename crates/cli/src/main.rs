@@ -180,6 +180,11 @@ enum BenchWhat {
         /// Time inference batches instead of training steps.
         #[arg(long)]
         inference: bool,
+        /// Learning rate of the timed SGD steps. The data are random, so nothing is learnt; a
+        /// large model whose updates blow up under AsymML's noise ("training diverged") can be
+        /// timed with a smaller rate, or 0 (the update still runs, and changes nothing).
+        #[arg(long, default_value_t = 1e-3)]
+        lr: f32,
         /// Measured steps, after the warm-up steps.
         #[arg(long, default_value_t = 3)]
         steps: usize,
@@ -364,6 +369,7 @@ fn main() {
                     batch_size,
                     image_size,
                     inference,
+                    lr,
                     steps,
                     warmup,
                     threads,
@@ -380,6 +386,7 @@ fn main() {
                 batch_size,
                 image_size,
                 inference,
+                lr,
                 steps,
                 warmup,
                 threads,

@@ -98,12 +98,17 @@ fn bench_step_takes_other_image_sizes_and_names_a_size_a_model_cannot_take() {
         .args(["bench", "step", "--model", "lenet5", "--batch-size", "2", "--steps", "1", "--warmup", "0", "--json"])
         .output()
         .unwrap();
-    let larger = run("lenet5", "36");
+    let larger = trustsplit()
+        .args(["bench", "step", "--model", "lenet5", "--image-size", "36", "--batch-size", "2", "--steps", "1"])
+        .args(["--warmup", "0", "--lr", "0", "--json"])
+        .output()
+        .unwrap();
     assert!(usual.status.success() && larger.status.success(), "{}", String::from_utf8_lossy(&larger.stderr));
     let (usual, larger): (serde_json::Value, serde_json::Value) =
         (serde_json::from_slice(&usual.stdout).unwrap(), serde_json::from_slice(&larger.stdout).unwrap());
     assert_eq!(usual["input_shape"], serde_json::json!([1, 28, 28]));
     assert_eq!(larger["input_shape"], serde_json::json!([1, 36, 36]));
+    assert_eq!((usual["lr"].as_f64(), larger["lr"].as_f64()), (Some(1e-3), Some(0.0)));
     assert!(larger["forward_macs_per_sample"].as_u64() > usual["forward_macs_per_sample"].as_u64());
     // VGG's five poolings need at least 32 pixels: the error names the model, the size and the layer.
     let out = run("vgg11", "16");

@@ -341,6 +341,43 @@ fn a_device_result_with_nan_ends_the_step_with_an_error_that_names_the_device() 
 }
 
 #[test]
+fn finite_activations_too_large_for_the_split_end_the_step_before_anything_is_released() {
+    // Weights grown by 1e24 (a diverging run) give activations near 1e24: finite, but their
+    // products overflow f32 in the subspace, so the split would yield a NaN residual. It must end
+    // the step as divergence without releasing that residual (and without blaming the device).
+    for subspace in [Subspace::Exact, Subspace::Fast] {
+        let recording = RecordingDevice::new((false, false));
+        let inputs = recording.inputs.clone();
+        let device = trustsplit_device::Device::local(Box::new(recording));
+        let cfg = AsymmlConfig { subspace, noise_multiplier: 1.0, ..AsymmlConfig::default() };
+        let mut r = asymml::runner(device, cfg, 96 << 20, Arc::new(Transcript::new())).unwrap();
+        let mut rng = ChaCha8Rng::seed_from_u64(4);
+        // No batch-norm, which would rescale them.
+        let mut layers = vec![conv(&mut rng, 8, 3, 3, 1, true), Layer::Relu, conv(&mut rng, 8, 8, 3, 1, true)];
+        if let Layer::Conv2d(c) = &mut layers[0] {
+            c.weight.iter_mut().for_each(|w| *w *= 1e24);
+        }
+        let head = Linear { weight: random(&mut rng, &[10, 8 * 144], 0.1), bias: None };
+        layers.extend([Layer::Flatten, Layer::Linear(head)]);
+        let mut model = Model::new("plain", &[3, 12, 12], layers).unwrap();
+        let mut opt = Optimizer::new(OptimizerKind::Sgd { momentum: 0.9, nesterov: false }, 5e-4);
+        let x = random(&mut rng, &[5, 3, 12, 12], 1.0);
+        let y: Vec<usize> = (0..5).map(|_| rng.random_range(0..10)).collect();
+        let err = r.train_step(&mut model, Secret::new(x), &Secret::new(y), &mut opt, 0.05).unwrap_err().to_string();
+        assert!(err.starts_with("training diverged: layers.2's forward cannot be split"), "{subspace:?}: {err}");
+        // The exact subspace's eigensolver fails on the overflowed Gram matrix; the fast one's
+        // basis comes out NaN, which the residual's energy shows.
+        if subspace == Subspace::Fast {
+            assert!(err.contains("sample 0's residual is not finite"), "{err}");
+        }
+        // The image's split was released (finite); nothing after it.
+        let seen = inputs.lock().unwrap();
+        assert_eq!(seen.len(), 1, "{subspace:?}: only the first layer's residual reaches the device");
+        assert!(seen[0].2.iter().all(|v| v.is_finite()), "{subspace:?}");
+    }
+}
+
+#[test]
 fn every_released_residual_is_clipped_to_its_bound() {
     // Residuals far above the clipping bounds and almost no noise: every sample's released residual
     // must sit on its bound, none above it, with either basis scope. Activations: clip_norm *

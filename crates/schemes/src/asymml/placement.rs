@@ -328,6 +328,17 @@ impl Asymml {
                     if given { residual_into(&basis, s, p, v_i, out) } else { split_into(&basis, s, p, v_i, out) };
                 norms[start + i] = energy.sqrt();
             }
+            // Values near f32's range overflow the subspace's products (a NaN basis, hence a NaN
+            // residual) though each is finite: the residual's energy shows it, and nothing of
+            // such a split may be released.
+            if let Some(b) = (start..start + len).find(|&b| !norms[b].is_finite()) {
+                let largest = x.iter().fold(0.0f32, |m, v| m.max(v.abs()));
+                return Err(format!(
+                    "training diverged: {layer}'s {what} cannot be split: sample {b}'s residual is not finite \
+                     (the values reach {largest:.3e}, beyond what f32 products can take); try a smaller --lr, \
+                     less noise or --max-grad-norm"
+                ));
+            }
             // Multiply-adds of the split: the residual's `U v`, and `U^T X` where the split projects.
             let split_products = if given { 1 } else { 2 };
             let mut phases = self.phases.borrow_mut();
@@ -507,7 +518,8 @@ impl Asymml {
             None => add_assign_finite(&mut y, &from_device),
         };
         if !finite {
-            return Err(device_fault(layer, "output", data(&conv.weight)));
+            let terms = g.in_channels * g.kernel_h * g.kernel_w;
+            return Err(device_fault(layer, "output", (data(&conv.weight), residual.get(), terms)));
         }
         self.spares.keep(from_device);
         Ok(from_vec(&out_shape, y))
@@ -569,14 +581,24 @@ fn restore_groups(layer: &str, saved: Saved) -> PlacementResult<Vec<Group>> {
     Ok(groups)
 }
 
-/// The error for a device result holding NaN or infinite values. The weight it was computed
-/// with comes from the enclave: where that is not finite, training diverged; otherwise the device
-/// is at fault (AsymML does not verify its arithmetic, but these values cannot be used).
-fn device_fault(layer: &str, what: &str, weight: &[f32]) -> String {
+/// The error for a device result holding NaN or infinite values, from a product of `weight` (the
+/// enclave's) and the released `operand`, each result value a sum of at most `terms` products.
+/// Where the weight is not finite, or so large that such a sum can leave f32's range (an honest
+/// device's result may then overflow), training diverged; otherwise no honest device could have
+/// returned these values (AsymML does not verify the device's arithmetic, but these cannot be
+/// used).
+fn device_fault(layer: &str, what: &str, (weight, operand, terms): (&[f32], &[f32], usize)) -> String {
+    let largest = |v: &[f32]| v.iter().fold(0.0f64, |m, x| m.max(f64::from(x.abs())));
+    let advice = "try a smaller --lr, less noise or --max-grad-norm";
     if !weight.iter().all(|v| v.is_finite()) {
+        return format!("training diverged: {layer}'s weight holds NaN or infinite values; {advice}");
+    }
+    // Rounding adds far less than a factor 2 to a sum of `terms` products in f32.
+    let (w, x) = (largest(weight), largest(operand));
+    if w * x * terms as f64 >= f64::from(f32::MAX) / 2.0 {
         return format!(
-            "training diverged: {layer}'s weight holds NaN or infinite values; try a smaller --lr, less noise \
-             or --max-grad-norm"
+            "training diverged: {layer}'s weight has grown so large (largest magnitude {w:.3e}, against \
+             {x:.3e} in what it multiplies) that its {what} overflows; {advice}"
         );
     }
     format!(
@@ -674,7 +696,7 @@ impl Placement for Asymml {
                     let mut low_rank = vc::LowRankWeightGradient::default();
                     self.enclave_macs +=
                         timed(&self.phases, "low-rank products", || low_rank.add_input_side(&g, &xf, data(dy)));
-                    self.merge_device((layer, w), &g, None, None, &mut dx, low_rank)?
+                    self.merge_device((layer, w, &[]), &g, None, None, &mut dx, low_rank)?
                 }
                 Some(residual) => {
                     // The input the forward pass convolved: low-rank part plus the noised residual.
@@ -755,7 +777,8 @@ impl Placement for Asymml {
                 ((None, None), timed(&self.phases, "low-rank products", enclave))
             };
             self.enclave_macs += macs;
-            let dw = self.merge_device((layer, w), &g, dev_dx, dev_dw, &mut dx, low_rank)?;
+            let operand = grad.as_ref().map_or(&[][..], |r| r.get().as_slice());
+            let dw = self.merge_device((layer, w, operand), &g, dev_dx, dev_dw, &mut dx, low_rank)?;
             if let Some(released) = grad {
                 self.spares.keep(released.into_inner());
             }
@@ -786,7 +809,7 @@ impl Placement for Asymml {
                 ((None, None), timed(&self.phases, "low-rank products", enclave))
             };
             self.enclave_macs += macs;
-            self.merge_device((layer, w), &g, dev_dx, dev_dw, &mut dx, low_rank)?
+            self.merge_device((layer, w, data(dy)), &g, dev_dx, dev_dw, &mut dx, low_rank)?
         };
         // The last of the convolutions sharing the released input returns it for reuse.
         if let Some(Ok(released)) = pending.residual.map(Arc::try_unwrap) {
@@ -851,9 +874,11 @@ impl Asymml {
     /// weight gradient: the enclave's low-rank terms expanded into the device's share (or into
     /// zeros), so that the weight-sized gradient is swept once. `weight` is the layer's, to tell a
     /// diverged run from a faulty device when the device's input gradient is not finite.
+    /// `operand`: what the device's input gradient multiplied the weight with (the released
+    /// output gradient), for the error when that gradient is not finite.
     fn merge_device(
         &mut self,
-        (layer, weight): (&str, &[f32]),
+        (layer, weight, operand): (&str, &[f32], &[f32]),
         g: &ConvGeometry,
         dev_dx: Option<Vec<f32>>,
         dev_dw: Option<Vec<f32>>,
@@ -864,7 +889,8 @@ impl Asymml {
             let shape = [g.batch, g.in_channels, g.in_h, g.in_w];
             let v = self.received(layer, "input-gradient", &shape, v)?;
             if !add_assign_finite(dx, &v) {
-                return Err(device_fault(layer, "input gradient", weight));
+                let terms = g.out_channels * g.kernel_h * g.kernel_w;
+                return Err(device_fault(layer, "input gradient", (weight, operand, terms)));
             }
             self.spares.keep(v);
             self.device_macs += g.forward_macs();
@@ -888,6 +914,28 @@ mod tests {
     use rand::{Rng, SeedableRng};
     use rand_chacha::ChaCha8Rng;
     use trustsplit_device::CpuBackend;
+
+    #[test]
+    fn a_non_finite_device_result_is_blamed_on_the_device_only_where_no_honest_one_could_return_it() {
+        let mut rng = ChaCha8Rng::seed_from_u64(21);
+        let operand: Vec<f32> = (0..500).map(|_| rng.random_range(-3.0f32..3.0)).collect();
+        let mut weight: Vec<f32> = (0..72).map(|_| rng.random_range(-0.5f32..0.5)).collect();
+        let device = "a faulty or malicious device";
+        // Ordinary weights: 72 products of at most 0.5 x 3 cannot overflow.
+        assert!(device_fault("layers.3", "output", (&weight, &operand, 72)).contains(device));
+        // Finite, but large enough that 72 products can leave f32's range: divergence, not the device.
+        weight[40] = 1e37;
+        let err = device_fault("layers.3", "output", (&weight, &operand, 72));
+        assert!(
+            err.starts_with("training diverged: layers.3's weight has grown so large") && err.contains("1.000e37"),
+            "{err}"
+        );
+        // Just below the bound it is the device again (the largest operand is below 3).
+        weight[40] = f32::MAX / 2.0 / 72.0 / 3.0;
+        assert!(device_fault("layers.3", "output", (&weight, &operand, 72)).contains(device));
+        weight[40] = f32::NAN;
+        assert!(device_fault("layers.3", "input gradient", (&weight, &operand, 72)).contains("holds NaN or infinite"));
+    }
 
     fn random(rng: &mut ChaCha8Rng, shape: &[usize]) -> Tensor {
         let n = shape.iter().product();
