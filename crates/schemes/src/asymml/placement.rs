@@ -419,9 +419,7 @@ impl Asymml {
             Ok((theirs.map_err(|e| format!("device failed on {layer}: {e}"))?, mine))
         })
     }
-}
 
-impl Asymml {
     /// The forward passes of convolutions reading the same input `x`: it is split once, under the
     /// first convolution's rank policy, and its noised residual released once (named after the
     /// first, charged once); each convolution then runs its own device and low-rank products.
