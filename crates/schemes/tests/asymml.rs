@@ -173,7 +173,14 @@ fn releases_only_noised_residuals_and_public_weights() {
     for rec in &records {
         assert!(!["input", "label", "labels", "logits", "loss", "activation"].contains(&rec.info.kind.as_str()));
     }
-    let ledger = r.report().placement.privacy.unwrap();
+    // The per-layer statistics list that split once, under both names.
+    let report = r.report().placement;
+    assert!(
+        report.layers.iter().any(|l| l.layer == "layers.4.main.0 + layers.4.shortcut.0" && l.what == "forward"),
+        "{:?}",
+        report.layers.iter().map(|l| format!("{} {}", l.layer, l.what)).collect::<Vec<_>>()
+    );
+    let ledger = report.privacy.unwrap();
     // The residual block's two leading convolutions (main.0, 8 -> 12 channels, and the 1x1
     // projection shortcut) read the same input: it is split once, with main.0's rank, and its
     // noised residual released once, for both.

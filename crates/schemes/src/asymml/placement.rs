@@ -436,7 +436,10 @@ impl Asymml {
         let (n, c, p) = (g.batch, g.in_channels, g.in_h * g.in_w);
         let indices: Vec<usize> = convs.iter().map(|(name, _)| self.index_of(name)).collect();
         let policy = self.cfg.rank.policy(indices[0]);
-        let mut parts = self.decompose((indices[0], layer), "forward", policy, data(x), (n, c, p))?;
+        // The split's statistics and errors name every convolution it serves.
+        let names: Vec<&str> = convs.iter().map(|(name, _)| *name).collect();
+        let split_name = names.join(" + ");
+        let mut parts = self.decompose((indices[0], &split_name), "forward", policy, data(x), (n, c, p))?;
         let released = if keeps_everything(policy, c, p * group_len(self.cfg.basis, n)) {
             None
         } else {
@@ -445,14 +448,11 @@ impl Asymml {
             let clipped = timed(&self.phases, "noise", || {
                 clip_and_noise(&mut parts.residual, c * p, &parts.norms, bound, z, &mut self.rng)
             });
-            self.count_clipped(indices[0], layer, "forward", clipped);
+            self.count_clipped(indices[0], &split_name, "forward", clipped);
             self.charge(is_input);
             let (kind, why) = self.residual_kind(false);
-            let why = match convs {
-                [_, rest @ ..] if !rest.is_empty() => {
-                    let others: Vec<&str> = rest.iter().map(|(name, _)| *name).collect();
-                    format!("{why}; also the input of {}", others.join(", "))
-                }
+            let why = match &names[..] {
+                [_, others @ ..] if !others.is_empty() => format!("{why}; also the input of {}", others.join(", ")),
                 _ => why.to_string(),
             };
             Some(Arc::new(self.release(layer, kind, x.shape(), std::mem::take(&mut parts.residual), &why)))
