@@ -292,7 +292,7 @@ pub fn step(o: &StepOptions) -> Result<StepBench> {
         scheme: o.scheme.to_string(),
         model: o.model.to_string(),
         batch_size: n,
-        input_shape: input.clone(),
+        input_shape: input,
         inference: o.inference,
         lr: o.lr,
         steps: o.steps,

@@ -492,6 +492,7 @@ impl Asymml {
     ) -> PlacementResult<Tensor> {
         let g = conv.geometry(in_shape);
         let (n, out_c, out_hw) = (g.batch, g.out_channels, g.out_h() * g.out_w());
+        let out_shape = [n, out_c, g.out_h(), g.out_w()];
         // `low_rank_forward` overwrites all of it, in both branches below.
         let mut y = self.spares.take(n * out_c * out_hw);
         let Some(residual) = residual else {
@@ -499,7 +500,7 @@ impl Asymml {
                 vc::low_rank_forward(&g, data(&conv.weight), &factors(groups), &mut y)
             });
             add_bias(&mut y, conv.bias.as_ref(), out_c, out_hw);
-            return Ok(from_vec(&[n, out_c, g.out_h(), g.out_w()], y));
+            return Ok(from_vec(&out_shape, y));
         };
         let weight = self.release_weight(layer, conv);
         let (from_device, macs) = self.overlapped(
@@ -509,7 +510,6 @@ impl Asymml {
         )?;
         self.enclave_macs += macs;
         self.device_macs += g.forward_macs();
-        let out_shape = [n, out_c, g.out_h(), g.out_w()];
         let from_device = self.received(layer, "output", &out_shape, from_device)?;
         let finite = match &conv.bias {
             Some(b) => add_assign_with_bias_finite(&mut y, &from_device, data(b), out_hw),
@@ -655,9 +655,8 @@ impl Placement for Asymml {
         x: &Tensor,
         mode: Mode,
     ) -> PlacementResult<[(Tensor, Saved); 2]> {
-        let mut out = self.forward_sharing_split(&[first, second], false, x, mode)?;
-        let b = out.pop().expect("two outputs");
-        Ok([out.pop().expect("two outputs"), b])
+        let out = self.forward_sharing_split(&[first, second], false, x, mode)?;
+        Ok(out.try_into().unwrap_or_else(|_| unreachable!("one output per convolution")))
     }
 
     fn conv_backward(
