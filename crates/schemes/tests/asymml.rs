@@ -63,13 +63,18 @@ fn runner(cfg: AsymmlConfig, transcript: Transcript) -> SplitRunner {
 
 /// Trains three SGD steps and evaluates once; returns the model and the losses.
 fn train(runner: &mut SplitRunner, seed: u64) -> (Model, Vec<f32>) {
+    train_batches_of(runner, seed, 5)
+}
+
+/// [`train`] with training batches of `batch` samples.
+fn train_batches_of(runner: &mut SplitRunner, seed: u64, batch: usize) -> (Model, Vec<f32>) {
     let mut rng = ChaCha8Rng::seed_from_u64(seed);
     let mut model = small_model(&mut rng);
     let mut opt = Optimizer::new(OptimizerKind::Sgd { momentum: 0.9, nesterov: false }, 5e-4);
     let mut losses = Vec::new();
     for _ in 0..3 {
-        let x = random(&mut rng, &[5, 3, 12, 12], 1.0);
-        let y: Vec<usize> = (0..5).map(|_| rng.random_range(0..10)).collect();
+        let x = random(&mut rng, &[batch, 3, 12, 12], 1.0);
+        let y: Vec<usize> = (0..batch).map(|_| rng.random_range(0..10)).collect();
         losses.push(runner.train_step(&mut model, Secret::new(x), &Secret::new(y), &mut opt, 0.05).unwrap().loss);
     }
     let x = random(&mut rng, &[4, 3, 12, 12], 1.0);
@@ -105,6 +110,35 @@ fn without_noise_the_split_computes_what_plaintext_computes() {
         assert!(report.device_seconds >= 0.0 && report.bytes_to_device > 0, "{what}: the device was not used");
         assert!(report.placement.enclave_macs > 0 && report.placement.device_macs > 0, "{what}");
         assert!(!report.placement.layers.is_empty(), "{what}: no per-layer ranks");
+    }
+}
+
+#[test]
+fn a_basis_from_part_of_a_large_batch_splits_exactly() {
+    // Batches of 20 12x12 maps: the fast subspace computes a fixed-rank batch basis from 8 of
+    // them (the input's and the first convolution's), and the split projects every sample itself.
+    // Without noise, training is still plaintext's.
+    let (reference, ref_losses) = train_batches_of(&mut plaintext::runner(Arc::new(Transcript::new())).unwrap(), 9, 20);
+    for protect_gradients in [true, false] {
+        let rank = RankRule::Schedule(vec![1, 3]);
+        let cfg = AsymmlConfig {
+            rank,
+            subspace: Subspace::Fast,
+            basis: BasisScope::Batch,
+            protect_gradients,
+            ..AsymmlConfig::default()
+        };
+        let mut r = runner(cfg, Transcript::new());
+        let (model, losses) = train_batches_of(&mut r, 9, 20);
+        for (a, b) in losses.iter().zip(&ref_losses) {
+            assert!((a - b).abs() <= 1e-4 * b.abs().max(1.0), "losses {losses:?} vs {ref_losses:?}");
+        }
+        let d = max_relative_difference(&reference, &model);
+        assert!(d < 1e-4, "weights differ from plaintext by {d}");
+        // The energies reported are the whole batch's, as split.
+        for layer in r.report().placement.layers {
+            assert!((0.0..=1.0).contains(&layer.residual_energy_ratio), "{layer:?}");
+        }
     }
 }
 

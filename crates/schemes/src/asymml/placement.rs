@@ -19,6 +19,7 @@ use trustsplit_boundary::secret::WireSize;
 use trustsplit_boundary::{Released, Transcript};
 use trustsplit_device::{Device, DeviceError, DeviceStats};
 use trustsplit_kernels::conv::{conv2d_backward_weight_few_inputs, ConvGeometry};
+use trustsplit_kernels::elementwise::sum_f64_of;
 use trustsplit_kernels::elementwise::{add_assign_finite, add_assign_with_bias_finite};
 use trustsplit_nn::layers::{Conv2d, Linear};
 use trustsplit_nn::tensor::{data, from_vec};
@@ -322,22 +323,23 @@ impl Asymml {
             // The fast subspace hands over the coordinates; otherwise the split projects.
             let given = coordinates.is_some();
             let mut v = coordinates.unwrap_or_else(|| vec![0.0f32; len * rp]);
+            // The energies as split (a sampled basis' own are those of its sample): the residual's,
+            // and the total, `||V||^2 + ||R||^2` since `R` is orthogonal to the basis.
+            let (mut residual_energy, mut low_rank_energy) = (0.0, 0.0);
             for (i, s) in samples.iter().enumerate() {
                 let (v_i, out) = (&mut v[i * rp..(i + 1) * rp], &mut residual[(start + i) * per..][..per]);
                 let energy =
                     if given { residual_into(&basis, s, p, v_i, out) } else { split_into(&basis, s, p, v_i, out) };
                 norms[start + i] = energy.sqrt();
+                residual_energy += energy;
+                low_rank_energy += sum_f64_of(v_i, |v| v * v);
             }
             // Values near f32's range overflow the subspace's products (a NaN basis, hence a NaN
             // residual) though each is finite: the residual's energy shows it, and nothing of
-            // such a split may be released.
+            // such a split may be released. (It also shows NaN in samples a sampled basis did
+            // not see.)
             if let Some(b) = (start..start + len).find(|&b| !norms[b].is_finite()) {
-                let largest = x.iter().fold(0.0f32, |m, v| m.max(v.abs()));
-                return Err(format!(
-                    "training diverged: {layer}'s {what} cannot be split: sample {b}'s residual is not finite \
-                     (the values reach {largest:.3e}, beyond what f32 products can take); try a smaller --lr, \
-                     less noise or --max-grad-norm"
-                ));
+                return Err(unsplittable(layer, what, b, &x[b * per..(b + 1) * per]));
             }
             // Multiply-adds of the split: the residual's `U v`, and `U^T X` where the split projects.
             let split_products = if given { 1 } else { 2 };
@@ -348,8 +350,8 @@ impl Asymml {
             self.enclave_macs += basis.macs + (split_products * len * per * basis.rank) as u64;
             totals.rank_samples += (basis.rank * len) as f64;
             totals.samples += len as u64;
-            totals.residual_energy += basis.residual_energy;
-            totals.total_energy += basis.total_energy;
+            totals.residual_energy += residual_energy;
+            totals.total_energy += low_rank_energy + residual_energy;
             self.warm.insert(warm_key.clone(), basis.clone());
             groups.push(Group { start, len, basis, v });
         }
@@ -577,6 +579,22 @@ fn restore_groups(layer: &str, saved: Saved) -> PlacementResult<Vec<Group>> {
         start += len;
     }
     Ok(groups)
+}
+
+/// The error for a split whose residual came out non-finite for sample `b` (`sample` its values):
+/// values near f32's range overflow the subspace's products (each finite, the basis NaN), or the
+/// sample holds NaN or infinite values itself (a sampled basis does not see every sample).
+fn unsplittable(layer: &str, what: &str, b: usize, sample: &[f32]) -> String {
+    let cause = if sample.iter().all(|v| v.is_finite()) {
+        let largest = sample.iter().fold(0.0f32, |m, v| m.max(v.abs()));
+        format!("the values reach {largest:.3e}, beyond what f32 products can take")
+    } else {
+        "it holds NaN or infinite values".to_string()
+    };
+    format!(
+        "training diverged: {layer}'s {what} cannot be split: sample {b}'s residual is not finite ({cause}); \
+         try a smaller --lr, less noise or --max-grad-norm"
+    )
 }
 
 /// The error for a device result holding NaN or infinite values, from a product of `weight` (the
@@ -932,6 +950,19 @@ mod tests {
         assert!(device_fault("layers.3", "output", (&weight, &operand, 72)).contains(device));
         weight[40] = f32::NAN;
         assert!(device_fault("layers.3", "input gradient", (&weight, &operand, 72)).contains("holds NaN or infinite"));
+    }
+
+    #[test]
+    fn a_split_that_is_not_finite_names_its_cause() {
+        let mut sample = vec![1.0f32, -2.5e30, 3.0];
+        let big = unsplittable("layers.4", "forward", 7, &sample);
+        assert!(big.starts_with("training diverged: layers.4's forward cannot be split: sample 7's"), "{big}");
+        assert!(big.contains("the values reach 2.500e30"), "{big}");
+        for bad in [f32::NAN, f32::INFINITY] {
+            sample[2] = bad;
+            let msg = unsplittable("layers.4", "gradient", 0, &sample);
+            assert!(msg.contains("layers.4's gradient") && msg.contains("it holds NaN or infinite values"), "{msg}");
+        }
     }
 
     fn random(rng: &mut ChaCha8Rng, shape: &[usize]) -> Tensor {
