@@ -143,6 +143,36 @@ fn a_basis_from_part_of_a_large_batch_splits_exactly() {
 }
 
 #[test]
+fn an_energy_threshold_holds_for_the_whole_batch_when_its_basis_is_sampled() {
+    // Batches of 20 3x12x12 images: the fast subspace computes the input's batch basis from 8 of
+    // them. Nineteen images lie along the first colour channel; one, 100 times brighter, along
+    // the second. A basis from eight images without the bright one keeps the first channel and
+    // would leave almost all of the batch's energy in the residual: the split shows it, and the
+    // whole batch decides instead. Whichever happens, the threshold holds.
+    let tau = 0.1;
+    let rank = RankRule::Energy { tau, max_rank: 3 };
+    let cfg = AsymmlConfig { rank, subspace: Subspace::Fast, basis: BasisScope::Batch, ..AsymmlConfig::default() };
+    let mut r = runner(cfg, Transcript::new());
+    let mut rng = ChaCha8Rng::seed_from_u64(13);
+    let mut model = small_model(&mut rng);
+    let mut opt = Optimizer::new(OptimizerKind::Sgd { momentum: 0.9, nesterov: false }, 5e-4);
+    for step in 0..6 {
+        let mut x = vec![0.0f32; 20 * 3 * 144];
+        let bright = (step * 7) % 20;
+        for (b, image) in x.chunks_exact_mut(3 * 144).enumerate() {
+            let (channel, scale) = if b == bright { (1, 100.0) } else { (0, 1.0) };
+            image[channel * 144..(channel + 1) * 144].iter_mut().for_each(|v| *v = scale * rng.random_range(-1.0..1.0));
+        }
+        let y: Vec<usize> = (0..20).map(|_| rng.random_range(0..10)).collect();
+        let x = from_vec(&[20, 3, 12, 12], x);
+        r.train_step(&mut model, Secret::new(x), &Secret::new(y), &mut opt, 0.05).unwrap();
+    }
+    let layers = r.report().placement.layers;
+    let input = layers.iter().find(|l| l.layer == "layers.0" && l.what == "forward").expect("the input's split");
+    assert!(input.residual_energy_ratio <= tau, "{input:?}");
+}
+
+#[test]
 fn blown_up_weights_end_the_step_with_an_error_not_a_panic() {
     // A NaN weight in the first convolution (as a diverging run ends up with) makes every later
     // activation NaN: no subspace exists for them, and both methods say so.

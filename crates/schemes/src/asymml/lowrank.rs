@@ -27,8 +27,8 @@ pub enum Subspace {
     /// Exact top-r from the eigen-decomposition of the smaller Gram matrix (C x C or nP x nP).
     Exact,
     /// One step of subspace iteration from a (warm or random) start block plus Rayleigh-Ritz; never
-    /// forms a C x C Gram. Costs about 3 C nP k multiply-adds with k = target rank + 4. With a
-    /// fixed rank, a large group's basis comes from a random quarter of its samples (see
+    /// forms a C x C Gram. Costs about 3 C nP k multiply-adds with k = target rank + 4. A large
+    /// group's basis comes from a random quarter of its samples (see
     /// [`find_basis_and_coordinates`]).
     Fast,
 }
@@ -53,7 +53,7 @@ pub struct Basis {
 const OVERSAMPLE: usize = 4;
 
 /// Positions (over the samples) that a sampled fast basis is computed from at the least; see
-/// [`sampled_count`].
+/// [`basis_samples`].
 const SAMPLED_COLUMNS: usize = 1024;
 
 /// A column is numerically dependent when orthogonalisation leaves less than this fraction of its norm
@@ -129,15 +129,14 @@ pub fn find_basis(
 /// They come as `len x rank x positions` (sample by sample, each `rank x positions`), ready for
 /// [`channel_products::residual`]; the exact method gives `None`.
 ///
-/// The fast subspace with a fixed rank computes a large group's basis from a random quarter of its
-/// samples (at least [`SAMPLED_COLUMNS`] positions; [`sampled_count`]) and gives no coordinates:
-/// a basis per batch only has to capture the channels the batch has in common, which a quarter of
-/// a batch of 32 large maps shows nearly as well as the whole (on VGG11-BN's activations, its
-/// basis left about 1% more of the energy in the residuals: BENCHMARKS.md, "Ninth session"), and
-/// the split that every sample needs anyway then projects it in the same sweep. The basis'
-/// energies are then those of the quarter.
-/// (With the energy threshold, the rank is a promise about the whole group, so every sample
-/// counts.)
+/// The fast subspace computes a large group's basis from a random quarter of its samples (at least
+/// [`SAMPLED_COLUMNS`] positions; [`basis_samples`]) and gives no coordinates: a basis per batch
+/// only has to capture the channels the batch has in common, which a quarter of a batch of 32
+/// large maps shows nearly as well as the whole (on VGG11-BN's activations, its basis left about
+/// 1% more of the energy in the residuals: BENCHMARKS.md, "Ninth session"), and the split that
+/// every sample needs anyway then projects it in the same sweep. The basis' energies are then
+/// those of the quarter, and so is an energy threshold's rank: where the split shows that it
+/// leaves more than the threshold of the whole group, [`find_basis_from_every_sample`] decides.
 ///
 /// An error where the samples hold NaN or infinite values (a diverged training run: no subspace
 /// is defined), or where the small eigenproblem does not converge. Where a sampled basis is
@@ -154,19 +153,29 @@ pub fn find_basis_and_coordinates(
     for x in samples {
         assert_eq!(x.len(), channels * positions, "find_basis: sample is not C x positions");
     }
-    let sampled = sampled_count(samples.len(), positions);
-    if method == Subspace::Fast && matches!(policy, RankPolicy::Fixed(_)) && sampled < samples.len() {
+    let sampled = basis_samples(method, samples.len(), positions);
+    if sampled < samples.len() {
         let mut chosen = rand::seq::index::sample(rng, samples.len(), sampled).into_vec();
         chosen.sort_unstable();
         let part: Vec<&[f32]> = chosen.into_iter().map(|b| samples[b]).collect();
-        let (basis, _) = group_basis(&part, channels, positions, policy, method, warm, rng)?;
+        let (basis, _) = find_basis_from_every_sample(&part, channels, positions, policy, method, warm, rng)?;
         return Ok((basis, None));
     }
-    group_basis(samples, channels, positions, policy, method, warm, rng)
+    find_basis_from_every_sample(samples, channels, positions, policy, method, warm, rng)
+}
+
+/// How many of a group's `n` samples (of `p` positions each) [`find_basis_and_coordinates`]
+/// computes its basis from: all for the exact subspace; for the fast one a quarter, but at least
+/// [`SAMPLED_COLUMNS`] positions in all.
+pub fn basis_samples(method: Subspace, n: usize, p: usize) -> usize {
+    match method {
+        Subspace::Exact => n,
+        Subspace::Fast => n.div_ceil(4).max(SAMPLED_COLUMNS.div_ceil(p.max(1))).min(n),
+    }
 }
 
 /// [`find_basis_and_coordinates`] from every sample of the group.
-fn group_basis(
+pub fn find_basis_from_every_sample(
     samples: &[&[f32]],
     channels: usize,
     positions: usize,
@@ -349,12 +358,6 @@ fn fast_basis(
     }
     let macs = 3 * c * np * k + k * k * np + 2 * c * k * k + c * k * r + r * k * np;
     Ok((finish(c, cols, total, residuals[r], macs as u64 + eig_macs(k)), coordinates))
-}
-
-/// How many of a group's `n` samples (of `p` positions each) the fast subspace computes a
-/// fixed-rank basis from: a quarter, but at least [`SAMPLED_COLUMNS`] positions in all.
-fn sampled_count(n: usize, p: usize) -> usize {
-    n.div_ceil(4).max(SAMPLED_COLUMNS.div_ceil(p.max(1))).min(n)
 }
 
 /// C x k start block: the warm basis' columns first (they already point the right way), then Gaussian.
@@ -601,7 +604,7 @@ mod tests {
         // The last two groups are large enough for a sampled basis.
         let shapes = [(64, 256, 1, 4), (48, 8, 4, 6), (64, 4, 3, 5), (16, 64, 2, 3), (40, 3, 2, 2)];
         let sampled = [(32, 256, 16, 4), (24, 1024, 8, 3)];
-        assert!(sampled.iter().all(|&(_, p, n, _)| sampled_count(n, p) < n));
+        assert!(sampled.iter().all(|&(_, p, n, _)| basis_samples(Subspace::Fast, n, p) < n));
         for (c, p, n, r) in shapes.into_iter().chain(sampled) {
             let xs = spectral_group(&mut rng, c, p, n, &sigmas, 1e-3);
             let exact = find_basis(&views(&xs), c, p, RankPolicy::Fixed(r), Subspace::Exact, None, &mut rng);
@@ -612,7 +615,7 @@ mod tests {
             // What the basis leaves of the whole group, sampled or not.
             let measured = measured_residual(&fast, &xs, p);
             assert!(close(measured, exact.residual_energy, 0.05, tol), "{fast:?}: {measured} vs {exact:?}");
-            if sampled_count(n, p) == n {
+            if basis_samples(Subspace::Fast, n, p) == n {
                 assert!(close(fast.residual_energy, measured, 1e-3, 1e-5 * exact.total_energy));
             } else {
                 // The energies are the sampled quarter's.

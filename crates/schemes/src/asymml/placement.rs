@@ -2,7 +2,10 @@
 //! device, the low-rank part's convolution on r virtual channels in the enclave, concurrently.
 
 use super::keystream::NoiseRng;
-use super::lowrank::{find_basis_and_coordinates, residual_into, split_into, Basis, RankPolicy};
+use super::lowrank::{
+    basis_samples, find_basis_and_coordinates, find_basis_from_every_sample, residual_into, split_into, Basis,
+    RankPolicy,
+};
 use super::noise::{clip_and_noise, Clipped};
 use super::spares::Spares;
 use super::virtual_conv as vc;
@@ -307,51 +310,48 @@ impl Asymml {
         for start in (0..n).step_by(step) {
             let len = step.min(n - start);
             let samples: Vec<&[f32]> = (start..start + len).map(|b| &x[b * per..(b + 1) * per]).collect();
+            let cannot_split = |e: String| {
+                format!(
+                    "training diverged: {layer}'s {what} cannot be split: {e}; try a smaller --lr, less noise or \
+                     --max-grad-norm"
+                )
+            };
+            let group = Samples { values: &samples, first: start, positions: p };
+            let out = &mut residual[start * per..(start + len) * per];
             let started = Instant::now();
             let warm = self.warm.get(&warm_key);
-            let (basis, coordinates) =
-                find_basis_and_coordinates(&samples, c, p, policy, self.cfg.subspace, warm, &mut self.rng).map_err(
-                    |e| {
-                        format!(
-                            "training diverged: {layer}'s {what} cannot be split: {e}; try a smaller --lr, \
-                             less noise or --max-grad-norm"
-                        )
-                    },
-                )?;
-            let found = Instant::now();
-            let rp = basis.rank * p;
-            // The fast subspace hands over the coordinates; otherwise the split projects.
-            let given = coordinates.is_some();
-            let mut v = coordinates.unwrap_or_else(|| vec![0.0f32; len * rp]);
-            // The energies as split (a sampled basis' own are those of its sample): the residual's,
-            // and the total, `||V||^2 + ||R||^2` since `R` is orthogonal to the basis.
-            let (mut residual_energy, mut low_rank_energy) = (0.0, 0.0);
-            for (i, s) in samples.iter().enumerate() {
-                let (v_i, out) = (&mut v[i * rp..(i + 1) * rp], &mut residual[(start + i) * per..][..per]);
-                let energy =
-                    if given { residual_into(&basis, s, p, v_i, out) } else { split_into(&basis, s, p, v_i, out) };
-                norms[start + i] = energy.sqrt();
-                residual_energy += energy;
-                low_rank_energy += sum_f64_of(v_i, |v| v * v);
+            let (mut basis, coordinates) =
+                find_basis_and_coordinates(&samples, c, p, policy, self.cfg.subspace, warm, &mut self.rng)
+                    .map_err(cannot_split)?;
+            let mut subspace_seconds = started.elapsed().as_secs_f64();
+            let mut split = split_group(&basis, coordinates, &group, out, &mut norms[start..start + len])
+                .map_err(|b| unsplittable(layer, what, b, &x[b * per..(b + 1) * per]))?;
+            self.enclave_macs += basis.macs + split.macs;
+            // An energy threshold's rank from a sampled basis is the sample's; where the split
+            // shows it leaving more than the threshold of the whole group, the whole group decides.
+            if let RankPolicy::Energy { tau, .. } = policy {
+                let sampled = basis_samples(self.cfg.subspace, len, p) < len;
+                if sampled && split.residual_energy > tau * split.total_energy {
+                    let again = Instant::now();
+                    let (whole, coordinates) =
+                        find_basis_from_every_sample(&samples, c, p, policy, self.cfg.subspace, warm, &mut self.rng)
+                            .map_err(cannot_split)?;
+                    subspace_seconds += again.elapsed().as_secs_f64();
+                    basis = whole;
+                    split = split_group(&basis, coordinates, &group, out, &mut norms[start..start + len])
+                        .map_err(|b| unsplittable(layer, what, b, &x[b * per..(b + 1) * per]))?;
+                    self.enclave_macs += basis.macs + split.macs;
+                }
             }
-            // Values near f32's range overflow the subspace's products (a NaN basis, hence a NaN
-            // residual) though each is finite: the residual's energy shows it, and nothing of
-            // such a split may be released. (It also shows NaN in samples a sampled basis did
-            // not see.)
-            if let Some(b) = (start..start + len).find(|&b| !norms[b].is_finite()) {
-                return Err(unsplittable(layer, what, b, &x[b * per..(b + 1) * per]));
-            }
-            // Multiply-adds of the split: the residual's `U v`, and `U^T X` where the split projects.
-            let split_products = if given { 1 } else { 2 };
             let mut phases = self.phases.borrow_mut();
-            *phases.entry("subspace").or_default() += (found - started).as_secs_f64();
-            *phases.entry("split").or_default() += found.elapsed().as_secs_f64();
+            *phases.entry("subspace").or_default() += subspace_seconds;
+            *phases.entry("split").or_default() += started.elapsed().as_secs_f64() - subspace_seconds;
             drop(phases);
-            self.enclave_macs += basis.macs + (split_products * len * per * basis.rank) as u64;
+            let v = split.coordinates;
             totals.rank_samples += (basis.rank * len) as f64;
             totals.samples += len as u64;
-            totals.residual_energy += residual_energy;
-            totals.total_energy += low_rank_energy + residual_energy;
+            totals.residual_energy += split.residual_energy;
+            totals.total_energy += split.total_energy;
             self.warm.insert(warm_key.clone(), basis.clone());
             groups.push(Group { start, len, basis, v });
         }
@@ -579,6 +579,57 @@ fn restore_groups(layer: &str, saved: Saved) -> PlacementResult<Vec<Group>> {
         start += len;
     }
     Ok(groups)
+}
+
+/// A group of samples to split: `values[i]` is sample `first + i` of the batch, `positions` long
+/// per channel.
+struct Samples<'a> {
+    values: &'a [&'a [f32]],
+    first: usize,
+    positions: usize,
+}
+
+/// A group's split: the coordinates `V`, and the energies as split (a sampled basis' own are
+/// those of its sample).
+struct GroupSplit {
+    coordinates: Vec<f32>,
+    residual_energy: f64,
+    /// `||V||^2 + ||R||^2`, since `R` is orthogonal to the basis.
+    total_energy: f64,
+    macs: u64,
+}
+
+/// Splits every sample of `group` with `basis` into `residual` (the group's part, overwritten)
+/// and `norms` (each residual's L2 norm), taking the coordinates where the subspace gave them
+/// and projecting otherwise. `Err(b)`: sample `b`'s residual is not finite, which nothing may
+/// release: values near f32's range overflow the subspace's products (a NaN basis) though each
+/// is finite, or the sample holds NaN that a sampled basis did not see.
+fn split_group(
+    basis: &Basis,
+    coordinates: Option<Vec<f32>>,
+    group: &Samples,
+    residual: &mut [f32],
+    norms: &mut [f64],
+) -> Result<GroupSplit, usize> {
+    let (p, len) = (group.positions, group.values.len());
+    let rp = basis.rank * p;
+    let given = coordinates.is_some();
+    let mut v = coordinates.unwrap_or_else(|| vec![0.0f32; len * rp]);
+    let (mut residual_energy, mut low_rank_energy) = (0.0, 0.0);
+    let per = residual.len() / len.max(1);
+    for (i, x) in group.values.iter().enumerate() {
+        let (v_i, out) = (&mut v[i * rp..(i + 1) * rp], &mut residual[i * per..(i + 1) * per]);
+        let energy = if given { residual_into(basis, x, p, v_i, out) } else { split_into(basis, x, p, v_i, out) };
+        if !energy.is_finite() {
+            return Err(group.first + i);
+        }
+        norms[i] = energy.sqrt();
+        residual_energy += energy;
+        low_rank_energy += sum_f64_of(v_i, |v| v * v);
+    }
+    // Multiply-adds: the residual's `U v`, and `U^T X` where the split projects.
+    let macs = if given { 1 } else { 2 } * (len * per * basis.rank) as u64;
+    Ok(GroupSplit { coordinates: v, residual_energy, total_energy: low_rank_energy + residual_energy, macs })
 }
 
 /// The error for a split whose residual came out non-finite for sample `b` (`sample` its values):
