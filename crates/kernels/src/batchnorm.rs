@@ -38,17 +38,16 @@ pub struct BnBatchStats {
     pub inv_std: Vec<f32>,
 }
 
-/// Training mode: normalise with the batch's own statistics, then scale and shift.
+/// Training mode: normalise with the batch's own statistics, then scale and shift. The output is
+/// a new vector, written without being zeroed first.
 pub fn batchnorm_train_forward(
     s: BnShape,
     x: &[f32],
     gamma: &[f32],
     beta: &[f32],
     eps: f32,
-    y: &mut [f32],
-) -> BnBatchStats {
+) -> (Vec<f32>, BnBatchStats) {
     assert_eq!(x.len(), s.len(), "batchnorm: input length");
-    assert_eq!(y.len(), s.len(), "batchnorm: output length");
     assert!(gamma.len() == s.channels && beta.len() == s.channels, "batchnorm: parameter length");
     let count = (s.batch * s.spatial) as f64;
     let (mean, var): (Vec<f32>, Vec<f32>) = (0..s.channels)
@@ -62,42 +61,53 @@ pub fn batchnorm_train_forward(
     let inv_std: Vec<f32> = var.iter().map(|v| 1.0 / (v + eps).sqrt()).collect();
     let scale: Vec<f32> = gamma.iter().zip(&inv_std).map(|(g, i)| g * i).collect();
     let shift: Vec<f32> = (0..s.channels).map(|c| beta[c] - mean[c] * scale[c]).collect();
-    apply_affine(s, x, &scale, &shift, y);
-    BnBatchStats { mean, var, inv_std }
+    let mut y = Vec::with_capacity(x.len());
+    let plane = s.spatial.max(1);
+    y.spare_capacity_mut()[..x.len()].par_chunks_mut(plane).zip(x.par_chunks(plane)).enumerate().for_each(
+        |(i, (y, x))| {
+            let c = i % s.channels;
+            affine_plane_into(y, x, scale[c], shift[c]);
+        },
+    );
+    // SAFETY: the planes cover `x.len()` values, and `affine_plane_into` wrote every one of them.
+    unsafe { y.set_len(x.len()) };
+    (y, BnBatchStats { mean, var, inv_std })
 }
 
-/// Evaluation mode: normalise with running statistics.
+/// Evaluation mode, in place: normalise with running statistics, then scale and shift.
 #[allow(clippy::too_many_arguments)]
-pub fn batchnorm_eval_forward(
+pub fn batchnorm_eval_forward_in_place(
     s: BnShape,
-    x: &[f32],
+    x: &mut [f32],
     gamma: &[f32],
     beta: &[f32],
     running_mean: &[f32],
     running_var: &[f32],
     eps: f32,
-    y: &mut [f32],
 ) {
     assert_eq!(x.len(), s.len(), "batchnorm: input length");
-    assert_eq!(y.len(), s.len(), "batchnorm: output length");
     let scale: Vec<f32> = (0..s.channels).map(|c| gamma[c] / (running_var[c] + eps).sqrt()).collect();
     let shift: Vec<f32> = (0..s.channels).map(|c| beta[c] - running_mean[c] * scale[c]).collect();
-    apply_affine(s, x, &scale, &shift, y);
-}
-
-fn apply_affine(s: BnShape, x: &[f32], scale: &[f32], shift: &[f32], y: &mut [f32]) {
-    let plane = s.spatial.max(1);
-    y.par_chunks_mut(plane).zip(x.par_chunks(plane)).enumerate().for_each(|(i, (y, x))| {
+    x.par_chunks_mut(s.spatial.max(1)).enumerate().for_each(|(i, x)| {
         let c = i % s.channels;
-        affine_plane(y, x, scale[c], shift[c]);
+        affine_plane_in_place(x, scale[c], shift[c]);
     });
 }
 
 multiversion! {
-    /// `y = x * scale + shift` over one plane.
-    fn affine_plane(y: &mut [f32], x: &[f32], scale: f32, shift: f32) {
+    /// `y = x * scale + shift` over one plane, into `y` as it is (every value written).
+    fn affine_plane_into(y: &mut [std::mem::MaybeUninit<f32>], x: &[f32], scale: f32, shift: f32) {
         for (o, &v) in y.iter_mut().zip(x) {
-            *o = v * scale + shift;
+            o.write(v * scale + shift);
+        }
+    }
+}
+
+multiversion! {
+    /// `x = x * scale + shift` over one plane.
+    fn affine_plane_in_place(x: &mut [f32], scale: f32, shift: f32) {
+        for v in x.iter_mut() {
+            *v = *v * scale + shift;
         }
     }
 }
@@ -172,6 +182,51 @@ multiversion! {
         for (d, &v) in dy_dx.iter_mut().zip(x) {
             let xhat = (v - m) * inv;
             *d = k * (*d - mean_dy - xhat * mean_dy_xhat);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::simd::{with_level_cap, Level};
+    use rand::{Rng, SeedableRng};
+
+    #[test]
+    fn forward_passes_give_the_same_bits_on_every_path() {
+        let mut rng = rand::rngs::StdRng::seed_from_u64(31);
+        for (batch, channels, spatial) in [(3, 5, 37), (2, 16, 64), (4, 3, 1), (1, 7, 200)] {
+            let s = BnShape { batch, channels, spatial };
+            let x: Vec<f32> = (0..s.len()).map(|_| rng.random_range(-2.0f32..3.0)).collect();
+            let params = |rng: &mut rand::rngs::StdRng| -> Vec<f32> {
+                (0..channels).map(|_| rng.random_range(0.1f32..2.0)).collect()
+            };
+            let (gamma, beta, mean, var) = (params(&mut rng), params(&mut rng), params(&mut rng), params(&mut rng));
+            let run = |level| {
+                with_level_cap(level, || {
+                    let (y, stats) = batchnorm_train_forward(s, &x, &gamma, &beta, 1e-5);
+                    let mut z = x.clone();
+                    batchnorm_eval_forward_in_place(s, &mut z, &gamma, &beta, &mean, &var, 1e-5);
+                    (y, stats.mean, stats.var, z)
+                })
+            };
+            let baseline = run(Level::Baseline);
+            assert_eq!(run(Level::Avx2), baseline, "{s:?}: AVX2");
+            assert_eq!(run(Level::Avx512), baseline, "{s:?}: AVX-512");
+            // Every output value is written: the eval pass matches its formula value by value.
+            let (y, z) = (&baseline.0, &baseline.3);
+            assert_eq!(y.len(), s.len());
+            for (i, (&v, &got)) in x.iter().zip(z).enumerate() {
+                let c = (i / spatial) % channels;
+                let scale = gamma[c] / (var[c] + 1e-5).sqrt();
+                assert_eq!(got, v * scale + (beta[c] - mean[c] * scale), "{s:?}: value {i}");
+            }
+            // The training pass normalises each channel: mean beta, spread gamma.
+            for (c, &b) in beta.iter().enumerate() {
+                let values: Vec<f64> = s.channel_planes(y, c).flatten().map(|&v| f64::from(v)).collect();
+                let m = values.iter().sum::<f64>() / values.len() as f64;
+                assert!((m - f64::from(b)).abs() < 1e-4, "{s:?}: channel {c} mean {m}");
+            }
         }
     }
 }

@@ -3,7 +3,7 @@
 //! Gradients come back in the same order as `params()`, so a model's flat parameter list and its
 //! flat gradient list line up without names.
 
-use crate::tensor::{data, data_mut, zeros, Tensor};
+use crate::tensor::{data, data_mut, from_vec, zeros, Tensor};
 use trustsplit_kernels::{activation, batchnorm as bn, conv, elementwise, linear, pool};
 
 /// Whether a forward pass trains (batch statistics, saved context) or only evaluates.
@@ -241,23 +241,16 @@ fn relu_backward(mut dy: Tensor, saved: Saved) -> (Tensor, Vec<Tensor>) {
 
 /// Batch-norm's output, and in training mode the batch statistics its backward pass needs (the
 /// running statistics are updated); in evaluation mode the running statistics are used.
-fn batchnorm_forward(b: &mut BatchNorm, x: &Tensor, mode: Mode) -> (Tensor, Option<bn::BnBatchStats>) {
+/// Batch-norm's forward on an input the caller gives up: normalised in place in evaluation mode;
+/// in training mode into a new tensor, the input being what the backward pass needs.
+fn batchnorm_forward(b: &mut BatchNorm, mut x: Tensor, mode: Mode) -> (Tensor, Saved) {
     let s = b.shape(x.shape());
-    let mut y = zeros(x.shape());
     if mode != Mode::Train {
-        bn::batchnorm_eval_forward(
-            s,
-            data(x),
-            data(&b.gamma),
-            data(&b.beta),
-            data(&b.running_mean),
-            data(&b.running_var),
-            b.eps,
-            data_mut(&mut y),
-        );
-        return (y, None);
+        let (g, beta, rm, rv) = (data(&b.gamma), data(&b.beta), data(&b.running_mean), data(&b.running_var));
+        bn::batchnorm_eval_forward_in_place(s, data_mut(&mut x), g, beta, rm, rv, b.eps);
+        return (x, Saved::Nothing);
     }
-    let stats = bn::batchnorm_train_forward(s, data(x), data(&b.gamma), data(&b.beta), b.eps, data_mut(&mut y));
+    let (y, stats) = bn::batchnorm_train_forward(s, data(&x), data(&b.gamma), data(&b.beta), b.eps);
     // Running variance uses the unbiased estimate, as PyTorch does.
     let count = (s.batch * s.spatial) as f32;
     let unbias = if count > 1.0 { count / (count - 1.0) } else { 1.0 };
@@ -266,7 +259,7 @@ fn batchnorm_forward(b: &mut BatchNorm, x: &Tensor, mode: Mode) -> (Tensor, Opti
         b.running_mean[c] = (1.0 - m) * b.running_mean[c] + m * stats.mean[c];
         b.running_var[c] = (1.0 - m) * b.running_var[c] + m * stats.var[c] * unbias;
     }
-    (y, Some(stats))
+    (from_vec(x.shape(), y), Saved::BatchNorm { x, stats })
 }
 
 /// Batch-norm's training-mode backward: the input gradient written over `dy`, then the gradients
@@ -295,10 +288,7 @@ impl Layer {
         match self {
             Layer::Conv2d(c) => (c.forward(x), keep_input(x)),
             Layer::Linear(l) => (l.forward(x), keep_input(x)),
-            Layer::BatchNorm(b) => match batchnorm_forward(b, x, mode) {
-                (y, Some(stats)) => (y, Saved::BatchNorm { x: x.clone(), stats }),
-                (y, None) => (y, Saved::Nothing),
-            },
+            Layer::BatchNorm(b) => batchnorm_forward(b, x.clone(), mode),
             Layer::Relu => relu_forward(x.clone(), mode),
             Layer::MaxPool(p) => {
                 let g = p.geometry(x.shape());
@@ -337,11 +327,9 @@ impl Layer {
     pub fn forward_owned(&mut self, x: Tensor, mode: Mode) -> (Tensor, Saved) {
         match self {
             Layer::Relu => relu_forward(x, mode),
-            // Batch-norm keeps its input for the backward pass: the given one, not a copy.
-            Layer::BatchNorm(b) => match batchnorm_forward(b, &x, mode) {
-                (y, Some(stats)) => (y, Saved::BatchNorm { x, stats }),
-                (y, None) => (y, Saved::Nothing),
-            },
+            // Batch-norm keeps its input for the backward pass (the given one, not a copy), or
+            // normalises it in place when there is none.
+            Layer::BatchNorm(b) => batchnorm_forward(b, x, mode),
             _ => self.forward(&x, mode),
         }
     }
