@@ -143,12 +143,12 @@ fn a_basis_from_part_of_a_large_batch_splits_exactly() {
 }
 
 #[test]
-fn an_energy_threshold_holds_for_the_whole_batch_when_its_basis_is_sampled() {
-    // Batches of 20 3x12x12 images: the fast subspace computes the input's batch basis from 8 of
+fn an_energy_threshold_holds_for_the_whole_batch() {
+    // Batches of 20 3x12x12 images, large enough for a fixed rank's fast basis to come from 8 of
     // them. Nineteen images lie along the first colour channel; one, 100 times brighter, along
-    // the second. A basis from eight images without the bright one keeps the first channel and
-    // would leave almost all of the batch's energy in the residual: the split shows it, and the
-    // whole batch decides instead. Whichever happens, the threshold holds.
+    // the second. A basis from eight images without the bright one would keep the first channel
+    // and leave almost all of the batch's energy in the residual; the energy threshold's basis
+    // sees every image, so the threshold holds.
     let tau = 0.1;
     let rank = RankRule::Energy { tau, max_rank: 3 };
     let cfg = AsymmlConfig { rank, subspace: Subspace::Fast, basis: BasisScope::Batch, ..AsymmlConfig::default() };

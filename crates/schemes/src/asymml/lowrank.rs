@@ -27,8 +27,8 @@ pub enum Subspace {
     /// Exact top-r from the eigen-decomposition of the smaller Gram matrix (C x C or nP x nP).
     Exact,
     /// One step of subspace iteration from a (warm or random) start block plus Rayleigh-Ritz; never
-    /// forms a C x C Gram. Costs about 3 C nP k multiply-adds with k = target rank + 4. A large
-    /// group's basis comes from a random quarter of its samples (see
+    /// forms a C x C Gram. Costs about 3 C nP k multiply-adds with k = target rank + 4. With a
+    /// fixed rank, a large group's basis comes from a random quarter of its samples (see
     /// [`find_basis_and_coordinates`]).
     Fast,
 }
@@ -135,8 +135,9 @@ pub fn find_basis(
 /// large maps shows nearly as well as the whole (on VGG11-BN's activations, its basis left about
 /// 1% more of the energy in the residuals: BENCHMARKS.md, "Ninth session"), and the split that
 /// every sample needs anyway then projects it in the same sweep. The basis' energies are then
-/// those of the quarter, and so is an energy threshold's rank: where the split shows that it
-/// leaves more than the threshold of the whole group, [`find_basis_from_every_sample`] decides.
+/// those of the quarter. An energy threshold is a promise about the whole group, so its basis
+/// sees every sample (a quarter's rank, checked by the split and recomputed from every sample
+/// where it fell short, cost more than it saved on flat spectra: BENCHMARKS.md, "Ninth session").
 ///
 /// An error where the samples hold NaN or infinite values (a diverged training run: no subspace
 /// is defined), or where the small eigenproblem does not converge. Where a sampled basis is
@@ -153,7 +154,7 @@ pub fn find_basis_and_coordinates(
     for x in samples {
         assert_eq!(x.len(), channels * positions, "find_basis: sample is not C x positions");
     }
-    let sampled = basis_samples(method, samples.len(), positions);
+    let sampled = basis_samples(method, policy, samples.len(), positions);
     if sampled < samples.len() {
         let mut chosen = rand::seq::index::sample(rng, samples.len(), sampled).into_vec();
         chosen.sort_unstable();
@@ -165,17 +166,17 @@ pub fn find_basis_and_coordinates(
 }
 
 /// How many of a group's `n` samples (of `p` positions each) [`find_basis_and_coordinates`]
-/// computes its basis from: all for the exact subspace; for the fast one a quarter, but at least
-/// [`SAMPLED_COLUMNS`] positions in all.
-pub fn basis_samples(method: Subspace, n: usize, p: usize) -> usize {
-    match method {
-        Subspace::Exact => n,
-        Subspace::Fast => n.div_ceil(4).max(SAMPLED_COLUMNS.div_ceil(p.max(1))).min(n),
+/// computes its basis from: for the fast subspace with a fixed rank a quarter, but at least
+/// [`SAMPLED_COLUMNS`] positions in all; otherwise all.
+fn basis_samples(method: Subspace, policy: RankPolicy, n: usize, p: usize) -> usize {
+    match (method, policy) {
+        (Subspace::Fast, RankPolicy::Fixed(_)) => n.div_ceil(4).max(SAMPLED_COLUMNS.div_ceil(p.max(1))).min(n),
+        _ => n,
     }
 }
 
 /// [`find_basis_and_coordinates`] from every sample of the group.
-pub fn find_basis_from_every_sample(
+fn find_basis_from_every_sample(
     samples: &[&[f32]],
     channels: usize,
     positions: usize,
@@ -604,7 +605,7 @@ mod tests {
         // The last two groups are large enough for a sampled basis.
         let shapes = [(64, 256, 1, 4), (48, 8, 4, 6), (64, 4, 3, 5), (16, 64, 2, 3), (40, 3, 2, 2)];
         let sampled = [(32, 256, 16, 4), (24, 1024, 8, 3)];
-        assert!(sampled.iter().all(|&(_, p, n, _)| basis_samples(Subspace::Fast, n, p) < n));
+        assert!(sampled.iter().all(|&(_, p, n, r)| basis_samples(Subspace::Fast, RankPolicy::Fixed(r), n, p) < n));
         for (c, p, n, r) in shapes.into_iter().chain(sampled) {
             let xs = spectral_group(&mut rng, c, p, n, &sigmas, 1e-3);
             let exact = find_basis(&views(&xs), c, p, RankPolicy::Fixed(r), Subspace::Exact, None, &mut rng);
@@ -615,7 +616,7 @@ mod tests {
             // What the basis leaves of the whole group, sampled or not.
             let measured = measured_residual(&fast, &xs, p);
             assert!(close(measured, exact.residual_energy, 0.05, tol), "{fast:?}: {measured} vs {exact:?}");
-            if basis_samples(Subspace::Fast, n, p) == n {
+            if basis_samples(Subspace::Fast, RankPolicy::Fixed(r), n, p) == n {
                 assert!(close(fast.residual_energy, measured, 1e-3, 1e-5 * exact.total_energy));
             } else {
                 // The energies are the sampled quarter's.

@@ -2,10 +2,7 @@
 //! device, the low-rank part's convolution on r virtual channels in the enclave, concurrently.
 
 use super::keystream::NoiseRng;
-use super::lowrank::{
-    basis_samples, find_basis_and_coordinates, find_basis_from_every_sample, residual_into, split_into, Basis,
-    RankPolicy,
-};
+use super::lowrank::{find_basis_and_coordinates, residual_into, split_into, Basis, RankPolicy};
 use super::noise::{clip_and_noise, Clipped};
 use super::spares::Spares;
 use super::virtual_conv as vc;
@@ -320,29 +317,13 @@ impl Asymml {
             let out = &mut residual[start * per..(start + len) * per];
             let started = Instant::now();
             let warm = self.warm.get(&warm_key);
-            let (mut basis, coordinates) =
+            let (basis, coordinates) =
                 find_basis_and_coordinates(&samples, c, p, policy, self.cfg.subspace, warm, &mut self.rng)
                     .map_err(cannot_split)?;
-            let mut subspace_seconds = started.elapsed().as_secs_f64();
-            let mut split = split_group(&basis, coordinates, &group, out, &mut norms[start..start + len])
+            let subspace_seconds = started.elapsed().as_secs_f64();
+            let split = split_group(&basis, coordinates, &group, out, &mut norms[start..start + len])
                 .map_err(|b| unsplittable(layer, what, b, &x[b * per..(b + 1) * per]))?;
             self.enclave_macs += basis.macs + split.macs;
-            // An energy threshold's rank from a sampled basis is the sample's; where the split
-            // shows it leaving more than the threshold of the whole group, the whole group decides.
-            if let RankPolicy::Energy { tau, .. } = policy {
-                let sampled = basis_samples(self.cfg.subspace, len, p) < len;
-                if sampled && split.residual_energy > tau * split.total_energy {
-                    let again = Instant::now();
-                    let (whole, coordinates) =
-                        find_basis_from_every_sample(&samples, c, p, policy, self.cfg.subspace, warm, &mut self.rng)
-                            .map_err(cannot_split)?;
-                    subspace_seconds += again.elapsed().as_secs_f64();
-                    basis = whole;
-                    split = split_group(&basis, coordinates, &group, out, &mut norms[start..start + len])
-                        .map_err(|b| unsplittable(layer, what, b, &x[b * per..(b + 1) * per]))?;
-                    self.enclave_macs += basis.macs + split.macs;
-                }
-            }
             let mut phases = self.phases.borrow_mut();
             *phases.entry("subspace").or_default() += subspace_seconds;
             *phases.entry("split").or_default() += started.elapsed().as_secs_f64() - subspace_seconds;
