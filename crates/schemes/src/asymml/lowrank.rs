@@ -129,15 +129,15 @@ pub fn find_basis(
 /// They come as `len x rank x positions` (sample by sample, each `rank x positions`), ready for
 /// [`channel_products::residual`]; the exact method gives `None`.
 ///
-/// The fast subspace computes a large group's basis from a random quarter of its samples (at least
-/// [`SAMPLED_COLUMNS`] positions; [`basis_samples`]) and gives no coordinates: a basis per batch
-/// only has to capture the channels the batch has in common, which a quarter of a batch of 32
-/// large maps shows nearly as well as the whole (on VGG11-BN's activations, its basis left about
-/// 1% more of the energy in the residuals: BENCHMARKS.md, "Ninth session"), and the split that
-/// every sample needs anyway then projects it in the same sweep. The basis' energies are then
-/// those of the quarter. An energy threshold is a promise about the whole group, so its basis
-/// sees every sample (a quarter's rank, checked by the split and recomputed from every sample
-/// where it fell short, cost more than it saved on flat spectra: BENCHMARKS.md, "Ninth session").
+/// The fast subspace with a fixed rank computes a large group's basis from a random quarter of its
+/// samples (at least [`SAMPLED_COLUMNS`] positions; [`basis_samples`]) and gives no coordinates: a
+/// basis per batch only has to capture the channels the batch has in common, which a quarter of a
+/// batch of 32 large maps shows nearly as well as the whole (on VGG11-BN's activations, its basis
+/// left about 1% more of the energy in the residuals: BENCHMARKS.md, "Ninth session"), and the
+/// split that every sample needs anyway then projects it in the same sweep. The basis' energies are
+/// then those of the quarter. An energy threshold is a promise about the whole group, so its basis
+/// sees every sample (a quarter's rank, checked by the split and recomputed from every sample where
+/// it fell short, cost more than it saved on flat spectra: BENCHMARKS.md, "Ninth session").
 ///
 /// An error where the samples hold NaN or infinite values (a diverged training run: no subspace
 /// is defined), or where the small eigenproblem does not converge. Where a sampled basis is
