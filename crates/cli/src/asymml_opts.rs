@@ -23,7 +23,9 @@ pub struct AsymmlArgs {
     /// AsymML: the most components the energy threshold may keep.
     #[arg(long, default_value_t = 32, help_heading = "AsymML")]
     pub max_rank: usize,
-    /// AsymML: exact (eigen-decomposition of the Gram matrix) or fast (one warm-started subspace iteration).
+    /// AsymML: exact (eigen-decomposition of the Gram matrix) or fast (one warm-started subspace
+    /// iteration; with --basis batch and a fixed rank, computed from a random quarter of a large
+    /// batch, which every sample's split then projects).
     #[arg(long, default_value = "exact", help_heading = "AsymML")]
     pub subspace: SubspaceArg,
     /// AsymML: one basis per sample (the paper; per-sample DP accounting) or one per batch
