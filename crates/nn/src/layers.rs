@@ -239,10 +239,10 @@ fn relu_backward(mut dy: Tensor, saved: Saved) -> (Tensor, Vec<Tensor>) {
     (dy, vec![])
 }
 
-/// Batch-norm's output, and in training mode the batch statistics its backward pass needs (the
-/// running statistics are updated); in evaluation mode the running statistics are used.
-/// Batch-norm's forward on an input the caller gives up: normalised in place in evaluation mode;
-/// in training mode into a new tensor, the input being what the backward pass needs.
+/// Batch-norm's forward on an input the caller gives up. Evaluation mode normalises it in place
+/// with the running statistics. Training mode normalises with the batch's statistics into a new
+/// tensor and updates the running statistics; the input and those statistics are what the
+/// backward pass needs.
 fn batchnorm_forward(b: &mut BatchNorm, mut x: Tensor, mode: Mode) -> (Tensor, Saved) {
     let s = b.shape(x.shape());
     if mode != Mode::Train {

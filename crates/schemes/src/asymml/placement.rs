@@ -306,12 +306,8 @@ impl Asymml {
         for start in (0..n).step_by(step) {
             let len = step.min(n - start);
             let samples: Vec<&[f32]> = (start..start + len).map(|b| &x[b * per..(b + 1) * per]).collect();
-            let cannot_split = |e: String| {
-                format!(
-                    "training diverged: {layer}'s {what} cannot be split: {e}; try a smaller --lr, less noise or \
-                     --max-grad-norm"
-                )
-            };
+            let cannot_split =
+                |e: String| format!("training diverged: {layer}'s {what} cannot be split: {e}; {DIVERGED}");
             let group = Samples { values: &samples, first: start, positions: p };
             let out = &mut residual[start * per..(start + len) * per];
             let started = Instant::now();
@@ -561,6 +557,9 @@ fn restore_groups(layer: &str, saved: Saved) -> PlacementResult<Vec<Group>> {
     Ok(groups)
 }
 
+/// What a diverged AsymML run can change, ending each of its errors.
+const DIVERGED: &str = "try a smaller --lr, less noise or --max-grad-norm";
+
 /// A group of samples to split: `values[i]` is sample `first + i` of the batch, `positions` long
 /// per channel.
 struct Samples<'a> {
@@ -624,7 +623,7 @@ fn unsplittable(layer: &str, what: &str, b: usize, sample: &[f32]) -> String {
     };
     format!(
         "training diverged: {layer}'s {what} cannot be split: sample {b}'s residual is not finite ({cause}); \
-         try a smaller --lr, less noise or --max-grad-norm"
+         {DIVERGED}"
     )
 }
 
@@ -636,16 +635,15 @@ fn unsplittable(layer: &str, what: &str, b: usize, sample: &[f32]) -> String {
 /// used).
 fn device_fault(layer: &str, what: &str, (weight, operand, terms): (&[f32], &[f32], usize)) -> String {
     let largest = |v: &[f32]| v.iter().fold(0.0f64, |m, x| m.max(f64::from(x.abs())));
-    let advice = "try a smaller --lr, less noise or --max-grad-norm";
     if !weight.iter().all(|v| v.is_finite()) {
-        return format!("training diverged: {layer}'s weight holds NaN or infinite values; {advice}");
+        return format!("training diverged: {layer}'s weight holds NaN or infinite values; {DIVERGED}");
     }
     // Rounding adds far less than a factor 2 to a sum of `terms` products in f32.
     let (w, x) = (largest(weight), largest(operand));
     if w * x * terms as f64 >= f64::from(f32::MAX) / 2.0 {
         return format!(
             "training diverged: {layer}'s weight has grown so large (largest magnitude {w:.3e}, against \
-             {x:.3e} in what it multiplies) that its {what} overflows; {advice}"
+             {x:.3e} in what it multiplies) that its {what} overflows; {DIVERGED}"
         );
     }
     format!(
