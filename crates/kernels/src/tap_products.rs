@@ -17,6 +17,7 @@
 //! `add_input_term`). Without AVX-512, for 1x1 kernels, more than 16 taps or more columns than
 //! these kernels win at (per-sample bases stacked for a batch), they go through `gemm`.
 
+use crate::elementwise::all_finite;
 use crate::matmul::{matmul, matmul_strided, parallelism, threads, MatRef};
 
 /// The weight's shape: `out_channels x in_channels x taps` (taps = kernel height x width).
@@ -78,7 +79,11 @@ pub fn transform_outputs(s: TapShape, w: &[f32], pt: &[f32], cols: usize, t: &mu
 /// `dW += U D` (over the input channels) `+ P E` (over the output channels). `inputs`: `basis` U is
 /// `in_channels x cols`, `coeffs` D is `out_channels x cols x taps`. `outputs`: `basis` P is
 /// `out_channels x cols`, `coeffs` E is `cols x in_channels x taps`.
-pub fn add_expansions(s: TapShape, inputs: Option<Expansion>, outputs: Option<Expansion>, dw: &mut [f32]) {
+///
+/// Returns whether every value of `dW` is finite afterwards. The AVX-512 sweep checks each block
+/// of rows just after writing it, while it is in cache, so that the optimizer need not read the
+/// whole gradient from memory again to refuse NaN or infinities.
+pub fn add_expansions(s: TapShape, inputs: Option<Expansion>, outputs: Option<Expansion>, dw: &mut [f32]) -> bool {
     assert_eq!(dw.len(), s.weight_len(), "add_expansions: gradient length");
     if let Some(e) = inputs {
         assert_eq!(e.basis.len(), s.in_channels * e.cols, "add_expansions: input basis length");
@@ -91,7 +96,7 @@ pub fn add_expansions(s: TapShape, inputs: Option<Expansion>, outputs: Option<Ex
     let inputs = inputs.filter(|e| e.cols > 0);
     let outputs = outputs.filter(|e| e.cols > 0);
     if (inputs.is_none() && outputs.is_none()) || dw.is_empty() {
-        return;
+        return all_finite(dw);
     }
     let cols = inputs.map_or(0, |e| e.cols).max(outputs.map_or(0, |e| e.cols));
     #[cfg(target_arch = "x86_64")]
@@ -100,6 +105,7 @@ pub fn add_expansions(s: TapShape, inputs: Option<Expansion>, outputs: Option<Ex
         return unsafe { avx512::add_expansions(s, inputs, outputs, dw) };
     }
     portable::add_expansions(s, inputs, outputs, dw);
+    all_finite(dw)
 }
 
 /// The same products through `gemm`, for any CPU and tap count.
@@ -258,7 +264,8 @@ pub(crate) mod avx512 {
         inputs: Option<Expansion>,
         outputs: Option<Expansion>,
         dw: &mut [f32],
-    ) {
+    ) -> bool {
+        let mut finite = true;
         let per_out = s.in_channels * s.taps;
         let spread = inputs.map(|e| SpreadBasis::new(s, e));
         // Output channels in blocks of ROWS: each term is added to the block's rows together, which
@@ -287,7 +294,10 @@ pub(crate) mod avx512 {
                     _ => add_output_term::<1>(e, first_o, per_out, dw_b),
                 }
             }
+            // The block's rows are final and still in cache.
+            finite &= crate::elementwise::all_finite(dw_b);
         }
+        finite
     }
 
     /// The input-side basis laid along a gradient row: `values[i * stride + f] = U[f / taps, i]` for
@@ -565,7 +575,7 @@ mod tests {
             let ins = Some(Expansion { basis: &u, coeffs: &d, cols: ci });
             let outs = Some(Expansion { basis: &p, coeffs: &e, cols: co });
             let mut got = start.clone();
-            add_expansions(s, ins, outs, &mut got);
+            assert!(add_expansions(s, ins, outs, &mut got), "finite operands, finite gradient");
             close(&got, &want, &format!("dispatched {s:?} cols {ci}/{co}"));
             let mut got = start.clone();
             portable::add_expansions(s, ins, outs, &mut got);
@@ -579,6 +589,37 @@ mod tests {
             let mut got = start.clone();
             add_expansions(s, None, outs, &mut got);
             close(&got, &only_out, &format!("outputs only {s:?} cols {co}"));
+        }
+    }
+
+    #[test]
+    fn expansions_report_any_non_finite_value_of_the_gradient() {
+        for (seed, (s, ci, co)) in shapes().into_iter().enumerate() {
+            let seed = seed as u64 * 11;
+            let (u, d) = (values(seed + 1, s.in_channels * ci), values(seed + 2, s.out_channels * ci * s.taps));
+            let (p, e) = (values(seed + 3, s.out_channels * co), values(seed + 4, co * s.in_channels * s.taps));
+            let start = values(seed + 5, s.weight_len());
+            let ins = Some(Expansion { basis: &u, coeffs: &d, cols: ci });
+            let outs = Some(Expansion { basis: &p, coeffs: &e, cols: co });
+            let n = s.weight_len();
+            for bad in [f32::NAN, f32::INFINITY, f32::NEG_INFINITY] {
+                // Already in the gradient (the device's share), first, middle or last value.
+                for at in [0, n / 2, n - 1] {
+                    let mut dw = start.clone();
+                    dw[at] = bad;
+                    assert!(!add_expansions(s, ins, outs, &mut dw), "{s:?}: {bad} at {at}");
+                    let mut dw = start.clone();
+                    dw[at] = bad;
+                    assert!(!add_expansions(s, None, None, &mut dw), "{s:?}: {bad} at {at}, no terms");
+                }
+                // Made by the expansion: a non-finite coefficient spreads over a row.
+                if !e.is_empty() {
+                    let mut e_bad = e.clone();
+                    e_bad[e.len() / 2] = bad;
+                    let outs_bad = Some(Expansion { basis: &p, coeffs: &e_bad, cols: co });
+                    assert!(!add_expansions(s, ins, outs_bad, &mut start.clone()), "{s:?}: {bad} in E");
+                }
+            }
         }
     }
 

@@ -422,6 +422,15 @@ impl Layer {
         }
     }
 
+    /// For each of [`Layer::params_mut`]'s tensors, in order, whether it is a convolution's weight.
+    pub fn conv_weight_flags(&self) -> Vec<bool> {
+        match self {
+            Layer::Conv2d(c) => std::iter::once(true).chain(c.bias.as_ref().map(|_| false)).collect(),
+            Layer::Residual(r) => r.main.iter().chain(&r.shortcut).flat_map(Layer::conv_weight_flags).collect(),
+            other => vec![false; other.named_params().len()],
+        }
+    }
+
     /// Non-trainable state (batch-norm running statistics), with names.
     pub fn named_buffers(&self) -> Vec<(String, &Tensor)> {
         match self {

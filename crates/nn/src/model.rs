@@ -60,6 +60,12 @@ impl Model {
         self.layers.iter_mut().flat_map(Layer::params_mut).collect()
     }
 
+    /// For each parameter, in the order of [`Model::params_mut`], whether it is a convolution's
+    /// weight.
+    pub fn conv_weight_flags(&self) -> Vec<bool> {
+        self.layers.iter().flat_map(Layer::conv_weight_flags).collect()
+    }
+
     /// Batch-norm running statistics named `layers.{i}.{name}`.
     pub fn named_buffers(&self) -> Vec<(String, &Tensor)> {
         self.named(Layer::named_buffers)

@@ -173,3 +173,35 @@ fn a_non_finite_gradient_is_refused_with_its_parameter_named() {
         }
     }
 }
+
+#[test]
+fn gradients_known_finite_are_not_checked_again_and_the_others_are() {
+    let kind = OptimizerKind::Sgd { momentum: 0.9, nesterov: false };
+    let mut opt = Optimizer::new(kind, 0.0);
+    let (mut a, mut b) = (from_vec(&[3], vec![0.5; 3]), from_vec(&[4], vec![0.25; 4]));
+    let grads = [from_vec(&[3], vec![0.1, f32::NAN, 0.1]), from_vec(&[4], vec![f32::INFINITY; 4])];
+    // The second is unchecked: refused, and nothing changes.
+    assert_eq!(opt.step_known_finite(vec![&mut a, &mut b], &grads, &[true, false], 0.1), Err(1));
+    assert_eq!((data_mut(&mut a)[0], opt.steps), (0.5, 0));
+    // Both vouched for: the flags are trusted (the caller's checks stand in for this one).
+    assert_eq!(opt.step_known_finite(vec![&mut a, &mut b], &grads, &[true, true], 0.1), Ok(()));
+    assert!(data_mut(&mut a)[1].is_nan() && opt.steps == 1);
+    // No flags: every gradient is checked, as by `step`.
+    assert_eq!(opt.step_known_finite(vec![&mut a, &mut b], &grads, &[], 0.1), Err(0));
+}
+
+#[test]
+fn conv_weight_flags_follow_the_parameter_order() {
+    for name in ["vgg11-bn", "resnet18", "lenet5"] {
+        let mut model = zoo::build(name, &[3, 32, 32], 10, 1).unwrap();
+        let flags = model.conv_weight_flags();
+        let named: Vec<String> = model.named_params().into_iter().map(|(n, _)| n).collect();
+        let params = model.params_mut();
+        assert_eq!(flags.len(), params.len(), "{name}");
+        for ((flag, p), n) in flags.iter().zip(params).zip(&named) {
+            // Convolution weights are the only 4-D parameters.
+            assert_eq!(*flag, p.ndim() == 4, "{name}: {n}");
+        }
+        assert!(flags.iter().any(|f| *f) && flags.iter().any(|f| !*f), "{name}");
+    }
+}

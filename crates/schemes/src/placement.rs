@@ -58,6 +58,11 @@ pub trait Placement {
     fn weights_are_public(&self) -> bool {
         false
     }
+    /// Whether `conv_backward` refuses, with an error, a weight gradient holding NaN or infinite
+    /// values, so that the optimizer need not read it again to check (the runner tells it so).
+    fn checks_conv_weight_gradients(&self) -> bool {
+        false
+    }
     fn conv_forward(
         &mut self,
         layer: &str,

@@ -188,7 +188,9 @@ impl SplitRunner {
         per_layer.reverse();
         let mut grads: Vec<Tensor> = per_layer.into_iter().flatten().collect();
         opt.clip_gradients(&mut grads);
-        if let Err(i) = opt.step(model.params_mut(), &grads, lr) {
+        // Scaling a finite gradient down keeps it finite, so the placement's checks still hold.
+        let checked = if self.placement.checks_conv_weight_gradients() { model.conv_weight_flags() } else { vec![] };
+        if let Err(i) = opt.step_known_finite(model.params_mut(), &grads, &checked, lr) {
             let name = model.named_params().into_iter().nth(i).map_or_else(|| format!("parameter {i}"), |(n, _)| n);
             return Err(RunnerError::NonFiniteGradient(name));
         }

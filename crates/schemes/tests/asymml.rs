@@ -326,13 +326,16 @@ struct RecordingDevice {
     kernels: trustsplit_device::CpuBackend,
     inputs: Seen,
     gradients: Seen,
+    /// NaN in (outputs, input gradients).
     poison: (bool, bool),
+    poison_weight_gradients: bool,
 }
 
 impl RecordingDevice {
     fn new(poison: (bool, bool)) -> RecordingDevice {
         let kernels = trustsplit_device::CpuBackend::new(1).unwrap();
-        RecordingDevice { kernels, inputs: Seen::default(), gradients: Seen::default(), poison }
+        let (inputs, gradients) = (Seen::default(), Seen::default());
+        RecordingDevice { kernels, inputs, gradients, poison, poison_weight_gradients: false }
     }
 }
 
@@ -385,7 +388,32 @@ impl trustsplit_device::Backend for RecordingDevice {
         x: &[f32],
         dy: &[f32],
     ) -> Result<Vec<f32>, trustsplit_device::DeviceError> {
-        self.kernels.conv_backward_weight(g, x, dy)
+        poisoned(self.kernels.conv_backward_weight(g, x, dy), self.poison_weight_gradients)
+    }
+}
+
+#[test]
+fn a_weight_gradient_with_nan_ends_the_step_before_the_update() {
+    // AsymML checks each convolution's weight gradient as it expands its own terms into the
+    // device's share, and the optimizer relies on that instead of reading it again: a NaN there
+    // must still end the step with the model and the optimizer's state untouched.
+    for protect_gradients in [true, false] {
+        let mut device = RecordingDevice::new((false, false));
+        device.poison_weight_gradients = true;
+        let device = trustsplit_device::Device::local(Box::new(device));
+        let cfg = AsymmlConfig { noise_multiplier: 1.0, protect_gradients, ..AsymmlConfig::default() };
+        let mut r = asymml::runner(device, cfg, 96 << 20, Arc::new(Transcript::new())).unwrap();
+        let mut rng = ChaCha8Rng::seed_from_u64(13);
+        let mut model = small_model(&mut rng);
+        let before: Vec<Tensor> = model.params_mut().into_iter().map(|t| t.clone()).collect();
+        let mut opt = Optimizer::new(OptimizerKind::Sgd { momentum: 0.9, nesterov: false }, 5e-4);
+        let x = random(&mut rng, &[5, 3, 12, 12], 1.0);
+        let y: Vec<usize> = (0..5).map(|_| rng.random_range(0..10)).collect();
+        let err = r.train_step(&mut model, Secret::new(x), &Secret::new(y), &mut opt, 0.05).unwrap_err().to_string();
+        assert!(err.contains("weight gradient holds NaN or infinite values"), "{protect_gradients}: {err}");
+        let after: Vec<Tensor> = model.params_mut().into_iter().map(|t| t.clone()).collect();
+        assert_eq!(before, after, "the step changed the model");
+        assert!(opt.state.is_empty() && opt.steps == 0, "the step changed the optimizer");
     }
 }
 

@@ -19,7 +19,7 @@ use trustsplit_boundary::secret::WireSize;
 use trustsplit_boundary::{Released, Transcript};
 use trustsplit_device::{Device, DeviceError, DeviceStats};
 use trustsplit_kernels::conv::{conv2d_backward_weight_few_inputs, ConvGeometry};
-use trustsplit_kernels::elementwise::{add_assign_finite, add_assign_with_bias_finite, sum_f64_of};
+use trustsplit_kernels::elementwise::{add_assign_finite, add_assign_with_bias_finite, all_finite, sum_f64_of};
 use trustsplit_nn::layers::{Conv2d, Linear};
 use trustsplit_nn::tensor::{data, from_vec};
 use trustsplit_nn::{Layer, Mode, Model, Saved, Tensor};
@@ -611,6 +611,13 @@ fn split_group(
     Ok(GroupSplit { coordinates: v, residual_energy, total_energy: low_rank_energy + residual_energy, macs })
 }
 
+/// The error for a weight gradient holding NaN or infinite values. Every convolution's weight
+/// gradient is checked here, as it is made ([`Placement::checks_conv_weight_gradients`]), and the
+/// step refused before the update, as the optimizer would.
+fn non_finite_weight_gradient(layer: &str) -> String {
+    format!("training diverged: {layer}'s weight gradient holds NaN or infinite values; {DIVERGED}")
+}
+
 /// The error for a split whose residual came out non-finite for sample `b` (`sample` its values):
 /// values near f32's range overflow the subspace's products (each finite, the basis NaN), or the
 /// sample holds NaN or infinite values itself (a sampled basis does not see every sample).
@@ -706,6 +713,10 @@ impl Placement for Asymml {
         Ok(out.try_into().unwrap_or_else(|_| unreachable!("one output per convolution")))
     }
 
+    fn checks_conv_weight_gradients(&self) -> bool {
+        true // in `merge_device`, as the expansion writes it, or in full for the first layer
+    }
+
     fn conv_backward(
         &mut self,
         layer: &str,
@@ -732,8 +743,7 @@ impl Placement for Asymml {
             // The first layer: no input gradient is wanted, so the device's only use would be the
             // residual's weight gradient. Its input has few channels, so the whole product
             // `corr(X, dY)` costs the enclave less than splitting and noising the output
-            // gradient would, and nothing of the gradient leaves the enclave. (With no split to
-            // look at it, a non-finite one is refused by the optimizer, as every parameter's is.)
+            // gradient would, and nothing of the gradient leaves the enclave.
             match &pending.residual {
                 None => {
                     let xf = factors(&x_groups);
@@ -750,6 +760,9 @@ impl Placement for Asymml {
                         conv2d_backward_weight_few_inputs(&g, &x, data(dy), &mut dw)
                     });
                     self.enclave_macs += g.forward_macs();
+                    if !all_finite(&dw) {
+                        return Err(non_finite_weight_gradient(layer));
+                    }
                     dw
                 }
             }
@@ -947,7 +960,11 @@ impl Asymml {
             }
             None => vec![0.0f32; g.weight_len()],
         };
-        self.enclave_macs += timed(&self.phases, "low-rank products", || low_rank.add_to(g, &mut dw));
+        let (macs, finite) = timed(&self.phases, "low-rank products", || low_rank.add_to(g, &mut dw));
+        self.enclave_macs += macs;
+        if !finite {
+            return Err(non_finite_weight_gradient(layer));
+        }
         Ok(dw)
     }
 }

@@ -408,15 +408,16 @@ impl LowRankWeightGradient {
     }
 
     /// Adds the whole low-rank gradient to `dw` (`C_out x C_in x kh x kw`). Returns the
-    /// multiply-adds of the expansion.
-    pub fn add_to(&self, g: &ConvGeometry, dw: &mut [f32]) -> u64 {
+    /// multiply-adds of the expansion, and whether every value of `dw` is then finite (checked
+    /// within the expansion's sweep, while each part is still in cache).
+    pub fn add_to(&self, g: &ConvGeometry, dw: &mut [f32]) -> (u64, bool) {
         if let Some(full) = &self.full {
             add_assign(dw, full);
         }
         let (inputs, outputs) = (term(&self.inputs), term(&self.outputs));
-        add_expansions(tap_shape(g), inputs, outputs, dw);
+        let finite = add_expansions(tap_shape(g), inputs, outputs, dw);
         let cols = inputs.map_or(0, |e| e.cols) + outputs.map_or(0, |e| e.cols);
-        (cols * g.weight_len()) as u64
+        ((cols * g.weight_len()) as u64, finite)
     }
 }
 
