@@ -4,7 +4,7 @@
 //! - [`transform_inputs`]: `T[o, i, t] = sum_c W[o, c, t] U[c, i]`, the weight on `cols` virtual
 //!   input channels (`T` is `C_out x cols x taps`).
 //! - [`transform_outputs`]: `T[j, c, t] = sum_o P^T[j, o] W[o, c, t]`, the weight on `cols` virtual
-//!   output channels (one `gemm` product).
+//!   output channels (flat rows, no tap structure).
 //! - [`add_expansions`]: `dW[o, c, t] += sum_i U[c, i] D[o, i, t] + sum_j P[o, j] E[j, c, t]`, a
 //!   weight gradient's two low-rank terms (one per channel axis) added in one sweep of `dW`.
 //!
@@ -14,8 +14,11 @@
 //! row of taps sits in one 16-lane register. The expansion works on whole 16-lane vectors of each
 //! output channel's flat `C_in x taps` row instead, with the input-side basis spread along the row
 //! once per call and the coefficients permuted into the row's repeating tap pattern (see
-//! `add_input_term`). Without AVX-512, for 1x1 kernels, more than 16 taps or more columns than
-//! these kernels win at (per-sample bases stacked for a batch), they go through `gemm`.
+//! `add_input_term`). The output transform keeps a 1024-value chunk of each of its (at most 8 per
+//! pass) rows in L1 and adds the weight's rows into it four at a time, so the weight streams from
+//! memory once, in order. Without AVX-512, or with more columns than these kernels win at
+//! (per-sample bases stacked for a batch), and for the other two also with 1x1 kernels or more
+//! than 16 taps, they go through `gemm`.
 
 use crate::elementwise::all_finite;
 use crate::matmul::{matmul, matmul_strided, parallelism, threads, MatRef};
@@ -63,8 +66,10 @@ pub fn transform_inputs(s: TapShape, w: &[f32], u: &[f32], cols: usize, t: &mut 
 
 /// `t = P^T W` over the output channels: `pt` is `P^T`, `cols x out_channels` (row-major), `t`
 /// receives `cols x in_channels x taps` (the weight seen from `cols` virtual output channels). The
-/// flat rows need no tap structure and `gemm` handles this shape well (an AVX-512 version like the
-/// others here measured no faster), so it is one product.
+/// flat rows need no tap structure. Alone, `gemm` reads the weight about as fast as the AVX-512
+/// path here (both near one core's memory bandwidth); while the device's thread streams memory
+/// beside it, as in a training step, the AVX-512 path, which reads each weight row once in order,
+/// made VGG16's step 6-9 ms faster on a 2-vCPU Xeon (BENCHMARKS.md, "Tenth session").
 pub fn transform_outputs(s: TapShape, w: &[f32], pt: &[f32], cols: usize, t: &mut [f32]) {
     assert_eq!(w.len(), s.weight_len(), "transform_outputs: weight length");
     assert_eq!(pt.len(), s.out_channels * cols, "transform_outputs: basis length");
@@ -72,8 +77,12 @@ pub fn transform_outputs(s: TapShape, w: &[f32], pt: &[f32], cols: usize, t: &mu
     if cols == 0 || s.weight_len() == 0 {
         return;
     }
-    let (co, n) = (s.out_channels, s.in_channels * s.taps);
-    matmul(MatRef::row_major(pt, cols, co), MatRef::row_major(w, co, n), t, n, false, parallelism(threads()));
+    #[cfg(target_arch = "x86_64")]
+    if cols <= avx512::MAX_TRANSFORM_COLS && is_x86_feature_detected!("avx512f") {
+        // SAFETY: the CPU has AVX-512F; the asserts above give the lengths the kernel indexes by.
+        return unsafe { avx512::transform_outputs(s, w, pt, cols, t) };
+    }
+    portable::transform_outputs(s, w, pt, cols, t);
 }
 
 /// `dW += U D` (over the input channels) `+ P E` (over the output channels). `inputs`: `basis` U is
@@ -126,6 +135,11 @@ pub(crate) mod portable {
             let w_tap = MatRef { data: &w[tap..], rows: co, cols: c, row_stride: c * kk, col_stride: kk };
             matmul_strided(w_tap, u, &mut t[tap..], cols * kk, kk, false, parallelism(threads()));
         }
+    }
+
+    pub(crate) fn transform_outputs(s: TapShape, w: &[f32], pt: &[f32], cols: usize, t: &mut [f32]) {
+        let (co, n) = (s.out_channels, s.in_channels * s.taps);
+        gemm(MatRef::row_major(pt, cols, co), MatRef::row_major(w, co, n), t, n, false);
     }
 
     pub(crate) fn add_expansions(s: TapShape, inputs: Option<Expansion>, outputs: Option<Expansion>, dw: &mut [f32]) {
@@ -223,6 +237,89 @@ pub(crate) mod avx512 {
                 let n = (cols - first).min(BLOCK);
                 with_block!(n, transform_block(s, w, o, u, cols, first, t_o));
                 first += n;
+            }
+        }
+    }
+
+    /// Values of a flat weight row per pass of [`transform_outputs`]: the `R` rows of `T` it
+    /// updates (at most 32 KiB) stay in L1 while the weight's rows stream by.
+    const OUTPUT_CHUNK: usize = 1024;
+    /// Output channels whose weight rows are added in together (each `T` vector is loaded and
+    /// stored once per group).
+    const GROUP: usize = 4;
+
+    /// # Safety
+    /// The CPU must have AVX-512F; the slices must have the lengths `super::transform_outputs` asserts.
+    #[target_feature(enable = "avx512f")]
+    pub(crate) unsafe fn transform_outputs(s: TapShape, w: &[f32], pt: &[f32], cols: usize, t: &mut [f32]) {
+        let co = s.out_channels;
+        // P (out_channels x cols), so that each output channel's coefficients are adjacent.
+        let mut p = vec![0.0f32; co * cols];
+        for (j, row) in pt.chunks_exact(co).enumerate() {
+            for (o, &v) in row.iter().enumerate() {
+                p[o * cols + j] = v;
+            }
+        }
+        t.fill(0.0);
+        let mut first = 0;
+        while first < cols {
+            let n = (cols - first).min(BLOCK);
+            with_block!(n, outputs_block(s, w, &p, cols, first, t));
+            first += n;
+        }
+    }
+
+    /// Adds `P^T W` to rows `first..first + R` of `T`: for each chunk of the flat rows, the weight's
+    /// rows in groups of [`GROUP`], each group's rows read once, in order, per chunk.
+    #[target_feature(enable = "avx512f")]
+    #[inline]
+    unsafe fn outputs_block<const R: usize>(
+        s: TapShape,
+        w: &[f32],
+        p: &[f32],
+        cols: usize,
+        first: usize,
+        t: &mut [f32],
+    ) {
+        let (co, n) = (s.out_channels, s.in_channels * s.taps);
+        let (wp, tp, pp) = (w.as_ptr(), t.as_mut_ptr(), p.as_ptr());
+        for x0 in (0..n).step_by(OUTPUT_CHUNK) {
+            let end = (x0 + OUTPUT_CHUNK).min(n);
+            let whole = end - (end - x0) % 16;
+            let tail = ((1u32 << (end - whole)) - 1) as __mmask16;
+            let mut o0 = 0;
+            while o0 < co {
+                let rows = (co - o0).min(GROUP);
+                // The group's coefficients for the block's columns: c[k][j] = P[o0 + k, first + j].
+                let coeff = |k: usize, j: usize| _mm512_set1_ps(*pp.add((o0 + k) * cols + first + j));
+                let mut x = x0;
+                while x < end {
+                    let mask = if x < whole { !0 } else { tail };
+                    let load = |at: *const f32| {
+                        if x < whole {
+                            _mm512_loadu_ps(at)
+                        } else {
+                            _mm512_maskz_loadu_ps(mask, at)
+                        }
+                    };
+                    let values: [__m512; GROUP] = std::array::from_fn(|k| {
+                        if k < rows {
+                            load(wp.add((o0 + k) * n + x))
+                        } else {
+                            _mm512_setzero_ps()
+                        }
+                    });
+                    for j in 0..R {
+                        let at = tp.add((first + j) * n + x);
+                        let mut a = load(at);
+                        for (k, v) in values.iter().enumerate().take(rows) {
+                            a = _mm512_fmadd_ps(coeff(k, j), *v, a);
+                        }
+                        _mm512_mask_storeu_ps(at, mask, a);
+                    }
+                    x += 16;
+                }
+                o0 += rows;
             }
         }
     }
@@ -547,7 +644,11 @@ mod tests {
 
     #[test]
     fn output_transform_matches_naive_loops() {
-        for (seed, (s, _, cols)) in shapes().into_iter().enumerate() {
+        // Also rows longer than one chunk of the AVX-512 path (1024 values), ending in a partial
+        // vector, and a 1x1 kernel.
+        let long = [(7, 131, 9, 1), (9, 131, 9, 8), (5, 120, 9, 13), (6, 1100, 1, 3)]
+            .map(|(co, ci, taps, cols)| (TapShape { out_channels: co, in_channels: ci, taps }, 0, cols));
+        for (seed, (s, _, cols)) in shapes().into_iter().chain(long).enumerate() {
             let (w, p) = (values(seed as u64 + 5, s.weight_len()), values(seed as u64 + 50, s.out_channels * cols));
             let n = s.in_channels * s.taps;
             let mut want = vec![0.0f64; cols * n];
@@ -561,6 +662,9 @@ mod tests {
             let mut t = vec![f32::NAN; want.len()];
             transform_outputs(s, &w, &pt, cols, &mut t);
             close(&t, &want, &format!("{s:?} cols {cols}"));
+            let mut t = vec![f32::NAN; want.len()];
+            portable::transform_outputs(s, &w, &pt, cols, &mut t);
+            close(&t, &want, &format!("portable {s:?} cols {cols}"));
         }
     }
 
