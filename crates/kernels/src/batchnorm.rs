@@ -156,6 +156,16 @@ fn sums_of_products(s: BnShape, ab: [&[f32]; 2], channels: Range<usize>, shifts:
     portable_sums_of_products(s, ab, channels, shifts, out)
 }
 
+/// The values of a plane past its last whole 16 ([`sums_of_products`]), one at a time.
+#[inline(always)]
+fn add_rest(a: &[f32], b: &[f32], (ka, kb): (f64, f64), (sum, product): (&mut f64, &mut f64)) {
+    for (&a, &b) in a.iter().zip(b) {
+        let a = f64::from(a) - ka;
+        *sum += a;
+        *product += a * (f64::from(b) - kb);
+    }
+}
+
 multiversion! {
     /// [`sums_of_products`] in plain loops.
     fn portable_sums_of_products(
@@ -180,11 +190,7 @@ multiversion! {
                         products[j] += aj * (f64::from(b[j]) - kb);
                     }
                 }
-                for (&a, &b) in a[whole..].iter().zip(&b[whole..]) {
-                    let a = f64::from(a) - ka;
-                    sum_rest += a;
-                    product_rest += a * (f64::from(b) - kb);
-                }
+                add_rest(&a[whole..], &b[whole..], (ka, kb), (&mut sum_rest, &mut product_rest));
             }
             out[0] = tree_sum(sums) + sum_rest;
             out[1] = tree_sum(products) + product_rest;
@@ -194,7 +200,7 @@ multiversion! {
 
 #[cfg(target_arch = "x86_64")]
 mod avx512 {
-    use super::{BnShape, Range, LANES};
+    use super::{add_rest, BnShape, Range, LANES};
     use std::arch::x86_64::*;
 
     /// Values `at..at + 16` of `v` in f64 (lanes 0-7, 8-15), minus `k`.
@@ -246,11 +252,7 @@ mod avx512 {
                         products[h] = _mm512_add_pd(products[h], _mm512_mul_pd(av[h], bv[h]));
                     }
                 }
-                for (&a, &b) in a[whole..].iter().zip(&b[whole..]) {
-                    let a = f64::from(a) - ka;
-                    sum_rest += a;
-                    product_rest += a * (f64::from(b) - kb);
-                }
+                add_rest(&a[whole..], &b[whole..], (ka, kb), (&mut sum_rest, &mut product_rest));
             }
             out[0] = total(sums) + sum_rest;
             out[1] = total(products) + product_rest;
