@@ -159,10 +159,11 @@ pub fn find_basis_and_coordinates(
         let mut chosen = rand::seq::index::sample(rng, samples.len(), sampled).into_vec();
         chosen.sort_unstable();
         let part: Vec<&[f32]> = chosen.into_iter().map(|b| samples[b]).collect();
-        let (basis, _) = find_basis_from_every_sample(&part, channels, positions, policy, method, warm, rng)?;
+        let group = Group { xs: &part, c: channels, p: positions };
+        let (basis, _) = find_basis_from_every_sample(&group, policy, method, warm, rng)?;
         return Ok((basis, None));
     }
-    find_basis_from_every_sample(samples, channels, positions, policy, method, warm, rng)
+    find_basis_from_every_sample(&Group { xs: samples, c: channels, p: positions }, policy, method, warm, rng)
 }
 
 /// How many of a group's `n` samples (of `p` positions each) [`find_basis_and_coordinates`]
@@ -175,18 +176,16 @@ fn basis_samples(method: Subspace, policy: RankPolicy, n: usize, p: usize) -> us
     }
 }
 
-/// [`find_basis_and_coordinates`] from every sample of the group.
+/// [`find_basis_and_coordinates`] from every sample of the group `g`.
 fn find_basis_from_every_sample(
-    samples: &[&[f32]],
-    channels: usize,
-    positions: usize,
+    g: &Group,
     policy: RankPolicy,
     method: Subspace,
     warm: Option<&Basis>,
     rng: &mut impl rand::Rng,
 ) -> Result<(Basis, Option<Vec<f32>>), String> {
-    let g = Group { xs: samples, c: channels, p: positions };
-    let total: f64 = samples.iter().map(|x| energy(x)).sum();
+    let channels = g.c;
+    let total: f64 = g.xs.iter().map(|x| energy(x)).sum();
     if !total.is_finite() {
         return Err("it holds NaN or infinite values".into());
     }
@@ -199,9 +198,9 @@ fn find_basis_from_every_sample(
         return Ok((finish(channels, Vec::new(), total, total, 0), None));
     }
     Ok(match method {
-        Subspace::Exact => (exact_basis(&g, policy, total, target, gram_side(channels, g.np()))?, None),
+        Subspace::Exact => (exact_basis(g, policy, total, target, gram_side(channels, g.np()))?, None),
         Subspace::Fast => {
-            let (basis, coordinates) = fast_basis(&g, policy, total, target, warm, rng)?;
+            let (basis, coordinates) = fast_basis(g, policy, total, target, warm, rng)?;
             (basis, Some(coordinates))
         }
     })
