@@ -66,10 +66,10 @@ pub fn transform_inputs(s: TapShape, w: &[f32], u: &[f32], cols: usize, t: &mut 
 
 /// `t = P^T W` over the output channels: `pt` is `P^T`, `cols x out_channels` (row-major), `t`
 /// receives `cols x in_channels x taps` (the weight seen from `cols` virtual output channels). The
-/// flat rows need no tap structure. Alone, `gemm` reads the weight about as fast as the AVX-512
-/// path here (both near one core's memory bandwidth); while the device's thread streams memory
-/// beside it, as in a training step, the AVX-512 path, which reads each weight row once in order,
-/// made VGG16's step 6-9 ms faster on a 2-vCPU Xeon (BENCHMARKS.md, "Tenth session").
+/// flat rows need no tap structure. The AVX-512 path reads each weight row once, in order; on a
+/// 2-vCPU Xeon it took half `gemm`'s time for VGG16's weights pushed out of cache (`cargo run
+/// --release -p trustsplit-kernels --example output_transform`) and made VGG16's training step
+/// 6-9 ms faster (BENCHMARKS.md, "Tenth session").
 pub fn transform_outputs(s: TapShape, w: &[f32], pt: &[f32], cols: usize, t: &mut [f32]) {
     assert_eq!(w.len(), s.weight_len(), "transform_outputs: weight length");
     assert_eq!(pt.len(), s.out_channels * cols, "transform_outputs: basis length");
