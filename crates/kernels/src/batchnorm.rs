@@ -3,11 +3,10 @@
 //! Statistics are accumulated in f64: a channel of a large batch sums hundreds of thousands of
 //! values, and the variance of nearly constant channels would otherwise lose its digits.
 //!
-//! Every pass sweeps the tensor in memory order, one sample at a time (a rayon task each), with
-//! one multiversioned call per sample that loops over its planes: the per-channel statistics are
-//! kept per sample and summed in sample order afterwards, so the result does not depend on the
-//! thread count. (Walking one channel's planes across the samples, one call per plane, cost 5-20x
-//! a plain sweep at ResNet18's 8x8 and 4x4 maps.)
+//! No pass makes a call per plane (that cost 5-20x a plain sweep at ResNet18's 8x8 and 4x4 maps):
+//! normalisation and the input gradient take one call per sample; the statistics one per sample
+//! on larger maps and one per block of channels on small ones ([`channel_sums`]), added up in an
+//! order fixed by the shape, so the result does not depend on the thread count.
 
 use crate::simd::multiversion;
 use rayon::prelude::*;
@@ -43,8 +42,8 @@ pub struct BnBatchStats {
     pub inv_std: Vec<f32>,
 }
 
-/// Independent f64 partial sums per plane: enough for the compiler to fill two 512-bit registers
-/// per sum, and a fixed order of additions on every instruction set.
+/// Independent f64 partial sums per channel's walk ([`sums_of_products`]): two 512-bit registers
+/// per sum, in a fixed order of additions on every instruction set.
 const LANES: usize = 16;
 
 /// The lanes' total, added pairwise. Inlined into the multiversioned kernels, it adds in this

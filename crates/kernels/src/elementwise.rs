@@ -83,7 +83,7 @@ pub const F64_LANES: usize = 32;
 crate::simd::multiversion! {
     /// `sum f(x_i)` accumulated in f64 over [`F64_LANES`] independent partial sums, so the loop
     /// vectorises and keeps several additions in flight instead of waiting on each in turn
-    /// (batch-norm statistics, energies); compiled for the CPU's widest vectors ([`crate::simd`]:
+    /// (energies, norms); compiled for the CPU's widest vectors ([`crate::simd`]:
     /// same result on every path).
     #[inline]
     pub fn sum_f64_of(x: &[f32], f: impl Fn(f64) -> f64) -> f64 {
@@ -114,34 +114,6 @@ crate::simd::multiversion! {
             }
         }
         lanes.iter().sum::<f64>() + tail
-    }
-}
-
-crate::simd::multiversion! {
-    /// `(sum f(a_i), sum g(a_i, b_i))` in one pass, each with the lanes and order of
-    /// [`sum_f64_of`] and [`dot_f64_of`], so each result is theirs bit for bit (batch-norm's
-    /// backward sums, which reads `a` once instead of twice).
-    #[inline]
-    pub fn sum_and_dot_f64_of(
-        a: &[f32],
-        b: &[f32],
-        f: impl Fn(f64) -> f64,
-        g: impl Fn(f64, f64) -> f64,
-    ) -> (f64, f64) {
-        assert_eq!(a.len(), b.len(), "sum_and_dot_f64_of: lengths differ");
-        let (mut sums, mut dots) = ([0.0f64; F64_LANES], [0.0f64; F64_LANES]);
-        let (ca, cb) = (a.chunks_exact(F64_LANES), b.chunks_exact(F64_LANES));
-        let tail_a = ca.remainder().iter().map(|&x| f(f64::from(x))).sum::<f64>();
-        let tail_b: f64 =
-            ca.remainder().iter().zip(cb.remainder()).map(|(&x, &y)| g(f64::from(x), f64::from(y))).sum();
-        for (xa, xb) in ca.zip(cb) {
-            for (((s, d), &x), &y) in sums.iter_mut().zip(dots.iter_mut()).zip(xa).zip(xb) {
-                let x = f64::from(x);
-                *s += f(x);
-                *d += g(x, f64::from(y));
-            }
-        }
-        (sums.iter().sum::<f64>() + tail_a, dots.iter().sum::<f64>() + tail_b)
     }
 }
 
@@ -252,21 +224,6 @@ mod tests {
                 assert!(!crate::simd::with_level_cap(level, || add_assign_finite(&mut a, &x)), "{at} {level:?}");
                 let finite = crate::simd::with_level_cap(level, || add_assign_with_bias_finite(&mut b, &x, &bias, p));
                 assert!(!finite, "{at} {level:?}");
-            }
-        }
-    }
-
-    #[test]
-    fn fused_sum_and_dot_are_the_separate_ones_bit_for_bit() {
-        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(12);
-        for len in [0usize, 1, 31, 32, 33, 100, 1027] {
-            let a: Vec<f32> = (0..len).map(|_| rng.random_range(-3.0f32..3.0)).collect();
-            let b: Vec<f32> = (0..len).map(|_| rng.random_range(-3.0f32..3.0)).collect();
-            let m = 0.37;
-            let want = (sum_f64_of(&a, |x| x), dot_f64_of(&a, &b, |x, y| x * (y - m)));
-            for level in [crate::simd::Level::Baseline, crate::simd::Level::Avx512] {
-                let got = crate::simd::with_level_cap(level, || sum_and_dot_f64_of(&a, &b, |x| x, |x, y| x * (y - m)));
-                assert_eq!(got, want, "len {len} at {level:?}");
             }
         }
     }

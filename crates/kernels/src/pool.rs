@@ -186,24 +186,10 @@ mod sse2 {
     }
 }
 
-/// Routes each output gradient to its window's winner. `dx` is overwritten.
-pub fn max_pool_backward(g: &PoolGeometry, dy: &[f32], argmax: &[u32], dx: &mut [f32]) {
-    g.check();
-    assert_eq!(dy.len(), g.output_len(), "max_pool_backward: output-gradient length");
-    assert_eq!(argmax.len(), g.output_len(), "max_pool_backward: argmax length");
-    assert_eq!(dx.len(), g.input_len(), "max_pool_backward: input-gradient length");
-    let (plane_in, plane_out) = (g.in_h * g.in_w, g.out_h() * g.out_w());
-    dx.par_chunks_mut(plane_in).zip(dy.par_chunks(plane_out)).zip(argmax.par_chunks(plane_out)).for_each(
-        |((dx, dy), am)| {
-            dx.fill(0.0);
-            scatter_plane(dx, dy, am);
-        },
-    );
-}
-
-/// [`max_pool_backward`] into a new vector, each plane zeroed just before its gradients are
-/// added (while it is in cache) instead of the whole tensor allocated zeroed first.
-pub fn max_pool_backward_to_vec(g: &PoolGeometry, dy: &[f32], argmax: &[u32]) -> Vec<f32> {
+/// Routes each output gradient to its window's winner, into a new vector: each plane is zeroed
+/// just before its gradients are added (while it is in cache), instead of the whole tensor being
+/// allocated zeroed first.
+pub fn max_pool_backward(g: &PoolGeometry, dy: &[f32], argmax: &[u32]) -> Vec<f32> {
     g.check();
     assert_eq!(dy.len(), g.output_len(), "max_pool_backward: output-gradient length");
     assert_eq!(argmax.len(), g.output_len(), "max_pool_backward: argmax length");
@@ -217,18 +203,13 @@ pub fn max_pool_backward_to_vec(g: &PoolGeometry, dy: &[f32], argmax: &[u32]) ->
             dx.fill(std::mem::MaybeUninit::new(0.0));
             // SAFETY: every value of the plane was just written.
             let dx = unsafe { &mut *(dx as *mut [std::mem::MaybeUninit<f32>] as *mut [f32]) };
-            scatter_plane(dx, dy, am);
+            for (&g, &i) in dy.iter().zip(am) {
+                dx[i as usize] += g;
+            }
         });
     // SAFETY: the planes cover `len` values, each written above.
     unsafe { dx.set_len(len) };
     dx
-}
-
-/// Adds each output gradient to its window's maximum in a plane of the input gradient.
-fn scatter_plane(dx: &mut [f32], dy: &[f32], argmax: &[u32]) {
-    for (&g, &i) in dy.iter().zip(argmax) {
-        dx[i as usize] += g;
-    }
 }
 
 /// Window means; padding counts as zeros in the divisor (PyTorch's `count_include_pad`).

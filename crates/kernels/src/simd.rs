@@ -1,8 +1,8 @@
 //! Runtime dispatch of plain loops to wider vector instructions.
 //!
 //! The workspace is compiled for baseline x86-64 (SSE2), so that one binary runs on every such CPU;
-//! loops that the compiler vectorises on their own (batch-norm statistics and normalisation, f64
-//! sums of f32 values) then use 128-bit registers and convert f32 to f64 two at a time.
+//! loops that the compiler vectorises on their own (batch-norm's normalisation, f64 sums of f32
+//! values) then use 128-bit registers and convert f32 to f64 two at a time.
 //! [`multiversion!`] compiles such a function's body three times, for AVX-512, for AVX2 with FMA
 //! and for the baseline, and runs the best one the CPU supports. The results do not depend on the
 //! path: Rust never contracts a multiply and an add into a fused multiply-add or reorders

@@ -352,7 +352,7 @@ impl Layer {
             (Layer::Relu, saved @ Saved::Positive { .. }) => relu_backward(dy.clone(), saved),
             (Layer::MaxPool(p), Saved::MaxPool { argmax, in_shape }) => {
                 let g = p.geometry(&in_shape);
-                (from_vec(&in_shape, pool::max_pool_backward_to_vec(&g, data(dy), &argmax)), vec![])
+                (from_vec(&in_shape, pool::max_pool_backward(&g, data(dy), &argmax)), vec![])
             }
             (Layer::AvgPool(p), Saved::Shape(in_shape)) => {
                 let g = p.geometry(&in_shape);
