@@ -5,7 +5,7 @@
 //!
 //! No pass makes a call per plane (that cost 5-20x a plain sweep at ResNet18's 8x8 and 4x4 maps):
 //! normalisation and the input gradient take one call per sample; the statistics one per sample
-//! on larger maps and one per block of channels on small ones ([`channel_sums`]), added up in an
+//! on larger maps and one per block of channels on small ones (`channel_sums`), added up in an
 //! order fixed by the shape, so the result does not depend on the thread count.
 
 use crate::simd::multiversion;
