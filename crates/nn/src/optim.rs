@@ -65,7 +65,7 @@ impl Optimizer {
     /// over memory was 3% of a VGG16 step). `known_finite` is empty or one flag per gradient.
     pub fn step_known_finite(
         &mut self,
-        params: Vec<&mut Tensor>,
+        mut params: Vec<&mut Tensor>,
         grads: &[Tensor],
         known_finite: &[bool],
         lr: f32,
@@ -76,33 +76,55 @@ impl Optimizer {
         if let Some(i) = grads.iter().enumerate().position(|(i, g)| !checked(i) && !all_finite(data(g))) {
             return Err(i);
         }
-        if self.state.is_empty() {
-            self.state = self.kind.slots().iter().map(|_| params.iter().map(|p| zeros(p.shape())).collect()).collect();
+        let shapes: Vec<&[usize]> = params.iter().map(|p| p.shape()).collect();
+        self.begin_step(&shapes);
+        for (i, (p, g)) in params.iter_mut().zip(grads).enumerate() {
+            self.update(i, p, g, lr);
         }
+        Ok(())
+    }
+
+    /// Whether a step may update each parameter on its own, as soon as its gradient is known
+    /// ([`Optimizer::begin_step`], then [`Optimizer::update`] per parameter): yes unless the
+    /// gradients are clipped to a global norm, which needs all of them first.
+    pub fn updates_each_parameter_alone(&self) -> bool {
+        self.max_grad_norm.is_none()
+    }
+
+    /// Starts a step whose parameters will be updated one at a time by [`Optimizer::update`]:
+    /// counts the step and, on the first one, creates the state for parameters of these shapes
+    /// (all of them, in order).
+    pub fn begin_step(&mut self, shapes: &[&[usize]]) {
+        if self.state.is_empty() {
+            self.state = self.kind.slots().iter().map(|_| shapes.iter().map(|s| zeros(s)).collect()).collect();
+        }
+        assert_eq!(self.state[0].len(), shapes.len(), "optimizer: state for a different parameter count");
         self.steps += 1;
+    }
+
+    /// Updates parameter `index` (in [`Optimizer::begin_step`]'s order) with its gradient `g`,
+    /// which the caller has checked is finite.
+    pub fn update(&mut self, index: usize, p: &mut Tensor, g: &Tensor, lr: f32) {
+        assert_eq!(p.shape(), g.shape(), "optimizer: gradient shape");
         let wd = self.weight_decay;
-        for (i, (p, g)) in params.into_iter().zip(grads).enumerate() {
-            assert_eq!(p.shape(), g.shape(), "optimizer: gradient shape");
-            let (p, g) = (data_mut(p), data(g));
-            match self.kind {
-                OptimizerKind::Sgd { momentum, nesterov } => {
-                    sgd_update(p, g, data_mut(&mut self.state[0][i]), [lr, momentum, wd], nesterov)
-                }
-                OptimizerKind::Adam { beta1, beta2, eps } => {
-                    let (m_slot, v_slot) = self.state.split_at_mut(1);
-                    let (m, v) = (data_mut(&mut m_slot[0][i]), data_mut(&mut v_slot[0][i]));
-                    let c1 = 1.0 - beta1.powi(self.steps as i32);
-                    let c2 = 1.0 - beta2.powi(self.steps as i32);
-                    for (((w, &gr), m), v) in p.iter_mut().zip(g).zip(m.iter_mut()).zip(v.iter_mut()) {
-                        let d = gr + wd * *w;
-                        *m = beta1 * *m + (1.0 - beta1) * d;
-                        *v = beta2 * *v + (1.0 - beta2) * d * d;
-                        *w -= lr * (*m / c1) / ((*v / c2).sqrt() + eps);
-                    }
+        let (p, g) = (data_mut(p), data(g));
+        match self.kind {
+            OptimizerKind::Sgd { momentum, nesterov } => {
+                sgd_update(p, g, data_mut(&mut self.state[0][index]), [lr, momentum, wd], nesterov)
+            }
+            OptimizerKind::Adam { beta1, beta2, eps } => {
+                let (m_slot, v_slot) = self.state.split_at_mut(1);
+                let (m, v) = (data_mut(&mut m_slot[0][index]), data_mut(&mut v_slot[0][index]));
+                let c1 = 1.0 - beta1.powi(self.steps as i32);
+                let c2 = 1.0 - beta2.powi(self.steps as i32);
+                for (((w, &gr), m), v) in p.iter_mut().zip(g).zip(m.iter_mut()).zip(v.iter_mut()) {
+                    let d = gr + wd * *w;
+                    *m = beta1 * *m + (1.0 - beta1) * d;
+                    *v = beta2 * *v + (1.0 - beta2) * d * d;
+                    *w -= lr * (*m / c1) / ((*v / c2).sqrt() + eps);
                 }
             }
         }
-        Ok(())
     }
 }
 

@@ -30,8 +30,11 @@ pub enum RunnerError {
     Memory(#[from] MemoryError),
     #[error("training diverged: the loss is {0}; try a smaller --lr")]
     Diverged(f32),
-    /// The step was refused before the update: the model and the optimizer's state are as before
-    /// the step.
+    /// The step was refused before updating this parameter's layer: that layer and the ones
+    /// before it are as before the step. Without global gradient clipping the layers after it
+    /// have already been updated (each layer is updated as soon as its gradient is known), so the
+    /// model and optimizer should be discarded, as `trustsplit train` does (it resumes from the
+    /// last checkpoint); with clipping nothing was updated.
     #[error("training diverged: the gradient of {0} holds NaN or infinite values; try a smaller --lr")]
     NonFiniteGradient(String),
 }
@@ -173,26 +176,57 @@ impl SplitRunner {
             self.discard(kept);
             return Err(RunnerError::Diverged(out.loss));
         }
+        // Without global gradient clipping, each layer's parameters are updated as soon as its
+        // backward is done, while its weight and gradient are still in cache: the update's sweep
+        // over weight, gradient and optimizer state then reads two of them from cache instead of
+        // memory (BENCHMARKS.md, "Eleventh session"). With clipping, it waits for every gradient.
+        let updates_each_layer = opt.updates_each_parameter_alone();
+        let checks_conv_weights = self.placement.checks_conv_weight_gradients();
+        if updates_each_layer {
+            let named = model.named_params();
+            let shapes: Vec<&[usize]> = named.iter().map(|(_, t)| t.shape()).collect();
+            opt.begin_step(&shapes);
+        }
         let mut per_layer = Vec::with_capacity(model.layers.len());
+        let mut first_param = model.named_params().len();
         let mut g = dlogits;
-        for (i, layer) in model.layers.iter().enumerate().rev() {
+        for i in (0..model.layers.len()).rev() {
             let saved = self.restore(kept.pop().expect("one context per layer"))?;
             let name = format!("layers.{i}");
             let bytes = g.len() * 4;
             let output_gradient = take(&mut g);
-            let (dx, grads) =
-                self.with_transient(bytes, |p| backward_layer(p, layer, &name, output_gradient, saved))?;
-            per_layer.push(grads);
+            let layer = &model.layers[i];
+            let backward = self.with_transient(bytes, |p| backward_layer(p, layer, &name, output_gradient, saved));
+            let (dx, grads) = match backward {
+                Ok(r) => r,
+                Err(e) => {
+                    self.discard(kept);
+                    return Err(e);
+                }
+            };
+            first_param -= grads.len();
+            if updates_each_layer {
+                let known_finite = if checks_conv_weights { layer.conv_weight_flags() } else { vec![] };
+                let updated = update_layer(&mut model.layers[i], &name, opt, &grads, &known_finite, first_param, lr);
+                if let Err(e) = updated {
+                    self.discard(kept);
+                    return Err(e);
+                }
+            } else {
+                per_layer.push(grads);
+            }
             g = dx;
         }
-        per_layer.reverse();
-        let mut grads: Vec<Tensor> = per_layer.into_iter().flatten().collect();
-        opt.clip_gradients(&mut grads);
-        // Scaling a finite gradient down keeps it finite, so the placement's checks still hold.
-        let checked = if self.placement.checks_conv_weight_gradients() { model.conv_weight_flags() } else { vec![] };
-        if let Err(i) = opt.step_known_finite(model.params_mut(), &grads, &checked, lr) {
-            let name = model.named_params().into_iter().nth(i).map_or_else(|| format!("parameter {i}"), |(n, _)| n);
-            return Err(RunnerError::NonFiniteGradient(name));
+        if !updates_each_layer {
+            per_layer.reverse();
+            let mut grads: Vec<Tensor> = per_layer.into_iter().flatten().collect();
+            opt.clip_gradients(&mut grads);
+            // Scaling a finite gradient down keeps it finite, so the placement's checks still hold.
+            let checked = if checks_conv_weights { model.conv_weight_flags() } else { vec![] };
+            if let Err(i) = opt.step_known_finite(model.params_mut(), &grads, &checked, lr) {
+                let name = model.named_params().into_iter().nth(i).map_or_else(|| format!("parameter {i}"), |(n, _)| n);
+                return Err(RunnerError::NonFiniteGradient(name));
+            }
         }
         Ok(StepOutput { loss: out.loss, correct: out.correct, samples: n })
     }
@@ -419,6 +453,31 @@ fn backward_layer(
         }
         (l, s) => Ok(l.backward_owned(dy, s)),
     }
+}
+
+/// Updates one layer's parameters (the optimizer's `first`, `first + 1`, ...) with their
+/// gradients, refusing the layer before any of its parameters changes if a gradient not
+/// `known_finite` (empty: none is) holds NaN or infinite values.
+fn update_layer(
+    layer: &mut Layer,
+    name: &str,
+    opt: &mut Optimizer,
+    grads: &[Tensor],
+    known_finite: &[bool],
+    first: usize,
+    lr: f32,
+) -> Result<(), RunnerError> {
+    let checked = |j: usize| known_finite.get(j).copied().unwrap_or(false);
+    if let Some(j) = grads.iter().enumerate().position(|(j, g)| !checked(j) && !elementwise::all_finite(data(g))) {
+        let param = layer.named_params().into_iter().nth(j).map_or_else(|| format!("{j}"), |(n, _)| n);
+        return Err(RunnerError::NonFiniteGradient(format!("{name}.{param}")));
+    }
+    let params = layer.params_mut();
+    assert_eq!(params.len(), grads.len(), "one gradient per parameter");
+    for (j, (p, g)) in params.into_iter().zip(grads).enumerate() {
+        opt.update(first + j, p, g, lr);
+    }
+    Ok(())
 }
 
 /// Whether any layer is a batch-norm (whose training-mode statistics mix the batch's samples).

@@ -393,11 +393,14 @@ impl trustsplit_device::Backend for RecordingDevice {
 }
 
 #[test]
-fn a_weight_gradient_with_nan_ends_the_step_before_the_update() {
+fn a_weight_gradient_with_nan_ends_the_step_before_its_layer_is_updated() {
     // AsymML checks each convolution's weight gradient as it expands its own terms into the
     // device's share, and the optimizer relies on that instead of reading it again: a NaN there
-    // must still end the step with the model and the optimizer's state untouched.
-    for protect_gradients in [true, false] {
+    // must still end the step before the layer holding that convolution (the residual block,
+    // layers.4) or any layer before it changes. Without global gradient clipping the runner updates
+    // each layer as its backward ends, so the classifier after the block (layers.7) has already
+    // been updated; with clipping, nothing has.
+    for (protect_gradients, max_grad_norm) in [(true, None), (false, None), (true, Some(5.0))] {
         let mut device = RecordingDevice::new((false, false));
         device.poison_weight_gradients = true;
         let device = trustsplit_device::Device::local(Box::new(device));
@@ -405,15 +408,19 @@ fn a_weight_gradient_with_nan_ends_the_step_before_the_update() {
         let mut r = asymml::runner(device, cfg, 96 << 20, Arc::new(Transcript::new())).unwrap();
         let mut rng = ChaCha8Rng::seed_from_u64(13);
         let mut model = small_model(&mut rng);
-        let before: Vec<Tensor> = model.params_mut().into_iter().map(|t| t.clone()).collect();
-        let mut opt = Optimizer::new(OptimizerKind::Sgd { momentum: 0.9, nesterov: false }, 5e-4);
+        let before: Vec<(String, Tensor)> = model.named_params().into_iter().map(|(n, t)| (n, t.clone())).collect();
+        let mut opt = Optimizer::new(OptimizerKind::Sgd { momentum: 0.9, nesterov: false }, 5e-4)
+            .with_max_grad_norm(max_grad_norm);
         let x = random(&mut rng, &[5, 3, 12, 12], 1.0);
         let y: Vec<usize> = (0..5).map(|_| rng.random_range(0..10)).collect();
         let err = r.train_step(&mut model, Secret::new(x), &Secret::new(y), &mut opt, 0.05).unwrap_err().to_string();
-        assert!(err.contains("weight gradient holds NaN or infinite values"), "{protect_gradients}: {err}");
-        let after: Vec<Tensor> = model.params_mut().into_iter().map(|t| t.clone()).collect();
-        assert_eq!(before, after, "the step changed the model");
-        assert!(opt.state.is_empty() && opt.steps == 0, "the step changed the optimizer");
+        let case = format!("protect_gradients {protect_gradients}, max_grad_norm {max_grad_norm:?}");
+        assert!(err.contains("weight gradient holds NaN or infinite values"), "{case}: {err}");
+        for ((name, was), (_, now)) in before.iter().zip(model.named_params()) {
+            let updated = max_grad_norm.is_none() && name.starts_with("layers.7.");
+            assert_eq!(was != now, updated, "{case}: {name} {}", if updated { "was not updated" } else { "changed" });
+        }
+        assert_eq!(opt.steps, u64::from(max_grad_norm.is_none()), "{case}: steps counted");
     }
 }
 

@@ -22,13 +22,23 @@ fn batch(rng: &mut ChaCha8Rng, n: usize, shape: &[usize]) -> (Tensor, Vec<usize>
 
 /// Trains `steps` SGD steps on seeded random batches; returns the model and the per-step losses.
 fn train(runner: &mut SplitRunner, name: &str, input: &[usize], steps: usize) -> (Model, Vec<f32>) {
-    let mut model = zoo::build(name, input, 10, 3).unwrap();
     let mut opt = Optimizer::new(OptimizerKind::Sgd { momentum: 0.9, nesterov: false }, 5e-4);
+    train_with(runner, name, input, steps, &mut opt)
+}
+
+fn train_with(
+    runner: &mut SplitRunner,
+    name: &str,
+    input: &[usize],
+    steps: usize,
+    opt: &mut Optimizer,
+) -> (Model, Vec<f32>) {
+    let mut model = zoo::build(name, input, 10, 3).unwrap();
     let mut rng = ChaCha8Rng::seed_from_u64(11);
     let mut losses = Vec::new();
     for _ in 0..steps {
         let (x, y) = batch(&mut rng, 6, input);
-        let out = runner.train_step(&mut model, Secret::new(x), &Secret::new(y), &mut opt, 0.01).unwrap();
+        let out = runner.train_step(&mut model, Secret::new(x), &Secret::new(y), opt, 0.01).unwrap();
         losses.push(out.loss);
     }
     let (x, y) = batch(&mut rng, 6, input);
@@ -64,6 +74,36 @@ fn compare_schemes() {
         let (m, losses) = train(&mut gpu, name, &input, steps);
         assert_eq!(losses, ref_losses, "{name}: gpu-only losses differ");
         assert_eq!(max_relative_difference(&reference, &m), 0.0, "{name}: gpu-only weights differ");
+    }
+}
+
+#[test]
+fn updating_each_layer_as_its_backward_ends_matches_one_update_after_the_backward() {
+    // Without global gradient clipping the runner updates each layer's parameters as soon as its
+    // backward is done; with it (here a bound no gradient reaches, so nothing is scaled), after the
+    // whole backward. Same arithmetic, so the same weights, optimizer state and losses, bit for
+    // bit, for SGD and Adam, through residual blocks too.
+    let kinds = [
+        OptimizerKind::Sgd { momentum: 0.9, nesterov: true },
+        OptimizerKind::Adam { beta1: 0.9, beta2: 0.999, eps: 1e-8 },
+    ];
+    for (name, input) in [("lenet5", vec![1, 28, 28]), ("resnet18", vec![3, 32, 32])] {
+        for kind in kinds {
+            let run = |max_grad_norm: Option<f32>| {
+                let mut opt = Optimizer::new(kind, 5e-4).with_max_grad_norm(max_grad_norm);
+                let mut runner = tee_only::runner(96 << 20, Arc::new(Transcript::new())).unwrap();
+                let (model, losses) = one_thread(|| train_with(&mut runner, name, &input, 2, &mut opt));
+                (model, losses, opt)
+            };
+            let (each_layer, losses, opt) = run(None);
+            let (at_the_end, end_losses, end_opt) = run(Some(1e30));
+            assert_eq!(losses, end_losses, "{name} {kind:?}: losses differ");
+            assert_eq!(max_relative_difference(&at_the_end, &each_layer), 0.0, "{name} {kind:?}: weights differ");
+            assert!(
+                opt.state == end_opt.state && opt.steps == 2 && end_opt.steps == 2,
+                "{name} {kind:?}: state differs"
+            );
+        }
     }
 }
 
