@@ -40,7 +40,8 @@ fn values(n: usize, salt: usize) -> Vec<f32> {
 struct Layer {
     shape: TapShape,
     weight: Vec<f32>,
-    pt: Vec<f32>,
+    /// The basis, `out_channels x COLS`.
+    p: Vec<f32>,
     out: Vec<f32>,
 }
 
@@ -56,12 +57,12 @@ fn pass(layers: &mut [Layer], evict: &[f32], product: fn(&mut Layer)) -> f64 {
 }
 
 fn kernel(l: &mut Layer) {
-    transform_outputs(l.shape, &l.weight, &l.pt, COLS, &mut l.out);
+    transform_outputs(l.shape, &l.weight, &l.p, COLS, &mut l.out);
 }
 
 fn through_gemm(l: &mut Layer) {
     let (co, n) = (l.shape.out_channels, l.shape.in_channels * l.shape.taps);
-    let (a, b) = (MatRef::row_major(&l.pt, COLS, co), MatRef::row_major(&l.weight, co, n));
+    let (a, b) = (MatRef::row_major(&l.p, co, COLS).t(), MatRef::row_major(&l.weight, co, n));
     matmul(a, b, &mut l.out, n, false, parallelism(1));
 }
 
@@ -89,7 +90,7 @@ fn main() {
             Layer {
                 shape,
                 weight: values(shape.weight_len(), i),
-                pt: values(COLS * co, i + 100),
+                p: values(co * COLS, i + 100),
                 out: vec![0.0; COLS * ci * 9],
             }
         })

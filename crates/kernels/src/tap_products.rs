@@ -3,7 +3,7 @@
 //!
 //! - [`transform_inputs`]: `T[o, i, t] = sum_c W[o, c, t] U[c, i]`, the weight on `cols` virtual
 //!   input channels (`T` is `C_out x cols x taps`).
-//! - [`transform_outputs`]: `T[j, c, t] = sum_o P^T[j, o] W[o, c, t]`, the weight on `cols` virtual
+//! - [`transform_outputs`]: `T[j, c, t] = sum_o P[o, j] W[o, c, t]`, the weight on `cols` virtual
 //!   output channels (flat rows, no tap structure).
 //! - [`add_expansions`]: `dW[o, c, t] += sum_i U[c, i] D[o, i, t] + sum_j P[o, j] E[j, c, t]`, a
 //!   weight gradient's two low-rank terms (one per channel axis) added in one sweep of `dW`.
@@ -64,15 +64,15 @@ pub fn transform_inputs(s: TapShape, w: &[f32], u: &[f32], cols: usize, t: &mut 
     portable::transform_inputs(s, w, u, cols, t);
 }
 
-/// `t = P^T W` over the output channels: `pt` is `P^T`, `cols x out_channels` (row-major), `t`
-/// receives `cols x in_channels x taps` (the weight seen from `cols` virtual output channels). The
+/// `t = P^T W` over the output channels: `p` is `out_channels x cols` (row-major), `t` receives
+/// `cols x in_channels x taps` (the weight seen from `cols` virtual output channels). The
 /// flat rows need no tap structure. The AVX-512 path reads each weight row once, in order; on a
 /// 2-vCPU Xeon it took half `gemm`'s time for VGG16's weights pushed out of cache (`cargo run
 /// --release -p trustsplit-kernels --example output_transform`) and made VGG16's training step
 /// 6-9 ms faster (BENCHMARKS.md, "Tenth session").
-pub fn transform_outputs(s: TapShape, w: &[f32], pt: &[f32], cols: usize, t: &mut [f32]) {
+pub fn transform_outputs(s: TapShape, w: &[f32], p: &[f32], cols: usize, t: &mut [f32]) {
     assert_eq!(w.len(), s.weight_len(), "transform_outputs: weight length");
-    assert_eq!(pt.len(), s.out_channels * cols, "transform_outputs: basis length");
+    assert_eq!(p.len(), s.out_channels * cols, "transform_outputs: basis length");
     assert_eq!(t.len(), cols * s.in_channels * s.taps, "transform_outputs: output length");
     if cols == 0 || s.weight_len() == 0 {
         return;
@@ -80,9 +80,9 @@ pub fn transform_outputs(s: TapShape, w: &[f32], pt: &[f32], cols: usize, t: &mu
     #[cfg(target_arch = "x86_64")]
     if cols <= avx512::MAX_TRANSFORM_COLS && is_x86_feature_detected!("avx512f") {
         // SAFETY: the CPU has AVX-512F; the asserts above give the lengths the kernel indexes by.
-        return unsafe { avx512::transform_outputs(s, w, pt, cols, t) };
+        return unsafe { avx512::transform_outputs(s, w, p, cols, t) };
     }
-    portable::transform_outputs(s, w, pt, cols, t);
+    portable::transform_outputs(s, w, p, cols, t);
 }
 
 /// `dW += U D` (over the input channels) `+ P E` (over the output channels). `inputs`: `basis` U is
@@ -137,9 +137,9 @@ pub(crate) mod portable {
         }
     }
 
-    pub(crate) fn transform_outputs(s: TapShape, w: &[f32], pt: &[f32], cols: usize, t: &mut [f32]) {
+    pub(crate) fn transform_outputs(s: TapShape, w: &[f32], p: &[f32], cols: usize, t: &mut [f32]) {
         let (co, n) = (s.out_channels, s.in_channels * s.taps);
-        gemm(MatRef::row_major(pt, cols, co), MatRef::row_major(w, co, n), t, n, false);
+        gemm(MatRef::row_major(p, co, cols).t(), MatRef::row_major(w, co, n), t, n, false);
     }
 
     pub(crate) fn add_expansions(s: TapShape, inputs: Option<Expansion>, outputs: Option<Expansion>, dw: &mut [f32]) {
@@ -251,20 +251,12 @@ pub(crate) mod avx512 {
     /// # Safety
     /// The CPU must have AVX-512F; the slices must have the lengths `super::transform_outputs` asserts.
     #[target_feature(enable = "avx512f")]
-    pub(crate) unsafe fn transform_outputs(s: TapShape, w: &[f32], pt: &[f32], cols: usize, t: &mut [f32]) {
-        let co = s.out_channels;
-        // P (out_channels x cols), so that each output channel's coefficients are adjacent.
-        let mut p = vec![0.0f32; co * cols];
-        for (j, row) in pt.chunks_exact(co).enumerate() {
-            for (o, &v) in row.iter().enumerate() {
-                p[o * cols + j] = v;
-            }
-        }
+    pub(crate) unsafe fn transform_outputs(s: TapShape, w: &[f32], p: &[f32], cols: usize, t: &mut [f32]) {
         t.fill(0.0);
         let mut first = 0;
         while first < cols {
             let n = (cols - first).min(BLOCK);
-            with_block!(n, outputs_block(s, w, &p, cols, first, t));
+            with_block!(n, outputs_block(s, w, p, cols, first, t));
             first += n;
         }
     }
@@ -657,13 +649,11 @@ mod tests {
                     want[j * n + x] = (0..s.out_channels).map(|o| p[o * cols + j] as f64 * w[o * n + x] as f64).sum();
                 }
             }
-            let pt: Vec<f32> =
-                (0..cols * s.out_channels).map(|i| p[(i % s.out_channels) * cols + i / s.out_channels]).collect();
             let mut t = vec![f32::NAN; want.len()];
-            transform_outputs(s, &w, &pt, cols, &mut t);
+            transform_outputs(s, &w, &p, cols, &mut t);
             close(&t, &want, &format!("{s:?} cols {cols}"));
             let mut t = vec![f32::NAN; want.len()];
-            portable::transform_outputs(s, &w, &pt, cols, &mut t);
+            portable::transform_outputs(s, &w, &p, cols, &mut t);
             close(&t, &want, &format!("portable {s:?} cols {cols}"));
         }
     }

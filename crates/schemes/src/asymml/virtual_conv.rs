@@ -160,22 +160,6 @@ fn zero_rows_without_factors(groups: &[Factors], per: usize, out: &mut [f32]) {
     }
 }
 
-/// The stacked transposed bases `[U_1^T; U_2^T; ...]` (`sum r x channels`).
-fn stacked_transposes(groups: &[Factors], channels: usize) -> Vec<f32> {
-    let total: usize = groups.iter().map(|f| f.rank).sum();
-    let mut out = vec![0.0f32; total * channels];
-    let mut row = 0;
-    for f in groups {
-        for c in 0..channels {
-            for i in 0..f.rank {
-                out[(row + i) * channels + c] = f.basis[c * f.rank + i];
-            }
-        }
-        row += f.rank;
-    }
-    out
-}
-
 /// The bases side by side `[U_1 U_2 ...]` (`channels x sum r`).
 fn side_by_side(groups: &[Factors], channels: usize) -> Vec<f32> {
     let total: usize = groups.iter().map(|f| f.rank).sum();
@@ -247,7 +231,7 @@ pub fn low_rank_input_gradient(g: &ConvGeometry, w: &[f32], groups: &[Factors], 
         let total: usize = factored.iter().map(|f| f.rank).sum();
         let cols = g.in_channels * taps(g);
         let mut wp = vec![0.0f32; total * cols];
-        transform_outputs(tap_shape(g), w, &stacked_transposes(&factored, co), total, &mut wp);
+        transform_outputs(tap_shape(g), w, &side_by_side(&factored, co), total, &mut wp);
         macs += (total * co * cols) as u64;
         let mut row = 0;
         for f in &factored {
