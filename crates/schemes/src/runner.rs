@@ -191,12 +191,13 @@ impl SplitRunner {
         let mut first_param = model.named_params().len();
         let mut g = dlogits;
         for i in (0..model.layers.len()).rev() {
-            let saved = self.restore(kept.pop().expect("one context per layer"))?;
             let name = format!("layers.{i}");
             let bytes = g.len() * 4;
             let output_gradient = take(&mut g);
             let layer = &model.layers[i];
-            let backward = self.with_transient(bytes, |p| backward_layer(p, layer, &name, output_gradient, saved));
+            let backward = self.restore(kept.pop().expect("one context per layer")).and_then(|saved| {
+                self.with_transient(bytes, |p| backward_layer(p, layer, &name, output_gradient, saved))
+            });
             let (dx, grads) = match backward {
                 Ok(r) => r,
                 Err(e) => {
