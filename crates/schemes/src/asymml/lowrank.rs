@@ -129,14 +129,14 @@ pub fn find_basis(
     find_basis_and_coordinates(samples, channels, positions, policy, method, warm, rng).expect("finite samples").0
 }
 
-/// [`find_basis`], and the samples' coordinates `V = U^T X` where the method has them for free:
+/// The basis of a group of samples, and the samples' coordinates `V = U^T X` where the method has them for free:
 /// the fast subspace's Rayleigh-Ritz step projects the samples on its block `Q` and takes `U = Q S`,
 /// so `U^T X = S^T (Q^T X)` costs `r k` multiply-adds per position instead of a product with `X`.
 /// They come as `len x rank x positions` (sample by sample, each `rank x positions`), ready for
 /// [`channel_products::residual`]; the exact method gives `None`.
 ///
 /// The fast subspace with a fixed rank computes a large group's basis from a random quarter of its
-/// samples (at least [`SAMPLED_COLUMNS`] positions; [`basis_samples`]) and gives no coordinates: a
+/// samples (at least `SAMPLED_COLUMNS` positions; `basis_samples`) and gives no coordinates: a
 /// basis per batch only has to capture the channels the batch has in common, which a quarter of a
 /// batch of 32 large maps shows nearly as well as the whole (on VGG11-BN's activations, its basis
 /// left about 1% more of the energy in the residuals: BENCHMARKS.md, "Ninth session"), and the
@@ -384,7 +384,7 @@ fn start_block(c: usize, k: usize, warm: Option<&Basis>, rng: &mut impl rand::Rn
     omega
 }
 
-/// residuals[r] is the residual energy at rank r; cap < residuals.len().
+/// `residuals[r]` is the residual energy at rank `r`; `cap < residuals.len()`.
 fn choose_rank(policy: RankPolicy, residuals: &[f64], total: f64, cap: usize) -> usize {
     match policy {
         RankPolicy::Fixed(r) => r.min(cap),

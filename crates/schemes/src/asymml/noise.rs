@@ -7,7 +7,7 @@
 //! docs/asymml.md.)
 //!
 //! The standard normals come from a single-precision ziggurat written for this module (one `u32` of
-//! the keystream per draw on its fast path); see [`Ziggurat`] for why it samples N(0, 1)
+//! the keystream per draw on its fast path); see `Ziggurat` for why it samples N(0, 1)
 //! exactly up to the rounding of its result to `f32`.
 
 use std::sync::OnceLock;
@@ -130,7 +130,7 @@ struct Ziggurat {
     r: f64,
     /// The fast-path tables by layer alone, for the AVX-512 path (which applies the sign itself).
     by_layer: LayerTables,
-    /// Whether the CPU has AVX-512F (and POPCNT), for [`avx512::fill`].
+    /// Whether the CPU has AVX-512F (and POPCNT), for [`avx512::add_noise`].
     avx512: bool,
 }
 
