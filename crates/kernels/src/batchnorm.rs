@@ -319,7 +319,9 @@ multiversion! {
     }
 }
 
-/// Training-mode backward. Writes `dx`, `dgamma` and `dbeta` (all overwritten).
+/// Training-mode backward into a new input gradient (`dy` is only read: no copy of it is made,
+/// and the output is written without being zeroed first). Writes `dgamma` and `dbeta`
+/// (overwritten). The same values as [`batchnorm_backward_in_place`], bit for bit.
 #[allow(clippy::too_many_arguments)]
 pub fn batchnorm_backward(
     s: BnShape,
@@ -327,18 +329,28 @@ pub fn batchnorm_backward(
     dy: &[f32],
     gamma: &[f32],
     stats: &BnBatchStats,
-    dx: &mut [f32],
     dgamma: &mut [f32],
     dbeta: &mut [f32],
-) {
-    assert_eq!(dx.len(), dy.len(), "batchnorm: lengths");
-    dx.copy_from_slice(dy);
-    batchnorm_backward_in_place(s, x, dx, gamma, stats, dgamma, dbeta);
+) -> Vec<f32> {
+    assert!(x.len() == s.len() && dy.len() == s.len(), "batchnorm: lengths");
+    let (per, plane) = (s.per_sample(), s.spatial);
+    let coefficients = backward_coefficients(s, x, dy, gamma, stats, dgamma, dbeta);
+    let mut dx = Vec::with_capacity(dy.len());
+    if !s.is_empty() {
+        dx.spare_capacity_mut()[..dy.len()]
+            .par_chunks_mut(per)
+            .zip(dy.par_chunks(per))
+            .zip(x.par_chunks(per))
+            .for_each(|((dx, dy), x)| input_gradient_sample_into(dx, dy, x, plane, &coefficients));
+        // SAFETY: the samples cover `dy.len()` values, each written by `input_gradient_sample_into`.
+        unsafe { dx.set_len(dy.len()) };
+    }
+    dx
 }
 
 /// [`batchnorm_backward`] with the input gradient written over the output gradient `dy_dx`
 /// (each value depends only on its own `dy`, once the per-channel sums are taken), so no
-/// buffer is allocated and zeroed for it.
+/// buffer is allocated for it.
 pub fn batchnorm_backward_in_place(
     s: BnShape,
     x: &[f32],
@@ -350,17 +362,38 @@ pub fn batchnorm_backward_in_place(
 ) {
     assert!(x.len() == s.len() && dy_dx.len() == s.len(), "batchnorm: lengths");
     let (per, plane) = (s.per_sample(), s.spatial);
+    let coefficients = backward_coefficients(s, x, dy_dx, gamma, stats, dgamma, dbeta);
+    if s.is_empty() {
+        return;
+    }
+    // dx = gamma * inv_std * (dy - mean(dy) - xhat * mean(dy * xhat))
+    dy_dx
+        .par_chunks_mut(per)
+        .zip(x.par_chunks(per))
+        .for_each(|(g, x)| input_gradient_sample(g, x, plane, &coefficients));
+}
+
+/// The backward pass' per-channel sums `sum(dy)` and `sum(dy (x - mean))`, written to `dbeta` and
+/// `dgamma`, and each channel's coefficients for the input gradient: `[mean, inv_std, gamma
+/// inv_std, mean(dy), mean(dy xhat)]` (none for an empty batch, whose sums are zero).
+fn backward_coefficients(
+    s: BnShape,
+    x: &[f32],
+    dy: &[f32],
+    gamma: &[f32],
+    stats: &BnBatchStats,
+    dgamma: &mut [f32],
+    dbeta: &mut [f32],
+) -> Vec<[f32; 5]> {
     if s.is_empty() {
         dgamma.fill(0.0);
         dbeta.fill(0.0);
-        return;
+        return Vec::new();
     }
     let count = (s.batch * s.spatial) as f64;
-    // Per channel: sum(dy) and sum(dy * (x - mean)).
-    let dy: &[f32] = dy_dx;
     let no_shift = vec![0.0f32; s.channels];
     let (sum_dy, sum_dy_xc) = channel_sums(s, [dy, x], [&no_shift, &stats.mean]);
-    let coefficients: Vec<[f32; 5]> = (0..s.channels)
+    (0..s.channels)
         .map(|c| {
             let inv = stats.inv_std[c];
             dbeta[c] = sum_dy[c] as f32;
@@ -369,12 +402,27 @@ pub fn batchnorm_backward_in_place(
             let mean_dy_xhat = (sum_dy_xc[c] * f64::from(inv) / count) as f32;
             [stats.mean[c], inv, gamma[c] * inv, mean_dy, mean_dy_xhat]
         })
-        .collect();
-    // dx = gamma * inv_std * (dy - mean(dy) - xhat * mean(dy * xhat))
-    dy_dx
-        .par_chunks_mut(per)
-        .zip(x.par_chunks(per))
-        .for_each(|(g, x)| input_gradient_sample(g, x, plane, &coefficients));
+        .collect()
+}
+
+multiversion! {
+    /// [`input_gradient_sample`] from `dy` into `dx` as it is (every value written).
+    fn input_gradient_sample_into(
+        dx: &mut [std::mem::MaybeUninit<f32>],
+        dy: &[f32],
+        x: &[f32],
+        plane: usize,
+        coefficients: &[[f32; 5]],
+    ) {
+        let planes = dx.chunks_exact_mut(plane).zip(dy.chunks_exact(plane)).zip(x.chunks_exact(plane));
+        for (c, ((out, g), x)) in planes.enumerate() {
+            let [m, inv, k, mean_dy, mean_dy_xhat] = coefficients[c];
+            for ((o, &d), &v) in out.iter_mut().zip(g).zip(x) {
+                let xhat = (v - m) * inv;
+                o.write(k * (d - mean_dy - xhat * mean_dy_xhat));
+            }
+        }
+    }
 }
 
 multiversion! {

@@ -107,8 +107,13 @@ fn batchnorm_matches_reference() {
         with_threads(1 + case % 2, || {
             let (y, stats) = batchnorm_train_forward(s, &x, &gamma, &beta, eps as f32);
             assert_close("bn forward", &y, &naive_bn(s, &xd, &gd, &bd, eps), 1e-5);
-            let (mut dx, mut dg, mut db) = (vec![0.0; s.len()], vec![0.0; s.channels], vec![0.0; s.channels]);
-            batchnorm_backward(s, &x, &dy, &gamma, &stats, &mut dx, &mut dg, &mut db);
+            let (mut dg, mut db) = (vec![0.0; s.channels], vec![0.0; s.channels]);
+            let dx = batchnorm_backward(s, &x, &dy, &gamma, &stats, &mut dg, &mut db);
+            // In place, the same values bit for bit.
+            let (mut in_place, mut dg2, mut db2) = (dy.clone(), vec![0.0; s.channels], vec![0.0; s.channels]);
+            batchnorm_backward_in_place(s, &x, &mut in_place, &gamma, &stats, &mut dg2, &mut db2);
+            assert!(dx.iter().zip(&in_place).all(|(a, b)| a.to_bits() == b.to_bits()), "bn dx in place differs");
+            assert!(dg == dg2 && db == db2, "bn parameter gradients in place differ");
             let fd = finite_difference(|v| naive_bn(s, v, &gd, &bd, eps), &xd, &dyd);
             assert_close("bn dx", &dx, &fd, 1e-4);
             let fd = finite_difference(|v| naive_bn(s, &xd, v, &bd, eps), &gd, &dyd);

@@ -279,6 +279,15 @@ fn batchnorm_backward(b: &BatchNorm, mut dy: Tensor, x: &Tensor, stats: &bn::BnB
     (dy, vec![dg, db])
 }
 
+/// [`batchnorm_backward`] on an output gradient the caller keeps: the input gradient goes to a
+/// new tensor, without a copy of `dy`.
+fn batchnorm_backward_from(b: &BatchNorm, dy: &Tensor, x: &Tensor, stats: &bn::BnBatchStats) -> (Tensor, Vec<Tensor>) {
+    let s = b.shape(x.shape());
+    let (mut dg, mut db) = (zeros(b.gamma.shape()), zeros(b.beta.shape()));
+    let dx = bn::batchnorm_backward(s, data(x), data(dy), data(&b.gamma), stats, data_mut(&mut dg), data_mut(&mut db));
+    (from_vec(dy.shape(), dx), vec![dg, db])
+}
+
 impl Layer {
     /// Runs the layer. In training mode batch-norm uses (and updates) batch statistics and the
     /// returned `Saved` holds what `backward` needs; in evaluation mode it is `Saved::Nothing`.
@@ -348,7 +357,7 @@ impl Layer {
         match (self, saved) {
             (Layer::Conv2d(c), Saved::Input(x)) => c.backward(&x, dy),
             (Layer::Linear(l), Saved::Input(x)) => l.backward(&x, dy),
-            (Layer::BatchNorm(b), Saved::BatchNorm { x, stats }) => batchnorm_backward(b, dy.clone(), &x, &stats),
+            (Layer::BatchNorm(b), Saved::BatchNorm { x, stats }) => batchnorm_backward_from(b, dy, &x, &stats),
             (Layer::Relu, saved @ Saved::Positive { .. }) => relu_backward(dy.clone(), saved),
             (Layer::MaxPool(p), Saved::MaxPool { argmax, in_shape }) => {
                 let g = p.geometry(&in_shape);

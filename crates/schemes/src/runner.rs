@@ -435,6 +435,30 @@ fn backward_list(
     Ok((g, per_layer.into_iter().flatten().collect()))
 }
 
+/// [`backward_list`] on an output gradient the caller keeps: the last layer reads it where it can
+/// (convolutions, linear layers and batch-norm do; others get a copy).
+fn backward_list_from(
+    p: &mut dyn Placement,
+    layers: &[Layer],
+    prefix: &str,
+    dy: &Tensor,
+    mut saved: Vec<Saved>,
+) -> PlacementResult<(Tensor, Vec<Tensor>)> {
+    let (Some(last_saved), Some(last)) = (saved.pop(), layers.len().checked_sub(1)) else {
+        return Ok((dy.clone(), Vec::new()));
+    };
+    let name = format!("{prefix}.{last}");
+    let (g, last_grads) = match (&layers[last], last_saved) {
+        (Layer::Conv2d(c), s) => p.conv_backward(&name, c, s, dy)?,
+        (Layer::Linear(l), Saved::Input(x)) => p.linear_backward(&name, l, &x, dy)?,
+        (bn @ Layer::BatchNorm(_), s) => bn.backward(dy, s),
+        (other, s) => backward_layer(p, other, &name, dy.clone(), s)?,
+    };
+    let (dx, mut grads) = backward_list(p, &layers[..last], prefix, g, saved)?;
+    grads.extend(last_grads);
+    Ok((dx, grads))
+}
+
 fn backward_layer(
     p: &mut dyn Placement,
     layer: &Layer,
@@ -446,7 +470,9 @@ fn backward_layer(
         (Layer::Conv2d(c), saved) => p.conv_backward(name, c, saved, &dy),
         (Layer::Linear(l), Saved::Input(x)) => p.linear_backward(name, l, &x, &dy),
         (Layer::Residual(r), Saved::Residual { main, shortcut }) => {
-            let (mut dx, mut grads) = backward_list(p, &r.main, &format!("{name}.main"), dy.clone(), main)?;
+            // Both branches start from `dy`: the main branch's last layer reads it without
+            // writing over it, so only the shortcut takes it (no copy for the main branch).
+            let (mut dx, mut grads) = backward_list_from(p, &r.main, &format!("{name}.main"), &dy, main)?;
             let (ds, short) = backward_list(p, &r.shortcut, &format!("{name}.shortcut"), dy, shortcut)?;
             elementwise::add_assign(data_mut(&mut dx), data(&ds));
             grads.extend(short);

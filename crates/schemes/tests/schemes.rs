@@ -108,6 +108,42 @@ fn updating_each_layer_as_its_backward_ends_matches_one_update_after_the_backwar
 }
 
 #[test]
+fn the_runners_walk_gives_the_models_own_gradients() {
+    // The runner walks the layers itself (residual branches, the main branch reading the output
+    // gradient in place of a copy, per-layer updates); `Model::backward` is the plain walk that
+    // the layer tests check against finite differences. One plain SGD step from each (no momentum,
+    // no weight decay: the weights move by exactly -lr times the gradient) must agree bit for bit.
+    one_thread(|| {
+        for (name, input) in [("resnet18", vec![3, 32, 32]), ("vgg11-bn", vec![3, 32, 32])] {
+            let mut rng = ChaCha8Rng::seed_from_u64(7);
+            let (x, y) = batch(&mut rng, 4, &input);
+            let lr = 0.05f32;
+            let mut by_runner = zoo::build(name, &input, 10, 5).unwrap();
+            let mut opt = Optimizer::new(OptimizerKind::Sgd { momentum: 0.0, nesterov: false }, 0.0);
+            let mut runner = plaintext::runner(Arc::new(Transcript::new())).unwrap();
+            runner.train_step(&mut by_runner, Secret::new(x.clone()), &Secret::new(y.clone()), &mut opt, lr).unwrap();
+
+            let mut by_model = zoo::build(name, &input, 10, 5).unwrap();
+            let (logits, saved) = by_model.forward(&x, trustsplit_nn::Mode::Train).unwrap();
+            let mut dlogits = trustsplit_nn::tensor::zeros(logits.shape());
+            let (n, classes) = (logits.shape()[0], logits.shape()[1]);
+            trustsplit_kernels::loss::softmax_cross_entropy(
+                n,
+                classes,
+                logits.as_slice().unwrap(),
+                &y,
+                Some(dlogits.as_slice_mut().unwrap()),
+            );
+            let grads = by_model.backward(&dlogits, saved);
+            for (p, g) in by_model.params_mut().into_iter().zip(&grads) {
+                p.iter_mut().zip(g.iter()).for_each(|(w, d)| *w -= lr * d);
+            }
+            assert_eq!(max_relative_difference(&by_model, &by_runner), 0.0, "{name}: the runner's step differs");
+        }
+    });
+}
+
+#[test]
 fn tee_only_releases_nothing() {
     let t = Arc::new(Transcript::keeping_records());
     let mut r = tee_only::runner(96 << 20, t.clone()).unwrap();
