@@ -416,10 +416,8 @@ multiversion! {
     ) {
         let planes = dx.chunks_exact_mut(plane).zip(dy.chunks_exact(plane)).zip(x.chunks_exact(plane));
         for (c, ((out, g), x)) in planes.enumerate() {
-            let [m, inv, k, mean_dy, mean_dy_xhat] = coefficients[c];
             for ((o, &d), &v) in out.iter_mut().zip(g).zip(x) {
-                let xhat = (v - m) * inv;
-                o.write(k * (d - mean_dy - xhat * mean_dy_xhat));
+                o.write(input_gradient(d, v, coefficients[c]));
             }
         }
     }
@@ -431,13 +429,20 @@ multiversion! {
     /// `[mean, inv_std, k, mean(dy), mean(dy xhat)]`.
     fn input_gradient_sample(dy_dx: &mut [f32], x: &[f32], plane: usize, coefficients: &[[f32; 5]]) {
         for (c, (g, x)) in dy_dx.chunks_exact_mut(plane).zip(x.chunks_exact(plane)).enumerate() {
-            let [m, inv, k, mean_dy, mean_dy_xhat] = coefficients[c];
             for (d, &v) in g.iter_mut().zip(x) {
-                let xhat = (v - m) * inv;
-                *d = k * (*d - mean_dy - xhat * mean_dy_xhat);
+                *d = input_gradient(*d, v, coefficients[c]);
             }
         }
     }
+}
+
+/// One value's input gradient from its output gradient `dy` and input `x`, with its channel's
+/// coefficients `[mean, inv_std, k, mean(dy), mean(dy xhat)]` (inlined into each SIMD level of
+/// both kernels, which therefore agree bit for bit).
+#[inline(always)]
+fn input_gradient(dy: f32, x: f32, [m, inv, k, mean_dy, mean_dy_xhat]: [f32; 5]) -> f32 {
+    let xhat = (x - m) * inv;
+    k * (dy - mean_dy - xhat * mean_dy_xhat)
 }
 
 #[cfg(test)]

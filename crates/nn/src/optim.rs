@@ -72,8 +72,7 @@ impl Optimizer {
     ) -> Result<(), usize> {
         assert_eq!(params.len(), grads.len(), "optimizer: one gradient per parameter");
         assert!(known_finite.is_empty() || known_finite.len() == grads.len(), "optimizer: one flag per gradient");
-        let checked = |i: usize| known_finite.get(i).copied().unwrap_or(false);
-        if let Some(i) = grads.iter().enumerate().position(|(i, g)| !checked(i) && !all_finite(data(g))) {
+        if let Some(i) = first_non_finite(grads, known_finite) {
             return Err(i);
         }
         let shapes: Vec<&[usize]> = params.iter().map(|p| p.shape()).collect();
@@ -126,6 +125,13 @@ impl Optimizer {
             }
         }
     }
+}
+
+/// The first gradient holding NaN or infinite values, skipping those flagged `known_finite`
+/// (empty or one flag per gradient: whoever made them checked them already).
+pub fn first_non_finite(grads: &[Tensor], known_finite: &[bool]) -> Option<usize> {
+    let checked = |i: usize| known_finite.get(i).copied().unwrap_or(false);
+    grads.iter().enumerate().position(|(i, g)| !checked(i) && !all_finite(data(g)))
 }
 
 trustsplit_kernels::simd::multiversion! {

@@ -16,7 +16,7 @@ use trustsplit_device::DeviceStats;
 use trustsplit_enclave::memory::{BlobId, MemoryError, MemoryStats, SecureMemory, Spill};
 use trustsplit_kernels::{elementwise, loss::softmax_cross_entropy};
 use trustsplit_nn::layers::Residual;
-use trustsplit_nn::optim::Optimizer;
+use trustsplit_nn::optim::{first_non_finite, Optimizer};
 use trustsplit_nn::tensor::{data, data_mut, zeros};
 use trustsplit_nn::{Layer, Mode, Model, Saved, Tensor};
 
@@ -182,13 +182,13 @@ impl SplitRunner {
         // memory (BENCHMARKS.md, "Eleventh session"). With clipping, it waits for every gradient.
         let updates_each_layer = opt.updates_each_parameter_alone();
         let checks_conv_weights = self.placement.checks_conv_weight_gradients();
+        let named = model.named_params();
         if updates_each_layer {
-            let named = model.named_params();
             let shapes: Vec<&[usize]> = named.iter().map(|(_, t)| t.shape()).collect();
             opt.begin_step(&shapes);
         }
+        let mut first_param = named.len();
         let mut per_layer = Vec::with_capacity(model.layers.len());
-        let mut first_param = model.named_params().len();
         let mut g = dlogits;
         for i in (0..model.layers.len()).rev() {
             let name = format!("layers.{i}");
@@ -494,8 +494,7 @@ fn update_layer(
     first: usize,
     lr: f32,
 ) -> Result<(), RunnerError> {
-    let checked = |j: usize| known_finite.get(j).copied().unwrap_or(false);
-    if let Some(j) = grads.iter().enumerate().position(|(j, g)| !checked(j) && !elementwise::all_finite(data(g))) {
+    if let Some(j) = first_non_finite(grads, known_finite) {
         let param = layer.named_params().into_iter().nth(j).map_or_else(|| format!("{j}"), |(n, _)| n);
         return Err(RunnerError::NonFiniteGradient(format!("{name}.{param}")));
     }

@@ -369,8 +369,8 @@ fn fast_basis(
 }
 
 /// C x k start block: the warm basis' columns first (they already point the right way), then Gaussian.
+/// `warm` spans the same `c` channels (the caller drops any other).
 fn start_block(c: usize, k: usize, warm: Option<&Basis>, rng: &mut impl rand::Rng) -> Vec<f32> {
-    let warm = warm.filter(|w| w.channels == c);
     let kept = warm.map_or(0, |w| w.rank.min(k));
     let mut omega = vec![0.0; c * k];
     for i in 0..c {
