@@ -10,8 +10,9 @@
 //!
 //! Each reads or updates the weight once, in order. With a handful of columns and 9 taps the first
 //! and last are far from the shapes a GEMM microkernel is built for: through `gemm`, VGG16's
-//! forward transforms took about twice as long as the AVX-512 path here, in which each `(o, c)`
-//! row of taps sits in one 16-lane register. The expansion works on whole 16-lane vectors of each
+//! forward transforms take four to five times as long as the AVX-512 path here, in which each
+//! `(o, c)` row of taps sits in one 16-lane register and two output channels are transformed
+//! together (`cargo run --release -p trustsplit-kernels --example weight_transforms`). The expansion works on whole 16-lane vectors of each
 //! output channel's flat `C_in x taps` row instead, with the input-side basis spread along the row
 //! once per call and the coefficients permuted into the row's repeating tap pattern (see
 //! `add_input_term`). The output transform keeps a 1024-value chunk of each of its (at most 8 per
@@ -68,7 +69,7 @@ pub fn transform_inputs(s: TapShape, w: &[f32], u: &[f32], cols: usize, t: &mut 
 /// `cols x in_channels x taps` (the weight seen from `cols` virtual output channels). The
 /// flat rows need no tap structure. The AVX-512 path reads each weight row once, in order; on a
 /// 2-vCPU Xeon it took half `gemm`'s time for VGG16's weights pushed out of cache (`cargo run
-/// --release -p trustsplit-kernels --example output_transform`) and made VGG16's training step
+/// --release -p trustsplit-kernels --example weight_transforms`) and made VGG16's training step
 /// 6-9 ms faster (BENCHMARKS.md, "Tenth session").
 pub fn transform_outputs(s: TapShape, w: &[f32], p: &[f32], cols: usize, t: &mut [f32]) {
     assert_eq!(w.len(), s.weight_len(), "transform_outputs: weight length");
@@ -231,11 +232,19 @@ pub(crate) mod avx512 {
     #[target_feature(enable = "avx512f")]
     pub(crate) unsafe fn transform_inputs(s: TapShape, w: &[f32], u: &[f32], cols: usize, t: &mut [f32]) {
         let per_out = cols * s.taps;
-        for (o, t_o) in t.chunks_exact_mut(per_out).enumerate() {
+        // Output channels in pairs: each accumulator gains one multiply-add per input channel, so
+        // with one channel at a time the loop waited on the FMA latency; a pair doubles the
+        // independent sums and shares the basis broadcasts.
+        for (pair, t_pair) in t.chunks_mut(2 * per_out).enumerate() {
+            let o = 2 * pair;
             let mut first = 0;
             while first < cols {
                 let n = (cols - first).min(BLOCK);
-                with_block!(n, transform_block(s, w, o, u, cols, first, t_o));
+                if t_pair.len() == 2 * per_out {
+                    with_block!(n, transform_block::<2>(s, w, o, u, cols, first, t_pair));
+                } else {
+                    with_block!(n, transform_block::<1>(s, w, o, u, cols, first, t_pair));
+                }
                 first += n;
             }
         }
@@ -316,11 +325,11 @@ pub(crate) mod avx512 {
         }
     }
 
-    /// Columns `first..first + R` of output channel `o`: `R` accumulators, one FMA per column for
-    /// each input channel's row of taps.
+    /// Columns `first..first + R` of output channels `o..o + O` (`t_o` holds those channels'
+    /// rows of `T`): `O R` accumulators, one FMA each per input channel's row of taps.
     #[target_feature(enable = "avx512f")]
     #[inline]
-    unsafe fn transform_block<const R: usize>(
+    unsafe fn transform_block<const O: usize, const R: usize>(
         s: TapShape,
         w: &[f32],
         o: usize,
@@ -331,17 +340,23 @@ pub(crate) mod avx512 {
     ) {
         let (c, kk) = (s.in_channels, s.taps);
         let mask = lanes(kk);
-        let base = o * c * kk;
-        let mut acc = [_mm512_setzero_ps(); R];
+        let row_len = c * kk;
+        let base = o * row_len;
+        let mut acc = [[_mm512_setzero_ps(); R]; O];
         for ci in 0..c {
-            let row = load(w, base + ci * kk, mask);
+            let rows: [__m512; O] = std::array::from_fn(|k| load(w, base + k * row_len + ci * kk, mask));
             let u_row = u.as_ptr().add(ci * cols + first);
-            for (i, a) in acc.iter_mut().enumerate() {
-                *a = _mm512_fmadd_ps(_mm512_set1_ps(*u_row.add(i)), row, *a);
+            let coeffs: [__m512; R] = std::array::from_fn(|i| _mm512_set1_ps(*u_row.add(i)));
+            for (acc_k, row) in acc.iter_mut().zip(&rows) {
+                for (a, coeff) in acc_k.iter_mut().zip(&coeffs) {
+                    *a = _mm512_fmadd_ps(*coeff, *row, *a);
+                }
             }
         }
-        for (i, a) in acc.iter().enumerate() {
-            _mm512_mask_storeu_ps(t_o.as_mut_ptr().add((first + i) * kk), mask, *a);
+        for (k, acc_k) in acc.iter().enumerate() {
+            for (i, a) in acc_k.iter().enumerate() {
+                _mm512_mask_storeu_ps(t_o.as_mut_ptr().add(k * cols * kk + (first + i) * kk), mask, *a);
+            }
         }
     }
 
