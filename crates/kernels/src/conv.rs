@@ -219,7 +219,7 @@ pub fn im2col(g: &ConvGeometry, x: &[f32], cols: &mut [f32], row_stride: usize, 
                     let src = &plane[ih as usize * w..(ih as usize + 1) * w];
                     dst[..lo].fill(0.0);
                     dst[hi..].fill(0.0);
-                    if s == 1 {
+                    if s == 1 && lo < hi {
                         let start = lo + kj - p;
                         dst[lo..hi].copy_from_slice(&src[start..start + hi - lo]);
                     } else {
@@ -252,7 +252,7 @@ pub fn col2im(g: &ConvGeometry, cols: &[f32], row_stride: usize, col0: usize, dx
                     }
                     let src = &row[oh * ow_n..(oh + 1) * ow_n];
                     let dst = &mut plane[ih as usize * w..(ih as usize + 1) * w];
-                    if s == 1 {
+                    if s == 1 && lo < hi {
                         let start = lo + kj - p;
                         for (d, v) in dst[start..start + hi - lo].iter_mut().zip(&src[lo..hi]) {
                             *d += v;
@@ -513,8 +513,14 @@ fn spread_output_gradient(g: &ConvGeometry, dy_n: &[f32], spread: &mut [f32]) {
                     }
                     let src = &dy_n[o * out_hw + oh * ow_n..][..ow_n];
                     let dst = &mut row[ih as usize * w..(ih as usize + 1) * w];
-                    for ow in lo..hi {
-                        dst[ow * s + kj - p] = src[ow];
+                    if s == 1 && lo < hi {
+                        // One contiguous copy (the indexed loop below did not vectorise, and was
+                        // 40% of a 64-channel 32x32 input gradient's time).
+                        dst[lo + kj - p..hi + kj - p].copy_from_slice(&src[lo..hi]);
+                    } else {
+                        for ow in lo..hi {
+                            dst[ow * s + kj - p] = src[ow];
+                        }
                     }
                 }
             }
