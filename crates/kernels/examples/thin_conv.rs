@@ -1,16 +1,16 @@
-//! The direct few-channel weight gradients (`thin_conv`) against the GEMM route they replace, on
-//! the low-rank products of AsymML's best VGG16 setting (batch 32, ranks 1, 2, 4, 4 by block, the
-//! 2x2 block has no direct route), one thread:
+//! The direct few-channel weight gradients (`thin_conv`) against the GEMM route, on the low-rank
+//! products of AsymML's best setting (batch 32, ranks 1, 2, 4, 4, 8 by convolution, then 8) for
+//! VGG16's and ResNet18's stride-1 3x3 convolutions (2x2 maps have no direct route), one thread:
 //!
 //!     cargo run --release -p trustsplit-kernels --example thin_conv
 //!
-//! Prints the median of 9 runs of each, per layer shape and in total, and the ratio. The two
-//! routes alternate run by run, so load on a shared machine falls on both alike.
+//! Prints the median of 9 runs of each, per convolution and in total, and which route
+//! `conv2d_backward_weight_few_inputs` / `_few_outputs` take there. The two routes alternate run
+//! by run, so load on a shared machine falls on both alike.
 
 use std::time::Instant;
 use trustsplit_kernels::conv::{
-    backward_weight_few_inputs_by_gemm, backward_weight_few_outputs_by_gemm, conv2d_backward_weight_few_inputs,
-    conv2d_backward_weight_few_outputs, ConvGeometry,
+    backward_weight_few_inputs_by_gemm, backward_weight_few_outputs_by_gemm, direct_weight_gradient_pays, ConvGeometry,
 };
 use trustsplit_kernels::thin_conv;
 
@@ -52,17 +52,29 @@ fn main() {
 }
 
 fn run() {
-    // (wide channels, map side, rank): VGG16's 3x3 layers from 32x32 to 4x4.
-    let layers = [(64, 32, 1), (64, 32, 1), (128, 16, 2), (128, 16, 2), (256, 8, 4), (256, 8, 4), (256, 8, 4)]
+    // (model, input channels, output channels, map side, rank).
+    let vgg16 =
+        [(64, 64, 32, 2), (64, 128, 16, 4), (128, 128, 16, 4), (128, 256, 8, 8), (256, 256, 8, 8), (256, 256, 8, 8)]
+            .into_iter()
+            .chain([(256, 512, 4, 8), (512, 512, 4, 8), (512, 512, 4, 8)])
+            .map(|(i, o, side, r)| ("vgg16", i, o, side, r));
+    let resnet18 = [(64, 64, 32, 2), (64, 64, 32, 4), (64, 64, 32, 4), (64, 64, 32, 8)]
         .into_iter()
-        .chain([(512, 4, 4); 3]);
-    let mut totals = [0.0f64; 4];
-    println!("{:>22} {:>24} {:>24}", "layer (wide, side, r)", "few inputs gemm/direct", "few outputs gemm/direct");
-    for (wide, side, rank) in layers {
+        .chain([(128, 128, 16, 8); 3])
+        .chain([(256, 256, 8, 8); 3])
+        .chain([(512, 512, 4, 8); 3])
+        .map(|(i, o, side, r)| ("resnet18", i, o, side, r));
+    let mut totals = [0.0f64; 6];
+    println!(
+        "{:>32} {:>30} {:>30}",
+        "convolution (in, out, side, r)", "few inputs gemm/direct (pick)", "few outputs gemm/direct (pick)"
+    );
+    for (model, c_in, c_out, side, rank) in vgg16.chain(resnet18) {
+        // `corr(V, dY)`: the input's r coordinates against the output gradient.
         let few_in = ConvGeometry {
             batch: 32,
             in_channels: rank,
-            out_channels: wide,
+            out_channels: c_out,
             in_h: side,
             in_w: side,
             kernel_h: 3,
@@ -70,7 +82,8 @@ fn run() {
             stride: 1,
             padding: 1,
         };
-        let few_out = ConvGeometry { in_channels: wide, out_channels: rank, ..few_in };
+        // `corr(X_r, Q)`: the input's residual against the output gradient's r coordinates.
+        let few_out = ConvGeometry { in_channels: c_in, out_channels: rank, ..few_in };
         assert!(
             thin_conv::fits(&few_in, rank),
             "this CPU has no AVX-512 (or the shape does not fit): nothing to compare"
@@ -79,21 +92,35 @@ fn run() {
         let (mut by_gemm, mut direct) = (vec![0.0f32; few_in.weight_len()], vec![0.0f32; few_in.weight_len()]);
         let (a, b) = medians(
             || backward_weight_few_inputs_by_gemm(&few_in, &x, &dy, &mut by_gemm),
-            || conv2d_backward_weight_few_inputs(&few_in, &x, &dy, &mut direct),
+            || thin_conv::backward_weight_few_inputs(&few_in, &x, &dy, &mut direct),
         );
         agree(&by_gemm, &direct);
         let (x, dy) = (values(few_out.input_len(), 3), values(few_out.output_len(), 4));
         let (mut by_gemm, mut direct) = (vec![0.0f32; few_out.weight_len()], vec![0.0f32; few_out.weight_len()]);
         let (c, d) = medians(
             || backward_weight_few_outputs_by_gemm(&few_out, &x, &dy, &mut by_gemm),
-            || conv2d_backward_weight_few_outputs(&few_out, &x, &dy, &mut direct),
+            || thin_conv::backward_weight_few_outputs(&few_out, &x, &dy, &mut direct),
         );
         agree(&by_gemm, &direct);
-        println!("{:>22} {:>15.3} / {:.3} ms {:>15.3} / {:.3} ms", format!("{wide}, {side}, {rank}"), a, b, c, d);
-        for (t, v) in totals.iter_mut().zip([a, b, c, d]) {
+        let (pick_in, pick_out) =
+            (direct_weight_gradient_pays(&few_in, false), direct_weight_gradient_pays(&few_out, true));
+        let name = |direct: bool| if direct { "direct" } else { "gemm" };
+        println!(
+            "{:>32} {:>11.3} / {:.3} ms ({:>6}) {:>11.3} / {:.3} ms ({:>6})",
+            format!("{model} {c_in}, {c_out}, {side}, {rank}"),
+            a,
+            b,
+            name(pick_in),
+            c,
+            d,
+            name(pick_out)
+        );
+        let picked = [if pick_in { b } else { a }, if pick_out { d } else { c }];
+        for (t, v) in totals.iter_mut().zip([a, b, picked[0], c, d, picked[1]]) {
             *t += v;
         }
     }
-    let [a, b, c, d] = totals;
-    println!("total: few inputs {a:.2} -> {b:.2} ms ({:.2}x), few outputs {c:.2} -> {d:.2} ms ({:.2}x)", a / b, c / d);
+    let [a, b, e, c, d, f] = totals;
+    println!("total few inputs: gemm {a:.2} ms, direct {b:.2} ms, as picked {e:.2} ms");
+    println!("total few outputs: gemm {c:.2} ms, direct {d:.2} ms, as picked {f:.2} ms");
 }

@@ -460,7 +460,8 @@ pub fn conv2d_backward_weight(g: &ConvGeometry, x: &[f32], dy: &[f32], dw: &mut 
 /// as AsymML's virtual channels: per sample `dw += dy_n * patches(x_n)^T` with `dy_n` read in place
 /// as the left operand, so the large side is neither gathered nor read through a transposed view;
 /// only the small patch matrix is unrolled. Past [`FEW_INPUTS`] input channels it takes the
-/// unrolled route, which wins there; where [`thin_conv::fits`], the direct AVX-512 correlation.
+/// unrolled route, which wins there; where [`direct_weight_gradient_pays`], the direct AVX-512
+/// correlation.
 /// `dw` is overwritten.
 pub fn conv2d_backward_weight_few_inputs(g: &ConvGeometry, x: &[f32], dy: &[f32], dw: &mut [f32]) {
     if g.in_channels > FEW_INPUTS {
@@ -470,10 +471,29 @@ pub fn conv2d_backward_weight_few_inputs(g: &ConvGeometry, x: &[f32], dy: &[f32]
     assert_eq!(x.len(), g.input_len(), "conv2d_backward_weight_few_inputs: input length");
     assert_eq!(dy.len(), g.output_len(), "conv2d_backward_weight_few_inputs: output-gradient length");
     assert_eq!(dw.len(), g.weight_len(), "conv2d_backward_weight_few_inputs: weight-gradient length");
-    if thin_conv::fits(g, g.in_channels) {
+    if direct_weight_gradient_pays(g, false) {
         return thin_conv::backward_weight_few_inputs(g, x, dy, dw);
     }
     backward_weight_few_inputs_by_gemm(g, x, dy, dw);
+}
+
+/// The direct correlation ([`thin_conv`]) beats the GEMM route on its shapes up to this many thin
+/// channels; past it, only on maps of at least [`DIRECT_MIN_POSITIONS`]. One thread, batch 32,
+/// 8 thin channels (`cargo run --release -p trustsplit-kernels --example thin_conv`): on 4x4 maps
+/// and 512 wide channels the GEMM route took 0.34-0.44 ms against the direct route's 0.41-0.55
+/// on both an AVX-512 Xeon and an AMD EPYC; on 32x32 maps the direct route wins by 1.4-3x.
+const DIRECT_MAX_THIN_ON_ANY_MAP: usize = 4;
+/// Positions (16x16) from which the direct route is taken at any thin count. On 8x8 maps which
+/// route wins depends on the machine (the GEMM one by up to 20% on the Xeon, the direct one by
+/// 3-19% on the EPYC); on 16x16 at 128 wide channels the direct one won on the EPYC (1.1-1.2
+/// against 1.5-1.6 ms) and tied on the Xeon.
+const DIRECT_MIN_POSITIONS: usize = 256;
+
+/// Whether [`conv2d_backward_weight_few_outputs`] (`few_outputs`) or
+/// [`conv2d_backward_weight_few_inputs`] takes [`thin_conv`]'s direct route for `g`.
+pub fn direct_weight_gradient_pays(g: &ConvGeometry, few_outputs: bool) -> bool {
+    let thin = if few_outputs { g.out_channels } else { g.in_channels };
+    thin_conv::fits(g, thin) && (thin <= DIRECT_MAX_THIN_ON_ANY_MAP || g.in_h * g.in_w >= DIRECT_MIN_POSITIONS)
 }
 
 /// [`conv2d_backward_weight_few_inputs`] without the direct route (public for the benchmark that
@@ -552,7 +572,7 @@ fn swap_leading_axes(src: &[f32], a: usize, b: usize, kk: usize, dst: &mut [f32]
 /// as AsymML's virtual output channels: per sample `acc += x_n * spread_n^T`, with `x_n` read in
 /// place as the left operand and only the small output gradient spread out, so the large input
 /// is never unrolled. Past [`FEW_OUTPUTS`] output channels it takes the unrolled route; where
-/// [`thin_conv::fits`], the direct AVX-512 correlation. `dw` is overwritten.
+/// [`direct_weight_gradient_pays`], the direct AVX-512 correlation. `dw` is overwritten.
 pub fn conv2d_backward_weight_few_outputs(g: &ConvGeometry, x: &[f32], dy: &[f32], dw: &mut [f32]) {
     if g.out_channels > FEW_OUTPUTS {
         return conv2d_backward_weight(g, x, dy, dw, None);
@@ -561,7 +581,7 @@ pub fn conv2d_backward_weight_few_outputs(g: &ConvGeometry, x: &[f32], dy: &[f32
     assert_eq!(x.len(), g.input_len(), "conv2d_backward_weight_few_outputs: input length");
     assert_eq!(dy.len(), g.output_len(), "conv2d_backward_weight_few_outputs: output-gradient length");
     assert_eq!(dw.len(), g.weight_len(), "conv2d_backward_weight_few_outputs: weight-gradient length");
-    if thin_conv::fits(g, g.out_channels) {
+    if direct_weight_gradient_pays(g, true) {
         return thin_conv::backward_weight_few_outputs(g, x, dy, dw);
     }
     backward_weight_few_outputs_by_gemm(g, x, dy, dw);
