@@ -73,17 +73,26 @@ pub fn matmul_strided(
     // The copy's buffer is kept by the thread between products, up to RETAINED_FLOATS: a fresh
     // allocation of a few hundred kilobytes goes back to the system when freed and is paid for
     // again in page faults each time (that made the 64 x 1024 x 72 product above 40% slower).
+    // It is taken out of its cell for the product, not borrowed: a thread that waits inside a
+    // parallel `gemm` may run another rayon job meanwhile, whose product then finds the cell
+    // empty and allocates its own.
     const RETAINED_FLOATS: usize = 1 << 18;
     thread_local! {
-        static RESTRIDED: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
+        static RESTRIDED: std::cell::Cell<Vec<f32>> = const { std::cell::Cell::new(Vec::new()) };
     }
-    RESTRIDED.with_borrow_mut(|scratch| {
-        let b = restride_aliasing_columns(b, scratch);
-        matmul_strided_as_given(a, b, c, c_row_stride, c_col_stride, accumulate, par);
-        if scratch.capacity() > RETAINED_FLOATS {
-            *scratch = Vec::new();
-        }
-    });
+    let mut scratch = RESTRIDED.take();
+    matmul_strided_as_given(
+        a,
+        restride_aliasing_columns(b, &mut scratch),
+        c,
+        c_row_stride,
+        c_col_stride,
+        accumulate,
+        par,
+    );
+    if scratch.capacity() <= RETAINED_FLOATS {
+        RESTRIDED.set(scratch);
+    }
 }
 
 /// [`matmul_strided`] without moving aliasing columns apart (public for the example that
@@ -293,6 +302,37 @@ mod tests {
         assert_eq!(restride_aliasing_columns(unaligned, &mut Vec::new()).col_stride, 200);
         let short = MatRef { data: &data, rows: 100, cols: 4, row_stride: 1, col_stride: 128 };
         assert_eq!(restride_aliasing_columns(short, &mut Vec::new()).col_stride, 128);
+    }
+
+    /// Restrided products run from many rayon jobs at once, each parallel inside (a thread that
+    /// waits in one product may run another job's product meanwhile), give each job's own result.
+    #[test]
+    fn restrided_products_in_nested_rayon_jobs_stay_apart() {
+        use rayon::prelude::*;
+        let (m, k, n) = (192, 256, 96);
+        let mut rng = ChaCha8Rng::seed_from_u64(5);
+        let a_data = random_view(&mut rng, m, k, k, 1, 0);
+        let pool = rayon::ThreadPoolBuilder::new().num_threads(3).build().unwrap();
+        let results: Vec<(Vec<f32>, Vec<f64>)> = pool.install(|| {
+            (0..24)
+                .into_par_iter()
+                .map(|job| {
+                    let b_t: Vec<f32> = (0..n * k).map(|i| ((i * 31 + job * 7) % 97) as f32 / 97.0 - 0.5).collect();
+                    let b = MatRef::row_major(&b_t, n, k).t();
+                    let mut c = vec![0.0f32; m * n];
+                    matmul(MatRef::row_major(&a_data, m, k), b, &mut c, n, false, parallelism(3));
+                    let want = (0..m * n)
+                        .map(|at| (0..k).map(|l| a_data[(at / n) * k + l] as f64 * b_t[(at % n) * k + l] as f64).sum())
+                        .collect();
+                    (c, want)
+                })
+                .collect()
+        });
+        for (job, (got, want)) in results.iter().enumerate() {
+            for (g, w) in got.iter().zip(want) {
+                assert!((*g as f64 - w).abs() <= 1e-4 * (1.0 + w.abs()), "job {job}: {g} vs {w}");
+            }
+        }
     }
 
     #[test]
