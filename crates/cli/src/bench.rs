@@ -228,107 +228,187 @@ pub struct Compared {
     #[serde(flatten)]
     pub run: StepBench,
     pub baseline: Option<StepBench>,
-    /// Baseline enclave time / this scheme's enclave time.
+    /// Baseline enclave time / this scheme's enclave time, over all measured steps.
     pub enclave_speedup: Option<f64>,
+    /// The lowest and highest of that ratio over the alternated pairs of steps (one baseline
+    /// step, then one of the scheme): how far the host's drift moved it during the run.
+    pub enclave_speedup_per_pair: Option<(f64, f64)>,
 }
 
-/// Times the scheme and, if asked, its baseline (first, under the same settings).
+/// Times the scheme and, if asked, its baseline. With a baseline, both are set up and warmed up
+/// first, then their measured steps alternate (baseline, scheme, baseline, ...), so that a shared
+/// host's speed, which drifts over seconds to minutes, weighs on both alike.
 pub fn step_compared(o: &StepOptions) -> Result<Compared> {
-    let baseline = match o.baseline {
-        Some(b) if b != o.scheme => Some(step(&StepOptions { scheme: b, baseline: None, ..o.clone() })?),
-        _ => None,
+    let Some(baseline) = o.baseline.filter(|&b| b != o.scheme) else {
+        let run = step(o)?;
+        return Ok(Compared { run, baseline: None, enclave_speedup: None, enclave_speedup_per_pair: None });
     };
-    let run = step(o)?;
-    let enclave_speedup = baseline.as_ref().map(|b| b.enclave_ms / run.enclave_ms.max(1e-9));
-    Ok(Compared { run, baseline, enclave_speedup })
+    let mut base = Stepper::new(&StepOptions { scheme: baseline, baseline: None, ..o.clone() })?;
+    let mut run = Stepper::new(o)?;
+    crate::with_threads(o.threads, || -> Result<()> {
+        for stepper in [&mut base, &mut run] {
+            stepper.warm_up()?;
+        }
+        for _ in 0..o.steps {
+            base.measured_step()?;
+            run.measured_step()?;
+        }
+        Ok(())
+    })??;
+    let pairs = base.enclave_seconds.iter().zip(&run.enclave_seconds).map(|(b, r)| b / r.max(1e-12));
+    let per_pair =
+        pairs.fold(None, |range: Option<(f64, f64)>, x| Some(range.map_or((x, x), |(lo, hi)| (lo.min(x), hi.max(x)))));
+    let (base, run) = (base.finish(), run.finish());
+    let enclave_speedup = Some(base.enclave_ms / run.enclave_ms.max(1e-9));
+    Ok(Compared { run, baseline: Some(base), enclave_speedup, enclave_speedup_per_pair: per_pair })
 }
 
 /// Times training steps (or inference batches) of `model` under a scheme on random data.
 pub fn step(o: &StepOptions) -> Result<StepBench> {
-    anyhow::ensure!(o.batch_size > 0 && o.steps > 0, "--batch-size and --steps must be at least 1");
-    anyhow::ensure!(o.lr.is_finite() && o.lr >= 0.0, "--lr must be a finite rate of at least 0, got {}", o.lr);
-    let (channels, usual) = if zoo::required_input_size(o.model).is_some() { (3, 32) } else { (1, 28) };
-    let side = o.image_size.unwrap_or(usual);
-    anyhow::ensure!(side > 0, "--image-size must be at least 1");
-    let input = vec![channels, side, side];
-    let mut model = zoo::build(o.model, &input, 10, 0)
-        .map_err(|e| anyhow::anyhow!("{} does not take {side}x{side} images: {e}", o.model))?;
-    let cfg = o.asymml.config(o.asymml.noise_multiplier);
-    let mut runner = crate::schemes::runner_for(o.scheme, o.device, o.memory_budget, None, &cfg)?;
-    let mut opt = Optimizer::new(OptimizerKind::Sgd { momentum: 0.9, nesterov: false }, 5e-4);
-    let n = o.batch_size;
-    let x = from_vec(&[&[n][..], &input[..]].concat(), pseudo_random(n * input.iter().product::<usize>(), 7));
-    let labels: Vec<usize> = (0..n).map(|i| i % 10).collect();
-    let mut run_one = |runner: &mut trustsplit_schemes::SplitRunner, model: &mut trustsplit_nn::Model| -> Result<()> {
-        let (xs, ys) = (trustsplit_boundary::Secret::new(x.clone()), trustsplit_boundary::Secret::new(labels.clone()));
-        if o.inference {
-            runner.eval_batch(model, xs, &ys)?;
-        } else {
-            runner.train_step(model, xs, &ys, &mut opt, o.lr)?;
+    let mut stepper = Stepper::new(o)?;
+    crate::with_threads(o.threads, || -> Result<()> {
+        stepper.warm_up()?;
+        for _ in 0..o.steps {
+            stepper.measured_step()?;
         }
         Ok(())
-    };
-    let (before, wall) = crate::with_threads(o.threads, || -> Result<_> {
-        for _ in 0..o.warmup {
-            run_one(&mut runner, &mut model)?;
-        }
-        runner.reset_peak();
-        let before = runner.report();
-        let start = Instant::now();
-        for _ in 0..o.steps {
-            run_one(&mut runner, &mut model)?;
-        }
-        Ok((before, start.elapsed().as_secs_f64()))
     })??;
-    let after = runner.report();
-    let per = |a: u64, b: u64| (a - b) / o.steps as u64;
-    let device_s = (after.device_seconds - before.device_seconds) / o.steps as f64;
-    let step_s = wall / o.steps as f64;
-    // The model's own convolution and linear multiply-adds per step: forward, or forward and both
-    // backward products when training.
-    let model_macs = model.forward_macs_per_sample() * n as u64 * if o.inference { 1 } else { 3 };
-    let (mem_a, mem_b) = (after.memory.clone().unwrap_or_default(), before.memory.unwrap_or_default());
-    Ok(StepBench {
-        scheme: o.scheme.to_string(),
-        model: o.model.to_string(),
-        batch_size: n,
-        input_shape: input,
-        inference: o.inference,
-        lr: o.lr,
-        steps: o.steps,
-        warmup: o.warmup,
-        threads: o.threads,
-        device: if o.scheme.uses_device() { o.device.to_string() } else { "none".into() },
-        step_ms: step_s * 1e3,
-        enclave_ms: (step_s - device_s).max(0.0) * 1e3,
-        device_ms: device_s * 1e3,
-        bytes_to_device: per(after.bytes_to_device, before.bytes_to_device),
-        bytes_from_device: per(after.bytes_from_device, before.bytes_from_device),
-        spill_bytes: per(mem_a.spill_bytes, mem_b.spill_bytes),
-        restore_bytes: per(mem_a.restore_bytes, mem_b.restore_bytes),
-        seal_ms: (mem_a.seal_seconds - mem_b.seal_seconds + mem_a.unseal_seconds - mem_b.unseal_seconds) * 1e3
-            / o.steps as f64,
-        peak_enclave_bytes: mem_a.peak_bytes,
-        memory_budget_bytes: if after.memory.is_some() { o.memory_budget } else { 0 },
-        forward_macs_per_sample: model.forward_macs_per_sample(),
-        enclave_macs: match o.scheme {
-            crate::train::Scheme::Asymml => per(after.placement.enclave_macs, before.placement.enclave_macs),
-            crate::train::Scheme::GpuOnly => 0,
-            _ => model_macs,
-        },
-        enclave_phase_ms: after
-            .placement
-            .enclave_phase_seconds
-            .iter()
-            .map(|(k, v)| {
-                let b = before.placement.enclave_phase_seconds.get(k).copied().unwrap_or(0.0);
-                (k.clone(), (v - b) * 1e3 / o.steps as f64)
-            })
-            .collect(),
-        device_macs: match o.scheme {
-            crate::train::Scheme::Asymml => per(after.placement.device_macs, before.placement.device_macs),
-            crate::train::Scheme::GpuOnly => model_macs,
-            _ => 0,
-        },
-    })
+    Ok(stepper.finish())
+}
+
+/// One scheme's model, runner and optimizer on a batch of random data, stepped one step at a time
+/// so that [`step_compared`] can alternate two of them.
+struct Stepper<'a> {
+    o: StepOptions<'a>,
+    input: Vec<usize>,
+    model: trustsplit_nn::Model,
+    runner: trustsplit_schemes::SplitRunner,
+    opt: Optimizer,
+    x: trustsplit_nn::tensor::Tensor,
+    labels: Vec<usize>,
+    /// The runner's counters when measuring began.
+    before: Option<trustsplit_schemes::SchemeReport>,
+    wall_seconds: f64,
+    /// Wall time minus device time, per measured step.
+    enclave_seconds: Vec<f64>,
+}
+
+impl<'a> Stepper<'a> {
+    fn new(o: &StepOptions<'a>) -> Result<Self> {
+        anyhow::ensure!(o.batch_size > 0 && o.steps > 0, "--batch-size and --steps must be at least 1");
+        anyhow::ensure!(o.lr.is_finite() && o.lr >= 0.0, "--lr must be a finite rate of at least 0, got {}", o.lr);
+        let (channels, usual) = if zoo::required_input_size(o.model).is_some() { (3, 32) } else { (1, 28) };
+        let side = o.image_size.unwrap_or(usual);
+        anyhow::ensure!(side > 0, "--image-size must be at least 1");
+        let input = vec![channels, side, side];
+        let model = zoo::build(o.model, &input, 10, 0)
+            .map_err(|e| anyhow::anyhow!("{} does not take {side}x{side} images: {e}", o.model))?;
+        let cfg = o.asymml.config(o.asymml.noise_multiplier);
+        let runner = crate::schemes::runner_for(o.scheme, o.device, o.memory_budget, None, &cfg)?;
+        let opt = Optimizer::new(OptimizerKind::Sgd { momentum: 0.9, nesterov: false }, 5e-4);
+        let n = o.batch_size;
+        let x = from_vec(&[&[n][..], &input[..]].concat(), pseudo_random(n * input.iter().product::<usize>(), 7));
+        let labels: Vec<usize> = (0..n).map(|i| i % 10).collect();
+        let o = o.clone();
+        Ok(Stepper {
+            o,
+            input,
+            model,
+            runner,
+            opt,
+            x,
+            labels,
+            before: None,
+            wall_seconds: 0.0,
+            enclave_seconds: Vec::new(),
+        })
+    }
+
+    fn run_one(&mut self) -> Result<()> {
+        let xs = trustsplit_boundary::Secret::new(self.x.clone());
+        let ys = trustsplit_boundary::Secret::new(self.labels.clone());
+        if self.o.inference {
+            self.runner.eval_batch(&mut self.model, xs, &ys)?;
+        } else {
+            self.runner.train_step(&mut self.model, xs, &ys, &mut self.opt, self.o.lr)?;
+        }
+        Ok(())
+    }
+
+    /// The unmeasured steps, then the counters measuring starts from.
+    fn warm_up(&mut self) -> Result<()> {
+        for _ in 0..self.o.warmup {
+            self.run_one()?;
+        }
+        self.runner.reset_peak();
+        self.before = Some(self.runner.report());
+        Ok(())
+    }
+
+    fn measured_step(&mut self) -> Result<()> {
+        let device_before = self.runner.report().device_seconds;
+        let start = Instant::now();
+        self.run_one()?;
+        let wall = start.elapsed().as_secs_f64();
+        self.wall_seconds += wall;
+        self.enclave_seconds.push((wall - (self.runner.report().device_seconds - device_before)).max(0.0));
+        Ok(())
+    }
+
+    fn finish(self) -> StepBench {
+        let Stepper { o, input, model, runner, before, wall_seconds, .. } = self;
+        let before = before.expect("warm_up runs before the measured steps");
+        let n = o.batch_size;
+        let after = runner.report();
+        let per = |a: u64, b: u64| (a - b) / o.steps as u64;
+        let device_s = (after.device_seconds - before.device_seconds) / o.steps as f64;
+        let step_s = wall_seconds / o.steps as f64;
+        // The model's own convolution and linear multiply-adds per step: forward, or forward and both
+        // backward products when training.
+        let model_macs = model.forward_macs_per_sample() * n as u64 * if o.inference { 1 } else { 3 };
+        let (mem_a, mem_b) = (after.memory.clone().unwrap_or_default(), before.memory.unwrap_or_default());
+        StepBench {
+            scheme: o.scheme.to_string(),
+            model: o.model.to_string(),
+            batch_size: n,
+            input_shape: input,
+            inference: o.inference,
+            lr: o.lr,
+            steps: o.steps,
+            warmup: o.warmup,
+            threads: o.threads,
+            device: if o.scheme.uses_device() { o.device.to_string() } else { "none".into() },
+            step_ms: step_s * 1e3,
+            enclave_ms: (step_s - device_s).max(0.0) * 1e3,
+            device_ms: device_s * 1e3,
+            bytes_to_device: per(after.bytes_to_device, before.bytes_to_device),
+            bytes_from_device: per(after.bytes_from_device, before.bytes_from_device),
+            spill_bytes: per(mem_a.spill_bytes, mem_b.spill_bytes),
+            restore_bytes: per(mem_a.restore_bytes, mem_b.restore_bytes),
+            seal_ms: (mem_a.seal_seconds - mem_b.seal_seconds + mem_a.unseal_seconds - mem_b.unseal_seconds) * 1e3
+                / o.steps as f64,
+            peak_enclave_bytes: mem_a.peak_bytes,
+            memory_budget_bytes: if after.memory.is_some() { o.memory_budget } else { 0 },
+            forward_macs_per_sample: model.forward_macs_per_sample(),
+            enclave_macs: match o.scheme {
+                crate::train::Scheme::Asymml => per(after.placement.enclave_macs, before.placement.enclave_macs),
+                crate::train::Scheme::GpuOnly => 0,
+                _ => model_macs,
+            },
+            enclave_phase_ms: after
+                .placement
+                .enclave_phase_seconds
+                .iter()
+                .map(|(k, v)| {
+                    let b = before.placement.enclave_phase_seconds.get(k).copied().unwrap_or(0.0);
+                    (k.clone(), (v - b) * 1e3 / o.steps as f64)
+                })
+                .collect(),
+            device_macs: match o.scheme {
+                crate::train::Scheme::Asymml => per(after.placement.device_macs, before.placement.device_macs),
+                crate::train::Scheme::GpuOnly => model_macs,
+                _ => 0,
+            },
+        }
+    }
 }

@@ -203,7 +203,10 @@ enum BenchWhat {
         #[arg(long)]
         json: bool,
         /// Also time this scheme in the same run and print the enclave-time ratio (default:
-        /// tee-only when --scheme is asymml; `none` to skip).
+        /// tee-only when --scheme is asymml; `none` to skip). Both are warmed up first, then
+        /// their measured steps alternate (baseline, scheme, baseline, ...), so that a shared
+        /// host's drifting speed weighs on both alike; the ratio's range over those pairs of
+        /// steps is printed too.
         #[arg(long)]
         baseline: Option<String>,
         #[command(flatten)]
@@ -399,8 +402,12 @@ fn main() {
                 print_step(b);
             }
             if let (Some(b), Some(x)) = (&r.baseline, r.enclave_speedup) {
+                let per_pair = match r.enclave_speedup_per_pair {
+                    Some((lo, hi)) => format!("; {lo:.2}-{hi:.2}x over the {} alternated pairs of steps", b.steps),
+                    None => String::new(),
+                };
                 eprintln!(
-                    "enclave time: {} {:.0} ms / {} {:.0} ms = {x:.2}x (enclave multiply-adds {:.2}x)",
+                    "enclave time: {} {:.0} ms / {} {:.0} ms = {x:.2}x{per_pair} (enclave multiply-adds {:.2}x)",
                     b.scheme,
                     b.enclave_ms,
                     r.run.scheme,

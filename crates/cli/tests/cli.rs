@@ -85,6 +85,35 @@ fn bench_step_json_has_the_documented_keys() {
 }
 
 #[test]
+fn bench_step_alternates_the_baseline_and_reports_the_ratio_per_pair_of_steps() {
+    let out = trustsplit()
+        .args(["bench", "step", "--scheme", "asymml", "--model", "lenet5", "--batch-size", "4", "--steps", "3"])
+        .args(["--warmup", "1", "--device", "cpu:1", "--json"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["baseline"]["steps"], 3, "{v}");
+    let overall = v["enclave_speedup"].as_f64().unwrap();
+    let range = v["enclave_speedup_per_pair"].as_array().expect("a [lowest, highest] pair");
+    let (lo, hi) = (range[0].as_f64().unwrap(), range[1].as_f64().unwrap());
+    // The whole run's ratio (total over total) lies between its pairs' ratios.
+    assert!(0.0 < lo && lo <= hi, "{v}");
+    assert!(lo * (1.0 - 1e-9) <= overall && overall <= hi * (1.0 + 1e-9), "{overall} outside [{lo}, {hi}]: {v}");
+    let text = String::from_utf8_lossy(&out.stderr);
+    assert!(text.contains("over the 3 alternated pairs of steps"), "{text}");
+    // Without a baseline there is no ratio.
+    let out = trustsplit()
+        .args(["bench", "step", "--scheme", "asymml", "--model", "lenet5", "--batch-size", "4", "--steps", "1"])
+        .args(["--warmup", "0", "--device", "cpu:1", "--baseline", "none", "--json"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert!(v["enclave_speedup"].is_null() && v["enclave_speedup_per_pair"].is_null(), "{v}");
+}
+
+#[test]
 fn bench_step_takes_other_image_sizes_and_names_a_size_a_model_cannot_take() {
     let run = |model: &str, size: &str| {
         trustsplit()
