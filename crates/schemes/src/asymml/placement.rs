@@ -63,6 +63,11 @@ impl Asymml {
             gradients_in_clear: false,
             phases: RefCell::new(BTreeMap::new()),
             spares: Spares::default(),
+            device_caller: rayon::ThreadPoolBuilder::new()
+                .num_threads(1)
+                .thread_name(|_| "asymml-device-call".into())
+                .build()
+                .map_err(|e| RunnerError::Placement(format!("cannot start the thread that calls the device: {e}")))?,
         })
     }
 
@@ -164,6 +169,9 @@ pub struct Asymml {
     phases: Phases,
     /// Released residuals and device results, reused as buffers for outputs written in full.
     spares: Spares,
+    /// The one thread that makes [`Asymml::overlapped`]'s device calls, kept for the placement's
+    /// life: a thread spawned per call (two per convolution and step) cost 40-190 us each.
+    device_caller: rayon::ThreadPool,
 }
 
 type Phases = RefCell<BTreeMap<&'static str, f64>>;
@@ -388,14 +396,24 @@ impl Asymml {
         enclave_work: impl FnOnce() -> U,
     ) -> PlacementResult<(T, U)> {
         let device = &self.device;
-        std::thread::scope(|s| {
-            let worker = s.spawn(move || device_work(&mut lock(device)));
+        let mut theirs = None;
+        let mut waited = None;
+        // The enclave's work runs here, on this thread; the device call on `device_caller`. The
+        // scope ends when both are done.
+        let mine = self.device_caller.in_place_scope(|s| {
+            s.spawn(|_| {
+                theirs =
+                    Some(std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| device_work(&mut lock(device)))));
+            });
             let mine = timed(&self.phases, "low-rank products", enclave_work);
-            let waited = Instant::now();
-            let theirs = worker.join().map_err(|_| format!("the device thread panicked on {layer}"))?;
-            *lock(&self.waiting) += waited.elapsed().as_secs_f64();
-            Ok((theirs.map_err(|e| format!("device failed on {layer}: {e}"))?, mine))
-        })
+            waited = Some(Instant::now());
+            mine
+        });
+        *lock(&self.waiting) += waited.map_or(0.0, |w| w.elapsed().as_secs_f64());
+        let theirs = theirs
+            .expect("the scope ends after its job")
+            .map_err(|_| format!("the device thread panicked on {layer}"))?;
+        Ok((theirs.map_err(|e| format!("device failed on {layer}: {e}"))?, mine))
     }
 
     /// The forward passes of convolutions reading the same input `x`: it is split once, under the
@@ -975,6 +993,33 @@ mod tests {
     use rand::{Rng, SeedableRng};
     use rand_chacha::ChaCha8Rng;
     use trustsplit_device::CpuBackend;
+
+    /// `overlapped` runs the device call on its kept thread beside the enclave's work, returns
+    /// both results, turns a panicking device call into an error naming the layer, and keeps
+    /// working afterwards.
+    #[test]
+    fn overlapped_calls_return_both_results_and_survive_a_panicking_device_call() {
+        let device = Device::local(Box::new(CpuBackend::new(1).unwrap()));
+        let a = Asymml::new(device, AsymmlConfig::default(), Arc::new(Transcript::new())).unwrap();
+        let here = std::thread::current().id();
+        for round in 0..3u64 {
+            let (theirs, mine) = a
+                .overlapped(
+                    "conv1",
+                    |_| Ok((round * 7, std::thread::current().id())),
+                    || (round, std::thread::current().id()),
+                )
+                .unwrap();
+            assert_eq!((theirs.0, mine.0), (round * 7, round));
+            assert_eq!(mine.1, here, "the enclave's work runs on the calling thread");
+            assert_ne!(theirs.1, here, "the device call runs on its own thread");
+        }
+        let failed = a.overlapped("conv2", |_| -> Result<(), DeviceError> { panic!("device gone") }, || 1);
+        let message = failed.expect_err("a panicking device call is an error");
+        assert!(message.contains("panicked on conv2"), "{message}");
+        let (theirs, mine) = a.overlapped("conv3", |_| Ok(5), || 6).unwrap();
+        assert_eq!((theirs, mine), (5, 6));
+    }
 
     #[test]
     fn a_non_finite_device_result_is_blamed_on_the_device_only_where_no_honest_one_could_return_it() {
