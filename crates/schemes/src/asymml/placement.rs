@@ -170,7 +170,8 @@ pub struct Asymml {
     /// Released residuals and device results, reused as buffers for outputs written in full.
     spares: Spares,
     /// The one thread that makes [`Asymml::overlapped`]'s device calls, kept for the placement's
-    /// life: a thread spawned per call (two per convolution and step) cost 40-190 us each.
+    /// life: a thread spawned and joined per call (two per convolution and step) cost
+    /// 50-73 us against 10-33 us for a job on a kept thread (a throwaway timing, BENCHMARKS.md).
     device_caller: rayon::ThreadPool,
 }
 
