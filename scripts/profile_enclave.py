@@ -10,7 +10,8 @@ It records with DWARF call graphs, starting 4 s in (past start-up and the warm-u
 fault in memory and would otherwise dominate: PROFILE_DELAY_MS changes it), then keeps the
 samples of the busiest thread that is not the CPU device's (`cpu-device-*`): the enclave's.
 It prints the share of that thread's samples in each of our functions, inclusive of what they
-call, and the leaf functions where the samples landed. Those shares are what this session's
+call, and the leaf functions where the samples landed; with PROFILE_CALLERS=SUBSTRING, also
+which of our functions the samples whose leaf contains SUBSTRING were called from. Those shares are what this session's
 optimisations were chosen by (BENCHMARKS.md, "AsymML").
 """
 import collections
@@ -75,6 +76,18 @@ def main():
     print("\nleaf functions:")
     for frame, n in leaves.most_common(25):
         print(f"{100 * n / total:5.1f}%  {frame[:150]}")
+    # PROFILE_CALLERS=SUBSTRING: which of our functions the samples whose leaf matches land in
+    # (e.g. `copy_nonoverlapping` or `memcpy`: where the enclave copies).
+    pattern = os.environ.get("PROFILE_CALLERS")
+    if pattern:
+        callers = collections.Counter()
+        for frames in chosen:
+            if frames and pattern in frames[0]:
+                ours = [f for f in frames if "trustsplit" in f and "{{closure}}" not in f]
+                callers[" <- ".join(f.split("::")[-1][:60] for f in ours[:3]) or "(none of ours)"] += 1
+        print(f"\nleaves matching {pattern!r}, by our nearest callers:")
+        for chain, n in callers.most_common(25):
+            print(f"{100 * n / total:5.1f}%  {chain}")
 
 
 if __name__ == "__main__":
