@@ -58,8 +58,9 @@ pub struct AsymmlArgs {
 /// The noise multiplier when neither --noise-multiplier nor --epsilon is given.
 pub const DEFAULT_NOISE: f64 = 2.0;
 /// The scheme's clipping bounds (see [`trustsplit_schemes::asymml::DEFAULT_CLIP_NORM`]). LeNet-5 on
-/// the embedded data: 82% at epsilon 8 with these and the default noise; twice the bound at the
-/// same multiplier diverged (README, "Accuracy against epsilon").
+/// the embedded data: 82-84% at epsilon 8 with these and the default noise (README, "Accuracy
+/// against epsilon"); twice the bound at the same multiplier collapsed (BENCHMARKS.md, "The
+/// README's figures up to 2026-12-03").
 pub const DEFAULT_CLIP: f64 = trustsplit_schemes::asymml::DEFAULT_CLIP_NORM;
 pub const DEFAULT_GRAD_CLIP: f64 = trustsplit_schemes::asymml::DEFAULT_GRAD_CLIP_NORM;
 
