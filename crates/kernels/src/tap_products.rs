@@ -17,7 +17,13 @@
 //! once per call and the coefficients permuted into the row's repeating tap pattern (see
 //! `add_input_term`). The output transform keeps a 1024-value chunk of each of its (at most 8 per
 //! pass) rows in L1 and adds the weight's rows into it four at a time, so the weight streams from
-//! memory once, in order. Without AVX-512, or with more columns than these kernels win at
+//! memory once, in order. Both transforms prefetch the weight rows they stream (the input side
+//! 512 values ahead in each of its two rows, the output side the next group's
+//! rows at the offset it is reading): the hardware prefetchers did not keep up with two strided
+//! rows, nor with four rows read 4 KB at a time, and the transforms ran at a third of the memory
+//! bandwidth (on a Zen 5 core, VGG16's 13 weights at 8 columns from memory: input side 5.3-6.6 ->
+//! 3.4-3.9 ms, output side 4.9-6.3 -> 3.2-3.8 ms, `--example weight_transforms`, alternated
+//! builds). Without AVX-512, or with more columns than these kernels win at
 //! (per-sample bases stacked for a batch), and for the other two also with 1x1 kernels or more
 //! than 16 taps, they go through `gemm`.
 
@@ -70,7 +76,8 @@ pub fn transform_inputs(s: TapShape, w: &[f32], u: &[f32], cols: usize, t: &mut 
 /// flat rows need no tap structure. The AVX-512 path reads each weight row once, in order; on a
 /// 2-vCPU Xeon it took half `gemm`'s time for VGG16's weights pushed out of cache (`cargo run
 /// --release -p trustsplit-kernels --example weight_transforms`) and made VGG16's training step
-/// 6-9 ms faster (BENCHMARKS.md, "Tenth session").
+/// 6-9 ms faster (BENCHMARKS.md, "Tenth session"); on a Zen 5 core it was slower than `gemm` until
+/// it prefetched the weight's rows (0.7-0.9x, then 1.2-1.4x).
 pub fn transform_outputs(s: TapShape, w: &[f32], p: &[f32], cols: usize, t: &mut [f32]) {
     assert_eq!(w.len(), s.weight_len(), "transform_outputs: weight length");
     assert_eq!(p.len(), s.out_channels * cols, "transform_outputs: basis length");
@@ -178,6 +185,9 @@ pub(crate) mod avx512 {
 
     /// Columns a block keeps in registers.
     const BLOCK: usize = 8;
+    /// How far ahead (in values: 2 KB) the input-side transform prefetches each of the two weight
+    /// rows it streams (256 and 2048 were slower on a Zen 5 core, 1024 alike).
+    pub(crate) const PREFETCH_AHEAD: usize = 512;
     /// Up to how many columns these kernels beat `gemm` (single thread, VGG16-sized layers:
     /// beyond them, as with per-sample bases stacked for a whole batch, `gemm`'s blocking wins).
     pub(crate) const MAX_TRANSFORM_COLS: usize = 24;
@@ -295,6 +305,11 @@ pub(crate) mod avx512 {
                 let coeff = |k: usize, j: usize| _mm512_set1_ps(*pp.add((o0 + k) * cols + first + j));
                 let mut x = x0;
                 while x < end {
+                    // The next group's rows at this offset, a group's pass ahead of their use.
+                    for k in 0..GROUP {
+                        let ahead = wp.wrapping_add((o0 + GROUP + k) * n + x);
+                        _mm_prefetch::<_MM_HINT_T0>(ahead.cast());
+                    }
                     let mask = if x < whole { !0 } else { tail };
                     let load = |at: *const f32| {
                         if x < whole {
@@ -344,6 +359,12 @@ pub(crate) mod avx512 {
         let base = o * row_len;
         let mut acc = [[_mm512_setzero_ps(); R]; O];
         for ci in 0..c {
+            if (ci * kk) % 16 < kk {
+                for k in 0..O {
+                    let ahead = w.as_ptr().wrapping_add(base + k * row_len + ci * kk + PREFETCH_AHEAD);
+                    _mm_prefetch::<_MM_HINT_T0>(ahead.cast());
+                }
+            }
             let rows: [__m512; O] = std::array::from_fn(|k| load(w, base + k * row_len + ci * kk, mask));
             let u_row = u.as_ptr().add(ci * cols + first);
             let coeffs: [__m512; R] = std::array::from_fn(|i| _mm512_set1_ps(*u_row.add(i)));
