@@ -546,18 +546,45 @@ pub(crate) mod avx512 {
     #[target_feature(enable = "avx512f")]
     #[inline]
     unsafe fn add_output_term<const R: usize>(e: Expansion, first_o: usize, n: usize, dw_b: &mut [f32]) {
-        let p = e.basis.as_ptr().add(first_o * e.cols);
+        let mut first = 0;
+        while first < e.cols {
+            match e.cols - first {
+                1 => output_columns::<R, 1>(e, first_o, first, n, dw_b),
+                2 => output_columns::<R, 2>(e, first_o, first, n, dw_b),
+                3 => output_columns::<R, 3>(e, first_o, first, n, dw_b),
+                _ => output_columns::<R, 4>(e, first_o, first, n, dw_b),
+            }
+            first += OUTPUT_COLUMNS;
+        }
+    }
+
+    /// Columns at a time of the output term: their `R x J` coefficients stay in registers for the
+    /// whole row (with all columns at once, each was broadcast from memory again for every vector:
+    /// five loads per four multiply-adds).
+    const OUTPUT_COLUMNS: usize = 4;
+
+    /// [`add_output_term`] for columns `first..first + J`.
+    #[target_feature(enable = "avx512f")]
+    #[inline]
+    unsafe fn output_columns<const R: usize, const J: usize>(
+        e: Expansion,
+        first_o: usize,
+        first: usize,
+        n: usize,
+        dw_b: &mut [f32],
+    ) {
+        let p = e.basis.as_ptr().add(first_o * e.cols + first);
+        let coeff: [[__m512; J]; R] =
+            std::array::from_fn(|k| std::array::from_fn(|j| _mm512_set1_ps(*p.add(k * e.cols + j))));
+        let rows: [*const f32; J] = std::array::from_fn(|j| e.coeffs.as_ptr().add((first + j) * n));
         let whole = n - n % 16;
         let d = dw_b.as_mut_ptr();
         for x in (0..whole).step_by(16) {
-            let mut acc = [_mm512_setzero_ps(); R];
-            for (k, a) in acc.iter_mut().enumerate() {
-                *a = _mm512_loadu_ps(d.add(k * n + x));
-            }
-            for j in 0..e.cols {
-                let row = _mm512_loadu_ps(e.coeffs.as_ptr().add(j * n + x));
-                for (k, a) in acc.iter_mut().enumerate() {
-                    *a = _mm512_fmadd_ps(_mm512_set1_ps(*p.add(k * e.cols + j)), row, *a);
+            let mut acc: [__m512; R] = std::array::from_fn(|k| _mm512_loadu_ps(d.add(k * n + x)));
+            for (j, row) in rows.iter().enumerate() {
+                let v = _mm512_loadu_ps(row.add(x));
+                for (a, c) in acc.iter_mut().zip(&coeff) {
+                    *a = _mm512_fmadd_ps(c[j], v, *a);
                 }
             }
             for (k, a) in acc.iter().enumerate() {
@@ -566,11 +593,10 @@ pub(crate) mod avx512 {
         }
         if whole < n {
             let mask = ((1u32 << (n - whole)) - 1) as __mmask16;
-            for k in 0..R {
+            for (k, c) in coeff.iter().enumerate() {
                 let mut acc = _mm512_maskz_loadu_ps(mask, d.add(k * n + whole));
-                for j in 0..e.cols {
-                    let row = _mm512_maskz_loadu_ps(mask, e.coeffs.as_ptr().add(j * n + whole));
-                    acc = _mm512_fmadd_ps(_mm512_set1_ps(*p.add(k * e.cols + j)), row, acc);
+                for (j, row) in rows.iter().enumerate() {
+                    acc = _mm512_fmadd_ps(c[j], _mm512_maskz_loadu_ps(mask, row.add(whole)), acc);
                 }
                 _mm512_mask_storeu_ps(d.add(k * n + whole), mask, acc);
             }
