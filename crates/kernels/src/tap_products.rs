@@ -187,7 +187,7 @@ pub(crate) mod avx512 {
     const BLOCK: usize = 8;
     /// How far ahead (in values: 2 KB) the input-side transform prefetches each of the two weight
     /// rows it streams (256 and 2048 were slower on a Zen 5 core, 1024 alike).
-    pub(crate) const PREFETCH_AHEAD: usize = 512;
+    const PREFETCH_AHEAD: usize = 512;
     /// Up to how many columns these kernels beat `gemm` (single thread, VGG16-sized layers:
     /// beyond them, as with per-sample bases stacked for a whole batch, `gemm`'s blocking wins).
     pub(crate) const MAX_TRANSFORM_COLS: usize = 24;
