@@ -288,6 +288,8 @@ struct Stepper<'a> {
     labels: Vec<usize>,
     /// The runner's counters when measuring began.
     before: Option<trustsplit_schemes::SchemeReport>,
+    /// The runner's device time so far (at the end of the last step).
+    device_seconds: f64,
     wall_seconds: f64,
     /// Wall time minus device time, per measured step.
     enclave_seconds: Vec<f64>,
@@ -319,6 +321,7 @@ impl<'a> Stepper<'a> {
             x,
             labels,
             before: None,
+            device_seconds: 0.0,
             wall_seconds: 0.0,
             enclave_seconds: Vec::new(),
         })
@@ -341,17 +344,20 @@ impl<'a> Stepper<'a> {
             self.run_one()?;
         }
         self.runner.reset_peak();
-        self.before = Some(self.runner.report());
+        let before = self.runner.report();
+        self.device_seconds = before.device_seconds;
+        self.before = Some(before);
         Ok(())
     }
 
     fn measured_step(&mut self) -> Result<()> {
-        let device_before = self.runner.report().device_seconds;
         let start = Instant::now();
         self.run_one()?;
         let wall = start.elapsed().as_secs_f64();
+        let device_seconds = self.runner.report().device_seconds;
         self.wall_seconds += wall;
-        self.enclave_seconds.push((wall - (self.runner.report().device_seconds - device_before)).max(0.0));
+        self.enclave_seconds.push((wall - (device_seconds - self.device_seconds)).max(0.0));
+        self.device_seconds = device_seconds;
         Ok(())
     }
 
