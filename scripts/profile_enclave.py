@@ -11,8 +11,8 @@ fault in memory and would otherwise dominate: PROFILE_DELAY_MS changes it), then
 samples of the busiest thread that is not the CPU device's (`cpu-device-*`): the enclave's.
 It prints the share of that thread's samples in each of our functions, inclusive of what they
 call, and the leaf functions where the samples landed; with PROFILE_CALLERS=SUBSTRING, also
-which of our functions the samples whose leaf contains SUBSTRING were called from. Those shares are what this session's
-optimisations were chosen by (BENCHMARKS.md, "AsymML").
+which of our functions the samples whose leaf contains SUBSTRING were called from. Those shares
+are what this session's optimisations were chosen by (BENCHMARKS.md, "AsymML").
 """
 import collections
 import os
@@ -38,6 +38,11 @@ def samples(script_output):
                 current[2].append(parts[1].replace(" (inlined)", ""))
     if current:
         yield current
+
+
+def is_ours(frame):
+    """A frame of one of our functions (closures are counted in the function that holds them)."""
+    return "trustsplit" in frame and "{{closure}}" not in frame
 
 
 def main():
@@ -67,7 +72,7 @@ def main():
         if frames:
             leaves[frames[0]] += 1
         for frame in set(frames):
-            if "trustsplit" in frame and "{{closure}}" not in frame:
+            if is_ours(frame):
                 inclusive[frame] += 1
     print(f"thread {tid} ({names[tid]}): {total} samples")
     print("\ninclusive, our functions:")
@@ -83,7 +88,7 @@ def main():
         callers = collections.Counter()
         for frames in chosen:
             if frames and pattern in frames[0]:
-                ours = [f for f in frames if "trustsplit" in f and "{{closure}}" not in f]
+                ours = [f for f in frames if is_ours(f)]
                 callers[" <- ".join(f.split("::")[-1][:60] for f in ours[:3]) or "(none of ours)"] += 1
         print(f"\nleaves matching {pattern!r}, by our nearest callers:")
         for chain, n in callers.most_common(25):
