@@ -12,6 +12,7 @@
 
 pub mod accountant;
 pub mod asymml;
+pub mod device_check;
 pub mod gpu_only;
 pub mod placement;
 pub mod plaintext;
