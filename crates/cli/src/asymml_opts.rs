@@ -53,6 +53,11 @@ pub struct AsymmlArgs {
     /// AsymML: the same bound for output-gradient residuals (of the sample's own loss).
     #[arg(long, default_value_t = DEFAULT_GRAD_CLIP, help_heading = "AsymML")]
     pub grad_clip_norm: f64,
+    /// AsymML: check every result the device returns (outputs, input and weight gradients)
+    /// through secret random projections and refuse the step on a mismatch: a device that
+    /// corrupts its results is caught beyond f32 rounding. Off trusts the device's arithmetic.
+    #[arg(long, default_value = "on", help_heading = "AsymML")]
+    pub verify_device: crate::OnOff,
 }
 
 /// The noise multiplier when neither --noise-multiplier nor --epsilon is given.
@@ -90,6 +95,9 @@ pub struct AsymmlOptions {
     pub delta: f64,
     pub clip_norm: f64,
     pub grad_clip_norm: f64,
+    /// Runs recorded before the flag existed did not verify.
+    #[serde(default)]
+    pub verify_device: bool,
 }
 
 impl Default for AsymmlOptions {
@@ -106,6 +114,7 @@ impl Default for AsymmlOptions {
             delta: 1e-5,
             clip_norm: DEFAULT_CLIP,
             grad_clip_norm: DEFAULT_GRAD_CLIP,
+            verify_device: true,
         }
     }
 }
@@ -124,6 +133,7 @@ impl From<&AsymmlArgs> for AsymmlOptions {
             delta: a.delta,
             clip_norm: a.clip_norm,
             grad_clip_norm: a.grad_clip_norm,
+            verify_device: matches!(a.verify_device, crate::OnOff::On),
         }
     }
 }
@@ -149,6 +159,7 @@ impl AsymmlOptions {
             clip_norm: self.clip_norm,
             grad_clip_norm: self.grad_clip_norm,
             delta: self.delta,
+            verify_device: self.verify_device,
         }
     }
 

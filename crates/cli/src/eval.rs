@@ -39,6 +39,8 @@ pub fn eval(
     let mut runner = crate::schemes::runner_for(scheme, device, DEFAULT_BUDGET_BYTES, None, &cfg)?;
     let mut result =
         crate::with_threads(threads, || evaluate(&mut runner, &mut model, &data, &data.test, batch_size, show))??;
-    result.privacy = runner.report().placement.privacy.map(|l| crate::asymml_opts::EvaluationPrivacy::new(&l, 1));
+    let placement = runner.report().placement;
+    result.privacy = placement.privacy.map(|l| crate::asymml_opts::EvaluationPrivacy::new(&l, 1));
+    result.device_checks = placement.device_checks;
     Ok(result)
 }

@@ -359,6 +359,9 @@ fn main() {
             if let Some(p) = &r.privacy {
                 eprintln!("{}", p.describe());
             }
+            if a.scheme == trustsplit::train::Scheme::Asymml {
+                eprintln!("{}", trustsplit::train::describe_device_checks(r.device_checks));
+            }
             if a.json {
                 println!("{}", serde_json::to_string(&r)?);
             }

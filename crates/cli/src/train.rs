@@ -82,12 +82,15 @@ impl TrainConfig {
         }
     }
 
-    /// The settings that must match for `--resume` to continue a run (thread count, logging and
-    /// the epoch target may change).
+    /// The settings that must match for `--resume` to continue a run (thread count, logging,
+    /// the epoch target, the device and whether its results are verified may change).
     fn identity(&self) -> serde_json::Value {
         let mut v = serde_json::to_value(self).expect("config serialises");
         for k in ["threads", "log_every", "epochs", "data_dir", "schedule", "device", "transcript", "memory_budget"] {
             v.as_object_mut().expect("object").remove(k);
+        }
+        if let Some(asymml) = v.get_mut("asymml").and_then(|a| a.as_object_mut()) {
+            asymml.remove("verify_device");
         }
         v
     }
@@ -132,6 +135,9 @@ pub struct EvalResult {
     /// AsymML (set by `trustsplit eval`): what this evaluation released about each example.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub privacy: Option<crate::asymml_opts::EvaluationPrivacy>,
+    /// AsymML (set by `trustsplit eval`): the device's results checked, `None` when unverified.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub device_checks: Option<trustsplit_schemes::device_check::CheckTally>,
 }
 
 /// Loaded data with the batch settings the model needs.
@@ -235,6 +241,7 @@ pub fn evaluate(
         loss: loss / ds.len() as f64,
         samples: ds.len(),
         privacy: None,
+        device_checks: None,
     })
 }
 
@@ -303,7 +310,7 @@ pub fn train_with_data(
     let mut runner = crate::schemes::build_runner(cfg, noise)?;
     let steps_per_epoch = num_batches(data.train.len(), cfg.batch_size, false);
     let (mut last_train, mut last_test) =
-        ((0.0, 0.0), EvalResult { accuracy: 0.0, loss: 0.0, samples: 0, privacy: None });
+        ((0.0, 0.0), EvalResult { accuracy: 0.0, loss: 0.0, samples: 0, privacy: None, device_checks: None });
 
     crate::with_threads(cfg.threads, || -> Result<()> {
         for epoch in start_epoch..cfg.epochs {
@@ -470,6 +477,9 @@ pub fn print_summary(s: &TrainSummary) {
             eprintln!("asymml per layer (mean rank per sample; residual share of the energy before noise; released residuals clipped):\n  {}", shown.join("\n  "));
         }
     }
+    if s.scheme == Scheme::Asymml {
+        eprintln!("{}", describe_device_checks(r.placement.device_checks));
+    }
     if let Some(m) = &r.memory {
         eprintln!(
             "enclave: {:.1}s computing, device {:.1}s; peak memory {:.1} MiB of a {:.0} MiB budget; sealed spill {:.1} MiB out, {:.1} MiB back",
@@ -480,5 +490,19 @@ pub fn print_summary(s: &TrainSummary) {
             m.spill_bytes as f64 / (1 << 20) as f64,
             m.restore_bytes as f64 / (1 << 20) as f64
         );
+    }
+}
+
+/// The summary's line on whether the device's results were verified.
+pub fn describe_device_checks(checks: Option<trustsplit_schemes::device_check::CheckTally>) -> String {
+    match checks {
+        Some(c) => format!(
+            "device results: verified ({} values checked through secret projections; the closest came to {:.2e} of \
+             its tolerance)",
+            c.checks, c.worst_ratio
+        ),
+        None => "device results: NOT verified (--verify-device off): a faulty or malicious device could have \
+                 biased the training undetected"
+            .to_string(),
     }
 }

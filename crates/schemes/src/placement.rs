@@ -44,6 +44,9 @@ pub struct PlacementReport {
     /// low-rank products); the rest of the enclave's time is batch-norm, activations, pooling,
     /// the loss, the optimizer and saved-context handling.
     pub enclave_phase_seconds: std::collections::BTreeMap<String, f64>,
+    /// Where the scheme verifies the device's results: the values checked and the closest any
+    /// came to its tolerance. `None`: the device's results are not verified.
+    pub device_checks: Option<crate::device_check::CheckTally>,
 }
 
 /// A scheme's decision for the linear layers. Everything else runs inside the enclave.

@@ -515,3 +515,115 @@ fn every_released_residual_is_clipped_to_its_bound() {
         }
     }
 }
+
+/// Our CPU kernels returning one kind of result scaled by 1.05 (`0`: outputs, `1`: input
+/// gradients, `2`: weight gradients): a device that biases the training, by too little for the
+/// checks of finiteness to notice.
+struct TamperingDevice {
+    kernels: trustsplit_device::CpuBackend,
+    tampers_with: usize,
+}
+
+impl TamperingDevice {
+    fn tampered(
+        &self,
+        kind: usize,
+        values: Result<Vec<f32>, trustsplit_device::DeviceError>,
+    ) -> Result<Vec<f32>, trustsplit_device::DeviceError> {
+        let mut values = values?;
+        if kind == self.tampers_with {
+            values.iter_mut().for_each(|v| *v *= 1.05);
+        }
+        Ok(values)
+    }
+}
+
+impl trustsplit_device::Backend for TamperingDevice {
+    fn name(&self) -> String {
+        "tampering cpu".into()
+    }
+    fn gemm(
+        &mut self,
+        s: &trustsplit_device::GemmShape,
+        a: &[f32],
+        b: &[f32],
+    ) -> Result<Vec<f32>, trustsplit_device::DeviceError> {
+        self.kernels.gemm(s, a, b)
+    }
+    fn conv_forward(
+        &mut self,
+        g: &trustsplit_kernels::ConvGeometry,
+        x: &[f32],
+        w: &[f32],
+    ) -> Result<Vec<f32>, trustsplit_device::DeviceError> {
+        let y = self.kernels.conv_forward(g, x, w);
+        self.tampered(0, y)
+    }
+    fn conv_backward_data(
+        &mut self,
+        g: &trustsplit_kernels::ConvGeometry,
+        dy: &[f32],
+        w: &[f32],
+    ) -> Result<Vec<f32>, trustsplit_device::DeviceError> {
+        let dx = self.kernels.conv_backward_data(g, dy, w);
+        self.tampered(1, dx)
+    }
+    fn conv_backward_weight(
+        &mut self,
+        g: &trustsplit_kernels::ConvGeometry,
+        x: &[f32],
+        dy: &[f32],
+    ) -> Result<Vec<f32>, trustsplit_device::DeviceError> {
+        let dw = self.kernels.conv_backward_weight(g, x, dy);
+        self.tampered(2, dw)
+    }
+}
+
+#[test]
+fn a_device_that_tampers_with_its_results_is_caught_and_the_step_refused() {
+    for (tampers_with, what) in ["output", "input gradient", "weight gradient"].into_iter().enumerate() {
+        for (protect_gradients, verify_device) in [(true, true), (false, true), (true, false)] {
+            let kernels = trustsplit_device::CpuBackend::new(1).unwrap();
+            let device = trustsplit_device::Device::local(Box::new(TamperingDevice { kernels, tampers_with }));
+            let cfg =
+                AsymmlConfig { noise_multiplier: 1.0, protect_gradients, verify_device, ..AsymmlConfig::default() };
+            let mut r = asymml::runner(device, cfg, 96 << 20, Arc::new(Transcript::new())).unwrap();
+            let mut rng = ChaCha8Rng::seed_from_u64(17);
+            let mut model = small_model(&mut rng);
+            let mut opt = Optimizer::new(OptimizerKind::Sgd { momentum: 0.9, nesterov: false }, 5e-4);
+            let x = random(&mut rng, &[5, 3, 12, 12], 1.0);
+            let y: Vec<usize> = (0..5).map(|_| rng.random_range(0..10)).collect();
+            let step = r.train_step(&mut model, Secret::new(x.clone()), &Secret::new(y.clone()), &mut opt, 0.05);
+            let case = format!("tampers with {what}, protect_gradients {protect_gradients}");
+            if !verify_device {
+                // The same device goes unnoticed without the checks: they are what catches it.
+                step.unwrap_or_else(|e| panic!("{case}, unverified: {e}"));
+                assert!(r.report().placement.device_checks.is_none());
+                continue;
+            }
+            let err = step.expect_err(&case).to_string();
+            let expected = format!("the device's {what} failed verification at");
+            assert!(err.contains(&expected) && err.contains("layers."), "{case}: {err}");
+            if tampers_with == 0 {
+                // Evaluation checks the device's outputs too.
+                let err = r.eval_batch(&mut model, Secret::new(x), &Secret::new(y)).expect_err(&case).to_string();
+                assert!(err.contains(&expected), "{case}: {err}");
+            }
+        }
+    }
+}
+
+#[test]
+fn an_honest_device_passes_every_check_and_the_report_counts_them() {
+    for protect_gradients in [true, false] {
+        let cfg = AsymmlConfig { noise_multiplier: 1.0, protect_gradients, ..AsymmlConfig::default() };
+        assert!(cfg.verify_device, "verification is on by default");
+        let mut r = runner(cfg, Transcript::new());
+        train(&mut r, 19);
+        let checks = r.report().placement.device_checks.expect("verified");
+        // Every released residual's convolution is checked: per sample and position for the
+        // outputs and input gradients, per output channel and tap for the weight gradients.
+        assert!(checks.checks > 1000, "{checks:?}");
+        assert!(checks.worst_ratio > 0.0 && checks.worst_ratio < 0.5, "{checks:?}");
+    }
+}

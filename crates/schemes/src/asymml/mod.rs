@@ -103,6 +103,9 @@ pub struct AsymmlConfig {
     /// (the batch-mean gradient times the batch size).
     pub grad_clip_norm: f64,
     pub delta: f64,
+    /// Check every result the device returns through secret random projections
+    /// ([`crate::device_check`]) and refuse the step on a mismatch.
+    pub verify_device: bool,
 }
 
 impl Default for AsymmlConfig {
@@ -116,6 +119,7 @@ impl Default for AsymmlConfig {
             clip_norm: DEFAULT_CLIP_NORM,
             grad_clip_norm: DEFAULT_GRAD_CLIP_NORM,
             delta: 1e-5,
+            verify_device: true,
         }
     }
 }

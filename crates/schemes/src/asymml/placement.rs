@@ -7,6 +7,9 @@ use super::noise::{clip_and_noise, Clipped};
 use super::spares::Spares;
 use super::virtual_conv as vc;
 use super::{AsymmlConfig, BasisScope, PrivacyLedger, RankRule};
+use crate::device_check::{
+    check_backward_data, check_backward_weight, check_forward, secret, CheckTally, InputProjection, WeightCheck,
+};
 use crate::placement::{
     add_bias, crossing, lock, received, LayerSplit, PassInfo, Placement, PlacementReport, PlacementResult,
 };
@@ -61,6 +64,7 @@ impl Asymml {
             max_evaluation_releases: 0,
             training_steps: 0,
             gradients_in_clear: false,
+            checked: CheckTally::default(),
             phases: RefCell::new(BTreeMap::new()),
             spares: Spares::default(),
             device_caller: rayon::ThreadPoolBuilder::new()
@@ -127,6 +131,11 @@ struct Decomposition {
 struct Pending {
     /// Shared by the convolutions that read the same input ([`Asymml::forward_sharing_split`]).
     residual: Option<Arc<Released<Vec<f32>>>>,
+    /// What the enclave kept of that residual to check the device's weight gradient
+    /// (`verify_device`), shared like it.
+    input_check: Option<Arc<InputProjection>>,
+    /// The weight's projections the forward pass checked with, to check the input gradient.
+    weight_check: Option<WeightCheck>,
     is_input: bool,
     index: usize,
     in_shape: Vec<usize>,
@@ -165,6 +174,8 @@ pub struct Asymml {
     max_evaluation_releases: u64,
     training_steps: u64,
     gradients_in_clear: bool,
+    /// The device's result values checked so far (`verify_device`).
+    checked: CheckTally,
     /// Enclave seconds per phase (subspace, split, noise, low-rank products, merge).
     phases: Phases,
     /// Released residuals and device results, reused as buffers for outputs written in full.
@@ -454,15 +465,28 @@ impl Asymml {
             };
             Some(Arc::new(self.release(layer, kind, x.shape(), std::mem::take(&mut parts.residual), &why)))
         };
+        // The device keeps the residual until the backward pass, where the host could swap it: to
+        // check the weight gradient computed from it, the enclave keeps a secret projection now.
+        let input_check = match &released {
+            Some(r) if mode == Mode::Train && self.cfg.verify_device => {
+                let t = secret(&mut self.rng, c);
+                Some(Arc::new(timed(&self.phases, "verify", || InputProjection::new(&g, r.get(), t))))
+            }
+            _ => None,
+        };
         let mut out = Vec::with_capacity(convs.len());
         for (k, (&(name, conv), &index)) in convs.iter().zip(&indices).enumerate() {
-            let y = self.forward_products(name, conv, &parts.groups, released.as_deref(), x.shape())?;
+            let (y, weight_check) =
+                self.forward_products(name, conv, &parts.groups, released.as_deref(), x.shape(), mode)?;
             if mode != Mode::Train {
                 out.push((y, Saved::Nothing));
                 continue;
             }
             let residual = released.clone();
-            self.pending.insert(name.to_string(), Pending { residual, is_input, index, in_shape: x.shape().to_vec() });
+            let input_check = input_check.clone();
+            let in_shape = x.shape().to_vec();
+            let pending = Pending { residual, input_check, weight_check, is_input, index, in_shape };
+            self.pending.insert(name.to_string(), pending);
             // The last convolution takes the factors; the others get copies (bases and
             // coordinates: r channels, not C).
             let groups = if k + 1 == convs.len() { std::mem::take(&mut parts.groups) } else { parts.groups.clone() };
@@ -478,7 +502,9 @@ impl Asymml {
     }
 
     /// One convolution's output from the split of its input: the enclave's low-rank products,
-    /// plus (where a residual was released) the device's convolution of it, merged.
+    /// plus (where a residual was released) the device's convolution of it, merged. With
+    /// `verify_device`, also the weight's projections it checked the device's output with (which
+    /// the backward pass checks the input gradient with).
     fn forward_products(
         &mut self,
         layer: &str,
@@ -486,7 +512,8 @@ impl Asymml {
         groups: &[Group],
         residual: Option<&Released<Vec<f32>>>,
         in_shape: &[usize],
-    ) -> PlacementResult<Tensor> {
+        mode: Mode,
+    ) -> PlacementResult<(Tensor, Option<WeightCheck>)> {
         let g = conv.geometry(in_shape);
         let (n, out_c, out_hw) = (g.batch, g.out_channels, g.out_h() * g.out_w());
         let out_shape = [n, out_c, g.out_h(), g.out_w()];
@@ -497,8 +524,13 @@ impl Asymml {
                 vc::low_rank_forward(&g, data(&conv.weight), &factors(groups), &mut y)
             });
             add_bias(&mut y, conv.bias.as_ref(), out_c, out_hw);
-            return Ok(from_vec(&out_shape, y));
+            return Ok((from_vec(&out_shape, y), None));
         };
+        let weight_check = self.cfg.verify_device.then(|| {
+            let s = secret(&mut self.rng, out_c);
+            let t = (mode == Mode::Train).then(|| secret(&mut self.rng, g.in_channels));
+            timed(&self.phases, "verify", || WeightCheck::new(&g, data(&conv.weight), s, t))
+        });
         let weight = self.release_weight(layer, conv);
         let (from_device, macs) = self.overlapped(
             layer,
@@ -516,8 +548,12 @@ impl Asymml {
             let terms = g.in_channels * g.kernel_h * g.kernel_w;
             return Err(device_fault(layer, "output", (data(&conv.weight), residual.get(), terms)));
         }
+        if let Some(weight) = &weight_check {
+            let checked = timed(&self.phases, "verify", || check_forward(&g, weight, residual.get(), &from_device));
+            self.checked.add(checked.map_err(|e| format!("{layer}: {e}"))?);
+        }
         self.spares.keep(from_device);
-        Ok(from_vec(&out_shape, y))
+        Ok((from_vec(&out_shape, y), weight_check))
     }
 }
 
@@ -854,6 +890,8 @@ impl Placement for Asymml {
             };
             self.enclave_macs += macs;
             let operand = grad.as_ref().map_or(&[][..], |r| r.get().as_slice());
+            let checks = (pending.weight_check.as_ref(), pending.input_check.as_deref());
+            self.verify_backward((layer, &g, w, operand), dev_dx.as_deref(), dev_dw.as_deref(), checks)?;
             let dw = self.merge_device((layer, w, operand), &g, dev_dx, dev_dw, &mut dx, low_rank)?;
             if let Some(released) = grad {
                 self.spares.keep(released.into_inner());
@@ -879,6 +917,9 @@ impl Placement for Asymml {
                     |d| device_backward(d, &g, &grad, weight.filter(|_| need_dx), x_res),
                     enclave,
                 )?;
+                let ((dev_dx, dev_dw), _) = &out;
+                let checks = (pending.weight_check.as_ref(), pending.input_check.as_deref());
+                self.verify_backward((layer, &g, w, grad.get()), dev_dx.as_deref(), dev_dw.as_deref(), checks)?;
                 self.spares.keep(grad.into_inner());
                 out
             } else {
@@ -941,11 +982,68 @@ impl Placement for Asymml {
             layers,
             privacy: Some(privacy),
             enclave_phase_seconds: self.phases.borrow().iter().map(|(k, v)| (k.to_string(), *v)).collect(),
+            device_checks: self.cfg.verify_device.then_some(self.checked),
         }
     }
 }
 
 impl Asymml {
+    /// Checks what the device returned for a convolution's backward pass, where `verify_device`
+    /// is on: its input gradient `dx` against the output gradient `dy` it was sent and the
+    /// weight's projections made in the forward pass (made now where the forward pass released
+    /// nothing: a rank that kept every channel), its weight gradient `dw` against the projection
+    /// the enclave kept of the input it was sent in the forward pass.
+    fn verify_backward(
+        &mut self,
+        (layer, g, w, dy): (&str, &ConvGeometry, &[f32], &[f32]),
+        dx: Option<&[f32]>,
+        dw: Option<&[f32]>,
+        (weight, input): (Option<&WeightCheck>, Option<&InputProjection>),
+    ) -> PlacementResult<()> {
+        if !self.cfg.verify_device {
+            return Ok(());
+        }
+        if let Some(dx) = dx {
+            let made_now;
+            let weight = match weight {
+                Some(weight) => weight,
+                None => {
+                    let s = secret(&mut self.rng, g.out_channels);
+                    let t = Some(secret(&mut self.rng, g.in_channels));
+                    made_now = timed(&self.phases, "verify", || WeightCheck::new(g, w, s, t));
+                    &made_now
+                }
+            };
+            let checked = timed(&self.phases, "verify", || check_backward_data(g, weight, dy, dx));
+            self.count_checked(layer, checked, dx)?;
+        }
+        if let Some(dw) = dw {
+            let missing = || format!("{layer}: nothing kept to check the device's weight gradient");
+            let input = input.ok_or_else(missing)?;
+            let checked = timed(&self.phases, "verify", || check_backward_weight(g, input, dy, dw));
+            self.count_checked(layer, checked, dw)?;
+        }
+        Ok(())
+    }
+
+    /// Counts a passed check; a failed one ends the step, except where the result is not finite:
+    /// `merge_device` then tells a diverged run from a faulty device.
+    fn count_checked(
+        &mut self,
+        layer: &str,
+        checked: Result<CheckTally, String>,
+        values: &[f32],
+    ) -> PlacementResult<()> {
+        match checked {
+            Ok(t) => {
+                self.checked.add(t);
+                Ok(())
+            }
+            Err(_) if !all_finite(values) => Ok(()),
+            Err(e) => Err(format!("{layer}: {e}")),
+        }
+    }
+
     /// Adds the device's input gradient (when it computed one) to the enclave's, and returns the
     /// weight gradient: the enclave's low-rank terms expanded into the device's share (or into
     /// zeros), so that the weight-sized gradient is swept once. `weight` is the layer's, to tell a
