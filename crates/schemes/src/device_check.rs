@@ -33,8 +33,9 @@ use rand::Rng;
 use rand_distr::StandardNormal;
 use serde::Serialize;
 use std::ops::Range;
+use trustsplit_kernels::conv::conv2d_backward_weight_few_inputs;
 use trustsplit_kernels::elementwise::sum_f64_of;
-use trustsplit_kernels::matmul::{matmul, matmul_strided, parallelism, threads, MatRef};
+use trustsplit_kernels::matmul::{matmul_strided, parallelism, threads, MatRef};
 use trustsplit_kernels::ConvGeometry;
 
 /// Standard deviations of the worst-case rounding a check allows: an honest f32 device passes
@@ -598,40 +599,15 @@ pub fn check_backward_weight(
 }
 
 fn backward_weight_sides(g: &ConvGeometry, x: &InputProjection, dy: &[f32], dw: &[f32]) -> Sides {
-    let (taps, in_plane, out_plane) = (g.kernel_h * g.kernel_w, g.in_h * g.in_w, g.out_h() * g.out_w());
+    let (taps, out_plane) = (g.kernel_h * g.kernel_w, g.out_h() * g.out_w());
     let (n, c) = (g.batch, g.out_channels);
     let terms = n * out_plane;
     let factor = tolerance_factor((terms, x.norm), (terms, norm(&x.projected)), norm64(&x.t));
-    // The projected input under each tap at every output position (zero outside the plane):
-    // `n x taps x P`, so that `enclave[o, tap] = sum_(n, p) dy[n, o, p] * shifted[n, tap, p]`.
-    let mut shifted = vec![0.0f32; n * taps * out_plane];
-    for (x_n, s_n) in x.projected.chunks_exact(in_plane).zip(shifted.chunks_exact_mut(taps * out_plane)) {
-        for_each_tap_run(g, |tap, out, input, len| {
-            for (k, to) in s_n[tap * out_plane + out..][..len].iter_mut().enumerate() {
-                *to = x_n[input + k * g.stride];
-            }
-        });
-    }
+    // enclave[o, tap] = sum over samples and outputs of dy times the projected input at the
+    // tap: the weight gradient of a convolution with the projection as its one input channel.
+    let one_input = ConvGeometry { in_channels: 1, ..*g };
     let mut enclave = vec![0.0f32; c * taps];
-    let par = parallelism(threads());
-    if out_plane >= n {
-        for (k, (dy_n, s_n)) in dy.chunks_exact(c * out_plane).zip(shifted.chunks_exact(taps * out_plane)).enumerate() {
-            let (a, b) = (MatRef::row_major(dy_n, c, out_plane), MatRef::row_major(s_n, taps, out_plane).t());
-            matmul(a, b, &mut enclave, taps, k > 0, par);
-        }
-    } else {
-        for p in 0..out_plane {
-            let a = MatRef { data: &dy[p..], rows: c, cols: n, row_stride: out_plane, col_stride: c * out_plane };
-            let b = MatRef {
-                data: &shifted[p..],
-                rows: n,
-                cols: taps,
-                row_stride: taps * out_plane,
-                col_stride: out_plane,
-            };
-            matmul(a, b, &mut enclave, taps, p > 0, par);
-        }
-    }
+    conv2d_backward_weight_few_inputs(&one_input, &x.projected, dy, &mut enclave);
     let mut dy_squares = vec![0.0f64; c];
     for (o, plane) in dy.chunks_exact(out_plane).enumerate() {
         dy_squares[o % c] += sum_f64_of(plane, |v| v * v);
