@@ -265,6 +265,9 @@ fn enclave_trains_the_upload_under_asymml_with_its_flags() {
         .collect();
     assert_eq!(ranks, [1.0, 3.0], "the rank schedule did not reach the scheme: {summary}");
     assert!(summary["bytes_to_device"].as_u64().unwrap() > 0, "{summary}");
+    let checks = &summary["scheme_report"]["placement"]["device_checks"];
+    assert!(checks["checks"].as_u64().is_some_and(|n| n > 0), "the device's results were not checked: {summary}");
+    assert!(enclave_err.contains("device results: verified ("), "{enclave_err}");
 }
 
 #[test]

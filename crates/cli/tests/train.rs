@@ -168,6 +168,27 @@ fn asymml_without_noise_trains_like_plaintext() {
     let p = asym.privacy.unwrap();
     assert!(p.epsilon.is_none(), "no noise must mean no finite epsilon: {p:?}");
     assert!(asym.bytes_to_device > 0);
+    // Every device result was checked (the default), and the summary says so.
+    let checks = asym.scheme_report.placement.device_checks.expect("verified by default");
+    assert!(checks.checks > 0 && checks.worst_ratio < 0.5, "{checks:?}");
+    let line = trustsplit::train::describe_device_checks(Some(checks));
+    assert!(line.starts_with("device results: verified ("), "{line}");
+}
+
+#[test]
+fn asymml_verification_can_be_turned_off_and_a_run_resumes_across_the_switch() {
+    let mut cfg = small("lenet5", 1);
+    cfg.scheme = Scheme::Asymml;
+    let out = out_dir("asym-verify");
+    let first = train(&cfg, &out, false, false).unwrap();
+    assert!(first.scheme_report.placement.device_checks.is_some());
+    cfg.epochs = 2;
+    cfg.asymml.verify_device = false;
+    let resumed = train(&cfg, &out, true, false).unwrap();
+    assert_eq!(resumed.resumed_from_epoch, 1);
+    assert!(resumed.scheme_report.placement.device_checks.is_none());
+    let line = trustsplit::train::describe_device_checks(None);
+    assert!(line.contains("NOT verified (--verify-device off)"), "{line}");
 }
 
 #[test]
