@@ -7,7 +7,9 @@
 //! input gradient is checked the same way over the input channels, and the weight gradient
 //! `corr(X, dY)` over the input channels too, through `sum_i t_i X[i]`, which the enclave computes
 //! when it releases `X` (the device keeps `X` until the backward pass, and the host could swap it).
-//! The enclave computes both sides in f64 from what it released and its own weights.
+//! The enclave works from what it released and its own weights: it projects the weights and the
+//! device's results in f64, runs its one-channel products in f32 (the gemm crate, the kernels'
+//! few-input weight gradient) and sums their taps in f64.
 //!
 //! **Tolerance.** An honest device does not return the exact products: it rounds. Any device that
 //! forms each result value as a sum of its `K` products in f32 arithmetic, in any order, with or
@@ -16,8 +18,10 @@
 //! Algorithms*, 2nd ed., section 3.1), and Cauchy-Schwarz bounds that sum by the product of the
 //! two factors' norms. The device does not know `s`, so the projection of its errors `e_o` is
 //! Gaussian, `s^T e ~ N(0, sum_o e_o^2)`: the check allows [`SIGMAS`] standard deviations of the
-//! worst case (plus the enclave's own f64 rounding, about 10^-8 of that), which an honest f32
-//! device exceeds with probability below 1.3e-15 per value checked.
+//! worst case, plus the worst case of the enclave's own f32 products (a fixed bound, about an
+//! eighth of the device's allowance, since it is not a projection of errors) and of its f64 sums
+//! (about 10^-8 of the rest). An honest f32 device exceeds that with probability below 1.3e-15
+//! per value checked.
 //!
 //! **What it catches.** A corruption `d` of one result value moves its check by `s_o d`, which is
 //! caught unless `|s_o d|` stays within the tolerance: with probability about `0.8 T / |d|` for a
