@@ -54,8 +54,10 @@ pub struct AsymmlArgs {
     #[arg(long, default_value_t = DEFAULT_GRAD_CLIP, help_heading = "AsymML")]
     pub grad_clip_norm: f64,
     /// AsymML: check every result the device returns (outputs, input and weight gradients)
-    /// through secret random projections and refuse the step on a mismatch: a device that
-    /// corrupts its results is caught beyond f32 rounding. Off trusts the device's arithmetic.
+    /// through secret random projections and refuse the step on a mismatch beyond what f32
+    /// rounding allows (a bias or scaled or stale results are caught; a single value changed by a
+    /// few times its size may pass: docs/asymml.md). Costs 15-30% of the enclave's time. Off
+    /// trusts the device's arithmetic.
     #[arg(long, default_value = "on", help_heading = "AsymML")]
     pub verify_device: crate::OnOff,
 }
