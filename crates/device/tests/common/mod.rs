@@ -117,3 +117,75 @@ pub fn release(t: &Transcript, v: Vec<f32>) -> Released<Vec<f32>> {
     };
     Released::new(t, info, v)
 }
+
+/// One convolution result in f64 from its definition: each value, the sum of its products'
+/// magnitudes, and how many products it has at most.
+pub struct Exact {
+    pub values: Vec<f64>,
+    pub magnitudes: Vec<f64>,
+    pub terms: usize,
+}
+
+/// The forward output, input gradient and weight gradient of `g` in f64, straight from the
+/// definition (zero padding).
+pub fn exact_convolutions(g: &ConvGeometry, x: &[f32], w: &[f32], dy: &[f32]) -> [Exact; 3] {
+    let (oh, ow) = (g.out_h(), g.out_w());
+    let zeros = |n: usize| (vec![0.0f64; n], vec![0.0f64; n]);
+    let ((mut y, mut y_abs), (mut dx, mut dx_abs), (mut dw, mut dw_abs)) =
+        (zeros(g.output_len()), zeros(g.input_len()), zeros(g.weight_len()));
+    for n in 0..g.batch {
+        for o in 0..g.out_channels {
+            for i in 0..g.in_channels {
+                for kh in 0..g.kernel_h {
+                    for kw in 0..g.kernel_w {
+                        let wi = ((o * g.in_channels + i) * g.kernel_h + kh) * g.kernel_w + kw;
+                        for r in 0..oh {
+                            for c in 0..ow {
+                                let (ih, iw) = (
+                                    (r * g.stride + kh) as isize - g.padding as isize,
+                                    (c * g.stride + kw) as isize - g.padding as isize,
+                                );
+                                if ih < 0 || iw < 0 || ih >= g.in_h as isize || iw >= g.in_w as isize {
+                                    continue;
+                                }
+                                let xi = ((n * g.in_channels + i) * g.in_h + ih as usize) * g.in_w + iw as usize;
+                                let yi = ((n * g.out_channels + o) * oh + r) * ow + c;
+                                let (xv, wv, dv) = (f64::from(x[xi]), f64::from(w[wi]), f64::from(dy[yi]));
+                                y[yi] += wv * xv;
+                                y_abs[yi] += (wv * xv).abs();
+                                dx[xi] += wv * dv;
+                                dx_abs[xi] += (wv * dv).abs();
+                                dw[wi] += xv * dv;
+                                dw_abs[wi] += (xv * dv).abs();
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+    [
+        Exact { values: y, magnitudes: y_abs, terms: g.patch_len() },
+        Exact { values: dx, magnitudes: dx_abs, terms: g.out_channels * g.kernel_h * g.kernel_w },
+        Exact { values: dw, magnitudes: dw_abs, terms: g.batch * oh * ow },
+    ]
+}
+
+/// Asserts that every value of `got` errs from `want` by at most what a sum of `want.terms` f32
+/// products may, in any order: `gamma_K = K u / (1 - K u)` times the sum of the products'
+/// magnitudes (u = 2^-24). AsymML's check of a device's results (`--verify-device`) builds its
+/// tolerance on this bound, so a backend that breaks it would be refused as faulty.
+pub fn assert_within_f32_dot_bound(got: &[f32], want: &Exact, what: &str) {
+    assert_eq!(got.len(), want.values.len(), "{what}: length");
+    let ku = want.terms as f64 / (1u64 << 24) as f64;
+    let gamma = ku / (1.0 - ku);
+    for (i, ((&g, &v), &m)) in got.iter().zip(&want.values).zip(&want.magnitudes).enumerate() {
+        let error = (f64::from(g) - v).abs();
+        // (A device summing in higher precision and rounding once errs by at most u |v|, within it.)
+        let bound = gamma * m;
+        assert!(
+            error <= bound,
+            "{what}: value {i} is {g}, exactly {v}: off by {error:e}, beyond the f32 bound {bound:e}"
+        );
+    }
+}
