@@ -198,6 +198,9 @@ pub struct StepBench {
     pub device_macs: u64,
     /// Enclave milliseconds per step in each of the scheme's own phases (AsymML only).
     pub enclave_phase_ms: BTreeMap<String, f64>,
+    /// The device's results checked over the run, warm-up included (AsymML with
+    /// `--verify-device on`; `None` otherwise).
+    pub device_checks: Option<trustsplit_schemes::device_check::CheckTally>,
 }
 
 /// Settings of [`step`].
@@ -410,6 +413,7 @@ impl<'a> Stepper<'a> {
                     (k.clone(), (v - b) * 1e3 / o.steps as f64)
                 })
                 .collect(),
+            device_checks: after.placement.device_checks,
             device_macs: match o.scheme {
                 crate::train::Scheme::Asymml => per(after.placement.device_macs, before.placement.device_macs),
                 crate::train::Scheme::GpuOnly => model_macs,
