@@ -62,24 +62,44 @@ fn gamma(terms: usize, roundoff: f64) -> f64 {
     }
 }
 
-/// A check's tolerance per unit of the norm that bounds a checked value's operand (its patch of
-/// the input, its window of the output gradient, its output channel's gradient). Three parts:
-/// - the device's rounding: [`SIGMAS`] times the worst case of `device_terms` f32 products per
-///   value, over a factor of norm `device_norm` (the weight's, or the released input's);
-/// - the enclave's own f32 product with the rounded projection (norm `enclave_norm`) over
-///   `enclave_terms` channels, a fixed bound (it does not shrink like a projection of errors);
-/// - the enclave's f64 rounding of the projections and sums, about 10^-8 of the rest, bounded
-///   generously; a last factor covers the f64 rounding of the norms themselves.
-fn tolerance_factor(
-    (device_terms, device_norm): (usize, f64),
-    (enclave_terms, enclave_norm): (usize, f64),
-    secret_norm: f64,
-) -> f64 {
-    let device = SIGMAS * gamma(device_terms, F32_ROUNDOFF) * device_norm;
-    let enclave = gamma(enclave_terms + 1, F32_ROUNDOFF) * (1.0 + F32_ROUNDOFF) * enclave_norm;
-    let f64_sums =
-        3.0 * gamma(device_terms + enclave_terms + 64, F64_ROUNDOFF) * (secret_norm * device_norm + enclave_norm);
-    (device + enclave + f64_sums) * (1.0 + 1e-6)
+/// A check's tolerance: `per_norm` times the norm that bounds a checked value's operand (its
+/// patch of the input, its window of the output gradient, its output channel's gradient), plus
+/// `absolute`.
+#[derive(Clone, Copy)]
+struct Tolerance {
+    per_norm: f64,
+    absolute: f64,
+}
+
+impl Tolerance {
+    /// Four parts:
+    /// - the device's rounding: [`SIGMAS`] times the worst case of `device_terms` f32 products per
+    ///   value, over a factor of norm `device_norm` (the weight's, or the released input's);
+    /// - the enclave's own f32 product with the rounded projection (norm `enclave_norm`) over
+    ///   `enclave_terms` channels, a fixed bound (it does not shrink like a projection of errors);
+    /// - the enclave's f64 rounding of the projections and sums, about 10^-8 of the rest, bounded
+    ///   generously; a factor covers the f64 rounding of the norms themselves;
+    /// - underflow, absolute: a device that flushes subnormal results to zero (GPUs may) errs by
+    ///   up to f32's smallest normal value per operation, whatever the operands' size; over the
+    ///   `projected` channels' values (`SIGMAS` deviations again), and the enclave's own.
+    fn new(
+        (device_terms, device_norm): (usize, f64),
+        (enclave_terms, enclave_norm): (usize, f64),
+        (projected, secret_norm): (usize, f64),
+    ) -> Tolerance {
+        let device = SIGMAS * gamma(device_terms, F32_ROUNDOFF) * device_norm;
+        let enclave = gamma(enclave_terms + 1, F32_ROUNDOFF) * (1.0 + F32_ROUNDOFF) * enclave_norm;
+        let f64_sums =
+            3.0 * gamma(device_terms + enclave_terms + 64, F64_ROUNDOFF) * (secret_norm * device_norm + enclave_norm);
+        let operations = |terms: usize| 2.0 * terms as f64 * f64::from(f32::MIN_POSITIVE);
+        let absolute =
+            SIGMAS * operations(device_terms) * (projected as f64).sqrt() + 2.0 * operations(enclave_terms + 16);
+        Tolerance { per_norm: (device + enclave + f64_sums) * (1.0 + 1e-6), absolute }
+    }
+
+    fn at(&self, norm: f64) -> f64 {
+        self.per_norm * norm + self.absolute
+    }
 }
 
 /// A secret Gaussian vector of `n` values, drawn from `rng` (the caller's CSPRNG).
@@ -441,15 +461,18 @@ fn forward_samples(
     mut visit: impl FnMut(usize, &Sides) -> Result<(), String>,
 ) -> Result<(), String> {
     let (taps, in_plane, out_plane) = (g.kernel_h * g.kernel_w, g.in_h * g.in_w, g.out_h() * g.out_w());
-    let factor =
-        tolerance_factor((g.patch_len(), weight.norm), (g.in_channels, norm(&weight.by_outputs)), norm64(&weight.s));
+    let tolerance = Tolerance::new(
+        (g.patch_len(), weight.norm),
+        (g.in_channels, norm(&weight.by_outputs)),
+        (g.out_channels, norm64(&weight.s)),
+    );
     let mut sides = Sides::with_capacity(out_plane);
     let sizes = (g.batch, g.in_channels, in_plane);
     for_each_sample_taps((&weight.by_outputs, taps), x, sizes, |n, z_n| {
         let x_n = &x[n * g.in_channels * in_plane..][..g.in_channels * in_plane];
         let y_n = &y[n * g.out_channels * out_plane..][..g.out_channels * out_plane];
         sides.clear();
-        forward_sample(g, (x_n, z_n, y_n), &weight.s, factor, &mut sides);
+        forward_sample(g, (x_n, z_n, y_n), &weight.s, tolerance, &mut sides);
         visit(n, &sides)
     })
 }
@@ -468,7 +491,7 @@ fn forward_sides(g: &ConvGeometry, weight: &WeightCheck, x: &[f32], y: &[f32]) -
 trustsplit_kernels::multiversion! {
     /// One sample's values of the forward check, appended to `sides`: `z_n` its projected
     /// weight's taps applied to its input `x_n`, `y_n` the device's output.
-    fn forward_sample(g: &ConvGeometry, planes: (&[f32], &[f32], &[f32]), s: &[f64], factor: f64, sides: &mut Sides) {
+    fn forward_sample(g: &ConvGeometry, planes: (&[f32], &[f32], &[f32]), s: &[f64], tolerance: Tolerance, sides: &mut Sides) {
         let (x_n, z_n, y_n) = planes;
         let (in_plane, out_plane) = (g.in_h * g.in_w, g.out_h() * g.out_w());
         let squares = squares_of_rows(x_n, in_plane);
@@ -481,7 +504,7 @@ trustsplit_kernels::multiversion! {
             let (from, sq) = (&z_n[tap * in_plane + input..], &squares[input..]);
             gather_run(&mut enclave_side[out..out + len], from, &mut patch[out..out + len], sq, g.stride);
         });
-        patch.iter_mut().for_each(|p| *p = factor * p.sqrt());
+        patch.iter_mut().for_each(|p| *p = tolerance.at(p.sqrt()));
         sides.device.resize(start + out_plane, 0.0);
         add_projected_rows(y_n, s, &mut sides.device[start..]);
     }
@@ -514,15 +537,18 @@ fn backward_data_samples(
 ) -> Result<(), String> {
     let t = weight.t.as_deref().ok_or("no secret over the input channels: the weight was projected for inference")?;
     let (taps, in_plane, out_plane) = (g.kernel_h * g.kernel_w, g.in_h * g.in_w, g.out_h() * g.out_w());
-    let factor =
-        tolerance_factor((g.out_channels * taps, weight.norm), (g.out_channels, norm(&weight.by_inputs)), norm64(t));
+    let tolerance = Tolerance::new(
+        (g.out_channels * taps, weight.norm),
+        (g.out_channels, norm(&weight.by_inputs)),
+        (g.in_channels, norm64(t)),
+    );
     let mut sides = Sides::with_capacity(in_plane);
     let sizes = (g.batch, g.out_channels, out_plane);
     for_each_sample_taps((&weight.by_inputs, taps), dy, sizes, |n, z_n| {
         let dy_n = &dy[n * g.out_channels * out_plane..][..g.out_channels * out_plane];
         let dx_n = &dx[n * g.in_channels * in_plane..][..g.in_channels * in_plane];
         sides.clear();
-        backward_data_sample(g, (dy_n, z_n, dx_n), t, factor, &mut sides);
+        backward_data_sample(g, (dy_n, z_n, dx_n), t, tolerance, &mut sides);
         visit(n, &sides)
     })
 }
@@ -540,7 +566,7 @@ fn backward_data_sides(g: &ConvGeometry, weight: &WeightCheck, dy: &[f32], dx: &
 trustsplit_kernels::multiversion! {
     /// One sample's values of the input-gradient check, appended to `sides`: `z_n` its projected
     /// weight's taps applied to its output gradient `dy_n`, `dx_n` the device's input gradient.
-    fn backward_data_sample(g: &ConvGeometry, planes: (&[f32], &[f32], &[f32]), t: &[f64], factor: f64, sides: &mut Sides) {
+    fn backward_data_sample(g: &ConvGeometry, planes: (&[f32], &[f32], &[f32]), t: &[f64], tolerance: Tolerance, sides: &mut Sides) {
         let (dy_n, z_n, dx_n) = planes;
         let (in_plane, out_plane) = (g.in_h * g.in_w, g.out_h() * g.out_w());
         let squares = squares_of_rows(dy_n, out_plane);
@@ -553,7 +579,7 @@ trustsplit_kernels::multiversion! {
             let (from, sq) = (&z_n[tap * out_plane + out..][..len], &squares[out..out + len]);
             scatter_run(from, &mut enclave_side[input..], sq, &mut window[input..], g.stride);
         });
-        window.iter_mut().for_each(|v| *v = factor * v.sqrt());
+        window.iter_mut().for_each(|v| *v = tolerance.at(v.sqrt()));
         sides.device.resize(start + in_plane, 0.0);
         add_projected_rows(dx_n, t, &mut sides.device[start..]);
     }
@@ -606,7 +632,7 @@ fn backward_weight_sides(g: &ConvGeometry, x: &InputProjection, dy: &[f32], dw: 
     let (taps, out_plane) = (g.kernel_h * g.kernel_w, g.out_h() * g.out_w());
     let (n, c) = (g.batch, g.out_channels);
     let terms = n * out_plane;
-    let factor = tolerance_factor((terms, x.norm), (terms, norm(&x.projected)), norm64(&x.t));
+    let tolerance = Tolerance::new((terms, x.norm), (terms, norm(&x.projected)), (g.in_channels, norm64(&x.t)));
     // enclave[o, tap] = sum over samples and outputs of dy times the projected input at the
     // tap: the weight gradient of a convolution with the projection as its one input channel.
     let one_input = ConvGeometry { in_channels: 1, ..*g };
@@ -618,7 +644,7 @@ fn backward_weight_sides(g: &ConvGeometry, x: &InputProjection, dy: &[f32], dw: 
     }
     let mut device = vec![0.0f64; c * taps];
     project_weight_gradient(dw, taps, &x.t, &mut device);
-    let tolerance = dy_squares.iter().flat_map(|sq| std::iter::repeat_n(factor * sq.sqrt(), taps)).collect();
+    let tolerance = dy_squares.iter().flat_map(|sq| std::iter::repeat_n(tolerance.at(sq.sqrt()), taps)).collect();
     Sides { device, enclave: enclave.iter().map(|&v| f64::from(v)).collect(), tolerance }
 }
 
@@ -854,6 +880,37 @@ mod tests {
         // to spare: at one or two products per value the worst case is nearly reached, so the
         // ratio is about a Gaussian draw over `SIGMAS` (0.26 here).
         assert!(worst > 0.0 && worst < 0.5, "worst ratio {worst}");
+    }
+
+    /// A device that flushes subnormal products and sums to zero (as GPUs may) is honest: with
+    /// values so small that every product is subnormal, its results still pass.
+    #[test]
+    fn a_device_flushing_subnormals_to_zero_passes() {
+        let mut rng = ChaCha8Rng::seed_from_u64(7);
+        let flush = |v: f32| if v.abs() < f32::MIN_POSITIVE { 0.0 } else { v };
+        for _ in 0..40 {
+            let g = random_geometry(&mut rng);
+            let tiny = |rng: &mut ChaCha8Rng, n: usize| -> Vec<f32> {
+                random_values(rng, n).iter().map(|v| v * 1e-20).collect()
+            };
+            let (x, w, dy) =
+                (tiny(&mut rng, g.input_len()), tiny(&mut rng, g.weight_len()), tiny(&mut rng, g.output_len()));
+            let (mut y, mut dx, mut dw) =
+                (vec![0.0f32; g.output_len()], vec![0.0f32; g.input_len()], vec![0.0f32; g.weight_len()]);
+            let inside = |ih: isize, iw: isize| ih >= 0 && iw >= 0 && ih < g.in_h as isize && iw < g.in_w as isize;
+            every_product(&g, |[n, o, i, kh, kw, oh, ow], ih, iw| {
+                if inside(ih, iw) {
+                    let out = ((n * g.out_channels + o) * g.out_h() + oh) * g.out_w() + ow;
+                    let input = ((n * g.in_channels + i) * g.in_h + ih as usize) * g.in_w + iw as usize;
+                    let wi = ((o * g.in_channels + i) * g.kernel_h + kh) * g.kernel_w + kw;
+                    y[out] = flush(y[out] + flush(w[wi] * x[input]));
+                    dx[input] = flush(dx[input] + flush(w[wi] * dy[out]));
+                    dw[wi] = flush(dw[wi] + flush(x[input] * dy[out]));
+                }
+            });
+            let (s, t) = (secret(&mut rng, g.out_channels), secret(&mut rng, g.in_channels));
+            check_all(&g, (&x, &w, &dy), &[y, dx, dw], (&s, &t)).unwrap_or_else(|e| panic!("{g:?}: {e}"));
+        }
     }
 
     /// One value moved by 50 tolerances over its secret weight cannot hide in the rounding, and
