@@ -77,41 +77,7 @@ fn convolutions_match_kernels_bit_exact() {
 #[test]
 fn convolutions_round_within_what_the_device_checks_allow() {
     let mut cpu = CpuBackend::new(1).unwrap();
-    let mut rng = Rng::new(33);
-    let mut geometries = vec![
-        strided_geometry(),
-        ConvGeometry {
-            batch: 4,
-            in_channels: 24,
-            out_channels: 16,
-            in_h: 12,
-            in_w: 12,
-            kernel_h: 3,
-            kernel_w: 3,
-            stride: 1,
-            padding: 1,
-        },
-    ];
-    geometries.extend((0..12).map(|_| rng.geometry()));
-    for g in geometries {
-        let mut values = |n: usize| -> Vec<f32> {
-            rng.values(n).iter().map(|v| v * 10f32.powi((v.to_bits() % 5) as i32 - 2)).collect()
-        };
-        let (x, w, dy) = (values(g.input_len()), values(g.weight_len()), values(g.output_len()));
-        let [y, dx, dw] = exact_convolutions(&g, &x, &w, &dy);
-        let what = format!("{g:?}");
-        assert_within_f32_dot_bound(&cpu.conv_forward(&g, &x, &w).unwrap(), &y, &format!("forward {what}"));
-        assert_within_f32_dot_bound(
-            &cpu.conv_backward_data(&g, &dy, &w).unwrap(),
-            &dx,
-            &format!("backward data {what}"),
-        );
-        assert_within_f32_dot_bound(
-            &cpu.conv_backward_weight(&g, &x, &dy).unwrap(),
-            &dw,
-            &format!("backward weight {what}"),
-        );
-    }
+    convolutions_round_within_the_f32_dot_bound(&mut cpu, 33, 12);
 }
 
 #[test]

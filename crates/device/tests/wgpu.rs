@@ -84,44 +84,7 @@ fn convolutions_match_cpu() {
 #[test]
 fn convolutions_round_within_what_the_device_checks_allow() {
     let _g = gpu_lock();
-    let mut gpu = backend();
-    let mut rng = Rng::new(32);
-    let mut geometries = vec![
-        strided_geometry(),
-        // Wide sums, where rounding errors add up.
-        ConvGeometry {
-            batch: 4,
-            in_channels: 24,
-            out_channels: 16,
-            in_h: 12,
-            in_w: 12,
-            kernel_h: 3,
-            kernel_w: 3,
-            stride: 1,
-            padding: 1,
-        },
-    ];
-    geometries.extend((0..6).map(|_| rng.geometry()));
-    for g in geometries {
-        // Values of mixed sizes and signs, so that sums cancel.
-        let mut values = |n: usize| -> Vec<f32> {
-            rng.values(n).iter().map(|v| v * 10f32.powi((v.to_bits() % 5) as i32 - 2)).collect()
-        };
-        let (x, w, dy) = (values(g.input_len()), values(g.weight_len()), values(g.output_len()));
-        let [y, dx, dw] = exact_convolutions(&g, &x, &w, &dy);
-        let what = format!("{g:?}");
-        assert_within_f32_dot_bound(&gpu.conv_forward(&g, &x, &w).unwrap(), &y, &format!("forward {what}"));
-        assert_within_f32_dot_bound(
-            &gpu.conv_backward_data(&g, &dy, &w).unwrap(),
-            &dx,
-            &format!("backward data {what}"),
-        );
-        assert_within_f32_dot_bound(
-            &gpu.conv_backward_weight(&g, &x, &dy).unwrap(),
-            &dw,
-            &format!("backward weight {what}"),
-        );
-    }
+    convolutions_round_within_the_f32_dot_bound(&mut backend(), 32, 6);
 }
 
 #[test]

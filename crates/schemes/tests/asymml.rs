@@ -321,7 +321,9 @@ type Seen = Arc<std::sync::Mutex<Vec<(usize, usize, Vec<f32>)>>>;
 /// Our CPU kernels, keeping a copy of every forward convolution's input and every backward
 /// convolution's output gradient as the device received them (a layer's released, noised
 /// residuals); `poison` makes it a faulty device, one value of each output (`.0`) or input
-/// gradient (`.1`) it returns replaced by NaN.
+/// gradient (`.1`) it returns replaced by NaN; `tampers_with` a dishonest one, every value of one
+/// kind of result scaled by 1.05 (`0`: outputs, `1`: input gradients, `2`: weight gradients), to
+/// bias the training by too little for the checks of finiteness to notice.
 struct RecordingDevice {
     kernels: trustsplit_device::CpuBackend,
     inputs: Seen,
@@ -329,27 +331,34 @@ struct RecordingDevice {
     /// NaN in (outputs, input gradients).
     poison: (bool, bool),
     poison_weight_gradients: bool,
+    tampers_with: Option<usize>,
 }
 
 impl RecordingDevice {
     fn new(poison: (bool, bool)) -> RecordingDevice {
         let kernels = trustsplit_device::CpuBackend::new(1).unwrap();
         let (inputs, gradients) = (Seen::default(), Seen::default());
-        RecordingDevice { kernels, inputs, gradients, poison, poison_weight_gradients: false }
+        RecordingDevice { kernels, inputs, gradients, poison, poison_weight_gradients: false, tampers_with: None }
     }
-}
 
-/// `values` with its middle value replaced by NaN where `poison`.
-fn poisoned(
-    values: Result<Vec<f32>, trustsplit_device::DeviceError>,
-    poison: bool,
-) -> Result<Vec<f32>, trustsplit_device::DeviceError> {
-    let mut values = values?;
-    if poison {
-        let at = values.len() / 2;
-        values[at] = f32::NAN;
+    /// The `kind`-th result (as `tampers_with` counts) as this device returns it: scaled where it
+    /// tampers with that kind, with its middle value NaN where `poison`.
+    fn returned(
+        &self,
+        kind: usize,
+        values: Result<Vec<f32>, trustsplit_device::DeviceError>,
+        poison: bool,
+    ) -> Result<Vec<f32>, trustsplit_device::DeviceError> {
+        let mut values = values?;
+        if self.tampers_with == Some(kind) {
+            values.iter_mut().for_each(|v| *v *= 1.05);
+        }
+        if poison {
+            let at = values.len() / 2;
+            values[at] = f32::NAN;
+        }
+        Ok(values)
     }
-    Ok(values)
 }
 
 impl trustsplit_device::Backend for RecordingDevice {
@@ -371,7 +380,8 @@ impl trustsplit_device::Backend for RecordingDevice {
         w: &[f32],
     ) -> Result<Vec<f32>, trustsplit_device::DeviceError> {
         self.inputs.lock().unwrap().push((g.in_channels * g.in_h * g.in_w, g.batch, x.to_vec()));
-        poisoned(self.kernels.conv_forward(g, x, w), self.poison.0)
+        let result = self.kernels.conv_forward(g, x, w);
+        self.returned(0, result, self.poison.0)
     }
     fn conv_backward_data(
         &mut self,
@@ -380,7 +390,8 @@ impl trustsplit_device::Backend for RecordingDevice {
         w: &[f32],
     ) -> Result<Vec<f32>, trustsplit_device::DeviceError> {
         self.gradients.lock().unwrap().push((g.out_channels * g.out_h() * g.out_w(), g.batch, dy.to_vec()));
-        poisoned(self.kernels.conv_backward_data(g, dy, w), self.poison.1)
+        let result = self.kernels.conv_backward_data(g, dy, w);
+        self.returned(1, result, self.poison.1)
     }
     fn conv_backward_weight(
         &mut self,
@@ -388,7 +399,8 @@ impl trustsplit_device::Backend for RecordingDevice {
         x: &[f32],
         dy: &[f32],
     ) -> Result<Vec<f32>, trustsplit_device::DeviceError> {
-        poisoned(self.kernels.conv_backward_weight(g, x, dy), self.poison_weight_gradients)
+        let result = self.kernels.conv_backward_weight(g, x, dy);
+        self.returned(2, result, self.poison_weight_gradients)
     }
 }
 
@@ -516,75 +528,13 @@ fn every_released_residual_is_clipped_to_its_bound() {
     }
 }
 
-/// Our CPU kernels returning one kind of result scaled by 1.05 (`0`: outputs, `1`: input
-/// gradients, `2`: weight gradients): a device that biases the training, by too little for the
-/// checks of finiteness to notice.
-struct TamperingDevice {
-    kernels: trustsplit_device::CpuBackend,
-    tampers_with: usize,
-}
-
-impl TamperingDevice {
-    fn tampered(
-        &self,
-        kind: usize,
-        values: Result<Vec<f32>, trustsplit_device::DeviceError>,
-    ) -> Result<Vec<f32>, trustsplit_device::DeviceError> {
-        let mut values = values?;
-        if kind == self.tampers_with {
-            values.iter_mut().for_each(|v| *v *= 1.05);
-        }
-        Ok(values)
-    }
-}
-
-impl trustsplit_device::Backend for TamperingDevice {
-    fn name(&self) -> String {
-        "tampering cpu".into()
-    }
-    fn gemm(
-        &mut self,
-        s: &trustsplit_device::GemmShape,
-        a: &[f32],
-        b: &[f32],
-    ) -> Result<Vec<f32>, trustsplit_device::DeviceError> {
-        self.kernels.gemm(s, a, b)
-    }
-    fn conv_forward(
-        &mut self,
-        g: &trustsplit_kernels::ConvGeometry,
-        x: &[f32],
-        w: &[f32],
-    ) -> Result<Vec<f32>, trustsplit_device::DeviceError> {
-        let y = self.kernels.conv_forward(g, x, w);
-        self.tampered(0, y)
-    }
-    fn conv_backward_data(
-        &mut self,
-        g: &trustsplit_kernels::ConvGeometry,
-        dy: &[f32],
-        w: &[f32],
-    ) -> Result<Vec<f32>, trustsplit_device::DeviceError> {
-        let dx = self.kernels.conv_backward_data(g, dy, w);
-        self.tampered(1, dx)
-    }
-    fn conv_backward_weight(
-        &mut self,
-        g: &trustsplit_kernels::ConvGeometry,
-        x: &[f32],
-        dy: &[f32],
-    ) -> Result<Vec<f32>, trustsplit_device::DeviceError> {
-        let dw = self.kernels.conv_backward_weight(g, x, dy);
-        self.tampered(2, dw)
-    }
-}
-
 #[test]
 fn a_device_that_tampers_with_its_results_is_caught_and_the_step_refused() {
     for (tampers_with, what) in ["output", "input gradient", "weight gradient"].into_iter().enumerate() {
         for (protect_gradients, verify_device) in [(true, true), (false, true), (true, false)] {
-            let kernels = trustsplit_device::CpuBackend::new(1).unwrap();
-            let device = trustsplit_device::Device::local(Box::new(TamperingDevice { kernels, tampers_with }));
+            let tampering =
+                RecordingDevice { tampers_with: Some(tampers_with), ..RecordingDevice::new((false, false)) };
+            let device = trustsplit_device::Device::local(Box::new(tampering));
             let cfg =
                 AsymmlConfig { noise_multiplier: 1.0, protect_gradients, verify_device, ..AsymmlConfig::default() };
             let mut r = asymml::runner(device, cfg, 96 << 20, Arc::new(Transcript::new())).unwrap();

@@ -2,7 +2,7 @@
 #![allow(dead_code)]
 
 use trustsplit_boundary::{ReleaseInfo, Released, Transcript};
-use trustsplit_device::GemmShape;
+use trustsplit_device::{Backend, GemmShape};
 use trustsplit_kernels::ConvGeometry;
 
 /// SplitMix64: enough randomness for shapes and values, no extra dependency.
@@ -187,5 +187,38 @@ pub fn assert_within_f32_dot_bound(got: &[f32], want: &Exact, what: &str) {
             error <= bound,
             "{what}: value {i} is {g}, exactly {v}: off by {error:e}, beyond the f32 bound {bound:e}"
         );
+    }
+}
+
+/// Checks `backend`'s three convolutions against [`assert_within_f32_dot_bound`] on a strided
+/// geometry, a wide one (where rounding errors add up) and `random` random ones, with values of
+/// mixed sizes and signs so that sums cancel.
+pub fn convolutions_round_within_the_f32_dot_bound(backend: &mut dyn Backend, seed: u64, random: usize) {
+    let mut rng = Rng::new(seed);
+    let wide = ConvGeometry {
+        batch: 4,
+        in_channels: 24,
+        out_channels: 16,
+        in_h: 12,
+        in_w: 12,
+        kernel_h: 3,
+        kernel_w: 3,
+        stride: 1,
+        padding: 1,
+    };
+    let mut geometries = vec![strided_geometry(), wide];
+    geometries.extend((0..random).map(|_| rng.geometry()));
+    for g in geometries {
+        let mut values = |n: usize| -> Vec<f32> {
+            rng.values(n).iter().map(|v| v * 10f32.powi((v.to_bits() % 5) as i32 - 2)).collect()
+        };
+        let (x, w, dy) = (values(g.input_len()), values(g.weight_len()), values(g.output_len()));
+        let [y, dx, dw] = exact_convolutions(&g, &x, &w, &dy);
+        let what = format!("{g:?}");
+        assert_within_f32_dot_bound(&backend.conv_forward(&g, &x, &w).unwrap(), &y, &format!("forward {what}"));
+        let got = backend.conv_backward_data(&g, &dy, &w).unwrap();
+        assert_within_f32_dot_bound(&got, &dx, &format!("backward data {what}"));
+        let got = backend.conv_backward_weight(&g, &x, &dy).unwrap();
+        assert_within_f32_dot_bound(&got, &dw, &format!("backward weight {what}"));
     }
 }
