@@ -465,10 +465,13 @@ impl Asymml {
             };
             Some(Arc::new(self.release(layer, kind, x.shape(), std::mem::take(&mut parts.residual), &why)))
         };
+        // The device's backward results for these convolutions, checked where there are any (the
+        // first layer's backward runs whole in the enclave; `conv_backward`).
+        let checks_backward = mode == Mode::Train && !is_input && self.cfg.verify_device;
         // The device keeps the residual until the backward pass, where the host could swap it: to
         // check the weight gradient computed from it, the enclave keeps a secret projection now.
         let input_check = match &released {
-            Some(r) if mode == Mode::Train && self.cfg.verify_device => {
+            Some(r) if checks_backward => {
                 let t = secret(&mut self.rng, c);
                 Some(Arc::new(timed(&self.phases, "verify", || InputProjection::new(&g, r.get(), t))))
             }
@@ -477,7 +480,7 @@ impl Asymml {
         let mut out = Vec::with_capacity(convs.len());
         for (k, (&(name, conv), &index)) in convs.iter().zip(&indices).enumerate() {
             let (y, weight_check) =
-                self.forward_products(name, conv, &parts.groups, released.as_deref(), x.shape(), mode)?;
+                self.forward_products(name, conv, &parts.groups, released.as_deref(), x.shape(), checks_backward)?;
             if mode != Mode::Train {
                 out.push((y, Saved::Nothing));
                 continue;
@@ -503,8 +506,8 @@ impl Asymml {
 
     /// One convolution's output from the split of its input: the enclave's low-rank products,
     /// plus (where a residual was released) the device's convolution of it, merged. With
-    /// `verify_device`, also the weight's projections it checked the device's output with (which
-    /// the backward pass checks the input gradient with).
+    /// `verify_device`, also the weight's projections it checked the device's output with (with
+    /// `checks_backward`, also those the backward pass checks the input gradient with).
     fn forward_products(
         &mut self,
         layer: &str,
@@ -512,7 +515,7 @@ impl Asymml {
         groups: &[Group],
         residual: Option<&Released<Vec<f32>>>,
         in_shape: &[usize],
-        mode: Mode,
+        checks_backward: bool,
     ) -> PlacementResult<(Tensor, Option<WeightCheck>)> {
         let g = conv.geometry(in_shape);
         let (n, out_c, out_hw) = (g.batch, g.out_channels, g.out_h() * g.out_w());
@@ -528,7 +531,7 @@ impl Asymml {
         };
         let weight_check = self.cfg.verify_device.then(|| {
             let s = secret(&mut self.rng, out_c);
-            let t = (mode == Mode::Train).then(|| secret(&mut self.rng, g.in_channels));
+            let t = checks_backward.then(|| secret(&mut self.rng, g.in_channels));
             timed(&self.phases, "verify", || WeightCheck::new(&g, data(&conv.weight), s, t))
         });
         let weight = self.release_weight(layer, conv);
