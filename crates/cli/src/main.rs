@@ -327,11 +327,8 @@ fn print_step(r: &bench::StepBench) {
         let phases: Vec<String> = r.enclave_phase_ms.iter().map(|(k, v)| format!("{k} {v:.0} ms")).collect();
         eprintln!("  enclave phases per step: {}", phases.join(", "));
     }
-    if let Some(c) = r.device_checks {
-        eprintln!(
-            "  device results verified: {} values checked, the closest at {:.2e} of its tolerance",
-            c.checks, c.worst_ratio
-        );
+    if r.device_checks.is_some() {
+        eprintln!("  {}", trustsplit::train::describe_device_checks(r.device_checks));
     }
 }
 

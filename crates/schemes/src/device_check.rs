@@ -1035,6 +1035,8 @@ mod tests {
         }
     }
 }
+
+/// Timings of the checks' parts (ignored: run them with `--ignored --nocapture`).
 #[cfg(test)]
 mod timing {
     use super::*;
@@ -1091,13 +1093,6 @@ mod timing {
             );
         }
     }
-}
-
-#[cfg(test)]
-mod timing_layers {
-    use super::*;
-    use rand::SeedableRng;
-    use rand_chacha::ChaCha8Rng;
 
     /// Each check's parts on VGG16's layer shapes at batch 32.
     #[test]
