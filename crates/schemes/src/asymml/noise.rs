@@ -70,6 +70,62 @@ pub fn clip_and_noise(
 
 /// Random words pulled from the keystream at once.
 const WORDS: usize = 256;
+/// Draws that missed the fast path held at once, at most: they are finished before a batch could
+/// overflow this, or before their positions would span more than [`WINDOW`] values.
+const PENDING: usize = 1024;
+/// Values the positions of the pending draws may span (so they fit in `u32`).
+const WINDOW: usize = 1 << 16;
+/// Spare entries after [`PENDING`], for the AVX-512 path's whole-register stores.
+const SPARE: usize = 16;
+
+/// The draws that missed the fast path and wait to be finished: where (from the start of the
+/// current window) and their first word.
+struct Missed {
+    at: [u32; PENDING + SPARE],
+    word: [u32; PENDING + SPARE],
+    len: usize,
+}
+
+impl Missed {
+    fn new() -> Self {
+        Missed { at: [0; PENDING + SPARE], word: [0; PENDING + SPARE], len: 0 }
+    }
+
+    /// Whether they must be finished before another batch: it could overflow the list, or
+    /// reach past the window (`spanned` values since it began).
+    fn is_full(&self, spanned: usize) -> bool {
+        self.len + WORDS > PENDING || spanned + WORDS > WINDOW
+    }
+
+    fn push(&mut self, at: usize, word: u32) {
+        (self.at[self.len], self.word[self.len]) = (at as u32, word);
+        self.len += 1;
+    }
+}
+
+/// How a draw that missed the fast path was settled by [`Ziggurat::decide`].
+#[derive(Clone, Copy, Debug, PartialEq)]
+#[repr(u8)]
+enum Outcome {
+    /// Its value is the decided point.
+    Accepted = 0,
+    /// It falls in the base layer beyond `r`: drawn from the tail.
+    Tail = 1,
+    /// Its wedge test failed: it starts over from a fresh word.
+    Rejected = 2,
+}
+
+/// Fills `out` with the next words of the stream, in order.
+fn take_words(rng: &mut NoiseRng, out: &mut [u32]) {
+    let mut filled = 0;
+    while filled < out.len() {
+        let bytes = rng.words_in_place(out.len() - filled);
+        for (o, b) in out[filled..].iter_mut().zip(bytes.chunks_exact(4)) {
+            *o = u32::from_le_bytes([b[0], b[1], b[2], b[3]]);
+        }
+        filled += bytes.len() / 4;
+    }
+}
 /// Layers of the ziggurat; the top 8 bits of a word pick one.
 const LAYERS: usize = 256;
 const LAYER_SHIFT: u32 = 24;
@@ -97,7 +153,9 @@ const UNIFORM_MASK: u32 = (1 << UNIFORM_BITS) - 1;
 ///   about 98.5% of draws, decided by an integer comparison against a precomputed threshold).
 /// - In layer `i >= 1` otherwise (the wedge), draw `y` uniform in `[f(x[i]), f(x[i+1])]` from a
 ///   fresh word and accept iff `y < f(x)`; on rejection start over with a fresh word (new layer,
-///   sign and point), never reusing the rejected one.
+///   sign and point), never reusing the rejected one. (These draws, about 1.5%, are set aside and
+///   finished together in rounds, see [`Ziggurat::finish`]: so the AVX-512 path can decide them
+///   eight at a time, without a mispredicted branch each.)
 /// - In layer 0 with `x >= r` (probability `(x[0] - r) / x[0] = tail area / V` exactly by the
 ///   choice of `x[0]`), draw from the tail `x > r` by Marsaglia's (1964) exact method:
 ///   `a = -ln(u1) / r`, `b = -ln(u2)`, accept `r + a` iff `2b > a²`.
@@ -120,7 +178,7 @@ struct Ziggurat {
     /// The signed result is `(2m + 1) * w[e]`, `w[e] = ±x[layer] / 2^24` (`2m + 1 < 2^24` is exact in
     /// f32, so this is the midpoint `(m + 1/2) / 2^23` of the uniform's cell, scaled, one rounding).
     w: [f32; 2 * LAYERS],
-    /// The layer edges `x[0..=256]` (see above; `x[256] = 0`), in f64 for the slow path.
+    /// The layer edges `x[0..=256]` (see above; `x[256] = 0`), in f64 for the draws that miss the fast path.
     x: [f64; LAYERS + 1],
     /// `f(x[i])`, with `f[256] = 1` (`f[0]` is unused).
     f: [f64; LAYERS + 1],
@@ -220,7 +278,7 @@ impl Ziggurat {
         let mut t = Ziggurat { k: [0; 2 * LAYERS], w: [0.0; 2 * LAYERS], x, f, chord, r, by_layer, avx512 };
         for i in 0..LAYERS {
             // m accepted iff (m + 1/2) / 2^23 < x[i+1] / x[i]; a hair conservative against rounding
-            // (a word just below the threshold takes the slow path, which decides it exactly).
+            // (a word just below the threshold misses the fast path and is decided exactly later).
             let limit = (x[i + 1] / x[i]) * unit - 0.5 - 1e-6;
             let k = if limit > 0.0 { limit.ceil() as u32 } else { 0 };
             let w = (x[i] / (2.0 * unit)) as f32;
@@ -237,9 +295,10 @@ impl Ziggurat {
     /// `values[i] = values[i] * scale + z_i * std` for independent standard normals `z_i` (two
     /// roundings and an addition, no fused multiply-add, on every path). The words come from the
     /// stream a batch at a time, read in place (up to [`WORDS`], no further than the keystream's
-    /// own batch); the draws of a batch that miss the fast path are finished after it, in order,
-    /// with more words: their values hold `values[i] * scale` until then, and adding `z_i * std`
-    /// to that rounds exactly as the one expression would.
+    /// own batch). The draws that miss the fast path (about 1.5%) are noted and finished together
+    /// by [`Ziggurat::finish`], with more words, whenever a few hundred have gathered and at the
+    /// end: their values hold `values[i] * scale` until then, and adding `z_i * std` to that
+    /// rounds exactly as the one expression would.
     fn add_noise(&self, rng: &mut NoiseRng, values: &mut [f32], scale: f32, std: f32) {
         #[cfg(target_arch = "x86_64")]
         if self.avx512 {
@@ -264,30 +323,32 @@ impl Ziggurat {
         self.add_noise_portable(rng, out, 0.0, 1.0);
     }
 
-    /// [`Ziggurat::add_noise`] in portable code.
+    /// [`Ziggurat::add_noise`] in portable code. The AVX-512 path follows the same steps (the
+    /// same batches, the same points at which the misses are finished), so the two draw the
+    /// same values from the same stream.
     fn add_noise_portable(&self, rng: &mut NoiseRng, values: &mut [f32], scale: f32, std: f32) {
-        let mut missed = [(0usize, 0u32); WORDS];
-        let mut done = 0;
+        let mut missed = Missed::new();
+        let (mut done, mut window) = (0, 0);
         while done < values.len() {
+            if missed.is_full(done - window) {
+                self.finish(rng, &mut values[window..done], &mut missed, std, false);
+                window = done;
+            }
             let words = rng.words_in_place((values.len() - done).min(WORDS));
             let batch = &mut values[done..done + words.len() / 4];
-            let mut misses = 0;
             for (j, (v, w)) in batch.iter_mut().zip(words.chunks_exact(4)).enumerate() {
                 if let Some(word) = self.add_fast(v, w, scale, std) {
-                    missed[misses] = (j, word);
-                    misses += 1;
+                    missed.push(done - window + j, word);
                 }
-            }
-            for &(j, word) in &missed[..misses] {
-                batch[j] += self.slow(word, rng) * std;
             }
             done += batch.len();
         }
+        self.finish(rng, &mut values[window..], &mut missed, std, false);
     }
 
     /// One draw on the fast path from the word in `bytes` (little-endian): `v = v * scale + z *
     /// std`. A word that misses the fast path leaves `v * scale` and is returned, for the caller
-    /// to finish the draw with [`Ziggurat::slow`] and add `z * std` (the same roundings).
+    /// to finish the draw with [`Ziggurat::finish`] and add `z * std` (the same roundings).
     #[inline(always)]
     fn add_fast(&self, v: &mut f32, bytes: &[u8], scale: f32, std: f32) -> Option<u32> {
         let word = u32::from_le_bytes([bytes[0], bytes[1], bytes[2], bytes[3]]);
@@ -308,26 +369,74 @@ impl Ziggurat {
         ((2 * m + 1) as f32) * self.w[e]
     }
 
-    /// A draw whose first word missed the fast path: the exact wedge and tail tests, with fresh
-    /// words from `rng` (and a complete restart on rejection).
-    #[cold]
-    #[inline(never)]
-    fn slow(&self, mut word: u32, rng: &mut NoiseRng) -> f32 {
-        loop {
+    /// Finishes the draws in `missed` (positions in `values`), in rounds: every draw takes one
+    /// fresh word, in order, for its wedge test's height (used or not: a draw decided without it
+    /// wastes it); [`Ziggurat::decide`] settles each from its two words; the tail draws then take
+    /// their words in order; the rejected ones take one fresh word each, in order, and start over
+    /// from it as the next round. No word is used twice and none is chosen by its own value, so
+    /// every draw is exact and independent of the others. `simd` picks the AVX-512 `decide`,
+    /// which decides exactly as the scalar one.
+    fn finish(&self, rng: &mut NoiseRng, values: &mut [f32], missed: &mut Missed, std: f32, simd: bool) {
+        let mut heights = [0u32; PENDING];
+        let mut z = [0.0f32; PENDING];
+        let mut outcome = [Outcome::Accepted; PENDING];
+        while missed.len > 0 {
+            let n = missed.len;
+            take_words(rng, &mut heights[..n]);
+            let (words, heights) = (&missed.word[..n], &heights[..n]);
+            #[cfg(target_arch = "x86_64")]
+            if simd {
+                // SAFETY: `simd` is passed only by the AVX-512 path, which runs where the CPU has
+                // AVX-512F.
+                unsafe { avx512::decide(self, words, heights, &mut z[..n], &mut outcome[..n]) };
+            } else {
+                self.decide(words, heights, &mut z[..n], &mut outcome[..n]);
+            }
+            #[cfg(not(target_arch = "x86_64"))]
+            {
+                let _ = simd;
+                self.decide(words, heights, &mut z[..n], &mut outcome[..n]);
+            }
+            // About half the misses are rejected, at random: without branches on the outcome
+            // (but for the rare tail), which would be mispredicted about half the time.
+            let mut rejected = 0;
+            for d in 0..n {
+                let (at, settled) = (missed.at[d] as usize, outcome[d]);
+                missed.at[rejected] = missed.at[d];
+                rejected += usize::from(settled == Outcome::Rejected);
+                let (kept, noised) = (values[at], values[at] + z[d] * std);
+                values[at] = if settled == Outcome::Accepted { noised } else { kept };
+                if settled == Outcome::Tail {
+                    values[at] += with_sign(self.tail(rng) as f32, missed.word[d]) * std;
+                }
+            }
+            take_words(rng, &mut missed.word[..rejected]);
+            missed.len = rejected;
+        }
+    }
+
+    /// Settles each draw that missed the fast path from its first word and a height word: the
+    /// point `x` of its layer (in f64), accepted at once when it lies inside the next layer's
+    /// width (`z[d]` then holds it, signed); in the base layer beyond `r`, a tail draw; otherwise
+    /// the wedge test with height `y` uniform in `[f(x[i]), f(x[i+1])]`, accepted or rejected.
+    fn decide(&self, words: &[u32], heights: &[u32], z: &mut [f32], outcome: &mut [Outcome]) {
+        for (d, (&word, &height)) in words.iter().zip(heights).enumerate() {
             let i = (word >> LAYER_SHIFT) as usize;
             let m = word & UNIFORM_MASK;
             let x = (m as f64 + 0.5) * self.x[i] / (1u64 << UNIFORM_BITS) as f64;
-            if x < self.x[i + 1] {
-                return with_sign(x as f32, word);
-            }
-            if i == 0 {
-                return with_sign(self.tail(rng) as f32, word);
-            }
-            let y = self.f[i] + unit_open(rng.next_u32()) * (self.f[i + 1] - self.f[i]);
-            if self.under_density(i, x, y) {
-                return with_sign(x as f32, word);
-            }
-            word = rng.next_u32();
+            z[d] = with_sign(x as f32, word);
+            outcome[d] = if x < self.x[i + 1] {
+                Outcome::Accepted
+            } else if i == 0 {
+                Outcome::Tail
+            } else {
+                let y = self.f[i] + unit_open(height) * (self.f[i + 1] - self.f[i]);
+                if self.under_density(i, x, y) {
+                    Outcome::Accepted
+                } else {
+                    Outcome::Rejected
+                }
+            };
         }
     }
 
@@ -375,29 +484,30 @@ impl Ziggurat {
 /// The ziggurat's fast path sixteen draws at a time. The table lookups, which the portable code
 /// does one scalar load at a time, are permutes of registers: each `vpermt2d` picks from 32 entries
 /// by a layer's low five bits, and a tree of blends on its top three bits chooses among the eight.
-/// Lanes that miss the fast path take [`Ziggurat::slow`] in lane order, so the output is the
-/// portable code's bit for bit (same words, same order, same roundings).
+/// Lanes that miss the fast path are noted in lane order and finished as the portable code's are,
+/// eight at a time by [`decide`], so the output is the portable code's bit for bit (same words,
+/// same order, same roundings).
 #[cfg(target_arch = "x86_64")]
 mod avx512 {
     use std::arch::x86_64::*;
 
-    use super::{NoiseRng, Ziggurat, LAYER_SHIFT, SIGN_BIT, UNIFORM_MASK, WORDS};
+    use super::{Missed, NoiseRng, Outcome, Ziggurat, LAYER_SHIFT, SIGN_BIT, UNIFORM_BITS, UNIFORM_MASK, WORDS};
 
     const LANES: usize = 16;
 
     #[target_feature(enable = "avx512f,popcnt")]
     pub fn add_noise(t: &Ziggurat, rng: &mut NoiseRng, values: &mut [f32], scale: f32, std: f32) {
-        // The draws that missed the fast path: where, and their first word (16 spare entries for a
-        // whole-register store).
-        let mut missed_at = [0u32; WORDS + LANES];
-        let mut missed_word = [0u32; WORDS + LANES];
+        let mut missed = Missed::new();
         let lane_numbers = _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0);
         let (scales, stds) = (_mm512_set1_ps(scale), _mm512_set1_ps(std));
-        let mut done = 0;
+        let (mut done, mut window) = (0, 0);
         while done < values.len() {
+            if missed.is_full(done - window) {
+                t.finish(rng, &mut values[window..done], &mut missed, std, true);
+                window = done;
+            }
             let words = rng.words_in_place((values.len() - done).min(WORDS));
             let batch = &mut values[done..done + words.len() / 4];
-            let mut missed = 0;
             let tail = batch.len() - batch.len() % LANES;
             for (b, v) in batch[..tail].chunks_exact_mut(LANES).enumerate() {
                 // SAFETY: the batch has 16 words (64 bytes) from `64 b`; unaligned load.
@@ -418,31 +528,120 @@ mod avx512 {
                 let scaled = _mm512_mul_ps(unsafe { _mm512_loadu_ps(v.as_ptr()) }, scales);
                 let noised = _mm512_add_ps(scaled, _mm512_mul_ps(z, stds));
                 unsafe { _mm512_storeu_ps(v.as_mut_ptr(), _mm512_mask_blend_ps(fast, scaled, noised)) };
-                // The misses are rare (about 1.5% of lanes), so they are noted here and drawn after
-                // the block loop, in order, without a mispredicted branch per block.
-                let positions = _mm512_add_epi32(lane_numbers, _mm512_set1_epi32((LANES * b) as i32));
-                // SAFETY: `missed <= LANES * b` and the arrays have LANES more entries than WORDS.
+                // The misses are rare (about 1.5% of lanes), so they are noted here, without a
+                // mispredicted branch per block, and finished together later.
+                let first = done - window + LANES * b;
+                let positions = _mm512_add_epi32(lane_numbers, _mm512_set1_epi32(first as i32));
+                // SAFETY: `missed.len + WORDS <= PENDING` before the batch, so at most
+                // `PENDING - 1` before this block, and the arrays have 16 spare entries.
                 unsafe {
-                    let (at, first) = (missed_at.as_mut_ptr().add(missed), missed_word.as_mut_ptr().add(missed));
+                    let len = missed.len;
+                    let (at, first) = (missed.at.as_mut_ptr().add(len), missed.word.as_mut_ptr().add(len));
                     _mm512_storeu_si512(at.cast(), _mm512_maskz_compress_epi32(!fast, positions));
                     _mm512_storeu_si512(first.cast(), _mm512_maskz_compress_epi32(!fast, word));
                 }
-                missed += (!fast).count_ones() as usize;
+                missed.len += (!fast).count_ones() as usize;
             }
             // The last few values, one at a time, in the same order as the portable path.
             for (j, w) in (tail..batch.len()).zip(words[4 * tail..].chunks_exact(4)) {
                 if let Some(word) = t.add_fast(&mut batch[j], w, scale, std) {
-                    (missed_at[missed], missed_word[missed]) = (j as u32, word);
-                    missed += 1;
+                    missed.push(done - window + j, word);
                 }
-            }
-            // Same draws in the same order as the portable path: the misses take their extra words
-            // from the stream in position order, after the batch's words.
-            for (&at, &word) in missed_at[..missed].iter().zip(&missed_word[..missed]) {
-                batch[at as usize] += t.slow(word, rng) * std;
             }
             done += batch.len();
         }
+        t.finish(rng, &mut values[window..], &mut missed, std, true);
+    }
+
+    /// [`Ziggurat::decide`] eight draws at a time in f64, the table entries gathered, the same
+    /// operations in the same order (no fused multiply-add), so each lane decides and rounds as
+    /// the scalar code does. The wedge points the squeeze leaves open (and those of the layer
+    /// holding the inflection point) get the scalar code's exponential, lane by lane.
+    #[target_feature(enable = "avx512f")]
+    pub fn decide(t: &Ziggurat, words: &[u32], heights: &[u32], z: &mut [f32], outcome: &mut [Outcome]) {
+        const MARGIN: f64 = 1e-12;
+        let n = words.len();
+        assert!(heights.len() == n && z.len() == n && outcome.len() == n);
+        let whole = n - n % 8;
+        let ones = _mm256_set1_epi32(1);
+        let splat = _mm512_set1_pd;
+        for d in (0..whole).step_by(8) {
+            // SAFETY: `d + 8 <= n` entries of each slice; unaligned loads.
+            let (word, height) = unsafe {
+                (_mm256_loadu_si256(words.as_ptr().add(d).cast()), _mm256_loadu_si256(heights.as_ptr().add(d).cast()))
+            };
+            let layer = _mm256_srli_epi32::<{ LAYER_SHIFT as i32 }>(word);
+            let next = _mm256_add_epi32(layer, ones);
+            // SAFETY: layers are 0..=255, so `layer` and `layer + 1` index the 257-entry tables
+            // `x` and `f` and `layer` the 256-entry `chord`.
+            let gather = |table: *const f64, index: __m256i| unsafe { _mm512_i32gather_pd::<8>(index, table.cast()) };
+            let (xa, xb) = (gather(t.x.as_ptr(), layer), gather(t.x.as_ptr(), next));
+            let (fa, fb) = (gather(t.f.as_ptr(), layer), gather(t.f.as_ptr(), next));
+            let slope = gather(t.chord.as_ptr(), layer);
+            let m = _mm256_and_si256(word, _mm256_set1_epi32(UNIFORM_MASK as i32));
+            // (m + 1/2) x[i] / 2^23: the division by a power of two is the multiplication.
+            let scaled = _mm512_mul_pd(_mm512_add_pd(_mm512_cvtepu32_pd(m), splat(0.5)), xa);
+            let x = _mm512_mul_pd(scaled, splat(1.0 / (1u64 << UNIFORM_BITS) as f64));
+            let inside = _mm512_cmp_pd_mask::<_CMP_LT_OQ>(x, xb);
+            let base = _mm512_cmpeq_epi64_mask(_mm512_cvtepu32_epi64(layer), _mm512_setzero_si512());
+            let u =
+                _mm512_mul_pd(_mm512_add_pd(_mm512_cvtepu32_pd(height), splat(0.5)), splat(1.0 / (1u64 << 32) as f64));
+            let y = _mm512_add_pd(fa, _mm512_mul_pd(u, _mm512_sub_pd(fb, fa)));
+            // The squeeze of `Ziggurat::under_density`.
+            let chord = _mm512_add_pd(fa, _mm512_mul_pd(slope, _mm512_sub_pd(xa, x)));
+            let tangent = |x0: __m512d, f0: __m512d| {
+                _mm512_sub_pd(f0, _mm512_mul_pd(_mm512_mul_pd(x0, f0), _mm512_sub_pd(x, x0)))
+            };
+            let (ta, tb) = (tangent(xa, fa), tangent(xb, fb));
+            let convex = _mm512_cmp_pd_mask::<_CMP_GE_OQ>(xb, splat(1.0));
+            let concave = _mm512_cmp_pd_mask::<_CMP_LE_OQ>(xa, splat(1.0));
+            let below = _mm512_mask_blend_pd(convex, chord, _mm512_max_pd(ta, tb));
+            let above = _mm512_mask_blend_pd(convex, _mm512_min_pd(ta, tb), chord);
+            let under = _mm512_cmp_pd_mask::<_CMP_LT_OQ>(y, _mm512_mul_pd(below, splat(1.0 - MARGIN)));
+            let over = _mm512_cmp_pd_mask::<_CMP_GE_OQ>(y, _mm512_mul_pd(above, splat(1.0 + MARGIN)));
+            let wedge = !inside & !base;
+            let squeezed = convex | concave;
+            let mut accepted = inside | (wedge & squeezed & under);
+            let open = wedge & !(squeezed & (under | over));
+            if open != 0 {
+                let (mut xs, mut ys) = ([0.0f64; 8], [0.0f64; 8]);
+                // SAFETY: eight f64 each; unaligned stores.
+                unsafe {
+                    _mm512_storeu_pd(xs.as_mut_ptr(), x);
+                    _mm512_storeu_pd(ys.as_mut_ptr(), y);
+                }
+                for lane in 0..8 {
+                    if open & (1 << lane) != 0 && ys[lane] < super::density(xs[lane]) {
+                        accepted |= 1 << lane;
+                    }
+                }
+            }
+            let tail = base & !inside;
+            let rejected = !accepted & !tail;
+            // `with_sign(x as f32, word)`.
+            let magnitude = _mm256_castps_si256(_mm512_cvtpd_ps(x));
+            let sign = _mm256_slli_epi32::<8>(_mm256_and_si256(word, _mm256_set1_epi32(SIGN_BIT as i32)));
+            let signed = _mm256_or_si256(magnitude, sign);
+            let codes = _mm512_mask_blend_epi64(
+                rejected,
+                _mm512_maskz_set1_epi64(tail, Outcome::Tail as i64),
+                _mm512_set1_epi64(Outcome::Rejected as i64),
+            );
+            let mut bytes = [0u8; 8];
+            // SAFETY: eight floats and eight bytes from `d`; unaligned stores.
+            unsafe {
+                _mm256_storeu_si256(z.as_mut_ptr().add(d).cast(), signed);
+                _mm_storel_epi64(bytes.as_mut_ptr().cast(), _mm512_cvtepi64_epi8(codes));
+            }
+            for (o, &b) in outcome[d..d + 8].iter_mut().zip(&bytes) {
+                *o = match b {
+                    0 => Outcome::Accepted,
+                    1 => Outcome::Tail,
+                    _ => Outcome::Rejected,
+                };
+            }
+        }
+        t.decide(&words[whole..], &heights[whole..], &mut z[whole..], &mut outcome[whole..]);
     }
 
     /// `table[layer]` per lane: `top` holds the masks of the layer's bits 5, 6 and 7.
@@ -551,6 +750,12 @@ mod tests {
         }
         assert!(beyond_r > 100, "only {beyond_r} tail draws: the test did not reach the slow path");
         assert_eq!(a.next_u64(), b.next_u64(), "the two paths consumed different amounts of keystream");
+        // One long call: the misses are finished many times within it (the list fills, the
+        // window ends), at the same points on both paths.
+        let (mut fast, mut portable) = (vec![0.0f32; 300_001], vec![0.0f32; 300_001]);
+        t.fill(&mut a, &mut fast);
+        t.fill_scalar(&mut b, &mut portable);
+        assert!(fast.iter().zip(&portable).all(|(x, y)| x.to_bits() == y.to_bits()), "a long call differs");
         // Noise added to values (scaled), bit for bit too, the misses' values included.
         let values: Vec<f32> = (0..4099).map(|i| ((i as f32 * 0.754_877_7).fract() - 0.5) * 3.0).collect();
         for call in 0..200 {
@@ -562,6 +767,43 @@ mod tests {
             assert!(same, "call {call}: the AVX-512 path added different noise");
         }
         assert_eq!(a.next_u64(), b.next_u64(), "the two paths consumed different amounts of keystream");
+    }
+
+    #[test]
+    fn avx512_decide_settles_as_the_scalar_one() {
+        let t = Ziggurat::get();
+        if !t.avx512 {
+            eprintln!("no AVX-512F on this CPU: only the portable path runs here");
+            return;
+        }
+        // Any first word can be decided (not only the fast path's misses): random ones are mostly
+        // inside the next layer; the misses of 2 M words add the wedges and the tail. Lengths not
+        // a multiple of 8 leave the scalar remainder.
+        let mut rng = NoiseRng::seed_from_u64(22);
+        let mut random = vec![0u32; 20_003];
+        take_words(&mut rng, &mut random);
+        let mut misses = vec![0u32; 2_000_000];
+        take_words(&mut rng, &mut misses);
+        misses.retain(|&w| (w & UNIFORM_MASK) >= t.k[(w >> ENTRY_SHIFT) as usize]);
+        let base: Vec<u32> = misses.iter().filter(|&&w| w >> LAYER_SHIFT == 0).copied().collect();
+        let mut counts = [0usize; 3];
+        for words in [&random, &misses, &base] {
+            let mut heights = vec![0u32; words.len()];
+            take_words(&mut rng, &mut heights);
+            let (mut z, mut zs) = (vec![0.0f32; words.len()], vec![0.0f32; words.len()]);
+            let (mut o, mut os) = (vec![Outcome::Accepted; words.len()], vec![Outcome::Accepted; words.len()]);
+            // SAFETY: the CPU has AVX-512F (checked above).
+            unsafe { avx512::decide(t, words, &heights, &mut z, &mut o) };
+            t.decide(words, &heights, &mut zs, &mut os);
+            assert_eq!(o, os);
+            for d in 0..words.len() {
+                if o[d] == Outcome::Accepted {
+                    assert_eq!(z[d].to_bits(), zs[d].to_bits(), "word {:#x}", words[d]);
+                }
+                counts[o[d] as usize] += 1;
+            }
+        }
+        assert!(counts.iter().all(|&c| c > 100), "outcomes {counts:?}: not every case was reached");
     }
 
     /// erfc for all x, accurate to ~1e-15 absolute (~1e-11 relative where it is small): for |x| < 3 the
