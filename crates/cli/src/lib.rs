@@ -3,6 +3,7 @@
 
 pub mod asymml_opts;
 pub mod bench;
+pub mod data_fetch;
 pub mod enclave_cmd;
 pub mod eval;
 pub mod memory_tuning;

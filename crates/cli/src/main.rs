@@ -43,6 +43,40 @@ enum Command {
     /// The data owner's client: check the enclave's attestation, then upload a dataset to it
     /// encrypted with a key bound to that attestation.
     Upload(trustsplit::enclave_cmd::UploadArgs),
+    /// Get datasets that do not ship with trustsplit.
+    Data {
+        #[command(subcommand)]
+        what: DataWhat,
+    },
+}
+
+#[derive(Subcommand)]
+enum DataWhat {
+    /// Download CIFAR-10 or CIFAR-100 (the binary version) from its authors' site, check it
+    /// against the pinned size and SHA-256, unpack it into --data-dir and load it once. An
+    /// archive already in --data-dir is checked and reused. Without internet access, fetch the
+    /// archive elsewhere and pass it with --archive (the same checks apply).
+    Fetch(FetchArgs),
+}
+
+#[derive(Args)]
+struct FetchArgs {
+    /// cifar10 or cifar100 (MNIST and Fashion-MNIST come from your distribution, e.g. Debian's
+    /// dataset-fashion-mnist, or from their authors' sites).
+    dataset: String,
+    /// Folder for the archive and the unpacked files; give `train` the same --data-dir.
+    #[arg(long, default_value = "data")]
+    data_dir: PathBuf,
+    /// A copy of the official archive to check and unpack instead of downloading.
+    #[arg(long, conflicts_with = "url")]
+    archive: Option<PathBuf>,
+    /// Download from this mirror instead of the authors' site; the pinned size and SHA-256 still
+    /// apply.
+    #[arg(long)]
+    url: Option<String>,
+    /// Print one JSON object on stdout (the archive, its digest, the files, the example counts).
+    #[arg(long)]
+    json: bool,
 }
 
 #[derive(Args)]
@@ -332,6 +366,42 @@ fn print_step(r: &bench::StepBench) {
     }
 }
 
+fn run_fetch(a: FetchArgs) -> Result<()> {
+    use trustsplit::data_fetch::{fetch, official, Source};
+    let kind: trustsplit_data::DatasetKind = a.dataset.parse().map_err(anyhow::Error::msg)?;
+    let Some(archive) = official(kind) else {
+        anyhow::bail!(
+            "`data fetch` gets cifar10 and cifar100; {} is not fetched (embedded ships with trustsplit; MNIST and \
+             Fashion-MNIST come from your distribution, e.g. Debian's dataset-fashion-mnist, or their authors' sites)",
+            kind.name()
+        );
+    };
+    let source = match (a.archive, a.url) {
+        (Some(path), _) => Source::Local(path),
+        (None, url) => Source::Download(url.unwrap_or_else(|| archive.url.clone())),
+    };
+    let fetched = fetch(&archive, source, &a.data_dir, true)?;
+    eprintln!(
+        "{}: {} {} ({} bytes, SHA-256 {}); unpacked {} files into {}: {} training and {} test examples. Train \
+         with --dataset {} --data-dir {}",
+        fetched.dataset,
+        if fetched.downloaded { "downloaded" } else { "checked" },
+        fetched.archive.display(),
+        fetched.archive_bytes,
+        fetched.sha256,
+        fetched.files.len(),
+        fetched.data_dir.display(),
+        fetched.train_examples,
+        fetched.test_examples,
+        fetched.dataset,
+        fetched.data_dir.display()
+    );
+    if a.json {
+        println!("{}", serde_json::to_string(&fetched)?);
+    }
+    Ok(())
+}
+
 fn main() {
     trustsplit::memory_tuning::configure_allocator();
     let cli = Cli::parse();
@@ -340,6 +410,7 @@ fn main() {
         Command::Enclave(a) => trustsplit::enclave_cmd::run_enclave(a),
         Command::Upload(a) => trustsplit::enclave_cmd::run_upload(a),
         Command::Train(a) => run_train(a),
+        Command::Data { what: DataWhat::Fetch(a) } => run_fetch(a),
         Command::Eval(a) => eval::eval(
             &a.checkpoint,
             &a.dataset,

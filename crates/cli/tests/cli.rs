@@ -11,7 +11,7 @@ fn help_lists_the_commands() {
     let out = trustsplit().arg("--help").output().unwrap();
     assert!(out.status.success());
     let text = String::from_utf8_lossy(&out.stdout);
-    for cmd in ["train", "eval", "bench"] {
+    for cmd in ["train", "eval", "bench", "data"] {
         assert!(text.contains(cmd), "--help does not mention {cmd}:\n{text}");
     }
 }
@@ -25,6 +25,38 @@ fn errors_exit_nonzero_with_a_message() {
     let out = trustsplit().args(["eval", "--checkpoint", "/nonexistent/c.safetensors"]).output().unwrap();
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("/nonexistent/c.safetensors"));
+}
+
+#[test]
+fn data_fetch_offline_and_with_a_wrong_archive_says_what_to_do() {
+    let dir = std::env::temp_dir().join(format!("trustsplit-cli-fetch-{}", std::process::id()));
+    // A local port nothing listens on stands for a machine without internet access (the test
+    // never reaches the real site).
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let url = format!("http://127.0.0.1:{port}/cifar-10-binary.tar.gz");
+    let out = trustsplit().args(["data", "fetch", "cifar10", "--url", &url, "--data-dir"]).arg(&dir).output().unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains(&format!("could not download {url}")) && err.contains("--archive FILE"), "{err}");
+    assert!(err.contains("c4a38c50a1bc5f3a1c5537f2155ab9d68f9f25eb1ed8d9ddda3db29a59bca1dd"), "{err}");
+    // A file that is not the archive.
+    let fake = dir.join("not-cifar.tar.gz");
+    std::fs::write(&fake, b"not an archive").unwrap();
+    let out = trustsplit()
+        .args(["data", "fetch", "cifar100", "--archive"])
+        .arg(&fake)
+        .arg("--data-dir")
+        .arg(&dir)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("has 14 bytes; cifar-100-binary.tar.gz has 168513733"), "{err}");
+    // Datasets it does not fetch.
+    let out = trustsplit().args(["data", "fetch", "fashion-mnist"]).output().unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("dataset-fashion-mnist"));
+    let _ = std::fs::remove_dir_all(&dir);
 }
 
 #[test]

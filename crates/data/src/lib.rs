@@ -154,6 +154,18 @@ pub struct Splits {
     pub test: Dataset,
 }
 
+/// Where the official archive of `kind` puts the files [`load`] reads: its folder and the file
+/// names in it, train files first (`cifar-10-batches-bin/` and `cifar-100-binary/`). `None` for the
+/// datasets that do not come as one such archive.
+pub fn archive_layout(kind: DatasetKind) -> Option<(&'static str, Vec<&'static str>)> {
+    let format = match kind {
+        DatasetKind::Cifar10 => &cifar::CIFAR10,
+        DatasetKind::Cifar100 => &cifar::CIFAR100,
+        _ => return None,
+    };
+    Some((format.folder, format.all_files().collect()))
+}
+
 /// Loads both splits of `kind`.
 ///
 /// `data_dir` is ignored for [`DatasetKind::Embedded`] and required for every

@@ -485,7 +485,7 @@ impl Ziggurat {
 /// does one scalar load at a time, are permutes of registers: each `vpermt2d` picks from 32 entries
 /// by a layer's low five bits, and a tree of blends on its top three bits chooses among the eight.
 /// Lanes that miss the fast path are noted in lane order and finished as the portable code's are,
-/// eight at a time by [`decide`], so the output is the portable code's bit for bit (same words,
+/// eight at a time by `decide`, so the output is the portable code's bit for bit (same words,
 /// same order, same roundings).
 #[cfg(target_arch = "x86_64")]
 mod avx512 {
