@@ -7,7 +7,7 @@
 //! satisfies its policy: the expected measurement, an accepted TCB status, no debug enclave, and
 //! simulated quotes only when asked for explicitly.
 
-use crate::asymml_opts::{AsymmlArgs, AsymmlOptions};
+use crate::training_args::TrainingArgs;
 use anyhow::{bail, ensure, Context, Result};
 use std::net::TcpListener;
 use std::path::PathBuf;
@@ -21,7 +21,6 @@ use trustsplit_enclave::attestation::{
     SimulatedVerifier, SIMULATED_WARNING,
 };
 use trustsplit_enclave::upload::{enclave_receive, owner_upload, UploadError, UploadedFile};
-use trustsplit_nn::optim::Schedule;
 
 use crate::train::{self, Scheme, TrainConfig};
 
@@ -68,40 +67,8 @@ pub struct EnclaveArgs {
     /// and no memory budget), gpu-only (linear layers on --device in the clear: INSECURE baseline).
     #[arg(long, default_value = "tee-only")]
     scheme: Scheme,
-    /// Model: lenet5, alexnet, vgg11|13|16|19 (add -bn for batch-norm), resnet18, resnet34.
-    #[arg(long, default_value = "lenet5")]
-    model: String,
-    #[arg(long, default_value_t = 5)]
-    epochs: usize,
-    #[arg(long, default_value_t = 32)]
-    batch_size: usize,
-    /// Base learning rate (SGD with momentum 0.9, cosine schedule; 0.02 as for `train`).
-    #[arg(long, default_value_t = 0.02)]
-    lr: f32,
-    /// Clip each step's gradients to this global L2 norm before the update (off by default; as
-    /// for `train`, where README's "Accuracy against epsilon" has what it does under heavy noise).
-    #[arg(long, value_name = "NORM")]
-    max_grad_norm: Option<f32>,
-    /// Compute threads (the trusted side of a TEE typically has 1 or 2).
-    #[arg(long, default_value_t = 1)]
-    threads: usize,
-    #[arg(long, default_value_t = 0)]
-    seed: u64,
-    /// Device for schemes that offload: cpu, cpu:THREADS, wgpu, wgpu:cpu, cuda, cuda:INDEX, or
-    /// tcp://HOST:PORT (a `trustsplit device` worker).
-    #[arg(long, default_value = "cpu")]
-    device: String,
-    /// The enclave's memory budget in MiB; past it, saved activations are sealed and spilled.
-    #[arg(long, default_value_t = 96)]
-    memory_budget_mib: usize,
-    /// Output folder for checkpoint.safetensors and metrics.jsonl [default: runs/MODEL-DATASET].
-    #[arg(long)]
-    out: Option<PathBuf>,
-    /// Print one JSON summary object on stdout.
-    #[arg(long)]
-    json: bool,
     #[command(flatten)]
-    asymml: AsymmlArgs,
+    training: TrainingArgs,
 }
 
 #[derive(clap::Args)]
@@ -146,16 +113,7 @@ pub fn run_enclave(a: EnclaveArgs) -> Result<()> {
     // Everything that can be checked without the data is checked before waiting for it, so a
     // typo does not surface only after the owner has uploaded.
     ensure!(a.dataset != DatasetKind::Embedded, "--dataset embedded is built in; the enclave trains on uploaded data");
-    ensure!(
-        trustsplit_nn::zoo::MODEL_NAMES.contains(&a.model.as_str()),
-        "unknown model '{}'; choose one of: {}",
-        a.model,
-        trustsplit_nn::zoo::MODEL_NAMES.join(", ")
-    );
-    ensure!(a.epochs >= 1 && a.batch_size >= 1, "--batch-size and --epochs must be at least 1");
-    train::check_update_settings(a.lr, a.max_grad_norm)?;
-    ensure!(a.threads >= 1, "--threads must be at least 1");
-    crate::asymml_opts::check(&AsymmlOptions::from(&a.asymml))?;
+    a.training.check()?;
     let max_upload_bytes = a.max_upload_mib.checked_mul(1 << 20).context("--max-upload-mib is too large")?;
 
     let provider: Box<dyn AttestationProvider> = match a.attestation {
@@ -199,7 +157,7 @@ pub fn run_enclave(a: EnclaveArgs) -> Result<()> {
     let splits = trustsplit_data::load_from_files(a.dataset, &files)
         .with_context(|| format!("parsing the uploaded {} files", a.dataset))?;
     drop(files);
-    let data = train::prepare_data(a.dataset, splits, &a.model, 0, 0)?;
+    let data = train::prepare_data(a.dataset, splits, &a.training.model, 0, 0)?;
     eprintln!(
         "dataset {}: {} training and {} test images of {}x{}x{}",
         a.dataset,
@@ -210,22 +168,12 @@ pub fn run_enclave(a: EnclaveArgs) -> Result<()> {
         data.train.width
     );
 
-    let mut cfg = TrainConfig::new(&a.model, a.dataset.name());
+    let mut cfg = TrainConfig::new(&a.training.model, a.dataset.name());
     cfg.scheme = a.scheme;
-    cfg.epochs = a.epochs;
-    cfg.batch_size = a.batch_size;
-    cfg.lr = a.lr;
-    cfg.max_grad_norm = a.max_grad_norm;
-    cfg.schedule = Schedule::Cosine { epochs: a.epochs };
-    cfg.threads = a.threads;
-    cfg.seed = a.seed;
-    cfg.device = a.device;
-    cfg.memory_budget = a.memory_budget_mib << 20;
-    cfg.asymml = AsymmlOptions::from(&a.asymml);
-    let out = a.out.unwrap_or_else(|| PathBuf::from("runs").join(format!("{}-{}", a.model, a.dataset)));
+    let out = a.training.apply(&mut cfg)?;
     train::announce(&cfg, &format!("the uploaded {}", cfg.dataset), &out);
-    let s = train::train_with_data(&cfg, data, &out, false, true)?;
-    train::report(&s, a.json)
+    let s = train::train_with_data(&cfg, data, &out, a.training.resume, true)?;
+    train::report(&s, a.training.json)
 }
 
 /// Runs the upload protocol's enclave side, turning the ways it ends early into messages that

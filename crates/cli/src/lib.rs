@@ -10,6 +10,7 @@ pub mod memory_tuning;
 pub mod progress;
 pub mod schemes;
 pub mod train;
+pub mod training_args;
 
 /// Runs `f` on a rayon pool of exactly `threads` threads: every kernel inside uses that pool,
 /// which is how the trusted side is held to its thread budget.

@@ -6,9 +6,9 @@ use clap::{Args, Parser, Subcommand};
 use std::path::PathBuf;
 use trustsplit::asymml_opts::{AsymmlArgs, AsymmlOptions};
 use trustsplit::train::{Scheme, TrainConfig};
+use trustsplit::training_args::TrainingArgs;
 use trustsplit::OnOff;
 use trustsplit::{bench, eval, train};
-use trustsplit_nn::optim::{OptimizerKind, Schedule};
 
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
@@ -96,61 +96,13 @@ struct TrainArgs {
     /// asymml (low-rank parts in the enclave, noised residuals on the device; see the AsymML flags).
     #[arg(long, default_value = "asymml")]
     scheme: Scheme,
-    /// Device for schemes that offload: cpu, cpu:THREADS, wgpu, wgpu:cpu, cuda, cuda:INDEX, or
-    /// tcp://HOST:PORT (a `trustsplit device` worker). Several, comma-separated, split each batch.
-    #[arg(long, default_value = "cpu")]
-    device: String,
-    /// The enclave's memory budget in MiB (SGX's usable EPC is typically about 96 MiB); past it,
-    /// saved activations are sealed (AES-256-GCM) and spilled to untrusted memory.
-    #[arg(long, default_value_t = 96)]
-    memory_budget_mib: usize,
-    /// Write every value that crosses the trust boundary as a JSON line to FILE.
-    #[arg(long)]
-    transcript: Option<PathBuf>,
-    /// Model: lenet5, alexnet, vgg11|13|16|19 (add -bn for batch-norm), resnet18, resnet34.
-    #[arg(long, default_value = "lenet5")]
-    model: String,
-    /// Dataset: embedded (ships with trustsplit), mnist, fashion-mnist, cifar10, cifar100.
+    /// Dataset: embedded (ships with trustsplit), mnist, fashion-mnist, cifar10, cifar100
+    /// (`trustsplit data fetch` gets the CIFAR sets).
     #[arg(long, default_value = "embedded")]
     dataset: String,
     /// Folder with the dataset's files (standard names; IDX may be .gz). Not needed for embedded.
     #[arg(long)]
     data_dir: Option<PathBuf>,
-    #[arg(long, default_value_t = 5)]
-    epochs: usize,
-    #[arg(long, default_value_t = 32)]
-    batch_size: usize,
-    /// Base learning rate (0.02: at 0.03 AsymML's default noise made LeNet-5 collapse to chance
-    /// in about one run in ten; README, "Accuracy against epsilon").
-    #[arg(long, default_value_t = 0.02)]
-    lr: f32,
-    /// sgd (momentum 0.9) or adam.
-    #[arg(long, default_value = "sgd")]
-    optimizer: String,
-    #[arg(long, default_value_t = 0.9)]
-    momentum: f32,
-    #[arg(long, default_value_t = 5e-4)]
-    weight_decay: f32,
-    /// Clip each step's gradients to this global L2 norm before the update (PyTorch's
-    /// clip_grad_norm_); off by default. Steadies AsymML under heavy noise: at
-    /// --noise-multiplier 8, 1.0 kept LeNet-5 from collapsing (README, "Accuracy against
-    /// epsilon"), but at the default noise it costs accuracy in 5 epochs.
-    #[arg(long, value_name = "NORM")]
-    max_grad_norm: Option<f32>,
-    /// Learning-rate schedule: cosine, constant, or step:EVERY:GAMMA (e.g. step:30:0.1).
-    #[arg(long, default_value = "cosine")]
-    schedule: String,
-    /// Compute threads (the trusted side of a TEE typically has 1 or 2).
-    #[arg(long, default_value_t = 1)]
-    threads: usize,
-    #[arg(long, default_value_t = 0)]
-    seed: u64,
-    /// Output folder for checkpoint.safetensors and metrics.jsonl [default: runs/MODEL-DATASET].
-    #[arg(long)]
-    out: Option<PathBuf>,
-    /// Continue from the checkpoint in --out.
-    #[arg(long)]
-    resume: bool,
     /// Use only the first N training samples (0 = all).
     #[arg(long, default_value_t = 0)]
     train_limit: usize,
@@ -160,14 +112,8 @@ struct TrainArgs {
     /// Random crop + horizontal flip: on or off [default: on for CIFAR, off otherwise].
     #[arg(long)]
     augment: Option<OnOff>,
-    /// Write a metrics line every N steps.
-    #[arg(long, default_value_t = 50)]
-    log_every: usize,
-    /// Print one JSON summary object on stdout.
-    #[arg(long)]
-    json: bool,
     #[command(flatten)]
-    asymml: AsymmlArgs,
+    training: TrainingArgs,
 }
 
 #[derive(Args)]
@@ -263,49 +209,17 @@ enum BenchWhat {
     },
 }
 
-fn parse_optimizer(name: &str, momentum: f32) -> Result<OptimizerKind> {
-    Ok(match name {
-        "sgd" => OptimizerKind::Sgd { momentum, nesterov: false },
-        "adam" => OptimizerKind::Adam { beta1: 0.9, beta2: 0.999, eps: 1e-8 },
-        other => anyhow::bail!("unknown optimizer '{other}'; choose sgd or adam"),
-    })
-}
-
-fn parse_schedule(s: &str, epochs: usize) -> Result<Schedule> {
-    let parts: Vec<&str> = s.split(':').collect();
-    Ok(match parts.as_slice() {
-        ["cosine"] => Schedule::Cosine { epochs },
-        ["constant"] => Schedule::Constant,
-        ["step", every, gamma] => Schedule::Step { every: every.parse()?, gamma: gamma.parse()? },
-        _ => anyhow::bail!("unknown schedule '{s}'; use cosine, constant or step:EVERY:GAMMA"),
-    })
-}
-
 fn run_train(a: TrainArgs) -> Result<()> {
-    let mut cfg = TrainConfig::new(&a.model, &a.dataset);
+    let mut cfg = TrainConfig::new(&a.training.model, &a.dataset);
     cfg.scheme = a.scheme;
     cfg.data_dir = a.data_dir;
-    cfg.epochs = a.epochs;
-    cfg.batch_size = a.batch_size;
-    cfg.lr = a.lr;
-    cfg.optimizer = parse_optimizer(&a.optimizer, a.momentum)?;
-    cfg.weight_decay = a.weight_decay;
-    cfg.max_grad_norm = a.max_grad_norm;
-    cfg.schedule = parse_schedule(&a.schedule, a.epochs)?;
-    cfg.threads = a.threads;
-    cfg.seed = a.seed;
     cfg.train_limit = a.train_limit;
     cfg.test_limit = a.test_limit;
     cfg.augment = a.augment.map(|v| matches!(v, OnOff::On));
-    cfg.log_every = a.log_every;
-    cfg.device = a.device;
-    cfg.memory_budget = a.memory_budget_mib << 20;
-    cfg.transcript = a.transcript;
-    cfg.asymml = AsymmlOptions::from(&a.asymml);
-    let out = a.out.unwrap_or_else(|| PathBuf::from("runs").join(format!("{}-{}", a.model, a.dataset)));
+    let out = a.training.apply(&mut cfg)?;
     train::announce(&cfg, &cfg.dataset, &out);
-    let s = train::train(&cfg, &out, a.resume, true)?;
-    train::report(&s, a.json)
+    let s = train::train(&cfg, &out, a.training.resume, true)?;
+    train::report(&s, a.training.json)
 }
 
 fn run_device(a: DeviceArgs) -> Result<()> {

@@ -142,8 +142,8 @@ fn start_enclave(dir: &Path) -> Enclave {
     start_enclave_with(dir, &["--scheme", "tee-only"])
 }
 
-/// Starts `trustsplit enclave` for one epoch of LeNet-5 on uploaded Fashion-MNIST, with the given
-/// scheme flags.
+/// Starts `trustsplit enclave` for LeNet-5 on uploaded Fashion-MNIST (one epoch unless the
+/// flags say otherwise), with the given scheme and training flags.
 fn start_enclave_with(dir: &Path, scheme_args: &[&str]) -> Enclave {
     let out = dir.join("run");
     let mut args = vec![
@@ -154,8 +154,6 @@ fn start_enclave_with(dir: &Path, scheme_args: &[&str]) -> Enclave {
         "fashion-mnist",
         "--model",
         "lenet5",
-        "--epochs",
-        "1",
         "--batch-size",
         "32",
         "--json",
@@ -163,6 +161,9 @@ fn start_enclave_with(dir: &Path, scheme_args: &[&str]) -> Enclave {
         out.to_str().unwrap(),
     ];
     args.extend_from_slice(scheme_args);
+    if !scheme_args.contains(&"--epochs") {
+        args.extend_from_slice(&["--epochs", "1"]);
+    }
     let mut proc = Proc::spawn("enclave", dir, &args);
     let start = Instant::now();
     loop {
@@ -237,6 +238,59 @@ fn owner_uploads_to_attested_enclave_which_trains() {
 }
 
 #[test]
+fn enclave_takes_the_training_flags_and_resumes_from_its_checkpoint() {
+    let tmp = TempDir::new("resume");
+    let data = tmp.0.join("data");
+    write_dataset(&data);
+    let transcript = tmp.0.join("transcript.jsonl");
+    let transcript = transcript.to_str().unwrap();
+    let common = ["--scheme", "asymml", "--optimizer", "adam", "--schedule", "constant", "--lr", "0.001"];
+    let run = |extra: &[&str]| -> (serde_json::Value, String) {
+        let flags: Vec<&str> = common.iter().chain(extra).copied().collect();
+        let mut enclave = start_enclave_with(&tmp.0, &flags);
+        let (measurement, key) = (enclave.measurement.clone(), enclave.key.clone());
+        let (status, err) = upload(&tmp.0, &enclave, &data, &key, &measurement);
+        assert!(status.success(), "upload failed ({status}):\n{err}\nenclave:\n{}", enclave.proc.stderr());
+        let status = enclave.proc.wait(TRAIN_DEADLINE);
+        let enclave_err = enclave.proc.stderr();
+        assert!(status.success(), "enclave failed ({status}):\n{enclave_err}");
+        let summary = serde_json::from_str(enclave.proc.stdout().trim())
+            .unwrap_or_else(|e| panic!("enclave stdout is not one JSON object ({e}):\n{}", enclave.proc.stdout()));
+        (summary, enclave_err)
+    };
+    let (first, _) = run(&["--epochs", "1", "--transcript", transcript]);
+    assert_eq!(first["epochs"], 1, "{first}");
+    let lines = std::fs::read_to_string(transcript).unwrap().lines().count();
+    assert!(lines > 0, "the transcript flag wrote nothing");
+    // The second enclave gets the data again and continues the first one's run.
+    let (second, err) = run(&["--epochs", "2", "--resume"]);
+    assert_eq!(second["epochs"], 2, "{second}");
+    assert_eq!(second["resumed_from_epoch"], 1, "{second}\n{err}");
+    // A different optimiser is a different run: refused, naming the settings.
+    let mut enclave = start_enclave_with(
+        &tmp.0,
+        &[
+            "--scheme",
+            "asymml",
+            "--optimizer",
+            "sgd",
+            "--schedule",
+            "constant",
+            "--lr",
+            "0.001",
+            "--epochs",
+            "3",
+            "--resume",
+        ],
+    );
+    let (measurement, key) = (enclave.measurement.clone(), enclave.key.clone());
+    let _ = upload(&tmp.0, &enclave, &data, &key, &measurement);
+    let status = enclave.proc.wait(TRAIN_DEADLINE);
+    assert!(!status.success());
+    assert!(enclave.proc.stderr().contains("cannot resume"), "{}", enclave.proc.stderr());
+}
+
+#[test]
 fn enclave_trains_the_upload_under_asymml_with_its_flags() {
     let tmp = TempDir::new("asymml");
     let data = tmp.0.join("data");
@@ -271,7 +325,7 @@ fn enclave_trains_the_upload_under_asymml_with_its_flags() {
 }
 
 #[test]
-fn enclave_refuses_bad_asymml_flags_before_listening() {
+fn enclave_refuses_bad_training_flags_before_listening() {
     let tmp = TempDir::new("bad-asymml");
     let mut proc = Proc::spawn(
         "enclave",
@@ -291,6 +345,16 @@ fn enclave_refuses_bad_asymml_flags_before_listening() {
     let err = proc.stderr();
     assert!(!status.success() && err.contains("--max-grad-norm must be a positive number, got 0"), "{err}");
     assert!(!err.contains("listening"), "it listened before checking its flags: {err}");
+    for (flag, value, message) in
+        [("--optimizer", "lamb", "unknown optimizer 'lamb'"), ("--schedule", "linear", "unknown schedule 'linear'")]
+    {
+        let args = ["enclave", "--listen", "127.0.0.1:0", "--dataset", "fashion-mnist", flag, value];
+        let mut proc = Proc::spawn("enclave", &tmp.0, &args);
+        let status = proc.wait(DEADLINE);
+        let err = proc.stderr();
+        assert!(!status.success() && err.contains(message), "{err}");
+        assert!(!err.contains("listening"), "it listened before checking its flags: {err}");
+    }
 }
 
 #[test]

@@ -1,0 +1,129 @@
+//! The training flags `train` and `enclave` share, so the enclave process takes the same model,
+//! optimiser, schedule, output and resume settings as a local run (its dataset arrives by upload
+//! instead of from `--data-dir`, and its scheme defaults to tee-only).
+
+use std::path::PathBuf;
+
+use anyhow::{bail, ensure, Result};
+use trustsplit_nn::optim::{OptimizerKind, Schedule};
+
+use crate::asymml_opts::{AsymmlArgs, AsymmlOptions};
+use crate::train::{self, TrainConfig};
+
+#[derive(clap::Args)]
+pub struct TrainingArgs {
+    /// Device for schemes that offload: cpu, cpu:THREADS, wgpu, wgpu:cpu, cuda, cuda:INDEX, or
+    /// tcp://HOST:PORT (a `trustsplit device` worker). Several, comma-separated, split each batch.
+    #[arg(long, default_value = "cpu")]
+    pub device: String,
+    /// The enclave's memory budget in MiB (SGX's usable EPC is typically about 96 MiB); past it,
+    /// saved activations are sealed (AES-256-GCM) and spilled to untrusted memory.
+    #[arg(long, default_value_t = 96)]
+    pub memory_budget_mib: usize,
+    /// Write every value that crosses the trust boundary as a JSON line to FILE.
+    #[arg(long)]
+    pub transcript: Option<PathBuf>,
+    /// Model: lenet5, alexnet, vgg11|13|16|19 (add -bn for batch-norm), resnet18, resnet34.
+    #[arg(long, default_value = "lenet5")]
+    pub model: String,
+    #[arg(long, default_value_t = 5)]
+    pub epochs: usize,
+    #[arg(long, default_value_t = 32)]
+    pub batch_size: usize,
+    /// Base learning rate (0.02: at 0.03 AsymML's default noise made LeNet-5 collapse to chance
+    /// in about one run in ten; README, "Accuracy against epsilon").
+    #[arg(long, default_value_t = 0.02)]
+    pub lr: f32,
+    /// sgd (momentum 0.9) or adam.
+    #[arg(long, default_value = "sgd")]
+    pub optimizer: String,
+    #[arg(long, default_value_t = 0.9)]
+    pub momentum: f32,
+    #[arg(long, default_value_t = 5e-4)]
+    pub weight_decay: f32,
+    /// Clip each step's gradients to this global L2 norm before the update (PyTorch's
+    /// clip_grad_norm_); off by default. Steadies AsymML under heavy noise: at
+    /// --noise-multiplier 8, 1.0 kept LeNet-5 from collapsing (README, "Accuracy against
+    /// epsilon"), but at the default noise it costs accuracy in 5 epochs.
+    #[arg(long, value_name = "NORM")]
+    pub max_grad_norm: Option<f32>,
+    /// Learning-rate schedule: cosine, constant, or step:EVERY:GAMMA (e.g. step:30:0.1).
+    #[arg(long, default_value = "cosine")]
+    pub schedule: String,
+    /// Compute threads (the trusted side of a TEE typically has 1 or 2).
+    #[arg(long, default_value_t = 1)]
+    pub threads: usize,
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Output folder for checkpoint.safetensors and metrics.jsonl [default: runs/MODEL-DATASET].
+    #[arg(long)]
+    pub out: Option<PathBuf>,
+    /// Continue from the checkpoint in --out (written by a run with the same settings).
+    #[arg(long)]
+    pub resume: bool,
+    /// Write a metrics line every N steps.
+    #[arg(long, default_value_t = 50)]
+    pub log_every: usize,
+    /// Print one JSON summary object on stdout.
+    #[arg(long)]
+    pub json: bool,
+    #[command(flatten)]
+    pub asymml: AsymmlArgs,
+}
+
+impl TrainingArgs {
+    /// Checks what can be checked before any data is at hand (the enclave runs this before it
+    /// waits for the upload, so that a typo does not surface only after the owner has uploaded).
+    pub fn check(&self) -> Result<()> {
+        ensure!(
+            trustsplit_nn::zoo::MODEL_NAMES.contains(&self.model.as_str()),
+            "unknown model '{}'; choose one of: {}",
+            self.model,
+            trustsplit_nn::zoo::MODEL_NAMES.join(", ")
+        );
+        ensure!(self.epochs >= 1 && self.batch_size >= 1, "--batch-size and --epochs must be at least 1");
+        ensure!(self.threads >= 1, "--threads must be at least 1");
+        train::check_update_settings(self.lr, self.max_grad_norm)?;
+        parse_optimizer(&self.optimizer, self.momentum)?;
+        parse_schedule(&self.schedule, self.epochs)?;
+        crate::asymml_opts::check(&AsymmlOptions::from(&self.asymml))
+    }
+
+    /// Sets these flags in `cfg` (whose model and dataset it was made with); returns the output
+    /// folder.
+    pub fn apply(&self, cfg: &mut TrainConfig) -> Result<PathBuf> {
+        cfg.epochs = self.epochs;
+        cfg.batch_size = self.batch_size;
+        cfg.lr = self.lr;
+        cfg.optimizer = parse_optimizer(&self.optimizer, self.momentum)?;
+        cfg.weight_decay = self.weight_decay;
+        cfg.max_grad_norm = self.max_grad_norm;
+        cfg.schedule = parse_schedule(&self.schedule, self.epochs)?;
+        cfg.threads = self.threads;
+        cfg.seed = self.seed;
+        cfg.log_every = self.log_every;
+        cfg.device = self.device.clone();
+        cfg.memory_budget = self.memory_budget_mib << 20;
+        cfg.transcript = self.transcript.clone();
+        cfg.asymml = AsymmlOptions::from(&self.asymml);
+        Ok(self.out.clone().unwrap_or_else(|| PathBuf::from("runs").join(format!("{}-{}", cfg.model, cfg.dataset))))
+    }
+}
+
+fn parse_optimizer(name: &str, momentum: f32) -> Result<OptimizerKind> {
+    Ok(match name {
+        "sgd" => OptimizerKind::Sgd { momentum, nesterov: false },
+        "adam" => OptimizerKind::Adam { beta1: 0.9, beta2: 0.999, eps: 1e-8 },
+        other => bail!("unknown optimizer '{other}'; choose sgd or adam"),
+    })
+}
+
+fn parse_schedule(s: &str, epochs: usize) -> Result<Schedule> {
+    let parts: Vec<&str> = s.split(':').collect();
+    Ok(match parts.as_slice() {
+        ["cosine"] => Schedule::Cosine { epochs },
+        ["constant"] => Schedule::Constant,
+        ["step", every, gamma] => Schedule::Step { every: every.parse()?, gamma: gamma.parse()? },
+        _ => bail!("unknown schedule '{s}'; use cosine, constant or step:EVERY:GAMMA"),
+    })
+}
