@@ -237,6 +237,26 @@ fn owner_uploads_to_attested_enclave_which_trains() {
     assert!(enclave_err.contains("received 4 file(s)"), "{enclave_err}");
 }
 
+/// Starts an enclave with `flags`, uploads `data` to it (which must succeed) and waits for the
+/// enclave to end: whether it succeeded, its stdout and its stderr.
+fn train_on_upload(dir: &Path, data: &Path, flags: &[&str]) -> (bool, String, String) {
+    let mut enclave = start_enclave_with(dir, flags);
+    let (measurement, key) = (enclave.measurement.clone(), enclave.key.clone());
+    let (status, err) = upload(dir, &enclave, data, &key, &measurement);
+    assert!(status.success(), "upload failed ({status}):\n{err}\nenclave:\n{}", enclave.proc.stderr());
+    let status = enclave.proc.wait(TRAIN_DEADLINE);
+    (status.success(), enclave.proc.stdout(), enclave.proc.stderr())
+}
+
+/// [`train_on_upload`] where the enclave must succeed: its JSON summary and stderr.
+fn summary_of_training(dir: &Path, data: &Path, flags: &[&str]) -> (serde_json::Value, String) {
+    let (ok, out, err) = train_on_upload(dir, data, flags);
+    assert!(ok, "enclave failed:\n{err}");
+    let summary = serde_json::from_str(out.trim())
+        .unwrap_or_else(|e| panic!("enclave stdout is not one JSON object ({e}):\n{out}"));
+    (summary, err)
+}
+
 #[test]
 fn enclave_takes_the_training_flags_and_resumes_from_its_checkpoint() {
     let tmp = TempDir::new("resume");
@@ -244,50 +264,30 @@ fn enclave_takes_the_training_flags_and_resumes_from_its_checkpoint() {
     write_dataset(&data);
     let transcript = tmp.0.join("transcript.jsonl");
     let transcript = transcript.to_str().unwrap();
-    let common = ["--scheme", "asymml", "--optimizer", "adam", "--schedule", "constant", "--lr", "0.001"];
-    let run = |extra: &[&str]| -> (serde_json::Value, String) {
-        let flags: Vec<&str> = common.iter().chain(extra).copied().collect();
-        let mut enclave = start_enclave_with(&tmp.0, &flags);
-        let (measurement, key) = (enclave.measurement.clone(), enclave.key.clone());
-        let (status, err) = upload(&tmp.0, &enclave, &data, &key, &measurement);
-        assert!(status.success(), "upload failed ({status}):\n{err}\nenclave:\n{}", enclave.proc.stderr());
-        let status = enclave.proc.wait(TRAIN_DEADLINE);
-        let enclave_err = enclave.proc.stderr();
-        assert!(status.success(), "enclave failed ({status}):\n{enclave_err}");
-        let summary = serde_json::from_str(enclave.proc.stdout().trim())
-            .unwrap_or_else(|e| panic!("enclave stdout is not one JSON object ({e}):\n{}", enclave.proc.stdout()));
-        (summary, enclave_err)
+    let with = |optimizer: &str, extra: &[&str]| -> Vec<String> {
+        ["--scheme", "asymml", "--optimizer", optimizer, "--schedule", "constant", "--lr", "0.001"]
+            .iter()
+            .chain(extra)
+            .map(|s| s.to_string())
+            .collect()
     };
-    let (first, _) = run(&["--epochs", "1", "--transcript", transcript]);
+    let run = |flags: Vec<String>| {
+        let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
+        summary_of_training(&tmp.0, &data, &flags)
+    };
+    let (first, _) = run(with("adam", &["--epochs", "1", "--transcript", transcript]));
     assert_eq!(first["epochs"], 1, "{first}");
     let lines = std::fs::read_to_string(transcript).unwrap().lines().count();
     assert!(lines > 0, "the transcript flag wrote nothing");
     // The second enclave gets the data again and continues the first one's run.
-    let (second, err) = run(&["--epochs", "2", "--resume"]);
+    let (second, err) = run(with("adam", &["--epochs", "2", "--resume"]));
     assert_eq!(second["epochs"], 2, "{second}");
     assert_eq!(second["resumed_from_epoch"], 1, "{second}\n{err}");
     // A different optimiser is a different run: refused, naming the settings.
-    let mut enclave = start_enclave_with(
-        &tmp.0,
-        &[
-            "--scheme",
-            "asymml",
-            "--optimizer",
-            "sgd",
-            "--schedule",
-            "constant",
-            "--lr",
-            "0.001",
-            "--epochs",
-            "3",
-            "--resume",
-        ],
-    );
-    let (measurement, key) = (enclave.measurement.clone(), enclave.key.clone());
-    let _ = upload(&tmp.0, &enclave, &data, &key, &measurement);
-    let status = enclave.proc.wait(TRAIN_DEADLINE);
-    assert!(!status.success());
-    assert!(enclave.proc.stderr().contains("cannot resume"), "{}", enclave.proc.stderr());
+    let flags = with("sgd", &["--epochs", "3", "--resume"]);
+    let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
+    let (ok, _, err) = train_on_upload(&tmp.0, &data, &flags);
+    assert!(!ok && err.contains("cannot resume"), "{err}");
 }
 
 #[test]
@@ -296,16 +296,7 @@ fn enclave_trains_the_upload_under_asymml_with_its_flags() {
     let data = tmp.0.join("data");
     write_dataset(&data);
     let flags = ["--scheme", "asymml", "--noise-multiplier", "1.5", "--rank-schedule", "1,3", "--device", "cpu:1"];
-    let mut enclave = start_enclave_with(&tmp.0, &flags);
-    let (measurement, key) = (enclave.measurement.clone(), enclave.key.clone());
-    let (status, err) = upload(&tmp.0, &enclave, &data, &key, &measurement);
-    assert!(status.success(), "upload failed ({status}):\n{err}\nenclave:\n{}", enclave.proc.stderr());
-
-    let status = enclave.proc.wait(TRAIN_DEADLINE);
-    let enclave_err = enclave.proc.stderr();
-    assert!(status.success(), "enclave failed ({status}):\n{enclave_err}");
-    let summary: serde_json::Value = serde_json::from_str(enclave.proc.stdout().trim())
-        .unwrap_or_else(|e| panic!("enclave stdout is not one JSON object ({e}):\n{}", enclave.proc.stdout()));
+    let (summary, enclave_err) = summary_of_training(&tmp.0, &data, &flags);
     assert_eq!(summary["scheme"], "asymml", "{summary}");
     let privacy = &summary["privacy"];
     assert_eq!(privacy["noise_multiplier"], 1.5, "the flag did not reach the scheme: {summary}");
