@@ -238,7 +238,9 @@ fn unpack(archive: &Archive, path: &Path, dir: &Path) -> Result<Vec<PathBuf>> {
     for entry in tar.entries().with_context(|| format!("reading {what} as a gzip'd tar archive"))? {
         let mut entry = entry.with_context(|| format!("reading {what} as a gzip'd tar archive"))?;
         let member = entry.path().with_context(|| format!("a member name in {what}"))?.into_owned();
-        let Some(index) = names.iter().position(|n| member == Path::new(folder).join(n)) else {
+        // Archives made with `tar -C dir .` name their members `./FOLDER/FILE`.
+        let bare = member.strip_prefix(".").unwrap_or(&member);
+        let Some(index) = names.iter().position(|n| bare == Path::new(folder).join(n)) else {
             continue;
         };
         if !entry.header().entry_type().is_file() {
@@ -287,10 +289,13 @@ mod tests {
             let mut header = tar::Header::new_gnu();
             header.set_size(data.len() as u64);
             header.set_mode(0o644);
+            // The name's bytes as given (`set_path` would drop a leading `./`).
+            header.as_old_mut().name[..name.len()].copy_from_slice(name.as_bytes());
             header.set_cksum();
-            tar.append_data(&mut header, name, Cursor::new(data)).unwrap();
+            tar.append(&header, Cursor::new(data)).unwrap();
         };
         add(format!("{folder}/readme.html"), b"<p>not data</p>".to_vec());
+        // The official archives name members without `./`; one here has it, as `tar -C` writes.
         for (f, name) in names.iter().enumerate() {
             if omit.contains(name) {
                 continue;
@@ -300,7 +305,7 @@ mod tests {
                 data.push(((i + f) % 10) as u8);
                 data.extend((0..3072).map(|p| ((p * 7 + i * 13 + f) % 256) as u8));
             }
-            add(format!("{folder}/{name}"), data);
+            add(format!("{}{folder}/{name}", if f == 0 { "./" } else { "" }), data);
         }
         tar.into_inner().unwrap().finish().unwrap()
     }
