@@ -32,6 +32,9 @@ pub enum EnclaveAttestation {
     /// SGX DCAP quotes from Gramine's /dev/attestation (run under gramine-sgx with
     /// sgx.remote_attestation = "dcap").
     Gramine,
+    /// TDX quotes through Linux's configfs-tsm (/sys/kernel/config/tsm/report, Linux 6.7+), inside
+    /// an Intel TDX confidential VM whose host runs a quote generation service.
+    Tdx,
 }
 
 /// Which quotes the data owner accepts.
@@ -52,7 +55,7 @@ pub struct EnclaveArgs {
     #[arg(long)]
     listen: String,
     /// Where quotes come from: simulated (no security; prints its measurement and key for the
-    /// owner) or gramine (SGX DCAP under Gramine).
+    /// owner), gramine (SGX DCAP under Gramine) or tdx (a TDX confidential VM).
     #[arg(long, value_enum, default_value = "simulated")]
     attestation: EnclaveAttestation,
     /// Largest dataset accepted, in MiB; a larger upload is refused before any of it is read.
@@ -135,6 +138,13 @@ pub fn run_enclave(a: EnclaveArgs) -> Result<()> {
         EnclaveAttestation::Gramine => {
             let p = GramineDcapProvider::new().context("starting SGX DCAP attestation under Gramine")?;
             eprintln!("attestation: SGX DCAP via Gramine; the measurement is this enclave's MRENCLAVE");
+            Box::new(p)
+        }
+        EnclaveAttestation::Tdx => {
+            let p = trustsplit_enclave::tsm::ConfigfsTsmProvider::new().context("starting TDX attestation")?;
+            eprintln!(
+                "attestation: TDX DCAP via configfs-tsm; the measurement is SHA-256(MRTD || RTMR0..3) of this TD"
+            );
             Box::new(p)
         }
     };

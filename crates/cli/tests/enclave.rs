@@ -349,6 +349,21 @@ fn enclave_refuses_bad_training_flags_before_listening() {
 }
 
 #[test]
+fn tdx_attestation_outside_a_confidential_vm_says_so_before_listening() {
+    if std::path::Path::new("/sys/kernel/config/tsm/report").is_dir() {
+        eprintln!("configfs-tsm is present: this machine may make TDX quotes; nothing to test here");
+        return;
+    }
+    let tmp = TempDir::new("tdx");
+    let args = ["enclave", "--listen", "127.0.0.1:0", "--dataset", "fashion-mnist", "--attestation", "tdx"];
+    let mut proc = Proc::spawn("enclave", &tmp.0, &args);
+    let status = proc.wait(DEADLINE);
+    let err = proc.stderr();
+    assert!(!status.success() && err.contains("not a TDX confidential VM"), "{err}");
+    assert!(!err.contains("listening"), "it listened without a way to attest: {err}");
+}
+
+#[test]
 fn owner_refusing_the_quote_sends_nothing() {
     let tmp = TempDir::new("refuse");
     let data = tmp.0.join("data");

@@ -5,9 +5,11 @@
 //!   spilled to untrusted memory, then restored and authenticated on use.
 //! - [`attestation`]: quotes and their verification (a simulation provider for development and CI,
 //!   clearly insecure; SGX DCAP / TDX quote verification through `dcap-qvl`).
+//! - [`tsm`]: TDX quotes from inside a confidential VM through Linux's configfs-tsm.
 //! - [`upload`]: the data owner's side and the enclave's side of an attested key exchange followed by
 //!   an encrypted dataset upload.
 
 pub mod attestation;
 pub mod memory;
+pub mod tsm;
 pub mod upload;
