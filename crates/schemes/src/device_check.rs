@@ -394,6 +394,13 @@ trustsplit_kernels::multiversion! {
 }
 
 impl WeightCheck {
+    /// Bytes it holds (kept in the enclave until the backward pass).
+    pub fn bytes(&self) -> usize {
+        8 * (self.s.len() + self.t.as_ref().map_or(0, Vec::len)) + 4 * (self.by_outputs.len() + self.by_inputs.len())
+    }
+}
+
+impl WeightCheck {
     /// Projects `w` (`C_out x C_in x KH x KW` as `g` says) through `s` (`C_out` values) and, for
     /// a training pass, `t` (`C_in` values).
     pub fn new(g: &ConvGeometry, w: &[f32], s: Vec<f64>, t: Option<Vec<f64>>) -> WeightCheck {
@@ -595,6 +602,11 @@ pub struct InputProjection {
 }
 
 impl InputProjection {
+    /// Bytes it holds (kept in the enclave until the backward pass).
+    pub fn bytes(&self) -> usize {
+        8 * self.t.len() + 4 * self.projected.len()
+    }
+
     /// Projects `x` (`N x C_in x H x W` as `g` says) through the secret `t` (`C_in` values).
     pub fn new(g: &ConvGeometry, x: &[f32], t: Vec<f64>) -> InputProjection {
         let per = g.in_channels * g.in_h * g.in_w;

@@ -66,6 +66,13 @@ pub trait Placement {
     fn checks_conv_weight_gradients(&self) -> bool {
         false
     }
+    /// Bytes the placement itself keeps in the enclave between calls (secrets and what it keeps to
+    /// check the device, bases kept to warm-start the next step): the runner counts them against
+    /// the memory budget beside the saved contexts. Released values kept for later (already
+    /// public) do not count.
+    fn retained_bytes(&self) -> usize {
+        0
+    }
     fn conv_forward(
         &mut self,
         layer: &str,

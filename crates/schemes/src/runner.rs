@@ -96,6 +96,8 @@ pub struct SplitRunner {
     device_stats: Option<Box<dyn Fn() -> DeviceStats + Send>>,
     steps: u64,
     step_seconds: f64,
+    /// The placement's own retained bytes, as reserved in `memory` (see `Placement::retained_bytes`).
+    placement_reserved: usize,
 }
 
 impl SplitRunner {
@@ -109,7 +111,16 @@ impl SplitRunner {
         device_stats: Option<Box<dyn Fn() -> DeviceStats + Send>>,
     ) -> Result<SplitRunner, RunnerError> {
         let memory = memory_budget.map(SecureMemory::new).transpose()?;
-        Ok(SplitRunner { kind, placement, memory, transcript, device_stats, steps: 0, step_seconds: 0.0 })
+        Ok(SplitRunner {
+            kind,
+            placement,
+            memory,
+            transcript,
+            device_stats,
+            steps: 0,
+            step_seconds: 0.0,
+            placement_reserved: 0,
+        })
     }
 
     pub fn kind(&self) -> SchemeKind {
@@ -269,7 +280,8 @@ impl SplitRunner {
         Ok(StepOutput { loss: out.loss, correct: out.correct, samples: n })
     }
 
-    /// Accounts a transient buffer while `f` runs on the placement.
+    /// Accounts a transient buffer while `f` runs on the placement, and what the placement keeps
+    /// once it has (before the buffer is given back, since both were held at that moment).
     fn with_transient<T>(
         &mut self,
         bytes: usize,
@@ -279,7 +291,14 @@ impl SplitRunner {
             m.reserve_transient(bytes)?;
         }
         let r = f(self.placement.as_mut()).map_err(RunnerError::Placement);
+        let retained = self.placement.retained_bytes();
         if let Some(m) = self.memory.as_mut() {
+            if retained > self.placement_reserved {
+                m.reserve_transient(retained - self.placement_reserved)?;
+            } else {
+                m.release_transient(self.placement_reserved - retained);
+            }
+            self.placement_reserved = retained;
             m.release_transient(bytes);
         }
         r

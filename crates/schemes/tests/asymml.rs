@@ -577,3 +577,26 @@ fn an_honest_device_passes_every_check_and_the_report_counts_them() {
         assert!(checks.worst_ratio > 0.0 && checks.worst_ratio < 0.5, "{checks:?}");
     }
 }
+
+#[test]
+fn what_the_checks_keep_counts_against_the_enclave_budget_until_the_backward_pass() {
+    let stats = |verify_device: bool| {
+        let cfg = AsymmlConfig { noise_multiplier: 1.0, verify_device, ..AsymmlConfig::default() };
+        let mut r = runner(cfg, Transcript::new());
+        let mut rng = ChaCha8Rng::seed_from_u64(23);
+        let mut model = small_model(&mut rng);
+        let mut opt = Optimizer::new(OptimizerKind::Sgd { momentum: 0.9, nesterov: false }, 5e-4);
+        for _ in 0..2 {
+            let x = random(&mut rng, &[6, 3, 12, 12], 1.0);
+            let y: Vec<usize> = (0..6).map(|_| rng.random_range(0..10)).collect();
+            r.train_step(&mut model, Secret::new(x), &Secret::new(y), &mut opt, 0.05).unwrap();
+        }
+        r.report().memory.expect("a budget was given")
+    };
+    let (on, off) = (stats(true), stats(false));
+    // The input projections (6 x 12 x 12 values per checked layer) and the weights' projections
+    // were held beside the saved contexts during the step...
+    assert!(on.peak_bytes > off.peak_bytes, "peak {} verified, {} not", on.peak_bytes, off.peak_bytes);
+    // ...and given back by its end: what stays (the warm-start bases) is the same either way.
+    assert_eq!(on.transient_bytes, off.transient_bytes);
+}

@@ -775,6 +775,23 @@ impl Placement for Asymml {
         true // in `merge_device`, as the expansion writes it, or in full for the first layer
     }
 
+    /// The checks' state kept for the backward pass (an input projection shared by a block's two
+    /// convolutions counted once) and the bases kept to warm-start the fast subspace.
+    fn retained_bytes(&self) -> usize {
+        let mut inputs: Vec<*const InputProjection> = Vec::new();
+        let mut bytes = 0;
+        for p in self.pending.values() {
+            bytes += p.weight_check.as_ref().map_or(0, WeightCheck::bytes);
+            if let Some(input) = &p.input_check {
+                if !inputs.contains(&Arc::as_ptr(input)) {
+                    inputs.push(Arc::as_ptr(input));
+                    bytes += input.bytes();
+                }
+            }
+        }
+        bytes + self.warm.values().map(|b| 4 * b.u.len()).sum::<usize>()
+    }
+
     fn conv_backward(
         &mut self,
         layer: &str,
