@@ -151,7 +151,7 @@ fn hash_copy(
 fn check_file(archive: &Archive, path: &Path, show_progress: bool) -> Result<()> {
     let file = File::open(path).with_context(|| format!("opening {}", path.display()))?;
     let what = path.display().to_string();
-    let bar = progress::bar(archive.size, "checking", show_progress);
+    let bar = progress::bytes_bar(archive.size, "checking", show_progress);
     let (size, digest) = hash_copy(archive, BufReader::new(file), None, &what, &bar)?;
     bar.finish_and_clear();
     verify(archive, &what, size, &digest)
@@ -198,7 +198,7 @@ fn download(archive: &Archive, url: &str, to: &Path, show_progress: bool) -> Res
     let partial = partial_path(to);
     let file = File::create(&partial).with_context(|| format!("creating {}", partial.display()))?;
     let mut out = BufWriter::new(file);
-    let bar = progress::bar(archive.size, "downloading", show_progress);
+    let bar = progress::bytes_bar(archive.size, "downloading", show_progress);
     let body = response.into_body().into_with_config().limit(archive.size + 1).reader();
     let result = hash_copy(archive, body, Some(&mut out), url, &bar).and_then(|(size, digest)| {
         verify(archive, url, size, &digest)?;
