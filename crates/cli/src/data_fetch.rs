@@ -115,36 +115,52 @@ pub fn fetch(archive: &Archive, source: Source, dir: &Path, show_progress: bool)
     })
 }
 
-/// Copies `reader` into `out` (if any) while hashing, refusing more than `archive.size` bytes;
-/// returns the byte count and the digest. `what` names the source in errors.
-fn hash_copy(
-    archive: &Archive,
-    mut reader: impl Read,
-    mut out: Option<&mut dyn Write>,
-    what: &str,
-    bar: &indicatif::ProgressBar,
-) -> Result<(u64, String)> {
-    let mut hasher = Sha256::new();
-    let mut buffer = vec![0u8; 1 << 16];
-    let mut total = 0u64;
-    loop {
-        let n = match reader.read(&mut buffer) {
-            Ok(0) => break,
-            Ok(n) => n,
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-            Err(e) => return Err(e).with_context(|| format!("reading {what} after {total} bytes")),
-        };
-        total += n as u64;
-        if total > archive.size {
-            bail!("{what} is longer than the {} bytes {} has", archive.size, archive.file_name);
-        }
-        hasher.update(&buffer[..n]);
-        if let Some(out) = out.as_mut() {
-            out.write_all(&buffer[..n]).with_context(|| format!("writing {what}"))?;
-        }
-        bar.set_position(total);
+/// A running SHA-256 and byte count of what has been read of an archive, refusing more than its
+/// size.
+struct Hashing<'a> {
+    archive: &'a Archive,
+    hasher: Sha256,
+    total: u64,
+}
+
+impl<'a> Hashing<'a> {
+    fn new(archive: &'a Archive) -> Self {
+        Hashing { archive, hasher: Sha256::new(), total: 0 }
     }
-    Ok((total, hex(&hasher.finalize())))
+
+    /// Reads `reader` to its end, hashing and copying into `out` (if any). `what` names the
+    /// source in errors.
+    fn read_from(
+        &mut self,
+        mut reader: impl Read,
+        mut out: Option<&mut dyn Write>,
+        what: &str,
+        bar: &indicatif::ProgressBar,
+    ) -> Result<()> {
+        let mut buffer = vec![0u8; 1 << 16];
+        loop {
+            let n = match reader.read(&mut buffer) {
+                Ok(0) => return Ok(()),
+                Ok(n) => n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(e).with_context(|| format!("reading {what} after {} bytes", self.total)),
+            };
+            self.total += n as u64;
+            if self.total > self.archive.size {
+                bail!("{what} is longer than the {} bytes {} has", self.archive.size, self.archive.file_name);
+            }
+            self.hasher.update(&buffer[..n]);
+            if let Some(out) = out.as_mut() {
+                out.write_all(&buffer[..n]).with_context(|| format!("writing {what}"))?;
+            }
+            bar.set_position(self.total);
+        }
+    }
+
+    /// The byte count and the digest.
+    fn finish(self) -> (u64, String) {
+        (self.total, hex(&self.hasher.finalize()))
+    }
 }
 
 /// Checks a file against the archive's size and digest.
@@ -152,8 +168,10 @@ fn check_file(archive: &Archive, path: &Path, show_progress: bool) -> Result<()>
     let file = File::open(path).with_context(|| format!("opening {}", path.display()))?;
     let what = path.display().to_string();
     let bar = progress::bytes_bar(archive.size, "checking", show_progress);
-    let (size, digest) = hash_copy(archive, BufReader::new(file), None, &what, &bar)?;
+    let mut hashing = Hashing::new(archive);
+    hashing.read_from(BufReader::new(file), None, &what, &bar)?;
     bar.finish_and_clear();
+    let (size, digest) = hashing.finish();
     verify(archive, &what, size, &digest)
 }
 
@@ -171,7 +189,10 @@ fn verify(archive: &Archive, what: &str, size: u64, digest: &str) -> Result<()> 
     Ok(())
 }
 
-/// Downloads `url` to `to` through a hidden partial file, renamed once size and digest match.
+/// Downloads `url` to `to` through a hidden partial file, renamed once size and digest match. A
+/// download cut short leaves the partial file, and the next run asks only for the rest (an HTTP
+/// range request; a server that ignores it sends the whole file again). The digest covers the
+/// whole file either way, so a wrong partial file is found and removed at the end.
 fn download(archive: &Archive, url: &str, to: &Path, show_progress: bool) -> Result<()> {
     let offline_hint = |e: ureq::Error| {
         anyhow::anyhow!(
@@ -189,27 +210,56 @@ fn download(archive: &Archive, url: &str, to: &Path, show_progress: bool) -> Res
         .timeout_recv_body(Some(Duration::from_secs(3600)))
         .build()
         .into();
-    let response = agent.get(url).call().map_err(offline_hint)?;
-    if let Some(length) = response.headers().get("content-length").and_then(|v| v.to_str().ok()?.parse::<u64>().ok()) {
+    let partial = partial_path(to);
+    let have = fs::metadata(&partial).map(|m| m.len()).unwrap_or(0);
+    let have = if have < archive.size { have } else { 0 };
+    let mut request = agent.get(url);
+    if have > 0 {
+        request = request.header("Range", format!("bytes={have}-"));
+    }
+    let response = request.call().map_err(offline_hint)?;
+    let header = |name: &str| response.headers().get(name).and_then(|v| v.to_str().ok()).map(str::to_string);
+    let resumed = have > 0 && response.status() == 206;
+    if resumed {
+        let expected = format!("bytes {have}-{}/{}", archive.size - 1, archive.size);
+        let range = header("content-range").unwrap_or_default();
+        if range != expected {
+            let _ = fs::remove_file(&partial);
+            bail!("{url} answered the request for the rest with range {range:?}, not {expected:?}");
+        }
+    } else if let Some(length) = header("content-length").and_then(|v| v.parse::<u64>().ok()) {
         if length != archive.size {
             bail!("{url} offers {length} bytes; {} has {} (a different file?)", archive.file_name, archive.size);
         }
     }
-    let partial = partial_path(to);
-    let file = File::create(&partial).with_context(|| format!("creating {}", partial.display()))?;
-    let mut out = BufWriter::new(file);
     let bar = progress::bytes_bar(archive.size, "downloading", show_progress);
+    let mut hashing = Hashing::new(archive);
+    let file = if resumed {
+        let kept = partial.display().to_string();
+        let existing = File::open(&partial).with_context(|| format!("opening {kept}"))?;
+        hashing.read_from(BufReader::new(existing), None, &kept, &bar)?;
+        fs::OpenOptions::new().append(true).open(&partial)
+    } else {
+        File::create(&partial)
+    };
+    let mut out = BufWriter::new(file.with_context(|| format!("opening {}", partial.display()))?);
     let body = response.into_body().into_with_config().limit(archive.size + 1).reader();
-    let result = hash_copy(archive, body, Some(&mut out), url, &bar).and_then(|(size, digest)| {
-        verify(archive, url, size, &digest)?;
-        let file =
-            out.into_inner().map_err(|e| e.into_error()).with_context(|| format!("writing {}", partial.display()))?;
-        file.sync_all().with_context(|| format!("writing {}", partial.display()))?;
-        Ok(())
-    });
+    let copied = hashing.read_from(body, Some(&mut out), url, &bar);
     bar.finish_and_clear();
+    // What arrived stays on disk for the next run, unless it cannot be the file.
+    let written = out.into_inner().map_err(|e| e.into_error()).and_then(|f| f.sync_all());
+    let (size, digest) = hashing.finish();
+    let result = copied
+        .and_then(|()| written.with_context(|| format!("writing {}", partial.display())))
+        .and_then(|()| verify(archive, url, size, &digest));
     match result {
         Ok(()) => fs::rename(&partial, to).with_context(|| format!("moving the download to {}", to.display())),
+        Err(e) if size < archive.size => Err(e.context(format!(
+            "the download stopped after {size} of {} bytes; they are kept in {}, and running the command again \
+             fetches the rest",
+            archive.size,
+            partial.display()
+        ))),
         Err(e) => {
             let _ = fs::remove_file(&partial);
             Err(e)
@@ -387,23 +437,28 @@ mod tests {
         assert!(err.contains("lacks cifar-10-batches-bin/test_batch.bin"), "{err}");
     }
 
-    /// Serves `responses` (raw HTTP) to one connection each on a local port; returns its URL.
-    fn serve(responses: Vec<Vec<u8>>) -> String {
+    /// Serves `responses` (raw HTTP) to one connection each on a local port; returns its URL and
+    /// the requests' heads as they arrive.
+    fn serve(responses: Vec<Vec<u8>>) -> (String, std::sync::Arc<std::sync::Mutex<Vec<String>>>) {
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
         let url = format!("http://{}/cifar-10-binary.tar.gz", listener.local_addr().unwrap());
+        let requests = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let seen = requests.clone();
         std::thread::spawn(move || {
             for response in responses {
                 let (stream, _) = listener.accept().unwrap();
                 let mut reader = BufReader::new(stream.try_clone().unwrap());
-                let mut line = String::new();
+                let (mut line, mut head) = (String::new(), String::new());
                 while reader.read_line(&mut line).unwrap() > 2 {
+                    head.push_str(&line);
                     line.clear();
                 }
+                seen.lock().unwrap().push(head.to_ascii_lowercase());
                 let mut stream = stream;
                 let _ = stream.write_all(&response);
             }
         });
-        url
+        (url, requests)
     }
 
     fn ok_response(length: usize, body: &[u8]) -> Vec<u8> {
@@ -416,7 +471,7 @@ mod tests {
         let archive = test_archive(&bytes);
         let tmp = tempdir();
         let data = tmp.join("data");
-        let url = serve(vec![
+        let (url, _) = serve(vec![
             // Not found.
             b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\nConnection: close\r\n\r\n".to_vec(),
             // Announces another size.
@@ -447,6 +502,50 @@ mod tests {
         // A second run finds the verified archive and does not download again (the server is gone).
         let again = attempt().unwrap();
         assert!(!again.downloaded);
+    }
+
+    #[test]
+    fn a_cut_download_is_resumed_from_where_it_stopped() {
+        let bytes = cifar10_like(2, &[]);
+        let archive = test_archive(&bytes);
+        let tmp = tempdir();
+        let data = tmp.join("data");
+        let cut = bytes.len() / 3;
+        let rest = |from: usize, body: &[u8]| {
+            let head = format!(
+                "HTTP/1.1 206 Partial Content\r\nContent-Length: {}\r\nContent-Range: bytes {from}-{}/{}\r\n\
+                 Connection: close\r\n\r\n",
+                body.len(),
+                bytes.len() - 1,
+                bytes.len()
+            );
+            [head.as_bytes(), body].concat()
+        };
+        let (url, requests) = serve(vec![
+            ok_response(bytes.len(), &bytes[..cut]),
+            rest(cut, &bytes[cut..]),
+            // Cut again, then a range that does not start where the kept part ends.
+            ok_response(bytes.len(), &bytes[..cut]),
+            rest(cut + 1, &bytes[cut + 1..]),
+        ]);
+        let attempt = || fetch(&archive, Source::Download(url.clone()), &data, false).map_err(|e| format!("{e:#}"));
+        let err = attempt().unwrap_err();
+        assert!(err.contains(&format!("stopped after {cut} of {} bytes", bytes.len())), "{err}");
+        assert_eq!(fs::metadata(data.join(".cifar-10-binary.tar.gz.partial")).unwrap().len(), cut as u64);
+        let fetched = attempt().unwrap();
+        assert!(fetched.downloaded);
+        assert_eq!(fs::read(data.join("cifar-10-binary.tar.gz")).unwrap(), bytes);
+        assert!(!requests.lock().unwrap()[0].contains("range:"));
+        assert!(requests.lock().unwrap()[1].contains(&format!("range: bytes={cut}-")), "{:?}", requests);
+        // A fresh start: the verified archive is moved away so that it is downloaded again.
+        fs::remove_file(data.join("cifar-10-binary.tar.gz")).unwrap();
+        attempt().unwrap_err();
+        let err = attempt().unwrap_err();
+        assert!(err.contains("not \"bytes"), "{err}");
+        assert!(
+            !data.join(".cifar-10-binary.tar.gz.partial").exists(),
+            "a partial file that cannot be resumed is kept"
+        );
     }
 
     #[test]
