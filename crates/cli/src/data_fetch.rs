@@ -16,6 +16,7 @@ use anyhow::{bail, Context, Result};
 use serde::Serialize;
 use sha2::{Digest, Sha256};
 use trustsplit_data::DatasetKind;
+use trustsplit_enclave::attestation::hex;
 
 use crate::progress;
 
@@ -318,10 +319,6 @@ fn unpack(archive: &Archive, path: &Path, dir: &Path) -> Result<Vec<PathBuf>> {
         bail!("{what} lacks {}", missing.join(", "));
     }
     Ok(found.into_iter().flatten().collect())
-}
-
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 #[cfg(test)]
