@@ -99,7 +99,7 @@ impl<F: ReportFs> ConfigfsTsmProvider<F> {
         self.fs.write(&inblob, &report_data).map_err(io(inblob))?;
         let bytes = read("outblob")?;
         let after = generation(text("generation")?)?;
-        if after != before + 1 {
+        if before.checked_add(1) != Some(after) {
             return Err(AttestationError::Unavailable(format!(
                 "{}: {} writes where this process made one (generation {before} -> {after}); another process \
                  used the entry, so the quote may not be over this report data",
