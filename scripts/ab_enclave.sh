@@ -1,6 +1,6 @@
 #!/bin/bash
 # Alternates `trustsplit bench step` runs of two (or more) builds and prints each run's enclave
-# time and phases: the A/B comparisons in BENCHMARKS.md ("alternated runs") were made this way,
+# time and phases: the A/B comparisons quoted in the module docs ("alternated runs") were made this way,
 # because the shared hosts' speed drifts more between minutes than most changes move it.
 #
 # usage: scripts/ab_enclave.sh ROUNDS MODEL [bench step flags ...] -- BINARY_A BINARY_B [...]

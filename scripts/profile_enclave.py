@@ -12,7 +12,7 @@ samples of the busiest thread that is not the CPU device's (`cpu-device-*`): the
 It prints the share of that thread's samples in each of our functions, inclusive of what they
 call, and the leaf functions where the samples landed; with PROFILE_CALLERS=SUBSTRING, also
 which of our functions the samples whose leaf contains SUBSTRING were called from. Those shares
-are what this session's optimisations were chosen by (BENCHMARKS.md, "AsymML").
+are what the enclave's optimisations were chosen by (the module docs cite them).
 """
 import collections
 import os

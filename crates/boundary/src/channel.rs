@@ -4,6 +4,10 @@
 //! (u32), payload; integers little-endian. Receivers check the magic, the version and the length
 //! limit before reading a payload, so a malformed or hostile peer gets an error, never a panic or an
 //! unbounded allocation.
+//!
+//! Two implementations: [`InProcessChannel`] (a device thread in the same process, tests) and
+//! [`TcpChannel`]. Both give up after the options' timeout instead of waiting forever, so a silent
+//! peer becomes an error.
 
 use std::io::{Read, Write};
 use std::net::{TcpStream, ToSocketAddrs};

@@ -42,8 +42,11 @@ pub struct ReleaseRecord {
 #[derive(Clone, Debug, Default, Serialize)]
 pub struct TranscriptSummary {
     pub records: u64,
-    pub bytes_to_device: u64,
-    pub bytes_from_device: u64,
+    /// Bytes of the values released to the device, each counted once (a value the trusted side
+    /// sends again, such as AsymML's residual for the weight gradient, is released only once).
+    pub bytes_released: u64,
+    /// Bytes of the results the device returned.
+    pub bytes_returned: u64,
     /// `"layer/kind/direction" -> (count, bytes)`.
     pub by_layer_kind: BTreeMap<String, (u64, u64)>,
 }
@@ -116,8 +119,8 @@ impl Transcript {
         let s = &mut g.summary;
         s.records += 1;
         match direction {
-            Direction::TeeToDevice => s.bytes_to_device += bytes,
-            Direction::DeviceToTee => s.bytes_from_device += bytes,
+            Direction::TeeToDevice => s.bytes_released += bytes,
+            Direction::DeviceToTee => s.bytes_returned += bytes,
         }
         let dir = match direction {
             Direction::TeeToDevice => "out",

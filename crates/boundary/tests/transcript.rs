@@ -25,7 +25,7 @@ fn releases_are_recorded_with_sizes_and_written_as_jsonl() {
     t.flush().unwrap();
 
     let s = t.summary();
-    assert_eq!((s.records, s.bytes_to_device, s.bytes_from_device), (3, 48, 16));
+    assert_eq!((s.records, s.bytes_released, s.bytes_returned), (3, 48, 16));
     assert_eq!(s.by_layer_kind["layers.0/weight/out"], (2, 48));
     let recs = t.records().unwrap();
     assert_eq!(recs[0].seq, 0);

@@ -1,6 +1,14 @@
 //! `trustsplit bench kernels`: conv and VGG16-step timings at 1 and 2 threads, with a GEMM of the
-//! same arithmetic measured in the same run as the baseline.
+//! same arithmetic measured in the same run as the baseline. `trustsplit bench step`: a scheme's
+//! enclave and device time per training step (or inference batch) on random data, beside a
+//! baseline scheme measured in the same run.
+//!
+//! Tried and dropped:
+//! - Timing the baseline's steps first and the scheme's after them: tens of seconds apart on a
+//!   host whose speed drifts, single pairs of steps ranged over 1.5x, so a short run's ratio could
+//!   be off by a fifth; the steps now alternate (b050726, 2026-12-03).
 
+use crate::registry::{Scheme, SchemeOptions};
 use anyhow::Result;
 use serde::Serialize;
 use std::collections::BTreeMap;
@@ -180,8 +188,12 @@ pub struct StepBench {
     /// Wall time minus time spent waiting for the device.
     pub enclave_ms: f64,
     pub device_ms: f64,
-    pub bytes_to_device: u64,
-    pub bytes_from_device: u64,
+    /// Bytes of the values released per step, each counted once (the transcript's figure).
+    pub bytes_released: u64,
+    /// Bytes sent to the device per step, resends included (AsymML sends each residual twice:
+    /// for the output and for the weight gradient).
+    pub device_bytes_sent: u64,
+    pub device_bytes_received: u64,
     /// Bytes sealed and spilled to untrusted memory per step, and restored.
     pub spill_bytes: u64,
     pub restore_bytes: u64,
@@ -206,7 +218,7 @@ pub struct StepBench {
 /// Settings of [`step`].
 #[derive(Clone)]
 pub struct StepOptions<'a> {
-    pub scheme: crate::train::Scheme,
+    pub scheme: Scheme,
     pub model: &'a str,
     pub batch_size: usize,
     /// Square input images of this side (`None`: the model's usual 32, or 28 for LeNet-5).
@@ -220,9 +232,9 @@ pub struct StepOptions<'a> {
     pub threads: usize,
     pub device: &'a str,
     pub memory_budget: usize,
-    pub asymml: crate::asymml_opts::AsymmlOptions,
+    pub options: SchemeOptions,
     /// Also time this scheme in the same run and report the enclave-time ratio against it.
-    pub baseline: Option<crate::train::Scheme>,
+    pub baseline: Option<Scheme>,
 }
 
 /// [`step`] of a scheme beside a baseline scheme measured in the same run.
@@ -308,8 +320,7 @@ impl<'a> Stepper<'a> {
         let input = vec![channels, side, side];
         let model = zoo::build(o.model, &input, 10, 0)
             .map_err(|e| anyhow::anyhow!("{} does not take {side}x{side} images: {e}", o.model))?;
-        let cfg = o.asymml.config(o.asymml.noise_multiplier);
-        let runner = crate::schemes::runner_for(o.scheme, o.device, o.memory_budget, None, &cfg)?;
+        let runner = crate::registry::build_runner(o.scheme, o.device, o.memory_budget, None, None, &o.options)?;
         let opt = Optimizer::new(OptimizerKind::Sgd { momentum: 0.9, nesterov: false }, 5e-4);
         let n = o.batch_size;
         let x = from_vec(&[&[n][..], &input[..]].concat(), pseudo_random(n * input.iter().product::<usize>(), 7));
@@ -375,6 +386,9 @@ impl<'a> Stepper<'a> {
         // The model's own convolution and linear multiply-adds per step: forward, or forward and both
         // backward products when training.
         let model_macs = model.forward_macs_per_sample() * n as u64 * if o.inference { 1 } else { 3 };
+        // A placement that counts its multiply-adds (AsymML) reports them; for the others, a
+        // scheme with a device runs all of the model's there, and one without runs them inside.
+        let counted = after.placement.enclave_macs + after.placement.device_macs > 0;
         let (mem_a, mem_b) = (after.memory.clone().unwrap_or_default(), before.memory.unwrap_or_default());
         StepBench {
             scheme: o.scheme.to_string(),
@@ -386,12 +400,13 @@ impl<'a> Stepper<'a> {
             steps: o.steps,
             warmup: o.warmup,
             threads: o.threads,
-            device: if o.scheme.uses_device() { o.device.to_string() } else { "none".into() },
+            device: if o.scheme.info().uses_device { o.device.to_string() } else { "none".into() },
             step_ms: step_s * 1e3,
             enclave_ms: (step_s - device_s).max(0.0) * 1e3,
             device_ms: device_s * 1e3,
-            bytes_to_device: per(after.bytes_to_device, before.bytes_to_device),
-            bytes_from_device: per(after.bytes_from_device, before.bytes_from_device),
+            bytes_released: per(after.transcript.bytes_released, before.transcript.bytes_released),
+            device_bytes_sent: per(after.device_bytes_sent, before.device_bytes_sent),
+            device_bytes_received: per(after.device_bytes_received, before.device_bytes_received),
             spill_bytes: per(mem_a.spill_bytes, mem_b.spill_bytes),
             restore_bytes: per(mem_a.restore_bytes, mem_b.restore_bytes),
             seal_ms: (mem_a.seal_seconds - mem_b.seal_seconds + mem_a.unseal_seconds - mem_b.unseal_seconds) * 1e3
@@ -399,10 +414,10 @@ impl<'a> Stepper<'a> {
             peak_enclave_bytes: mem_a.peak_bytes,
             memory_budget_bytes: if after.memory.is_some() { o.memory_budget } else { 0 },
             forward_macs_per_sample: model.forward_macs_per_sample(),
-            enclave_macs: match o.scheme {
-                crate::train::Scheme::Asymml => per(after.placement.enclave_macs, before.placement.enclave_macs),
-                crate::train::Scheme::GpuOnly => 0,
-                _ => model_macs,
+            enclave_macs: match (counted, o.scheme.info().uses_device) {
+                (true, _) => per(after.placement.enclave_macs, before.placement.enclave_macs),
+                (false, true) => 0,
+                (false, false) => model_macs,
             },
             enclave_phase_ms: after
                 .placement
@@ -414,10 +429,10 @@ impl<'a> Stepper<'a> {
                 })
                 .collect(),
             device_checks: after.placement.device_checks,
-            device_macs: match o.scheme {
-                crate::train::Scheme::Asymml => per(after.placement.device_macs, before.placement.device_macs),
-                crate::train::Scheme::GpuOnly => model_macs,
-                _ => 0,
+            device_macs: match (counted, o.scheme.info().uses_device) {
+                (true, _) => per(after.placement.device_macs, before.placement.device_macs),
+                (false, true) => model_macs,
+                (false, false) => 0,
             },
         }
     }

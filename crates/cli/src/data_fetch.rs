@@ -6,6 +6,11 @@
 //! is renamed into place only once its size and digest are right, and only the archive's known
 //! members are unpacked (each to a partial file, then renamed), so an interrupted run leaves no
 //! file that looks complete. The unpacked files are then parsed by the same loader training uses.
+//!
+//! Downloads go through `ureq` over rustls, without gzip decoding, so an archive's bytes arrive as
+//! published and its digest holds. A cut download is kept and resumed by a range request (the whole
+//! file's digest still decides); a range that does not continue the kept part is refused.
+//! `--archive` takes a copy the user already has instead.
 
 use std::fs::{self, File};
 use std::io::{self, BufReader, BufWriter, Read, Write};

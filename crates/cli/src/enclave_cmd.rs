@@ -22,7 +22,8 @@ use trustsplit_enclave::attestation::{
 };
 use trustsplit_enclave::upload::{enclave_receive, owner_upload, UploadError, UploadedFile};
 
-use crate::train::{self, Scheme, TrainConfig};
+use crate::registry::Scheme;
+use crate::train::{self, TrainConfig};
 
 /// Who produces the enclave's quotes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]

@@ -1,6 +1,7 @@
 //! `trustsplit eval`: accuracy of a checkpoint on a dataset's test split.
 
-use crate::train::{evaluate, load_data, EvalResult, Scheme};
+use crate::registry::{Scheme, SchemeOptions};
+use crate::train::{evaluate, load_data, EvalResult};
 use anyhow::{bail, Result};
 use std::path::Path;
 use trustsplit_enclave::memory::DEFAULT_BUDGET_BYTES;
@@ -16,7 +17,7 @@ pub fn eval(
     device: &str,
     batch_size: usize,
     threads: usize,
-    asymml: &crate::asymml_opts::AsymmlOptions,
+    options: &SchemeOptions,
     show: bool,
 ) -> Result<EvalResult> {
     let c = checkpoint::load(ckpt)?;
@@ -34,13 +35,13 @@ pub fn eval(
     let mut model =
         zoo::build(&c.meta.model, &c.meta.input_shape, c.meta.num_classes, 0).map_err(anyhow::Error::msg)?;
     c.restore_model(&mut model)?;
-    // Inference releases concern the test inputs; the noise multiplier applies as given.
-    let cfg = asymml.config(asymml.noise_multiplier);
-    let mut runner = crate::schemes::runner_for(scheme, device, DEFAULT_BUDGET_BYTES, None, &cfg)?;
+    let mut runner = crate::registry::build_runner(scheme, device, DEFAULT_BUDGET_BYTES, None, None, options)?;
     let mut result =
         crate::with_threads(threads, || evaluate(&mut runner, &mut model, &data, &data.test, batch_size, show))??;
-    let placement = runner.report().placement;
-    result.privacy = placement.privacy.map(|l| crate::asymml_opts::EvaluationPrivacy::new(&l, 1));
-    result.device_checks = placement.device_checks;
+    let report = runner.report();
+    result.privacy =
+        report.placement.privacy.as_ref().map(|l| trustsplit_schemes::asymml::EvaluationPrivacy::new(l, 1));
+    result.device_checks = report.placement.device_checks;
+    result.summary_lines = (scheme.entry().describe_evaluation)(&report);
     Ok(result)
 }

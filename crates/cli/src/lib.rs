@@ -1,14 +1,14 @@
 //! The `trustsplit` command line's library half: the trainer, evaluation and benchmarks, kept
 //! here so integration tests can drive them without spawning processes.
 
-pub mod asymml_opts;
 pub mod bench;
 pub mod data_fetch;
+pub mod devices;
 pub mod enclave_cmd;
 pub mod eval;
 pub mod memory_tuning;
 pub mod progress;
-pub mod schemes;
+pub mod registry;
 pub mod train;
 pub mod training_args;
 

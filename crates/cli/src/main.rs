@@ -4,8 +4,8 @@
 use anyhow::Result;
 use clap::{Args, Parser, Subcommand};
 use std::path::PathBuf;
-use trustsplit::asymml_opts::{AsymmlArgs, AsymmlOptions};
-use trustsplit::train::{Scheme, TrainConfig};
+use trustsplit::registry::{Scheme, SchemeOptions};
+use trustsplit::train::TrainConfig;
 use trustsplit::training_args::TrainingArgs;
 use trustsplit::OnOff;
 use trustsplit::{bench, eval, train};
@@ -137,7 +137,7 @@ struct EvalArgs {
     #[arg(long)]
     json: bool,
     #[command(flatten)]
-    asymml: AsymmlArgs,
+    scheme_options: SchemeOptions,
 }
 
 #[derive(Subcommand)]
@@ -183,14 +183,14 @@ enum BenchWhat {
         #[arg(long)]
         json: bool,
         /// Also time this scheme in the same run and print the enclave-time ratio (default:
-        /// tee-only when --scheme is asymml; `none` to skip). Both are warmed up first, then
+        /// tee-only when --scheme uses a device; `none` to skip). Both are warmed up first, then
         /// their measured steps alternate (baseline, scheme, baseline, ...), so that a shared
         /// host's drifting speed weighs on both alike; the ratio's range over those pairs of
         /// steps is printed too.
         #[arg(long)]
         baseline: Option<String>,
         #[command(flatten)]
-        asymml: AsymmlArgs,
+        scheme_options: Box<SchemeOptions>,
     },
     /// Conv (batch 32, 64->64, 32x32, 3x3) forward and forward+backward, and a VGG16 training
     /// step, at 1 and 2 threads, beside a GEMM baseline of the same arithmetic.
@@ -224,7 +224,7 @@ fn run_train(a: TrainArgs) -> Result<()> {
 
 fn run_device(a: DeviceArgs) -> Result<()> {
     // Fail early on a backend that cannot start, instead of on the first connection.
-    trustsplit::schemes::open_backend(&a.backend)?;
+    trustsplit::devices::open_backend(&a.backend)?;
     let listener = trustsplit_device::DeviceListener::bind(&a.listen)?;
     eprintln!(
         "trustsplit device worker ({}) listening on {} -- UNTRUSTED: it sees every operand it is sent",
@@ -234,7 +234,7 @@ fn run_device(a: DeviceArgs) -> Result<()> {
     let spec = a.backend.clone();
     listener.run(
         move || {
-            trustsplit::schemes::open_backend(&spec)
+            trustsplit::devices::open_backend(&spec)
                 .map_err(|e| trustsplit_device::DeviceError::Unavailable(format!("{e:#}")))
         },
         trustsplit_boundary::ChannelOptions::default(),
@@ -248,14 +248,14 @@ fn parse_baseline(arg: Option<&str>, scheme: Scheme) -> Result<Option<Scheme>> {
     match arg {
         Some("none") => Ok(None),
         Some(name) => Ok(Some(name.parse().map_err(anyhow::Error::msg)?)),
-        None if scheme == Scheme::Asymml => Ok(Some(Scheme::TeeOnly)),
+        None if scheme.info().uses_device => Ok(Some(Scheme::of(&trustsplit_schemes::tee_only::INFO))),
         None => Ok(None),
     }
 }
 
 fn print_step(r: &bench::StepBench) {
     eprintln!(
-        "{} {} batch {} of {}{}: {:.0} ms per step ({:.0} ms enclave, {:.0} ms device); {:.1} MB to device, {:.1} MB back; spill {:.1} MB; peak enclave {:.1} MiB; enclave {:.2} G multiply-adds, device {:.2} G",
+        "{} {} batch {} of {}{}: {:.0} ms per step ({:.0} ms enclave, {:.0} ms device); {:.1} MB released, {:.1} MB sent to the device in all, {:.1} MB back; spill {:.1} MB; peak enclave {:.1} MiB; enclave {:.2} G multiply-adds, device {:.2} G",
         r.scheme,
         r.model,
         r.batch_size,
@@ -264,8 +264,9 @@ fn print_step(r: &bench::StepBench) {
         r.step_ms,
         r.enclave_ms,
         r.device_ms,
-        r.bytes_to_device as f64 / 1e6,
-        r.bytes_from_device as f64 / 1e6,
+        r.bytes_released as f64 / 1e6,
+        r.device_bytes_sent as f64 / 1e6,
+        r.device_bytes_received as f64 / 1e6,
         r.spill_bytes as f64 / 1e6,
         r.peak_enclave_bytes as f64 / (1 << 20) as f64,
         r.enclave_macs as f64 / 1e9,
@@ -276,7 +277,7 @@ fn print_step(r: &bench::StepBench) {
         eprintln!("  enclave phases per step: {}", phases.join(", "));
     }
     if r.device_checks.is_some() {
-        eprintln!("  {}", trustsplit::train::describe_device_checks(r.device_checks));
+        eprintln!("  {}", trustsplit_schemes::asymml::summary::describe_device_checks(r.device_checks));
     }
 }
 
@@ -333,7 +334,7 @@ fn main() {
             &a.device,
             a.batch_size,
             a.threads,
-            &AsymmlOptions::from(&a.asymml),
+            &a.scheme_options,
             true,
         )
         .and_then(|r| {
@@ -344,11 +345,8 @@ fn main() {
                 r.loss,
                 r.samples
             );
-            if let Some(p) = &r.privacy {
-                eprintln!("{}", p.describe());
-            }
-            if a.scheme == trustsplit::train::Scheme::Asymml {
-                eprintln!("{}", trustsplit::train::describe_device_checks(r.device_checks));
+            for line in &r.summary_lines {
+                eprintln!("{line}");
             }
             if a.json {
                 println!("{}", serde_json::to_string(&r)?);
@@ -371,7 +369,7 @@ fn main() {
                     memory_budget_mib,
                     json,
                     baseline,
-                    asymml,
+                    scheme_options,
                 },
         } => parse_baseline(baseline.as_deref(), scheme).and_then(|baseline| {
             let r = bench::step_compared(&bench::StepOptions {
@@ -386,7 +384,7 @@ fn main() {
                 threads,
                 device: &device,
                 memory_budget: memory_budget_mib << 20,
-                asymml: AsymmlOptions::from(&asymml),
+                options: *scheme_options,
                 baseline,
             })?;
             for b in r.baseline.iter().chain(std::iter::once(&r.run)) {
@@ -414,7 +412,7 @@ fn main() {
         Command::Bench { what: BenchWhat::Kernels { repeats, vgg_batch, threads, json } } => {
             bench::kernels(&threads, repeats, vgg_batch, |m| eprintln!("{m}")).and_then(|r| {
                 eprintln!(
-                    "for a same-machine PyTorch reference run scripts/pytorch_conv_reference.py 1 (see BENCHMARKS.md)"
+                    "for a same-machine PyTorch reference run scripts/pytorch_conv_reference.py 1 (see BENCHMARKS.md, \"Kernels against PyTorch\")"
                 );
                 if json {
                     println!("{}", serde_json::to_string(&r)?);

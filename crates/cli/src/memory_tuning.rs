@@ -11,9 +11,9 @@
 //! mimalloc keeps freed memory in its arenas for reuse; on top of its defaults we never purge it
 //! back to the OS (by default it does after a second idle, and a step's buffers are then faulted
 //! in again after evaluation or checkpointing pauses). The cost: the process keeps its peak heap
-//! resident, which an enclave's fixed size assumes anyway. Measured effect: BENCHMARKS.md,
-//! "AsymML" (AsymML's VGG16 enclave time about 250 -> 175 ms per step; tee-only unchanged once
-//! warmed up). Allowing 2 MiB pages as well measured no faster, and SGX enclaves have none.
+//! resident, which an enclave's fixed size assumes anyway. Measured effect (a Zen 5, 2026-12-01):
+//! AsymML's VGG16 enclave time about 250 -> 175 ms per step; tee-only unchanged once
+//! warmed up. Allowing 2 MiB pages as well measured no faster, and SGX enclaves have none.
 
 use libmimalloc_sys::{mi_option_get, mi_option_set, mi_option_t};
 

@@ -11,9 +11,10 @@ use trustsplit_data::{batches, num_batches, BatchOptions, Dataset, DatasetKind};
 use trustsplit_nn::optim::{Optimizer, OptimizerKind, Schedule};
 use trustsplit_nn::tensor::from_vec;
 use trustsplit_nn::{checkpoint, zoo, Model};
-use trustsplit_schemes::{RunnerError, SplitRunner};
+use trustsplit_schemes::asymml::{EvaluationPrivacy, PrivacySummary};
+use trustsplit_schemes::{RunnerError, SplitRunner, TrainingRun};
 
-pub use trustsplit_schemes::SchemeKind as Scheme;
+pub use crate::registry::{Scheme, SchemeOptions};
 
 /// Everything that defines a training run. Recorded in checkpoints so `--resume` can refuse a
 /// run whose settings differ.
@@ -49,16 +50,16 @@ pub struct TrainConfig {
     pub device: String,
     /// Write every boundary crossing as a JSON line here.
     pub transcript: Option<PathBuf>,
-    /// AsymML's settings (recorded for every scheme; only asymml reads them).
-    #[serde(default)]
-    pub asymml: crate::asymml_opts::AsymmlOptions,
+    /// Every scheme's settings (recorded for every scheme, each under its own key: `asymml`).
+    #[serde(flatten)]
+    pub options: SchemeOptions,
 }
 
 impl TrainConfig {
     /// Defaults: LeNet-5 on the embedded data, SGD with momentum 0.9.
     pub fn new(model: &str, dataset: &str) -> Self {
         TrainConfig {
-            scheme: Scheme::Plaintext,
+            scheme: Scheme::of(&trustsplit_schemes::plaintext::INFO),
             model: model.into(),
             dataset: dataset.into(),
             data_dir: None,
@@ -78,7 +79,7 @@ impl TrainConfig {
             memory_budget: trustsplit_enclave::memory::DEFAULT_BUDGET_BYTES,
             device: "cpu".into(),
             transcript: None,
-            asymml: Default::default(),
+            options: Default::default(),
         }
     }
 
@@ -118,12 +119,14 @@ pub struct TrainSummary {
     pub metrics: PathBuf,
     /// What left the trusted side, in words.
     pub released: String,
-    pub bytes_to_device: u64,
-    pub bytes_from_device: u64,
+    /// Bytes of the values released to the device, each counted once (the transcript's total).
+    pub bytes_released: u64,
+    /// Bytes of the results the device returned.
+    pub bytes_returned: u64,
     /// Costs and releases of the scheme: enclave and device time, memory peak and spill, transcript totals.
     pub scheme_report: trustsplit_schemes::SchemeReport,
     /// AsymML: the (epsilon, delta) each training sample spent, and what it covers.
-    pub privacy: Option<crate::asymml_opts::PrivacySummary>,
+    pub privacy: Option<PrivacySummary>,
 }
 
 /// Accuracy and mean loss over a dataset.
@@ -134,10 +137,13 @@ pub struct EvalResult {
     pub samples: usize,
     /// AsymML (set by `trustsplit eval`): what this evaluation released about each example.
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub privacy: Option<crate::asymml_opts::EvaluationPrivacy>,
+    pub privacy: Option<EvaluationPrivacy>,
     /// AsymML (set by `trustsplit eval`): the device's results checked, `None` when unverified.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub device_checks: Option<trustsplit_schemes::device_check::CheckTally>,
+    /// What the scheme adds to the end of an evaluation, in words (printed, not serialised).
+    #[serde(skip)]
+    pub summary_lines: Vec<String>,
 }
 
 /// Loaded data with the batch settings the model needs.
@@ -242,6 +248,7 @@ pub fn evaluate(
         samples: ds.len(),
         privacy: None,
         device_checks: None,
+        summary_lines: Vec::new(),
     })
 }
 
@@ -306,11 +313,29 @@ pub fn train_with_data(
         .open(metrics_path(out))
         .with_context(|| format!("opening {}", metrics_path(out).display()))?;
     let augment = cfg.augment.unwrap_or(data.kind.augments_by_default());
-    let noise = cfg.asymml.noise_for_training(&model, cfg.batch_size, cfg.epochs)?;
-    let mut runner = crate::schemes::build_runner(cfg, noise)?;
+    let training = TrainingRun { model: &model, batch_size: cfg.batch_size, epochs: cfg.epochs };
+    let mut runner = crate::registry::build_runner(
+        cfg.scheme,
+        &cfg.device,
+        cfg.memory_budget,
+        cfg.transcript.as_deref(),
+        Some(training),
+        &cfg.options,
+    )?;
     let steps_per_epoch = num_batches(data.train.len(), cfg.batch_size, false);
-    let (mut last_train, mut last_test) =
-        ((0.0, 0.0), EvalResult { accuracy: 0.0, loss: 0.0, samples: 0, privacy: None, device_checks: None });
+    // A scheme that keeps a privacy ledger adds noise to what it releases (AsymML).
+    let releases_noise = runner.report().placement.privacy.is_some();
+    let (mut last_train, mut last_test) = (
+        (0.0, 0.0),
+        EvalResult {
+            accuracy: 0.0,
+            loss: 0.0,
+            samples: 0,
+            privacy: None,
+            device_checks: None,
+            summary_lines: Vec::new(),
+        },
+    );
 
     crate::with_threads(cfg.threads, || -> Result<()> {
         for epoch in start_epoch..cfg.epochs {
@@ -325,7 +350,7 @@ pub fn train_with_data(
                 let out =
                     runner.train_step(&mut model, x, &Secret::new(b.labels), &mut opt, lr).map_err(|e| match e {
                         RunnerError::Diverged(l) => {
-                            let hint = if cfg.scheme == Scheme::Asymml {
+                            let hint = if releases_noise {
                                 ", less noise (--noise-multiplier, --clip-norm, --grad-clip-norm)"
                             } else {
                                 ""
@@ -378,7 +403,7 @@ pub fn train_with_data(
     })??;
     runner.transcript().flush().map_err(anyhow::Error::msg)?;
     let report = runner.report();
-    let privacy = report.placement.privacy.as_ref().map(|l| crate::asymml_opts::privacy_summary(l, cfg.epochs));
+    let privacy = report.placement.privacy.as_ref().map(|l| trustsplit_schemes::asymml::privacy_summary(l, cfg.epochs));
 
     Ok(TrainSummary {
         scheme: cfg.scheme,
@@ -398,9 +423,9 @@ pub fn train_with_data(
         threads: cfg.threads,
         checkpoint: ckpt_path,
         metrics: metrics_path(out),
-        released: cfg.scheme.releases().to_string(),
-        bytes_to_device: report.transcript.bytes_to_device,
-        bytes_from_device: report.transcript.bytes_from_device,
+        released: cfg.scheme.info().releases.to_string(),
+        bytes_released: report.transcript.bytes_released,
+        bytes_returned: report.transcript.bytes_returned,
         scheme_report: report,
         privacy,
     })
@@ -445,40 +470,12 @@ pub fn print_summary(s: &TrainSummary) {
     );
     let r = &s.scheme_report;
     eprintln!(
-        "released to the device: {} ({} bytes out, {} bytes back, {} transcript records)",
-        s.released, r.transcript.bytes_to_device, r.transcript.bytes_from_device, r.transcript.records
+        "released to the device: {} ({} bytes released and {} bytes returned, in {} transcript records; {} bytes sent \
+         to the device in all, resends included)",
+        s.released, r.transcript.bytes_released, r.transcript.bytes_returned, r.transcript.records, r.device_bytes_sent
     );
-    if let Some(p) = &s.privacy {
-        match p.epsilon {
-            Some(e) => eprintln!(
-                "privacy: epsilon {e:.3} at delta {} per training sample (noise multiplier {:.4}, {} Gaussian releases per sample); {}",
-                p.delta, p.noise_multiplier, p.releases_per_sample, p.covers
-            ),
-            None => eprintln!(
-                "privacy: NO differential-privacy guarantee (--noise-multiplier 0): residuals were released without noise"
-            ),
-        }
-        eprintln!("{}", p.evaluation.describe());
-        let layers = &r.placement.layers;
-        if !layers.is_empty() {
-            let shown: Vec<String> = layers
-                .iter()
-                .map(|l| {
-                    format!(
-                        "{} {} r={:.1} residual {:.1}% clipped {:.0}%",
-                        l.layer,
-                        l.what,
-                        l.mean_rank,
-                        100.0 * l.residual_energy_ratio,
-                        100.0 * l.clipped_fraction
-                    )
-                })
-                .collect();
-            eprintln!("asymml per layer (mean rank per sample; residual share of the energy before noise; released residuals clipped):\n  {}", shown.join("\n  "));
-        }
-    }
-    if s.scheme == Scheme::Asymml {
-        eprintln!("{}", describe_device_checks(r.placement.device_checks));
+    for line in (s.scheme.entry().describe_run)(r, s.epochs) {
+        eprintln!("{line}");
     }
     if let Some(m) = &r.memory {
         eprintln!(
@@ -490,19 +487,5 @@ pub fn print_summary(s: &TrainSummary) {
             m.spill_bytes as f64 / (1 << 20) as f64,
             m.restore_bytes as f64 / (1 << 20) as f64
         );
-    }
-}
-
-/// The summary's line on whether the device's results were verified.
-pub fn describe_device_checks(checks: Option<trustsplit_schemes::device_check::CheckTally>) -> String {
-    match checks {
-        Some(c) => format!(
-            "device results: verified ({} values checked through secret projections; the closest came to {:.2e} of \
-             its tolerance)",
-            c.checks, c.worst_ratio
-        ),
-        None => "device results: NOT verified (--verify-device off): a faulty or malicious device could have \
-                 biased the training undetected"
-            .to_string(),
     }
 }

@@ -102,7 +102,7 @@ fn pump(mut from: TcpStream, mut to: TcpStream, count: Option<(Arc<AtomicU64>, u
 
 fn config(epochs: usize, device: &str) -> TrainConfig {
     let mut cfg = TrainConfig::new("lenet5", "embedded");
-    cfg.scheme = Scheme::GpuOnly;
+    cfg.scheme = Scheme::named("gpu-only").unwrap();
     cfg.device = device.to_string();
     cfg.epochs = epochs;
     cfg.schedule = trustsplit_nn::optim::Schedule::Cosine { epochs: 3 };

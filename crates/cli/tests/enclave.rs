@@ -232,7 +232,7 @@ fn owner_uploads_to_attested_enclave_which_trains() {
     assert_eq!(summary["train_samples"], 300, "{summary}");
     assert_eq!(summary["dataset"], "fashion-mnist", "{summary}");
     assert_eq!(summary["scheme"], "tee-only", "{summary}");
-    assert_eq!(summary["bytes_to_device"], 0, "tee-only releases nothing: {summary}");
+    assert_eq!(summary["bytes_released"], 0, "tee-only releases nothing: {summary}");
     assert!(tmp.0.join("run/checkpoint.safetensors").is_file(), "{enclave_err}");
     assert!(enclave_err.contains("received 4 file(s)"), "{enclave_err}");
 }
@@ -309,7 +309,7 @@ fn enclave_trains_the_upload_under_asymml_with_its_flags() {
         .map(|l| l["mean_rank"].as_f64().unwrap())
         .collect();
     assert_eq!(ranks, [1.0, 3.0], "the rank schedule did not reach the scheme: {summary}");
-    assert!(summary["bytes_to_device"].as_u64().unwrap() > 0, "{summary}");
+    assert!(summary["bytes_released"].as_u64().unwrap() > 0, "{summary}");
     let checks = &summary["scheme_report"]["placement"]["device_checks"];
     assert!(checks["checks"].as_u64().is_some_and(|n| n > 0), "the device's results were not checked: {summary}");
     assert!(enclave_err.contains("device results: verified ("), "{enclave_err}");

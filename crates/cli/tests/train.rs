@@ -32,7 +32,7 @@ fn lenet_on_embedded_data_beats_80_percent() {
         &s.checkpoint,
         "embedded",
         None,
-        Scheme::Plaintext,
+        Scheme::named("plaintext").unwrap(),
         "cpu",
         100,
         1,
@@ -159,43 +159,43 @@ fn asymml_without_noise_trains_like_plaintext() {
     // runs differ only by floating-point reordering.
     let plain = train(&small("lenet5", 2), &out_dir("asym-plain"), false, false).unwrap();
     let mut cfg = small("lenet5", 2);
-    cfg.scheme = Scheme::Asymml;
-    cfg.asymml.noise_multiplier = 0.0;
+    cfg.scheme = asymml();
+    cfg.options.asymml.noise_multiplier = 0.0;
     let asym = train(&cfg, &out_dir("asym-clean"), false, false).unwrap();
     assert!(plain.accuracy > 0.6, "plaintext reached only {}", plain.accuracy);
     assert!((asym.accuracy - plain.accuracy).abs() <= 0.01, "asymml {} vs plaintext {}", asym.accuracy, plain.accuracy);
     assert!((asym.train_loss - plain.train_loss).abs() <= 1e-3 * plain.train_loss.max(1.0));
     let p = asym.privacy.unwrap();
     assert!(p.epsilon.is_none(), "no noise must mean no finite epsilon: {p:?}");
-    assert!(asym.bytes_to_device > 0);
+    assert!(asym.bytes_released > 0);
     // Every device result was checked (the default), and the summary says so.
     let checks = asym.scheme_report.placement.device_checks.expect("verified by default");
     assert!(checks.checks > 0 && checks.worst_ratio < 0.5, "{checks:?}");
-    let line = trustsplit::train::describe_device_checks(Some(checks));
+    let line = trustsplit_schemes::asymml::summary::describe_device_checks(Some(checks));
     assert!(line.starts_with("device results: verified ("), "{line}");
 }
 
 #[test]
 fn asymml_verification_can_be_turned_off_and_a_run_resumes_across_the_switch() {
     let mut cfg = small("lenet5", 1);
-    cfg.scheme = Scheme::Asymml;
+    cfg.scheme = asymml();
     let out = out_dir("asym-verify");
     let first = train(&cfg, &out, false, false).unwrap();
     assert!(first.scheme_report.placement.device_checks.is_some());
     cfg.epochs = 2;
-    cfg.asymml.verify_device = false;
+    cfg.options.asymml.verify_device = false;
     let resumed = train(&cfg, &out, true, false).unwrap();
     assert_eq!(resumed.resumed_from_epoch, 1);
     assert!(resumed.scheme_report.placement.device_checks.is_none());
-    let line = trustsplit::train::describe_device_checks(None);
+    let line = trustsplit_schemes::asymml::summary::describe_device_checks(None);
     assert!(line.contains("NOT verified (--verify-device off)"), "{line}");
 }
 
 #[test]
 fn asymml_epsilon_target_calibrates_the_noise() {
     let mut cfg = small("lenet5", 2);
-    cfg.scheme = Scheme::Asymml;
-    cfg.asymml.epsilon = Some(8.0);
+    cfg.scheme = asymml();
+    cfg.options.asymml.epsilon = Some(8.0);
     let s = train(&cfg, &out_dir("asym-eps"), false, false).unwrap();
     let p = s.privacy.unwrap();
     let eps = p.epsilon.unwrap();
@@ -211,17 +211,20 @@ fn asymml_epsilon_target_calibrates_the_noise() {
     assert_eq!((e.evaluations, e.releases_per_evaluation), (2, 1), "{e:?}");
     assert!(e.epsilon.is_some_and(|v| v > 0.0 && v < eps), "{e:?}");
     // `eval` accounts its own single evaluation of the checkpoint.
-    let mut asymml = cfg.asymml.clone();
-    asymml.epsilon = None;
-    asymml.noise_multiplier = p.noise_multiplier;
-    let r =
-        trustsplit::eval::eval(&s.checkpoint, "embedded", None, Scheme::Asymml, "cpu", 100, 1, &asymml, false).unwrap();
+    let mut options = cfg.options.clone();
+    options.asymml.epsilon = None;
+    options.asymml.noise_multiplier = p.noise_multiplier;
+    let r = trustsplit::eval::eval(&s.checkpoint, "embedded", None, asymml(), "cpu", 100, 1, &options, false).unwrap();
     let once = r.privacy.unwrap();
     assert_eq!((once.evaluations, once.releases_per_evaluation), (1, 1), "{once:?}");
     assert!(once.epsilon.is_some_and(|v| v < e.epsilon.unwrap()), "{once:?} vs {e:?}");
     assert!(once.describe().contains("per example over 1 evaluation ("), "{}", once.describe());
     // A nonsensical target is refused before training.
-    cfg.asymml.epsilon = Some(-1.0);
+    cfg.options.asymml.epsilon = Some(-1.0);
     let err = train(&cfg, &out_dir("asym-eps-bad"), false, false).unwrap_err();
     assert!(format!("{err:#}").contains("--epsilon"), "{err:#}");
+}
+
+fn asymml() -> Scheme {
+    Scheme::named("asymml").unwrap()
 }

@@ -21,9 +21,9 @@ pub struct DeviceStats {
     /// Wall-clock seconds spent waiting for results (transfer included for remote devices).
     pub device_seconds: f64,
     /// Bytes sent: operand bytes for a local device, request payloads for a remote one.
-    pub bytes_to_device: u64,
+    pub bytes_sent: u64,
     /// Bytes received: result bytes for a local device, reply payloads for a remote one.
-    pub bytes_from_device: u64,
+    pub bytes_received: u64,
 }
 
 enum Transport {
@@ -151,9 +151,9 @@ impl Device {
         let start = Instant::now();
         let result = match &mut self.transport {
             Transport::Local(backend) => {
-                self.stats.bytes_to_device += ((a.len() + b.len()) * 4) as u64;
+                self.stats.bytes_sent += ((a.len() + b.len()) * 4) as u64;
                 let y = run_op(backend.as_mut(), &op, a, b)?;
-                self.stats.bytes_from_device += (y.len() * 4) as u64;
+                self.stats.bytes_received += (y.len() * 4) as u64;
                 y
             }
             Transport::Remote { channel, max_frame_bytes, broken } => {
@@ -203,9 +203,9 @@ fn exchange(
 ) -> Result<Vec<f32>, DeviceError> {
     let wrap = |error: ChannelError| DeviceError::Channel { device: device.to_string(), op: op.to_string(), error };
     channel.send(tag, payload).map_err(wrap)?;
-    stats.bytes_to_device += payload.len() as u64;
+    stats.bytes_sent += payload.len() as u64;
     let reply = channel.recv().map_err(wrap)?;
-    stats.bytes_from_device += reply.payload.len() as u64;
+    stats.bytes_received += reply.payload.len() as u64;
     match reply.tag {
         protocol::RESULT => protocol::read_f32s(&reply.payload)
             .map_err(|e| DeviceError::Protocol(format!("device {device}: {op}: result: {e}"))),

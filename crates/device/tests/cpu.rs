@@ -142,8 +142,8 @@ fn local_device_computes_and_counts() {
     assert!(matches!(err, DeviceError::Invalid(_)), "{err}");
     let stats = dev.stats();
     assert_eq!(stats.requests, 2);
-    assert_eq!(stats.bytes_to_device, ((15 + 21 + g.input_len() + g.weight_len()) * 4) as u64);
-    assert_eq!(stats.bytes_from_device, ((35 + g.output_len()) * 4) as u64);
+    assert_eq!(stats.bytes_sent, ((15 + 21 + g.input_len() + g.weight_len()) * 4) as u64);
+    assert_eq!(stats.bytes_received, ((35 + g.output_len()) * 4) as u64);
     assert!(stats.device_seconds > 0.0);
     assert_eq!(t.summary().records, 6);
     dev.shutdown();

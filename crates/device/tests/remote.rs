@@ -64,7 +64,7 @@ fn in_process_remote_matches_local_and_counts_bytes() {
     check_against_local(&mut dev, 2, 10);
     let stats = dev.stats();
     assert_eq!(stats.requests, 4 + 6 * 3);
-    assert!(stats.bytes_to_device > 0 && stats.bytes_from_device > 0);
+    assert!(stats.bytes_sent > 0 && stats.bytes_received > 0);
     // A device error leaves the connection usable.
     let t = Transcript::new();
     let s = GemmShape { m: 1, n: 1, k: 1, trans_a: false, trans_b: false };
@@ -320,7 +320,7 @@ fn a_request_over_the_negotiated_frame_limit_is_refused_before_sending() {
     let s = GemmShape { m: 40, n: 40, k: 1, trans_a: false, trans_b: false };
     let err = dev.gemm(&s, &release(&t, vec![1.0; 40]), &release(&t, vec![1.0; 40])).unwrap_err();
     assert!(matches!(err, DeviceError::Invalid(_)) && err.to_string().contains("frame limit"), "{err}");
-    assert_eq!(dev.stats().bytes_to_device, 0, "nothing was sent");
+    assert_eq!(dev.stats().bytes_sent, 0, "nothing was sent");
     let s = GemmShape { m: 2, n: 2, k: 1, trans_a: false, trans_b: false };
     assert_eq!(dev.gemm(&s, &release(&t, vec![1.0; 2]), &release(&t, vec![1.0; 2])).unwrap(), vec![1.0; 4]);
     dev.shutdown();

@@ -1,6 +1,6 @@
 //! How fast one core reads buffers of growing size (1 MB to 512 MB): the cache levels a kernel's
-//! data falls into, as BENCHMARKS.md ("Eleventh session") uses them to judge which passes can
-//! gain from being fused.
+//! data falls into, used to judge which passes can gain from being fused (the runner's and
+//! `kernels::batchnorm`'s module docs list the fusions tried and dropped).
 //!
 //!     cargo run --release -p trustsplit-kernels --example memory_sweep
 //!

@@ -1,4 +1,9 @@
 //! Elementwise nonlinearities.
+//!
+//! ReLU works in place on a tensor its caller no longer needs (the layers' `forward_owned` and
+//! `backward_owned`). Its backward pass needs only the sign of each output, so the forward pass
+//! returns a mask of 32 values per `u32` word, kept between the passes instead of the output; with
+//! AVX-512 a word is two registers' comparison masks side by side.
 
 use rayon::prelude::*;
 

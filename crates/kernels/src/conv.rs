@@ -6,103 +6,36 @@
 //! are at least as many groups as threads; otherwise groups run in turn with a multi-threaded GEMM.
 //! The unrolled patches are recomputed in the backward pass rather than kept: the trusted side has
 //! little memory.
+//!
+//! Groups are sized so that each GEMM has at least 256 output columns (late VGG layers have 2x2
+//! maps). Forward: `W (C_out x C_in kh kw) * patches`. Input gradient: `W^T * dY`, then [`col2im`].
+//! Weight gradient: `dW^T = patches * dY^T`, then transposed (about 1.5x faster with `gemm` than
+//! `dY * patches^T`). `gemm` picks its AVX-512 kernels at run time where the CPU has them (the
+//! workspace enables its `x86-v4` feature).
+//!
+//! Convolutions with few input or few output channels (AsymML's virtual channels, a network's RGB
+//! input) have variants that read the large side in place instead of unrolling it
+//! ([`conv2d_backward_weight_few_inputs`], [`conv2d_backward_weight_few_outputs`],
+//! [`conv2d_backward_data_few_outputs`]). Past [`FEW_INPUTS`] or [`FEW_OUTPUTS`] channels they take
+//! the unrolled route themselves; where [`direct_weight_gradient_pays`], the weight gradients go to
+//! [`crate::thin_conv`]'s direct correlation.
+//!
+//! Tried and dropped:
+//! - The stride-2 `im2col`/`col2im` through a stepping iterator instead of an indexed loop: still scalar, no faster (stride-2 forward, backward-data and backward-weight on one thread 28.5-32 ms either way) (2026-12-03).
+//! - The few-output-channel input gradient on small maps as a column-major product with a transposing copy out: three times slower at 8x8 (2026-12-03); maps side by side lost at 8x8 too (512 channels, rank 8: 0.42 -> 0.52 ms), hence only below 64 positions.
+//! - The few-output-channel weight gradient `corr(X, Q)` with the input as the GEMM's right operand: 8.3 ms either way on VGG16-like layers, where the left operand (the route kept) is 2x faster (2026-12-01); reading `X` in place as that left operand: no gain (2026-12-02).
+//!
+//! Not yet tried:
+//! - A channels-last unrolling (`HW x (kh*kw*C)`, contiguous copies from an HWC copy of the input) with a column-major output for the forward GEMM, the slowest of the three (about 70 GFLOP/s against 85-93): 93 GFLOP/s for the bare product, but two transposes per sample leave a gain of a few milliseconds.
 
+pub use crate::geometry::ConvGeometry;
 use crate::matmul::{matmul, parallelism, threads, MatRef};
 use crate::thin_conv;
 use gemm::Parallelism;
 use rayon::prelude::*;
 
-/// Shapes of one convolution: input `batch x in_channels x in_h x in_w`, weight
-/// `out_channels x in_channels x kernel_h x kernel_w`, the same stride and zero padding on both axes.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct ConvGeometry {
-    pub batch: usize,
-    pub in_channels: usize,
-    pub out_channels: usize,
-    pub in_h: usize,
-    pub in_w: usize,
-    pub kernel_h: usize,
-    pub kernel_w: usize,
-    pub stride: usize,
-    pub padding: usize,
-}
-
 /// Below this many output pixels per GEMM, samples are batched into one product.
 const MIN_GEMM_COLUMNS: usize = 256;
-
-impl ConvGeometry {
-    /// Checks that the geometry describes a non-empty output.
-    pub fn validate(&self) -> Result<(), String> {
-        if self.stride == 0 {
-            return Err("convolution stride must be at least 1".into());
-        }
-        if self.kernel_h == 0 || self.kernel_w == 0 {
-            return Err("convolution kernel must be at least 1x1".into());
-        }
-        let (ph, pw) = (self.in_h + 2 * self.padding, self.in_w + 2 * self.padding);
-        if ph < self.kernel_h || pw < self.kernel_w {
-            return Err(format!(
-                "convolution kernel {}x{} is larger than the padded input {}x{}",
-                self.kernel_h, self.kernel_w, ph, pw
-            ));
-        }
-        Ok(())
-    }
-    pub fn out_h(&self) -> usize {
-        (self.in_h + 2 * self.padding - self.kernel_h) / self.stride + 1
-    }
-    pub fn out_w(&self) -> usize {
-        (self.in_w + 2 * self.padding - self.kernel_w) / self.stride + 1
-    }
-    pub fn input_len(&self) -> usize {
-        self.batch * self.in_channels * self.in_h * self.in_w
-    }
-    pub fn output_len(&self) -> usize {
-        self.batch * self.out_channels * self.out_h() * self.out_w()
-    }
-    pub fn weight_len(&self) -> usize {
-        self.out_channels * self.patch_len()
-    }
-    /// Length of one unrolled patch: `in_channels * kernel_h * kernel_w`.
-    pub fn patch_len(&self) -> usize {
-        self.in_channels * self.kernel_h * self.kernel_w
-    }
-    /// Multiply-adds of the forward pass (the backward passes cost the same each).
-    pub fn forward_macs(&self) -> u64 {
-        (self.batch * self.out_channels * self.out_h() * self.out_w()) as u64 * self.patch_len() as u64
-    }
-    fn out_pixels(&self) -> usize {
-        self.out_h() * self.out_w()
-    }
-    /// A 1x1, stride-1, unpadded conv needs no unrolling: the input already is the patch matrix.
-    fn is_pointwise(&self) -> bool {
-        self.kernel_h == 1 && self.kernel_w == 1 && self.stride == 1 && self.padding == 0
-    }
-    fn check(&self) {
-        if let Err(e) = self.validate() {
-            panic!("{e}");
-        }
-    }
-    /// The "transposed" geometry of a stride-1 convolution with a square kernel: a convolution
-    /// from this one's output (`out_channels` channels, `out_h x out_w`) back to its input size,
-    /// with padding `k - 1 - padding`. Its forward pass with the flipped, transposed weight is this
-    /// one's input gradient, and its weight gradient (roles of input and output swapped) is this
-    /// one's flipped. Both avoid unrolling (or rolling back) the side with more channels, which is
-    /// what makes products with few output channels (AsymML's virtual channels) cheap.
-    /// `None` where the identity does not hold or would not save work.
-    fn transposed(&self) -> Option<ConvGeometry> {
-        let k = self.kernel_h;
-        let applies = self.stride == 1 && self.kernel_w == k && self.padding < k;
-        (applies && self.out_channels < self.in_channels).then(|| ConvGeometry {
-            in_channels: self.out_channels,
-            out_channels: self.in_channels,
-            in_h: self.out_h(),
-            in_w: self.out_w(),
-            padding: k - 1 - self.padding,
-            ..*self
-        })
-    }
-}
 
 /// `w` (`A x B x k x k`) with its two leading axes swapped and each kernel rotated by 180 degrees
 /// (`B x A x k x k`): the weight of the transposed convolution.

@@ -1,4 +1,8 @@
 //! Max pooling (with the argmax kept for the backward pass) and average pooling.
+//!
+//! 2x2 max pooling at stride 2 (VGG's and most CIFAR networks') takes four windows at a time
+//! through SSE2 compares and masks: the scalar compare-and-select compiled to branches that depend
+//! on the data (see `max_pool_2x2_plane`).
 
 use rayon::prelude::*;
 

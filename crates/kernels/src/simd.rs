@@ -8,6 +8,13 @@
 //! path: Rust never contracts a multiply and an add into a fused multiply-add or reorders
 //! floating-point operations on its own, so each operation rounds as in the baseline code (tested
 //! bit for bit).
+//!
+//! Its users: the elementwise adds and f64 sums ([`crate::elementwise`], behind AsymML's energies),
+//! batch-norm's portable statistics and per-sample loops, the SGD step (`trustsplit-nn`'s
+//! `optim`) and the device checks' projections (`trustsplit-schemes`' `device_check`).
+//!
+//! Tried and dropped:
+//! - Building the workspace with `-C target-cpu=native` instead: no gain on AsymML's best VGG16 row (138-151 against 151-154 ms enclave); on ResNet18's, whose batch-norm converts f32 to f64, "rest" went 96-116 -> 72-90 ms, and the multiversioned loops here alone give 78-87 ms without tying the binary to one CPU (2026-12-02).
 
 use std::sync::atomic::{AtomicU8, Ordering};
 

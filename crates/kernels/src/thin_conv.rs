@@ -14,11 +14,26 @@
 //! 16 and `W` a multiple or a divisor of 16 (every map of VGG and ResNet on 32x32 inputs from 4x4
 //! up); [`fits`] says when a geometry qualifies, and callers take the GEMM route otherwise.
 //!
+//! Up to [`MAX_THIN_CHANNELS`] channels count as thin. One thin plane is correlated with three wide
+//! rows at a time: 27 sums (3 rows x 9 taps) in registers. The GEMM route takes what does not fit
+//! (stride 2, 1x1 kernels, maps under 16 positions, no AVX-512) and, where both apply, whatever
+//! [`crate::conv::direct_weight_gradient_pays`] says it does faster (more than 4 thin channels on
+//! maps under 16x16). Both routes are checked against naive loops.
+//!
 //! The forward pass and the input gradient were tried the same way (weights broadcast against
 //! shifted planes) and dropped: no faster than the GEMM route at 1 thread, and 2-4x slower at 32x32
-//! where the channels' 4 KiB distance aliases in the store buffer (BENCHMARKS.md).
+//! where the channels' 4 KiB distance aliases in the store buffer (34 against 72 G multiply-adds/s, 2026-12-02).
+//!
+//! Tried and dropped:
+//! - Walking the correlation sample by sample (wide tensor in memory order, sums parked in a buffer between samples): 0.98x of the GEMM route overall, slower on maps of 64 positions or fewer (2026-12-02).
+//! - Writing the direct forward and input-gradient products four vectors of two channels at a time (against the store-buffer aliasing above): helped at 32x32, lost at 8x8 and 4x4, where too few accumulators hide the FMA latency (2026-12-02).
+//! - A 4 x 4 block of dot products in registers across a group of samples (`C += sum_s A_s B_s^T`) for the thin weight gradients: 14.7-16.1 against `gemm`'s 15.0-16.8 ms for VGG16's thirteen layers' three products, faster at 32x32 (0.5 against 0.85 ms), slower at 4x4, bound by reloading the small operand from L2 (2026-12-02).
+//! - The direct route for every shape it fits: at 8 thin channels on 4x4 maps (512 wide channels) the GEMM route is about 20% faster on a Zen 5 and on a Xeon, hence `conv::direct_weight_gradient_pays` (2026-12-03).
+//!
+//! Not yet tried:
+//! - ResNet18's stride-2 and 1x1 convolutions on this kernel: through a zero-interleaved thin plane (4x the multiply-adds), or by splitting a stride-2 input into its four phases (even/odd rows and columns), which turns each product into 1-, 2- and 4-tap stride-1 correlations; their low-rank products are about a tenth of ResNet18's best-setting enclave time (2026-12-03).
 
-use crate::conv::ConvGeometry;
+use crate::geometry::ConvGeometry;
 use crate::matmul::threads;
 use rayon::prelude::*;
 
@@ -28,7 +43,7 @@ const LANES: usize = 16;
 /// Wide channels per correlation block: 3 x 9 accumulators fill 27 of the 32 vector registers.
 const ROW_BLOCK: usize = 3;
 
-/// Up to this many channels count as "few" (the GEMM route wins past it: BENCHMARKS.md).
+/// Up to this many channels count as "few" (the GEMM route wins past it: `--example thin_conv`).
 pub const MAX_THIN_CHANNELS: usize = 8;
 
 /// The nine taps' flat offsets for rows of `w`, and which column (0, 1, 2) each reads.

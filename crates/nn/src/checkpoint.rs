@@ -1,5 +1,9 @@
 //! Checkpoints in safetensors: weights, batch-norm statistics, optimizer state and training
 //! metadata (epoch, seed, RNG state, configuration), written atomically.
+//!
+//! Tensors are named `param.*`, `buffer.*` (batch-norm running statistics) and `optim.<slot>.*`.
+//! [`save`] writes `*.safetensors.tmp`, fsyncs it, renames it over the target and fsyncs the
+//! folder, so a crash leaves either the old checkpoint or the new one.
 
 use crate::model::Model;
 use crate::optim::Optimizer;

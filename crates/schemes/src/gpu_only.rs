@@ -14,7 +14,7 @@
 use crate::placement::{
     add_bias, bias_gradient, crossing, keep_input, lock, received, saved_input, Placement, PlacementResult,
 };
-use crate::{RunnerError, SchemeKind, SplitRunner};
+use crate::{RunnerError, RunnerInputs, SchemeInfo, SplitRunner};
 use std::ops::Range;
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
@@ -25,7 +25,14 @@ use trustsplit_nn::layers::{Conv2d, Linear};
 use trustsplit_nn::tensor::{data, data_mut, from_vec};
 use trustsplit_nn::{Mode, Saved, Tensor};
 
-const SCHEME: &str = "gpu-only";
+pub const INFO: SchemeInfo = SchemeInfo {
+    name: "gpu-only",
+    releases: "INSECURE: every layer's input activations, weights and output gradients go to the device in the clear",
+    uses_device: true,
+    docs: "docs/schemes/baselines.md",
+};
+
+const SCHEME: &str = INFO.name;
 const WHY: &str = "none: gpu-only is an insecure baseline that sends linear-layer operands in the clear";
 
 type Shared<T> = Arc<Mutex<T>>;
@@ -55,14 +62,19 @@ pub fn runner(
         for d in &handles {
             let s = lock(d).stats();
             total.requests += s.requests;
-            total.bytes_to_device += s.bytes_to_device;
-            total.bytes_from_device += s.bytes_from_device;
+            total.bytes_sent += s.bytes_sent;
+            total.bytes_received += s.bytes_received;
         }
         total.device_seconds = *lock(&wait);
         total
     }) as Box<dyn Fn() -> DeviceStats + Send>;
     let placement = GpuOnly { devices, transcript: transcript.clone(), waiting };
-    SplitRunner::new(SchemeKind::GpuOnly, Box::new(placement), Some(memory_budget), transcript, Some(stats))
+    SplitRunner::new(&INFO, Box::new(placement), Some(memory_budget), transcript, Some(stats))
+}
+
+/// The runner from the common inputs (the registry's constructor).
+pub fn build(inputs: RunnerInputs) -> Result<SplitRunner, RunnerError> {
+    runner(inputs.devices, inputs.memory_budget, inputs.transcript)
 }
 
 /// Splits `n` samples into at most `k` contiguous, non-empty ranges of near-equal size.

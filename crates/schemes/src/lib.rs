@@ -22,65 +22,53 @@ pub mod tee_only;
 pub use placement::Placement;
 pub use runner::{RunnerError, SchemeReport, SplitRunner, StepOutput};
 
-use serde::{Deserialize, Serialize};
+use std::sync::Arc;
+use trustsplit_boundary::Transcript;
+use trustsplit_device::Device;
+use trustsplit_nn::Model;
 
-/// The schemes this build can run.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum SchemeKind {
-    Plaintext,
-    TeeOnly,
-    GpuOnly,
-    Asymml,
-}
-
-impl SchemeKind {
-    pub const ALL: [SchemeKind; 4] =
-        [SchemeKind::Plaintext, SchemeKind::TeeOnly, SchemeKind::GpuOnly, SchemeKind::Asymml];
-
-    pub fn name(&self) -> &'static str {
-        match self {
-            SchemeKind::Plaintext => "plaintext",
-            SchemeKind::TeeOnly => "tee-only",
-            SchemeKind::GpuOnly => "gpu-only",
-            SchemeKind::Asymml => "asymml",
-        }
-    }
-
+/// What the command line, the reports and the docs need to know of a scheme. Each scheme's module
+/// exports one as `INFO`; the command line's registry lists them.
+#[derive(Debug)]
+pub struct SchemeInfo {
+    /// The `--scheme` value, recorded in checkpoints and reports.
+    pub name: &'static str,
     /// One line on what the untrusted side learns.
-    pub fn releases(&self) -> &'static str {
-        match self {
-            SchemeKind::Plaintext => "nothing (no split: the whole step runs on this machine)",
-            SchemeKind::TeeOnly => "nothing (every operation runs inside the enclave)",
-            SchemeKind::GpuOnly => {
-                "INSECURE: every layer's input activations, weights and output gradients go to the device in the clear"
-            }
-            SchemeKind::Asymml => {
-                "each convolution's input residual (after a per-sample top-r split; clipped and noised when \
-                 --noise-multiplier > 0), the weights, and the output gradients' noised residuals \
-                 (or the gradients in the clear with --protect-gradients off)"
-            }
-        }
-    }
+    pub releases: &'static str,
+    /// Whether the scheme computes on a device (`--device`).
+    pub uses_device: bool,
+    /// The scheme's page, from the repository's root.
+    pub docs: &'static str,
+}
 
-    /// Whether the scheme needs a device.
-    pub fn uses_device(&self) -> bool {
-        matches!(self, SchemeKind::GpuOnly | SchemeKind::Asymml)
+impl PartialEq for SchemeInfo {
+    fn eq(&self, other: &SchemeInfo) -> bool {
+        self.name == other.name
     }
 }
 
-impl std::str::FromStr for SchemeKind {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
-        SchemeKind::ALL.iter().copied().find(|k| k.name() == s).ok_or_else(|| {
-            let names: Vec<&str> = SchemeKind::ALL.iter().map(|k| k.name()).collect();
-            format!("unknown or not yet available scheme '{s}'; available: {}", names.join(", "))
-        })
-    }
-}
-
-impl std::fmt::Display for SchemeKind {
+impl std::fmt::Display for SchemeInfo {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(self.name())
+        f.write_str(self.name)
     }
+}
+
+/// What every scheme's runner is built from.
+pub struct RunnerInputs<'a> {
+    /// The devices the caller opened from `--device` (empty for a scheme that uses none).
+    pub devices: Vec<Device>,
+    /// The enclave's memory budget in bytes.
+    pub memory_budget: usize,
+    pub transcript: Arc<Transcript>,
+    /// Set when the runner will train: the run's model and length, for schemes that calibrate
+    /// themselves to the whole run (AsymML's `--epsilon`). `None` for evaluation and benchmarks.
+    pub training: Option<TrainingRun<'a>>,
+}
+
+/// The shape of a training run.
+#[derive(Clone, Copy)]
+pub struct TrainingRun<'a> {
+    pub model: &'a Model,
+    pub batch_size: usize,
+    pub epochs: usize,
 }

@@ -1,4 +1,10 @@
 //! Where a scheme runs the linear layers (convolutions and fully connected layers).
+//!
+//! The [`Placement`] trait: a convolution's forward pass returns the context its backward pass
+//! needs; [`Placement::retained_bytes`] is the state a placement keeps in the enclave between calls,
+//! which the runner counts against the budget; [`Placement::conv_forward_pair`] takes a residual
+//! block's two convolutions of the same input together. Beside it, the helpers the device
+//! placements share: transcript records for releases and device results, the bias and its gradient.
 
 use serde::Serialize;
 use std::sync::{Mutex, MutexGuard};

@@ -5,9 +5,19 @@
 //! Between the forward and the backward pass each layer's saved context is kept in the enclave's
 //! budgeted memory ([`SecureMemory`]), which encodes, seals and spills it only when the budget is
 //! exceeded.
+//!
+//! A residual block's leading convolutions read its input in place, without a copy per branch; in
+//! the backward pass the main branch's last layer reads the block's output gradient by reference
+//! while the shortcut takes it. Each layer's parameters are updated as soon as its backward pass is
+//! done (all at once after it with gradient clipping), and every gradient is checked for NaN and
+//! infinities first, except those the placement vouches for
+//! ([`Placement::checks_conv_weight_gradients`]).
+//!
+//! Not yet tried:
+//! - Working sample by sample through several layers while a sample's activation (256 KB at 64 x 32x32) stays in L2: every whole-activation pass reads from L3 at best, and fusing two neighbouring passes saved nothing (batch-norm + ReLU, expansion + update; 2026-12-03); the batch-wide steps (batch-norm's statistics, a basis per batch, one device call per layer) stand against it.
 
 use crate::placement::{PassInfo, Placement, PlacementReport, PlacementResult};
-use crate::SchemeKind;
+use crate::SchemeInfo;
 use serde::Serialize;
 use std::sync::Arc;
 use std::time::Instant;
@@ -50,13 +60,17 @@ pub struct StepOutput {
 /// What a run cost and released so far.
 #[derive(Clone, Debug, Serialize)]
 pub struct SchemeReport {
-    pub scheme: SchemeKind,
+    /// The scheme's name.
+    pub scheme: &'static str,
     pub steps: u64,
     /// Wall time of training steps minus the time spent waiting for the device.
     pub enclave_seconds: f64,
     pub device_seconds: f64,
-    pub bytes_to_device: u64,
-    pub bytes_from_device: u64,
+    /// Traffic to the device: every operand sent, including a released value sent again (AsymML
+    /// resends each residual for its weight gradient), so at least `transcript.bytes_released`.
+    pub device_bytes_sent: u64,
+    /// Traffic from the device: every result received.
+    pub device_bytes_received: u64,
     pub memory: Option<MemoryStats>,
     pub transcript: TranscriptSummary,
     /// The placement's own counters (AsymML: enclave/device multiply-adds, ranks, privacy).
@@ -89,7 +103,7 @@ enum Kept {
 
 /// Runs training steps and evaluation batches under one scheme.
 pub struct SplitRunner {
-    kind: SchemeKind,
+    scheme: &'static SchemeInfo,
     placement: Box<dyn Placement + Send>,
     memory: Option<SecureMemory<Context>>,
     transcript: Arc<Transcript>,
@@ -104,7 +118,7 @@ impl SplitRunner {
     /// `memory_budget`: the enclave's budget in bytes, or `None` for no enclave accounting
     /// (plaintext). `device_stats` reports the device's counters, if the placement uses one.
     pub fn new(
-        kind: SchemeKind,
+        scheme: &'static SchemeInfo,
         placement: Box<dyn Placement + Send>,
         memory_budget: Option<usize>,
         transcript: Arc<Transcript>,
@@ -112,7 +126,7 @@ impl SplitRunner {
     ) -> Result<SplitRunner, RunnerError> {
         let memory = memory_budget.map(SecureMemory::new).transpose()?;
         Ok(SplitRunner {
-            kind,
+            scheme,
             placement,
             memory,
             transcript,
@@ -123,8 +137,8 @@ impl SplitRunner {
         })
     }
 
-    pub fn kind(&self) -> SchemeKind {
-        self.kind
+    pub fn scheme(&self) -> &'static SchemeInfo {
+        self.scheme
     }
 
     pub fn transcript(&self) -> &Arc<Transcript> {
@@ -190,7 +204,8 @@ impl SplitRunner {
         // Without global gradient clipping, each layer's parameters are updated as soon as its
         // backward is done, while its weight and gradient are still in cache: the update's sweep
         // over weight, gradient and optimizer state then reads two of them from cache instead of
-        // memory (BENCHMARKS.md, "Eleventh session"). With clipping, it waits for every gradient.
+        // memory (AsymML's best VGG16 row 109-115 -> 103-112 ms, 2026-12-03). With clipping, it
+        // waits for every gradient.
         let updates_each_layer = opt.updates_each_parameter_alone();
         let checks_conv_weights = self.placement.checks_conv_weight_gradients();
         let named = model.named_params();
@@ -336,12 +351,12 @@ impl SplitRunner {
         let device = self.device_stats.as_ref().map(|f| f()).unwrap_or_default();
         let transcript = self.transcript.summary();
         SchemeReport {
-            scheme: self.kind,
+            scheme: self.scheme.name,
             steps: self.steps,
             enclave_seconds: (self.step_seconds - device.device_seconds).max(0.0),
             device_seconds: device.device_seconds,
-            bytes_to_device: device.bytes_to_device,
-            bytes_from_device: device.bytes_from_device,
+            device_bytes_sent: device.bytes_sent,
+            device_bytes_received: device.bytes_received,
             memory: self.memory.as_ref().map(SecureMemory::stats),
             transcript,
             placement: self.placement.report(),

@@ -5,10 +5,22 @@
 //! work, and its small memory (the budget) forces saved activations to be sealed and spilled.
 
 use crate::placement::Trusted;
-use crate::{RunnerError, SchemeKind, SplitRunner};
+use crate::{RunnerError, RunnerInputs, SchemeInfo, SplitRunner};
 use std::sync::Arc;
 use trustsplit_boundary::Transcript;
 
+pub const INFO: SchemeInfo = SchemeInfo {
+    name: "tee-only",
+    releases: "nothing (every operation runs inside the enclave)",
+    uses_device: false,
+    docs: "docs/schemes/baselines.md",
+};
+
 pub fn runner(memory_budget: usize, transcript: Arc<Transcript>) -> Result<SplitRunner, RunnerError> {
-    SplitRunner::new(SchemeKind::TeeOnly, Box::new(Trusted), Some(memory_budget), transcript, None)
+    SplitRunner::new(&INFO, Box::new(Trusted), Some(memory_budget), transcript, None)
+}
+
+/// The runner from the common inputs (the registry's constructor).
+pub fn build(inputs: RunnerInputs) -> Result<SplitRunner, RunnerError> {
+    runner(inputs.memory_budget, inputs.transcript)
 }

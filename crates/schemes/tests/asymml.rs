@@ -107,7 +107,7 @@ fn without_noise_the_split_computes_what_plaintext_computes() {
         let d = max_relative_difference(&reference, &model);
         assert!(d < 1e-4, "{what}: weights differ from plaintext by {d}");
         let report = r.report();
-        assert!(report.device_seconds >= 0.0 && report.bytes_to_device > 0, "{what}: the device was not used");
+        assert!(report.device_seconds >= 0.0 && report.device_bytes_sent > 0, "{what}: the device was not used");
         assert!(report.placement.enclave_macs > 0 && report.placement.device_macs > 0, "{what}");
         assert!(!report.placement.layers.is_empty(), "{what}: no per-layer ranks");
     }

@@ -150,7 +150,7 @@ fn tee_only_releases_nothing() {
     train(&mut r, "vgg11-bn", &[3, 32, 32], 1);
     assert_eq!(t.records().unwrap(), vec![]);
     let s = t.summary();
-    assert_eq!((s.records, s.bytes_to_device, s.bytes_from_device), (0, 0, 0));
+    assert_eq!((s.records, s.bytes_released, s.bytes_returned), (0, 0, 0));
 }
 
 #[test]
@@ -177,11 +177,11 @@ fn gpu_only_releases_inputs_weights_and_gradients_but_not_labels_or_loss() {
         .collect();
     assert_eq!(weight_layers, linear_layers.iter().map(String::as_str).collect());
     let s = t.summary();
-    assert_eq!(s.bytes_to_device, out.iter().map(|r| r.bytes).sum::<u64>());
-    assert!(s.bytes_from_device > 0);
+    assert_eq!(s.bytes_released, out.iter().map(|r| r.bytes).sum::<u64>());
+    assert!(s.bytes_returned > 0);
     // The device counts every operand it receives; a released tensor used by two device calls
     // (dy for both backward passes) is sent twice but recorded once.
-    assert!(r.report().bytes_to_device >= s.bytes_to_device);
+    assert!(r.report().device_bytes_sent >= s.bytes_released);
 }
 
 #[test]

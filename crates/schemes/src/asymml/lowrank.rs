@@ -4,6 +4,23 @@
 //! orthonormal columns spanning the principal channel subspace of a group of samples, V = U^T X holds
 //! the "principal channels" and R is the residual. The big products run in f32 on the gemm kernel; only
 //! the small symmetric eigenproblems run in f64 (faer), where accumulated rounding would hurt.
+//!
+//! The subspace is exact (the eigendecomposition of the smaller Gram matrix) or fast (one step of
+//! subspace iteration, warm-started from the previous step's basis, then Rayleigh-Ritz). The fast
+//! one also hands the split its coordinates `V`, from its Rayleigh-Ritz projection; with a fixed
+//! rank, a large batch's basis comes from a random quarter of its samples and each sample's split
+//! projects onto it. A batch's small maps are laid side by side for the channel products.
+//!
+//! Tried and dropped:
+//! - Carrying the fast subspace's block from step to step (one pass over each activation instead of two): the basis lags a batch behind; on VGG11-BN's activations the residual share rose layer by layer up to 4.6x (0.26% -> 0.81% of the energy at the next-to-last layer), and a unit test with a batch-specific noise floor left 1.75x the optimal residual against 1.003x, for ~4% of the best VGG16 row (2026-12-02).
+//! - Two oversampling columns from a cold start: up to 10% more (relative) of the energy left in the residual (28.4 -> 31.3% in one case), so cold starts keep four (2026-12-03; an earlier try for every start, 2026-12-02, saved ~1.5% of the enclave's time).
+//! - Adding up the total energy in the power step's pass instead of its own: the power step, bound by its arithmetic, got slower by as much as the pass saved (ResNet18's best row: subspace 15.6-15.8% -> 17.5-17.7% of the profile, energy 3.8% -> 2.1-2.4%) (2026-12-02).
+//! - Skipping the total-energy pass for a fixed rank (the total being `||V||^2 + ||R||^2` after the split): 136-143 against 136-140 ms for the best VGG16 row, nothing to measure (2026-12-02).
+//! - The energy threshold's basis from a quarter of the batch, its rank checked by the split and recomputed from every sample where it fell short: on untrained models' flat spectra it cost more than it saved (VGG16's energy row 260-267 -> 257-280 ms, ResNet18's 716-770 -> 860-861 ms) (2026-12-02, reverted in cd35a4a).
+//! - Sampling a quarter of the batch for the power step only, the Rayleigh-Ritz projection over every sample: ResNet18's subspace 62-64 -> 45-49 ms, superseded by sampling both (2026-12-02).
+//!
+//! Not yet tried:
+//! - The energy threshold's basis from a quarter of the batch on a trained model, whose decaying spectra may make it pay.
 
 use faer::{Mat, Side};
 use rand_distr::StandardNormal;
@@ -21,8 +38,9 @@ pub enum RankPolicy {
     Energy { tau: f64, max_rank: usize },
 }
 
-/// How the subspace is found.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+/// How the subspace is found (`--subspace exact|fast`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[cfg_attr(feature = "cli", derive(clap::ValueEnum))]
 pub enum Subspace {
     /// Exact top-r from the eigen-decomposition of the smaller Gram matrix (C x C or nP x nP).
     Exact,
@@ -55,7 +73,7 @@ const OVERSAMPLE: usize = 4;
 /// the right way: on VGG11-BN's activations and gradients over a training epoch, 2 instead of 4
 /// left 0.06-0.6% more (relative) of the energy in the residual, while the power step and the
 /// projection work on 2 columns fewer (at ranks 1-4, a quarter to two fifths of their columns:
-/// BENCHMARKS.md, "Eleventh session").
+/// measured 2026-12-03).
 const WARM_OVERSAMPLE: usize = 2;
 
 /// Positions (over the samples) that a sampled fast basis is computed from at the least; see
@@ -139,11 +157,11 @@ pub fn find_basis(
 /// samples (at least `SAMPLED_COLUMNS` positions; `basis_samples`) and gives no coordinates: a
 /// basis per batch only has to capture the channels the batch has in common, which a quarter of a
 /// batch of 32 large maps shows nearly as well as the whole (on VGG11-BN's activations, its basis
-/// left about 1% more of the energy in the residuals: BENCHMARKS.md, "Ninth session"), and the
+/// left about 1% more of the energy in the residuals, 2026-12-02), and the
 /// split that every sample needs anyway then projects it in the same sweep. The basis' energies are
 /// then those of the quarter. An energy threshold is a promise about the whole group, so its basis
 /// sees every sample (a quarter's rank, checked by the split and recomputed from every sample where
-/// it fell short, cost more than it saved on flat spectra: BENCHMARKS.md, "Ninth session").
+/// it fell short, cost more than it saved on flat spectra: see the module docs).
 ///
 /// An error where the samples hold NaN or infinite values (a diverged training run: no subspace
 /// is defined), or where the small eigenproblem does not converge. Where a sampled basis is

@@ -7,7 +7,7 @@
 //! residual with the public weight; the enclave adds the two, then runs batch-norm, ReLU, pooling,
 //! the classifier, the loss and the optimizer itself.
 //!
-//! Releases, per convolution and step (see `docs/asymml.md` for the guarantee):
+//! Releases, per convolution and step (see `docs/schemes/asymml.md` for the guarantee):
 //! - `noised-residual`: each sample's residual, L2-clipped and with Gaussian noise (`z * bound`).
 //!   Skipped where the rank covers every channel (nothing is left to release).
 //! - `weight`: the layer's current weight (treated as public, as in the paper; it is trained on the
@@ -20,15 +20,45 @@
 pub mod keystream;
 pub mod lowrank;
 pub mod noise;
+pub mod options;
 pub mod placement;
 mod spares;
+pub mod summary;
 pub mod virtual_conv;
 
 pub use lowrank::{RankPolicy, Subspace};
+pub use options::AsymmlOptions;
 pub use placement::{releases_per_step, runner, validate};
+pub use summary::{describe_evaluation, describe_run, privacy_summary, EvaluationPrivacy, PrivacySummary};
 
 use crate::accountant::{PrivacySpent, RdpAccountant};
+use crate::{RunnerError, RunnerInputs, SchemeInfo, SplitRunner};
 use serde::Serialize;
+
+pub const INFO: SchemeInfo = SchemeInfo {
+    name: "asymml",
+    releases: "each convolution's input residual (after a per-sample top-r split; clipped and noised when \
+               --noise-multiplier > 0), the weights, and the output gradients' noised residuals (or the gradients \
+               in the clear with --protect-gradients off)",
+    uses_device: true,
+    docs: "docs/schemes/asymml.md",
+};
+
+/// The runner from the common inputs and the run's options (the registry's constructor): the
+/// noise is calibrated to `--epsilon` over a training run when one is asked for.
+pub fn build(inputs: RunnerInputs, options: &AsymmlOptions) -> Result<SplitRunner, RunnerError> {
+    let noise = match inputs.training {
+        Some(run) => options.noise_for_training(run.model, run.batch_size, run.epochs),
+        // Evaluation releases concern the evaluated inputs; the noise multiplier applies as given.
+        None => options.check().map(|()| options.noise_multiplier),
+    }
+    .map_err(RunnerError::Input)?;
+    let mut devices = inputs.devices;
+    if devices.len() != 1 {
+        return Err(RunnerError::Input(format!("asymml uses one device; got {}", devices.len())));
+    }
+    runner(devices.remove(0), options.config(noise), inputs.memory_budget, inputs.transcript)
+}
 
 /// How many components each layer keeps.
 #[derive(Clone, Debug, PartialEq)]
@@ -68,9 +98,9 @@ impl RankRule {
     }
 }
 
-/// Which samples share one basis.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "kebab-case")]
+/// Which samples share one basis (`--basis sample|batch`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, serde::Deserialize)]
+#[cfg_attr(feature = "cli", derive(clap::ValueEnum))]
 pub enum BasisScope {
     /// One basis per sample (the paper): a sample's release depends on that sample alone.
     Sample,

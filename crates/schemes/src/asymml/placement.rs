@@ -1,5 +1,15 @@
 //! The AsymML placement: per-sample splits inside the enclave, the residual's convolution on the
 //! device, the low-rank part's convolution on r virtual channels in the enclave, concurrently.
+//!
+//! Each device call runs on one thread kept for the placement's life, beside the enclave's
+//! products. The first layer's weight gradient is computed whole in the enclave (its input has
+//! few channels, and nothing of its output gradient leaves). A projection block's input is split
+//! once for both of its convolutions ([`Placement::conv_forward_pair`]).
+//!
+//! Not yet tried:
+//! - Releasing a projection block's shared residual to the device once for both convolutions: a request with several weights would halve those bytes (the protocol takes one input per request).
+//! - A device-side cache of the weights and residuals: each goes to the device twice per step, for the forward and the backward call (228 MB per VGG16 step).
+//! - Moving the weights, the merge of the weight gradient and the optimizer to the device, as the paper's code does: the enclave would skip the optimizer (6-8 ms per VGG16 step) and the expansion (7-9 ms), but would release the low-rank terms in factored form, which needs its own argument about what they reveal.
 
 use super::keystream::NoiseRng;
 use super::lowrank::{find_basis_and_coordinates, residual_into, split_into, Basis, RankPolicy};
@@ -13,7 +23,7 @@ use crate::device_check::{
 use crate::placement::{
     add_bias, crossing, lock, received, LayerSplit, PassInfo, Placement, PlacementReport, PlacementResult,
 };
-use crate::{RunnerError, SchemeKind, SplitRunner};
+use crate::{RunnerError, SplitRunner};
 use std::cell::RefCell;
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
@@ -27,7 +37,7 @@ use trustsplit_nn::layers::{Conv2d, Linear};
 use trustsplit_nn::tensor::{data, from_vec};
 use trustsplit_nn::{Layer, Mode, Model, Saved, Tensor};
 
-const SCHEME: &str = "asymml";
+const SCHEME: &str = super::INFO.name;
 
 /// A runner that trains and evaluates under AsymML with `device` computing the residuals.
 pub fn runner(
@@ -39,7 +49,7 @@ pub fn runner(
     validate(&cfg).map_err(RunnerError::Input)?;
     let placement = Asymml::new(device, cfg, transcript.clone())?;
     let stats = placement.device_stats();
-    SplitRunner::new(SchemeKind::Asymml, Box::new(placement), Some(memory_budget), transcript, Some(stats))
+    SplitRunner::new(&super::INFO, Box::new(placement), Some(memory_budget), transcript, Some(stats))
 }
 
 impl Asymml {
@@ -182,7 +192,7 @@ pub struct Asymml {
     spares: Spares,
     /// The one thread that makes [`Asymml::overlapped`]'s device calls, kept for the placement's
     /// life: a thread spawned and joined per call (two per convolution and step) cost
-    /// 50-73 us against 10-33 us for a job on a kept thread (a throwaway timing, BENCHMARKS.md).
+    /// 50-73 us against 10-33 us for a job on a kept thread (a throwaway timing, 2026-12-03).
     device_caller: rayon::ThreadPool,
 }
 

@@ -14,6 +14,10 @@
 //! to the device's share in one sweep. Groups for which the factored route would cost more than
 //! the ordinary product (at small maps the transform `r C_in C_out k^2` exceeds the whole
 //! convolution) are rebuilt and convolved together in one ordinary call.
+//!
+//! With the output gradient split too, as `P Q + R`, the weight gradient's input side is taken by
+//! pairs of factors, `corr(U V, R) + P corr(V, Q)` ([`LowRankWeightGradient::add_low_rank_pairs`]),
+//! so `P Q + R` is never rebuilt.
 
 use std::borrow::Cow;
 use trustsplit_kernels::conv::{

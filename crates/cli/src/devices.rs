@@ -1,47 +1,9 @@
-//! Builds a scheme's runner from command-line settings: the enclave's memory budget, the device,
-//! and the transcript file.
+//! Opens the devices named by `--device`: local backends (our CPU kernels, wgpu, CUDA) or remote
+//! `trustsplit device` workers.
 
-use crate::train::TrainConfig;
 use anyhow::{bail, Context, Result};
-use std::path::Path;
-use std::sync::Arc;
-use trustsplit_boundary::{ChannelOptions, TcpChannel, Transcript};
+use trustsplit_boundary::{ChannelOptions, TcpChannel};
 use trustsplit_device::{Backend, CpuBackend, Device};
-use trustsplit_schemes::asymml::{self, AsymmlConfig};
-use trustsplit_schemes::{gpu_only, plaintext, tee_only, SchemeKind, SplitRunner};
-
-/// The runner for a training configuration; `noise_multiplier` is AsymML's (flag or calibrated).
-pub fn build_runner(cfg: &TrainConfig, noise_multiplier: f64) -> Result<SplitRunner> {
-    let asymml = cfg.asymml.config(noise_multiplier);
-    runner_for(cfg.scheme, &cfg.device, cfg.memory_budget, cfg.transcript.as_deref(), &asymml)
-}
-
-/// The runner for `scheme`, with its device opened from `device_spec` when the scheme needs one.
-pub fn runner_for(
-    scheme: SchemeKind,
-    device_spec: &str,
-    memory_budget: usize,
-    transcript_path: Option<&Path>,
-    asymml: &AsymmlConfig,
-) -> Result<SplitRunner> {
-    let transcript = match transcript_path {
-        Some(p) => Transcript::new().with_jsonl(p).with_context(|| format!("creating transcript {}", p.display()))?,
-        None => Transcript::new(),
-    };
-    let transcript = Arc::new(transcript);
-    Ok(match scheme {
-        SchemeKind::Plaintext => plaintext::runner(transcript)?,
-        SchemeKind::TeeOnly => tee_only::runner(memory_budget, transcript)?,
-        SchemeKind::GpuOnly => gpu_only::runner(open_devices(device_spec)?, memory_budget, transcript)?,
-        SchemeKind::Asymml => {
-            let mut devices = open_devices(device_spec)?;
-            if devices.len() != 1 {
-                bail!("asymml uses one device; got {} in --device {device_spec}", devices.len());
-            }
-            asymml::runner(devices.remove(0), asymml.clone(), memory_budget, transcript)?
-        }
-    })
-}
 
 /// Opens one device per comma-separated spec (`tcp://a:7070,tcp://b:7070`): gpu-only splits each
 /// batch across them.
