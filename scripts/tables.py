@@ -48,7 +48,7 @@ MATRIX_COLS = [
     Col("model", "model"), Col("pass", "pass"), Col("setting", "setting"),
     Col("tee_only_enclave_ms", "tee-only enclave ms"), Col("scheme_enclave_ms", "scheme's enclave ms"),
     Col("ratio_x", "ratio", 2, "x"), Col("ratio_per_pair_x", "ratio per pair of steps", unit="x"),
-    Col("enclave_gmac_scheme", "scheme's enclave G MAC", 2), Col("mb_to_device", "MB to device"), Col("peak_enclave_mib", "peak enclave MiB", 1),
+    Col("enclave_gmac_scheme", "scheme's enclave G MAC", 2), Col("mb_to_device", "MB sent to device"), Col("peak_enclave_mib", "peak enclave MiB", 1),
     Col("phases_ms_subspace_split_noise_products", "ms: subspace / split / noise / low-rank products"),
 ]
 SETTINGS = {"training": ["best", "best, `--protect-gradients off`", "energy threshold 0.1", "the paper's", "gpu-only (insecure)"],
@@ -89,8 +89,8 @@ TABLES = {
                                              Col("verify_phase_ms", "`verify` phase ms")], rows=MODELS_PASSES),
     "scheme_step": Table(("model", "scheme", "pass"),
                          [Col("model", "model"), Col("scheme", "scheme"), Col("pass", "pass"), Col("step_ms", "step ms"),
-                          Col("enclave_ms", "enclave ms"), Col("device_ms", "device ms"), Col("mb_to_device", "MB to device", 1),
-                          Col("mb_from_device", "MB from device", 1), Col("mb_sealed_spilled", "MB sealed+spilled", 1),
+                          Col("enclave_ms", "enclave ms"), Col("device_ms", "device ms"), Col("mb_to_device", "MB sent to device", 1),
+                          Col("mb_from_device", "MB received from device", 1), Col("mb_sealed_spilled", "MB sealed+spilled", 1),
                           Col("seal_unseal_ms", "seal+unseal ms"), Col("peak_enclave_mib", "peak enclave MiB", 1)],
                          rows=[(m, s, p) for m in ("vgg16", "resnet18") for s in ("tee-only", "gpu-only")
                                for p in ("training", "inference")]),

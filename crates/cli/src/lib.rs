@@ -1,5 +1,6 @@
-//! The `trustsplit` command line's library half: the trainer, evaluation and benchmarks, kept
-//! here so integration tests can drive them without spawning processes.
+//! The `trustsplit` command line's library half: the trainer, evaluation and benchmarks, the
+//! registry of schemes (`registry`) and the devices `--device` names (`devices`), kept here so
+//! integration tests can drive them without spawning processes.
 
 pub mod bench;
 pub mod data_fetch;

@@ -22,7 +22,9 @@
 //! come from a 96-bit counter per key, so a nonce is never reused under the same key.
 //!
 //! Tried and dropped:
-//! - Sealing with the RustCrypto `aes-gcm` crate: about 7x slower than `ring`'s AES-256-GCM (tee-only VGG16's seal+unseal 90 against 12 ms per step in `trustsplit bench step`, a Zen 5, 2026-12-01).
+//! - Sealing with the RustCrypto `aes-gcm` crate: about 7x slower than `ring`'s AES-256-GCM
+//!   (tee-only VGG16's seal+unseal 90 against 12 ms per step in `trustsplit bench step`, a Zen 5,
+//!   2026-12-01).
 
 use std::collections::{BTreeMap, HashMap};
 use std::fmt;

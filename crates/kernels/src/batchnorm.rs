@@ -16,7 +16,10 @@
 //! new output without zeroing it first; the evaluation forward works in place on its input.
 //!
 //! Tried and dropped:
-//! - Batch-norm and the ReLU after it in one sweep (each sample rectified right after it is normalised): within the noise (AsymML's best VGG16 row 106-110 against 108-110 ms, ResNet18's 249-253 against 248-252 ms, tee-only VGG16 451-464 against 464-465 ms), the ReLU's sweep reading what batch-norm has just left in L3 (2026-12-03).
+//! - Batch-norm and the ReLU after it in one sweep (each sample rectified right after it is
+//!   normalised): within the noise (AsymML's best VGG16 row 106-110 against 108-110 ms, ResNet18's
+//!   249-253 against 248-252 ms, tee-only VGG16 451-464 against 464-465 ms), the ReLU's sweep
+//!   reading what batch-norm has just left in L3 (2026-12-03).
 
 use crate::simd::multiversion;
 use rayon::prelude::*;

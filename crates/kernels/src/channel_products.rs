@@ -18,12 +18,18 @@
 //! enough ([`LONG_ROWS`]). Both routes are checked against naive loops.
 //!
 //! Tried and dropped:
-//! - The residual in the same block walk as `U^T X` on rows of 512 positions or more: the stores to every channel's row at once collide in L1's sets (0.73 against 0.55 ms for two passes on VGG16's 64 x 1024 maps), so long rows take a second, row-by-row pass (2026-12-02).
-//! - Software prefetch of the next block's rows in the split's and the subspace's walk: no change, those activations having just been written (2026-12-02, again 2026-12-03).
-//! - The AVX-512 power step on maps of fewer than 128 positions: 0.39 and 0.33 ms against `gemm`'s 0.35 and 0.23 ms on VGG16's 256 x 64 and 512 x 16 maps (2026-12-02).
+//! - The residual in the same block walk as `U^T X` on rows of 512 positions or more: the stores to
+//!   every channel's row at once collide in L1's sets (0.73 against 0.55 ms for two passes on
+//!   VGG16's 64 x 1024 maps), so long rows take a second, row-by-row pass (2026-12-02).
+//! - Software prefetch of the next block's rows in the split's and the subspace's walk: no change,
+//!   those activations having just been written (2026-12-02, again 2026-12-03).
+//! - The AVX-512 power step on maps of fewer than 128 positions: 0.39 and 0.33 ms against `gemm`'s
+//!   0.35 and 0.23 ms on VGG16's 256 x 64 and 512 x 16 maps (2026-12-02).
 //!
 //! Not yet tried:
-//! - The power step on a single sample's short rows (handed to `gemm` today) with its second product transposed, each position's row of `X^T Omega` in a register, instead of per-(channel, column) partial sums.
+//! - The power step on a single sample's short rows (handed to `gemm` today) with its second
+//!   product transposed, each position's row of `X^T Omega` in a register, instead of per-(channel,
+//!   column) partial sums.
 
 use crate::elementwise::sum_f64_of;
 use crate::matmul::{matmul, parallelism, MatRef};

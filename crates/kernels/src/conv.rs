@@ -21,12 +21,21 @@
 //! [`crate::thin_conv`]'s direct correlation.
 //!
 //! Tried and dropped:
-//! - The stride-2 `im2col`/`col2im` through a stepping iterator instead of an indexed loop: still scalar, no faster (stride-2 forward, backward-data and backward-weight on one thread 28.5-32 ms either way) (2026-12-03).
-//! - The few-output-channel input gradient on small maps as a column-major product with a transposing copy out: three times slower at 8x8 (2026-12-03); maps side by side lost at 8x8 too (512 channels, rank 8: 0.42 -> 0.52 ms), hence only below 64 positions.
-//! - The few-output-channel weight gradient `corr(X, Q)` with the input as the GEMM's right operand: 8.3 ms either way on VGG16-like layers, where the left operand (the route kept) is 2x faster (2026-12-01); reading `X` in place as that left operand: no gain (2026-12-02).
+//! - The stride-2 `im2col`/`col2im` through a stepping iterator instead of an indexed loop: still
+//!   scalar, no faster (stride-2 forward, backward-data and backward-weight on one thread 28.5-32
+//!   ms either way) (2026-12-03).
+//! - The few-output-channel input gradient on small maps as a column-major product with a
+//!   transposing copy out: three times slower at 8x8 (2026-12-03); maps side by side lost at 8x8
+//!   too (512 channels, rank 8: 0.42 -> 0.52 ms), hence only below 64 positions.
+//! - The few-output-channel weight gradient `corr(X, Q)` with the input as the GEMM's right
+//!   operand: 8.3 ms either way on VGG16-like layers, where the left operand (the route kept) is 2x
+//!   faster (2026-12-01); reading `X` in place as that left operand: no gain (2026-12-02).
 //!
 //! Not yet tried:
-//! - A channels-last unrolling (`HW x (kh*kw*C)`, contiguous copies from an HWC copy of the input) with a column-major output for the forward GEMM, the slowest of the three (about 70 GFLOP/s against 85-93): 93 GFLOP/s for the bare product, but two transposes per sample leave a gain of a few milliseconds.
+//! - A channels-last unrolling (`HW x (kh*kw*C)`, contiguous copies from an HWC copy of the input)
+//!   with a column-major output for the forward GEMM, the slowest of the three (about 70 GFLOP/s
+//!   against 85-93): 93 GFLOP/s for the bare product, but two transposes per sample leave a gain of
+//!   a few milliseconds.
 
 pub use crate::geometry::ConvGeometry;
 use crate::matmul::{matmul, parallelism, threads, MatRef};

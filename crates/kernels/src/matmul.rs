@@ -7,8 +7,12 @@
 //! up to 2.6x slower (see `ALIASING_COLUMN_STRIDE` for the figures).
 //!
 //! Tried and dropped:
-//! - Restriding a left operand read through a transposed view, as `matmul_strided` does right operands: 1.3-1.8x on 1024-row products with 8-16 columns, but within 1-20% on the shapes that use it (tee-only's backward-data, `w^T` with columns 1152-4608 floats apart) (2026-12-03).
-//! - A fresh allocation for each restrided copy: a few hundred KB went back to the system at each free and made the product 40% slower than not copying at all, hence the thread's kept buffer (2026-12-03).
+//! - Restriding a left operand read through a transposed view, as `matmul_strided` does right
+//!   operands: 1.3-1.8x on 1024-row products with 8-16 columns, but within 1-20% on the shapes that
+//!   use it (tee-only's backward-data, `w^T` with columns 1152-4608 floats apart) (2026-12-03).
+//! - A fresh allocation for each restrided copy: a few hundred KB went back to the system at each
+//!   free and made the product 40% slower than not copying at all, hence the thread's kept buffer
+//!   (2026-12-03).
 
 use gemm::Parallelism;
 

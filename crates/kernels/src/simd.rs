@@ -14,7 +14,10 @@
 //! `optim`) and the device checks' projections (`trustsplit-schemes`' `device_check`).
 //!
 //! Tried and dropped:
-//! - Building the workspace with `-C target-cpu=native` instead: no gain on AsymML's best VGG16 row (138-151 against 151-154 ms enclave); on ResNet18's, whose batch-norm converts f32 to f64, "rest" went 96-116 -> 72-90 ms, and the multiversioned loops here alone give 78-87 ms without tying the binary to one CPU (2026-12-02).
+//! - Building the workspace with `-C target-cpu=native` instead: no gain on AsymML's best VGG16 row
+//!   (138-151 against 151-154 ms enclave); on ResNet18's, whose batch-norm converts f32 to f64,
+//!   "rest" went 96-116 -> 72-90 ms, and the multiversioned loops here alone give 78-87 ms without
+//!   tying the binary to one CPU (2026-12-02).
 
 use std::sync::atomic::{AtomicU8, Ordering};
 

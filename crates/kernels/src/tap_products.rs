@@ -30,13 +30,26 @@
 //! code uses plain loads and masks only a row's tail. Both routes are checked against naive loops.
 //!
 //! Tried and dropped:
-//! - `transform_outputs` as the transposed product `W^T P` (the long side as the product's rows): 0.91-0.92 against 0.92-0.95 ms for a 512-channel layer at rank 8, within 10% elsewhere (2026-12-02).
-//! - An AVX-512 `P^T W` with a strip of each row's sums in registers over all output channels: no faster than `gemm` (4.7-5.1 ms for VGG16's weights), its column walk over the weight missing the cache (2026-12-02; an earlier AVX-512 `P^T W` was no faster than `gemm` at any column count, 2026-12-01).
-//! - Software prefetch of the next weight row: no change in the expansions; in the forward transform about 2x slower in isolation (5.7 against 2.7-2.8 ms on one thread), so removed (2026-12-01).
-//! - Prefetching in the weight-gradient expansion: slower, 4.3-5.9 -> 4.8-7.8 ms in `--example expansion` (2026-12-03).
-//! - The expansion's input term four columns per pass instead of eight: no difference in three alternated runs (2026-12-03).
-//! - The expansion's rows in pairs beyond 4 columns: 27.6-27.8 against 31.3-32.1 G multiply-adds/s at rank 8 (2026-12-02).
-//! - Plain loops for the two weight-sized transforms: low-rank products 97-128 against 61-71 ms per VGG16 step through `gemm`; explicit AVX-512 wins only with plain loads (masked loads from memory, and loads from a masked store still in flight, stalled ~20 cycles each on a Zen 5: the first fused expansion took 39 ms per VGG16 step, the kept one ~8-11 ms) (2026-12-02).
+//! - `transform_outputs` as the transposed product `W^T P` (the long side as the product's rows):
+//!   0.91-0.92 against 0.92-0.95 ms for a 512-channel layer at rank 8, within 10% elsewhere
+//!   (2026-12-02).
+//! - An AVX-512 `P^T W` with a strip of each row's sums in registers over all output channels: no
+//!   faster than `gemm` (4.7-5.1 ms for VGG16's weights), its column walk over the weight missing
+//!   the cache (2026-12-02; an earlier AVX-512 `P^T W` was no faster than `gemm` at any column
+//!   count, 2026-12-01).
+//! - Software prefetch of the next weight row: no change in the expansions; in the forward
+//!   transform about 2x slower in isolation (5.7 against 2.7-2.8 ms on one thread), so removed
+//!   (2026-12-01).
+//! - Prefetching in the weight-gradient expansion: slower, 4.3-5.9 -> 4.8-7.8 ms in `--example
+//!   expansion` (2026-12-03).
+//! - The expansion's input term four columns per pass instead of eight: no difference in three
+//!   alternated runs (2026-12-03).
+//! - The expansion's rows in pairs beyond 4 columns: 27.6-27.8 against 31.3-32.1 G multiply-adds/s
+//!   at rank 8 (2026-12-02).
+//! - Plain loops for the two weight-sized transforms: low-rank products 97-128 against 61-71 ms per
+//!   VGG16 step through `gemm`; explicit AVX-512 wins only with plain loads (masked loads from
+//!   memory, and loads from a masked store still in flight, stalled ~20 cycles each on a Zen 5: the
+//!   first fused expansion took 39 ms per VGG16 step, the kept one ~8-11 ms) (2026-12-02).
 //! - A tap-major copy of the weight before the per-tap weight transforms: no gain (2026-12-02).
 
 use crate::elementwise::all_finite;

@@ -25,13 +25,25 @@
 //! where the channels' 4 KiB distance aliases in the store buffer (34 against 72 G multiply-adds/s, 2026-12-02).
 //!
 //! Tried and dropped:
-//! - Walking the correlation sample by sample (wide tensor in memory order, sums parked in a buffer between samples): 0.98x of the GEMM route overall, slower on maps of 64 positions or fewer (2026-12-02).
-//! - Writing the direct forward and input-gradient products four vectors of two channels at a time (against the store-buffer aliasing above): helped at 32x32, lost at 8x8 and 4x4, where too few accumulators hide the FMA latency (2026-12-02).
-//! - A 4 x 4 block of dot products in registers across a group of samples (`C += sum_s A_s B_s^T`) for the thin weight gradients: 14.7-16.1 against `gemm`'s 15.0-16.8 ms for VGG16's thirteen layers' three products, faster at 32x32 (0.5 against 0.85 ms), slower at 4x4, bound by reloading the small operand from L2 (2026-12-02).
-//! - The direct route for every shape it fits: at 8 thin channels on 4x4 maps (512 wide channels) the GEMM route is about 20% faster on a Zen 5 and on a Xeon, hence `conv::direct_weight_gradient_pays` (2026-12-03).
+//! - Walking the correlation sample by sample (wide tensor in memory order, sums parked in a buffer
+//!   between samples): 0.98x of the GEMM route overall, slower on maps of 64 positions or fewer
+//!   (2026-12-02).
+//! - Writing the direct forward and input-gradient products four vectors of two channels at a time
+//!   (against the store-buffer aliasing above): helped at 32x32, lost at 8x8 and 4x4, where too few
+//!   accumulators hide the FMA latency (2026-12-02).
+//! - A 4 x 4 block of dot products in registers across a group of samples (`C += sum_s A_s B_s^T`)
+//!   for the thin weight gradients: 14.7-16.1 against `gemm`'s 15.0-16.8 ms for VGG16's thirteen
+//!   layers' three products, faster at 32x32 (0.5 against 0.85 ms), slower at 4x4, bound by
+//!   reloading the small operand from L2 (2026-12-02).
+//! - The direct route for every shape it fits: at 8 thin channels on 4x4 maps (512 wide channels)
+//!   the GEMM route is about 20% faster on a Zen 5 and on a Xeon, hence
+//!   `conv::direct_weight_gradient_pays` (2026-12-03).
 //!
 //! Not yet tried:
-//! - ResNet18's stride-2 and 1x1 convolutions on this kernel: through a zero-interleaved thin plane (4x the multiply-adds), or by splitting a stride-2 input into its four phases (even/odd rows and columns), which turns each product into 1-, 2- and 4-tap stride-1 correlations; their low-rank products are about a tenth of ResNet18's best-setting enclave time (2026-12-03).
+//! - ResNet18's stride-2 and 1x1 convolutions on this kernel: through a zero-interleaved thin plane
+//!   (4x the multiply-adds), or by splitting a stride-2 input into its four phases (even/odd rows
+//!   and columns), which turns each product into 1-, 2- and 4-tap stride-1 correlations; their
+//!   low-rank products are about a tenth of ResNet18's best-setting enclave time (2026-12-03).
 
 use crate::geometry::ConvGeometry;
 use crate::matmul::threads;

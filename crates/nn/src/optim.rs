@@ -6,8 +6,13 @@
 //! gradient are still in cache; with it, [`Optimizer::step`] updates them all after the backward pass.
 //!
 //! Tried and dropped:
-//! - Updating the parameters last to first, so that the update starts on the gradients the finiteness check has just left in cache: no different in five alternated runs (2026-12-02).
-//! - Completing each AsymML weight gradient inside the optimizer (its low-rank terms added to a 128 KiB block just before the block's update): 14.4% of the best VGG16 row's profile against 14.0% with the two apart, the expansion being bound by its arithmetic (2026-12-02); handing each finished block straight to the update: the same as updating each layer after its backward (108-112 against 109-110 ms) (2026-12-03).
+//! - Updating the parameters last to first, so that the update starts on the gradients the
+//!   finiteness check has just left in cache: no different in five alternated runs (2026-12-02).
+//! - Completing each AsymML weight gradient inside the optimizer (its low-rank terms added to a 128
+//!   KiB block just before the block's update): 14.4% of the best VGG16 row's profile against 14.0%
+//!   with the two apart, the expansion being bound by its arithmetic (2026-12-02); handing each
+//!   finished block straight to the update: the same as updating each layer after its backward
+//!   (108-112 against 109-110 ms) (2026-12-03).
 
 use crate::tensor::{data, data_mut, zeros, Tensor};
 use serde::{Deserialize, Serialize};

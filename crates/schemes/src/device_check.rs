@@ -34,14 +34,22 @@
 //! the bound and would be reported as a fault.
 //!
 //! Tried and dropped:
-//! - The forward check's weight projections after the low-rank products (which read the weight), to find it in cache: VGG16 inference enclave 32, 34, 32 against 34, 35, 31 ms alternated; with `cpu:1` the device's thread streams its own tensors through the shared cache (2026-12-03).
-//! - The enclave's one-channel products with the 9 taps as rows: a third of the speed of positions as rows (2.61 against 1.0 ms) (2026-12-03).
-//! - Prefetching 512 values ahead in the weight-sized sweeps: 0.69 against 0.52 ms at 1024 for a 2.36 M-value weight's projection; 2048 and 4096 no better than 1024 (2026-12-03).
+//! - The forward check's weight projections after the low-rank products (which read the weight), to
+//!   find it in cache: VGG16 inference enclave 32, 34, 32 against 34, 35, 31 ms alternated; with
+//!   `cpu:1` the device's thread streams its own tensors through the shared cache (2026-12-03).
+//! - The enclave's one-channel products with the 9 taps as rows: a third of the speed of positions
+//!   as rows (2.61 against 1.0 ms) (2026-12-03).
+//! - Prefetching 512 values ahead in the weight-sized sweeps: 0.69 against 0.52 ms at 1024 for a
+//!   2.36 M-value weight's projection; 2048 and 4096 no better than 1024 (2026-12-03).
 //!
 //! Not yet tried:
-//! - Fusing the weight projections into the optimizer's sweep (the next step's projections riding along) or into the forward weight transform: would save most of their 5.7% of VGG16's enclave samples.
-//! - Checking a secret random subset of the samples or output channels per step: cuts the rest in proportion, catching a corruption of a few samples only with that probability per step.
-//! - A tighter, measured tolerance (honest devices came within 2-3e-3 of the rigorous one): would catch smaller single-value changes, but is no longer a proof.
+//! - Fusing the weight projections into the optimizer's sweep (the next step's projections riding
+//!   along) or into the forward weight transform: would save most of their 5.7% of VGG16's enclave
+//!   samples.
+//! - Checking a secret random subset of the samples or output channels per step: cuts the rest in
+//!   proportion, catching a corruption of a few samples only with that probability per step.
+//! - A tighter, measured tolerance (honest devices came within 2-3e-3 of the rigorous one): would
+//!   catch smaller single-value changes, but is no longer a proof.
 
 use rand::Rng;
 use rand_distr::StandardNormal;

@@ -1,6 +1,9 @@
 //! Schemes decide, layer by layer, which side of the trust boundary computes what.
 //!
-//! One module per scheme says what it releases; a reviewer reads that file to see what leaks:
+//! One module or folder per scheme says what it releases; a reviewer reads its header to see what
+//! leaks. Each exports `INFO` ([`SchemeInfo`]) and a `build` constructor, with its options and run
+//! summary beside it; the command line lists them in `crates/cli/src/registry.rs`
+//! (ARCHITECTURE.md, "Adding a scheme"):
 //! - [`plaintext`]: no split, the numerical reference (nothing leaves; no enclave accounting).
 //! - [`tee_only`]: every operation inside the enclave; nothing is released.
 //! - [`gpu_only`]: linear operations on the device in the clear; an insecure baseline.

@@ -14,7 +14,11 @@
 //! ([`Placement::checks_conv_weight_gradients`]).
 //!
 //! Not yet tried:
-//! - Working sample by sample through several layers while a sample's activation (256 KB at 64 x 32x32) stays in L2: every whole-activation pass reads from L3 at best, and fusing two neighbouring passes saved nothing (batch-norm + ReLU, expansion + update; 2026-12-03); the batch-wide steps (batch-norm's statistics, a basis per batch, one device call per layer) stand against it.
+//! - Working sample by sample through several layers while a sample's activation (256 KB at 64 x
+//!   32x32) stays in L2: every whole-activation pass reads from L3 at best, and fusing two
+//!   neighbouring passes saved nothing (batch-norm + ReLU, expansion + update; 2026-12-03); the
+//!   batch-wide steps (batch-norm's statistics, a basis per batch, one device call per layer) stand
+//!   against it.
 
 use crate::placement::{PassInfo, Placement, PlacementReport, PlacementResult};
 use crate::SchemeInfo;

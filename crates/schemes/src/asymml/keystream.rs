@@ -13,7 +13,9 @@
 //! in earlier runs of it). The 128-bit counter never wraps in practice (2^128 blocks).
 //!
 //! Tried and dropped:
-//! - The `aes` 0.9 crate's VAES backend under `ctr` 0.10: 15.4-15.8 ms for 17.6 M words, against 9.0-11.1 ms for `ctr` 0.9 over `aes` 0.8 and 3.2-3.3 ms for the 512-bit VAES loop here (2026-12-02).
+//! - The `aes` 0.9 crate's VAES backend under `ctr` 0.10: 15.4-15.8 ms for 17.6 M words, against
+//!   9.0-11.1 ms for `ctr` 0.9 over `aes` 0.8 and 3.2-3.3 ms for the 512-bit VAES loop here
+//!   (2026-12-02).
 
 use aes::cipher::{BlockCipherEncrypt, KeyInit};
 use aes::{Aes256, Block};

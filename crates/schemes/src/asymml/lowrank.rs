@@ -12,15 +12,29 @@
 //! projects onto it. A batch's small maps are laid side by side for the channel products.
 //!
 //! Tried and dropped:
-//! - Carrying the fast subspace's block from step to step (one pass over each activation instead of two): the basis lags a batch behind; on VGG11-BN's activations the residual share rose layer by layer up to 4.6x (0.26% -> 0.81% of the energy at the next-to-last layer), and a unit test with a batch-specific noise floor left 1.75x the optimal residual against 1.003x, for ~4% of the best VGG16 row (2026-12-02).
-//! - Two oversampling columns from a cold start: up to 10% more (relative) of the energy left in the residual (28.4 -> 31.3% in one case), so cold starts keep four (2026-12-03; an earlier try for every start, 2026-12-02, saved ~1.5% of the enclave's time).
-//! - Adding up the total energy in the power step's pass instead of its own: the power step, bound by its arithmetic, got slower by as much as the pass saved (ResNet18's best row: subspace 15.6-15.8% -> 17.5-17.7% of the profile, energy 3.8% -> 2.1-2.4%) (2026-12-02).
-//! - Skipping the total-energy pass for a fixed rank (the total being `||V||^2 + ||R||^2` after the split): 136-143 against 136-140 ms for the best VGG16 row, nothing to measure (2026-12-02).
-//! - The energy threshold's basis from a quarter of the batch, its rank checked by the split and recomputed from every sample where it fell short: on untrained models' flat spectra it cost more than it saved (VGG16's energy row 260-267 -> 257-280 ms, ResNet18's 716-770 -> 860-861 ms) (2026-12-02, reverted in cd35a4a).
-//! - Sampling a quarter of the batch for the power step only, the Rayleigh-Ritz projection over every sample: ResNet18's subspace 62-64 -> 45-49 ms, superseded by sampling both (2026-12-02).
+//! - Carrying the fast subspace's block from step to step (one pass over each activation instead of
+//!   two): the basis lags a batch behind; on VGG11-BN's activations the residual share rose layer
+//!   by layer up to 4.6x (0.26% -> 0.81% of the energy at the next-to-last layer), and a unit test
+//!   with a batch-specific noise floor left 1.75x the optimal residual against 1.003x, for ~4% of
+//!   the best VGG16 row (2026-12-02).
+//! - Two oversampling columns from a cold start: up to 10% more (relative) of the energy left in
+//!   the residual (28.4 -> 31.3% in one case), so cold starts keep four (2026-12-03; an earlier try
+//!   for every start, 2026-12-02, saved ~1.5% of the enclave's time).
+//! - Adding up the total energy in the power step's pass instead of its own: the power step, bound
+//!   by its arithmetic, got slower by as much as the pass saved (ResNet18's best row: subspace
+//!   15.6-15.8% -> 17.5-17.7% of the profile, energy 3.8% -> 2.1-2.4%) (2026-12-02).
+//! - Skipping the total-energy pass for a fixed rank (the total being `||V||^2 + ||R||^2` after the
+//!   split): 136-143 against 136-140 ms for the best VGG16 row, nothing to measure (2026-12-02).
+//! - The energy threshold's basis from a quarter of the batch, its rank checked by the split and
+//!   recomputed from every sample where it fell short: on untrained models' flat spectra it cost
+//!   more than it saved (VGG16's energy row 260-267 -> 257-280 ms, ResNet18's 716-770 -> 860-861
+//!   ms) (2026-12-02, reverted in cd35a4a).
+//! - Sampling a quarter of the batch for the power step only, the Rayleigh-Ritz projection over
+//!   every sample: ResNet18's subspace 62-64 -> 45-49 ms, superseded by sampling both (2026-12-02).
 //!
 //! Not yet tried:
-//! - The energy threshold's basis from a quarter of the batch on a trained model, whose decaying spectra may make it pay.
+//! - The energy threshold's basis from a quarter of the batch on a trained model, whose decaying
+//!   spectra may make it pay.
 
 use faer::{Mat, Side};
 use rand_distr::StandardNormal;

@@ -16,13 +16,23 @@
 //! path's bit for bit.
 //!
 //! Tried and dropped:
-//! - A 16-lane fast path with AVX-512 gathers or scalar table loads: slower than the 4-lane one then (37-41 against 32-33 ms on 17.6 M values); register-permute lookups and deferred misses are what made 16 lanes pay (2026-12-02).
-//! - The misses finished in rounds of eight wedge tests with AVX-512 gathers and the scalar test's f64 operations, rejected draws restarting in the next round: slower than the scalar path (clip_and_noise 18.8-19.8 against 17.5-18.5 ms) (2026-12-02); the kept `avx512::decide` adds the squeeze as masks and the exponential only for lanes it leaves open (2026-12-03).
-//! - Finishing the set-aside misses every ~4 K values, to keep them in L1: nothing gained in the step (2026-12-03).
-//! - Clipping and noising each sample's residual right after its split, while in cache: no gain, three times (noise 25-26 against 26-27 ms per VGG16 step on a Zen 5; 2.20-2.21 against 2.25-2.27 ms for 32 x 65536 values on a Xeon, the noise being compute-bound, 2026-12-02; 12-15 ms either way, 2026-12-03).
+//! - A 16-lane fast path with AVX-512 gathers or scalar table loads: slower than the 4-lane one
+//!   then (37-41 against 32-33 ms on 17.6 M values); register-permute lookups and deferred misses
+//!   are what made 16 lanes pay (2026-12-02).
+//! - The misses finished in rounds of eight wedge tests with AVX-512 gathers and the scalar test's
+//!   f64 operations, rejected draws restarting in the next round: slower than the scalar path
+//!   (clip_and_noise 18.8-19.8 against 17.5-18.5 ms) (2026-12-02); the kept `avx512::decide` adds
+//!   the squeeze as masks and the exponential only for lanes it leaves open (2026-12-03).
+//! - Finishing the set-aside misses every ~4 K values, to keep them in L1: nothing gained in the
+//!   step (2026-12-03).
+//! - Clipping and noising each sample's residual right after its split, while in cache: no gain,
+//!   three times (noise 25-26 against 26-27 ms per VGG16 step on a Zen 5; 2.20-2.21 against
+//!   2.25-2.27 ms for 32 x 65536 values on a Xeon, the noise being compute-bound, 2026-12-02; 12-15
+//!   ms either way, 2026-12-03).
 //!
 //! Not yet tried:
-//! - More ziggurat layers (512 or 1024 instead of 256): fewer misses, at a coarser grid per layer and with tables that no longer fit in registers.
+//! - More ziggurat layers (512 or 1024 instead of 256): fewer misses, at a coarser grid per layer
+//!   and with tables that no longer fit in registers.
 //! - Drawing the noise on several enclave threads (one keystream per chunk).
 
 use std::sync::OnceLock;

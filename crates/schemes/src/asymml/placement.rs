@@ -7,9 +7,15 @@
 //! once for both of its convolutions ([`Placement::conv_forward_pair`]).
 //!
 //! Not yet tried:
-//! - Releasing a projection block's shared residual to the device once for both convolutions: a request with several weights would halve those bytes (the protocol takes one input per request).
-//! - A device-side cache of the weights and residuals: each goes to the device twice per step, for the forward and the backward call (228 MB per VGG16 step).
-//! - Moving the weights, the merge of the weight gradient and the optimizer to the device, as the paper's code does: the enclave would skip the optimizer (6-8 ms per VGG16 step) and the expansion (7-9 ms), but would release the low-rank terms in factored form, which needs its own argument about what they reveal.
+//! - Releasing a projection block's shared residual to the device once for both convolutions: a
+//!   request with several weights would halve those bytes (the protocol takes one input per
+//!   request).
+//! - A device-side cache of the weights and residuals: each goes to the device twice per step, for
+//!   the forward and the backward call (228 MB per VGG16 step).
+//! - Moving the weights, the merge of the weight gradient and the optimizer to the device, as the
+//!   paper's code does: the enclave would skip the optimizer (6-8 ms per VGG16 step) and the
+//!   expansion (7-9 ms), but would release the low-rank terms in factored form, which needs its own
+//!   argument about what they reveal.
 
 use super::keystream::NoiseRng;
 use super::lowrank::{find_basis_and_coordinates, residual_into, split_into, Basis, RankPolicy};

@@ -7,7 +7,9 @@
 //! (tests fill the kept buffers with NaN to check that they do).
 //!
 //! Tried and dropped:
-//! - Keeping up to 8 buffers per length: with gradients in the clear the best VGG16 row got slower (102-110 against 95-99 ms), more buffers coming back than were taken and the surplus paged in afresh; capping the kept buffers by the demand fixed it (92-98 ms) (2026-12-02).
+//! - Keeping up to 8 buffers per length: with gradients in the clear the best VGG16 row got slower
+//!   (102-110 against 95-99 ms), more buffers coming back than were taken and the surplus paged in
+//!   afresh; capping the kept buffers by the demand fixed it (92-98 ms) (2026-12-02).
 
 use std::collections::HashMap;
 
