@@ -66,10 +66,8 @@ pub struct EnclaveArgs {
     /// standard names; IDX may be .gz).
     #[arg(long)]
     dataset: DatasetKind,
-    /// Where the trust boundary lies: tee-only (everything in the enclave), asymml (low-rank part
-    /// in the enclave, noised residual on --device; see the AsymML options), plaintext (no split
-    /// and no memory budget), gpu-only (linear layers on --device in the clear: INSECURE baseline).
-    #[arg(long, default_value = "tee-only")]
+    /// Where the trust boundary lies (each scheme's page: docs/schemes/).
+    #[arg(long, default_value = "tee-only", value_parser = crate::registry::scheme_parser())]
     scheme: Scheme,
     #[command(flatten)]
     training: TrainingArgs,

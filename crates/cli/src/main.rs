@@ -4,7 +4,7 @@
 use anyhow::Result;
 use clap::{Args, Parser, Subcommand};
 use std::path::PathBuf;
-use trustsplit::registry::{Scheme, SchemeOptions};
+use trustsplit::registry::{scheme_parser, Scheme, SchemeOptions};
 use trustsplit::train::TrainConfig;
 use trustsplit::training_args::TrainingArgs;
 use trustsplit::OnOff;
@@ -91,10 +91,8 @@ struct DeviceArgs {
 
 #[derive(Args)]
 struct TrainArgs {
-    /// Where the trust boundary lies: plaintext (no split, the reference), tee-only (everything
-    /// in the enclave), gpu-only (linear layers on the device in the clear: INSECURE baseline),
-    /// asymml (low-rank parts in the enclave, noised residuals on the device; see the AsymML flags).
-    #[arg(long, default_value = "asymml")]
+    /// Where the trust boundary lies (each scheme's page: docs/schemes/).
+    #[arg(long, default_value = "asymml", value_parser = scheme_parser())]
     scheme: Scheme,
     /// Dataset: embedded (ships with trustsplit), mnist, fashion-mnist, cifar10, cifar100
     /// (`trustsplit data fetch` gets the CIFAR sets).
@@ -124,8 +122,8 @@ struct EvalArgs {
     dataset: String,
     #[arg(long)]
     data_dir: Option<PathBuf>,
-    /// Scheme to evaluate under (plaintext, tee-only, gpu-only, asymml).
-    #[arg(long, default_value = "plaintext")]
+    /// Scheme to evaluate under.
+    #[arg(long, default_value = "plaintext", value_parser = scheme_parser())]
     scheme: Scheme,
     /// Device for schemes that offload (see `train --help`).
     #[arg(long, default_value = "cpu")]
@@ -145,7 +143,8 @@ enum BenchWhat {
     /// Per training step (or inference batch) under a scheme: time in the enclave and on the
     /// device, bytes each way, sealed spill, peak enclave memory. Random data.
     Step {
-        #[arg(long, default_value = "tee-only")]
+        /// The scheme to time.
+        #[arg(long, default_value = "tee-only", value_parser = scheme_parser())]
         scheme: Scheme,
         #[arg(long, default_value = "vgg16")]
         model: String,

@@ -142,6 +142,13 @@ impl<'de> Deserialize<'de> for Scheme {
     }
 }
 
+/// `--scheme`'s parser: the registered names, each listed in `--help` with what it releases.
+pub fn scheme_parser() -> impl clap::builder::TypedValueParser<Value = Scheme> {
+    use clap::builder::{PossibleValue, PossibleValuesParser, TypedValueParser};
+    let names = Scheme::all().map(|s| PossibleValue::new(s.name()).help(s.info().releases));
+    PossibleValuesParser::new(names).map(|name| Scheme::named(&name).expect("a registered name"))
+}
+
 /// The runner of `scheme`, with its devices opened from `device_spec` when it uses any, and the
 /// transcript written to `transcript_path` when one is given. `training`: the run it will train
 /// (`None` to evaluate or benchmark).

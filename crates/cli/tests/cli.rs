@@ -17,6 +17,21 @@ fn help_lists_the_commands() {
 }
 
 #[test]
+fn help_lists_every_scheme_with_what_it_releases_and_an_unknown_one_is_refused() {
+    let out = trustsplit().args(["train", "--help"]).output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    for scheme in trustsplit::registry::Scheme::all() {
+        let line = format!("- {}:", scheme.name());
+        assert!(text.contains(&line), "train --help does not list {scheme}:\n{text}");
+    }
+    assert!(text.contains("INSECURE"), "{text}");
+    let out = trustsplit().args(["train", "--scheme", "nonesuch"]).output().unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("nonesuch") && err.contains("asymml") && err.contains("tee-only"), "{err}");
+}
+
+#[test]
 fn errors_exit_nonzero_with_a_message() {
     let out = trustsplit().args(["train", "--dataset", "mnist"]).output().unwrap();
     assert!(!out.status.success());
