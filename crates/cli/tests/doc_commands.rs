@@ -361,7 +361,7 @@ fn run_block(block: &Block, dir: &Path, bin: &str) -> Result<(), String> {
 }
 
 #[test]
-#[ignore = "runs every command block of the README and docs (many processes, a minute or more)"]
+#[ignore = "runs every command block of the README and docs (many processes; about a minute)"]
 fn every_documented_command_runs() {
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
     let bin = env!("CARGO_BIN_EXE_trustsplit");
