@@ -5,11 +5,14 @@
 //! limit before reading a payload, so a malformed or hostile peer gets an error, never a panic or an
 //! unbounded allocation.
 //!
-//! Two implementations: [`InProcessChannel`] (a device thread in the same process, tests) and
-//! [`TcpChannel`]. Both give up after the options' timeout instead of waiting forever, so a silent
-//! peer becomes an error.
+//! Three implementations: [`InProcessChannel`] (a device thread in the same process, tests),
+//! [`crate::link::Link`] (TCP between processes, mutually authenticated and encrypted: the
+//! default) and [`TcpChannel`] (plain TCP, only with `--insecure-plaintext-link`). All give up after
+//! the options' timeout instead of waiting forever, so a silent peer becomes an error; over TCP a
+//! message must arrive whole within the timeout once its first byte has come, and after a failure
+//! in the middle of a message the channel refuses every later call.
 
-use std::io::{Read, Write};
+use crate::wire::Wire;
 use std::net::{TcpStream, ToSocketAddrs};
 use std::sync::mpsc;
 use std::time::Duration;
@@ -30,7 +33,8 @@ pub struct Frame {
 pub struct ChannelOptions {
     /// Largest payload accepted or sent.
     pub max_frame_bytes: usize,
-    /// How long `recv` waits before giving up (`None`: forever).
+    /// How long `recv` waits for a message to start, and how long a message may take from its
+    /// first byte to its last, either way (`None`: forever).
     pub timeout: Option<Duration>,
 }
 
@@ -57,6 +61,14 @@ pub enum ChannelError {
     Closed { peer: String, context: String },
     #[error("{peer}: no answer within {after:?}; the peer may have died or hung")]
     Timeout { peer: String, after: Duration },
+    #[error("{peer}: a message took longer than {after:?} {context}; the connection is closed")]
+    Deadline { peer: String, after: Duration, context: String },
+    #[error("{peer}: the connection was closed after an earlier failure ({cause})")]
+    Broken { peer: String, cause: String },
+    #[error("{peer}: the link's handshake failed: {reason}")]
+    Handshake { peer: String, reason: String },
+    #[error("{peer}: refused this connection: {reason}")]
+    Refused { peer: String, reason: String },
     #[error("{peer}: {source}")]
     Io { peer: String, source: std::io::Error },
     #[error("{peer}: {reason}")]
@@ -69,6 +81,15 @@ pub enum ChannelError {
 pub trait Channel: Send {
     fn send(&mut self, tag: u16, payload: &[u8]) -> Result<(), ChannelError>;
     fn recv(&mut self) -> Result<Frame, ChannelError>;
+    /// Receives one frame of at most `max_payload` bytes: a frame announcing more is refused
+    /// before its payload is read (over TCP; an in-process frame is already in memory).
+    fn recv_limited(&mut self, max_payload: usize) -> Result<Frame, ChannelError> {
+        let frame = self.recv()?;
+        if frame.payload.len() > max_payload {
+            return Err(ChannelError::TooLarge { peer: self.peer(), len: frame.payload.len(), max: max_payload });
+        }
+        Ok(frame)
+    }
     /// A name for the peer, used in error messages.
     fn peer(&self) -> String;
 
@@ -130,58 +151,82 @@ impl Channel for InProcessChannel {
     }
 }
 
-/// A channel over TCP.
+/// A channel over plain TCP: neither authenticated nor encrypted. Only for
+/// `--insecure-plaintext-link` and tests; [`crate::link::Link`] is the default between processes.
 pub struct TcpChannel {
-    stream: TcpStream,
+    wire: Wire,
     opts: ChannelOptions,
-    peer: String,
+    /// Set by the first failure that left the stream out of step; every later call is refused.
+    broken: Option<String>,
 }
 
 impl TcpChannel {
     /// Connects to `addr`, failing after the options' timeout (or 10 s without one).
     pub fn connect(addr: &str, opts: ChannelOptions) -> Result<TcpChannel, ChannelError> {
-        let peer = addr.to_string();
-        let io = |source| ChannelError::Io { peer: peer.clone(), source };
-        let mut last = None;
-        for a in addr.to_socket_addrs().map_err(io)? {
-            match TcpStream::connect_timeout(&a, opts.timeout.unwrap_or(Duration::from_secs(10))) {
-                Ok(s) => return TcpChannel::from_stream(s, opts),
-                Err(e) => last = Some(e),
-            }
-        }
-        Err(io(last.unwrap_or_else(|| std::io::Error::other("address resolved to nothing"))))
+        TcpChannel::from_stream(connect_stream(addr, opts.timeout)?, opts)
     }
 
     /// Wraps an accepted or connected stream.
     pub fn from_stream(stream: TcpStream, opts: ChannelOptions) -> Result<TcpChannel, ChannelError> {
-        let peer = stream.peer_addr().map(|a| a.to_string()).unwrap_or_else(|_| "tcp peer".into());
-        let io = |source| ChannelError::Io { peer: peer.clone(), source };
-        stream.set_nodelay(true).map_err(io)?;
-        stream.set_read_timeout(opts.timeout).map_err(io)?;
-        stream.set_write_timeout(opts.timeout).map_err(io)?;
-        Ok(TcpChannel { stream, opts, peer })
+        Ok(TcpChannel { wire: Wire::new(stream, opts.timeout)?, opts, broken: None })
     }
 
-    fn read_exact(&mut self, buf: &mut [u8], context: &str) -> Result<(), ChannelError> {
-        self.stream.read_exact(buf).map_err(|e| self.classify(e, context))
-    }
-
-    /// Names a dead or hung peer as such, whichever side of the socket noticed first: a peer that
-    /// died shows up as end of file or a reset when reading and as a broken pipe or a reset when
-    /// writing.
-    fn classify(&self, e: std::io::Error, context: &str) -> ChannelError {
-        use std::io::ErrorKind::*;
-        match e.kind() {
-            UnexpectedEof => ChannelError::Closed { peer: self.peer.clone(), context: context.to_string() },
-            BrokenPipe | ConnectionReset | ConnectionAborted => {
-                ChannelError::Closed { peer: self.peer.clone(), context: format!("{context} ({e})") }
-            }
-            WouldBlock | TimedOut => {
-                ChannelError::Timeout { peer: self.peer.clone(), after: self.opts.timeout.unwrap_or_default() }
-            }
-            _ => ChannelError::Io { peer: self.peer.clone(), source: e },
+    fn check_open(&self) -> Result<(), ChannelError> {
+        match &self.broken {
+            Some(cause) => Err(ChannelError::Broken { peer: self.wire.peer.clone(), cause: cause.clone() }),
+            None => Ok(()),
         }
     }
+
+    /// Marks the channel broken by `e` and closes the stream.
+    fn fail(&mut self, e: ChannelError) -> ChannelError {
+        self.broken = Some(e.to_string());
+        self.wire.close();
+        e
+    }
+
+    fn recv_frame(&mut self, max: usize) -> Result<Frame, ChannelError> {
+        let mut h = [0u8; HEADER_LEN];
+        match self.wire.first_byte()? {
+            Some(b) => h[0] = b,
+            None => {
+                let after = self.opts.timeout.unwrap_or_default();
+                return Err(ChannelError::Timeout { peer: self.wire.peer.clone(), after });
+            }
+        }
+        let deadline = self.wire.deadline();
+        self.wire.read_by(&mut h[1..], deadline, "in the middle of a message header")?;
+        let found: [u8; 4] = h[..4].try_into().expect("4 bytes");
+        if found != MAGIC {
+            return Err(ChannelError::BadMagic { peer: self.wire.peer.clone(), found });
+        }
+        let version = u16::from_le_bytes([h[4], h[5]]);
+        if version != PROTOCOL_VERSION {
+            return Err(ChannelError::Version { peer: self.wire.peer.clone(), found: version });
+        }
+        let tag = u16::from_le_bytes([h[6], h[7]]);
+        let len = u32::from_le_bytes([h[8], h[9], h[10], h[11]]) as usize;
+        let max = max.min(self.opts.max_frame_bytes);
+        if len > max {
+            return Err(ChannelError::TooLarge { peer: self.wire.peer.clone(), len, max });
+        }
+        let mut payload = vec![0u8; len];
+        self.wire.read_by(&mut payload, deadline, &format!("in the middle of a {len}-byte message"))?;
+        Ok(Frame { tag, payload })
+    }
+}
+
+/// Connects to the first address `addr` resolves to that answers, within `timeout` (10 s without).
+pub(crate) fn connect_stream(addr: &str, timeout: Option<Duration>) -> Result<TcpStream, ChannelError> {
+    let io = |source| ChannelError::Io { peer: addr.to_string(), source };
+    let mut last = None;
+    for a in addr.to_socket_addrs().map_err(io)? {
+        match TcpStream::connect_timeout(&a, timeout.unwrap_or(Duration::from_secs(10))) {
+            Ok(s) => return Ok(s),
+            Err(e) => last = Some(e),
+        }
+    }
+    Err(io(last.unwrap_or_else(|| std::io::Error::other("address resolved to nothing"))))
 }
 
 /// Encodes a frame header.
@@ -196,37 +241,34 @@ pub fn header(tag: u16, len: usize) -> [u8; HEADER_LEN] {
 
 impl Channel for TcpChannel {
     fn send(&mut self, tag: u16, payload: &[u8]) -> Result<(), ChannelError> {
+        self.check_open()?;
         let max = self.opts.max_frame_bytes.min(u32::MAX as usize);
         if payload.len() > max {
-            return Err(ChannelError::TooLarge { peer: self.peer.clone(), len: payload.len(), max });
+            return Err(ChannelError::TooLarge { peer: self.wire.peer.clone(), len: payload.len(), max });
         }
-        let write = |stream: &mut TcpStream, bytes: &[u8]| stream.write_all(bytes).and_then(|_| stream.flush());
-        write(&mut self.stream, &header(tag, payload.len())).map_err(|e| self.classify(e, "while sending"))?;
-        write(&mut self.stream, payload).map_err(|e| self.classify(e, "while sending"))
+        let deadline = self.wire.deadline();
+        let sent = self
+            .wire
+            .write_by(&header(tag, payload.len()), deadline)
+            .and_then(|()| self.wire.write_by(payload, deadline));
+        sent.map_err(|e| self.fail(e))
     }
 
     fn recv(&mut self) -> Result<Frame, ChannelError> {
-        let mut h = [0u8; HEADER_LEN];
-        self.read_exact(&mut h, "while waiting for a message")?;
-        let found: [u8; 4] = h[..4].try_into().expect("4 bytes");
-        if found != MAGIC {
-            return Err(ChannelError::BadMagic { peer: self.peer.clone(), found });
+        self.recv_limited(usize::MAX)
+    }
+
+    fn recv_limited(&mut self, max_payload: usize) -> Result<Frame, ChannelError> {
+        self.check_open()?;
+        match self.recv_frame(max_payload) {
+            Ok(frame) => Ok(frame),
+            // Nothing of the next message arrived: the stream is still in step.
+            Err(e @ ChannelError::Timeout { .. }) => Err(e),
+            Err(e) => Err(self.fail(e)),
         }
-        let version = u16::from_le_bytes([h[4], h[5]]);
-        if version != PROTOCOL_VERSION {
-            return Err(ChannelError::Version { peer: self.peer.clone(), found: version });
-        }
-        let tag = u16::from_le_bytes([h[6], h[7]]);
-        let len = u32::from_le_bytes([h[8], h[9], h[10], h[11]]) as usize;
-        if len > self.opts.max_frame_bytes {
-            return Err(ChannelError::TooLarge { peer: self.peer.clone(), len, max: self.opts.max_frame_bytes });
-        }
-        let mut payload = vec![0u8; len];
-        self.read_exact(&mut payload, &format!("in the middle of a {len}-byte message"))?;
-        Ok(Frame { tag, payload })
     }
 
     fn peer(&self) -> String {
-        self.peer.clone()
+        self.wire.peer.clone()
     }
 }

@@ -1,8 +1,8 @@
 //! An authenticated, encrypted channel: AES-256-GCM over any [`Channel`].
 //!
 //! Each direction has its own key and a 64-bit message counter used as the nonce, so a dropped,
-//! replayed, reordered or altered message fails authentication. The frame tag is authenticated as
-//! associated data. Keys come from an attested key exchange (see the enclave crate); this type only
+//! replayed, reordered or altered message fails authentication, and after one has failed the
+//! channel refuses every later frame. The frame tag is authenticated as associated data. Keys come from an attested key exchange (see the enclave crate); this type only
 //! uses them.
 
 use crate::channel::{Channel, ChannelError, Frame};
@@ -14,6 +14,8 @@ pub struct EncryptedChannel<C: Channel> {
     recv: LessSafeKey,
     send_counter: u64,
     recv_counter: u64,
+    /// Set when a frame failed to authenticate.
+    broken: bool,
 }
 
 /// The nonce for a message counter; each direction has its own key, so counters never repeat a
@@ -32,12 +34,23 @@ fn key(bytes: &[u8; 32]) -> LessSafeKey {
 impl<C: Channel> EncryptedChannel<C> {
     /// `send_key` encrypts what this end sends; `recv_key` what it receives (the peer swaps them).
     pub fn new(inner: C, send_key: &[u8; 32], recv_key: &[u8; 32]) -> Self {
-        EncryptedChannel { inner, send: key(send_key), recv: key(recv_key), send_counter: 0, recv_counter: 0 }
+        EncryptedChannel {
+            inner,
+            send: key(send_key),
+            recv: key(recv_key),
+            send_counter: 0,
+            recv_counter: 0,
+            broken: false,
+        }
     }
 }
 
 impl<C: Channel> Channel for EncryptedChannel<C> {
     fn send(&mut self, tag: u16, payload: &[u8]) -> Result<(), ChannelError> {
+        if self.broken {
+            let cause = "a message failed authentication".to_string();
+            return Err(ChannelError::Broken { peer: self.peer(), cause });
+        }
         let mut sealed = Vec::with_capacity(payload.len() + AES_256_GCM.tag_len());
         sealed.extend_from_slice(payload);
         self.send
@@ -48,12 +61,17 @@ impl<C: Channel> Channel for EncryptedChannel<C> {
     }
 
     fn recv(&mut self) -> Result<Frame, ChannelError> {
+        if self.broken {
+            let cause = "a message failed authentication".to_string();
+            return Err(ChannelError::Broken { peer: self.peer(), cause });
+        }
         let Frame { tag, mut payload } = self.inner.recv()?;
-        let plain_len = self
-            .recv
-            .open_in_place(nonce(self.recv_counter), Aad::from(tag.to_le_bytes()), &mut payload)
-            .map_err(|_| ChannelError::Authentication { peer: self.peer() })?
-            .len();
+        let opened = self.recv.open_in_place(nonce(self.recv_counter), Aad::from(tag.to_le_bytes()), &mut payload);
+        let Ok(plain) = opened else {
+            self.broken = true;
+            return Err(ChannelError::Authentication { peer: self.peer() });
+        };
+        let plain_len = plain.len();
         payload.truncate(plain_len);
         self.recv_counter += 1;
         Ok(Frame { tag, payload })

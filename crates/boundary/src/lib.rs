@@ -9,10 +9,13 @@
 
 pub mod channel;
 pub mod encrypted;
+pub mod link;
 pub mod secret;
 pub mod transcript;
+mod wire;
 
 pub use channel::{Channel, ChannelError, ChannelOptions, Frame, InProcessChannel, TcpChannel};
 pub use encrypted::EncryptedChannel;
+pub use link::{KeyPair, Link, LinkPolicy, PublicKey};
 pub use secret::{Released, Secret};
 pub use transcript::{Direction, ReleaseInfo, ReleaseRecord, Transcript, TranscriptSummary};
