@@ -2,7 +2,7 @@
 //!
 //! Each direction has its own key and a 64-bit message counter used as the nonce, so a dropped,
 //! replayed, reordered or altered message fails authentication, and after one has failed the
-//! channel refuses every later frame. The frame tag is authenticated as associated data. Keys come from an attested key exchange (see the enclave crate); this type only
+//! channel refuses every later frame it receives. The frame tag is authenticated as associated data. Keys come from an attested key exchange (see the enclave crate); this type only
 //! uses them.
 
 use crate::channel::{Channel, ChannelError, Frame};
@@ -14,7 +14,7 @@ pub struct EncryptedChannel<C: Channel> {
     recv: LessSafeKey,
     send_counter: u64,
     recv_counter: u64,
-    /// Set when a frame failed to authenticate.
+    /// Set when a received frame failed to authenticate.
     broken: bool,
 }
 
@@ -29,6 +29,18 @@ fn nonce(counter: u64) -> Nonce {
 fn key(bytes: &[u8; 32]) -> LessSafeKey {
     // ring rejects only keys of the wrong length, and this one is 32 bytes by type.
     LessSafeKey::new(UnboundKey::new(&AES_256_GCM, bytes).expect("AES-256-GCM takes a 32-byte key"))
+}
+
+impl<C: Channel> std::fmt::Debug for EncryptedChannel<C> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "EncryptedChannel {{ peer: {}, sent: {}, received: {} }}",
+            self.peer(),
+            self.send_counter,
+            self.recv_counter
+        )
+    }
 }
 
 impl<C: Channel> EncryptedChannel<C> {
@@ -47,10 +59,8 @@ impl<C: Channel> EncryptedChannel<C> {
 
 impl<C: Channel> Channel for EncryptedChannel<C> {
     fn send(&mut self, tag: u16, payload: &[u8]) -> Result<(), ChannelError> {
-        if self.broken {
-            let cause = "a message failed authentication".to_string();
-            return Err(ChannelError::Broken { peer: self.peer(), cause });
-        }
+        // Sending stays possible after a forged message arrived (this direction's key and counter
+        // are untouched), so a receiver can still tell its peer why it stops.
         let mut sealed = Vec::with_capacity(payload.len() + AES_256_GCM.tag_len());
         sealed.extend_from_slice(payload);
         self.send

@@ -231,6 +231,7 @@ pub struct StepOptions<'a> {
     pub warmup: usize,
     pub threads: usize,
     pub device: &'a str,
+    pub link: crate::devices::DeviceLinkArgs,
     pub memory_budget: usize,
     pub options: SchemeOptions,
     /// Also time this scheme in the same run and report the enclave-time ratio against it.
@@ -320,7 +321,8 @@ impl<'a> Stepper<'a> {
         let input = vec![channels, side, side];
         let model = zoo::build(o.model, &input, 10, 0)
             .map_err(|e| anyhow::anyhow!("{} does not take {side}x{side} images: {e}", o.model))?;
-        let runner = crate::registry::build_runner(o.scheme, o.device, o.memory_budget, None, None, &o.options)?;
+        let runner =
+            crate::registry::build_runner(o.scheme, o.device, &o.link, o.memory_budget, None, None, &o.options)?;
         let opt = Optimizer::new(OptimizerKind::Sgd { momentum: 0.9, nesterov: false }, 5e-4);
         let n = o.batch_size;
         let x = from_vec(&[&[n][..], &input[..]].concat(), pseudo_random(n * input.iter().product::<usize>(), 7));

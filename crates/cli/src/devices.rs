@@ -1,28 +1,88 @@
 //! Opens the devices named by `--device`: local backends (our CPU kernels, wgpu, CUDA) or remote
-//! `trustsplit device` workers.
+//! `trustsplit device` workers, each over the authenticated, encrypted link (its key pinned by
+//! `--device-key`) unless `--insecure-plaintext-link` says otherwise.
 
-use anyhow::{bail, Context, Result};
-use trustsplit_boundary::{ChannelOptions, TcpChannel};
-use trustsplit_device::{Backend, CpuBackend, Device};
+use anyhow::{bail, ensure, Context, Result};
+use std::path::PathBuf;
+use std::sync::Arc;
+use trustsplit_boundary::{ChannelOptions, KeyPair, Link, LinkPolicy, PublicKey, TcpChannel};
+use trustsplit_device::{Backend, CpuBackend, Device, LINK_PURPOSE};
+
+/// How the trusted side reaches `tcp://` devices: the flags of `train`, `eval`, `bench step` and
+/// `enclave`. Not part of a run's recorded settings.
+#[derive(clap::Args, Clone, Debug, Default, PartialEq)]
+pub struct DeviceLinkArgs {
+    /// This side's key file for `tcp://` devices (`trustsplit keygen --out FILE`; give its public
+    /// key to each worker's --allow).
+    #[arg(long, value_name = "FILE")]
+    pub key: Option<PathBuf>,
+    /// The public key (64 hex digits, from the worker's `trustsplit keygen`) of each `tcp://`
+    /// device, in the order --device names them.
+    #[arg(long, value_name = "HEX[,HEX...]", value_delimiter = ',')]
+    pub device_key: Vec<PublicKey>,
+    /// INSECURE: talk to `tcp://` devices over plain TCP, unauthenticated and unencrypted (the
+    /// workers must say the same): anyone on the network reads every released value and can pose
+    /// as a device.
+    #[arg(long)]
+    pub insecure_plaintext_link: bool,
+}
 
 /// Opens one device per comma-separated spec (`tcp://a:7070,tcp://b:7070`): gpu-only splits each
 /// batch across them.
-pub fn open_devices(specs: &str) -> Result<Vec<Device>> {
-    specs.split(',').map(|s| open_device(s.trim())).collect()
+pub fn open_devices(specs: &str, link: &DeviceLinkArgs) -> Result<Vec<Device>> {
+    let specs: Vec<&str> = specs.split(',').map(str::trim).collect();
+    let remote = specs.iter().filter(|s| s.starts_with("tcp://")).count();
+    let key = if remote > 0 && !link.insecure_plaintext_link {
+        let Some(path) = &link.key else {
+            bail!(
+                "tcp:// devices need --key FILE (this side's key: trustsplit keygen --out FILE) and --device-key \
+                 HEX for each device (its worker's public key), or --insecure-plaintext-link on both sides"
+            );
+        };
+        ensure!(
+            link.device_key.len() == remote,
+            "{remote} tcp:// device(s) in --device but {} --device-key; give one key per tcp:// device, in order",
+            link.device_key.len()
+        );
+        Some(Arc::new(KeyPair::load(path).map_err(anyhow::Error::msg)?))
+    } else {
+        ensure!(link.device_key.is_empty() || remote > 0, "--device-key is for tcp:// devices; --device names none");
+        None
+    };
+    let mut keys = link.device_key.iter();
+    specs
+        .into_iter()
+        .map(|spec| match spec.strip_prefix("tcp://") {
+            Some(addr) => match &key {
+                Some(key) => open_remote(addr, key, *keys.next().expect("one key per tcp:// device, checked")),
+                None => open_plaintext(addr),
+            },
+            None => Ok(Device::local(open_backend(spec)?)),
+        })
+        .collect()
 }
 
-/// Opens a device: `cpu` (all cores), `cpu:THREADS`, `wgpu`, `wgpu:cpu`, `cuda`, `cuda:INDEX`, or
-/// `tcp://HOST:PORT` for a `trustsplit device` worker.
-pub fn open_device(spec: &str) -> Result<Device> {
-    if let Some(addr) = spec.strip_prefix("tcp://") {
-        let ch = TcpChannel::connect(addr, ChannelOptions::default())
-            .with_context(|| format!("connecting to the device worker at {addr}"))?;
-        return Device::remote(Box::new(ch)).with_context(|| format!("handshake with the device worker at {addr}"));
-    }
-    Ok(Device::local(open_backend(spec)?))
+/// A `trustsplit device` worker over the link, accepted only if it proves `worker_key`.
+fn open_remote(addr: &str, key: &KeyPair, worker_key: PublicKey) -> Result<Device> {
+    let pinned = LinkPolicy::Only(vec![worker_key]);
+    let link = Link::connect(addr, LINK_PURPOSE, key, &pinned, ChannelOptions::default())
+        .with_context(|| format!("connecting to the device worker at {addr}"))?;
+    Device::remote(Box::new(link)).with_context(|| format!("handshake with the device worker at {addr}"))
 }
 
-/// A local compute backend from a spec (see [`open_device`]).
+/// A worker over plain TCP (`--insecure-plaintext-link`), said so on every run.
+fn open_plaintext(addr: &str) -> Result<Device> {
+    eprintln!(
+        "WARNING: --insecure-plaintext-link: the device at {addr} is reached over plain TCP; anyone on the network \
+         reads every released value and can pose as the device"
+    );
+    let ch = TcpChannel::connect(addr, ChannelOptions::default())
+        .with_context(|| format!("connecting to the device worker at {addr}"))?;
+    Device::remote(Box::new(ch)).with_context(|| format!("handshake with the device worker at {addr}"))
+}
+
+/// A local compute backend from a spec: `cpu` (all cores), `cpu:THREADS`, `wgpu`, `wgpu:cpu`,
+/// `cuda`, `cuda:INDEX`.
 pub fn open_backend(spec: &str) -> Result<Box<dyn Backend>> {
     let (kind, arg) = spec.split_once(':').map(|(k, a)| (k, Some(a))).unwrap_or((spec, None));
     match kind {

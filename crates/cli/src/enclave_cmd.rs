@@ -18,7 +18,7 @@ use trustsplit_boundary::{Channel, ChannelError, ChannelOptions, Frame, TcpChann
 use trustsplit_data::DatasetKind;
 use trustsplit_enclave::attestation::{
     hex, AttestationProvider, DcapVerifier, GramineDcapProvider, Policy, QuoteVerifier, SimulatedAttestation,
-    SimulatedVerifier, SIMULATED_WARNING,
+    SimulatedVerifier, TdxPolicy, SIMULATED_WARNING,
 };
 use trustsplit_enclave::upload::{enclave_receive, owner_upload, UploadError, UploadedFile};
 
@@ -89,10 +89,12 @@ pub struct UploadArgs {
     /// SHA-256(MRTD||RTMR0..3) for TDX, the printed value for simulated attestation.
     #[arg(long, required_unless_present = "allow_any_measurement")]
     expect_measurement: Option<String>,
-    /// Accept any measurement: whatever code runs in the enclave gets the data. Development only.
+    /// Accept any measurement: whatever code runs in the enclave, a malicious build included, gets
+    /// the data. INSECURE, development only: with --attestation dcap it also needs --insecure.
     #[arg(long, conflicts_with = "expect_measurement")]
     allow_any_measurement: bool,
-    /// Which quotes to accept: dcap (SGX/TDX hardware) or simulated (NO security, development only).
+    /// Which quotes to accept: dcap (SGX/TDX hardware) or simulated (INSECURE: provides NO
+    /// security, anyone can forge its quotes; development only).
     #[arg(long, value_enum, default_value = "dcap")]
     attestation: OwnerAttestation,
     /// The simulated enclave's verifying key (64 hex digits, printed by `trustsplit enclave`).
@@ -102,9 +104,28 @@ pub struct UploadArgs {
     /// Required with --attestation dcap.
     #[arg(long)]
     collateral: Option<PathBuf>,
-    /// Accept debug enclaves, whose memory the host can read.
+    /// Accept debug enclaves and TDs, whose memory the host can read. INSECURE: needs --insecure.
     #[arg(long)]
     allow_debug: bool,
+    /// Permit the insecure options --allow-any-measurement (with --attestation dcap) and
+    /// --allow-debug, for development with data that is not private; every run then prints a
+    /// warning. (--attestation simulated is insecure by itself and is chosen explicitly.)
+    #[arg(long)]
+    insecure: bool,
+    /// TDX: the MRCONFIGID the TD must report (96 hex digits, 48 bytes). Refused if it differs or
+    /// the quote is not a TDX quote.
+    #[arg(long, value_name = "HEX")]
+    expect_mrconfigid: Option<String>,
+    /// TDX: the MROWNER the TD must report (96 hex digits, 48 bytes).
+    #[arg(long, value_name = "HEX")]
+    expect_mrowner: Option<String>,
+    /// TDX: the MROWNERCONFIG the TD must report (96 hex digits, 48 bytes).
+    #[arg(long, value_name = "HEX")]
+    expect_mrownerconfig: Option<String>,
+    /// TDX: the exact TD attributes the TD must report (16 hex digits, 8 bytes, in the TD report's
+    /// byte order). Without it only the DEBUG bit must be clear (and dcap-qvl's own checks pass).
+    #[arg(long, value_name = "HEX")]
+    expect_td_attributes: Option<String>,
     /// DCAP TCB statuses to accept, comma-separated (e.g. UpToDate,SWHardeningNeeded).
     #[arg(long, value_delimiter = ',', default_value = "UpToDate")]
     accept_tcb: Vec<String>,
@@ -195,8 +216,8 @@ fn receive(
 ) -> Result<Vec<UploadedFile>> {
     let received = Arc::new(AtomicUsize::new(0));
     let ch = CountingChannel { inner: ch, received_frames: received.clone() };
-    match enclave_receive(ch, provider, max_bytes) {
-        Ok(files) => Ok(files),
+    match enclave_receive(ch, &[0; 32], provider, max_bytes) {
+        Ok((files, _)) => Ok(files),
         // The owner hangs up right after our quote when it does not trust it: nothing but the
         // hello ever arrived.
         Err(UploadError::Channel(ChannelError::Closed { .. })) => match received.load(Ordering::Relaxed) {
@@ -237,6 +258,7 @@ impl<C: Channel> Channel for CountingChannel<C> {
 
 /// Runs the data owner's client: check the dataset, verify the enclave's quote, upload.
 pub fn run_upload(a: UploadArgs) -> Result<()> {
+    check_insecure_options(&a)?;
     let expected_measurement = match &a.expect_measurement {
         Some(m) => Some(parse_hex32("--expect-measurement", m)?),
         None => {
@@ -273,7 +295,26 @@ pub fn run_upload(a: UploadArgs) -> Result<()> {
         allow_simulated: a.attestation == OwnerAttestation::Simulated,
         allow_debug: a.allow_debug,
         accepted_tcb: a.accept_tcb.iter().map(|s| s.trim().to_string()).filter(|s| !s.is_empty()).collect(),
+        tdx: TdxPolicy {
+            mr_config_id: a.expect_mrconfigid.as_deref().map(|h| parse_hex("--expect-mrconfigid", h)).transpose()?,
+            mr_owner: a.expect_mrowner.as_deref().map(|h| parse_hex("--expect-mrowner", h)).transpose()?,
+            mr_owner_config: a
+                .expect_mrownerconfig
+                .as_deref()
+                .map(|h| parse_hex("--expect-mrownerconfig", h))
+                .transpose()?,
+            td_attributes: a
+                .expect_td_attributes
+                .as_deref()
+                .map(|h| parse_hex("--expect-td-attributes", h))
+                .transpose()?,
+        },
     };
+    ensure!(
+        policy.tdx.is_empty() || a.attestation == OwnerAttestation::Dcap,
+        "--expect-mrconfigid, --expect-mrowner, --expect-mrownerconfig and --expect-td-attributes check TDX \
+         quotes; they apply to --attestation dcap only"
+    );
 
     // Read and parse locally first: a broken or incomplete folder is reported here, before
     // anything is sent, with the loaders the enclave will use.
@@ -301,7 +342,7 @@ pub fn run_upload(a: UploadArgs) -> Result<()> {
     let ch = TcpChannel::connect(&a.to, ChannelOptions::default())
         .with_context(|| format!("connecting to the enclave at {}", a.to))?;
     let now = SystemTime::now().duration_since(UNIX_EPOCH).context("the system clock is before 1970")?.as_secs();
-    let report = owner_upload(ch, verifier.as_ref(), &policy, &files, now).map_err(|e| match e {
+    let (report, _) = owner_upload(ch, &[0; 32], verifier.as_ref(), &policy, &files, now).map_err(|e| match e {
         // Refused during the handshake: only our hello went out.
         UploadError::Attestation(_) | UploadError::ReportDataMismatch { .. } | UploadError::WeakKey { .. } => {
             anyhow::Error::from(e).context(format!("refusing the enclave at {}; no data was sent", a.to))
@@ -323,12 +364,54 @@ pub fn run_upload(a: UploadArgs) -> Result<()> {
     Ok(())
 }
 
+/// Refuses the options that let a malicious or readable enclave receive the data unless --insecure
+/// says the owner means it, and shouts about them on every run when it does. Checked first, before
+/// any file is read or connection made.
+fn check_insecure_options(a: &UploadArgs) -> Result<()> {
+    let mut chosen = Vec::new();
+    if a.allow_any_measurement && a.attestation == OwnerAttestation::Dcap {
+        ensure!(
+            a.insecure,
+            "--allow-any-measurement with --attestation dcap is refused: any enclave build on genuine \
+             hardware, including a malicious one, would then receive the data. Pin the build you audited \
+             with --expect-measurement HEX, or add --insecure for development with data that is not private"
+        );
+        chosen.push("--allow-any-measurement: ANY enclave build, including a malicious one, receives the data");
+    }
+    if a.allow_debug {
+        ensure!(
+            a.insecure,
+            "--allow-debug is refused: a debug enclave or TD can be read by its host, so the data would leave \
+             the TEE's protection. Remove --allow-debug, or add --insecure for development with data that is \
+             not private"
+        );
+        chosen.push("--allow-debug: a debug enclave's memory, and so the data, can be read by its host");
+    }
+    if a.insecure {
+        eprintln!("{}", "!".repeat(100));
+        eprintln!("!!! WARNING: --insecure: this upload is NOT protected; never use it with real private data.");
+        for c in &chosen {
+            eprintln!("!!!   {c}");
+        }
+        if chosen.is_empty() {
+            eprintln!("!!!   (no insecure option is in use: --insecure changes nothing here)");
+        }
+        eprintln!("{}", "!".repeat(100));
+    }
+    Ok(())
+}
+
 /// 32 bytes from 64 hex digits (an optional `0x` is accepted), or an error naming `flag`.
 fn parse_hex32(flag: &str, s: &str) -> Result<[u8; 32]> {
+    parse_hex(flag, s)
+}
+
+/// `N` bytes from `2N` hex digits (an optional `0x` is accepted), or an error naming `flag`.
+fn parse_hex<const N: usize>(flag: &str, s: &str) -> Result<[u8; N]> {
     let t = s.trim();
     let t = t.strip_prefix("0x").unwrap_or(t);
-    ensure!(t.len() == 64, "{flag}: expected 64 hex digits (32 bytes), got {} characters", t.len());
-    let mut out = [0u8; 32];
+    ensure!(t.len() == 2 * N, "{flag}: expected {} hex digits ({N} bytes), got {} characters", 2 * N, t.len());
+    let mut out = [0u8; N];
     for (i, byte) in out.iter_mut().enumerate() {
         let digits = t.get(2 * i..2 * i + 2).with_context(|| format!("{flag}: not hex: {t:?}"))?;
         *byte = u8::from_str_radix(digits, 16).with_context(|| format!("{flag}: not hex: {digits:?}"))?;

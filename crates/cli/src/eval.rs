@@ -15,6 +15,7 @@ pub fn eval(
     data_dir: Option<&Path>,
     scheme: Scheme,
     device: &str,
+    link: &crate::devices::DeviceLinkArgs,
     batch_size: usize,
     threads: usize,
     options: &SchemeOptions,
@@ -35,7 +36,7 @@ pub fn eval(
     let mut model =
         zoo::build(&c.meta.model, &c.meta.input_shape, c.meta.num_classes, 0).map_err(anyhow::Error::msg)?;
     c.restore_model(&mut model)?;
-    let mut runner = crate::registry::build_runner(scheme, device, DEFAULT_BUDGET_BYTES, None, None, options)?;
+    let mut runner = crate::registry::build_runner(scheme, device, link, DEFAULT_BUDGET_BYTES, None, None, options)?;
     let mut result =
         crate::with_threads(threads, || evaluate(&mut runner, &mut model, &data, &data.test, batch_size, show))??;
     let report = runner.report();

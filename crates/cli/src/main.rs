@@ -43,6 +43,10 @@ enum Command {
     /// The data owner's client: check the enclave's attestation, then upload a dataset to it
     /// encrypted with a key bound to that attestation.
     Upload(trustsplit::enclave_cmd::UploadArgs),
+    /// Make a key pair for the links between processes: writes the secret key to --out and prints
+    /// the public key (64 hex digits) on stdout, for the peers' --allow, --device-key or
+    /// --owner-key.
+    Keygen(KeygenArgs),
     /// Get datasets that do not ship with trustsplit.
     Data {
         #[command(subcommand)]
@@ -87,6 +91,33 @@ struct DeviceArgs {
     /// Compute backend: cpu, cpu:THREADS, wgpu, wgpu:cpu, cuda, cuda:INDEX.
     #[arg(long, default_value = "cpu")]
     backend: String,
+    /// This worker's key file (`trustsplit keygen --out FILE`); clients pin its public key with
+    /// --device-key.
+    #[arg(long, value_name = "FILE", required_unless_present = "insecure_plaintext_link")]
+    key: Option<PathBuf>,
+    /// The public keys (64 hex digits each) of the trusted sides this worker serves; no one else
+    /// gets any work done or memory allocated.
+    #[arg(long, value_name = "HEX[,HEX...]", value_delimiter = ',', conflicts_with = "allow_any")]
+    allow: Vec<trustsplit_boundary::PublicKey>,
+    /// Serve any client that authenticates with some key: free compute for whoever reaches the
+    /// port (the link still encrypts and authenticates this worker to them).
+    #[arg(long)]
+    allow_any: bool,
+    /// INSECURE: serve over plain TCP, unauthenticated and unencrypted (clients must say the
+    /// same): anyone who reaches the port is served and anyone on the network reads every operand.
+    #[arg(long, conflicts_with_all = ["key", "allow", "allow_any"])]
+    insecure_plaintext_link: bool,
+    /// Connections served at once; more are closed as they arrive.
+    #[arg(long, default_value_t = 8)]
+    max_connections: usize,
+}
+
+#[derive(Args)]
+struct KeygenArgs {
+    /// Where to write the new secret key (mode 0600; an existing file is never overwritten). Its
+    /// public key is printed on stdout as one line of hex.
+    #[arg(long, value_name = "FILE")]
+    out: PathBuf,
 }
 
 #[derive(Args)]
@@ -128,6 +159,8 @@ struct EvalArgs {
     /// Device for schemes that offload (see `train --help`).
     #[arg(long, default_value = "cpu")]
     device: String,
+    #[command(flatten)]
+    device_link: trustsplit::devices::DeviceLinkArgs,
     #[arg(long, default_value_t = 256)]
     batch_size: usize,
     #[arg(long, default_value_t = 1)]
@@ -177,6 +210,8 @@ enum BenchWhat {
         /// Device for schemes that offload (see `train --help`).
         #[arg(long, default_value = "cpu")]
         device: String,
+        #[command(flatten)]
+        device_link: trustsplit::devices::DeviceLinkArgs,
         #[arg(long, default_value_t = 96)]
         memory_budget_mib: usize,
         #[arg(long)]
@@ -222,23 +257,69 @@ fn run_train(a: TrainArgs) -> Result<()> {
 }
 
 fn run_device(a: DeviceArgs) -> Result<()> {
+    use trustsplit_boundary::LinkPolicy;
+    use trustsplit_device::{LinkSecurity, ServeOptions};
+    let security = match (&a.key, a.insecure_plaintext_link) {
+        (_, true) => LinkSecurity::InsecurePlaintext,
+        (Some(path), false) => {
+            let key = trustsplit_boundary::KeyPair::load(path).map_err(anyhow::Error::msg)?;
+            let allowed = match (a.allow_any, a.allow.is_empty()) {
+                (true, _) => LinkPolicy::AnyAuthenticated,
+                (false, false) => LinkPolicy::Only(a.allow.clone()),
+                (false, true) => anyhow::bail!(
+                    "say whom this worker serves: --allow HEX[,HEX...] (the trusted sides' public keys) or \
+                     --allow-any (anyone who authenticates: free compute for whoever reaches the port)"
+                ),
+            };
+            eprintln!("device key {} (clients pin it with --device-key)", key.public());
+            LinkSecurity::Authenticated { key: std::sync::Arc::new(key), allowed }
+        }
+        (None, false) => anyhow::bail!("--key FILE is required (or --insecure-plaintext-link)"),
+    };
+    anyhow::ensure!(a.max_connections >= 1, "--max-connections must be at least 1");
     // Fail early on a backend that cannot start, instead of on the first connection.
     trustsplit::devices::open_backend(&a.backend)?;
     let listener = trustsplit_device::DeviceListener::bind(&a.listen)?;
+    let serving = match &security {
+        LinkSecurity::InsecurePlaintext => {
+            "WARNING: --insecure-plaintext-link: plain TCP, anyone who reaches the port is served and anyone on the \
+             network reads every operand"
+                .to_string()
+        }
+        LinkSecurity::Authenticated { allowed: LinkPolicy::AnyAuthenticated, .. } => {
+            "serving any authenticated client (--allow-any: free compute for whoever reaches the port)".to_string()
+        }
+        LinkSecurity::Authenticated { allowed: LinkPolicy::Only(keys), .. } => {
+            format!("serving {} allowed key(s) over the encrypted link", keys.len())
+        }
+    };
     eprintln!(
-        "trustsplit device worker ({}) listening on {} -- UNTRUSTED: it sees every operand it is sent",
+        "trustsplit device worker ({}) listening on {} -- UNTRUSTED: it sees every operand it is sent; {serving}",
         a.backend,
         listener.local_addr()?
     );
     let spec = a.backend.clone();
+    let options = ServeOptions {
+        channel: trustsplit_boundary::ChannelOptions::default(),
+        security,
+        max_connections: a.max_connections,
+    };
     listener.run(
         move || {
             trustsplit::devices::open_backend(&spec)
                 .map_err(|e| trustsplit_device::DeviceError::Unavailable(format!("{e:#}")))
         },
-        trustsplit_boundary::ChannelOptions::default(),
+        options,
         |m| eprintln!("{m}"),
     )?;
+    Ok(())
+}
+
+fn run_keygen(a: KeygenArgs) -> Result<()> {
+    let key = trustsplit_boundary::KeyPair::generate().map_err(anyhow::Error::msg)?;
+    key.save(&a.out).map_err(anyhow::Error::msg)?;
+    eprintln!("wrote the secret key to {} (mode 0600); its public key:", a.out.display());
+    println!("{}", key.public());
     Ok(())
 }
 
@@ -321,6 +402,7 @@ fn main() {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Device(d) => run_device(d),
+        Command::Keygen(a) => run_keygen(a),
         Command::Enclave(a) => trustsplit::enclave_cmd::run_enclave(a),
         Command::Upload(a) => trustsplit::enclave_cmd::run_upload(a),
         Command::Train(a) => run_train(a),
@@ -331,6 +413,7 @@ fn main() {
             a.data_dir.as_deref(),
             a.scheme,
             &a.device,
+            &a.device_link,
             a.batch_size,
             a.threads,
             &a.scheme_options,
@@ -365,6 +448,7 @@ fn main() {
                     warmup,
                     threads,
                     device,
+                    device_link,
                     memory_budget_mib,
                     json,
                     baseline,
@@ -382,6 +466,7 @@ fn main() {
                 warmup,
                 threads,
                 device: &device,
+                link: device_link,
                 memory_budget: memory_budget_mib << 20,
                 options: *scheme_options,
                 baseline,

@@ -7,7 +7,7 @@ use serde::{Deserialize, Serialize};
 use std::path::Path;
 use std::sync::Arc;
 use trustsplit_boundary::Transcript;
-use trustsplit_schemes::asymml::{self, AsymmlOptions};
+use trustsplit_schemes::asymml::{self, AsymmlOptions, PrivacySummary};
 use trustsplit_schemes::{
     gpu_only, plaintext, tee_only, RunnerError, RunnerInputs, SchemeInfo, SchemeReport, SplitRunner, TrainingRun,
 };
@@ -17,13 +17,15 @@ pub struct SchemeEntry {
     pub info: &'static SchemeInfo,
     /// Builds its runner from the common inputs and the run's options.
     pub build: fn(RunnerInputs, &SchemeOptions) -> Result<SplitRunner, RunnerError>,
-    /// Lines it adds to the end of a training run's summary (given the epochs run).
-    pub describe_run: fn(&SchemeReport, usize) -> Vec<String>,
+    /// Lines it adds to the end of a training run's summary (given the privacy the run charged,
+    /// for a scheme that keeps a privacy ledger).
+    pub describe_run: DescribeRun,
     /// Lines it adds to the end of an evaluation.
     pub describe_evaluation: fn(&SchemeReport) -> Vec<String>,
 }
 
 type Build = fn(RunnerInputs, &SchemeOptions) -> Result<SplitRunner, RunnerError>;
+type DescribeRun = fn(&SchemeReport, Option<&PrivacySummary>) -> Vec<String>;
 
 impl SchemeEntry {
     /// A scheme that adds nothing to the summaries.
@@ -32,16 +34,12 @@ impl SchemeEntry {
     }
 
     /// With the lines it adds to the summaries of a training run and of an evaluation.
-    const fn summarised(
-        self,
-        run: fn(&SchemeReport, usize) -> Vec<String>,
-        evaluation: fn(&SchemeReport) -> Vec<String>,
-    ) -> Self {
+    const fn summarised(self, run: DescribeRun, evaluation: fn(&SchemeReport) -> Vec<String>) -> Self {
         SchemeEntry { describe_run: run, describe_evaluation: evaluation, ..self }
     }
 }
 
-fn no_run_lines(_: &SchemeReport, _: usize) -> Vec<String> {
+fn no_run_lines(_: &SchemeReport, _: Option<&PrivacySummary>) -> Vec<String> {
     Vec::new()
 }
 
@@ -149,12 +147,14 @@ pub fn scheme_parser() -> impl clap::builder::TypedValueParser<Value = Scheme> {
     PossibleValuesParser::new(names).map(|name| Scheme::named(&name).expect("a registered name"))
 }
 
-/// The runner of `scheme`, with its devices opened from `device_spec` when it uses any, and the
+/// The runner of `scheme`, with its devices opened from `device_spec` (remote ones over `link`)
+/// when it uses any, and the
 /// transcript written to `transcript_path` when one is given. `training`: the run it will train
 /// (`None` to evaluate or benchmark).
 pub fn build_runner(
     scheme: Scheme,
     device_spec: &str,
+    link: &crate::devices::DeviceLinkArgs,
     memory_budget: usize,
     transcript_path: Option<&Path>,
     training: Option<TrainingRun>,
@@ -164,7 +164,7 @@ pub fn build_runner(
         Some(p) => Transcript::new().with_jsonl(p).with_context(|| format!("creating transcript {}", p.display()))?,
         None => Transcript::new(),
     };
-    let devices = if scheme.info().uses_device { crate::devices::open_devices(device_spec)? } else { Vec::new() };
+    let devices = if scheme.info().uses_device { crate::devices::open_devices(device_spec, link)? } else { Vec::new() };
     let inputs = RunnerInputs { devices, memory_budget, transcript: Arc::new(transcript), training };
     (scheme.entry().build)(inputs, options).with_context(|| format!("setting up scheme {scheme}"))
 }

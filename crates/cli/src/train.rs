@@ -1,4 +1,9 @@
 //! The training loop: data, model, optimizer, metrics, checkpoints and resume.
+//!
+//! A scheme that keeps a privacy ledger (AsymML) has each epoch's training steps and evaluation
+//! charged before their first release, durably, in the output folder's `privacy.json`
+//! ([`PrivacyCharges`]): an epoch cut short and replayed after `--resume` is charged twice, and a
+//! resume without that file, or with one older than the checkpoint, is refused.
 
 use crate::progress;
 use anyhow::{bail, Context, Result};
@@ -11,7 +16,7 @@ use trustsplit_data::{batches, num_batches, BatchOptions, Dataset, DatasetKind};
 use trustsplit_nn::optim::{Optimizer, OptimizerKind, Schedule};
 use trustsplit_nn::tensor::from_vec;
 use trustsplit_nn::{checkpoint, zoo, Model};
-use trustsplit_schemes::asymml::{EvaluationPrivacy, PrivacySummary};
+use trustsplit_schemes::asymml::{self, EvaluationPrivacy, PrivacyCharges, PrivacyLedger, PrivacySummary};
 use trustsplit_schemes::{RunnerError, SplitRunner, TrainingRun};
 
 pub use crate::registry::{Scheme, SchemeOptions};
@@ -48,6 +53,9 @@ pub struct TrainConfig {
     pub memory_budget: usize,
     /// Where device work runs: `cpu`, `cpu:THREADS`, `wgpu`, `cuda`, or `tcp://HOST:PORT`.
     pub device: String,
+    /// How `tcp://` devices are reached (keys, or plain TCP); not recorded.
+    #[serde(skip)]
+    pub device_link: crate::devices::DeviceLinkArgs,
     /// Write every boundary crossing as a JSON line here.
     pub transcript: Option<PathBuf>,
     /// Every scheme's settings (recorded for every scheme, each under its own key: `asymml`).
@@ -78,6 +86,7 @@ impl TrainConfig {
             log_every: 50,
             memory_budget: trustsplit_enclave::memory::DEFAULT_BUDGET_BYTES,
             device: "cpu".into(),
+            device_link: Default::default(),
             transcript: None,
             options: Default::default(),
         }
@@ -125,7 +134,8 @@ pub struct TrainSummary {
     pub bytes_returned: u64,
     /// Costs and releases of the scheme: enclave and device time, memory peak and spill, transcript totals.
     pub scheme_report: trustsplit_schemes::SchemeReport,
-    /// AsymML: the (epsilon, delta) each training sample spent, and what it covers.
+    /// AsymML: the (epsilon, delta) each training sample spent over every charged participation
+    /// (earlier runs of a resumed one and replayed epochs included), and what it covers.
     pub privacy: Option<PrivacySummary>,
 }
 
@@ -260,6 +270,105 @@ pub fn metrics_path(out: &Path) -> PathBuf {
     out.join("metrics.jsonl")
 }
 
+/// What a run that releases noised values has charged so far ([`PrivacyCharges`], as JSON).
+pub fn privacy_path(out: &Path) -> PathBuf {
+    out.join("privacy.json")
+}
+
+/// The batch size evaluations run at.
+fn eval_batch_size(cfg: &TrainConfig) -> usize {
+    256.max(cfg.batch_size)
+}
+
+/// The privacy a run charges (AsymML): what each epoch charges each training sample and each test
+/// example, counted from the model's shapes before anything is released, and the charges so far,
+/// written to `privacy.json` before the releases they charge.
+struct Charging {
+    path: PathBuf,
+    noise_multiplier: f64,
+    per_step: u64,
+    per_evaluation: u64,
+    charges: PrivacyCharges,
+}
+
+impl Charging {
+    /// `resumed`: the epochs the checkpoint holds, when resuming; the file must then hold at least
+    /// as many charged epochs and evaluations (every one of them started, and was charged, before
+    /// the checkpoint was written).
+    fn start(
+        cfg: &TrainConfig,
+        model: &Model,
+        data: &Data,
+        ledger: &PrivacyLedger,
+        out: &Path,
+        resumed: Option<usize>,
+    ) -> Result<Charging> {
+        let config = cfg.options.asymml.config(ledger.noise_multiplier);
+        let batches = (cfg.batch_size.min(data.train.len()), eval_batch_size(cfg).min(data.test.len()));
+        let (per_step, per_evaluation) = asymml::releases_per_epoch(model, &config, batches.0, batches.1);
+        let path = privacy_path(out);
+        let charges = match resumed {
+            None => PrivacyCharges::default(),
+            Some(epochs) => {
+                let unusable = || {
+                    format!(
+                        "cannot resume: {} (what the earlier runs charged) is missing or unreadable, so the releases they \
+                         made cannot be charged; restore it, or train without --resume to start afresh",
+                        path.display()
+                    )
+                };
+                let text = std::fs::read_to_string(&path).with_context(unusable)?;
+                let charges: PrivacyCharges = serde_json::from_str(&text).with_context(unusable)?;
+                if charges.participations < epochs as u64 || charges.evaluations < epochs as u64 {
+                    bail!(
+                        "cannot resume: {} charges {} epochs and {} evaluations, fewer than the {epochs} the checkpoint \
+                         holds: it is older than the checkpoint, and what was released since cannot be charged; restore \
+                         the file the run wrote, or train without --resume to start afresh",
+                        path.display(),
+                        charges.participations,
+                        charges.evaluations
+                    );
+                }
+                charges
+            }
+        };
+        Ok(Charging { path, noise_multiplier: ledger.noise_multiplier, per_step, per_evaluation, charges })
+    }
+
+    /// Charges an epoch's training steps, durably, before its first release.
+    fn charge_epoch(&mut self) -> Result<()> {
+        self.charges.charge_epoch(self.noise_multiplier, self.per_step);
+        self.save()
+    }
+
+    /// Charges an evaluation of the test split, durably, before its first release.
+    fn charge_evaluation(&mut self) -> Result<()> {
+        self.charges.charge_evaluation(self.noise_multiplier, self.per_evaluation);
+        self.save()
+    }
+
+    fn save(&self) -> Result<()> {
+        let json = serde_json::to_vec_pretty(&self.charges)?;
+        checkpoint::write_atomically(&self.path, &json).with_context(|| format!("writing {}", self.path.display()))
+    }
+
+    /// Stops the run where the placement counted more releases than were charged (a bug in the
+    /// count from the shapes: tests check the two agree).
+    fn check(&self, ledger: &PrivacyLedger) -> Result<()> {
+        if ledger.releases_per_step > self.per_step || ledger.releases_per_evaluation > self.per_evaluation {
+            bail!(
+                "the scheme released more per sample ({} per step, {} per evaluation) than was charged ({}, {}); \
+                 stopping",
+                ledger.releases_per_step,
+                ledger.releases_per_evaluation,
+                self.per_step,
+                self.per_evaluation
+            );
+        }
+        Ok(())
+    }
+}
+
 /// Trains as configured, writing checkpoints and metrics under `out`. With `resume`, continues
 /// from `out`'s checkpoint (which must come from the same configuration).
 pub fn train(cfg: &TrainConfig, out: &Path, resume: bool, show_progress: bool) -> Result<TrainSummary> {
@@ -317,14 +426,19 @@ pub fn train_with_data(
     let mut runner = crate::registry::build_runner(
         cfg.scheme,
         &cfg.device,
+        &cfg.device_link,
         cfg.memory_budget,
         cfg.transcript.as_deref(),
         Some(training),
         &cfg.options,
     )?;
     let steps_per_epoch = num_batches(data.train.len(), cfg.batch_size, false);
-    // A scheme that keeps a privacy ledger adds noise to what it releases (AsymML).
-    let releases_noise = runner.report().placement.privacy.is_some();
+    // A scheme that keeps a privacy ledger adds noise to what it releases (AsymML), and charges it.
+    let mut charging = match &runner.report().placement.privacy {
+        Some(ledger) => Some(Charging::start(cfg, &model, &data, ledger, out, resume.then_some(start_epoch))?),
+        None => None,
+    };
+    let releases_noise = charging.is_some();
     let (mut last_train, mut last_test) = (
         (0.0, 0.0),
         EvalResult {
@@ -344,6 +458,9 @@ pub fn train_with_data(
             let pb =
                 progress::bar(steps_per_epoch as u64, &format!("epoch {}/{}", epoch + 1, cfg.epochs), show_progress);
             let (mut loss_sum, mut correct, mut seen) = (0.0f64, 0usize, 0usize);
+            if let Some(c) = &mut charging {
+                c.charge_epoch()?;
+            }
             for (step, b) in batches(&data.train, &opts).enumerate() {
                 let lr = cfg.schedule.lr(cfg.lr, epoch as f64 + step as f64 / steps_per_epoch as f64);
                 let x = Secret::new(from_vec(&[b.n, b.channels, b.height, b.width], b.images));
@@ -377,10 +494,17 @@ pub fn train_with_data(
             }
             pb.finish_and_clear();
             last_train = (loss_sum / seen as f64, correct as f64 / seen as f64);
-            last_test = evaluate(&mut runner, &mut model, &data, &data.test, 256.max(cfg.batch_size), show_progress)?;
+            if let Some(c) = &mut charging {
+                c.charge_evaluation()?;
+            }
+            last_test = evaluate(&mut runner, &mut model, &data, &data.test, eval_batch_size(cfg), show_progress)?;
             let secs = epoch_start.elapsed().as_secs_f64();
-            // AsymML: the privacy spent so far (each sample has taken part in epoch + 1 steps).
-            let epsilon = runner.report().placement.privacy.and_then(|l| l.spent(epoch as u64 + 1)).map(|p| p.epsilon);
+            // AsymML: the privacy the training samples spent so far, over every charged epoch.
+            let mut epsilon = None;
+            if let (Some(c), Some(ledger)) = (&charging, runner.report().placement.privacy) {
+                c.check(&ledger)?;
+                epsilon = c.charges.training_spent(ledger.delta).map(|p| p.epsilon);
+            }
             let line = serde_json::json!({"kind": "epoch", "epoch": epoch + 1, "train_loss": last_train.0,
                 "train_accuracy": last_train.1, "test_loss": last_test.loss, "test_accuracy": last_test.accuracy,
                 "seconds": secs, "epsilon": epsilon});
@@ -403,7 +527,10 @@ pub fn train_with_data(
     })??;
     runner.transcript().flush().map_err(anyhow::Error::msg)?;
     let report = runner.report();
-    let privacy = report.placement.privacy.as_ref().map(|l| trustsplit_schemes::asymml::privacy_summary(l, cfg.epochs));
+    let privacy = match (&report.placement.privacy, &charging) {
+        (Some(ledger), Some(c)) => Some(asymml::privacy_summary(ledger, &c.charges)),
+        _ => None,
+    };
 
     Ok(TrainSummary {
         scheme: cfg.scheme,
@@ -474,7 +601,7 @@ pub fn print_summary(s: &TrainSummary) {
          to the device in all, resends included)",
         s.released, r.transcript.bytes_released, r.transcript.bytes_returned, r.transcript.records, r.device_bytes_sent
     );
-    for line in (s.scheme.entry().describe_run)(r, s.epochs) {
+    for line in (s.scheme.entry().describe_run)(r, s.privacy.as_ref()) {
         eprintln!("{line}");
     }
     if let Some(m) = &r.memory {

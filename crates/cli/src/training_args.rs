@@ -24,6 +24,8 @@ pub struct TrainingArgs {
     /// tcp://HOST:PORT (a `trustsplit device` worker). Several, comma-separated, split each batch.
     #[arg(long, default_value = "cpu")]
     pub device: String,
+    #[command(flatten)]
+    pub device_link: crate::devices::DeviceLinkArgs,
     /// The enclave's memory budget in MiB (SGX's usable EPC is typically about 96 MiB); past it,
     /// saved activations are sealed (AES-256-GCM) and spilled to untrusted memory.
     #[arg(long, default_value_t = 96)]
@@ -111,6 +113,7 @@ impl TrainingArgs {
         cfg.seed = self.seed;
         cfg.log_every = self.log_every;
         cfg.device = self.device.clone();
+        cfg.device_link = self.device_link.clone();
         cfg.memory_budget = self.memory_budget_mib << 20;
         cfg.transcript = self.transcript.clone();
         cfg.options = self.scheme_options.clone();

@@ -10,16 +10,38 @@ use std::time::{Duration, Instant};
 use trustsplit::train::{train, Scheme, TrainConfig};
 use trustsplit_nn::{checkpoint, zoo};
 
-/// A `trustsplit device` process, killed when dropped.
+/// Makes a key file with `trustsplit keygen`; returns its path and public key.
+fn keygen(tag: &str) -> (PathBuf, String) {
+    let dir = std::env::temp_dir().join(format!("trustsplit-worker-keys-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join(format!("{tag}-{}.key", KEYS.fetch_add(1, Ordering::SeqCst)));
+    let out = Command::new(env!("CARGO_BIN_EXE_trustsplit")).args(["keygen", "--out"]).arg(&path).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    (path, String::from_utf8(out.stdout).unwrap().trim().to_string())
+}
+
+static KEYS: AtomicU64 = AtomicU64::new(0);
+
+/// The trainer's key, shared by the tests of this file.
+fn trainer_key() -> &'static (PathBuf, String) {
+    static KEY: std::sync::OnceLock<(PathBuf, String)> = std::sync::OnceLock::new();
+    KEY.get_or_init(|| keygen("trainer"))
+}
+
+/// A `trustsplit device` process serving the trainer's key, killed when dropped.
 struct Worker {
     child: Child,
     addr: String,
+    /// The worker's public key.
+    key: String,
 }
 
 impl Worker {
     fn start() -> Worker {
+        let (key_file, key) = keygen("worker");
         let mut child = Command::new(env!("CARGO_BIN_EXE_trustsplit"))
-            .args(["device", "--listen", "127.0.0.1:0", "--backend", "cpu:1"])
+            .args(["device", "--listen", "127.0.0.1:0", "--backend", "cpu:1", "--allow", &trainer_key().1, "--key"])
+            .arg(&key_file)
             .stderr(Stdio::piped())
             .spawn()
             .unwrap();
@@ -33,7 +55,7 @@ impl Worker {
             }
         });
         let addr = rx.recv_timeout(Duration::from_secs(60)).expect("device worker did not report its address");
-        Worker { child, addr }
+        Worker { child, addr, key }
     }
     fn kill(&mut self) {
         let _ = self.child.kill();
@@ -100,10 +122,15 @@ fn pump(mut from: TcpStream, mut to: TcpStream, count: Option<(Arc<AtomicU64>, u
     let _ = to.shutdown(Shutdown::Both);
 }
 
-fn config(epochs: usize, device: &str) -> TrainConfig {
+/// A gpu-only run on `device`; a `tcp://` device is reached over the link, pinned to `worker_key`.
+fn config(epochs: usize, device: &str, worker_key: Option<&str>) -> TrainConfig {
     let mut cfg = TrainConfig::new("lenet5", "embedded");
     cfg.scheme = Scheme::named("gpu-only").unwrap();
     cfg.device = device.to_string();
+    if let Some(key) = worker_key {
+        cfg.device_link.key = Some(trainer_key().0.clone());
+        cfg.device_link.device_key = vec![key.parse().unwrap()];
+    }
     cfg.epochs = epochs;
     cfg.schedule = trustsplit_nn::optim::Schedule::Cosine { epochs: 3 };
     cfg.train_limit = 1500;
@@ -126,23 +153,26 @@ fn weights(path: &std::path::Path) -> Vec<(String, trustsplit_nn::Tensor)> {
 #[test]
 fn killed_worker_gives_a_clear_error_and_training_resumes_without_loss() {
     // The reference: an uninterrupted run on an in-process one-thread CPU device.
-    let reference = train(&config(3, "cpu:1"), &out_dir("reference"), false, false).unwrap();
+    let reference = train(&config(3, "cpu:1", None), &out_dir("reference"), false, false).unwrap();
 
     let out = out_dir("interrupted");
     let mut first = Worker::start();
     let measuring = CountingRelay::start(first.addr.clone(), u64::MAX);
-    train(&config(1, &format!("tcp://{}", measuring.addr)), &out, false, false).unwrap();
+    train(&config(1, &format!("tcp://{}", measuring.addr), Some(&first.key)), &out, false, false).unwrap();
     let bytes_per_epoch = measuring.sent.load(Ordering::SeqCst);
 
     // A worker that is gone before the run starts: a connection error naming the address.
     first.kill();
-    let gone = format!("{:#}", train(&config(3, &format!("tcp://{}", first.addr)), &out, true, false).unwrap_err());
+    let gone = format!(
+        "{:#}",
+        train(&config(3, &format!("tcp://{}", first.addr), Some(&first.key)), &out, true, false).unwrap_err()
+    );
     assert!(gone.contains(&first.addr), "{gone}");
 
     // A worker killed halfway through the second epoch: the step fails promptly with a clear error.
     let mut second = Worker::start();
     let relay = CountingRelay::start(second.addr.clone(), bytes_per_epoch / 2);
-    let cfg = config(3, &format!("tcp://{}", relay.addr));
+    let cfg = config(3, &format!("tcp://{}", relay.addr), Some(&second.key));
     let (out2, started) = (out.clone(), Instant::now());
     let run = std::thread::spawn(move || train(&cfg, &out2, true, false));
     relay.crossed.recv_timeout(Duration::from_secs(120)).expect("the resumed run never reached mid-epoch");
@@ -153,8 +183,32 @@ fn killed_worker_gives_a_clear_error_and_training_resumes_without_loss() {
 
     // The last checkpoint survived; a new worker finishes the run.
     let third = Worker::start();
-    let done = train(&config(3, &format!("tcp://{}", third.addr)), &out, true, false).unwrap();
+    let done = train(&config(3, &format!("tcp://{}", third.addr), Some(&third.key)), &out, true, false).unwrap();
     assert_eq!(done.resumed_from_epoch, 1);
     assert_eq!(done.accuracy, reference.accuracy);
     assert_eq!(weights(&done.checkpoint), weights(&reference.checkpoint), "resumed weights differ");
+}
+
+#[test]
+fn a_worker_refuses_an_unknown_trainer_and_a_trainer_refuses_an_unknown_worker() {
+    let worker = Worker::start();
+    let (stranger_file, _) = keygen("stranger");
+    let device = format!("tcp://{}", worker.addr);
+    // A trainer whose key the worker does not allow.
+    let mut cfg = config(1, &device, Some(&worker.key));
+    cfg.device_link.key = Some(stranger_file);
+    let err = format!("{:#}", train(&cfg, &out_dir("stranger"), false, false).unwrap_err());
+    assert!(err.contains("refused") && err.contains("not allowed"), "{err}");
+    // A worker that is not the one pinned.
+    let (_, other_key) = keygen("other");
+    let err =
+        format!("{:#}", train(&config(1, &device, Some(&other_key)), &out_dir("pinned"), false, false).unwrap_err());
+    assert!(err.contains(&worker.key) && err.contains("expected"), "{err}");
+    // No key at all, or a key count that does not match the devices.
+    let err = format!("{:#}", train(&config(1, &device, None), &out_dir("nokey"), false, false).unwrap_err());
+    assert!(err.contains("--key FILE") && err.contains("--insecure-plaintext-link"), "{err}");
+    let mut cfg = config(1, &format!("{device},{device}"), Some(&worker.key));
+    cfg.device_link.device_key.truncate(1);
+    let err = format!("{:#}", train(&cfg, &out_dir("count"), false, false).unwrap_err());
+    assert!(err.contains("2 tcp:// device(s)"), "{err}");
 }

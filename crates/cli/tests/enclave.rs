@@ -433,3 +433,129 @@ fn upload_checks_flags_and_files_before_connecting() {
     assert!(err.contains("warning: --allow-any-measurement"), "{err}");
     assert!(err.contains("t10k-labels-idx1-ubyte") && !err.contains("connecting"), "{err}");
 }
+
+/// A local port that nothing listens on (bound, then released).
+fn closed_port() -> String {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = l.local_addr().unwrap().to_string();
+    drop(l);
+    addr
+}
+
+/// The recorded TDX sample's collateral, a well-formed --collateral file.
+const COLLATERAL: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../enclave/testdata/tdx_quote_collateral.json");
+
+#[test]
+fn upload_refuses_insecure_options_without_insecure_before_connecting() {
+    let tmp = TempDir::new("insecure");
+    let data = tmp.0.join("data");
+    write_dataset(&data);
+    let to = closed_port();
+    let run = |extra: &[&str]| -> String {
+        let mut args = vec!["upload", "--to", &to, "--dataset", "fashion-mnist", "--data-dir", data.to_str().unwrap()];
+        args.extend_from_slice(&["--attestation", "dcap", "--collateral", COLLATERAL]);
+        args.extend_from_slice(extra);
+        let mut p = Proc::spawn("upload", &tmp.0, &args);
+        let status = p.wait(DEADLINE);
+        assert!(!status.success(), "{args:?} succeeded:\n{}", p.stderr());
+        p.stderr()
+    };
+    let m = "00".repeat(32);
+
+    // Refused: why, what to do, and before reading the data or connecting.
+    let err = run(&["--allow-any-measurement"]);
+    assert!(err.contains("--allow-any-measurement with --attestation dcap is refused"), "{err}");
+    assert!(err.contains("including a malicious one, would then receive the data"), "{err}");
+    assert!(err.contains("--expect-measurement HEX") && err.contains("add --insecure"), "{err}");
+    assert!(!err.contains("connecting") && !err.contains("training and"), "{err}");
+    let err = run(&["--expect-measurement", &m, "--allow-debug"]);
+    assert!(err.contains("--allow-debug is refused") && err.contains("can be read by its host"), "{err}");
+    assert!(err.contains("add --insecure") && !err.contains("connecting"), "{err}");
+
+    // With --insecure it goes on (as far as the closed port) and warns loudly, every run.
+    for _ in 0..2 {
+        let err = run(&["--allow-any-measurement", "--allow-debug", "--insecure"]);
+        assert!(err.contains("!!! WARNING: --insecure: this upload is NOT protected"), "{err}");
+        assert!(err.contains("!!!   --allow-any-measurement: ANY enclave build"), "{err}");
+        assert!(err.contains("!!!   --allow-debug: a debug enclave's memory"), "{err}");
+        assert!(err.contains("300 training and 100 test images"), "{err}");
+        assert!(err.contains(&format!("connecting to the enclave at {to}")), "{err}");
+    }
+    let err = run(&["--expect-measurement", &m, "--allow-debug", "--insecure"]);
+    assert!(err.contains("!!!   --allow-debug") && !err.contains("!!!   --allow-any-measurement"), "{err}");
+    assert!(err.contains(&format!("connecting to the enclave at {to}")), "{err}");
+
+    // Simulated attestation is an explicit choice already: --allow-any-measurement needs no
+    // --insecure there (it still warns).
+    let mut args = vec!["upload", "--to", &to, "--dataset", "fashion-mnist", "--data-dir", data.to_str().unwrap()];
+    args.extend_from_slice(&["--attestation", "simulated", "--simulation-key", &m, "--allow-any-measurement"]);
+    let mut p = Proc::spawn("upload", &tmp.0, &args);
+    assert!(!p.wait(DEADLINE).success());
+    let err = p.stderr();
+    assert!(err.contains("warning: --allow-any-measurement") && !err.contains("--insecure"), "{err}");
+    assert!(err.contains(&format!("connecting to the enclave at {to}")), "{err}");
+}
+
+#[test]
+fn upload_takes_the_tdx_pins() {
+    let tmp = TempDir::new("tdx-pins");
+    let data = tmp.0.join("data");
+    write_dataset(&data);
+    let to = closed_port();
+    let m = "00".repeat(32);
+    let run = |extra: &[&str]| -> String {
+        let mut args = vec!["upload", "--to", &to, "--dataset", "fashion-mnist", "--data-dir", data.to_str().unwrap()];
+        args.extend_from_slice(&["--expect-measurement", &m]);
+        args.extend_from_slice(extra);
+        let mut p = Proc::spawn("upload", &tmp.0, &args);
+        let status = p.wait(DEADLINE);
+        assert!(!status.success(), "{args:?} succeeded:\n{}", p.stderr());
+        p.stderr()
+    };
+    let h48 = "00".repeat(48);
+    let dcap = ["--attestation", "dcap", "--collateral", COLLATERAL];
+    // Well-formed pins are accepted as far as the (closed) port.
+    let mut ok = dcap.to_vec();
+    ok.extend_from_slice(&["--expect-mrconfigid", &h48, "--expect-mrowner", &h48, "--expect-mrownerconfig", &h48]);
+    ok.extend_from_slice(&["--expect-td-attributes", "0000001000000000"]);
+    let err = run(&ok);
+    assert!(err.contains(&format!("connecting to the enclave at {to}")), "{err}");
+    // Wrong lengths name the flag and the size.
+    for (flag, value, size) in [
+        ("--expect-mrconfigid", "00", "96 hex digits (48 bytes)"),
+        ("--expect-mrowner", &"00".repeat(32) as &str, "96 hex digits (48 bytes)"),
+        ("--expect-mrownerconfig", &"00".repeat(49), "96 hex digits (48 bytes)"),
+        ("--expect-td-attributes", &h48, "16 hex digits (8 bytes)"),
+    ] {
+        let mut args = dcap.to_vec();
+        args.extend_from_slice(&[flag, value]);
+        let err = run(&args);
+        assert!(err.contains(&format!("{flag}: expected {size}")) && !err.contains("connecting"), "{err}");
+    }
+    let err = run(&["--expect-mrowner", &"zz".repeat(48), "--attestation", "dcap", "--collateral", COLLATERAL]);
+    assert!(err.contains("--expect-mrowner: not hex"), "{err}");
+    // They check TDX quotes, which simulated attestation never gives.
+    let err = run(&["--attestation", "simulated", "--simulation-key", &m, "--expect-mrowner", &h48]);
+    assert!(err.contains("apply to --attestation dcap only") && !err.contains("connecting"), "{err}");
+}
+
+#[test]
+fn upload_help_lists_the_attestation_flags() {
+    let out = Command::new(env!("CARGO_BIN_EXE_trustsplit")).args(["upload", "--help"]).output().unwrap();
+    assert!(out.status.success());
+    let help = String::from_utf8(out.stdout).unwrap();
+    for flag in [
+        "--insecure",
+        "--allow-any-measurement",
+        "--allow-debug",
+        "--expect-measurement",
+        "--expect-mrconfigid <HEX>",
+        "--expect-mrowner <HEX>",
+        "--expect-mrownerconfig <HEX>",
+        "--expect-td-attributes <HEX>",
+    ] {
+        assert!(help.contains(flag), "{flag} missing from upload --help:\n{help}");
+    }
+    // Simulated attestation says it is insecure where it is offered.
+    assert!(help.contains("simulated (INSECURE"), "{help}");
+}

@@ -3,6 +3,8 @@
 use std::path::PathBuf;
 use trustsplit::train::{train, Scheme, TrainConfig};
 use trustsplit_nn::checkpoint;
+use trustsplit_nn::optim::Schedule;
+use trustsplit_schemes::asymml::PrivacyCharges;
 
 fn out_dir(tag: &str) -> PathBuf {
     let d = std::env::temp_dir().join(format!("trustsplit-cli-{tag}-{}", std::process::id()));
@@ -34,6 +36,7 @@ fn lenet_on_embedded_data_beats_80_percent() {
         None,
         Scheme::named("plaintext").unwrap(),
         "cpu",
+        &Default::default(),
         100,
         1,
         &Default::default(),
@@ -214,7 +217,19 @@ fn asymml_epsilon_target_calibrates_the_noise() {
     let mut options = cfg.options.clone();
     options.asymml.epsilon = None;
     options.asymml.noise_multiplier = p.noise_multiplier;
-    let r = trustsplit::eval::eval(&s.checkpoint, "embedded", None, asymml(), "cpu", 100, 1, &options, false).unwrap();
+    let r = trustsplit::eval::eval(
+        &s.checkpoint,
+        "embedded",
+        None,
+        asymml(),
+        "cpu",
+        &Default::default(),
+        100,
+        1,
+        &options,
+        false,
+    )
+    .unwrap();
     let once = r.privacy.unwrap();
     assert_eq!((once.evaluations, once.releases_per_evaluation), (1, 1), "{once:?}");
     assert!(once.epsilon.is_some_and(|v| v < e.epsilon.unwrap()), "{once:?} vs {e:?}");
@@ -223,6 +238,56 @@ fn asymml_epsilon_target_calibrates_the_noise() {
     cfg.options.asymml.epsilon = Some(-1.0);
     let err = train(&cfg, &out_dir("asym-eps-bad"), false, false).unwrap_err();
     assert!(format!("{err:#}").contains("--epsilon"), "{err:#}");
+}
+
+#[test]
+fn asymml_charges_an_epoch_replayed_after_resume() {
+    // Every epoch started is charged before its first release, in privacy.json: an epoch cut
+    // short and replayed after --resume released its samples twice and is charged twice, so the
+    // run ends with the conservative bound of 4 participations where an uninterrupted one has 3.
+    let mut cfg = small("lenet5", 3);
+    cfg.scheme = asymml();
+    let whole = train(&cfg, &out_dir("charge-whole"), false, false).unwrap();
+    let p = whole.privacy.unwrap();
+    let ledger = whole.scheme_report.placement.privacy.unwrap();
+    assert_eq!((p.participations, p.evaluation.evaluations), (3, 3), "{p:?}");
+    assert_eq!(p.releases_per_sample, 3 * ledger.releases_per_step);
+    assert_eq!(p.epsilon, ledger.spent(3).map(|s| s.epsilon));
+
+    // One epoch, then a second one aborted midway: its learning rate grown 1e30-fold (the schedule
+    // may change across --resume), its second step diverges after the first released its batch.
+    let out = out_dir("charge-replayed");
+    let charges_file = out.join("privacy.json");
+    train(&TrainConfig { epochs: 1, ..cfg.clone() }, &out, false, false).unwrap();
+    let failing = TrainConfig { schedule: Schedule::Step { every: 1, gamma: 1e30 }, ..cfg.clone() };
+    let err = format!("{:#}", train(&failing, &out, true, false).unwrap_err());
+    assert!(err.contains("diverged") && err.contains("epoch 2 "), "{err}");
+    // The aborted epoch was charged, and the charge outlived the run that never reached its checkpoint.
+    let charged = std::fs::read_to_string(&charges_file).unwrap();
+    let charges: PrivacyCharges = serde_json::from_str(&charged).unwrap();
+    assert_eq!((charges.participations, charges.evaluations), (2, 1), "{charged}");
+
+    // Resuming without the charges, or with charges older than the checkpoint, would undercount:
+    // refused.
+    std::fs::remove_file(&charges_file).unwrap();
+    let err = format!("{:#}", train(&cfg, &out, true, false).unwrap_err());
+    assert!(err.contains("cannot resume") && err.contains("privacy.json"), "{err}");
+    std::fs::write(&charges_file, serde_json::to_string(&PrivacyCharges::default()).unwrap()).unwrap();
+    let err = format!("{:#}", train(&cfg, &out, true, false).unwrap_err());
+    assert!(err.contains("older than the checkpoint"), "{err}");
+
+    // With them, the run replays epoch 2 and charges it again.
+    std::fs::write(&charges_file, charged).unwrap();
+    let resumed = train(&cfg, &out, true, false).unwrap();
+    assert_eq!(resumed.resumed_from_epoch, 1);
+    let q = resumed.privacy.unwrap();
+    assert_eq!((q.participations, q.evaluation.evaluations), (4, 3), "{q:?}");
+    assert_eq!(q.releases_per_sample, 4 * ledger.releases_per_step);
+    assert_eq!(q.epsilon, ledger.spent(4).map(|s| s.epsilon));
+    assert!(q.epsilon.unwrap() > p.epsilon.unwrap(), "{q:?} vs {p:?}");
+    assert_eq!(q.evaluation.epsilon, p.evaluation.epsilon, "the aborted epoch never reached its evaluation");
+    let line = trustsplit_schemes::asymml::describe_run(&resumed.scheme_report, Some(&q)).remove(0);
+    assert!(line.contains("over 4 participations charged"), "{line}");
 }
 
 fn asymml() -> Scheme {

@@ -64,7 +64,7 @@ impl Device {
             |error: ChannelError| DeviceError::Channel { device: format!("at {peer}"), op: "handshake".into(), error };
         let hello = Hello { protocol: DEVICE_PROTOCOL, max_frame_bytes: max_frame_bytes as u64 };
         channel.send(protocol::HELLO, &postcard::to_stdvec(&hello).expect("encodes")).map_err(wrap)?;
-        let reply = channel.recv().map_err(wrap)?;
+        let reply = channel.recv_limited(protocol::SMALL_REPLY_BYTES).map_err(wrap)?;
         let ok: HelloOk = match reply.tag {
             protocol::HELLO_OK => postcard::from_bytes(&reply.payload)
                 .map_err(|e| DeviceError::Protocol(format!("device at {peer}: malformed HelloOk: {e}")))?,
@@ -147,6 +147,7 @@ impl Device {
 
     fn call(&mut self, op: Op, a: &[f32], b: &[f32]) -> Result<Vec<f32>, DeviceError> {
         let sizes = op.check_operands(a.len(), b.len()).map_err(DeviceError::Invalid)?;
+        op.check_result_size(&sizes).map_err(DeviceError::Invalid)?;
         self.stats.requests += 1;
         let start = Instant::now();
         let result = match &mut self.transport {
@@ -168,7 +169,10 @@ impl Device {
                         payload.len()
                     )));
                 }
-                let outcome = exchange(channel.as_mut(), &self.name, &op, tag, &payload, &mut self.stats);
+                // The reply is the result or an error message: a device announcing more is refused
+                // before a byte of it is read.
+                let expected = (sizes.out * 4).max(protocol::SMALL_REPLY_BYTES);
+                let outcome = exchange(channel.as_mut(), &self.name, &op, tag, &payload, expected, &mut self.stats);
                 if let Err(e) = &outcome {
                     // After a timeout, a dropped connection or a protocol violation the stream is
                     // out of step; an error reply leaves it usable.
@@ -199,12 +203,13 @@ fn exchange(
     op: &Op,
     tag: u16,
     payload: &[u8],
+    max_reply: usize,
     stats: &mut DeviceStats,
 ) -> Result<Vec<f32>, DeviceError> {
     let wrap = |error: ChannelError| DeviceError::Channel { device: device.to_string(), op: op.to_string(), error };
     channel.send(tag, payload).map_err(wrap)?;
     stats.bytes_sent += payload.len() as u64;
-    let reply = channel.recv().map_err(wrap)?;
+    let reply = channel.recv_limited(max_reply).map_err(wrap)?;
     stats.bytes_received += reply.payload.len() as u64;
     match reply.tag {
         protocol::RESULT => protocol::read_f32s(&reply.payload)

@@ -28,7 +28,7 @@ pub use backend::{Backend, CpuBackend};
 pub use client::{Device, DeviceStats};
 pub use error::DeviceError;
 pub use op::{GemmShape, Op};
-pub use server::{listen, serve, serve_with_limit, DeviceListener};
+pub use server::{listen, serve, serve_with_limit, DeviceListener, LinkSecurity, ServeOptions, LINK_PURPOSE};
 
 #[cfg(feature = "cuda")]
 pub use cuda::CudaBackend;

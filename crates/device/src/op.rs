@@ -58,6 +58,11 @@ pub fn check_geometry(g: &ConvGeometry) -> Result<(usize, usize), String> {
     Ok((g.out_h(), g.out_w()))
 }
 
+/// Result values a request may ask for per operand value ([`Op::check_result_size`]).
+pub const RESULT_PER_OPERAND: usize = 1024;
+/// Result values any request may ask for beyond that: 16 MiB of f32.
+pub const RESULT_ALLOWANCE: usize = 4 << 20;
+
 impl Op {
     /// The operation's name as used in messages and the protocol.
     pub fn name(&self) -> &'static str {
@@ -130,6 +135,23 @@ impl Op {
                     "{self}: {name} is {bytes} bytes, over the {max_bytes}-byte frame limit; split the batch"
                 ));
             }
+        }
+        Ok(())
+    }
+
+    /// Refuses a request whose result is far larger than its operands (a GEMM with k = 0 and
+    /// m = n = 16384 asks for 1 GiB of zeros from nothing): at most [`RESULT_PER_OPERAND`] result
+    /// values per operand value, plus [`RESULT_ALLOWANCE`] values. Legitimate products stay far
+    /// below: a layer's weight gradient at batch 1, the largest ratio our models ask for, is a few
+    /// hundred.
+    pub fn check_result_size(&self, sizes: &Sizes) -> Result<(), String> {
+        let operands = sizes.a.saturating_add(sizes.b);
+        if sizes.out > operands.saturating_mul(RESULT_PER_OPERAND).saturating_add(RESULT_ALLOWANCE) {
+            return Err(format!(
+                "{self}: a result of {} values from {operands} operand values is refused (at most {RESULT_PER_OPERAND} \
+                 per operand value, plus {RESULT_ALLOWANCE})",
+                sizes.out
+            ));
         }
         Ok(())
     }

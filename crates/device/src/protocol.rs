@@ -35,6 +35,8 @@ pub const SHUTDOWN: u16 = 0x0230;
 pub const ERROR: u16 = 0x02FF;
 
 /// Version of this message set (the frame version is the boundary crate's).
+/// The most a reply that carries no result may be: `HelloOk`, an error message.
+pub const SMALL_REPLY_BYTES: usize = 4096;
 pub const DEVICE_PROTOCOL: u32 = 1;
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -204,6 +206,7 @@ pub fn decode_request(tag: u16, payload: &[u8], max_bytes: usize) -> Result<(Op,
     };
     let sizes = op.sizes().map_err(|e| format!("{op}: {e}"))?;
     op.check_limit(&sizes, max_bytes)?;
+    op.check_result_size(&sizes)?;
     let declared = a_bytes.checked_add(b_bytes).ok_or_else(|| format!("{op}: operand byte lengths overflow"))?;
     if declared != rest.len() as u64 {
         return Err(format!(

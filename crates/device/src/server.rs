@@ -6,14 +6,49 @@
 //! version, an oversized frame), when the handshake fails, or after a backend panic (the backend
 //! may be left inconsistent). A timeout while idle between requests is not an error: the trusted
 //! side may spend a long time on its own work between device calls.
+//!
+//! A listener authenticates every connection before it does anything for it: the link's handshake
+//! ([`trustsplit_boundary::Link`]) comes first, and only a client whose key is allowed gets a
+//! backend, a thread's work or any allocation beyond the handshake's few KiB. Connections beyond
+//! [`ServeOptions::max_connections`] are closed at once.
 
 use crate::backend::{run_op, Backend};
 use crate::error::DeviceError;
 use crate::protocol::{self, Hello, HelloOk, DEVICE_PROTOCOL};
-use std::net::{SocketAddr, TcpListener};
+use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
-use trustsplit_boundary::{Channel, ChannelError, ChannelOptions, TcpChannel};
+use trustsplit_boundary::{Channel, ChannelError, ChannelOptions, KeyPair, Link, LinkPolicy, TcpChannel};
+
+/// The purpose the device link's handshake names.
+pub const LINK_PURPOSE: &str = "device";
+
+/// How a listener's connections are secured.
+pub enum LinkSecurity {
+    /// The authenticated, encrypted link with this worker's key, serving the clients `allowed`.
+    Authenticated { key: Arc<KeyPair>, allowed: LinkPolicy },
+    /// Plain TCP: anyone who reaches the port is served and everything is readable on the
+    /// network (`--insecure-plaintext-link`).
+    InsecurePlaintext,
+}
+
+/// How a listener serves.
+pub struct ServeOptions {
+    pub channel: ChannelOptions,
+    pub security: LinkSecurity,
+    /// Connections served at once; more are closed as they arrive.
+    pub max_connections: usize,
+}
+
+/// Sends an error reply, cut to what a client accepts for one.
+fn send_error(channel: &mut dyn Channel, msg: &str) -> Result<(), ChannelError> {
+    let mut end = msg.len().min(protocol::SMALL_REPLY_BYTES);
+    while !msg.is_char_boundary(end) {
+        end -= 1;
+    }
+    channel.send(protocol::ERROR, &msg.as_bytes()[..end])
+}
 
 /// Serves requests from one connection until it closes or sends Shutdown, with the default
 /// frame limit.
@@ -54,7 +89,7 @@ pub fn serve_with_limit(
                     Ok(Err(e)) => Err(format!("{op}: {e}")),
                     Err(panic) => {
                         let msg = format!("{op}: backend {} panicked: {}", backend.name(), panic_message(&panic));
-                        let _ = channel.send(protocol::ERROR, msg.as_bytes());
+                        let _ = send_error(channel, &msg);
                         return Err(DeviceError::Backend(msg));
                     }
                 }
@@ -62,7 +97,7 @@ pub fn serve_with_limit(
         };
         let sent = match reply {
             Ok(y) => channel.send(protocol::RESULT, &protocol::f32_bytes(&y)),
-            Err(msg) => channel.send(protocol::ERROR, msg.as_bytes()),
+            Err(msg) => send_error(channel, &msg),
         };
         match sent {
             Ok(()) => {}
@@ -81,7 +116,7 @@ fn handshake(channel: &mut dyn Channel, backend: &dyn Backend, max_frame_bytes: 
         error,
     })?;
     let refuse = |channel: &mut dyn Channel, msg: String| {
-        let _ = channel.send(protocol::ERROR, msg.as_bytes());
+        let _ = send_error(channel, &msg);
         Err(DeviceError::Protocol(format!("{peer}: {msg}")))
     };
     if first.tag != protocol::HELLO {
@@ -129,16 +164,19 @@ impl DeviceListener {
     }
 
     /// Accepts connections forever, serving each on its own thread with a fresh backend from
-    /// `make_backend` (a GPU backend per connection keeps clients independent). If the backend
-    /// cannot be made, the client gets the reason as an `Error` reply to its `Hello`.
+    /// `make_backend` (a GPU backend per connection keeps clients independent) once the client
+    /// has authenticated. If the backend cannot be made, the client gets the reason as an
+    /// `Error` reply to its `Hello`.
     pub fn run(
         self,
         make_backend: impl Fn() -> Result<Box<dyn Backend>, DeviceError> + Send + Sync + 'static,
-        opts: ChannelOptions,
+        opts: ServeOptions,
         log: impl Fn(&str) + Send + Sync + 'static,
     ) -> Result<(), DeviceError> {
         let make_backend = Arc::new(make_backend);
         let log = Arc::new(log);
+        let opts = Arc::new(opts);
+        let active = Arc::new(AtomicUsize::new(0));
         log(&format!("device listening on {}", self.local_addr()?));
         for stream in self.listener.incoming() {
             let stream = match stream {
@@ -148,10 +186,18 @@ impl DeviceListener {
                     continue;
                 }
             };
-            let (make_backend, thread_log) = (Arc::clone(&make_backend), Arc::clone(&log));
-            let spawned = std::thread::Builder::new()
-                .name("device-connection".into())
-                .spawn(move || serve_connection(stream, make_backend.as_ref(), opts, thread_log.as_ref()));
+            let peer = stream.peer_addr().map(|a| a.to_string()).unwrap_or_else(|_| "a client".into());
+            if active.fetch_add(1, Ordering::SeqCst) >= opts.max_connections {
+                active.fetch_sub(1, Ordering::SeqCst);
+                log(&format!("{peer}: refused: {} connections are being served already", opts.max_connections));
+                continue;
+            }
+            let slot = ConnectionSlot(Arc::clone(&active));
+            let (make_backend, thread_log, opts) = (Arc::clone(&make_backend), Arc::clone(&log), Arc::clone(&opts));
+            let spawned = std::thread::Builder::new().name("device-connection".into()).spawn(move || {
+                let _slot = slot;
+                serve_connection(stream, make_backend.as_ref(), &opts, thread_log.as_ref())
+            });
             if let Err(e) = spawned {
                 log(&format!("cannot start a connection thread: {e}"));
             }
@@ -160,15 +206,35 @@ impl DeviceListener {
     }
 }
 
+/// Frees its connection's place when the connection's thread ends, however it ends.
+struct ConnectionSlot(Arc<AtomicUsize>);
+
+impl Drop for ConnectionSlot {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
 fn serve_connection(
-    stream: std::net::TcpStream,
+    stream: TcpStream,
     make_backend: &dyn Fn() -> Result<Box<dyn Backend>, DeviceError>,
-    opts: ChannelOptions,
+    opts: &ServeOptions,
     log: &dyn Fn(&str),
 ) {
-    let mut channel = match TcpChannel::from_stream(stream, opts) {
-        Ok(c) => c,
-        Err(e) => return log(&format!("connection setup failed: {e}")),
+    let mut channel: Box<dyn Channel> = match &opts.security {
+        LinkSecurity::Authenticated { key, allowed } => {
+            match Link::accept(stream, LINK_PURPOSE, key, allowed, opts.channel) {
+                Ok(link) => {
+                    log(&format!("{}: authenticated as {}", link.peer(), link.remote_key()));
+                    Box::new(link)
+                }
+                Err(e) => return log(&format!("refused a connection: {e}")),
+            }
+        }
+        LinkSecurity::InsecurePlaintext => match TcpChannel::from_stream(stream, opts.channel) {
+            Ok(c) => Box::new(c),
+            Err(e) => return log(&format!("connection setup failed: {e}")),
+        },
     };
     let peer = channel.peer();
     let mut backend = match make_backend() {
@@ -176,13 +242,13 @@ fn serve_connection(
         Err(e) => {
             log(&format!("{peer}: refusing: {e}"));
             // Answer the Hello (if it arrives) so the client sees why.
-            let _ = channel.recv();
-            let _ = channel.send(protocol::ERROR, e.to_string().as_bytes());
+            let _ = channel.recv_limited(protocol::SMALL_REPLY_BYTES);
+            let _ = send_error(channel.as_mut(), &e.to_string());
             return;
         }
     };
     log(&format!("{peer}: connected, serving on {}", backend.name()));
-    match serve_with_limit(&mut channel, backend.as_mut(), opts.max_frame_bytes) {
+    match serve_with_limit(channel.as_mut(), backend.as_mut(), opts.channel.max_frame_bytes) {
         Ok(()) => log(&format!("{peer}: disconnected")),
         Err(e) => log(&format!("{peer}: connection ended: {e}")),
     }
@@ -192,7 +258,7 @@ fn serve_connection(
 pub fn listen(
     addr: &str,
     make_backend: impl Fn() -> Result<Box<dyn Backend>, DeviceError> + Send + Sync + 'static,
-    opts: ChannelOptions,
+    opts: ServeOptions,
     log: impl Fn(&str) + Send + Sync + 'static,
 ) -> Result<(), DeviceError> {
     DeviceListener::bind(addr)?.run(make_backend, opts, log)

@@ -7,13 +7,46 @@ use std::net::TcpListener;
 use std::sync::{Arc, Mutex};
 use std::thread;
 use std::time::{Duration, Instant};
-use trustsplit_boundary::{Channel, ChannelError, ChannelOptions, InProcessChannel, TcpChannel, Transcript};
+use trustsplit_boundary::{
+    Channel, ChannelError, ChannelOptions, InProcessChannel, KeyPair, Link, LinkPolicy, TcpChannel, Transcript,
+};
 use trustsplit_device::protocol::{self, Hello, HelloOk, DEVICE_PROTOCOL};
-use trustsplit_device::{serve, Backend, CpuBackend, Device, DeviceError, DeviceListener, GemmShape, Op};
+use trustsplit_device::{
+    serve, Backend, CpuBackend, Device, DeviceError, DeviceListener, GemmShape, LinkSecurity, Op, ServeOptions,
+    LINK_PURPOSE,
+};
 use trustsplit_kernels::ConvGeometry;
 
 fn opts(timeout_ms: u64) -> ChannelOptions {
     ChannelOptions { max_frame_bytes: 64 << 20, timeout: Some(Duration::from_millis(timeout_ms)) }
+}
+
+/// A worker's serving options: its key, the clients it allows, at most `max_connections`.
+fn serving(worker: &Arc<KeyPair>, allowed: LinkPolicy, max_connections: usize) -> ServeOptions {
+    let security = LinkSecurity::Authenticated { key: Arc::clone(worker), allowed };
+    ServeOptions { channel: opts(5000), security, max_connections }
+}
+
+/// Starts a CPU worker on a free port; returns its address and its log.
+fn start_worker(
+    options: ServeOptions,
+    make_backend: impl Fn() -> Result<Box<dyn Backend>, DeviceError> + Send + Sync + 'static,
+) -> (String, Arc<Mutex<Vec<String>>>) {
+    let listener = DeviceListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap().to_string();
+    let log = Arc::new(Mutex::new(Vec::<String>::new()));
+    let sink = Arc::clone(&log);
+    thread::spawn(move || listener.run(make_backend, options, move |line| sink.lock().unwrap().push(line.to_string())));
+    (addr, log)
+}
+
+fn cpu_backend() -> Result<Box<dyn Backend>, DeviceError> {
+    Ok(Box::new(CpuBackend::new(1)?))
+}
+
+/// Connects to a worker over the link.
+fn link_to(addr: &str, client: &KeyPair, worker: &KeyPair) -> Result<Link, ChannelError> {
+    Link::connect(addr, LINK_PURPOSE, client, &LinkPolicy::Only(vec![worker.public()]), opts(5000))
 }
 
 /// A CPU device served on a thread over an in-process channel.
@@ -77,22 +110,14 @@ fn in_process_remote_matches_local_and_counts_bytes() {
 
 #[test]
 fn tcp_remote_matches_local_with_concurrent_clients() {
-    let listener = DeviceListener::bind("127.0.0.1:0").unwrap();
-    let addr = listener.local_addr().unwrap().to_string();
-    let log = Arc::new(Mutex::new(Vec::<String>::new()));
-    let sink = Arc::clone(&log);
-    thread::spawn(move || {
-        listener.run(
-            || Ok(Box::new(CpuBackend::new(1)?) as Box<dyn Backend>),
-            opts(5000),
-            move |line| sink.lock().unwrap().push(line.to_string()),
-        )
-    });
+    let (worker, client) = (Arc::new(KeyPair::generate().unwrap()), KeyPair::generate().unwrap());
+    let (addr, log) = start_worker(serving(&worker, LinkPolicy::Only(vec![client.public()]), 8), cpu_backend);
+    let client = Arc::new(client);
     let clients: Vec<_> = (0..2)
         .map(|i| {
-            let addr = addr.clone();
+            let (addr, client, worker) = (addr.clone(), Arc::clone(&client), Arc::clone(&worker));
             thread::spawn(move || {
-                let channel = TcpChannel::connect(&addr, opts(5000)).unwrap();
+                let channel = link_to(&addr, &client, &worker).unwrap();
                 let mut dev = Device::remote_with_limit(Box::new(channel), 64 << 20).unwrap();
                 assert!(dev.name().starts_with("cpu (1 threads) at 127.0.0.1:"), "{}", dev.name());
                 check_against_local(&mut dev, 1, 20 + i);
@@ -112,21 +137,112 @@ fn tcp_remote_matches_local_with_concurrent_clients() {
 }
 
 #[test]
-fn listener_reports_a_backend_that_cannot_start() {
-    let listener = DeviceListener::bind("127.0.0.1:0").unwrap();
-    let addr = listener.local_addr().unwrap().to_string();
-    thread::spawn(move || {
-        listener.run(|| Err(DeviceError::Unavailable("no GPU in this test".into())), opts(5000), |_| {})
+fn plaintext_workers_serve_plaintext_clients_only_when_asked() {
+    let options = ServeOptions { channel: opts(5000), security: LinkSecurity::InsecurePlaintext, max_connections: 8 };
+    let (addr, _) = start_worker(options, cpu_backend);
+    let mut dev = Device::remote(Box::new(TcpChannel::connect(&addr, opts(5000)).unwrap())).unwrap();
+    check_against_local(&mut dev, 1, 3);
+    // A link client to a plaintext worker fails its handshake with a clear error.
+    let (client, worker) = (KeyPair::generate().unwrap(), KeyPair::generate().unwrap());
+    let err = link_to(&addr, &client, &worker).unwrap_err();
+    assert!(matches!(err, ChannelError::Handshake { .. } | ChannelError::Closed { .. }), "{err}");
+}
+
+#[test]
+fn a_worker_serves_only_allowed_keys_and_does_nothing_for_anyone_else() {
+    let (worker, client, stranger) =
+        (Arc::new(KeyPair::generate().unwrap()), KeyPair::generate().unwrap(), KeyPair::generate().unwrap());
+    let backends = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let made = Arc::clone(&backends);
+    let (addr, log) = start_worker(serving(&worker, LinkPolicy::Only(vec![client.public()]), 8), move || {
+        made.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        cpu_backend()
     });
-    let channel = TcpChannel::connect(&addr, opts(5000)).unwrap();
-    let err = Device::remote(Box::new(channel)).err().expect("refused");
-    assert!(matches!(err, DeviceError::Remote(_)), "{err}");
-    assert!(err.to_string().contains("no GPU in this test"), "{err}");
+    // A stranger's key is refused, and told so; no backend was made for it.
+    let err = link_to(&addr, &stranger, &worker).unwrap_err();
+    assert!(matches!(err, ChannelError::Refused { .. }), "{err}");
+    // Junk, and a plaintext client, get nothing either.
+    let mut junk = std::net::TcpStream::connect(&addr).unwrap();
+    std::io::Write::write_all(&mut junk, &[0xff; 64]).unwrap();
+    let mut plain = TcpChannel::connect(&addr, opts(2000)).unwrap();
+    let _ = plain.send(protocol::HELLO, &[0u8; 8]);
+    assert!(plain.recv().is_err());
+    assert_eq!(backends.load(std::sync::atomic::Ordering::SeqCst), 0, "log: {:?}", log.lock().unwrap());
+    // The allowed client is served.
+    let mut dev = Device::remote(Box::new(link_to(&addr, &client, &worker).unwrap())).unwrap();
+    check_against_local(&mut dev, 1, 5);
+    assert_eq!(backends.load(std::sync::atomic::Ordering::SeqCst), 1);
+    // --allow-any serves any authenticated client.
+    let (addr, _) = start_worker(serving(&worker, LinkPolicy::AnyAuthenticated, 8), cpu_backend);
+    let mut dev = Device::remote(Box::new(link_to(&addr, &stranger, &worker).unwrap())).unwrap();
+    check_against_local(&mut dev, 1, 6);
+}
+
+#[test]
+fn connections_beyond_the_cap_are_closed_at_once() {
+    let (worker, client) = (Arc::new(KeyPair::generate().unwrap()), KeyPair::generate().unwrap());
+    let (addr, log) = start_worker(serving(&worker, LinkPolicy::Only(vec![client.public()]), 1), cpu_backend);
+    let first = Device::remote(Box::new(link_to(&addr, &client, &worker).unwrap())).unwrap();
+    let err = link_to(&addr, &client, &worker).unwrap_err();
+    assert!(matches!(err, ChannelError::Closed { .. } | ChannelError::Io { .. }), "{err}");
+    assert!(log.lock().unwrap().iter().any(|l| l.contains("connections are being served already")));
+    // The place comes back when the first client leaves.
+    first.shutdown();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        match link_to(&addr, &client, &worker) {
+            Ok(link) => {
+                Device::remote(Box::new(link)).unwrap();
+                break;
+            }
+            Err(e) => assert!(Instant::now() < deadline, "{e}"),
+        }
+        thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn a_request_for_a_result_far_larger_than_its_operands_is_refused_on_both_ends() {
+    // k = 0, m = n = 16384: 1 GiB of zeros from no operands.
+    let op = Op::Gemm(GemmShape { m: 16384, k: 0, n: 16384, trans_a: false, trans_b: false });
+    let sizes = op.sizes().unwrap();
+    assert!(op.check_result_size(&sizes).unwrap_err().contains("refused"));
+    // Over the wire, a smaller one that fits the frame limit: 32 MiB of zeros from nothing.
+    let op = Op::Gemm(GemmShape { m: 4096, k: 0, n: 2048, trans_a: false, trans_b: false });
+    let (mut c, server) = raw_session();
+    let (tag, payload) = protocol::encode_request(&op, &[], &[]);
+    c.send(tag, &payload).unwrap();
+    let reply = c.recv().unwrap();
+    assert_eq!(reply.tag, protocol::ERROR);
+    assert!(String::from_utf8_lossy(&reply.payload).contains("refused"));
+    c.send(protocol::SHUTDOWN, &[]).unwrap();
+    server.join().unwrap().unwrap();
+}
+
+#[test]
+fn a_device_announcing_a_reply_larger_than_the_result_fails_the_call_at_once() {
+    let (client, mut fake) = InProcessChannel::pair(opts(5000));
+    let fake_device = thread::spawn(move || {
+        fake.recv().unwrap();
+        let ok = HelloOk { protocol: DEVICE_PROTOCOL, backend: "fake".into(), max_frame_bytes: 64 << 20 };
+        fake.send(protocol::HELLO_OK, &postcard::to_stdvec(&ok).unwrap()).unwrap();
+        fake.recv().unwrap();
+        // 16 MiB where 4 values were asked for.
+        fake.send(protocol::RESULT, &vec![0u8; 16 << 20]).unwrap();
+    });
+    let mut dev = Device::remote(Box::new(client)).unwrap();
+    let shape = GemmShape { m: 2, k: 2, n: 2, trans_a: false, trans_b: false };
+    let t = Transcript::new();
+    let err = dev.gemm(&shape, &release(&t, vec![1.0; 4]), &release(&t, vec![1.0; 4])).unwrap_err();
+    assert!(err.to_string().contains("exceeds the limit of 4096 bytes"), "{err}");
+    fake_device.join().unwrap();
 }
 
 #[test]
 fn listen_fails_clearly_on_a_bad_address() {
-    let err = trustsplit_device::listen("256.0.0.1:1", || Err(DeviceError::Io("unused".into())), opts(100), |_| {})
+    let worker = Arc::new(KeyPair::generate().unwrap());
+    let options = serving(&worker, LinkPolicy::AnyAuthenticated, 8);
+    let err = trustsplit_device::listen("256.0.0.1:1", || Err(DeviceError::Io("unused".into())), options, |_| {})
         .unwrap_err();
     assert!(err.to_string().contains("cannot listen on 256.0.0.1:1"), "{err}");
 }

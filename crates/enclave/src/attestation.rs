@@ -86,6 +86,49 @@ pub struct VerifiedReport {
     pub tcb_status: String,
     /// Intel security advisory ids that apply to the platform (`INTEL-SA-...`).
     pub advisories: Vec<String>,
+    /// TDX quotes only: the TD report's registers, as verified. `None` for SGX and simulated
+    /// quotes.
+    pub tdx: Option<TdReportFields>,
+}
+
+/// The fields of a verified TDX TD report that a [`Policy`] can check (TDX module ABI names).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TdReportFields {
+    /// TDATTRIBUTES; byte 0 bit 0 is DEBUG.
+    pub td_attributes: [u8; 8],
+    /// MRTD: the initial TD contents (the virtual firmware).
+    pub mr_td: [u8; 48],
+    /// MRCONFIGID: software-defined configuration, set by the host when it creates the TD.
+    pub mr_config_id: [u8; 48],
+    /// MROWNER: the TD's owner, set by the host when it creates the TD.
+    pub mr_owner: [u8; 48],
+    /// MROWNERCONFIG: owner-defined configuration, set by the host when it creates the TD.
+    pub mr_owner_config: [u8; 48],
+    /// RTMR0-3: the boot chain and run-time measurements.
+    pub rtmr: [[u8; 48]; 4],
+}
+
+/// TDX fields a [`Policy`] pins besides the measurement. Each `Some` must equal the verified TD
+/// report's field exactly; a quote without TD report fields (SGX, simulated) is then refused.
+///
+/// MRCONFIGID, MROWNER and MROWNERCONFIG are chosen by whoever launches the TD and are not part of
+/// [`tdx_measurement`]; pin them when the deployment uses them (all zeros when it does not).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct TdxPolicy {
+    pub mr_config_id: Option<[u8; 48]>,
+    pub mr_owner: Option<[u8; 48]>,
+    pub mr_owner_config: Option<[u8; 48]>,
+    /// The exact TDATTRIBUTES. `None` checks only that DEBUG is clear (unless
+    /// [`Policy::allow_debug`]), on top of the attribute checks `dcap-qvl` makes (no reserved
+    /// bits, no migration, SEPT_VE_DISABLE set).
+    pub td_attributes: Option<[u8; 8]>,
+}
+
+impl TdxPolicy {
+    /// Whether nothing is pinned.
+    pub fn is_empty(&self) -> bool {
+        *self == TdxPolicy::default()
+    }
 }
 
 /// The data owner's conditions for trusting a quote.
@@ -100,6 +143,8 @@ pub struct Policy {
     pub allow_debug: bool,
     /// TCB statuses accepted for DCAP quotes, e.g. `["UpToDate"]`. Empty accepts none (fail closed).
     pub accepted_tcb: Vec<String>,
+    /// TDX fields pinned besides the measurement (none by default).
+    pub tdx: TdxPolicy,
 }
 
 impl Policy {
@@ -110,6 +155,7 @@ impl Policy {
             allow_simulated: false,
             allow_debug: false,
             accepted_tcb: vec!["UpToDate".into()],
+            tdx: TdxPolicy::default(),
         }
     }
 
@@ -135,6 +181,10 @@ pub enum AttestationError {
     TcbNotAccepted { kind: QuoteKind, status: String, accepted: Vec<String>, advisories: Vec<String> },
     #[error("{kind} quote comes from a debug enclave, whose memory the host can read; the policy refuses it")]
     Debug { kind: QuoteKind },
+    #[error("{kind} {field} mismatch: expected {expected}, found {found}")]
+    TdxFieldMismatch { kind: QuoteKind, field: &'static str, expected: String, found: String },
+    #[error("the policy pins the TDX field {field}, but a {kind} quote has no TD report to check it against")]
+    TdxFieldAbsent { kind: QuoteKind, field: &'static str },
     #[error("DCAP quote verification failed: {0}")]
     Dcap(String),
     #[error("DCAP collateral: {0}")]
@@ -176,6 +226,32 @@ fn check_measurement(report: &VerifiedReport, policy: &Policy) -> Result<(), Att
         }),
         _ => Ok(()),
     }
+}
+
+/// The policy's TDX pins against the report's TD fields: each pinned field must be present and equal.
+fn check_tdx(report: &VerifiedReport, policy: &Policy) -> Result<(), AttestationError> {
+    let (p, td) = (&policy.tdx, report.tdx.as_ref());
+    let checks = [
+        ("MRCONFIGID", p.mr_config_id.as_ref().map(|v| &v[..]), td.map(|t| &t.mr_config_id[..])),
+        ("MROWNER", p.mr_owner.as_ref().map(|v| &v[..]), td.map(|t| &t.mr_owner[..])),
+        ("MROWNERCONFIG", p.mr_owner_config.as_ref().map(|v| &v[..]), td.map(|t| &t.mr_owner_config[..])),
+        ("TDATTRIBUTES", p.td_attributes.as_ref().map(|v| &v[..]), td.map(|t| &t.td_attributes[..])),
+    ];
+    for (field, expected, found) in checks {
+        let Some(expected) = expected else { continue };
+        let Some(found) = found else {
+            return Err(AttestationError::TdxFieldAbsent { kind: report.kind, field });
+        };
+        if found != expected {
+            return Err(AttestationError::TdxFieldMismatch {
+                kind: report.kind,
+                field,
+                expected: hex(expected),
+                found: hex(found),
+            });
+        }
+    }
+    Ok(())
 }
 
 fn random_32() -> Result<[u8; 32], AttestationError> {
@@ -282,8 +358,10 @@ impl QuoteVerifier for SimulatedVerifier {
             report_data: b[38..102].try_into().expect("64 bytes"),
             tcb_status: "SIMULATED".into(),
             advisories: vec![SIMULATED_WARNING.into()],
+            tdx: None,
         };
         check_measurement(&report, policy)?;
+        check_tdx(&report, policy)?;
         Ok(report)
     }
 }
@@ -343,13 +421,21 @@ impl QuoteVerifier for DcapVerifier {
             .verify(&quote.bytes, &self.collateral, now_unix)
             .map_err(|e| AttestationError::Dcap(format!("{e:#}")))?;
 
-        let (kind, measurement, report_data, debug) = if let Some(r) = dcap.report.as_sgx() {
+        let (kind, measurement, report_data, debug, tdx) = if let Some(r) = dcap.report.as_sgx() {
             // SGX ATTRIBUTES.FLAGS bit 1 is DEBUG.
-            (QuoteKind::SgxDcap, r.mr_enclave, r.report_data, r.attributes[0] & 0x02 != 0)
+            (QuoteKind::SgxDcap, r.mr_enclave, r.report_data, r.attributes[0] & 0x02 != 0, None)
         } else if let Some(r) = dcap.report.as_td10() {
             // TDATTRIBUTES byte 0 bit 0 is DEBUG.
             let m = tdx_measurement(&r.mr_td, [&r.rt_mr0, &r.rt_mr1, &r.rt_mr2, &r.rt_mr3]);
-            (QuoteKind::TdxDcap, m, r.report_data, r.td_attributes[0] & 0x01 != 0)
+            let fields = TdReportFields {
+                td_attributes: r.td_attributes,
+                mr_td: r.mr_td,
+                mr_config_id: r.mr_config_id,
+                mr_owner: r.mr_owner,
+                mr_owner_config: r.mr_owner_config,
+                rtmr: [r.rt_mr0, r.rt_mr1, r.rt_mr2, r.rt_mr3],
+            };
+            (QuoteKind::TdxDcap, m, r.report_data, r.td_attributes[0] & 0x01 != 0, Some(fields))
         } else {
             return Err(AttestationError::Dcap("quote holds neither an SGX nor a TDX report".into()));
         };
@@ -357,24 +443,35 @@ impl QuoteVerifier for DcapVerifier {
             let reason = format!("labelled {} but holds a {kind} report", quote.kind);
             return Err(AttestationError::Malformed { kind: quote.kind, reason });
         }
-        let report =
-            VerifiedReport { kind, measurement, report_data, tcb_status: dcap.status, advisories: dcap.advisory_ids };
-
-        // Already enforced by dcap-qvl; repeated here so the policy does not depend on its defaults.
-        if debug && !policy.allow_debug {
-            return Err(AttestationError::Debug { kind });
-        }
-        check_measurement(&report, policy)?;
-        if !policy.accepted_tcb.contains(&report.tcb_status) {
-            return Err(AttestationError::TcbNotAccepted {
-                kind,
-                status: report.tcb_status,
-                accepted: policy.accepted_tcb.clone(),
-                advisories: report.advisories,
-            });
-        }
-        Ok(report)
+        let report = VerifiedReport {
+            kind,
+            measurement,
+            report_data,
+            tcb_status: dcap.status,
+            advisories: dcap.advisory_ids,
+            tdx,
+        };
+        apply_dcap_policy(report, debug, policy)
     }
+}
+
+/// The policy's checks on an authenticated DCAP report; `debug` is the quote's DEBUG attribute.
+fn apply_dcap_policy(report: VerifiedReport, debug: bool, policy: &Policy) -> Result<VerifiedReport, AttestationError> {
+    // Already enforced by dcap-qvl; repeated here so the policy does not depend on its defaults.
+    if debug && !policy.allow_debug {
+        return Err(AttestationError::Debug { kind: report.kind });
+    }
+    check_measurement(&report, policy)?;
+    check_tdx(&report, policy)?;
+    if !policy.accepted_tcb.contains(&report.tcb_status) {
+        return Err(AttestationError::TcbNotAccepted {
+            kind: report.kind,
+            status: report.tcb_status,
+            accepted: policy.accepted_tcb.clone(),
+            advisories: report.advisories,
+        });
+    }
+    Ok(report)
 }
 
 /// SGX DCAP quotes from inside a Gramine enclave (`sgx.remote_attestation = "dcap"`).
@@ -424,5 +521,49 @@ impl AttestationProvider for GramineDcapProvider {
         let q = self.root.join("quote");
         let bytes = std::fs::read(&q).map_err(io(q))?;
         Ok(Quote { bytes, kind: QuoteKind::SgxDcap })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// An authenticated TDX report, as [`DcapVerifier`] builds it, with these TD attributes.
+    fn td_report(td_attributes: [u8; 8]) -> VerifiedReport {
+        VerifiedReport {
+            kind: QuoteKind::TdxDcap,
+            measurement: [7; 32],
+            report_data: [0; 64],
+            tcb_status: "UpToDate".into(),
+            advisories: vec![],
+            tdx: Some(TdReportFields {
+                td_attributes,
+                mr_td: [1; 48],
+                mr_config_id: [2; 48],
+                mr_owner: [3; 48],
+                mr_owner_config: [4; 48],
+                rtmr: [[5; 48]; 4],
+            }),
+        }
+    }
+
+    /// No recorded quote comes from a debug TD (and dcap-qvl refuses one before this point), so the
+    /// policy's own DEBUG check is tested on a report built here.
+    #[test]
+    fn td_debug_bit_is_refused_by_default_and_an_attributes_pin_is_exact() {
+        const DEBUG: [u8; 8] = [0x01, 0, 0, 0x10, 0, 0, 0, 0];
+        const NORMAL: [u8; 8] = [0x00, 0, 0, 0x10, 0, 0, 0, 0];
+        let strict = Policy::strict([7; 32]);
+        apply_dcap_policy(td_report(NORMAL), false, &strict).unwrap();
+        let err = apply_dcap_policy(td_report(DEBUG), true, &strict).unwrap_err();
+        assert!(matches!(err, AttestationError::Debug { kind: QuoteKind::TdxDcap }), "{err}");
+        let debug_ok = Policy { allow_debug: true, ..strict.clone() };
+        apply_dcap_policy(td_report(DEBUG), true, &debug_ok).unwrap();
+        // A pinned value is compared whole, even where the debug check would let it pass.
+        let pinned = Policy { tdx: TdxPolicy { td_attributes: Some(NORMAL), ..TdxPolicy::default() }, ..debug_ok };
+        apply_dcap_policy(td_report(NORMAL), false, &pinned).unwrap();
+        let err = apply_dcap_policy(td_report(DEBUG), true, &pinned).unwrap_err();
+        assert!(matches!(err, AttestationError::TdxFieldMismatch { field: "TDATTRIBUTES", .. }), "{err}");
+        assert!(err.to_string().contains(&format!("expected {}, found {}", hex(&NORMAL), hex(&DEBUG))), "{err}");
     }
 }

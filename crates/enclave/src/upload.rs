@@ -7,7 +7,10 @@
 //! 1. owner → enclave [`TAG_HELLO`]: a fresh X25519 public key and a 32-byte nonce.
 //! 2. enclave → owner [`TAG_ATTEST`]: a fresh X25519 public key and a quote whose report data is
 //!    [`report_data_for`]: SHA-256("trustsplit-upload-v1" || enclave key || owner key || nonce),
-//!    then 32 zero bytes. The nonce makes the quote fresh; the hash binds the enclave's key to it.
+//!    then the channel binding: the handshake hash of the link the protocol runs over
+//!    ([`trustsplit_boundary::Link::handshake_hash`]; zeros over no link). The nonce makes the
+//!    quote fresh; the hash binds the enclave's key to it; the binding ties it to this very link,
+//!    whose other end authenticated as the data owner, so nobody can relay it into another.
 //! 3. The owner verifies the quote against its policy and recomputes the report data. On any
 //!    failure it drops the channel having sent nothing but step 1. Otherwise both sides derive one
 //!    AES-256-GCM key per direction with HKDF-SHA256 (salt: the transcript hash, input: the X25519
@@ -15,11 +18,13 @@
 //!    [`TAG_HEADER`] (JSON: file names and sizes, total) → [`TAG_HEADER_OK`] or [`TAG_ERROR`];
 //!    [`TAG_CHUNK`]s of at most [`CHUNK_BYTES`], each within one file, files in order;
 //!    [`TAG_DONE`] with SHA-256(header bytes || all file bytes).
-//! 4. enclave → owner [`TAG_OK`], or [`TAG_ERROR`] with a reason.
+//! 4. enclave → owner [`TAG_OK`], or [`TAG_ERROR`] with a reason. The encrypted channel stays open:
+//!    the enclave reports on the training to the owner over it ([`TAG_REPORT`] lines, then
+//!    [`TAG_FINISHED`] or [`TAG_ERROR`]), so the untrusted host sees none of it.
 //!
 //! The enclave bounds everything it is sent (header size, number of files, name lengths, total
-//! bytes, each chunk) before allocating. The enclave does not authenticate the owner: whoever
-//! connects first uploads. Pinning an owner key is left to the caller.
+//! bytes, each chunk) before allocating. This protocol does not authenticate the owner; the link
+//! it runs over does (the enclave accepts only the owner's key).
 
 use crate::attestation::{
     hex, AttestationError, AttestationProvider, Policy, Quote, QuoteKind, QuoteVerifier, VerifiedReport,
@@ -44,8 +49,12 @@ pub const TAG_CHUNK: u16 = 0x0104;
 pub const TAG_DONE: u16 = 0x0105;
 /// The enclave received and checked everything.
 pub const TAG_OK: u16 = 0x0106;
-/// The enclave refused; payload: the reason (UTF-8).
+/// The enclave refused, or training failed; payload: the reason (UTF-8).
 pub const TAG_ERROR: u16 = 0x0107;
+/// After the upload: one line about the training, for the owner (UTF-8).
+pub const TAG_REPORT: u16 = 0x0108;
+/// The training finished; payload: its summary (JSON).
+pub const TAG_FINISHED: u16 = 0x0109;
 
 /// Largest chunk sent or accepted.
 pub const CHUNK_BYTES: usize = 4 << 20;
@@ -124,10 +133,11 @@ fn transcript_hash(enclave_pub: &[u8; 32], owner_pub: &[u8; 32], nonce: &[u8; 32
 }
 
 /// The report data an enclave must put in its quote for this session: the transcript hash, then
-/// 32 zero bytes.
-pub fn report_data_for(enclave_pub: &[u8; 32], owner_pub: &[u8; 32], nonce: &[u8; 32]) -> [u8; 64] {
+/// the channel binding (the link's handshake hash).
+pub fn report_data_for(enclave_pub: &[u8; 32], owner_pub: &[u8; 32], nonce: &[u8; 32], binding: &[u8; 32]) -> [u8; 64] {
     let mut rd = [0u8; 64];
     rd[..32].copy_from_slice(&transcript_hash(enclave_pub, owner_pub, nonce));
+    rd[32..].copy_from_slice(binding);
     rd
 }
 
@@ -154,6 +164,7 @@ fn shared_secret(secret: &StaticSecret, theirs: &[u8; 32], peer: String) -> Resu
 /// refusal the channel is dropped (closed) having carried only the hello.
 pub fn owner_handshake<C: Channel>(
     mut ch: C,
+    binding: &[u8; 32],
     verifier: &dyn QuoteVerifier,
     policy: &Policy,
     now_unix: u64,
@@ -173,7 +184,7 @@ pub fn owner_handshake<C: Channel>(
     let quote = Quote { bytes: msg[33..].to_vec(), kind };
 
     let report = verifier.verify(&quote, policy, now_unix)?;
-    let expected = report_data_for(&enclave_pub, &owner_pub, &nonce);
+    let expected = report_data_for(&enclave_pub, &owner_pub, &nonce, binding);
     if report.report_data != expected {
         return Err(UploadError::ReportDataMismatch { expected: hex(&expected), found: hex(&report.report_data) });
     }
@@ -186,6 +197,7 @@ pub fn owner_handshake<C: Channel>(
 /// encrypted channel.
 pub fn enclave_handshake<C: Channel>(
     mut ch: C,
+    binding: &[u8; 32],
     provider: &dyn AttestationProvider,
 ) -> Result<EncryptedChannel<C>, UploadError> {
     let hello = ch.recv_tag(TAG_HELLO)?;
@@ -199,7 +211,7 @@ pub fn enclave_handshake<C: Channel>(
     let secret = StaticSecret::from(random_32()?);
     let enclave_pub = PublicKey::from(&secret).to_bytes();
     let shared = shared_secret(&secret, &owner_pub, ch.peer())?;
-    let quote = provider.quote(report_data_for(&enclave_pub, &owner_pub, &nonce))?;
+    let quote = provider.quote(report_data_for(&enclave_pub, &owner_pub, &nonce, binding))?;
 
     let mut msg = Vec::with_capacity(33 + quote.bytes.len());
     msg.extend_from_slice(&enclave_pub);
@@ -211,17 +223,19 @@ pub fn enclave_handshake<C: Channel>(
     Ok(EncryptedChannel::new(ch, &e2o, &o2e))
 }
 
-/// Uploads `files` to the enclave at the other end of `ch`, after verifying its quote with
-/// `verifier` and `policy` at time `now_unix`. Returns what the quote proved once the enclave has
-/// confirmed receipt.
+/// Uploads `files` to the enclave at the other end of `ch` (a link whose handshake hash is
+/// `binding`), after verifying its quote with `verifier` and `policy` at time `now_unix`. Returns
+/// what the quote proved once the enclave has confirmed receipt, and the encrypted channel, over
+/// which the enclave then reports on the training.
 pub fn owner_upload<C: Channel>(
     ch: C,
+    binding: &[u8; 32],
     verifier: &dyn QuoteVerifier,
     policy: &Policy,
     files: &[UploadedFile],
     now_unix: u64,
-) -> Result<VerifiedReport, UploadError> {
-    let (mut ch, report) = owner_handshake(ch, verifier, policy, now_unix)?;
+) -> Result<(VerifiedReport, EncryptedChannel<C>), UploadError> {
+    let (mut ch, report) = owner_handshake(ch, binding, verifier, policy, now_unix)?;
     let header = Header {
         files: files.iter().map(|f| FileEntry { name: f.name.clone(), len: f.bytes.len() as u64 }).collect(),
         total_bytes: files.iter().map(|f| f.bytes.len() as u64).sum(),
@@ -240,7 +254,7 @@ pub fn owner_upload<C: Channel>(
     }
     send_or_explain(&mut ch, TAG_DONE, &digest.finalize())?;
     expect_reply(&mut ch, TAG_OK)?;
-    Ok(report)
+    Ok((report, ch))
 }
 
 /// Waits for `ok_tag` (empty payload) or the enclave's error.
@@ -267,14 +281,15 @@ fn send_or_explain<C: Channel>(ch: &mut C, tag: u16, payload: &[u8]) -> Result<(
 /// digest. The owner is told the outcome (`TAG_OK`, or `TAG_ERROR` with the reason).
 pub fn enclave_receive<C: Channel>(
     ch: C,
+    binding: &[u8; 32],
     provider: &dyn AttestationProvider,
     max_total_bytes: u64,
-) -> Result<Vec<UploadedFile>, UploadError> {
-    let mut ch = enclave_handshake(ch, provider)?;
+) -> Result<(Vec<UploadedFile>, EncryptedChannel<C>), UploadError> {
+    let mut ch = enclave_handshake(ch, binding, provider)?;
     match receive_dataset(&mut ch, max_total_bytes) {
         Ok(files) => {
             ch.send(TAG_OK, &[])?;
-            Ok(files)
+            Ok((files, ch))
         }
         Err(e) => {
             // Best effort: the owner may already be gone.

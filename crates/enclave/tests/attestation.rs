@@ -215,6 +215,131 @@ fn dcap_tdx_sample_verifies() {
     assert!(matches!(v.verify(&bad, &Policy::strict(r.measurement), TDX_NOW), Err(AttestationError::Dcap(_))));
 }
 
+/// The recorded TDX sample's TD report fields (its TD sets none of the owner fields), read with
+/// `python3 -c "print(open('tdx_quote','rb').read()[48:48+584][OFFSET:END].hex())"`.
+const TDX_TD_ATTRIBUTES: &str = "0000001000000000";
+const TDX_MR_TD: &str =
+    "91eb2b44d141d4ece09f0c75c2c53d247a3c68edd7fafe8a3520c942a604a407de03ae6dc5f87f27428b2538873118b7";
+
+fn tdx_quote() -> Quote {
+    Quote { bytes: TDX_QUOTE.to_vec(), kind: QuoteKind::TdxDcap }
+}
+
+fn tdx_verifier() -> DcapVerifier {
+    DcapVerifier::from_json(TDX_COLLATERAL).unwrap()
+}
+
+fn unhex<const N: usize>(s: &str) -> [u8; N] {
+    let v: Vec<u8> = (0..2 * N).step_by(2).map(|i| u8::from_str_radix(&s[i..i + 2], 16).unwrap()).collect();
+    v.try_into().unwrap()
+}
+
+/// The sample's own values for every TDX field a policy can pin.
+fn tdx_pins() -> TdxPolicy {
+    TdxPolicy {
+        mr_config_id: Some([0; 48]),
+        mr_owner: Some([0; 48]),
+        mr_owner_config: Some([0; 48]),
+        td_attributes: Some(unhex(TDX_TD_ATTRIBUTES)),
+    }
+}
+
+#[test]
+fn dcap_tdx_report_fields_come_from_the_verified_td_report() {
+    let r = tdx_verifier().verify(&tdx_quote(), &Policy::strict(unhex32(TDX_MEASUREMENT)), TDX_NOW).unwrap();
+    let td = r.tdx.as_ref().expect("a TDX report has TD fields");
+    let body = &TDX_QUOTE[48..48 + 584];
+    assert_eq!(&td.td_attributes[..], &body[120..128]);
+    assert_eq!(hex(&td.td_attributes), TDX_TD_ATTRIBUTES);
+    assert_eq!(&td.mr_td[..], &body[136..184]);
+    assert_eq!(hex(&td.mr_td), TDX_MR_TD);
+    assert_eq!(&td.mr_config_id[..], &body[184..232]);
+    assert_eq!(&td.mr_owner[..], &body[232..280]);
+    assert_eq!(&td.mr_owner_config[..], &body[280..328]);
+    for (i, rtmr) in td.rtmr.iter().enumerate() {
+        assert_eq!(&rtmr[..], &body[328 + 48 * i..376 + 48 * i], "RTMR{i}");
+    }
+    // The measurement is still SHA-256 over MRTD and RTMR0-3, and the owner fields are not in it.
+    let [r0, r1, r2, r3] = &td.rtmr;
+    assert_eq!(tdx_measurement(&td.mr_td, [r0, r1, r2, r3]), r.measurement);
+    // SGX quotes have no TD fields.
+    let r = sgx_verifier().verify(&sgx_quote(), &sgx_policy(), SGX_NOW).unwrap();
+    assert_eq!(r.tdx, None);
+}
+
+#[test]
+fn dcap_tdx_pins_matching_the_sample_are_accepted() {
+    let policy = Policy { tdx: tdx_pins(), ..Policy::strict(unhex32(TDX_MEASUREMENT)) };
+    let r = tdx_verifier().verify(&tdx_quote(), &policy, TDX_NOW).unwrap();
+    assert_eq!(hex(&r.measurement), TDX_MEASUREMENT);
+    // Each pin alone, too.
+    let p = tdx_pins();
+    for one in [
+        TdxPolicy { mr_config_id: p.mr_config_id, ..TdxPolicy::default() },
+        TdxPolicy { mr_owner: p.mr_owner, ..TdxPolicy::default() },
+        TdxPolicy { mr_owner_config: p.mr_owner_config, ..TdxPolicy::default() },
+        TdxPolicy { td_attributes: p.td_attributes, ..TdxPolicy::default() },
+    ] {
+        let policy = Policy { tdx: one.clone(), ..Policy::strict(unhex32(TDX_MEASUREMENT)) };
+        tdx_verifier().verify(&tdx_quote(), &policy, TDX_NOW).unwrap_or_else(|e| panic!("{one:?}: {e}"));
+    }
+}
+
+#[test]
+fn dcap_tdx_pin_with_a_changed_byte_is_refused_naming_the_field() {
+    type Pin = fn(&mut TdxPolicy) -> &mut [u8];
+    let fields: [(&str, Pin); 4] = [
+        ("MRCONFIGID", |p| p.mr_config_id.as_mut().unwrap()),
+        ("MROWNER", |p| p.mr_owner.as_mut().unwrap()),
+        ("MROWNERCONFIG", |p| p.mr_owner_config.as_mut().unwrap()),
+        ("TDATTRIBUTES", |p| p.td_attributes.as_mut().unwrap()),
+    ];
+    for (name, field) in fields {
+        for at in [0, 7] {
+            let mut pins = tdx_pins();
+            let found = hex(field(&mut pins));
+            field(&mut pins)[at] ^= 0x01;
+            let expected = hex(field(&mut pins));
+            let policy = Policy { tdx: pins, ..Policy::strict(unhex32(TDX_MEASUREMENT)) };
+            let err = tdx_verifier().verify(&tdx_quote(), &policy, TDX_NOW).unwrap_err();
+            assert!(
+                matches!(&err, AttestationError::TdxFieldMismatch { field, .. } if *field == name),
+                "{name} byte {at}: {err}"
+            );
+            let msg = err.to_string();
+            assert!(msg.contains(&format!("TDX DCAP {name} mismatch")), "{msg}");
+            assert!(msg.contains(&format!("expected {expected}, found {found}")), "{msg}");
+        }
+    }
+}
+
+#[test]
+fn tdx_pins_on_a_quote_without_a_td_report_are_refused() {
+    let cases = [
+        (TdxPolicy { mr_config_id: Some([0; 48]), ..TdxPolicy::default() }, "MRCONFIGID"),
+        (TdxPolicy { mr_owner: Some([0; 48]), ..TdxPolicy::default() }, "MROWNER"),
+        (TdxPolicy { mr_owner_config: Some([0; 48]), ..TdxPolicy::default() }, "MROWNERCONFIG"),
+        (TdxPolicy { td_attributes: Some([0; 8]), ..TdxPolicy::default() }, "TDATTRIBUTES"),
+    ];
+    let (sim, m) = sim();
+    let sim_quote = sim.quote(report_data(8)).unwrap();
+    for (pins, name) in cases {
+        // A genuine SGX quote: no TD report, so the pin cannot be satisfied.
+        let policy = Policy { tdx: pins.clone(), ..sgx_policy() };
+        let err = sgx_verifier().verify(&sgx_quote(), &policy, SGX_NOW).unwrap_err();
+        assert!(
+            matches!(&err, AttestationError::TdxFieldAbsent { kind: QuoteKind::SgxDcap, field } if *field == name),
+            "{err}"
+        );
+        assert!(err.to_string().contains(&format!("pins the TDX field {name}, but a SGX DCAP quote")), "{err}");
+        // Nor a simulated one.
+        let policy = Policy { tdx: pins, ..Policy::simulated(m) };
+        let err = sim.verifier().verify(&sim_quote, &policy, 0).unwrap_err();
+        assert!(matches!(&err, AttestationError::TdxFieldAbsent { field, .. } if *field == name), "{err}");
+    }
+    assert!(TdxPolicy::default().is_empty() && !tdx_pins().is_empty());
+}
+
 #[test]
 fn bad_collateral_json_is_a_clear_error() {
     let err = DcapVerifier::from_json(b"{\"not\": \"collateral\"}").err().expect("refused");

@@ -55,10 +55,15 @@ fn run<CE: Channel + 'static, CO: Channel>(
 ) -> (Result<VerifiedReport, UploadError>, Result<Vec<UploadedFile>, UploadError>) {
     let provider = SimulatedAttestation::new(MEASUREMENT).unwrap();
     let verifier = provider.verifier();
-    let enclave = thread::spawn(move || enclave_receive(enclave_ch, &provider, max_total_bytes));
-    let owner = owner_upload(owner_ch, &verifier, policy, files, 0);
+    let enclave = thread::spawn(move || {
+        enclave_receive(enclave_ch, &NO_LINK, &provider, max_total_bytes).map(|(files, _)| files)
+    });
+    let owner = owner_upload(owner_ch, &NO_LINK, &verifier, policy, files, 0).map(|(report, _)| report);
     (owner, enclave.join().unwrap())
 }
+
+/// The channel binding of a channel that is no link.
+const NO_LINK: [u8; 32] = [0; 32];
 
 fn pair() -> (InProcessChannel, InProcessChannel) {
     InProcessChannel::pair(ChannelOptions::default())
@@ -83,11 +88,40 @@ fn upload_round_trips_over_tcp() {
     let verifier = provider.verifier();
     let enclave = thread::spawn(move || {
         let (stream, _) = listener.accept().unwrap();
-        enclave_receive(TcpChannel::from_stream(stream, ChannelOptions::default()).unwrap(), &provider, 1 << 30)
+        let ch = TcpChannel::from_stream(stream, ChannelOptions::default()).unwrap();
+        enclave_receive(ch, &NO_LINK, &provider, 1 << 30).map(|(files, _)| files)
     });
     let ch = TcpChannel::connect(&addr, ChannelOptions::default()).unwrap();
-    owner_upload(ch, &verifier, &Policy::simulated(MEASUREMENT), &files, 0).unwrap();
+    owner_upload(ch, &NO_LINK, &verifier, &Policy::simulated(MEASUREMENT), &files, 0).unwrap();
     assert_eq!(enclave.join().unwrap().unwrap(), files);
+}
+
+#[test]
+fn a_quote_bound_to_another_link_is_refused_and_the_channel_reports_after_the_upload() {
+    // The enclave quotes over its link's handshake hash; an owner on another link (a relay in
+    // between runs two links) sees a different binding and refuses before sending any data.
+    let (a, b) = pair();
+    let provider = SimulatedAttestation::new(MEASUREMENT).unwrap();
+    let verifier = provider.verifier();
+    let enclave = thread::spawn(move || enclave_receive(a, &[1; 32], &provider, 1 << 20).map(|(f, _)| f));
+    let err = owner_upload(b, &[2; 32], &verifier, &Policy::simulated(MEASUREMENT), &random_files(), 0).unwrap_err();
+    assert!(matches!(err, UploadError::ReportDataMismatch { .. }), "{err}");
+    assert!(enclave.join().unwrap().is_err());
+
+    // The same binding on both ends: the upload goes through, and the channel carries the
+    // enclave's reports to the owner afterwards.
+    let (a, b) = pair();
+    let provider = SimulatedAttestation::new(MEASUREMENT).unwrap();
+    let verifier = provider.verifier();
+    let enclave = thread::spawn(move || {
+        let (files, mut ch) = enclave_receive(a, &[7; 32], &provider, 1 << 30).unwrap();
+        ch.send(TAG_REPORT, b"epoch 1 done").unwrap();
+        files
+    });
+    let files = random_files();
+    let (_, mut ch) = owner_upload(b, &[7; 32], &verifier, &Policy::simulated(MEASUREMENT), &files, 0).unwrap();
+    assert_eq!(ch.recv_tag(TAG_REPORT).unwrap(), b"epoch 1 done");
+    assert_eq!(enclave.join().unwrap(), files);
 }
 
 #[test]
@@ -165,8 +199,8 @@ fn hostile_owner(script: impl FnOnce(&mut dyn Channel) + Send + 'static) -> Uplo
     let (a, b) = pair();
     let provider = SimulatedAttestation::new(MEASUREMENT).unwrap();
     let verifier = provider.verifier();
-    let enclave = thread::spawn(move || enclave_receive(a, &provider, 1 << 20));
-    let (mut ch, _) = owner_handshake(b, &verifier, &Policy::simulated(MEASUREMENT), 0).unwrap();
+    let enclave = thread::spawn(move || enclave_receive(a, &NO_LINK, &provider, 1 << 20).map(|(f, _)| f));
+    let (mut ch, _) = owner_handshake(b, &NO_LINK, &verifier, &Policy::simulated(MEASUREMENT), 0).unwrap();
     script(&mut ch);
     enclave.join().unwrap().unwrap_err()
 }
@@ -238,7 +272,7 @@ fn truncated_dataset_or_wrong_digest_is_refused() {
 fn low_order_owner_key_is_refused() {
     let (mut a, b) = pair();
     let provider = SimulatedAttestation::new(MEASUREMENT).unwrap();
-    let enclave = thread::spawn(move || enclave_receive(b, &provider, 1 << 20));
+    let enclave = thread::spawn(move || enclave_receive(b, &NO_LINK, &provider, 1 << 20).map(|(f, _)| f));
     // The all-zero X25519 point has low order: every "shared secret" with it is zero.
     a.send(TAG_HELLO, &[0u8; 64]).unwrap();
     let err = enclave.join().unwrap().unwrap_err();

@@ -89,16 +89,24 @@ pub fn save(path: &Path, model: &Model, opt: &Optimizer, meta: &Meta) -> Result<
     info.insert(META_KEY.to_string(), serde_json::to_string(meta).expect("metadata serialises"));
     let bytes = safetensors::serialize(views, Some(info))
         .map_err(|e| CheckpointError::Format { path: path.to_path_buf(), reason: e.to_string() })?;
+    write_atomically(path, &bytes).map_err(io)
+}
+
+/// Writes `bytes` to `path` so that a crash leaves either the old file or the new one: a temporary
+/// file in the same folder (`path` with `.tmp` appended), flushed to disk, renamed over `path`,
+/// and the folder flushed so that the rename is durable too.
+pub fn write_atomically(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
     let dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
-    std::fs::create_dir_all(dir).map_err(io)?;
-    let tmp = path.with_extension("safetensors.tmp");
+    std::fs::create_dir_all(dir)?;
+    let mut tmp = path.as_os_str().to_owned();
+    tmp.push(".tmp");
+    let tmp = PathBuf::from(tmp);
     {
-        let mut f = std::fs::File::create(&tmp).map_err(io)?;
-        f.write_all(&bytes).map_err(io)?;
-        f.sync_all().map_err(io)?;
+        let mut f = std::fs::File::create(&tmp)?;
+        f.write_all(bytes)?;
+        f.sync_all()?;
     }
-    std::fs::rename(&tmp, path).map_err(io)?;
-    // Make the rename itself durable.
+    std::fs::rename(&tmp, path)?;
     if let Ok(d) = std::fs::File::open(dir) {
         let _ = d.sync_all();
     }

@@ -600,3 +600,73 @@ fn what_the_checks_keep_counts_against_the_enclave_budget_until_the_backward_pas
     // ...and given back by its end: what stays (the warm-start bases) is the same either way.
     assert_eq!(on.transient_bytes, off.transient_bytes);
 }
+
+#[test]
+fn a_sample_release_depends_on_nothing_but_that_sample() {
+    // Without noise the releases are deterministic (the subspace's random starts come from a
+    // seed), so a sample's released residuals (every forward input the device received) can be
+    // compared bit for bit. Evaluation passes: the weights stay put and batch-norm uses its
+    // running statistics, so nothing else ties the samples together. With a basis per sample, a
+    // sample's releases must not change when another sample of its batch changes, nor when an
+    // earlier batch does. With a basis per batch the whole batch is coupled (and charged so:
+    // `4n - 3` per release), but an earlier batch must still not matter.
+    let (n, per) = (4, 3 * 12 * 12);
+    let images = |seed: u64| -> Vec<f32> {
+        let mut rng = ChaCha8Rng::seed_from_u64(seed);
+        (0..n * per).map(|_| rng.random_range(-1.0..1.0)).collect()
+    };
+    let first_changed = |mut x: Vec<f32>| {
+        x[..per].iter_mut().for_each(|v| *v = 0.5 - *v);
+        x
+    };
+    let (a, b) = (images(1), images(2));
+    for (subspace, basis) in [
+        (Subspace::Fast, BasisScope::Sample),
+        (Subspace::Exact, BasisScope::Sample),
+        (Subspace::Fast, BasisScope::Batch),
+    ] {
+        let cfg =
+            AsymmlConfig { subspace, basis, noise_multiplier: 0.0, subspace_seed: Some(5), ..AsymmlConfig::default() };
+        // Each sample's releases in the second of two evaluated batches: per device call, its part.
+        let second_batch = |first: &[f32], second: &[f32]| -> Vec<Vec<Vec<f32>>> {
+            let recording = RecordingDevice::new((false, false));
+            let inputs = recording.inputs.clone();
+            let mut r = asymml::runner(
+                trustsplit_device::Device::local(Box::new(recording)),
+                cfg.clone(),
+                96 << 20,
+                Arc::new(Transcript::new()),
+            )
+            .unwrap();
+            let mut model = small_model(&mut ChaCha8Rng::seed_from_u64(3));
+            let mut before = 0;
+            for x in [first, second] {
+                before = inputs.lock().unwrap().len();
+                let x = Secret::new(from_vec(&[n, 3, 12, 12], x.to_vec()));
+                r.eval_batch(&mut model, x, &Secret::new(vec![0; n])).unwrap();
+            }
+            let ledger = r.report().placement.privacy.unwrap();
+            assert_eq!(ledger.releases_per_evaluation, asymml::releases_per_evaluation(&model, &cfg, n));
+            let seen = inputs.lock().unwrap();
+            assert!(seen.len() - before >= 3, "{subspace:?} {basis:?}: the evaluation released too little");
+            let sample =
+                |s: usize| seen[before..].iter().map(|(per, _, x)| x[s * per..(s + 1) * per].to_vec()).collect();
+            (0..n).map(sample).collect()
+        };
+        let case = format!("{subspace:?} {basis:?}");
+        let reference = second_batch(&a, &b);
+        assert_eq!(
+            second_batch(&first_changed(a.clone()), &b),
+            reference,
+            "{case}: an earlier batch changed a release"
+        );
+        let changed = second_batch(&a, &first_changed(b.clone()));
+        assert_ne!(changed[0], reference[0], "{case}: the changed sample's own release");
+        match basis {
+            BasisScope::Sample => {
+                assert_eq!(changed[1..], reference[1..], "{case}: a sample of the batch changed another's")
+            }
+            BasisScope::Batch => assert_ne!(changed[1], reference[1], "{case}: the batch's basis couples its samples"),
+        }
+    }
+}

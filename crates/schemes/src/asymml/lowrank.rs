@@ -6,12 +6,17 @@
 //! the small symmetric eigenproblems run in f64 (faer), where accumulated rounding would hurt.
 //!
 //! The subspace is exact (the eigendecomposition of the smaller Gram matrix) or fast (one step of
-//! subspace iteration, warm-started from the previous step's basis, then Rayleigh-Ritz). The fast
-//! one also hands the split its coordinates `V`, from its Rayleigh-Ritz projection; with a fixed
+//! subspace iteration from a random start block, then Rayleigh-Ritz). The fast one also hands the split its coordinates `V`, from its Rayleigh-Ritz projection; with a fixed
 //! rank, a large batch's basis comes from a random quarter of its samples and each sample's split
 //! projects onto it. A batch's small maps are laid side by side for the channel products.
 //!
 //! Tried and dropped:
+//! - Warm-starting each group's fast subspace from the previous group's basis (the previous
+//!   sample's, or the previous batch's with `--basis batch`), with 2 oversampling columns instead
+//!   of 4: a little cheaper, but a sample's residual then depended on other samples and on earlier
+//!   batches (test examples included) while it was charged as its own. Every group now starts
+//!   from fresh random columns drawn independently of the data (2026-12-07; the cost is in
+//!   docs/schemes/asymml.md, "One convolution, forward").
 //! - Carrying the fast subspace's block from step to step (one pass over each activation instead of
 //!   two): the basis lags a batch behind; on VGG11-BN's activations the residual share rose layer
 //!   by layer up to 4.6x (0.26% -> 0.81% of the energy at the next-to-last layer), and a unit test
@@ -58,7 +63,7 @@ pub enum RankPolicy {
 pub enum Subspace {
     /// Exact top-r from the eigen-decomposition of the smaller Gram matrix (C x C or nP x nP).
     Exact,
-    /// One step of subspace iteration from a (warm or random) start block plus Rayleigh-Ritz; never
+    /// One step of subspace iteration from a random start block plus Rayleigh-Ritz; never
     /// forms a C x C Gram. Costs about 3 C nP k multiply-adds with k = target rank + 4. With a
     /// fixed rank, a large group's basis comes from a random quarter of its samples (see
     /// [`find_basis_and_coordinates`]).
@@ -81,14 +86,9 @@ pub struct Basis {
     pub macs: u64,
 }
 
-/// Extra columns of the fast start block: they absorb the directions just below the cut.
+/// Extra columns of the fast start block: they absorb the directions just below the cut (two
+/// instead of four left up to 10% more, relative, of the energy in the residual: 2026-12-03).
 const OVERSAMPLE: usize = 4;
-/// The same where the block starts from the previous step's basis, which already points nearly
-/// the right way: on VGG11-BN's activations and gradients over a training epoch, 2 instead of 4
-/// left 0.06-0.6% more (relative) of the energy in the residual, while the power step and the
-/// projection work on 2 columns fewer (at ranks 1-4, a quarter to two fifths of their columns:
-/// measured 2026-12-03).
-const WARM_OVERSAMPLE: usize = 2;
 
 /// Positions (over the samples) that a sampled fast basis is computed from at the least; see
 /// [`basis_samples`].
@@ -155,10 +155,9 @@ pub fn find_basis(
     positions: usize,
     policy: RankPolicy,
     method: Subspace,
-    warm: Option<&Basis>,
     rng: &mut impl rand::Rng,
 ) -> Basis {
-    find_basis_and_coordinates(samples, channels, positions, policy, method, warm, rng).expect("finite samples").0
+    find_basis_and_coordinates(samples, channels, positions, policy, method, rng).expect("finite samples").0
 }
 
 /// The basis of a group of samples, and the samples' coordinates `V = U^T X` where the method has them for free:
@@ -186,7 +185,6 @@ pub fn find_basis_and_coordinates(
     positions: usize,
     policy: RankPolicy,
     method: Subspace,
-    warm: Option<&Basis>,
     rng: &mut impl rand::Rng,
 ) -> Result<(Basis, Option<Vec<f32>>), String> {
     for x in samples {
@@ -198,10 +196,10 @@ pub fn find_basis_and_coordinates(
         chosen.sort_unstable();
         let part: Vec<&[f32]> = chosen.into_iter().map(|b| samples[b]).collect();
         let group = Group { xs: &part, c: channels, p: positions };
-        let (basis, _) = find_basis_from_every_sample(&group, policy, method, warm, rng)?;
+        let (basis, _) = find_basis_from_every_sample(&group, policy, method, rng)?;
         return Ok((basis, None));
     }
-    find_basis_from_every_sample(&Group { xs: samples, c: channels, p: positions }, policy, method, warm, rng)
+    find_basis_from_every_sample(&Group { xs: samples, c: channels, p: positions }, policy, method, rng)
 }
 
 /// How many of a group's `n` samples (of `p` positions each) [`find_basis_and_coordinates`]
@@ -219,7 +217,6 @@ fn find_basis_from_every_sample(
     g: &Group,
     policy: RankPolicy,
     method: Subspace,
-    warm: Option<&Basis>,
     rng: &mut impl rand::Rng,
 ) -> Result<(Basis, Option<Vec<f32>>), String> {
     let channels = g.c;
@@ -238,7 +235,7 @@ fn find_basis_from_every_sample(
     Ok(match method {
         Subspace::Exact => (exact_basis(g, policy, total, target, gram_side(channels, g.np()))?, None),
         Subspace::Fast => {
-            let (basis, coordinates) = fast_basis(g, policy, total, target, warm, rng)?;
+            let (basis, coordinates) = fast_basis(g, policy, total, target, rng)?;
             (basis, Some(coordinates))
         }
     })
@@ -350,14 +347,12 @@ fn fast_basis(
     policy: RankPolicy,
     total: f64,
     target: usize,
-    warm: Option<&Basis>,
     rng: &mut impl rand::Rng,
 ) -> Result<(Basis, Vec<f32>), String> {
     let (c, p, np, n) = (g.c, g.p, g.np(), g.xs.len());
-    let warm = warm.filter(|w| w.channels == c);
-    let oversample = if warm.is_some() { WARM_OVERSAMPLE } else { OVERSAMPLE };
-    let k = (target + oversample).min(c.min(np));
-    let omega = start_block(c, k, warm, rng);
+    let k = (target + OVERSAMPLE).min(c.min(np));
+    // Gaussian, drawn afresh for every group: nothing carries over from another group or batch.
+    let omega: Vec<f32> = (0..c * k).map(|_| rng.sample(StandardNormal)).collect();
     let mut bm = vec![0.0; k * np];
     let q = g.with_blocks(|blocks, width| {
         // Y = X (X^T Omega): one power step squares the spectrum, so the tail below the cut leaks
@@ -398,22 +393,6 @@ fn fast_basis(
     }
     let macs = 3 * c * np * k + k * k * np + 2 * c * k * k + c * k * r + r * k * np;
     Ok((finish(c, cols, total, residuals[r], macs as u64 + eig_macs(k)), coordinates))
-}
-
-/// C x k start block: the warm basis' columns first (they already point the right way), then Gaussian.
-/// `warm` spans the same `c` channels (the caller drops any other).
-fn start_block(c: usize, k: usize, warm: Option<&Basis>, rng: &mut impl rand::Rng) -> Vec<f32> {
-    let kept = warm.map_or(0, |w| w.rank.min(k));
-    let mut omega = vec![0.0; c * k];
-    for i in 0..c {
-        for j in 0..k {
-            omega[i * k + j] = match warm {
-                Some(w) if j < kept => w.u[i * w.rank + j],
-                _ => rng.sample(StandardNormal),
-            };
-        }
-    }
-    omega
 }
 
 /// `residuals[r]` is the residual energy at rank `r`; `cap < residuals.len()`.
@@ -586,7 +565,7 @@ mod tests {
             let xs = low_rank_group(&mut rng, c, p, n, rank, 0.2);
             let method = if case % 2 == 0 { Subspace::Exact } else { Subspace::Fast };
             let r = rng.random_range(0..=c.min(n * p));
-            let basis = find_basis(&views(&xs), c, p, RankPolicy::Fixed(r), method, None, &mut rng);
+            let basis = find_basis(&views(&xs), c, p, RankPolicy::Fixed(r), method, &mut rng);
             assert_eq!(basis.rank, r);
             assert_orthonormal(&basis);
             for x in &xs {
@@ -610,7 +589,7 @@ mod tests {
             let rank = rng.random_range(1..6);
             let xs = low_rank_group(&mut rng, c, p, n, rank, 0.1);
             let r = rng.random_range(1..=c.min(n * p));
-            let basis = find_basis(&views(&xs), c, p, RankPolicy::Fixed(r), Subspace::Exact, None, &mut rng);
+            let basis = find_basis(&views(&xs), c, p, RankPolicy::Fixed(r), Subspace::Exact, &mut rng);
             let total = basis.total_energy;
             let reference = svd_tail(&xs, c, p, r);
             let shape = (c, p, n, r);
@@ -647,8 +626,8 @@ mod tests {
         assert!(sampled.iter().all(|&(_, p, n, r)| basis_samples(Subspace::Fast, RankPolicy::Fixed(r), n, p) < n));
         for (c, p, n, r) in shapes.into_iter().chain(sampled) {
             let xs = spectral_group(&mut rng, c, p, n, &sigmas, 1e-3);
-            let exact = find_basis(&views(&xs), c, p, RankPolicy::Fixed(r), Subspace::Exact, None, &mut rng);
-            let fast = find_basis(&views(&xs), c, p, RankPolicy::Fixed(r), Subspace::Fast, None, &mut rng);
+            let exact = find_basis(&views(&xs), c, p, RankPolicy::Fixed(r), Subspace::Exact, &mut rng);
+            let fast = find_basis(&views(&xs), c, p, RankPolicy::Fixed(r), Subspace::Fast, &mut rng);
             assert_eq!(fast.rank, r);
             assert_orthonormal(&fast);
             let tol = 1e-3 * exact.total_energy;
@@ -668,26 +647,6 @@ mod tests {
     }
 
     #[test]
-    fn fast_with_warm_start_is_nearly_exact() {
-        let mut rng = ChaCha8Rng::seed_from_u64(5);
-        let sigmas: Vec<f64> = (0..10).map(|i| 10.0 * 0.7f64.powi(i)).collect();
-        // The last group is large enough for a sampled basis.
-        for (c, p, n, r) in [(64, 128, 1, 6), (32, 4, 8, 4), (16, 512, 12, 4)] {
-            let xs = spectral_group(&mut rng, c, p, n, &sigmas, 1e-2);
-            let perturbed: Vec<Vec<f32>> = xs
-                .iter()
-                .map(|x| x.iter().map(|v| v + 0.02 * rng.sample::<f32, _>(StandardNormal)).collect())
-                .collect();
-            let policy = RankPolicy::Fixed(r);
-            let prior = find_basis(&views(&perturbed), c, p, policy, Subspace::Exact, None, &mut rng);
-            let exact = find_basis(&views(&xs), c, p, policy, Subspace::Exact, None, &mut rng);
-            let fast = find_basis(&views(&xs), c, p, policy, Subspace::Fast, Some(&prior), &mut rng);
-            let measured = measured_residual(&fast, &xs, p);
-            assert!(close(measured, exact.residual_energy, 0.01, 1e-6 * exact.total_energy), "{c} x {p} x {n}");
-        }
-    }
-
-    #[test]
     fn energy_policy_picks_smallest_sufficient_rank() {
         let mut rng = ChaCha8Rng::seed_from_u64(6);
         for method in [Subspace::Exact, Subspace::Fast] {
@@ -697,20 +656,20 @@ mod tests {
                 let xs = low_rank_group(&mut rng, c, p, n, rank, 0.1);
                 let tau = rng.random_range(0.02..0.3);
                 let policy = RankPolicy::Energy { tau, max_rank: 8 };
-                let basis = find_basis(&views(&xs), c, p, policy, method, None, &mut rng);
+                let basis = find_basis(&views(&xs), c, p, policy, method, &mut rng);
                 let total = basis.total_energy;
                 assert!(basis.rank <= 8);
                 assert!(measured_residual(&basis, &xs, p) <= tau * total * 1.001 || basis.rank == 8);
                 if basis.rank > 0 {
                     let fewer = RankPolicy::Fixed(basis.rank - 1);
-                    let smaller = find_basis(&views(&xs), c, p, fewer, Subspace::Exact, None, &mut rng);
+                    let smaller = find_basis(&views(&xs), c, p, fewer, Subspace::Exact, &mut rng);
                     assert!(measured_residual(&smaller, &xs, p) > tau * total, "rank - 1 already meets tau");
                 }
             }
             // A tau no rank can meet stops at max_rank.
             let xs = low_rank_group(&mut rng, 20, 10, 1, 10, 0.5);
             let policy = RankPolicy::Energy { tau: 1e-9, max_rank: 3 };
-            assert_eq!(find_basis(&views(&xs), 20, 10, policy, method, None, &mut rng).rank, 3);
+            assert_eq!(find_basis(&views(&xs), 20, 10, policy, method, &mut rng).rank, 3);
         }
     }
 
@@ -720,16 +679,16 @@ mod tests {
         for method in [Subspace::Exact, Subspace::Fast] {
             for (c, p, n, cap) in [(5, 3, 1, 3), (3, 10, 1, 3), (7, 2, 2, 4)] {
                 let xs = low_rank_group(&mut rng, c, p, n, 2, 0.3);
-                assert_eq!(find_basis(&views(&xs), c, p, RankPolicy::Fixed(100), method, None, &mut rng).rank, cap);
+                assert_eq!(find_basis(&views(&xs), c, p, RankPolicy::Fixed(100), method, &mut rng).rank, cap);
             }
             let (c, p) = (12, 9);
             let xs = low_rank_group(&mut rng, c, p, 4, 3, 0.2);
-            let basis = find_basis(&views(&xs), c, p, RankPolicy::Fixed(3), method, None, &mut rng);
+            let basis = find_basis(&views(&xs), c, p, RankPolicy::Fixed(3), method, &mut rng);
             let total: f64 = xs.iter().map(|x| energy(x)).sum();
             assert!(close(basis.total_energy, total, 1e-9, 0.0));
             assert!(close(basis.residual_energy, measured_residual(&basis, &xs, p), 1e-3, 1e-6 * total));
             // One sample alone is fitted at least as well by its own basis as by the group's.
-            let own = find_basis(&[xs[0].as_slice()], c, p, RankPolicy::Fixed(3), Subspace::Exact, None, &mut rng);
+            let own = find_basis(&[xs[0].as_slice()], c, p, RankPolicy::Fixed(3), Subspace::Exact, &mut rng);
             assert!(own.residual_energy <= measured_residual(&basis, &xs[..1], p) * 1.001);
         }
     }
@@ -751,7 +710,7 @@ mod tests {
                 };
                 for policy in [RankPolicy::Fixed(r), RankPolicy::Energy { tau: 0.2, max_rank: r }] {
                     let (basis, v) =
-                        find_basis_and_coordinates(&views(&xs), c, p, policy, Subspace::Fast, None, &mut rng).unwrap();
+                        find_basis_and_coordinates(&views(&xs), c, p, policy, Subspace::Fast, &mut rng).unwrap();
                     let v = v.expect("the fast subspace gives coordinates");
                     let rp = basis.rank * p;
                     assert_eq!(v.len(), n * rp);
@@ -777,8 +736,7 @@ mod tests {
         }
         // The exact subspace has no coordinates to give.
         let x = gauss(&mut rng, 4 * 9, 1.0);
-        let (_, v) =
-            find_basis_and_coordinates(&[&x], 4, 9, RankPolicy::Fixed(2), Subspace::Exact, None, &mut rng).unwrap();
+        let (_, v) = find_basis_and_coordinates(&[&x], 4, 9, RankPolicy::Fixed(2), Subspace::Exact, &mut rng).unwrap();
         assert!(v.is_none());
     }
 
@@ -789,23 +747,23 @@ mod tests {
             // All zeros, on both Gram sides: fixed rank keeps its size with a valid basis, energy gives 0.
             for (c, p) in [(6, 5), (9, 2)] {
                 let zeros = vec![0.0f32; c * p];
-                let basis = find_basis(&[&zeros], c, p, RankPolicy::Fixed(2), method, None, &mut rng);
+                let basis = find_basis(&[&zeros], c, p, RankPolicy::Fixed(2), method, &mut rng);
                 assert!(basis.u.iter().all(|v| v.is_finite()) && basis.residual_energy == 0.0);
                 assert_orthonormal(&basis);
                 let policy = RankPolicy::Energy { tau: 0.1, max_rank: 4 };
-                assert_eq!(find_basis(&[&zeros], c, p, policy, method, None, &mut rng).rank, 0);
+                assert_eq!(find_basis(&[&zeros], c, p, policy, method, &mut rng).rank, 0);
             }
             // C = 1 and rank = C: a full basis leaves nothing.
             for (c, p) in [(1, 7), (4, 8), (5, 5)] {
                 let x = gauss(&mut rng, c * p, 1.0);
-                let basis = find_basis(&[&x], c, p, RankPolicy::Fixed(c), method, None, &mut rng);
+                let basis = find_basis(&[&x], c, p, RankPolicy::Fixed(c), method, &mut rng);
                 assert_eq!(basis.rank, c);
                 assert_orthonormal(&basis);
                 assert!(measured_residual(&basis, std::slice::from_ref(&x), p) < 1e-8 * energy(&x));
                 assert_eq!(basis.residual_energy, 0.0);
             }
             let x = gauss(&mut rng, 12, 1.0);
-            let basis = find_basis(&[&x], 4, 3, RankPolicy::Fixed(0), method, None, &mut rng);
+            let basis = find_basis(&[&x], 4, 3, RankPolicy::Fixed(0), method, &mut rng);
             assert_eq!((basis.rank, split(&basis, &x, 3).1), (0, x.clone()));
             assert!(close(basis.residual_energy, energy(&x), 1e-12, 0.0));
         }
@@ -823,7 +781,7 @@ mod tests {
                 let reps = 10;
                 let mut basis = None;
                 for _ in 0..reps {
-                    basis = Some(find_basis(&views(&xs), c, p, RankPolicy::Fixed(r), method, None, &mut rng));
+                    basis = Some(find_basis(&views(&xs), c, p, RankPolicy::Fixed(r), method, &mut rng));
                 }
                 let b = basis.expect("ran");
                 let us = start.elapsed().as_secs_f64() * 1e6 / f64::from(reps);

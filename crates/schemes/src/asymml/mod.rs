@@ -16,7 +16,15 @@
 //!   after its own low-rank split, clipped and noised. Without it: `output-gradient` in the clear.
 //!
 //! Never released: inputs, labels, logits, the loss, batch-norm statistics, the low-rank factors.
+//!
+//! Each sample's basis (`--basis sample`) is computed from that sample alone, the fast subspace
+//! from a fresh random start, so its residual depends on nothing else; with `--basis batch` on its
+//! batch alone (and is charged so). What is charged, and when: [`PrivacyLedger`] counts the
+//! releases a step makes; [`charges`] keeps what a training run has charged, epoch by epoch,
+//! before each epoch's first release and durably, so that an epoch replayed after `--resume` is
+//! charged again.
 
+pub mod charges;
 pub mod keystream;
 pub mod lowrank;
 pub mod noise;
@@ -26,9 +34,10 @@ mod spares;
 pub mod summary;
 pub mod virtual_conv;
 
+pub use charges::{releases_per_epoch, PrivacyCharges};
 pub use lowrank::{RankPolicy, Subspace};
 pub use options::AsymmlOptions;
-pub use placement::{releases_per_step, runner, validate};
+pub use placement::{releases_per_evaluation, releases_per_step, runner, validate};
 pub use summary::{describe_evaluation, describe_run, privacy_summary, EvaluationPrivacy, PrivacySummary};
 
 use crate::accountant::{PrivacySpent, RdpAccountant};
@@ -136,6 +145,10 @@ pub struct AsymmlConfig {
     /// Check every result the device returns through secret random projections
     /// ([`crate::device_check`]) and refuse the step on a mismatch.
     pub verify_device: bool,
+    /// Seed of the fast subspace's random start blocks (and of the samples a batch-wide basis is
+    /// computed from), for runs that must repeat (tests); `None`: a key from the OS. Never the
+    /// noise's, which always comes from the OS.
+    pub subspace_seed: Option<u64>,
 }
 
 impl Default for AsymmlConfig {
@@ -150,11 +163,13 @@ impl Default for AsymmlConfig {
             grad_clip_norm: DEFAULT_GRAD_CLIP_NORM,
             delta: 1e-5,
             verify_device: true,
+            subspace_seed: None,
         }
     }
 }
 
-/// What the releases of a training run cost in privacy, per sample.
+/// What the releases of a training run cost in privacy, per sample, as the placement counted them
+/// in this process (a training run charges them through [`PrivacyCharges`]).
 #[derive(Clone, Debug, Serialize)]
 pub struct PrivacyLedger {
     pub noise_multiplier: f64,
@@ -179,7 +194,7 @@ pub struct PrivacyLedger {
 
 impl PrivacyLedger {
     /// Privacy spent by a sample that took part in `participations` training steps (one per epoch
-    /// when every epoch visits each sample once). `None` without noise: no finite epsilon.
+    /// started when every epoch visits each sample once). `None` without noise: no finite epsilon.
     pub fn spent(&self, participations: u64) -> Option<PrivacySpent> {
         if self.noise_multiplier <= 0.0 {
             return None;

@@ -41,8 +41,8 @@ pub struct AsymmlOptions {
     /// AsymML: the most components the energy threshold may keep.
     #[cfg_attr(feature = "cli", arg(long, default_value_t = 32, help_heading = "AsymML"))]
     pub max_rank: usize,
-    /// AsymML: exact (eigen-decomposition of the Gram matrix) or fast (one warm-started subspace
-    /// iteration; with --basis batch and a fixed rank, computed from a random quarter of a large
+    /// AsymML: exact (eigen-decomposition of the Gram matrix) or fast (one subspace iteration from
+    /// a random start; with --basis batch and a fixed rank, computed from a random quarter of a large
     /// batch, which every sample's split then projects).
     #[cfg_attr(feature = "cli", arg(long, value_enum, default_value = "exact", help_heading = "AsymML"))]
     pub subspace: Subspace,
@@ -126,6 +126,7 @@ impl AsymmlOptions {
             grad_clip_norm: self.grad_clip_norm,
             delta: self.delta,
             verify_device: self.verify_device,
+            subspace_seed: None,
         }
     }
 

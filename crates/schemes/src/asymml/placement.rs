@@ -30,6 +30,7 @@ use crate::placement::{
     add_bias, crossing, lock, received, LayerSplit, PassInfo, Placement, PlacementReport, PlacementResult,
 };
 use crate::{RunnerError, SplitRunner};
+use rand::SeedableRng;
 use std::cell::RefCell;
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
@@ -63,13 +64,16 @@ impl Asymml {
         let device = Arc::new(Mutex::new(device));
         Ok(Asymml {
             rng: NoiseRng::from_os().map_err(RunnerError::Input)?,
+            starts: match cfg.subspace_seed {
+                Some(seed) => NoiseRng::seed_from_u64(seed),
+                None => NoiseRng::from_os().map_err(RunnerError::Input)?,
+            },
             cfg,
             device,
             transcript,
             waiting: Arc::new(Mutex::new(0.0)),
             pass: PassInfo { mode: Mode::Eval, batch: 0, couples_samples: false },
             conv_index: HashMap::new(),
-            warm: HashMap::new(),
             pending: HashMap::new(),
             totals: BTreeMap::new(),
             enclave_macs: 0,
@@ -175,10 +179,13 @@ pub struct Asymml {
     /// Seconds the enclave sat idle waiting for the device.
     waiting: Arc<Mutex<f64>>,
     rng: NoiseRng,
+    /// The fast subspace's random start blocks and the samples a batch-wide basis is computed
+    /// from: a generator of their own, drawn the same way whatever the data, so that a group's
+    /// start depends on nothing but its position in the run (and `subspace_seed`). Apart from
+    /// the noise's, which a seed must never reach.
+    starts: NoiseRng,
     pass: PassInfo,
     conv_index: HashMap<String, usize>,
-    /// Last basis per layer and tensor, to warm-start the fast subspace method.
-    warm: HashMap<String, Basis>,
     pending: HashMap<String, Pending>,
     totals: BTreeMap<(usize, String, &'static str), SplitTotals>,
     enclave_macs: u64,
@@ -267,6 +274,21 @@ pub fn releases_per_step(model: &Model, cfg: &AsymmlConfig, batch: usize) -> u64
     total
 }
 
+/// The Gaussian releases one evaluation charges to each example of a full batch of `batch`, as
+/// [`releases_per_step`] counts them: the forward residuals only, coupled only by a batch-wide
+/// basis (batch-norm uses its running statistics).
+pub fn releases_per_evaluation(model: &Model, cfg: &AsymmlConfig, batch: usize) -> u64 {
+    let group = group_len(cfg.basis, batch);
+    let mut convs = Vec::new();
+    collect_convs(&model.layers, &model.input_shape, true, &mut convs);
+    let charge = release_charge(cfg.basis == BasisScope::Batch, batch as u64);
+    let released = convs.iter().enumerate().filter(|(index, site)| {
+        let g = &site.geometry;
+        !site.shares_split && !keeps_everything(cfg.rank.policy(*index), g.in_channels, g.in_h * g.in_w * group)
+    });
+    released.count() as u64 * charge
+}
+
 /// A convolution as [`releases_per_step`] sees it.
 struct ConvSite {
     geometry: ConvGeometry,
@@ -333,7 +355,6 @@ impl Asymml {
     ) -> PlacementResult<Decomposition> {
         let per = c * p;
         let step = group_len(self.cfg.basis, n);
-        let warm_key = format!("{layer}/{what}");
         // Every sample's residual is written below (`residual_into` or `split_into`).
         let mut residual = self.spares.take(n * per);
         let mut norms = vec![0.0f64; n];
@@ -347,9 +368,9 @@ impl Asymml {
             let group = Samples { values: &samples, first: start, positions: p };
             let out = &mut residual[start * per..(start + len) * per];
             let started = Instant::now();
-            let warm = self.warm.get(&warm_key);
+            // Each group's basis is its own samples' alone: nothing carries over between groups.
             let (basis, coordinates) =
-                find_basis_and_coordinates(&samples, c, p, policy, self.cfg.subspace, warm, &mut self.rng)
+                find_basis_and_coordinates(&samples, c, p, policy, self.cfg.subspace, &mut self.starts)
                     .map_err(cannot_split)?;
             let subspace_seconds = started.elapsed().as_secs_f64();
             let split = split_group(&basis, coordinates, &group, out, &mut norms[start..start + len])
@@ -364,7 +385,6 @@ impl Asymml {
             totals.samples += len as u64;
             totals.residual_energy += split.residual_energy;
             totals.total_energy += split.total_energy;
-            self.warm.insert(warm_key.clone(), basis.clone());
             groups.push(Group { start, len, basis, v });
         }
         Ok(Decomposition { groups, residual, norms })
@@ -792,7 +812,7 @@ impl Placement for Asymml {
     }
 
     /// The checks' state kept for the backward pass (an input projection shared by a block's two
-    /// convolutions counted once) and the bases kept to warm-start the fast subspace.
+    /// convolutions counted once).
     fn retained_bytes(&self) -> usize {
         let mut inputs: Vec<*const InputProjection> = Vec::new();
         let mut bytes = 0;
@@ -805,7 +825,7 @@ impl Placement for Asymml {
                 }
             }
         }
-        bytes + self.warm.values().map(|b| 4 * b.u.len()).sum::<usize>()
+        bytes
     }
 
     fn conv_backward(

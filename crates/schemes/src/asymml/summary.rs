@@ -2,7 +2,7 @@
 //! example spent, what that epsilon covers, the per-layer splits and whether the device's results
 //! were verified.
 
-use super::PrivacyLedger;
+use super::{PrivacyCharges, PrivacyLedger};
 use crate::device_check::CheckTally;
 use crate::SchemeReport;
 use serde::Serialize;
@@ -14,7 +14,10 @@ pub struct PrivacySummary {
     pub epsilon: Option<f64>,
     pub delta: f64,
     pub noise_multiplier: f64,
-    /// Gaussian releases charged to each training sample over the run.
+    /// Training steps charged to each sample: one per epoch started, so an epoch interrupted and
+    /// replayed after `--resume` counts twice (both times it may have released the sample).
+    pub participations: u64,
+    /// Gaussian releases charged to each training sample over the run (every participation's).
     pub releases_per_sample: u64,
     /// What the epsilon covers and what it does not, in words.
     pub covers: String,
@@ -26,8 +29,8 @@ pub struct PrivacySummary {
 /// What evaluating released about each evaluated example.
 #[derive(Clone, Debug, Serialize)]
 pub struct EvaluationPrivacy {
-    /// How many times each example was evaluated (the training command evaluates the test split
-    /// once per epoch).
+    /// How many times each example was evaluated, as charged (the training command evaluates the
+    /// test split once per epoch; an evaluation interrupted and replayed counts twice).
     pub evaluations: u64,
     /// Gaussian releases charged to an example per evaluation; 0 when evaluating released nothing.
     pub releases_per_evaluation: u64,
@@ -48,7 +51,6 @@ impl EvaluationPrivacy {
 
     /// One line for the summary.
     pub fn describe(&self) -> String {
-        let plural = |n: u64, word: &str| format!("{n} {word}{}", if n == 1 { "" } else { "s" });
         match (self.releases_per_evaluation, self.epsilon) {
             (0, _) => "privacy of the test examples: nothing of them was released".to_string(),
             (r, Some(e)) => format!(
@@ -66,10 +68,10 @@ impl EvaluationPrivacy {
     }
 }
 
-/// The privacy summary of a run of `epochs` epochs (each sample takes part in one step per epoch,
-/// and the test split is evaluated once per epoch).
-pub fn privacy_summary(ledger: &PrivacyLedger, epochs: usize) -> PrivacySummary {
-    let spent = ledger.spent(epochs as u64);
+/// The privacy summary of a training run that made `charges` (see [`PrivacyCharges`]), with
+/// `ledger` the placement's count of its releases.
+pub fn privacy_summary(ledger: &PrivacyLedger, charges: &PrivacyCharges) -> PrivacySummary {
+    let no_noise = ledger.noise_multiplier <= 0.0;
     let gradients = if ledger.gradients_in_clear { "" } else { " and output-gradient residuals" };
     let mut covers = format!(
         "covers each training sample's clipped, noised activation residuals{gradients} (record-level, \
@@ -79,14 +81,26 @@ pub fn privacy_summary(ledger: &PrivacyLedger, epochs: usize) -> PrivacySummary 
     if ledger.gradients_in_clear {
         covers.push_str(", nor the output gradients, sent IN THE CLEAR (--protect-gradients off)");
     }
+    let evaluation_epsilon = charges.evaluation_spent(ledger.delta).filter(|_| !no_noise);
     PrivacySummary {
-        epsilon: spent.map(|s| s.epsilon),
+        epsilon: charges.training_spent(ledger.delta).filter(|_| !no_noise).map(|s| s.epsilon),
         delta: ledger.delta,
         noise_multiplier: ledger.noise_multiplier,
-        releases_per_sample: ledger.releases_per_step * epochs as u64,
+        participations: charges.participations,
+        releases_per_sample: charges.training.releases(),
         covers,
-        evaluation: EvaluationPrivacy::new(ledger, epochs as u64),
+        evaluation: EvaluationPrivacy {
+            evaluations: charges.evaluations,
+            releases_per_evaluation: ledger.releases_per_evaluation,
+            epsilon: evaluation_epsilon.filter(|_| ledger.releases_per_evaluation > 0).map(|s| s.epsilon),
+            delta: ledger.delta,
+        },
     }
+}
+
+/// `n word`, with an `s` unless `n` is 1.
+fn plural(n: u64, word: &str) -> String {
+    format!("{n} {word}{}", if n == 1 { "" } else { "s" })
 }
 
 /// The summary's line on whether the device's results were verified.
@@ -103,44 +117,47 @@ pub fn describe_device_checks(checks: Option<CheckTally>) -> String {
     }
 }
 
-/// The lines AsymML adds to the end of a training run of `epochs` epochs: the privacy spent, the
-/// per-layer splits and the device checks.
-pub fn describe_run(report: &SchemeReport, epochs: usize) -> Vec<String> {
+/// The lines AsymML adds to the end of a training run: the privacy spent (`privacy`, the run's
+/// [`privacy_summary`]), the per-layer splits and the device checks.
+pub fn describe_run(report: &SchemeReport, privacy: Option<&PrivacySummary>) -> Vec<String> {
     let mut lines = Vec::new();
-    if let Some(ledger) = &report.placement.privacy {
-        let p = privacy_summary(ledger, epochs);
+    if let Some(p) = privacy {
         lines.push(match p.epsilon {
             Some(e) => format!(
                 "privacy: epsilon {e:.3} at delta {} per training sample (noise multiplier {:.4}, {} Gaussian releases \
-                 per sample); {}",
-                p.delta, p.noise_multiplier, p.releases_per_sample, p.covers
+                 per sample over {} charged: one per epoch started, replays included); {}",
+                p.delta,
+                p.noise_multiplier,
+                p.releases_per_sample,
+                plural(p.participations, "participation"),
+                p.covers
             ),
             None => "privacy: NO differential-privacy guarantee (--noise-multiplier 0): residuals were released \
                      without noise"
                 .to_string(),
         });
         lines.push(p.evaluation.describe());
-        let layers = &report.placement.layers;
-        if !layers.is_empty() {
-            let shown: Vec<String> = layers
-                .iter()
-                .map(|l| {
-                    format!(
-                        "{} {} r={:.1} residual {:.1}% clipped {:.0}%",
-                        l.layer,
-                        l.what,
-                        l.mean_rank,
-                        100.0 * l.residual_energy_ratio,
-                        100.0 * l.clipped_fraction
-                    )
-                })
-                .collect();
-            lines.push(format!(
-                "asymml per layer (mean rank per sample; residual share of the energy before noise; released residuals \
-                 clipped):\n  {}",
-                shown.join("\n  ")
-            ));
-        }
+    }
+    let layers = &report.placement.layers;
+    if report.placement.privacy.is_some() && !layers.is_empty() {
+        let shown: Vec<String> = layers
+            .iter()
+            .map(|l| {
+                format!(
+                    "{} {} r={:.1} residual {:.1}% clipped {:.0}%",
+                    l.layer,
+                    l.what,
+                    l.mean_rank,
+                    100.0 * l.residual_energy_ratio,
+                    100.0 * l.clipped_fraction
+                )
+            })
+            .collect();
+        lines.push(format!(
+            "asymml per layer (mean rank per sample; residual share of the energy before noise; released residuals \
+             clipped):\n  {}",
+            shown.join("\n  ")
+        ));
     }
     lines.push(describe_device_checks(report.placement.device_checks));
     lines
