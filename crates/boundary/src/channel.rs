@@ -103,6 +103,22 @@ pub trait Channel: Send {
     }
 }
 
+/// A boxed channel is a channel (so generic protocol code takes either kind of link).
+impl Channel for Box<dyn Channel> {
+    fn send(&mut self, tag: u16, payload: &[u8]) -> Result<(), ChannelError> {
+        (**self).send(tag, payload)
+    }
+    fn recv(&mut self) -> Result<Frame, ChannelError> {
+        (**self).recv()
+    }
+    fn recv_limited(&mut self, max_payload: usize) -> Result<Frame, ChannelError> {
+        (**self).recv_limited(max_payload)
+    }
+    fn peer(&self) -> String {
+        (**self).peer()
+    }
+}
+
 /// Both ends of a channel inside one process (threads), with the same limits as TCP.
 pub struct InProcessChannel {
     tx: mpsc::Sender<Frame>,

@@ -71,11 +71,16 @@ impl<C: Channel> Channel for EncryptedChannel<C> {
     }
 
     fn recv(&mut self) -> Result<Frame, ChannelError> {
+        self.recv_limited(usize::MAX)
+    }
+
+    fn recv_limited(&mut self, max_payload: usize) -> Result<Frame, ChannelError> {
         if self.broken {
             let cause = "a message failed authentication".to_string();
             return Err(ChannelError::Broken { peer: self.peer(), cause });
         }
-        let Frame { tag, mut payload } = self.inner.recv()?;
+        let sealed_max = max_payload.saturating_add(AES_256_GCM.tag_len());
+        let Frame { tag, mut payload } = self.inner.recv_limited(sealed_max)?;
         let opened = self.recv.open_in_place(nonce(self.recv_counter), Aad::from(tag.to_le_bytes()), &mut payload);
         let Ok(plain) = opened else {
             self.broken = true;

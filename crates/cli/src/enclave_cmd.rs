@@ -14,13 +14,20 @@ use std::path::PathBuf;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
-use trustsplit_boundary::{Channel, ChannelError, ChannelOptions, Frame, TcpChannel};
+use trustsplit_boundary::{
+    Channel, ChannelError, ChannelOptions, Frame, KeyPair, Link, LinkPolicy, PublicKey, TcpChannel,
+};
 use trustsplit_data::DatasetKind;
 use trustsplit_enclave::attestation::{
     hex, AttestationProvider, DcapVerifier, GramineDcapProvider, Policy, QuoteVerifier, SimulatedAttestation,
     SimulatedVerifier, TdxPolicy, SIMULATED_WARNING,
 };
-use trustsplit_enclave::upload::{enclave_receive, owner_upload, UploadError, UploadedFile};
+use trustsplit_enclave::upload::{
+    enclave_receive, owner_upload, UploadError, UploadedFile, TAG_ERROR, TAG_FINISHED, TAG_REPORT,
+};
+
+/// The purpose the upload link's handshake names.
+const LINK_PURPOSE: &str = "upload";
 
 use crate::registry::Scheme;
 use crate::train::{self, TrainConfig};
@@ -55,6 +62,12 @@ pub struct EnclaveArgs {
     /// accepted, then the enclave trains and exits.
     #[arg(long)]
     listen: String,
+    /// The data owner's public key (64 hex digits, from its `trustsplit keygen`): only that owner
+    /// can connect and upload; anyone else is refused and the enclave keeps listening.
+    /// (With --insecure-plaintext-link the upload comes over plain TCP from whoever connects
+    /// first: its data stays encrypted to the attested key, but nothing proves who uploaded.)
+    #[arg(long, value_name = "HEX")]
+    owner_key: Option<PublicKey>,
     /// Where quotes come from: simulated (no security; prints its measurement and key for the
     /// owner), gramine (SGX DCAP under Gramine) or tdx (a TDX confidential VM).
     #[arg(long, value_enum, default_value = "simulated")]
@@ -78,6 +91,14 @@ pub struct UploadArgs {
     /// The enclave's address, HOST:PORT (as printed by `trustsplit enclave`).
     #[arg(long)]
     to: String,
+    /// The data owner's key file (`trustsplit keygen --out FILE`); the enclave is started with its
+    /// public key as --owner-key and accepts an upload from no one else.
+    #[arg(long, value_name = "FILE")]
+    key: Option<PathBuf>,
+    /// INSECURE: connect over plain TCP (the enclave must say the same): the data stays encrypted
+    /// to the attested enclave key, but the enclave cannot tell who uploads.
+    #[arg(long, conflicts_with = "key")]
+    insecure_plaintext_link: bool,
     /// The dataset: mnist, fashion-mnist, cifar10, cifar100.
     #[arg(long)]
     dataset: DatasetKind,
@@ -169,17 +190,49 @@ pub fn run_enclave(a: EnclaveArgs) -> Result<()> {
         }
     };
 
+    ensure!(
+        a.owner_key.is_some() || a.training.device_link.insecure_plaintext_link,
+        "--owner-key HEX is required: the data owner's public key (its `trustsplit keygen`), the only one allowed \
+         to upload (or --insecure-plaintext-link, which takes an upload from whoever connects first)"
+    );
     let listener = TcpListener::bind(&a.listen).with_context(|| format!("listening on {}", a.listen))?;
     let addr = listener.local_addr().context("reading the bound address")?;
-    eprintln!("enclave listening on {addr}");
-    let (stream, peer) =
-        listener.accept().with_context(|| format!("accepting the data owner's connection on {addr}"))?;
+    // The enclave's key on the link is fresh: its quote, which binds the link, proves whose it is.
+    let link_key = KeyPair::generate().map_err(anyhow::Error::msg)?;
+    let owner = match (a.owner_key, a.training.device_link.insecure_plaintext_link) {
+        (_, true) => None,
+        (Some(k), false) => Some(LinkPolicy::Only(vec![k])),
+        (None, false) => bail!("--owner-key HEX is required (or --insecure-plaintext-link)"),
+    };
+    match &owner {
+        Some(_) => eprintln!("enclave listening on {addr}"),
+        None => eprintln!(
+            "enclave listening on {addr}\nWARNING: --insecure-plaintext-link: whoever connects first uploads, over plain \
+             TCP"
+        ),
+    }
+    // Until the owner has uploaded, a connection that fails (junk, a stranger's key, a refused
+    // quote) is logged and the enclave keeps listening.
+    let (files, mut to_owner, peer) = loop {
+        let (stream, peer) =
+            listener.accept().with_context(|| format!("accepting the data owner's connection on {addr}"))?;
+        let attempt = match &owner {
+            Some(policy) => Link::accept(stream, LINK_PURPOSE, &link_key, policy, ChannelOptions::default())
+                .map_err(anyhow::Error::from)
+                .and_then(|link| {
+                    let binding = link.handshake_hash();
+                    receive(link, &binding, provider.as_ref(), max_upload_bytes, &peer.to_string())
+                }),
+            None => TcpChannel::from_stream(stream, ChannelOptions::default())
+                .map_err(anyhow::Error::from)
+                .and_then(|ch| receive(ch, &[0; 32], provider.as_ref(), max_upload_bytes, &peer.to_string())),
+        };
+        match attempt {
+            Ok((files, to_owner)) => break (files, to_owner, peer),
+            Err(e) => eprintln!("refused a connection from {peer}: {e:#}; still listening on {addr}"),
+        }
+    };
     drop(listener); // one upload per run: nobody else may connect
-    eprintln!("data owner connected from {peer}");
-    let ch = TcpChannel::from_stream(stream, ChannelOptions::default())
-        .with_context(|| format!("setting up the connection from {peer}"))?;
-
-    let files = receive(ch, provider.as_ref(), max_upload_bytes, &peer.to_string())?;
     let total: usize = files.iter().map(|f| f.bytes.len()).sum();
     eprintln!("received {} file(s), {total} bytes, from {peer}", files.len());
 
@@ -202,22 +255,36 @@ pub fn run_enclave(a: EnclaveArgs) -> Result<()> {
     cfg.scheme = a.scheme;
     let out = a.training.apply(&mut cfg)?;
     train::announce(&cfg, &format!("the uploaded {}", cfg.dataset), &out);
-    let s = train::train_with_data(&cfg, data, &out, a.training.resume, true)?;
-    train::report(&s, a.training.json)
+    match train::train_with_data(&cfg, data, &out, a.training.resume, true) {
+        Ok(s) => {
+            let summary = serde_json::to_vec(&s)?;
+            if let Err(e) = to_owner.send(TAG_FINISHED, &summary) {
+                eprintln!("could not send the summary to the data owner: {e}");
+            }
+            train::report(&s, a.training.json)
+        }
+        Err(e) => {
+            let _ = to_owner.send(TAG_ERROR, format!("{e:#}").as_bytes());
+            Err(e)
+        }
+    }
 }
 
 /// Runs the upload protocol's enclave side, turning the ways it ends early into messages that
 /// say what happened from the enclave's point of view.
-fn receive(
-    ch: TcpChannel,
+/// Returns the files and the encrypted channel to the owner, which stays open for the run's
+/// reports.
+fn receive<C: Channel + 'static>(
+    ch: C,
+    binding: &[u8; 32],
     provider: &dyn AttestationProvider,
     max_bytes: u64,
     peer: &str,
-) -> Result<Vec<UploadedFile>> {
+) -> Result<(Vec<UploadedFile>, Box<dyn Channel>)> {
     let received = Arc::new(AtomicUsize::new(0));
     let ch = CountingChannel { inner: ch, received_frames: received.clone() };
-    match enclave_receive(ch, &[0; 32], provider, max_bytes) {
-        Ok((files, _)) => Ok(files),
+    match enclave_receive(ch, binding, provider, max_bytes) {
+        Ok((files, to_owner)) => Ok((files, Box::new(to_owner))),
         // The owner hangs up right after our quote when it does not trust it: nothing but the
         // hello ever arrived.
         Err(UploadError::Channel(ChannelError::Closed { .. })) => match received.load(Ordering::Relaxed) {
@@ -339,10 +406,31 @@ pub fn run_upload(a: UploadArgs) -> Result<()> {
     );
     drop(splits);
 
-    let ch = TcpChannel::connect(&a.to, ChannelOptions::default())
-        .with_context(|| format!("connecting to the enclave at {}", a.to))?;
+    ensure!(
+        a.key.is_some() || a.insecure_plaintext_link,
+        "--key FILE is required: the data owner's key file (trustsplit keygen --out FILE), whose public key the \
+         enclave was started with as --owner-key (or --insecure-plaintext-link on both sides)"
+    );
     let now = SystemTime::now().duration_since(UNIX_EPOCH).context("the system clock is before 1970")?.as_secs();
-    let (report, _) = owner_upload(ch, &[0; 32], verifier.as_ref(), &policy, &files, now).map_err(|e| match e {
+    let connecting = || format!("connecting to the enclave at {}", a.to);
+    let uploaded = match &a.key {
+        Some(path) => {
+            let key = KeyPair::load(path).map_err(anyhow::Error::msg)?;
+            // The enclave's link key is fresh each run: its quote, which binds this link's
+            // handshake, is what authenticates it.
+            let link =
+                Link::connect(&a.to, LINK_PURPOSE, &key, &LinkPolicy::AnyAuthenticated, ChannelOptions::default())
+                    .with_context(connecting)?;
+            let binding = link.handshake_hash();
+            owner_upload(Box::new(link) as Box<dyn Channel>, &binding, verifier.as_ref(), &policy, &files, now)
+        }
+        None => {
+            eprintln!("WARNING: --insecure-plaintext-link: the enclave cannot tell who uploads");
+            let ch = TcpChannel::connect(&a.to, ChannelOptions::default()).with_context(connecting)?;
+            owner_upload(Box::new(ch) as Box<dyn Channel>, &[0; 32], verifier.as_ref(), &policy, &files, now)
+        }
+    };
+    let (report, mut from_enclave) = uploaded.map_err(|e| match e {
         // Refused during the handshake: only our hello went out.
         UploadError::Attestation(_) | UploadError::ReportDataMismatch { .. } | UploadError::WeakKey { .. } => {
             anyhow::Error::from(e).context(format!("refusing the enclave at {}; no data was sent", a.to))
@@ -356,12 +444,35 @@ pub fn run_upload(a: UploadArgs) -> Result<()> {
         eprintln!("  advisories: {}", report.advisories.join(", "));
     }
     eprintln!(
-        "uploaded {} file(s), {total} bytes of {} to {}; the enclave confirmed receipt",
+        "uploaded {} file(s), {total} bytes of {} to {}; the enclave confirmed receipt and is training",
         files.len(),
         a.dataset,
         a.to
     );
-    Ok(())
+    wait_for_reports(&mut from_enclave, &a.to)
+}
+
+/// Prints what the enclave reports on its training, over the encrypted channel, until it finishes.
+fn wait_for_reports(from_enclave: &mut dyn Channel, enclave: &str) -> Result<()> {
+    loop {
+        let frame = match from_enclave.recv_limited(1 << 20) {
+            Ok(f) => f,
+            // Training takes a while; silence within the channel's timeout is not an error.
+            Err(ChannelError::Timeout { .. }) => continue,
+            Err(e) => return Err(e).with_context(|| format!("waiting for the enclave at {enclave} to report")),
+        };
+        let text = String::from_utf8_lossy(&frame.payload);
+        match frame.tag {
+            TAG_REPORT => eprintln!("enclave: {text}"),
+            TAG_FINISHED => {
+                eprintln!("the enclave finished training; its summary:");
+                println!("{text}");
+                return Ok(());
+            }
+            TAG_ERROR => bail!("the enclave's training failed: {text}"),
+            other => bail!("the enclave at {enclave} sent an unexpected message (tag {other:#06x})"),
+        }
+    }
 }
 
 /// Refuses the options that let a malicious or readable enclave receive the data unless --insecure

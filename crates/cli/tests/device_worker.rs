@@ -190,6 +190,42 @@ fn killed_worker_gives_a_clear_error_and_training_resumes_without_loss() {
 }
 
 #[test]
+fn an_epoch_replayed_after_its_worker_died_is_charged_again_under_asymml() {
+    // Under AsymML the epoch the worker died in had already released part of its samples' noised
+    // residuals; replayed after --resume, it releases them again, and is charged again.
+    let asymml = |epochs: usize, worker: &Worker, addr: &str| {
+        let mut cfg = config(epochs, &format!("tcp://{addr}"), Some(&worker.key));
+        cfg.scheme = Scheme::named("asymml").unwrap();
+        cfg.train_limit = 600;
+        cfg
+    };
+    let out = out_dir("asymml-charged");
+    let mut first = Worker::start();
+    let measuring = CountingRelay::start(first.addr.clone(), u64::MAX);
+    train(&asymml(1, &first, &measuring.addr), &out, false, false).unwrap();
+    let bytes_per_epoch = measuring.sent.load(Ordering::SeqCst);
+    first.kill();
+
+    // Killed halfway through the second epoch (its training part: the evaluation sends far less).
+    let mut second = Worker::start();
+    let relay = CountingRelay::start(second.addr.clone(), bytes_per_epoch / 2);
+    let (cfg, out2) = (asymml(3, &second, &relay.addr), out.clone());
+    let run = std::thread::spawn(move || train(&cfg, &out2, true, false));
+    relay.crossed.recv_timeout(Duration::from_secs(120)).expect("the resumed run never reached mid-epoch");
+    second.kill();
+    assert!(run.join().unwrap().is_err());
+
+    let third = Worker::start();
+    let done = train(&asymml(3, &third, &third.addr), &out, true, false).unwrap();
+    let p = done.privacy.unwrap();
+    let ledger = done.scheme_report.placement.privacy.unwrap();
+    assert_eq!((p.participations, p.evaluation.evaluations), (4, 3), "{p:?}");
+    let epsilon = |participations| ledger.spent(participations).unwrap().epsilon;
+    assert_eq!(p.epsilon, Some(epsilon(4)), "the conservative bound: epochs 1, 2, 2 again and 3");
+    assert!(epsilon(4) > epsilon(3));
+}
+
+#[test]
 fn a_worker_refuses_an_unknown_trainer_and_a_trainer_refuses_an_unknown_worker() {
     let worker = Worker::start();
     let (stranger_file, _) = keygen("stranger");

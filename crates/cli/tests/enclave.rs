@@ -129,6 +129,17 @@ struct Enclave {
     addr: String,
     measurement: String,
     key: String,
+    /// The data owner's key file, whose public key the enclave was started with.
+    owner_key: PathBuf,
+}
+
+/// Makes a key file with `trustsplit keygen` in `dir`; returns its path and public key.
+fn keygen(dir: &Path, name: &str) -> (PathBuf, String) {
+    let path = dir.join(name);
+    let _ = std::fs::remove_file(&path);
+    let out = Command::new(env!("CARGO_BIN_EXE_trustsplit")).args(["keygen", "--out"]).arg(&path).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    (path, String::from_utf8(out.stdout).unwrap().trim().to_string())
 }
 
 /// The word after `prefix` on the first line that has it.
@@ -146,10 +157,13 @@ fn start_enclave(dir: &Path) -> Enclave {
 /// flags say otherwise), with the given scheme and training flags.
 fn start_enclave_with(dir: &Path, scheme_args: &[&str]) -> Enclave {
     let out = dir.join("run");
+    let (owner_key, owner_public) = keygen(dir, "owner.key");
     let mut args = vec![
         "enclave",
         "--listen",
         "127.0.0.1:0",
+        "--owner-key",
+        &owner_public,
         "--dataset",
         "fashion-mnist",
         "--model",
@@ -175,7 +189,7 @@ fn start_enclave_with(dir: &Path, scheme_args: &[&str]) -> Enclave {
         );
         if let (Some(addr), Some(measurement), Some(key)) = found {
             assert!(err.contains("provides no security"), "no simulation warning:\n{err}");
-            return Enclave { proc, addr, measurement, key };
+            return Enclave { proc, addr, measurement, key, owner_key };
         }
         if let Some(status) = proc.child.try_wait().unwrap() {
             panic!("trustsplit enclave exited ({status}) before listening:\n{err}");
@@ -187,13 +201,27 @@ fn start_enclave_with(dir: &Path, scheme_args: &[&str]) -> Enclave {
     }
 }
 
-/// Runs `trustsplit upload` with simulated attestation to `enclave`; returns its exit status and
-/// stderr.
+/// Runs `trustsplit upload` with simulated attestation to `enclave`, as the owner it was started
+/// for, and waits for the enclave's report of the training; returns its exit status and stderr.
 fn upload(dir: &Path, enclave: &Enclave, data: &Path, key: &str, measurement: &str) -> (ExitStatus, String) {
+    upload_as(dir, enclave, &enclave.owner_key, data, key, measurement)
+}
+
+/// [`upload`] with the owner key file `owner_key`.
+fn upload_as(
+    dir: &Path,
+    enclave: &Enclave,
+    owner_key: &Path,
+    data: &Path,
+    key: &str,
+    measurement: &str,
+) -> (ExitStatus, String) {
     let args = [
         "upload",
         "--to",
         &enclave.addr,
+        "--key",
+        owner_key.to_str().unwrap(),
         "--dataset",
         "fashion-mnist",
         "--data-dir",
@@ -206,7 +234,7 @@ fn upload(dir: &Path, enclave: &Enclave, data: &Path, key: &str, measurement: &s
         measurement,
     ];
     let mut proc = Proc::spawn("upload", dir, &args);
-    let status = proc.wait(DEADLINE);
+    let status = proc.wait(TRAIN_DEADLINE);
     (status, proc.stderr())
 }
 
@@ -237,15 +265,24 @@ fn owner_uploads_to_attested_enclave_which_trains() {
     assert!(enclave_err.contains("received 4 file(s)"), "{enclave_err}");
 }
 
-/// Starts an enclave with `flags`, uploads `data` to it (which must succeed) and waits for the
-/// enclave to end: whether it succeeded, its stdout and its stderr.
+/// Starts an enclave with `flags`, uploads `data` to it (which must be received) and waits for the
+/// enclave to end: whether it succeeded, its stdout and its stderr. The owner's upload command
+/// ends as the enclave's training does: it reports the outcome to the owner.
 fn train_on_upload(dir: &Path, data: &Path, flags: &[&str]) -> (bool, String, String) {
     let mut enclave = start_enclave_with(dir, flags);
     let (measurement, key) = (enclave.measurement.clone(), enclave.key.clone());
     let (status, err) = upload(dir, &enclave, data, &key, &measurement);
-    assert!(status.success(), "upload failed ({status}):\n{err}\nenclave:\n{}", enclave.proc.stderr());
-    let status = enclave.proc.wait(TRAIN_DEADLINE);
-    (status.success(), enclave.proc.stdout(), enclave.proc.stderr())
+    assert!(
+        err.contains("the enclave confirmed receipt"),
+        "upload failed:\n{err}\nenclave:\n{}",
+        enclave.proc.stderr()
+    );
+    let enclave_status = enclave.proc.wait(TRAIN_DEADLINE);
+    assert_eq!(status.success(), enclave_status.success(), "owner:\n{err}\nenclave:\n{}", enclave.proc.stderr());
+    if !status.success() {
+        assert!(err.contains("the enclave's training failed"), "{err}");
+    }
+    (enclave_status.success(), enclave.proc.stdout(), enclave.proc.stderr())
 }
 
 /// [`train_on_upload`] where the enclave must succeed: its JSON summary and stderr.
@@ -388,16 +425,61 @@ fn owner_refusing_the_quote_sends_nothing() {
             assert!(err.contains(&other_measurement) && err.contains(&enclave.measurement), "{err}");
         }
 
-        let status = enclave.proc.wait(DEADLINE);
-        let enclave_err = enclave.proc.stderr();
-        assert!(!status.success(), "wrong {case}: enclave exited 0:\n{enclave_err}");
+        // The enclave logs the refusal and keeps listening for its owner.
+        let enclave_err = wait_for_stderr(&enclave.proc, "still listening");
         assert!(
             enclave_err.contains("closed the connection after our quote, before sending any data"),
             "{enclave_err}"
         );
+        assert!(enclave.proc.child.try_wait().unwrap().is_none(), "the enclave stopped listening:\n{enclave_err}");
         assert!(enclave.proc.stdout().is_empty(), "{}", enclave.proc.stdout());
         assert!(!tmp.0.join("run").exists(), "the enclave trained on nothing");
     }
+}
+
+/// Waits until `proc`'s stderr contains `text`; returns it.
+fn wait_for_stderr(proc: &Proc, text: &str) -> String {
+    let start = Instant::now();
+    loop {
+        let err = proc.stderr();
+        if err.contains(text) {
+            return err;
+        }
+        assert!(start.elapsed() < DEADLINE, "no {text:?} within {DEADLINE:?}:\n{err}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn junk_and_strangers_do_not_end_the_enclave_and_only_its_owner_uploads() {
+    let tmp = TempDir::new("strangers");
+    let data = tmp.0.join("data");
+    write_dataset(&data);
+    let mut enclave = start_enclave(&tmp.0);
+    let (measurement, key) = (enclave.measurement.clone(), enclave.key.clone());
+    // Junk on the port.
+    let mut junk = std::net::TcpStream::connect(&enclave.addr).unwrap();
+    std::io::Write::write_all(&mut junk, b"GET / HTTP/1.1\r\n\r\n").unwrap();
+    drop(junk);
+    wait_for_stderr(&enclave.proc, "still listening");
+    // A stranger with a key of its own, and with the right attestation values: refused by the link.
+    let (stranger, _) = keygen(&tmp.0, "stranger.key");
+    let (status, err) = upload_as(&tmp.0, &enclave, &stranger, &data, &key, &measurement);
+    assert!(!status.success() && err.contains("not allowed"), "{err}");
+    // Plain TCP is refused too.
+    let mut args = vec!["upload", "--to", &enclave.addr, "--insecure-plaintext-link", "--dataset", "fashion-mnist"];
+    let data_dir = data.to_str().unwrap().to_string();
+    args.extend_from_slice(&["--data-dir", &data_dir, "--attestation", "simulated", "--simulation-key", &key]);
+    args.extend_from_slice(&["--expect-measurement", &measurement]);
+    let mut plain = Proc::spawn("upload", &tmp.0, &args);
+    assert!(!plain.wait(DEADLINE).success(), "{}", plain.stderr());
+    // The owner still uploads, and gets the training's summary over the encrypted channel.
+    let (status, err) = upload(&tmp.0, &enclave, &data, &key, &measurement);
+    assert!(status.success(), "upload failed ({status}):\n{err}\nenclave:\n{}", enclave.proc.stderr());
+    assert!(err.contains("the enclave finished training"), "{err}");
+    assert!(enclave.proc.wait(TRAIN_DEADLINE).success(), "{}", enclave.proc.stderr());
+    let refusals = enclave.proc.stderr().matches("refused a connection").count();
+    assert!(refusals >= 3, "{}", enclave.proc.stderr());
 }
 
 #[test]
@@ -451,8 +533,19 @@ fn upload_refuses_insecure_options_without_insecure_before_connecting() {
     let data = tmp.0.join("data");
     write_dataset(&data);
     let to = closed_port();
+    let owner_key = keygen(&tmp.0, "owner.key").0.to_str().unwrap().to_string();
     let run = |extra: &[&str]| -> String {
-        let mut args = vec!["upload", "--to", &to, "--dataset", "fashion-mnist", "--data-dir", data.to_str().unwrap()];
+        let mut args = vec![
+            "upload",
+            "--to",
+            &to,
+            "--key",
+            &owner_key,
+            "--dataset",
+            "fashion-mnist",
+            "--data-dir",
+            data.to_str().unwrap(),
+        ];
         args.extend_from_slice(&["--attestation", "dcap", "--collateral", COLLATERAL]);
         args.extend_from_slice(extra);
         let mut p = Proc::spawn("upload", &tmp.0, &args);
@@ -487,7 +580,17 @@ fn upload_refuses_insecure_options_without_insecure_before_connecting() {
 
     // Simulated attestation is an explicit choice already: --allow-any-measurement needs no
     // --insecure there (it still warns).
-    let mut args = vec!["upload", "--to", &to, "--dataset", "fashion-mnist", "--data-dir", data.to_str().unwrap()];
+    let mut args = vec![
+        "upload",
+        "--to",
+        &to,
+        "--key",
+        &owner_key,
+        "--dataset",
+        "fashion-mnist",
+        "--data-dir",
+        data.to_str().unwrap(),
+    ];
     args.extend_from_slice(&["--attestation", "simulated", "--simulation-key", &m, "--allow-any-measurement"]);
     let mut p = Proc::spawn("upload", &tmp.0, &args);
     assert!(!p.wait(DEADLINE).success());
@@ -502,9 +605,20 @@ fn upload_takes_the_tdx_pins() {
     let data = tmp.0.join("data");
     write_dataset(&data);
     let to = closed_port();
+    let owner_key = keygen(&tmp.0, "owner.key").0.to_str().unwrap().to_string();
     let m = "00".repeat(32);
     let run = |extra: &[&str]| -> String {
-        let mut args = vec!["upload", "--to", &to, "--dataset", "fashion-mnist", "--data-dir", data.to_str().unwrap()];
+        let mut args = vec![
+            "upload",
+            "--to",
+            &to,
+            "--key",
+            &owner_key,
+            "--dataset",
+            "fashion-mnist",
+            "--data-dir",
+            data.to_str().unwrap(),
+        ];
         args.extend_from_slice(&["--expect-measurement", &m]);
         args.extend_from_slice(extra);
         let mut p = Proc::spawn("upload", &tmp.0, &args);
