@@ -30,7 +30,7 @@ use trustsplit_enclave::upload::{
 const LINK_PURPOSE: &str = "upload";
 
 use crate::registry::Scheme;
-use crate::train::{self, TrainConfig};
+use crate::train::{self, RunLog, TrainConfig};
 
 /// Who produces the enclave's quotes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
@@ -236,12 +236,37 @@ pub fn run_enclave(a: EnclaveArgs) -> Result<()> {
     let total: usize = files.iter().map(|f| f.bytes.len()).sum();
     eprintln!("received {} file(s), {total} bytes, from {peer}", files.len());
 
+    // From here on the host sees nothing about the data or the training but that it runs and
+    // how it ends: losses, accuracies, per-layer figures and errors (which may quote values) go
+    // to the owner over the encrypted channel.
+    let mut log = ToOwner { channel: to_owner.as_mut(), lost: false };
+    match train_on_upload(&a, files, &mut log) {
+        Ok(summary) => {
+            for line in train::summary_lines(&summary) {
+                log.line(&line);
+            }
+            let sent = log.channel.send(TAG_FINISHED, &serde_json::to_vec(&summary)?);
+            if let Err(e) = sent {
+                bail!("training finished, but its summary could not reach the data owner: {e}");
+            }
+            eprintln!("training finished; the summary went to the data owner");
+            Ok(())
+        }
+        Err(e) => {
+            let _ = log.channel.send(TAG_ERROR, format!("{e:#}").as_bytes());
+            bail!("training failed; the reason went to the data owner (it may quote data, so it is not shown here)")
+        }
+    }
+}
+
+/// Parses the uploaded files and trains on them, reporting to `log`.
+fn train_on_upload(a: &EnclaveArgs, files: Vec<UploadedFile>, log: &mut ToOwner) -> Result<train::TrainSummary> {
     let files: Vec<(String, Vec<u8>)> = files.into_iter().map(|f| (f.name, f.bytes)).collect();
     let splits = trustsplit_data::load_from_files(a.dataset, &files)
         .with_context(|| format!("parsing the uploaded {} files", a.dataset))?;
     drop(files);
     let data = train::prepare_data(a.dataset, splits, &a.training.model, 0, 0)?;
-    eprintln!(
+    log.line(&format!(
         "dataset {}: {} training and {} test images of {}x{}x{}",
         a.dataset,
         data.train.len(),
@@ -249,24 +274,33 @@ pub fn run_enclave(a: EnclaveArgs) -> Result<()> {
         data.train.channels,
         data.train.height,
         data.train.width
-    );
-
+    ));
     let mut cfg = TrainConfig::new(&a.training.model, a.dataset.name());
     cfg.scheme = a.scheme;
     let out = a.training.apply(&mut cfg)?;
     train::announce(&cfg, &format!("the uploaded {}", cfg.dataset), &out);
-    match train::train_with_data(&cfg, data, &out, a.training.resume, true) {
-        Ok(s) => {
-            let summary = serde_json::to_vec(&s)?;
-            if let Err(e) = to_owner.send(TAG_FINISHED, &summary) {
-                eprintln!("could not send the summary to the data owner: {e}");
+    train::train_with_data(&cfg, data, &out, a.training.resume, log)
+}
+
+/// The enclave's run log: every line goes to the data owner over the encrypted channel, none to
+/// the host's terminal, and no progress bars (they show the running loss).
+struct ToOwner<'a> {
+    channel: &'a mut dyn Channel,
+    /// Set when a line could not be sent: the owner is gone; training goes on to its checkpoint.
+    lost: bool,
+}
+
+impl RunLog for ToOwner<'_> {
+    fn line(&mut self, text: &str) {
+        if !self.lost {
+            if let Err(e) = self.channel.send(TAG_REPORT, text.as_bytes()) {
+                eprintln!("the data owner no longer receives reports ({e}); training goes on");
+                self.lost = true;
             }
-            train::report(&s, a.training.json)
         }
-        Err(e) => {
-            let _ = to_owner.send(TAG_ERROR, format!("{e:#}").as_bytes());
-            Err(e)
-        }
+    }
+    fn bars(&self) -> bool {
+        false
     }
 }
 

@@ -369,22 +369,47 @@ impl Charging {
     }
 }
 
+/// Where a run's words go: this machine's terminal for `train`; the data owner, over the
+/// encrypted channel, for `enclave`, whose host is untrusted and must not see losses, accuracies or
+/// per-layer figures.
+pub trait RunLog: Send {
+    /// One line about the run.
+    fn line(&mut self, text: &str);
+    /// Whether progress bars, which show the running loss, may be drawn on this machine.
+    fn bars(&self) -> bool;
+}
+
+/// The terminal: lines on stderr, progress bars if asked for.
+pub struct Terminal {
+    pub bars: bool,
+}
+
+impl RunLog for Terminal {
+    fn line(&mut self, text: &str) {
+        eprintln!("{text}");
+    }
+    fn bars(&self) -> bool {
+        self.bars
+    }
+}
+
 /// Trains as configured, writing checkpoints and metrics under `out`. With `resume`, continues
 /// from `out`'s checkpoint (which must come from the same configuration).
 pub fn train(cfg: &TrainConfig, out: &Path, resume: bool, show_progress: bool) -> Result<TrainSummary> {
     let data = load_data(&cfg.dataset, cfg.data_dir.as_deref(), &cfg.model, cfg.train_limit, cfg.test_limit)?;
-    train_with_data(cfg, data, out, resume, show_progress)
+    train_with_data(cfg, data, out, resume, &mut Terminal { bars: show_progress })
 }
 
 /// [`train`] on data that is already loaded (`cfg.dataset` and `cfg.data_dir` are then only
-/// recorded, not read).
+/// recorded, not read), telling `log` how it goes.
 pub fn train_with_data(
     cfg: &TrainConfig,
     data: Data,
     out: &Path,
     resume: bool,
-    show_progress: bool,
+    log: &mut dyn RunLog,
 ) -> Result<TrainSummary> {
+    let show_progress = log.bars();
     if cfg.batch_size == 0 || cfg.epochs == 0 {
         bail!("--batch-size and --epochs must be at least 1");
     }
@@ -512,7 +537,7 @@ pub fn train_with_data(
             metrics.flush()?;
             let meta = checkpoint::meta(&model, epoch + 1, opt.steps, cfg.seed, cfg.identity());
             checkpoint::save(&ckpt_path, &model, &opt, &meta)?;
-            eprintln!(
+            log.line(&format!(
                 "epoch {:>3}/{}: train loss {:.4} acc {:.2}% | test loss {:.4} acc {:.2}% | {:.1}s",
                 epoch + 1,
                 cfg.epochs,
@@ -521,7 +546,7 @@ pub fn train_with_data(
                 last_test.loss,
                 100.0 * last_test.accuracy,
                 secs
-            );
+            ));
         }
         Ok(())
     })??;
@@ -575,16 +600,18 @@ pub fn announce(cfg: &TrainConfig, data: &str, out: &Path) {
 /// Ends a command that trained: the human-readable summary on stderr and, with `json`, one JSON
 /// object on stdout.
 pub fn report(s: &TrainSummary, json: bool) -> Result<()> {
-    print_summary(s);
+    for line in summary_lines(s) {
+        eprintln!("{line}");
+    }
     if json {
         println!("{}", serde_json::to_string(s)?);
     }
     Ok(())
 }
 
-/// Prints the human-readable end of a run on stderr.
-pub fn print_summary(s: &TrainSummary) {
-    eprintln!(
+/// The human-readable end of a run.
+pub fn summary_lines(s: &TrainSummary) -> Vec<String> {
+    let mut lines = vec![format!(
         "done: test accuracy {:.2}% (loss {:.4}) on {} test images after {} epochs, {} steps, {:.1}s; {} parameters; checkpoint {}",
         100.0 * s.accuracy,
         s.loss,
@@ -594,18 +621,16 @@ pub fn print_summary(s: &TrainSummary) {
         s.seconds,
         s.parameters,
         s.checkpoint.display()
-    );
+    )];
     let r = &s.scheme_report;
-    eprintln!(
+    lines.push(format!(
         "released to the device: {} ({} bytes released and {} bytes returned, in {} transcript records; {} bytes sent \
          to the device in all, resends included)",
         s.released, r.transcript.bytes_released, r.transcript.bytes_returned, r.transcript.records, r.device_bytes_sent
-    );
-    for line in (s.scheme.entry().describe_run)(r, s.privacy.as_ref()) {
-        eprintln!("{line}");
-    }
+    ));
+    lines.extend((s.scheme.entry().describe_run)(r, s.privacy.as_ref()));
     if let Some(m) = &r.memory {
-        eprintln!(
+        lines.push(format!(
             "enclave: {:.1}s computing, device {:.1}s; peak memory {:.1} MiB of a {:.0} MiB budget; sealed spill {:.1} MiB out, {:.1} MiB back",
             r.enclave_seconds,
             r.device_seconds,
@@ -613,6 +638,7 @@ pub fn print_summary(s: &TrainSummary) {
             m.budget_bytes as f64 / (1 << 20) as f64,
             m.spill_bytes as f64 / (1 << 20) as f64,
             m.restore_bytes as f64 / (1 << 20) as f64
-        );
+        ));
     }
+    lines
 }

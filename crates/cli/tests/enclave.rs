@@ -203,6 +203,7 @@ fn start_enclave_with(dir: &Path, scheme_args: &[&str]) -> Enclave {
 
 /// Runs `trustsplit upload` with simulated attestation to `enclave`, as the owner it was started
 /// for, and waits for the enclave's report of the training; returns its exit status and stderr.
+/// The training's summary, which the enclave sends the owner, is [`last_stdout`].
 fn upload(dir: &Path, enclave: &Enclave, data: &Path, key: &str, measurement: &str) -> (ExitStatus, String) {
     upload_as(dir, enclave, &enclave.owner_key, data, key, measurement)
 }
@@ -235,7 +236,17 @@ fn upload_as(
     ];
     let mut proc = Proc::spawn("upload", dir, &args);
     let status = proc.wait(TRAIN_DEADLINE);
+    LAST_STDOUT.with(|o| *o.borrow_mut() = proc.stdout());
     (status, proc.stderr())
+}
+
+thread_local! {
+    static LAST_STDOUT: std::cell::RefCell<String> = const { std::cell::RefCell::new(String::new()) };
+}
+
+/// The stdout of this thread's last upload: the enclave's summary of the training, as JSON.
+fn last_stdout() -> String {
+    LAST_STDOUT.with(|o| o.borrow().clone())
 }
 
 #[test]
@@ -254,8 +265,12 @@ fn owner_uploads_to_attested_enclave_which_trains() {
     let status = enclave.proc.wait(TRAIN_DEADLINE);
     let enclave_err = enclave.proc.stderr();
     assert!(status.success(), "enclave failed ({status}):\n{enclave_err}");
-    let summary: serde_json::Value = serde_json::from_str(enclave.proc.stdout().trim())
-        .unwrap_or_else(|e| panic!("enclave stdout is not one JSON object ({e}):\n{}", enclave.proc.stdout()));
+    // The summary goes to the owner; the host's terminal gets none of it.
+    let summary: serde_json::Value = serde_json::from_str(last_stdout().trim())
+        .unwrap_or_else(|e| panic!("the owner's stdout is not one JSON object ({e}):\n{}", last_stdout()));
+    assert!(enclave.proc.stdout().is_empty(), "{}", enclave.proc.stdout());
+    assert!(!enclave_err.contains("test accuracy") && !enclave_err.contains("loss"), "{enclave_err}");
+    assert!(err.contains("enclave: done: test accuracy"), "{err}");
     assert_eq!(summary["test_samples"], 100, "{summary}");
     assert_eq!(summary["train_samples"], 300, "{summary}");
     assert_eq!(summary["dataset"], "fashion-mnist", "{summary}");
@@ -266,8 +281,8 @@ fn owner_uploads_to_attested_enclave_which_trains() {
 }
 
 /// Starts an enclave with `flags`, uploads `data` to it (which must be received) and waits for the
-/// enclave to end: whether it succeeded, its stdout and its stderr. The owner's upload command
-/// ends as the enclave's training does: it reports the outcome to the owner.
+/// enclave to end: whether it succeeded, the summary the owner received (stdout) and both sides'
+/// stderr, the owner's first. The owner's upload command ends as the enclave's training does.
 fn train_on_upload(dir: &Path, data: &Path, flags: &[&str]) -> (bool, String, String) {
     let mut enclave = start_enclave_with(dir, flags);
     let (measurement, key) = (enclave.measurement.clone(), enclave.key.clone());
@@ -282,7 +297,7 @@ fn train_on_upload(dir: &Path, data: &Path, flags: &[&str]) -> (bool, String, St
     if !status.success() {
         assert!(err.contains("the enclave's training failed"), "{err}");
     }
-    (enclave_status.success(), enclave.proc.stdout(), enclave.proc.stderr())
+    (enclave_status.success(), last_stdout(), format!("{err}\n{}", enclave.proc.stderr()))
 }
 
 /// [`train_on_upload`] where the enclave must succeed: its JSON summary and stderr.
@@ -290,7 +305,7 @@ fn summary_of_training(dir: &Path, data: &Path, flags: &[&str]) -> (serde_json::
     let (ok, out, err) = train_on_upload(dir, data, flags);
     assert!(ok, "enclave failed:\n{err}");
     let summary = serde_json::from_str(out.trim())
-        .unwrap_or_else(|e| panic!("enclave stdout is not one JSON object ({e}):\n{out}"));
+        .unwrap_or_else(|e| panic!("the owner's stdout is not one JSON object ({e}):\n{out}"));
     (summary, err)
 }
 
