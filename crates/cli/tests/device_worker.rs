@@ -39,12 +39,20 @@ struct Worker {
 impl Worker {
     fn start() -> Worker {
         let (key_file, key) = keygen("worker");
-        let mut child = Command::new(env!("CARGO_BIN_EXE_trustsplit"))
-            .args(["device", "--listen", "127.0.0.1:0", "--backend", "cpu:1", "--allow", &trainer_key().1, "--key"])
-            .arg(&key_file)
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
+        let mut command = Command::new(env!("CARGO_BIN_EXE_trustsplit"));
+        command.args(["device", "--listen", "127.0.0.1:0", "--backend", "cpu:1", "--allow", &trainer_key().1, "--key"]);
+        Worker::spawn(command.arg(&key_file), key)
+    }
+
+    /// A worker on plain TCP (`--insecure-plaintext-link`).
+    fn start_plaintext() -> Worker {
+        let mut command = Command::new(env!("CARGO_BIN_EXE_trustsplit"));
+        command.args(["device", "--listen", "127.0.0.1:0", "--backend", "cpu:1", "--insecure-plaintext-link"]);
+        Worker::spawn(&mut command, String::new())
+    }
+
+    fn spawn(command: &mut Command, key: String) -> Worker {
+        let mut child = command.stderr(Stdio::piped()).spawn().unwrap();
         let stderr = child.stderr.take().unwrap();
         let (tx, rx) = std::sync::mpsc::channel();
         std::thread::spawn(move || {
@@ -247,4 +255,74 @@ fn a_worker_refuses_an_unknown_trainer_and_a_trainer_refuses_an_unknown_worker()
     cfg.device_link.device_key.truncate(1);
     let err = format!("{:#}", train(&cfg, &out_dir("count"), false, false).unwrap_err());
     assert!(err.contains("2 tcp:// device(s)"), "{err}");
+}
+
+/// A TCP relay that keeps every byte the trainer sends to the worker.
+struct CapturingRelay {
+    addr: String,
+    captured: Arc<std::sync::Mutex<Vec<u8>>>,
+}
+
+impl CapturingRelay {
+    fn start(upstream: String) -> CapturingRelay {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap().to_string();
+        let captured = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let keep = captured.clone();
+        std::thread::spawn(move || {
+            for mut client in listener.incoming().map_while(Result::ok) {
+                let Ok(worker) = TcpStream::connect(&upstream) else { return };
+                let _ = (client.set_nodelay(true), worker.set_nodelay(true));
+                let (back_from, back_to) = (worker.try_clone().unwrap(), client.try_clone().unwrap());
+                std::thread::spawn(move || pump(back_from, back_to, None));
+                let (keep, mut worker) = (keep.clone(), worker);
+                std::thread::spawn(move || {
+                    let mut buf = vec![0u8; 1 << 16];
+                    while let Ok(n @ 1..) = client.read(&mut buf) {
+                        keep.lock().unwrap().extend_from_slice(&buf[..n]);
+                        if worker.write_all(&buf[..n]).is_err() {
+                            break;
+                        }
+                    }
+                });
+            }
+        });
+        CapturingRelay { addr, captured }
+    }
+}
+
+fn compressed_len(bytes: &[u8]) -> usize {
+    let mut z = flate2::write::DeflateEncoder::new(Vec::new(), flate2::Compression::fast());
+    z.write_all(bytes).unwrap();
+    z.finish().unwrap().len()
+}
+
+#[test]
+fn the_link_to_a_device_carries_no_released_value_in_the_clear() {
+    // gpu-only sends LeNet-5's first weight, as built from seed 0, to the device at its first step.
+    let model = zoo::build("lenet5", &[1, 28, 28], 10, 0).unwrap();
+    let (name, weight) = &model.named_params()[0];
+    let weight: Vec<u8> = weight.iter().flat_map(|v| v.to_le_bytes()).collect();
+    let probe = &weight[..64];
+    for plaintext in [false, true] {
+        let worker = if plaintext { Worker::start_plaintext() } else { Worker::start() };
+        let relay = CapturingRelay::start(worker.addr.clone());
+        let mut cfg = config(1, &format!("tcp://{}", relay.addr), (!plaintext).then_some(worker.key.as_str()));
+        cfg.device_link.insecure_plaintext_link = plaintext;
+        cfg.train_limit = 64;
+        cfg.test_limit = 32;
+        train(&cfg, &out_dir(&format!("capture-{plaintext}")), false, false).unwrap();
+        let captured = relay.captured.lock().unwrap().clone();
+        assert!(captured.len() > 1 << 20, "{} bytes captured", captured.len());
+        let found = captured.windows(probe.len()).any(|w| w == probe);
+        let ratio = compressed_len(&captured) as f64 / captured.len() as f64;
+        if plaintext {
+            // The control: on plain TCP the weight is there and the stream compresses.
+            assert!(found, "{name} not found in the plaintext capture: the probe is wrong");
+            assert!(ratio < 0.95, "the plaintext capture compresses to {ratio}");
+        } else {
+            assert!(!found, "{name}'s bytes crossed the link in the clear");
+            assert!(ratio > 0.99, "the encrypted capture compresses to {ratio}");
+        }
+    }
 }
