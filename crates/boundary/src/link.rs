@@ -42,6 +42,8 @@ pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(30);
 /// The largest Noise message, and the payload bytes one carries (16 go to the tag).
 const NOISE_MAX: usize = 65535;
 pub const CHUNK_BYTES: usize = NOISE_MAX - 16;
+/// Encrypted bytes gathered before a write.
+const WRITE_BATCH: usize = 1 << 20;
 /// The responder's answer after the handshake: accepted (empty payload) or refused (the reason).
 const TAG_LINK_ACCEPTED: u16 = 0xFF00;
 const TAG_LINK_REFUSED: u16 = 0xFF01;
@@ -236,18 +238,6 @@ impl Link {
         e
     }
 
-    /// Encrypts and writes one Noise message.
-    fn send_message(&mut self, plain: &[u8], deadline: Option<Instant>) -> Result<(), ChannelError> {
-        self.scratch.resize(2 + plain.len() + 16, 0);
-        let n = self.noise.write_message(plain, &mut self.scratch[2..]).map_err(|e| ChannelError::Malformed {
-            peer: self.wire.peer.clone(),
-            reason: format!("encrypting: {e}"),
-        })?;
-        self.scratch[..2].copy_from_slice(&(n as u16).to_be_bytes());
-        let Link { wire, scratch, .. } = self;
-        wire.write_by(&scratch[..2 + n], deadline)
-    }
-
     /// Reads and decrypts one Noise message into `out` (whose length is the plaintext expected).
     fn recv_message(&mut self, out: &mut [u8], deadline: Option<Instant>, context: &str) -> Result<(), ChannelError> {
         let mut len = [0u8; 2];
@@ -275,11 +265,24 @@ impl Link {
         let mut header = [0u8; 10];
         header[..2].copy_from_slice(&tag.to_le_bytes());
         header[2..].copy_from_slice(&(payload.len() as u64).to_le_bytes());
-        self.send_message(&header, deadline)?;
-        for chunk in payload.chunks(CHUNK_BYTES) {
-            self.send_message(chunk, deadline)?;
+        // Messages are encrypted into one buffer and written a megabyte at a time: one system call
+        // for sixteen messages.
+        self.scratch.clear();
+        for message in std::iter::once(&header[..]).chain(payload.chunks(CHUNK_BYTES)) {
+            let at = self.scratch.len();
+            self.scratch.resize(at + 2 + message.len() + 16, 0);
+            let n = self.noise.write_message(message, &mut self.scratch[at + 2..]).map_err(|e| {
+                ChannelError::Malformed { peer: self.wire.peer.clone(), reason: format!("encrypting: {e}") }
+            })?;
+            self.scratch[at..at + 2].copy_from_slice(&(n as u16).to_be_bytes());
+            if self.scratch.len() >= WRITE_BATCH {
+                let Link { wire, scratch, .. } = self;
+                wire.write_by(scratch, deadline)?;
+                scratch.clear();
+            }
         }
-        Ok(())
+        let Link { wire, scratch, .. } = self;
+        wire.write_by(scratch, deadline)
     }
 
     fn recv_frame(&mut self, max: usize) -> Result<Frame, ChannelError> {

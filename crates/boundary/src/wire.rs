@@ -8,11 +8,18 @@ use std::io::{ErrorKind, Read, Write};
 use std::net::{Shutdown, TcpStream};
 use std::time::{Duration, Instant};
 
-/// A TCP stream with its peer's name and the channel's timeout.
+/// Bytes read from the socket at once, at most: small messages cost one system call for several.
+const READ_BUFFER: usize = 1 << 20;
+
+/// A TCP stream with its peer's name, the channel's timeout and a read buffer.
 pub(crate) struct Wire {
     pub stream: TcpStream,
     pub peer: String,
     pub timeout: Option<Duration>,
+    buffer: Vec<u8>,
+    /// The unread bytes are `buffer[start..end]`.
+    start: usize,
+    end: usize,
 }
 
 impl Wire {
@@ -22,7 +29,7 @@ impl Wire {
         stream.set_nodelay(true).map_err(io)?;
         stream.set_read_timeout(timeout).map_err(io)?;
         stream.set_write_timeout(timeout).map_err(io)?;
-        Ok(Wire { stream, peer, timeout })
+        Ok(Wire { stream, peer, timeout, buffer: Vec::new(), start: 0, end: 0 })
     }
 
     /// The deadline of a message that starts now.
@@ -33,31 +40,63 @@ impl Wire {
     /// Waits up to the timeout for the first byte of the next message. `Ok(None)` when none came
     /// (the peer is idle, nothing was consumed).
     pub fn first_byte(&mut self) -> Result<Option<u8>, ChannelError> {
-        self.stream.set_read_timeout(self.timeout).map_err(|e| self.classify(e, "while waiting for a message"))?;
-        let mut b = [0u8; 1];
-        loop {
-            return match self.stream.read(&mut b) {
-                Ok(0) => Err(self.classify(ErrorKind::UnexpectedEof.into(), "while waiting for a message")),
-                Ok(_) => Ok(Some(b[0])),
-                Err(e) if e.kind() == ErrorKind::Interrupted => continue,
-                Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => Ok(None),
-                Err(e) => Err(self.classify(e, "while waiting for a message")),
-            };
+        if self.start == self.end {
+            self.stream.set_read_timeout(self.timeout).map_err(|e| self.classify(e, "while waiting for a message"))?;
+            loop {
+                match self.fill() {
+                    Ok(()) => break,
+                    Err(e) if e.kind() == ErrorKind::Interrupted => {}
+                    Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => return Ok(None),
+                    Err(e) => return Err(self.classify(e, "while waiting for a message")),
+                }
+            }
         }
+        self.start += 1;
+        Ok(Some(self.buffer[self.start - 1]))
     }
 
     /// Fills `buf` before `deadline`.
     pub fn read_by(&mut self, buf: &mut [u8], deadline: Option<Instant>, context: &str) -> Result<(), ChannelError> {
         let mut done = 0;
         while done < buf.len() {
-            self.arm(deadline, context, true)?;
-            match self.stream.read(&mut buf[done..]) {
-                Ok(0) => return Err(self.classify(ErrorKind::UnexpectedEof.into(), context)),
-                Ok(n) => done += n,
-                Err(e) if e.kind() == ErrorKind::Interrupted => {}
-                Err(e) => return Err(self.classify(e, context)),
+            if self.start == self.end {
+                let wanted = buf.len() - done;
+                if wanted >= READ_BUFFER {
+                    // Large reads go straight into `buf`.
+                    self.arm(deadline, context, true)?;
+                    match self.stream.read(&mut buf[done..]) {
+                        Ok(0) => return Err(self.classify(ErrorKind::UnexpectedEof.into(), context)),
+                        Ok(n) => done += n,
+                        Err(e) if e.kind() == ErrorKind::Interrupted => {}
+                        Err(e) => return Err(self.classify(e, context)),
+                    }
+                    continue;
+                }
+                self.arm(deadline, context, true)?;
+                match self.fill() {
+                    Ok(()) => {}
+                    Err(e) if e.kind() == ErrorKind::Interrupted => continue,
+                    Err(e) => return Err(self.classify(e, context)),
+                }
             }
+            let n = (self.end - self.start).min(buf.len() - done);
+            buf[done..done + n].copy_from_slice(&self.buffer[self.start..self.start + n]);
+            self.start += n;
+            done += n;
         }
+        Ok(())
+    }
+
+    /// Reads what the socket has (at least one byte, or an error) into the empty buffer.
+    fn fill(&mut self) -> std::io::Result<()> {
+        if self.buffer.len() < READ_BUFFER {
+            self.buffer.resize(READ_BUFFER, 0);
+        }
+        let n = self.stream.read(&mut self.buffer)?;
+        if n == 0 {
+            return Err(ErrorKind::UnexpectedEof.into());
+        }
+        (self.start, self.end) = (0, n);
         Ok(())
     }
 
