@@ -55,19 +55,28 @@ fn frames_of_every_size_cross_and_each_side_learns_the_others_key() {
     let (sp, cp) = (server.public(), client.public());
     let (addr, h) = serve_one(server, only(&client), opts(5000));
     let mut c = Link::connect(&addr, "test", &client, &LinkPolicy::Only(vec![sp]), opts(5000)).unwrap();
-    let mut s = h.join().unwrap().unwrap();
+    let s = h.join().unwrap().unwrap();
     assert_eq!((c.remote_key(), s.remote_key()), (sp, cp));
     assert_eq!(c.handshake_hash(), s.handshake_hash());
     let chunk = trustsplit_boundary::link::CHUNK_BYTES;
-    for (i, len) in [0, 1, 100, chunk - 1, chunk, chunk + 1, 3 * chunk + 7, 5 << 20].into_iter().enumerate() {
+    let sizes = [0, 1, 100, chunk - 1, chunk, chunk + 1, 3 * chunk + 7, 5 << 20];
+    // The server answers each frame with its first half (on its own thread: a large frame does not
+    // fit the sockets' buffers, so sending waits for the other end to read).
+    let mut s = s;
+    let echo = thread::spawn(move || {
+        for _ in sizes {
+            let f = s.recv().unwrap();
+            s.send(f.tag, &f.payload[..f.payload.len() / 2]).unwrap();
+        }
+    });
+    for (i, len) in sizes.into_iter().enumerate() {
         let payload = pseudo_random(len, i as u64);
         c.send(7 + i as u16, &payload).unwrap();
-        let f = s.recv().unwrap();
-        assert_eq!((f.tag, f.payload.len()), (7 + i as u16, len));
-        assert!(f.payload == payload, "payload {len} differs");
-        s.send(1, &payload[..len / 2]).unwrap();
-        assert_eq!(c.recv().unwrap().payload, payload[..len / 2]);
+        let f = c.recv().unwrap();
+        assert_eq!((f.tag, f.payload.len()), (7 + i as u16, len / 2));
+        assert!(f.payload == payload[..len / 2], "payload {len} differs");
     }
+    echo.join().unwrap();
 }
 
 #[test]
