@@ -114,6 +114,16 @@ TABLES = {
                                         Col("pytorch_fwd_1t_ms", "PyTorch, fwd ms, 1 thread"),
                                         Col("pytorch_fwd_bwd_2t_ms", "PyTorch, fwd+bwd ms, 2 threads")],
                              per_row_source=True),
+    "link_cost": Table(("model", "pass"), [Col("model", "model"), Col("pass", "pass"),
+                                           Col("plain_step_ms_median", "plain TCP, step ms (median)"),
+                                           Col("link_step_ms_median", "link, step ms (median)"),
+                                           Col("ratio_of_medians_x", "link / plain", 2, "x"),
+                                           Col("ratio_per_pair_x", "per alternated pair", unit="x"),
+                                           Col("runs_each", "runs each"),
+                                           Col("mb_sent_per_step", "MB sent per step", 1),
+                                           Col("mb_received_per_step", "MB received per step", 1)]),
+    "link_throughput": Table(("round",), [Col("round", "round"), Col("plain_gbps", "plain TCP GB/s", 2),
+                                          Col("link_gbps", "link GB/s", 2), Col("ratio_x", "link's time / plain's", 2, "x")]),
     # History only (no region shows it): the sampler's timing test over the sampler's rewrites.
     "noise_sampler": Table(("measure",), [Col("measure", "measure"), Col("value", "value")]),
 }

@@ -220,6 +220,32 @@ fn a_request_for_a_result_far_larger_than_its_operands_is_refused_on_both_ends()
 }
 
 #[test]
+fn a_tcp_device_announcing_a_1_gib_reply_fails_the_call_before_sending_any_of_it() {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap().to_string();
+    let fake_device = thread::spawn(move || {
+        let (stream, _) = listener.accept().unwrap();
+        let mut raw = stream.try_clone().unwrap();
+        let mut ch = TcpChannel::from_stream(stream, opts(5000)).unwrap();
+        ch.recv().unwrap();
+        let ok = HelloOk { protocol: DEVICE_PROTOCOL, backend: "fake".into(), max_frame_bytes: 64 << 20 };
+        ch.send(protocol::HELLO_OK, &postcard::to_stdvec(&ok).unwrap()).unwrap();
+        ch.recv().unwrap();
+        // A header announcing 1 GiB, and then nothing: the client must not wait for it.
+        std::io::Write::write_all(&mut raw, &trustsplit_boundary::channel::header(protocol::RESULT, 1 << 30)).unwrap();
+        thread::sleep(Duration::from_secs(3));
+    });
+    let mut dev = Device::remote(Box::new(TcpChannel::connect(&addr, opts(5000)).unwrap())).unwrap();
+    let shape = GemmShape { m: 2, k: 2, n: 2, trans_a: false, trans_b: false };
+    let t = Transcript::new();
+    let start = Instant::now();
+    let err = dev.gemm(&shape, &release(&t, vec![1.0; 4]), &release(&t, vec![1.0; 4])).unwrap_err();
+    assert!(start.elapsed() < Duration::from_secs(2), "{err} after {:?}", start.elapsed());
+    assert!(err.to_string().contains(&format!("{} bytes exceeds the limit of 4096 bytes", 1u64 << 30)), "{err}");
+    fake_device.join().unwrap();
+}
+
+#[test]
 fn a_device_announcing_a_reply_larger_than_the_result_fails_the_call_at_once() {
     let (client, mut fake) = InProcessChannel::pair(opts(5000));
     let fake_device = thread::spawn(move || {
