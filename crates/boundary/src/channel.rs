@@ -172,8 +172,6 @@ impl Channel for InProcessChannel {
 pub struct TcpChannel {
     wire: Wire,
     opts: ChannelOptions,
-    /// Set by the first failure that left the stream out of step; every later call is refused.
-    broken: Option<String>,
 }
 
 impl TcpChannel {
@@ -184,21 +182,7 @@ impl TcpChannel {
 
     /// Wraps an accepted or connected stream.
     pub fn from_stream(stream: TcpStream, opts: ChannelOptions) -> Result<TcpChannel, ChannelError> {
-        Ok(TcpChannel { wire: Wire::new(stream, opts.timeout)?, opts, broken: None })
-    }
-
-    fn check_open(&self) -> Result<(), ChannelError> {
-        match &self.broken {
-            Some(cause) => Err(ChannelError::Broken { peer: self.wire.peer.clone(), cause: cause.clone() }),
-            None => Ok(()),
-        }
-    }
-
-    /// Marks the channel broken by `e` and closes the stream.
-    fn fail(&mut self, e: ChannelError) -> ChannelError {
-        self.broken = Some(e.to_string());
-        self.wire.close();
-        e
+        Ok(TcpChannel { wire: Wire::new(stream, opts.timeout)?, opts })
     }
 
     fn recv_frame(&mut self, max: usize) -> Result<Frame, ChannelError> {
@@ -257,7 +241,7 @@ pub fn header(tag: u16, len: usize) -> [u8; HEADER_LEN] {
 
 impl Channel for TcpChannel {
     fn send(&mut self, tag: u16, payload: &[u8]) -> Result<(), ChannelError> {
-        self.check_open()?;
+        self.wire.check_open()?;
         let max = self.opts.max_frame_bytes.min(u32::MAX as usize);
         if payload.len() > max {
             return Err(ChannelError::TooLarge { peer: self.wire.peer.clone(), len: payload.len(), max });
@@ -267,7 +251,7 @@ impl Channel for TcpChannel {
             .wire
             .write_by(&header(tag, payload.len()), deadline)
             .and_then(|()| self.wire.write_by(payload, deadline));
-        sent.map_err(|e| self.fail(e))
+        sent.map_err(|e| self.wire.fail(e))
     }
 
     fn recv(&mut self) -> Result<Frame, ChannelError> {
@@ -275,13 +259,9 @@ impl Channel for TcpChannel {
     }
 
     fn recv_limited(&mut self, max_payload: usize) -> Result<Frame, ChannelError> {
-        self.check_open()?;
-        match self.recv_frame(max_payload) {
-            Ok(frame) => Ok(frame),
-            // Nothing of the next message arrived: the stream is still in step.
-            Err(e @ ChannelError::Timeout { .. }) => Err(e),
-            Err(e) => Err(self.fail(e)),
-        }
+        self.wire.check_open()?;
+        let outcome = self.recv_frame(max_payload);
+        self.wire.settle(outcome)
     }
 
     fn peer(&self) -> String {

@@ -181,7 +181,6 @@ pub struct Link {
     opts: ChannelOptions,
     remote: PublicKey,
     handshake_hash: [u8; 32],
-    broken: Option<String>,
     /// Ciphertext scratch, reused across messages.
     scratch: Vec<u8>,
 }
@@ -223,19 +222,6 @@ impl Link {
     /// into an attestation quote ties the quote to this very link.
     pub fn handshake_hash(&self) -> [u8; 32] {
         self.handshake_hash
-    }
-
-    fn check_open(&self) -> Result<(), ChannelError> {
-        match &self.broken {
-            Some(cause) => Err(ChannelError::Broken { peer: self.wire.peer.clone(), cause: cause.clone() }),
-            None => Ok(()),
-        }
-    }
-
-    fn fail(&mut self, e: ChannelError) -> ChannelError {
-        self.broken = Some(e.to_string());
-        self.wire.close();
-        e
     }
 
     /// Reads and decrypts one Noise message into `out` (whose length is the plaintext expected).
@@ -337,12 +323,12 @@ impl fmt::Debug for Link {
 
 impl Channel for Link {
     fn send(&mut self, tag: u16, payload: &[u8]) -> Result<(), ChannelError> {
-        self.check_open()?;
+        self.wire.check_open()?;
         if payload.len() > self.opts.max_frame_bytes {
             let max = self.opts.max_frame_bytes;
             return Err(ChannelError::TooLarge { peer: self.wire.peer.clone(), len: payload.len(), max });
         }
-        self.send_frame(tag, payload).map_err(|e| self.fail(e))
+        self.send_frame(tag, payload).map_err(|e| self.wire.fail(e))
     }
 
     fn recv(&mut self) -> Result<Frame, ChannelError> {
@@ -350,13 +336,9 @@ impl Channel for Link {
     }
 
     fn recv_limited(&mut self, max_payload: usize) -> Result<Frame, ChannelError> {
-        self.check_open()?;
-        match self.recv_frame(max_payload) {
-            Ok(frame) => Ok(frame),
-            // Nothing of the next frame arrived: the link is still in step.
-            Err(e @ ChannelError::Timeout { .. }) => Err(e),
-            Err(e) => Err(self.fail(e)),
-        }
+        self.wire.check_open()?;
+        let outcome = self.recv_frame(max_payload);
+        self.wire.settle(outcome)
     }
 
     fn peer(&self) -> String {
@@ -425,7 +407,7 @@ fn handshake(
         let handshake_hash: [u8; 32] =
             noise.get_handshake_hash().try_into().map_err(|_| failed("a 32-byte handshake hash".into()))?;
         let noise = noise.into_transport_mode().map_err(|e| failed(e.to_string()))?;
-        Ok(Link { wire, noise, opts, remote, handshake_hash, broken: None, scratch: Vec::new() })
+        Ok(Link { wire, noise, opts, remote, handshake_hash, scratch: Vec::new() })
     })();
     let mut link = outcome?;
     if initiator {

@@ -20,6 +20,8 @@ pub(crate) struct Wire {
     /// The unread bytes are `buffer[start..end]`.
     start: usize,
     end: usize,
+    /// Set by the first failure that left the stream out of step; every later call is refused.
+    broken: Option<String>,
 }
 
 impl Wire {
@@ -29,7 +31,32 @@ impl Wire {
         stream.set_nodelay(true).map_err(io)?;
         stream.set_read_timeout(timeout).map_err(io)?;
         stream.set_write_timeout(timeout).map_err(io)?;
-        Ok(Wire { stream, peer, timeout, buffer: Vec::new(), start: 0, end: 0 })
+        Ok(Wire { stream, peer, timeout, buffer: Vec::new(), start: 0, end: 0, broken: None })
+    }
+
+    /// Refuses a call on a stream an earlier failure left out of step.
+    pub fn check_open(&self) -> Result<(), ChannelError> {
+        match &self.broken {
+            Some(cause) => Err(ChannelError::Broken { peer: self.peer.clone(), cause: cause.clone() }),
+            None => Ok(()),
+        }
+    }
+
+    /// Marks the stream broken by `e` and closes it.
+    pub fn fail(&mut self, e: ChannelError) -> ChannelError {
+        self.broken = Some(e.to_string());
+        self.close();
+        e
+    }
+
+    /// A receive's outcome: a timeout before any byte of the message leaves the stream in step;
+    /// any other failure breaks it.
+    pub fn settle<T>(&mut self, outcome: Result<T, ChannelError>) -> Result<T, ChannelError> {
+        match outcome {
+            Err(e @ ChannelError::Timeout { .. }) => Err(e),
+            Err(e) => Err(self.fail(e)),
+            ok => ok,
+        }
     }
 
     /// The deadline of a message that starts now.
