@@ -182,7 +182,10 @@ impl TcpChannel {
 
     /// Wraps an accepted or connected stream.
     pub fn from_stream(stream: TcpStream, opts: ChannelOptions) -> Result<TcpChannel, ChannelError> {
-        Ok(TcpChannel { wire: Wire::new(stream, opts.timeout)?, opts })
+        let mut wire = Wire::new(stream, opts.timeout)?;
+        // Plain TCP has no handshake: whoever connects is as trusted as it will ever be.
+        wire.trust();
+        Ok(TcpChannel { wire, opts })
     }
 
     fn recv_frame(&mut self, max: usize) -> Result<Frame, ChannelError> {
@@ -227,6 +230,12 @@ pub(crate) fn connect_stream(addr: &str, timeout: Option<Duration>) -> Result<Tc
         }
     }
     Err(io(last.unwrap_or_else(|| std::io::Error::other("address resolved to nothing"))))
+}
+
+/// Text a peer sent, made safe to print: control characters (terminal escape sequences among
+/// them) become `?`.
+pub fn printable(text: &[u8]) -> String {
+    String::from_utf8_lossy(text).chars().map(|c| if c.is_control() && c != '\n' { '?' } else { c }).collect()
 }
 
 /// Encodes a frame header.

@@ -66,8 +66,11 @@ impl<C: Channel> Channel for EncryptedChannel<C> {
         self.send
             .seal_in_place_append_tag(nonce(self.send_counter), Aad::from(tag.to_le_bytes()), &mut sealed)
             .map_err(|_| ChannelError::Malformed { peer: self.peer(), reason: "encryption failed".into() })?;
+        // The counter moves on once the frame is out: a send the inner channel refused without
+        // sending (too large) leaves both ends in step.
+        self.inner.send(tag, &sealed)?;
         self.send_counter += 1;
-        self.inner.send(tag, &sealed)
+        Ok(())
     }
 
     fn recv(&mut self) -> Result<Frame, ChannelError> {

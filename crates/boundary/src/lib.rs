@@ -14,7 +14,7 @@ pub mod secret;
 pub mod transcript;
 mod wire;
 
-pub use channel::{Channel, ChannelError, ChannelOptions, Frame, InProcessChannel, TcpChannel};
+pub use channel::{printable, Channel, ChannelError, ChannelOptions, Frame, InProcessChannel, TcpChannel};
 pub use encrypted::EncryptedChannel;
 pub use link::{KeyPair, Link, LinkPolicy, PublicKey};
 pub use secret::{Released, Secret};

@@ -127,11 +127,14 @@ impl KeyPair {
 
     /// Reads a key file written by [`KeyPair::save`]. A file other users can read is refused.
     pub fn load(path: &Path) -> Result<KeyPair, String> {
+        use std::io::Read;
         let shown = path.display();
+        // One open file for the check and the read: the path cannot be swapped in between.
+        let file = std::fs::File::open(path).map_err(|e| format!("reading {shown}: {e}"))?;
         #[cfg(unix)]
         {
             use std::os::unix::fs::PermissionsExt;
-            let mode = std::fs::metadata(path).map_err(|e| format!("reading {shown}: {e}"))?.permissions().mode();
+            let mode = file.metadata().map_err(|e| format!("reading {shown}: {e}"))?.permissions().mode();
             if mode & 0o077 != 0 {
                 return Err(format!(
                     "{shown} is readable by other users (mode {:o}); a secret key must not be: chmod 600 {shown}",
@@ -139,7 +142,8 @@ impl KeyPair {
                 ));
             }
         }
-        let text = std::fs::read_to_string(path).map_err(|e| format!("reading {shown}: {e}"))?;
+        let mut text = String::new();
+        file.take(1 << 16).read_to_string(&mut text).map_err(|e| format!("reading {shown}: {e}"))?;
         let line = text.lines().map(str::trim).find(|l| !l.is_empty() && !l.starts_with('#')).unwrap_or("");
         let secret = unhex(line)
             .and_then(|b| <[u8; 32]>::try_from(b).ok())
@@ -407,6 +411,7 @@ fn handshake(
         let handshake_hash: [u8; 32] =
             noise.get_handshake_hash().try_into().map_err(|_| failed("a 32-byte handshake hash".into()))?;
         let noise = noise.into_transport_mode().map_err(|e| failed(e.to_string()))?;
+        wire.trust();
         Ok(Link { wire, noise, opts, remote, handshake_hash, scratch: Vec::new() })
     })();
     let mut link = outcome?;
@@ -414,10 +419,9 @@ fn handshake(
         let answer = link.recv_limited(MAX_REFUSAL_BYTES)?;
         return match answer.tag {
             TAG_LINK_ACCEPTED => Ok(link),
-            TAG_LINK_REFUSED => Err(ChannelError::Refused {
-                peer: link.peer(),
-                reason: String::from_utf8_lossy(&answer.payload).into_owned(),
-            }),
+            TAG_LINK_REFUSED => {
+                Err(ChannelError::Refused { peer: link.peer(), reason: crate::channel::printable(&answer.payload) })
+            }
             other => Err(failed(format!("expected the peer's answer to the handshake, got message tag {other}"))),
         };
     }

@@ -10,6 +10,8 @@ use std::time::{Duration, Instant};
 
 /// Bytes read from the socket at once, at most: small messages cost one system call for several.
 const READ_BUFFER: usize = 1 << 20;
+/// The same before the peer has authenticated: an unauthenticated peer gets a few KiB of memory.
+const HANDSHAKE_BUFFER: usize = 4 << 10;
 
 /// A TCP stream with its peer's name, the channel's timeout and a read buffer.
 pub(crate) struct Wire {
@@ -17,6 +19,8 @@ pub(crate) struct Wire {
     pub peer: String,
     pub timeout: Option<Duration>,
     buffer: Vec<u8>,
+    /// How large `buffer` may grow: small until the peer has authenticated ([`Wire::trust`]).
+    capacity: usize,
     /// The unread bytes are `buffer[start..end]`.
     start: usize,
     end: usize,
@@ -31,7 +35,21 @@ impl Wire {
         stream.set_nodelay(true).map_err(io)?;
         stream.set_read_timeout(timeout).map_err(io)?;
         stream.set_write_timeout(timeout).map_err(io)?;
-        Ok(Wire { stream, peer, timeout, buffer: Vec::new(), start: 0, end: 0, broken: None })
+        Ok(Wire {
+            stream,
+            peer,
+            timeout,
+            buffer: Vec::new(),
+            capacity: HANDSHAKE_BUFFER,
+            start: 0,
+            end: 0,
+            broken: None,
+        })
+    }
+
+    /// Lets the read buffer grow to its full size (the peer has authenticated, or will never be).
+    pub fn trust(&mut self) {
+        self.capacity = READ_BUFFER;
     }
 
     /// Refuses a call on a stream an earlier failure left out of step.
@@ -88,7 +106,7 @@ impl Wire {
         while done < buf.len() {
             if self.start == self.end {
                 let wanted = buf.len() - done;
-                if wanted >= READ_BUFFER {
+                if wanted >= self.capacity {
                     // Large reads go straight into `buf`.
                     self.arm(deadline, context, true)?;
                     match self.stream.read(&mut buf[done..]) {
@@ -116,8 +134,8 @@ impl Wire {
 
     /// Reads what the socket has (at least one byte, or an error) into the empty buffer.
     fn fill(&mut self) -> std::io::Result<()> {
-        if self.buffer.len() < READ_BUFFER {
-            self.buffer.resize(READ_BUFFER, 0);
+        if self.buffer.len() < self.capacity {
+            self.buffer.resize(self.capacity, 0);
         }
         let n = self.stream.read(&mut self.buffer)?;
         if n == 0 {
@@ -144,7 +162,11 @@ impl Wire {
 
     /// Sets the socket's timeout to what is left before `deadline`.
     fn arm(&mut self, deadline: Option<Instant>, context: &str, read: bool) -> Result<(), ChannelError> {
-        let Some(deadline) = deadline else { return Ok(()) };
+        let Some(deadline) = deadline else {
+            // No deadline: no socket timeout either (a handshake's may still be set).
+            let set = if read { self.stream.set_read_timeout(None) } else { self.stream.set_write_timeout(None) };
+            return set.map_err(|e| self.classify(e, context));
+        };
         let left = deadline.saturating_duration_since(Instant::now());
         if left.is_zero() {
             return Err(self.late(context));

@@ -168,3 +168,9 @@ fn tampering_replay_reordering_and_wrong_keys_fail_authentication() {
     assert!(matches!(eb.recv().unwrap_err(), ChannelError::Broken { .. }));
     eb.send(1, b"refused").unwrap();
 }
+
+#[test]
+fn peer_text_is_printed_without_control_characters() {
+    assert_eq!(trustsplit_boundary::printable(b"ok\x1b[2J\x07done\nnext"), "ok?[2J?done\nnext");
+    assert_eq!(trustsplit_boundary::printable(&[0xff, b'a']), "\u{fffd}a");
+}

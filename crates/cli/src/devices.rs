@@ -23,7 +23,7 @@ pub struct DeviceLinkArgs {
     /// INSECURE: talk to `tcp://` devices over plain TCP, unauthenticated and unencrypted (the
     /// workers must say the same): anyone on the network reads every released value and can pose
     /// as a device.
-    #[arg(long)]
+    #[arg(long, conflicts_with_all = ["key", "device_key"])]
     pub insecure_plaintext_link: bool,
 }
 

@@ -66,7 +66,7 @@ pub struct EnclaveArgs {
     /// can connect and upload; anyone else is refused and the enclave keeps listening.
     /// (With --insecure-plaintext-link the upload comes over plain TCP from whoever connects
     /// first: its data stays encrypted to the attested key, but nothing proves who uploaded.)
-    #[arg(long, value_name = "HEX")]
+    #[arg(long, value_name = "HEX", conflicts_with = "insecure_plaintext_link")]
     owner_key: Option<PublicKey>,
     /// Where quotes come from: simulated (no security; prints its measurement and key for the
     /// owner), gramine (SGX DCAP under Gramine) or tdx (a TDX confidential VM).
@@ -212,27 +212,20 @@ pub fn run_enclave(a: EnclaveArgs) -> Result<()> {
         ),
     }
     // Until the owner has uploaded, a connection that fails (junk, a stranger's key, a refused
-    // quote) is logged and the enclave keeps listening.
+    // quote) is logged and the enclave keeps listening. Handshakes run on their own threads, so
+    // silent connections cannot hold the owner's up; the upload itself runs here, one at a time,
+    // on connections that authenticated as the owner.
+    let authenticated = accept_owners(listener, owner, Arc::new(link_key));
     let (files, mut to_owner, peer) = loop {
-        let (stream, peer) =
-            listener.accept().with_context(|| format!("accepting the data owner's connection on {addr}"))?;
-        let attempt = match &owner {
-            Some(policy) => Link::accept(stream, LINK_PURPOSE, &link_key, policy, ChannelOptions::default())
-                .map_err(anyhow::Error::from)
-                .and_then(|link| {
-                    let binding = link.handshake_hash();
-                    receive(link, &binding, provider.as_ref(), max_upload_bytes, &peer.to_string())
-                }),
-            None => TcpChannel::from_stream(stream, ChannelOptions::default())
-                .map_err(anyhow::Error::from)
-                .and_then(|ch| receive(ch, &[0; 32], provider.as_ref(), max_upload_bytes, &peer.to_string())),
-        };
-        match attempt {
+        let (channel, binding, peer) =
+            authenticated.recv().context("the enclave stopped accepting connections before an upload")?;
+        match receive(channel, &binding, provider.as_ref(), max_upload_bytes, &peer) {
             Ok((files, to_owner)) => break (files, to_owner, peer),
-            Err(e) => eprintln!("refused a connection from {peer}: {e:#}; still listening on {addr}"),
+            // The top of the error only: its causes may quote the upload's file names and sizes.
+            Err(e) => eprintln!("the upload from {peer} failed: {e}; still listening on {addr}"),
         }
     };
-    drop(listener); // one upload per run: nobody else may connect
+    drop(authenticated); // one upload per run: later connections are dropped after their handshake
     let total: usize = files.iter().map(|f| f.bytes.len()).sum();
     eprintln!("received {} file(s), {total} bytes, from {peer}", files.len());
 
@@ -257,6 +250,57 @@ pub fn run_enclave(a: EnclaveArgs) -> Result<()> {
             bail!("training failed; the reason went to the data owner (it may quote data, so it is not shown here)")
         }
     }
+}
+
+/// A connection that authenticated as the owner (or any, with `--insecure-plaintext-link`): the
+/// channel, its binding for the quote, the peer's address.
+type Authenticated = (Box<dyn Channel>, [u8; 32], String);
+
+/// Connections in their handshake at once; more are closed as they arrive.
+const MAX_HANDSHAKES: usize = 16;
+
+/// Accepts connections on a thread of its own and runs each one's handshake on another (at most
+/// [`MAX_HANDSHAKES`] at once); the ones that authenticate come out of the returned receiver. Once
+/// the receiver is dropped (the upload is done), later connections are dropped after their
+/// handshake.
+fn accept_owners(
+    listener: TcpListener,
+    owner: Option<LinkPolicy>,
+    link_key: Arc<KeyPair>,
+) -> std::sync::mpsc::Receiver<Authenticated> {
+    let (tx, rx) = std::sync::mpsc::channel::<Authenticated>();
+    let handshaking = Arc::new(AtomicUsize::new(0));
+    std::thread::spawn(move || {
+        for stream in listener.incoming() {
+            let Ok(stream) = stream else { continue };
+            let peer = stream.peer_addr().map(|a| a.to_string()).unwrap_or_else(|_| "a peer".into());
+            if handshaking.fetch_add(1, Ordering::SeqCst) >= MAX_HANDSHAKES {
+                handshaking.fetch_sub(1, Ordering::SeqCst);
+                eprintln!("refused a connection from {peer}: {MAX_HANDSHAKES} handshakes under way; still listening");
+                continue;
+            }
+            let (tx, owner, link_key, handshaking) = (tx.clone(), owner.clone(), link_key.clone(), handshaking.clone());
+            std::thread::spawn(move || {
+                let opts = ChannelOptions::default();
+                let outcome: Result<Authenticated, ChannelError> = match &owner {
+                    Some(policy) => Link::accept(stream, LINK_PURPOSE, &link_key, policy, opts).map(|link| {
+                        let binding = link.handshake_hash();
+                        (Box::new(link) as Box<dyn Channel>, binding, peer.clone())
+                    }),
+                    None => TcpChannel::from_stream(stream, opts).map(|ch| (Box::new(ch) as _, [0; 32], peer.clone())),
+                };
+                handshaking.fetch_sub(1, Ordering::SeqCst);
+                match outcome {
+                    Ok(authenticated) => {
+                        // After the upload nobody is listening: the connection is dropped.
+                        let _ = tx.send(authenticated);
+                    }
+                    Err(e) => eprintln!("refused a connection from {peer}: {e}; still listening"),
+                }
+            });
+        }
+    });
+    rx
 }
 
 /// Parses the uploaded files and trains on them, reporting to `log`.
@@ -347,7 +391,11 @@ impl<C: Channel> Channel for CountingChannel<C> {
     }
 
     fn recv(&mut self) -> Result<Frame, ChannelError> {
-        let frame = self.inner.recv()?;
+        self.recv_limited(usize::MAX)
+    }
+
+    fn recv_limited(&mut self, max_payload: usize) -> Result<Frame, ChannelError> {
+        let frame = self.inner.recv_limited(max_payload)?;
         self.received_frames.fetch_add(1, Ordering::Relaxed);
         Ok(frame)
     }
@@ -495,7 +543,7 @@ fn wait_for_reports(from_enclave: &mut dyn Channel, enclave: &str) -> Result<()>
             Err(ChannelError::Timeout { .. }) => continue,
             Err(e) => return Err(e).with_context(|| format!("waiting for the enclave at {enclave} to report")),
         };
-        let text = String::from_utf8_lossy(&frame.payload);
+        let text = trustsplit_boundary::printable(&frame.payload);
         match frame.tag {
             TAG_REPORT => eprintln!("enclave: {text}"),
             TAG_FINISHED => {

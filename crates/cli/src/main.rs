@@ -107,9 +107,12 @@ struct DeviceArgs {
     /// same): anyone who reaches the port is served and anyone on the network reads every operand.
     #[arg(long, conflicts_with_all = ["key", "allow", "allow_any"])]
     insecure_plaintext_link: bool,
-    /// Connections served at once; more are closed as they arrive.
+    /// Authenticated connections served at once; more are refused.
     #[arg(long, default_value_t = 8)]
     max_connections: usize,
+    /// Close a served connection that sends no request for this many seconds.
+    #[arg(long, default_value_t = 600)]
+    idle_limit_s: u64,
 }
 
 #[derive(Args)]
@@ -303,6 +306,7 @@ fn run_device(a: DeviceArgs) -> Result<()> {
         channel: trustsplit_boundary::ChannelOptions::default(),
         security,
         max_connections: a.max_connections,
+        idle_limit: std::time::Duration::from_secs(a.idle_limit_s),
     };
     listener.run(
         move || {

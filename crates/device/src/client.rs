@@ -69,7 +69,7 @@ impl Device {
             protocol::HELLO_OK => postcard::from_bytes(&reply.payload)
                 .map_err(|e| DeviceError::Protocol(format!("device at {peer}: malformed HelloOk: {e}")))?,
             protocol::ERROR => {
-                let msg = String::from_utf8_lossy(&reply.payload);
+                let msg = trustsplit_boundary::printable(&reply.payload);
                 return Err(DeviceError::Remote(format!("device at {peer} refused the connection: {msg}")));
             }
             other => {
@@ -88,7 +88,7 @@ impl Device {
         let limit = usize::try_from(ok.max_frame_bytes).unwrap_or(usize::MAX).min(max_frame_bytes);
         Ok(Device {
             transport: Transport::Remote { channel, max_frame_bytes: limit, broken: None },
-            name: format!("{} at {peer}", ok.backend),
+            name: format!("{} at {peer}", trustsplit_boundary::printable(ok.backend.as_bytes())),
             stats: DeviceStats::default(),
         })
     }
@@ -215,7 +215,7 @@ fn exchange(
         protocol::RESULT => protocol::read_f32s(&reply.payload)
             .map_err(|e| DeviceError::Protocol(format!("device {device}: {op}: result: {e}"))),
         protocol::ERROR => {
-            Err(DeviceError::Remote(format!("{device}: {op}: {}", String::from_utf8_lossy(&reply.payload))))
+            Err(DeviceError::Remote(format!("{device}: {op}: {}", trustsplit_boundary::printable(&reply.payload))))
         }
         other => Err(DeviceError::Protocol(format!(
             "device {device}: {op}: expected Result or Error, got {}",

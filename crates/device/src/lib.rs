@@ -28,7 +28,10 @@ pub use backend::{Backend, CpuBackend};
 pub use client::{Device, DeviceStats};
 pub use error::DeviceError;
 pub use op::{GemmShape, Op};
-pub use server::{listen, serve, serve_with_limit, DeviceListener, LinkSecurity, ServeOptions, LINK_PURPOSE};
+pub use server::{
+    listen, serve, serve_with_limit, DeviceListener, LinkSecurity, ServeOptions, DEFAULT_IDLE_LIMIT, LINK_PURPOSE,
+    MAX_HANDSHAKES,
+};
 
 #[cfg(feature = "cuda")]
 pub use cuda::CudaBackend;

@@ -9,8 +9,12 @@
 //!
 //! A listener authenticates every connection before it does anything for it: the link's handshake
 //! ([`trustsplit_boundary::Link`]) comes first, and only a client whose key is allowed gets a
-//! backend, a thread's work or any allocation beyond the handshake's few KiB. Connections beyond
-//! [`ServeOptions::max_connections`] are closed at once.
+//! backend or any allocation beyond the handshake's few KiB. At most [`MAX_HANDSHAKES`] connections
+//! may be in their handshake at once and at most [`ServeOptions::max_connections`] authenticated
+//! ones be served; beyond either, a connection is closed at once. A served connection idle for
+//! [`ServeOptions::idle_limit`] is closed. (Whoever can open many connections to the port can
+//! still delay others' handshakes by up to the handshake's deadline: the link protects what is
+//! sent, not the worker's availability.)
 
 use crate::backend::{run_op, Backend};
 use crate::error::DeviceError;
@@ -37,9 +41,17 @@ pub enum LinkSecurity {
 pub struct ServeOptions {
     pub channel: ChannelOptions,
     pub security: LinkSecurity,
-    /// Connections served at once; more are closed as they arrive.
+    /// Authenticated connections served at once; more are closed once they authenticate.
     pub max_connections: usize,
+    /// A served connection that sends no request for this long is closed.
+    pub idle_limit: std::time::Duration,
 }
+
+/// Connections in their handshake at once; more are closed as they arrive.
+pub const MAX_HANDSHAKES: usize = 64;
+
+/// The idle limit of `trustsplit device` (and [`serve`]): ten minutes.
+pub const DEFAULT_IDLE_LIMIT: std::time::Duration = std::time::Duration::from_secs(600);
 
 /// Sends an error reply, cut to what a client accepts for one.
 fn send_error(channel: &mut dyn Channel, msg: &str) -> Result<(), ChannelError> {
@@ -53,14 +65,15 @@ fn send_error(channel: &mut dyn Channel, msg: &str) -> Result<(), ChannelError> 
 /// Serves requests from one connection until it closes or sends Shutdown, with the default
 /// frame limit.
 pub fn serve(channel: &mut dyn Channel, backend: &mut dyn Backend) -> Result<(), DeviceError> {
-    serve_with_limit(channel, backend, ChannelOptions::default().max_frame_bytes)
+    serve_with_limit(channel, backend, ChannelOptions::default().max_frame_bytes, DEFAULT_IDLE_LIMIT)
 }
 
-/// [`serve`] with this end's frame limit (it should match the channel's options).
+/// [`serve`] with this end's frame limit (it should match the channel's options) and idle limit.
 pub fn serve_with_limit(
     channel: &mut dyn Channel,
     backend: &mut dyn Backend,
     max_frame_bytes: usize,
+    idle_limit: std::time::Duration,
 ) -> Result<(), DeviceError> {
     let limit = handshake(channel, backend, max_frame_bytes)?;
     let peer = channel.peer();
@@ -69,13 +82,18 @@ pub fn serve_with_limit(
         op: "waiting for a request".into(),
         error,
     };
+    let mut last_request = std::time::Instant::now();
     loop {
         let frame = match channel.recv() {
             Ok(f) => f,
             Err(ChannelError::Closed { .. }) => return Ok(()),
-            Err(ChannelError::Timeout { .. }) => continue,
+            Err(ChannelError::Timeout { .. }) if last_request.elapsed() < idle_limit => continue,
+            Err(ChannelError::Timeout { .. }) => {
+                return Err(DeviceError::Protocol(format!("{peer}: idle for {idle_limit:?}; connection closed")))
+            }
             Err(e) => return Err(channel_error(e)),
         };
+        last_request = std::time::Instant::now();
         if frame.tag == protocol::SHUTDOWN {
             return Ok(());
         }
@@ -110,7 +128,7 @@ pub fn serve_with_limit(
 /// Expects `Hello`, answers `HelloOk`; returns the frame limit both ends accept.
 fn handshake(channel: &mut dyn Channel, backend: &dyn Backend, max_frame_bytes: usize) -> Result<usize, DeviceError> {
     let peer = channel.peer();
-    let first = channel.recv().map_err(|error| DeviceError::Channel {
+    let first = channel.recv_limited(protocol::SMALL_REPLY_BYTES).map_err(|error| DeviceError::Channel {
         device: format!("serving {peer}"),
         op: "handshake".into(),
         error,
@@ -176,7 +194,7 @@ impl DeviceListener {
         let make_backend = Arc::new(make_backend);
         let log = Arc::new(log);
         let opts = Arc::new(opts);
-        let active = Arc::new(AtomicUsize::new(0));
+        let (handshaking, active) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
         log(&format!("device listening on {}", self.local_addr()?));
         for stream in self.listener.incoming() {
             let stream = match stream {
@@ -187,16 +205,14 @@ impl DeviceListener {
                 }
             };
             let peer = stream.peer_addr().map(|a| a.to_string()).unwrap_or_else(|_| "a client".into());
-            if active.fetch_add(1, Ordering::SeqCst) >= opts.max_connections {
-                active.fetch_sub(1, Ordering::SeqCst);
-                log(&format!("{peer}: refused: {} connections are being served already", opts.max_connections));
+            let Some(handshake) = ConnectionSlot::take(&handshaking, MAX_HANDSHAKES) else {
+                log(&format!("{peer}: refused: {MAX_HANDSHAKES} connections are in their handshake already"));
                 continue;
-            }
-            let slot = ConnectionSlot(Arc::clone(&active));
+            };
             let (make_backend, thread_log, opts) = (Arc::clone(&make_backend), Arc::clone(&log), Arc::clone(&opts));
+            let active = Arc::clone(&active);
             let spawned = std::thread::Builder::new().name("device-connection".into()).spawn(move || {
-                let _slot = slot;
-                serve_connection(stream, make_backend.as_ref(), &opts, thread_log.as_ref())
+                serve_connection(stream, handshake, &active, make_backend.as_ref(), &opts, thread_log.as_ref())
             });
             if let Err(e) = spawned {
                 log(&format!("cannot start a connection thread: {e}"));
@@ -206,8 +222,20 @@ impl DeviceListener {
     }
 }
 
-/// Frees its connection's place when the connection's thread ends, however it ends.
+/// A connection's place in a count, freed when dropped (when the connection's thread ends,
+/// however it ends).
 struct ConnectionSlot(Arc<AtomicUsize>);
+
+impl ConnectionSlot {
+    /// A place in `count` if fewer than `cap` are taken.
+    fn take(count: &Arc<AtomicUsize>, cap: usize) -> Option<ConnectionSlot> {
+        if count.fetch_add(1, Ordering::SeqCst) >= cap {
+            count.fetch_sub(1, Ordering::SeqCst);
+            return None;
+        }
+        Some(ConnectionSlot(Arc::clone(count)))
+    }
+}
 
 impl Drop for ConnectionSlot {
     fn drop(&mut self) {
@@ -217,6 +245,8 @@ impl Drop for ConnectionSlot {
 
 fn serve_connection(
     stream: TcpStream,
+    handshake: ConnectionSlot,
+    active: &Arc<AtomicUsize>,
     make_backend: &dyn Fn() -> Result<Box<dyn Backend>, DeviceError>,
     opts: &ServeOptions,
     log: &dyn Fn(&str),
@@ -236,7 +266,15 @@ fn serve_connection(
             Err(e) => return log(&format!("connection setup failed: {e}")),
         },
     };
+    drop(handshake);
     let peer = channel.peer();
+    let Some(_served) = ConnectionSlot::take(active, opts.max_connections) else {
+        log(&format!("{peer}: refused: {} connections are being served already", opts.max_connections));
+        let _ = channel.recv_limited(protocol::SMALL_REPLY_BYTES);
+        let msg = format!("this worker serves {} connections already; try again later", opts.max_connections);
+        let _ = send_error(channel.as_mut(), &msg);
+        return;
+    };
     let mut backend = match make_backend() {
         Ok(b) => b,
         Err(e) => {
@@ -248,7 +286,7 @@ fn serve_connection(
         }
     };
     log(&format!("{peer}: connected, serving on {}", backend.name()));
-    match serve_with_limit(channel.as_mut(), backend.as_mut(), opts.channel.max_frame_bytes) {
+    match serve_with_limit(channel.as_mut(), backend.as_mut(), opts.channel.max_frame_bytes, opts.idle_limit) {
         Ok(()) => log(&format!("{peer}: disconnected")),
         Err(e) => log(&format!("{peer}: connection ended: {e}")),
     }

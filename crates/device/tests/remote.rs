@@ -24,7 +24,7 @@ fn opts(timeout_ms: u64) -> ChannelOptions {
 /// A worker's serving options: its key, the clients it allows, at most `max_connections`.
 fn serving(worker: &Arc<KeyPair>, allowed: LinkPolicy, max_connections: usize) -> ServeOptions {
     let security = LinkSecurity::Authenticated { key: Arc::clone(worker), allowed };
-    ServeOptions { channel: opts(5000), security, max_connections }
+    ServeOptions { channel: opts(5000), security, max_connections, idle_limit: trustsplit_device::DEFAULT_IDLE_LIMIT }
 }
 
 /// Starts a CPU worker on a free port; returns its address and its log.
@@ -138,7 +138,12 @@ fn tcp_remote_matches_local_with_concurrent_clients() {
 
 #[test]
 fn plaintext_workers_serve_plaintext_clients_only_when_asked() {
-    let options = ServeOptions { channel: opts(5000), security: LinkSecurity::InsecurePlaintext, max_connections: 8 };
+    let options = ServeOptions {
+        channel: opts(5000),
+        security: LinkSecurity::InsecurePlaintext,
+        max_connections: 8,
+        idle_limit: trustsplit_device::DEFAULT_IDLE_LIMIT,
+    };
     let (addr, _) = start_worker(options, cpu_backend);
     let mut dev = Device::remote(Box::new(TcpChannel::connect(&addr, opts(5000)).unwrap())).unwrap();
     check_against_local(&mut dev, 1, 3);
@@ -179,12 +184,14 @@ fn a_worker_serves_only_allowed_keys_and_does_nothing_for_anyone_else() {
 }
 
 #[test]
-fn connections_beyond_the_cap_are_closed_at_once() {
+fn connections_beyond_the_cap_are_refused_and_silent_ones_take_no_served_place() {
     let (worker, client) = (Arc::new(KeyPair::generate().unwrap()), KeyPair::generate().unwrap());
     let (addr, log) = start_worker(serving(&worker, LinkPolicy::Only(vec![client.public()]), 1), cpu_backend);
+    // Silent connections that never authenticate do not count against the served connections.
+    let _silent: Vec<_> = (0..3).map(|_| std::net::TcpStream::connect(&addr).unwrap()).collect();
     let first = Device::remote(Box::new(link_to(&addr, &client, &worker).unwrap())).unwrap();
-    let err = link_to(&addr, &client, &worker).unwrap_err();
-    assert!(matches!(err, ChannelError::Closed { .. } | ChannelError::Io { .. }), "{err}");
+    let err = Device::remote(Box::new(link_to(&addr, &client, &worker).unwrap())).err().expect("over the cap");
+    assert!(err.to_string().contains("serves 1 connections already"), "{err}");
     assert!(log.lock().unwrap().iter().any(|l| l.contains("connections are being served already")));
     // The place comes back when the first client leaves.
     first.shutdown();
@@ -467,4 +474,19 @@ fn a_request_over_the_negotiated_frame_limit_is_refused_before_sending() {
     assert_eq!(dev.gemm(&s, &release(&t, vec![1.0; 2]), &release(&t, vec![1.0; 2])).unwrap(), vec![1.0; 4]);
     dev.shutdown();
     server.join().unwrap().unwrap();
+}
+
+#[test]
+fn an_idle_connection_is_closed_after_the_idle_limit() {
+    let (worker, client) = (Arc::new(KeyPair::generate().unwrap()), KeyPair::generate().unwrap());
+    let mut options = serving(&worker, LinkPolicy::Only(vec![client.public()]), 8);
+    (options.channel.timeout, options.idle_limit) = (Some(Duration::from_millis(100)), Duration::from_millis(500));
+    let (addr, log) = start_worker(options, cpu_backend);
+    let mut dev = Device::remote(Box::new(link_to(&addr, &client, &worker).unwrap())).unwrap();
+    check_against_local(&mut dev, 1, 7);
+    thread::sleep(Duration::from_millis(1500));
+    let t = Transcript::new();
+    let shape = GemmShape { m: 2, k: 2, n: 2, trans_a: false, trans_b: false };
+    assert!(dev.gemm(&shape, &release(&t, vec![1.0; 4]), &release(&t, vec![1.0; 4])).is_err());
+    assert!(log.lock().unwrap().iter().any(|l| l.contains("idle for")), "{:?}", log.lock().unwrap());
 }

@@ -65,7 +65,23 @@ pub const MAX_NAME_BYTES: usize = 1024;
 /// Largest header accepted (bounds JSON parsing, independent of the channel's frame limit).
 const MAX_HEADER_BYTES: usize = 16 << 20;
 
+/// Largest attestation message the owner reads (a DCAP quote with its certificate chain is a few
+/// KiB), before the quote is checked.
+const MAX_ATTEST_BYTES: usize = 256 << 10;
+/// Largest refusal or acknowledgement read.
+const MAX_REASON_BYTES: usize = 64 << 10;
+
 const DOMAIN: &[u8] = b"trustsplit-upload-v1";
+
+/// Receives one frame of tag `expected` of at most `max` bytes (a larger one is refused before it
+/// is read, where the channel can tell).
+fn recv_tag_limited<C: Channel>(ch: &mut C, expected: u16, max: usize) -> Result<Vec<u8>, UploadError> {
+    let f = ch.recv_limited(max)?;
+    if f.tag != expected {
+        return Err(ChannelError::UnexpectedTag { peer: ch.peer(), expected, found: f.tag }.into());
+    }
+    Ok(f.payload)
+}
 
 /// One file of a dataset. Names are labels; this module never uses them as paths.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -174,7 +190,7 @@ pub fn owner_handshake<C: Channel>(
     let nonce = random_32()?;
     ch.send(TAG_HELLO, &[owner_pub, nonce].concat())?;
 
-    let msg = ch.recv_tag(TAG_ATTEST)?;
+    let msg = recv_tag_limited(&mut ch, TAG_ATTEST, MAX_ATTEST_BYTES)?;
     let protocol = |reason: String| UploadError::Protocol { peer: ch.peer(), reason };
     if msg.len() < 33 {
         return Err(protocol(format!("attestation message of {} bytes, need at least 33", msg.len())));
@@ -200,7 +216,7 @@ pub fn enclave_handshake<C: Channel>(
     binding: &[u8; 32],
     provider: &dyn AttestationProvider,
 ) -> Result<EncryptedChannel<C>, UploadError> {
-    let hello = ch.recv_tag(TAG_HELLO)?;
+    let hello = recv_tag_limited(&mut ch, TAG_HELLO, 64)?;
     if hello.len() != 64 {
         let reason = format!("hello of {} bytes, expected 64 (key and nonce)", hello.len());
         return Err(UploadError::Protocol { peer: ch.peer(), reason });
@@ -259,9 +275,9 @@ pub fn owner_upload<C: Channel>(
 
 /// Waits for `ok_tag` (empty payload) or the enclave's error.
 fn expect_reply<C: Channel>(ch: &mut C, ok_tag: u16) -> Result<(), UploadError> {
-    let f = ch.recv()?;
+    let f = ch.recv_limited(MAX_REASON_BYTES)?;
     match f.tag {
-        TAG_ERROR => Err(UploadError::RejectedByEnclave(String::from_utf8_lossy(&f.payload).into_owned())),
+        TAG_ERROR => Err(UploadError::RejectedByEnclave(trustsplit_boundary::printable(&f.payload))),
         t if t == ok_tag && f.payload.is_empty() => Ok(()),
         t => {
             Err(UploadError::Protocol { peer: ch.peer(), reason: format!("expected tag {ok_tag:#06x}, got {t:#06x}") })
@@ -271,8 +287,8 @@ fn expect_reply<C: Channel>(ch: &mut C, ok_tag: u16) -> Result<(), UploadError> 
 
 /// Sends; if that fails because the enclave gave up, reports the enclave's reason when it sent one.
 fn send_or_explain<C: Channel>(ch: &mut C, tag: u16, payload: &[u8]) -> Result<(), UploadError> {
-    ch.send(tag, payload).map_err(|e| match ch.recv() {
-        Ok(f) if f.tag == TAG_ERROR => UploadError::RejectedByEnclave(String::from_utf8_lossy(&f.payload).into_owned()),
+    ch.send(tag, payload).map_err(|e| match ch.recv_limited(MAX_REASON_BYTES) {
+        Ok(f) if f.tag == TAG_ERROR => UploadError::RejectedByEnclave(trustsplit_boundary::printable(&f.payload)),
         _ => e.into(),
     })
 }
@@ -301,7 +317,7 @@ pub fn enclave_receive<C: Channel>(
 
 fn receive_dataset<C: Channel>(ch: &mut C, max_total_bytes: u64) -> Result<Vec<UploadedFile>, UploadError> {
     let protocol = |ch: &C, reason: String| UploadError::Protocol { peer: ch.peer(), reason };
-    let header_bytes = ch.recv_tag(TAG_HEADER)?;
+    let header_bytes = recv_tag_limited(ch, TAG_HEADER, MAX_HEADER_BYTES)?;
     if header_bytes.len() > MAX_HEADER_BYTES {
         return Err(UploadError::Refused(format!(
             "header of {} bytes exceeds the limit of {MAX_HEADER_BYTES} bytes",
@@ -341,7 +357,7 @@ fn receive_dataset<C: Channel>(ch: &mut C, max_total_bytes: u64) -> Result<Vec<U
         header.files.iter().map(|f| UploadedFile { name: f.name.clone(), bytes: Vec::new() }).collect();
     let (mut current, mut received) = (0usize, 0u64);
     loop {
-        let f = ch.recv()?;
+        let f = ch.recv_limited(CHUNK_BYTES)?;
         match f.tag {
             TAG_CHUNK => {
                 if f.payload.is_empty() || f.payload.len() > CHUNK_BYTES {
