@@ -597,7 +597,7 @@ fn what_the_checks_keep_counts_against_the_enclave_budget_until_the_backward_pas
     // The input projections (6 x 12 x 12 values per checked layer) and the weights' projections
     // were held beside the saved contexts during the step...
     assert!(on.peak_bytes > off.peak_bytes, "peak {} verified, {} not", on.peak_bytes, off.peak_bytes);
-    // ...and given back by its end: what stays (the warm-start bases) is the same either way.
+    // ...and given back by its end: what stays is the same either way.
     assert_eq!(on.transient_bytes, off.transient_bytes);
 }
 
