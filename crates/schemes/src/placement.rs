@@ -73,9 +73,8 @@ pub trait Placement {
         false
     }
     /// Bytes the placement itself keeps in the enclave between calls (secrets and what it keeps to
-    /// check the device): the runner counts them against
-    /// the memory budget beside the saved contexts. Released values kept for later (already
-    /// public) do not count.
+    /// check the device): the runner counts them against the memory budget beside the saved
+    /// contexts. Released values kept for later (already public) do not count.
     fn retained_bytes(&self) -> usize {
         0
     }
