@@ -190,13 +190,7 @@ impl TcpChannel {
 
     fn recv_frame(&mut self, max: usize) -> Result<Frame, ChannelError> {
         let mut h = [0u8; HEADER_LEN];
-        match self.wire.first_byte()? {
-            Some(b) => h[0] = b,
-            None => {
-                let after = self.opts.timeout.unwrap_or_default();
-                return Err(ChannelError::Timeout { peer: self.wire.peer.clone(), after });
-            }
-        }
+        h[0] = self.wire.first_byte()?;
         let deadline = self.wire.deadline();
         self.wire.read_by(&mut h[1..], deadline, "in the middle of a message header")?;
         let found: [u8; 4] = h[..4].try_into().expect("4 bytes");

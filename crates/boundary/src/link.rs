@@ -278,13 +278,7 @@ impl Link {
     fn recv_frame(&mut self, max: usize) -> Result<Frame, ChannelError> {
         // The two length bytes of the header message: the first decides whether a message began.
         let mut len = [0u8; 2];
-        match self.wire.first_byte()? {
-            Some(b) => len[0] = b,
-            None => {
-                let after = self.opts.timeout.unwrap_or_default();
-                return Err(ChannelError::Timeout { peer: self.wire.peer.clone(), after });
-            }
-        }
+        len[0] = self.wire.first_byte()?;
         let deadline = self.wire.deadline();
         let context = "in the middle of a message";
         self.wire.read_by(&mut len[1..], deadline, context)?;

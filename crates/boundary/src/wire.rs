@@ -82,22 +82,26 @@ impl Wire {
         self.timeout.map(|t| Instant::now() + t)
     }
 
-    /// Waits up to the timeout for the first byte of the next message. `Ok(None)` when none came
-    /// (the peer is idle, nothing was consumed).
-    pub fn first_byte(&mut self) -> Result<Option<u8>, ChannelError> {
+    /// Waits up to the timeout for the first byte of the next message. When none came the error
+    /// is [`ChannelError::Timeout`]: the peer is idle, nothing was consumed, and [`Wire::settle`]
+    /// leaves the stream open.
+    pub fn first_byte(&mut self) -> Result<u8, ChannelError> {
         if self.start == self.end {
             self.stream.set_read_timeout(self.timeout).map_err(|e| self.classify(e, "while waiting for a message"))?;
             loop {
                 match self.fill() {
                     Ok(()) => break,
                     Err(e) if e.kind() == ErrorKind::Interrupted => {}
-                    Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => return Ok(None),
+                    Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {
+                        let after = self.timeout.unwrap_or_default();
+                        return Err(ChannelError::Timeout { peer: self.peer.clone(), after });
+                    }
                     Err(e) => return Err(self.classify(e, "while waiting for a message")),
                 }
             }
         }
         self.start += 1;
-        Ok(Some(self.buffer[self.start - 1]))
+        Ok(self.buffer[self.start - 1])
     }
 
     /// Fills `buf` before `deadline`.
