@@ -140,7 +140,7 @@ pub struct TrainSummary {
 }
 
 /// Accuracy and mean loss over a dataset.
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Default, Serialize)]
 pub struct EvalResult {
     pub accuracy: f64,
     pub loss: f64,
@@ -256,9 +256,7 @@ pub fn evaluate(
         accuracy: correct as f64 / ds.len() as f64,
         loss: loss / ds.len() as f64,
         samples: ds.len(),
-        privacy: None,
-        device_checks: None,
-        summary_lines: Vec::new(),
+        ..EvalResult::default()
     })
 }
 
@@ -464,17 +462,7 @@ pub fn train_with_data(
         None => None,
     };
     let releases_noise = charging.is_some();
-    let (mut last_train, mut last_test) = (
-        (0.0, 0.0),
-        EvalResult {
-            accuracy: 0.0,
-            loss: 0.0,
-            samples: 0,
-            privacy: None,
-            device_checks: None,
-            summary_lines: Vec::new(),
-        },
-    );
+    let (mut last_train, mut last_test) = ((0.0, 0.0), EvalResult::default());
 
     crate::with_threads(cfg.threads, || -> Result<()> {
         for epoch in start_epoch..cfg.epochs {
