@@ -270,19 +270,14 @@ fn serve_connection(
     let peer = channel.peer();
     let Some(_served) = ConnectionSlot::take(active, opts.max_connections) else {
         log(&format!("{peer}: refused: {} connections are being served already", opts.max_connections));
-        let _ = channel.recv_limited(protocol::SMALL_REPLY_BYTES);
         let msg = format!("this worker serves {} connections already; try again later", opts.max_connections);
-        let _ = send_error(channel.as_mut(), &msg);
-        return;
+        return answer_hello_with_error(channel.as_mut(), &msg);
     };
     let mut backend = match make_backend() {
         Ok(b) => b,
         Err(e) => {
             log(&format!("{peer}: refusing: {e}"));
-            // Answer the Hello (if it arrives) so the client sees why.
-            let _ = channel.recv_limited(protocol::SMALL_REPLY_BYTES);
-            let _ = send_error(channel.as_mut(), &e.to_string());
-            return;
+            return answer_hello_with_error(channel.as_mut(), &e.to_string());
         }
     };
     log(&format!("{peer}: connected, serving on {}", backend.name()));
@@ -290,6 +285,13 @@ fn serve_connection(
         Ok(()) => log(&format!("{peer}: disconnected")),
         Err(e) => log(&format!("{peer}: connection ended: {e}")),
     }
+}
+
+/// Refuses a connection that will not be served: answers its Hello (if it arrives) with `msg`, so
+/// the client sees why.
+fn answer_hello_with_error(channel: &mut dyn Channel, msg: &str) {
+    let _ = channel.recv_limited(protocol::SMALL_REPLY_BYTES);
+    let _ = send_error(channel, msg);
 }
 
 /// Listens on `addr` and serves each connection on its own thread. Returns only if binding fails.
