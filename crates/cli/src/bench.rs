@@ -13,6 +13,7 @@ use anyhow::Result;
 use serde::Serialize;
 use std::collections::BTreeMap;
 use std::time::Instant;
+use trustsplit_cryptgpu::session::PartyStats;
 use trustsplit_kernels::conv::{conv2d_backward_data, conv2d_backward_weight, conv2d_forward, ConvGeometry};
 use trustsplit_kernels::loss::softmax_cross_entropy;
 use trustsplit_kernels::matmul::{matmul, parallelism, MatRef};
@@ -213,6 +214,19 @@ pub struct StepBench {
     /// The device's results checked over the run, warm-up included (AsymML with
     /// `--verify-device on`; `None` otherwise).
     pub device_checks: Option<trustsplit_schemes::device_check::CheckTally>,
+    /// A three-party scheme (cryptgpu): each party's traffic per step (`step_ms` is then the
+    /// parties' wall time, all three on this machine).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub parties: Option<Vec<PartyStep>>,
+}
+
+/// One party's traffic per measured step.
+#[derive(Debug, Serialize)]
+pub struct PartyStep {
+    pub party: usize,
+    pub bytes_sent: u64,
+    pub messages: u64,
+    pub rounds: u64,
 }
 
 /// Settings of [`step`].
@@ -274,7 +288,7 @@ pub fn step_compared(o: &StepOptions) -> Result<Compared> {
     let pairs = base.enclave_seconds.iter().zip(&run.enclave_seconds).map(|(b, r)| b / r.max(1e-12));
     let per_pair =
         pairs.fold(None, |range: Option<(f64, f64)>, x| Some(range.map_or((x, x), |(lo, hi)| (lo.min(x), hi.max(x)))));
-    let (base, run) = (base.finish(), run.finish());
+    let (base, run) = (base.finish()?, run.finish()?);
     let enclave_speedup = Some(base.enclave_ms / run.enclave_ms.max(1e-9));
     Ok(Compared { run, baseline: Some(base), enclave_speedup, enclave_speedup_per_pair: per_pair })
 }
@@ -289,7 +303,7 @@ pub fn step(o: &StepOptions) -> Result<StepBench> {
         }
         Ok(())
     })??;
-    Ok(stepper.finish())
+    stepper.finish()
 }
 
 /// One scheme's model, runner and optimizer on a batch of random data, stepped one step at a time
@@ -298,12 +312,14 @@ struct Stepper<'a> {
     o: StepOptions<'a>,
     input: Vec<usize>,
     model: trustsplit_nn::Model,
-    runner: trustsplit_schemes::SplitRunner,
+    runner: crate::runner::Runner,
     opt: Optimizer,
     x: trustsplit_nn::tensor::Tensor,
     labels: Vec<usize>,
     /// The runner's counters when measuring began.
     before: Option<trustsplit_schemes::SchemeReport>,
+    /// A three-party scheme's traffic counters when measuring began.
+    parties_before: Option<Vec<PartyStats>>,
     /// The runner's device time so far (at the end of the last step).
     device_seconds: f64,
     wall_seconds: f64,
@@ -321,9 +337,17 @@ impl<'a> Stepper<'a> {
         let input = vec![channels, side, side];
         let model = zoo::build(o.model, &input, 10, 0)
             .map_err(|e| anyhow::anyhow!("{} does not take {side}x{side} images: {e}", o.model))?;
-        let runner =
-            crate::registry::build_runner(o.scheme, o.device, &o.link, o.memory_budget, None, None, &o.options)?;
         let opt = Optimizer::new(OptimizerKind::Sgd { momentum: 0.9, nesterov: false }, 5e-4);
+        let runner = crate::registry::build_runner(
+            o.scheme,
+            o.device,
+            &o.link,
+            o.memory_budget,
+            None,
+            None,
+            &o.options,
+            (&model, &opt),
+        )?;
         let n = o.batch_size;
         let x = from_vec(&[&[n][..], &input[..]].concat(), pseudo_random(n * input.iter().product::<usize>(), 7));
         let labels: Vec<usize> = (0..n).map(|i| i % 10).collect();
@@ -337,6 +361,7 @@ impl<'a> Stepper<'a> {
             x,
             labels,
             before: None,
+            parties_before: None,
             device_seconds: 0.0,
             wall_seconds: 0.0,
             enclave_seconds: Vec::new(),
@@ -363,6 +388,7 @@ impl<'a> Stepper<'a> {
         let before = self.runner.report();
         self.device_seconds = before.device_seconds;
         self.before = Some(before);
+        self.parties_before = self.runner.party_stats()?;
         Ok(())
     }
 
@@ -377,7 +403,22 @@ impl<'a> Stepper<'a> {
         Ok(())
     }
 
-    fn finish(self) -> StepBench {
+    fn finish(mut self) -> Result<StepBench> {
+        let parties = self.runner.party_stats()?.map(|after| {
+            let before = self.parties_before.take().unwrap_or_default();
+            after
+                .iter()
+                .map(|a| {
+                    let b = before.iter().find(|b| b.party == a.party).map(|b| b.total).unwrap_or_default();
+                    PartyStep {
+                        party: a.party,
+                        bytes_sent: (a.total.bytes_sent - b.bytes_sent) / self.o.steps as u64,
+                        messages: (a.total.messages - b.messages) / self.o.steps as u64,
+                        rounds: (a.total.rounds - b.rounds) / self.o.steps as u64,
+                    }
+                })
+                .collect()
+        });
         let Stepper { o, input, model, runner, before, wall_seconds, .. } = self;
         let before = before.expect("warm_up runs before the measured steps");
         let n = o.batch_size;
@@ -392,7 +433,7 @@ impl<'a> Stepper<'a> {
         // scheme with a device runs all of the model's there, and one without runs them inside.
         let counted = after.placement.enclave_macs + after.placement.device_macs > 0;
         let (mem_a, mem_b) = (after.memory.clone().unwrap_or_default(), before.memory.unwrap_or_default());
-        StepBench {
+        Ok(StepBench {
             scheme: o.scheme.to_string(),
             model: o.model.to_string(),
             batch_size: n,
@@ -436,6 +477,7 @@ impl<'a> Stepper<'a> {
                 (false, true) => model_macs,
                 (false, false) => 0,
             },
-        }
+            parties,
+        })
     }
 }

@@ -309,7 +309,7 @@ fn train_on_upload(a: &EnclaveArgs, files: Vec<UploadedFile>, log: &mut ToOwner)
     let splits = trustsplit_data::load_from_files(a.dataset, &files)
         .with_context(|| format!("parsing the uploaded {} files", a.dataset))?;
     drop(files);
-    let data = train::prepare_data(a.dataset, splits, &a.training.model, 0, 0)?;
+    let data = train::prepare_data(a.dataset, splits, &a.training.model_name(), 0, 0)?;
     log.line(&format!(
         "dataset {}: {} training and {} test images of {}x{}x{}",
         a.dataset,
@@ -319,7 +319,7 @@ fn train_on_upload(a: &EnclaveArgs, files: Vec<UploadedFile>, log: &mut ToOwner)
         data.train.height,
         data.train.width
     ));
-    let mut cfg = TrainConfig::new(&a.training.model, a.dataset.name());
+    let mut cfg = TrainConfig::new(&a.training.model_name(), a.dataset.name());
     cfg.scheme = a.scheme;
     let out = a.training.apply(&mut cfg)?;
     train::announce(&cfg, &format!("the uploaded {}", cfg.dataset), &out);

@@ -36,7 +36,13 @@ pub fn eval(
     let mut model =
         zoo::build(&c.meta.model, &c.meta.input_shape, c.meta.num_classes, 0).map_err(anyhow::Error::msg)?;
     c.restore_model(&mut model)?;
-    let mut runner = crate::registry::build_runner(scheme, device, link, DEFAULT_BUDGET_BYTES, None, None, options)?;
+    // Evaluation never steps the optimizer; a three-party scheme is told plain SGD.
+    let opt = trustsplit_nn::optim::Optimizer::new(
+        trustsplit_nn::optim::OptimizerKind::Sgd { momentum: 0.0, nesterov: false },
+        0.0,
+    );
+    let mut runner =
+        crate::registry::build_runner(scheme, device, link, DEFAULT_BUDGET_BYTES, None, None, options, (&model, &opt))?;
     let mut result =
         crate::with_threads(threads, || evaluate(&mut runner, &mut model, &data, &data.test, batch_size, show))??;
     let report = runner.report();

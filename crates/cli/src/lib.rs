@@ -10,6 +10,7 @@ pub mod eval;
 pub mod memory_tuning;
 pub mod progress;
 pub mod registry;
+pub mod runner;
 pub mod train;
 pub mod training_args;
 

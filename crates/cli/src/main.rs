@@ -182,8 +182,11 @@ enum BenchWhat {
         /// The scheme to time.
         #[arg(long, default_value = "tee-only", value_parser = scheme_parser())]
         scheme: Scheme,
-        #[arg(long, default_value = "vgg16")]
+        #[arg(long, default_value = "vgg16", value_parser = trustsplit::training_args::model_parser())]
         model: String,
+        /// max, or avg: the model's max-pools replaced by average pools (as CryptGPU's networks).
+        #[arg(long, default_value = "max", value_parser = ["max", "avg"])]
+        pool: String,
         #[arg(long, default_value_t = 32)]
         batch_size: usize,
         /// Height and width of the random input images (default: 32 for the CIFAR-sized models, 28
@@ -247,7 +250,7 @@ enum BenchWhat {
 }
 
 fn run_train(a: TrainArgs) -> Result<()> {
-    let mut cfg = TrainConfig::new(&a.training.model, &a.dataset);
+    let mut cfg = TrainConfig::new(&a.training.model_name(), &a.dataset);
     cfg.scheme = a.scheme;
     cfg.data_dir = a.data_dir;
     cfg.train_limit = a.train_limit;
@@ -338,6 +341,24 @@ fn parse_baseline(arg: Option<&str>, scheme: Scheme) -> Result<Option<Scheme>> {
 }
 
 fn print_step(r: &bench::StepBench) {
+    if let Some(parties) = &r.parties {
+        let shape = r.input_shape.iter().map(|d| d.to_string()).collect::<Vec<_>>().join("x");
+        let what = if r.inference { " inference" } else { "" };
+        eprintln!(
+            "{} {} batch {} of {shape}{what}: {:.0} ms per step, three parties on this machine",
+            r.scheme, r.model, r.batch_size, r.step_ms
+        );
+        for p in parties {
+            eprintln!(
+                "  party {}: {:.2} MB sent in {} messages, {} rounds per step",
+                p.party,
+                p.bytes_sent as f64 / 1e6,
+                p.messages,
+                p.rounds
+            );
+        }
+        return;
+    }
     eprintln!(
         "{} {} batch {} of {}{}: {:.0} ms per step ({:.0} ms enclave, {:.0} ms device); {:.1} MB released, {:.1} MB sent to the device in all, {:.1} MB back; spill {:.1} MB; peak enclave {:.1} MiB; enclave {:.2} G multiply-adds, device {:.2} G",
         r.scheme,
@@ -444,6 +465,7 @@ fn main() {
                 BenchWhat::Step {
                     scheme,
                     model,
+                    pool,
                     batch_size,
                     image_size,
                     inference,
@@ -459,6 +481,7 @@ fn main() {
                     scheme_options,
                 },
         } => parse_baseline(baseline.as_deref(), scheme).and_then(|baseline| {
+            let model = trustsplit::training_args::model_with_pool(&model, &pool);
             let r = bench::step_compared(&bench::StepOptions {
                 scheme,
                 model: &model,

@@ -2,11 +2,17 @@
 //! with options, one field in [`SchemeOptions`]; everything else about it (its placement, its
 //! options and their flags, what it adds to a run's summary, its docs page) lives with the scheme.
 
+use crate::runner::{PartyRunner, Runner};
 use anyhow::{Context, Result};
 use serde::{Deserialize, Serialize};
 use std::path::Path;
 use std::sync::Arc;
 use trustsplit_boundary::Transcript;
+use trustsplit_cryptgpu::party::MpcError;
+use trustsplit_cryptgpu::scheme::{self as cryptgpu, CryptgpuOptions};
+use trustsplit_cryptgpu::session::Session;
+use trustsplit_nn::optim::Optimizer;
+use trustsplit_nn::Model;
 use trustsplit_schemes::asymml::{self, AsymmlOptions, PrivacySummary};
 use trustsplit_schemes::{
     gpu_only, plaintext, tee_only, RunnerError, RunnerInputs, SchemeInfo, SchemeReport, SplitRunner, TrainingRun,
@@ -16,7 +22,7 @@ use trustsplit_schemes::{
 pub struct SchemeEntry {
     pub info: &'static SchemeInfo,
     /// Builds its runner from the common inputs and the run's options.
-    pub build: fn(RunnerInputs, &SchemeOptions) -> Result<SplitRunner, RunnerError>,
+    pub build: Build,
     /// Lines it adds to the end of a training run's summary (given the privacy the run charged,
     /// for a scheme that keeps a privacy ledger).
     pub describe_run: DescribeRun,
@@ -24,13 +30,42 @@ pub struct SchemeEntry {
     pub describe_evaluation: fn(&SchemeReport) -> Vec<String>,
 }
 
-type Build = fn(RunnerInputs, &SchemeOptions) -> Result<SplitRunner, RunnerError>;
+/// How a scheme's runner is made.
+#[derive(Clone, Copy)]
+pub enum Build {
+    /// An enclave and (maybe) a device, from the common inputs and the run's options.
+    Split(fn(RunnerInputs, &SchemeOptions) -> Result<SplitRunner, RunnerError>),
+    /// Three parties holding shares of the model (trained with the optimizer's settings).
+    Parties(fn(&Model, &Optimizer, &SchemeOptions) -> Result<Session, MpcError>),
+}
+
 type DescribeRun = fn(&SchemeReport, Option<&PrivacySummary>) -> Vec<String>;
 
 impl SchemeEntry {
     /// A scheme that adds nothing to the summaries.
-    const fn new(info: &'static SchemeInfo, build: Build) -> SchemeEntry {
-        SchemeEntry { info, build, describe_run: no_run_lines, describe_evaluation: no_evaluation_lines }
+    const fn new(
+        info: &'static SchemeInfo,
+        build: fn(RunnerInputs, &SchemeOptions) -> Result<SplitRunner, RunnerError>,
+    ) -> SchemeEntry {
+        SchemeEntry {
+            info,
+            build: Build::Split(build),
+            describe_run: no_run_lines,
+            describe_evaluation: no_evaluation_lines,
+        }
+    }
+
+    /// A scheme run by three parties.
+    const fn parties(
+        info: &'static SchemeInfo,
+        build: fn(&Model, &Optimizer, &SchemeOptions) -> Result<Session, MpcError>,
+    ) -> SchemeEntry {
+        SchemeEntry {
+            info,
+            build: Build::Parties(build),
+            describe_run: no_run_lines,
+            describe_evaluation: no_evaluation_lines,
+        }
     }
 
     /// With the lines it adds to the summaries of a training run and of an evaluation.
@@ -54,6 +89,7 @@ pub static SCHEMES: &[SchemeEntry] = &[
     SchemeEntry::new(&tee_only::INFO, |i, _| tee_only::build(i)),
     SchemeEntry::new(&gpu_only::INFO, |i, _| gpu_only::build(i)),
     SchemeEntry::new(&asymml::INFO, |i, o| asymml::build(i, &o.asymml)).summarised(asymml::describe_run, asymml::describe_evaluation),
+    SchemeEntry::parties(&cryptgpu::INFO, |m, opt, o| cryptgpu::start_local(m, opt, &o.cryptgpu)),
 ];
 
 /// Every scheme's options: the flags of `train`, `eval`, `bench step` and `enclave`, and the
@@ -63,6 +99,9 @@ pub struct SchemeOptions {
     #[command(flatten)]
     #[serde(default)]
     pub asymml: AsymmlOptions,
+    #[command(flatten)]
+    #[serde(default)]
+    pub cryptgpu: CryptgpuOptions,
 }
 
 /// A registered scheme, as `--scheme` names it and runs record it (by name).
@@ -150,7 +189,9 @@ pub fn scheme_parser() -> impl clap::builder::TypedValueParser<Value = Scheme> {
 /// The runner of `scheme`, with its devices opened from `device_spec` (remote ones over `link`)
 /// when it uses any, and the
 /// transcript written to `transcript_path` when one is given. `training`: the run it will train
-/// (`None` to evaluate or benchmark).
+/// (`None` to evaluate or benchmark). A three-party scheme starts its parties holding shares of
+/// `model`, which they train with `opt`'s settings.
+#[allow(clippy::too_many_arguments)]
 pub fn build_runner(
     scheme: Scheme,
     device_spec: &str,
@@ -159,14 +200,24 @@ pub fn build_runner(
     transcript_path: Option<&Path>,
     training: Option<TrainingRun>,
     options: &SchemeOptions,
-) -> Result<SplitRunner> {
+    (model, opt): (&Model, &Optimizer),
+) -> Result<Runner> {
     let transcript = match transcript_path {
         Some(p) => Transcript::new().with_jsonl(p).with_context(|| format!("creating transcript {}", p.display()))?,
         None => Transcript::new(),
     };
     let devices = if scheme.info().uses_device { crate::devices::open_devices(device_spec, link)? } else { Vec::new() };
-    let inputs = RunnerInputs { devices, memory_budget, transcript: Arc::new(transcript), training };
-    (scheme.entry().build)(inputs, options).with_context(|| format!("setting up scheme {scheme}"))
+    let transcript = Arc::new(transcript);
+    match scheme.entry().build {
+        Build::Split(build) => {
+            let inputs = RunnerInputs { devices, memory_budget, transcript, training };
+            Ok(Runner::Split(build(inputs, options).with_context(|| format!("setting up scheme {scheme}"))?))
+        }
+        Build::Parties(build) => {
+            let session = build(model, opt, options).with_context(|| format!("setting up scheme {scheme}"))?;
+            Ok(Runner::Parties(PartyRunner::new(scheme.name(), session, transcript)))
+        }
+    }
 }
 
 #[cfg(test)]
@@ -216,7 +267,7 @@ mod tests {
             let json = serde_json::to_string(&scheme).unwrap();
             assert_eq!(serde_json::from_str::<Scheme>(&json).unwrap(), scheme);
         }
-        let err = Scheme::named("cryptgpu").unwrap_err();
-        assert!(err.contains("cryptgpu") && err.contains("asymml"), "{err}");
+        let err = Scheme::named("goten").unwrap_err();
+        assert!(err.contains("goten") && err.contains("cryptgpu"), "{err}");
     }
 }

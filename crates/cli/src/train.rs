@@ -6,6 +6,7 @@
 //! resume without that file, or with one older than the checkpoint, is refused.
 
 use crate::progress;
+use crate::runner::Runner;
 use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
 use std::io::Write;
@@ -17,7 +18,7 @@ use trustsplit_nn::optim::{Optimizer, OptimizerKind, Schedule};
 use trustsplit_nn::tensor::from_vec;
 use trustsplit_nn::{checkpoint, zoo, Model};
 use trustsplit_schemes::asymml::{self, EvaluationPrivacy, PrivacyCharges, PrivacyLedger, PrivacySummary};
-use trustsplit_schemes::{RunnerError, SplitRunner, TrainingRun};
+use trustsplit_schemes::{RunnerError, TrainingRun};
 
 pub use crate::registry::{Scheme, SchemeOptions};
 
@@ -137,6 +138,9 @@ pub struct TrainSummary {
     /// AsymML: the (epsilon, delta) each training sample spent over every charged participation
     /// (earlier runs of a resumed one and replayed epochs included), and what it covers.
     pub privacy: Option<PrivacySummary>,
+    /// A three-party scheme (cryptgpu): each party's traffic over the run, by layer and protocol.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub parties: Option<Vec<trustsplit_cryptgpu::session::PartyStats>>,
 }
 
 /// Accuracy and mean loss over a dataset.
@@ -234,7 +238,7 @@ fn batch_options(data: &Data, batch_size: usize, seed: u64, epoch: u64, train: b
 
 /// Evaluates `model` on `ds` in evaluation mode.
 pub fn evaluate(
-    runner: &mut SplitRunner,
+    runner: &mut Runner,
     model: &mut Model,
     data: &Data,
     ds: &Dataset,
@@ -454,6 +458,7 @@ pub fn train_with_data(
         cfg.transcript.as_deref(),
         Some(training),
         &cfg.options,
+        (&model, &opt),
     )?;
     let steps_per_epoch = num_batches(data.train.len(), cfg.batch_size, false);
     // A scheme that keeps a privacy ledger adds noise to what it releases (AsymML), and charges it.
@@ -523,6 +528,8 @@ pub fn train_with_data(
                 "seconds": secs, "epsilon": epsilon});
             writeln!(metrics, "{line}")?;
             metrics.flush()?;
+            // A three-party scheme's model is in shares: the owner reconstructs it to checkpoint it.
+            runner.sync_model(&mut model)?;
             let meta = checkpoint::meta(&model, epoch + 1, opt.steps, cfg.seed, cfg.identity());
             checkpoint::save(&ckpt_path, &model, &opt, &meta)?;
             log.line(&format!(
@@ -539,6 +546,7 @@ pub fn train_with_data(
         Ok(())
     })??;
     runner.transcript().flush().map_err(anyhow::Error::msg)?;
+    let parties = runner.party_stats()?;
     let report = runner.report();
     let privacy = match (&report.placement.privacy, &charging) {
         (Some(ledger), Some(c)) => Some(asymml::privacy_summary(ledger, &c.charges)),
@@ -568,6 +576,7 @@ pub fn train_with_data(
         bytes_returned: report.transcript.bytes_returned,
         scheme_report: report,
         privacy,
+        parties,
     })
 }
 
@@ -597,6 +606,25 @@ pub fn report(s: &TrainSummary, json: bool) -> Result<()> {
     Ok(())
 }
 
+/// Each party's traffic, in all and per step.
+pub fn party_lines(parties: &[trustsplit_cryptgpu::session::PartyStats], steps: u64) -> Vec<String> {
+    parties
+        .iter()
+        .map(|p| {
+            format!(
+                "party {}: sent {:.1} MB in {} messages over {} rounds, evaluations included ({:.2} MB and {} rounds per \
+                 training step on average)",
+                p.party,
+                p.total.bytes_sent as f64 / 1e6,
+                p.total.messages,
+                p.total.rounds,
+                p.total.bytes_sent as f64 / 1e6 / steps.max(1) as f64,
+                p.total.rounds / steps.max(1)
+            )
+        })
+        .collect()
+}
+
 /// The human-readable end of a run.
 pub fn summary_lines(s: &TrainSummary) -> Vec<String> {
     let mut lines = vec![format!(
@@ -611,11 +639,20 @@ pub fn summary_lines(s: &TrainSummary) -> Vec<String> {
         s.checkpoint.display()
     )];
     let r = &s.scheme_report;
-    lines.push(format!(
-        "released to the device: {} ({} bytes released and {} bytes returned, in {} transcript records; {} bytes sent \
-         to the device in all, resends included)",
-        s.released, r.transcript.bytes_released, r.transcript.bytes_returned, r.transcript.records, r.device_bytes_sent
-    ));
+    if let Some(parties) = &s.parties {
+        lines.push(format!("released: {}", s.released));
+        lines.extend(party_lines(parties, s.steps));
+    } else {
+        lines.push(format!(
+            "released to the device: {} ({} bytes released and {} bytes returned, in {} transcript records; {} bytes \
+             sent to the device in all, resends included)",
+            s.released,
+            r.transcript.bytes_released,
+            r.transcript.bytes_returned,
+            r.transcript.records,
+            r.device_bytes_sent
+        ));
+    }
     lines.extend((s.scheme.entry().describe_run)(r, s.privacy.as_ref()));
     if let Some(m) = &r.memory {
         lines.push(format!(

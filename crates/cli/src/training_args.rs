@@ -33,9 +33,14 @@ pub struct TrainingArgs {
     /// Write every value that crosses the trust boundary as a JSON line to FILE.
     #[arg(long)]
     pub transcript: Option<PathBuf>,
-    /// Model: lenet5, alexnet, vgg11|13|16|19 (add -bn for batch-norm), resnet18, resnet34.
-    #[arg(long, default_value = "lenet5")]
+    /// Model: lenet5, lenet (CryptGPU's), alexnet, vgg11|13|16|19 (add -bn for batch-norm),
+    /// resnet18, resnet34.
+    #[arg(long, default_value = "lenet5", value_parser = model_parser())]
     pub model: String,
+    /// Pooling of the models that max-pool: max, or avg (average pools of the same windows, as
+    /// CryptGPU's networks; the model is then recorded as MODEL-avgpool).
+    #[arg(long, default_value = "max", value_parser = ["max", "avg"])]
+    pub pool: String,
     #[arg(long, default_value_t = 5)]
     pub epochs: usize,
     #[arg(long, default_value_t = 32)]
@@ -86,7 +91,7 @@ impl TrainingArgs {
     /// waits for the upload, so that a typo does not surface only after the owner has uploaded).
     pub fn check(&self) -> Result<()> {
         ensure!(
-            trustsplit_nn::zoo::MODEL_NAMES.contains(&self.model.as_str()),
+            trustsplit_nn::zoo::is_known(&self.model_name()),
             "unknown model '{}'; choose one of: {}",
             self.model,
             trustsplit_nn::zoo::MODEL_NAMES.join(", ")
@@ -97,6 +102,11 @@ impl TrainingArgs {
         parse_optimizer(&self.optimizer, self.momentum)?;
         parse_schedule(&self.schedule, self.epochs)?;
         self.scheme_options.asymml.check().map_err(anyhow::Error::msg)
+    }
+
+    /// The zoo name of the model asked for (with `-avgpool` under `--pool avg`).
+    pub fn model_name(&self) -> String {
+        model_with_pool(&self.model, &self.pool)
     }
 
     /// Sets these flags in `cfg` (whose model and dataset it was made with); returns the output
@@ -119,6 +129,28 @@ impl TrainingArgs {
         cfg.options = self.scheme_options.clone();
         Ok(self.out.clone().unwrap_or_else(|| PathBuf::from("runs").join(format!("{}-{}", cfg.model, cfg.dataset))))
     }
+}
+
+/// `model` with the zoo's average-pooling suffix when `pool` is `avg`.
+pub fn model_with_pool(model: &str, pool: &str) -> String {
+    match pool {
+        "avg" if !model.ends_with(trustsplit_nn::zoo::AVG_POOL_SUFFIX) => {
+            format!("{model}{}", trustsplit_nn::zoo::AVG_POOL_SUFFIX)
+        }
+        _ => model.to_string(),
+    }
+}
+
+/// `--model`'s parser: any zoo name, with the zoo's names in the error.
+pub fn model_parser() -> impl clap::builder::TypedValueParser<Value = String> {
+    use clap::builder::TypedValueParser;
+    clap::builder::NonEmptyStringValueParser::new().try_map(|name: String| {
+        if trustsplit_nn::zoo::is_known(&name) {
+            Ok(name)
+        } else {
+            Err(format!("unknown model '{name}'; choose one of: {}", trustsplit_nn::zoo::MODEL_NAMES.join(", ")))
+        }
+    })
 }
 
 fn parse_optimizer(name: &str, momentum: f32) -> Result<OptimizerKind> {

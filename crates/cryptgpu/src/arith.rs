@@ -107,12 +107,11 @@ impl AShare {
     }
 }
 
-/// A value of a party's share, or the three parts of a sharing made by the data owner.
-pub fn split(values: &[u64], rng: &mut impl rand::RngCore) -> [Vec<u64>; 3] {
-    let mut a = vec![0u64; values.len()];
-    let mut b = vec![0u64; values.len()];
-    rng.fill_bytes(bytemuck::cast_slice_mut(&mut a));
-    rng.fill_bytes(bytemuck::cast_slice_mut(&mut b));
+/// The three parts of a fresh sharing of `values` (what the data owner sends), drawn from `prg`
+/// (keyed from the operating system's CSPRNG).
+pub fn split(values: &[u64], prg: &mut crate::prg::Prg) -> [Vec<u64>; 3] {
+    let a = prg.ring(values.len());
+    let b = prg.ring(values.len());
     let c = values.iter().zip(a.iter().zip(&b)).map(|(v, (x, y))| v.wrapping_sub(*x).wrapping_sub(*y)).collect();
     [a, b, c]
 }
@@ -219,7 +218,7 @@ pub(crate) mod tests {
     use super::*;
     use crate::party::local_links;
     use crate::ring::FixedPoint;
-    use rand::{Rng, SeedableRng};
+    use rand::{Rng, RngCore, SeedableRng};
     use rand_chacha::ChaCha8Rng;
 
     /// Runs `f` on three in-memory parties (one thread each) and returns their results.
@@ -248,7 +247,9 @@ pub(crate) mod tests {
     /// The data owner's sharing of fixed-point values, as each party's share.
     pub fn share_f64(fp: FixedPoint, values: &[f64], shape: &[usize], rng: &mut ChaCha8Rng) -> [AShare; 3] {
         let ring: Vec<u64> = values.iter().map(|&v| fp.encode(v).unwrap()).collect();
-        let parts = split(&ring, rng);
+        let mut key = [0u8; 32];
+        rng.fill_bytes(&mut key);
+        let parts = split(&ring, &mut crate::prg::Prg::from_key(key));
         [0, 1, 2].map(|i| replicated(&parts, i, shape))
     }
 

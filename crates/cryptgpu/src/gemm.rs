@@ -2,43 +2,75 @@
 //!
 //! Every party's share of a private product is a sum of ring products of shares (see
 //! [`crate::arith`]), so these kernels are where the protocol spends its compute.
-//! All matrices are row-major.
+//! All matrices are row-major. Every function here is bit-exact with the naive definition
+//! (checked against it in the tests on random full-range values).
+//!
+//! BENCHMARK_PLACEHOLDER
+
+mod conv;
+mod kernel;
+mod limbs;
+#[cfg(test)]
+mod reference;
+#[cfg(test)]
+mod tests;
+
+use rayon::prelude::*;
+
+use kernel::{gemm_acc, View};
+
+pub use conv::{conv2d, conv2d_input_grad, conv2d_weight_grad};
+pub use limbs::matmul_float_limbs;
 
 /// `C = A B` for `A: m x k`, `B: k x n`.
 pub fn matmul(a: &[u64], b: &[u64], m: usize, k: usize, n: usize) -> Vec<u64> {
     assert_eq!(a.len(), m * k);
     assert_eq!(b.len(), k * n);
     let mut c = vec![0u64; m * n];
-    for i in 0..m {
-        for p in 0..k {
-            let av = a[i * k + p];
-            for j in 0..n {
-                c[i * n + j] = c[i * n + j].wrapping_add(av.wrapping_mul(b[p * n + j]));
-            }
-        }
-    }
+    gemm_acc(&mut c, View::rows(a, k), View::rows(b, n), m, k, n);
     c
 }
 
 /// `C = A^T B` for `A` stored `k x m` and `B: k x n` (`C: m x n`).
 pub fn matmul_tn(a: &[u64], b: &[u64], m: usize, k: usize, n: usize) -> Vec<u64> {
-    matmul(&transpose(a, k, m), b, m, k, n)
+    assert_eq!(a.len(), k * m);
+    assert_eq!(b.len(), k * n);
+    let mut c = vec![0u64; m * n];
+    gemm_acc(&mut c, View::transposed(a, m), View::rows(b, n), m, k, n);
+    c
 }
 
 /// `C = A B^T` for `A: m x k` and `B` stored `n x k` (`C: m x n`).
 pub fn matmul_nt(a: &[u64], b: &[u64], m: usize, k: usize, n: usize) -> Vec<u64> {
-    matmul(a, &transpose(b, n, k), m, k, n)
+    assert_eq!(a.len(), m * k);
+    assert_eq!(b.len(), n * k);
+    let mut c = vec![0u64; m * n];
+    gemm_acc(&mut c, View::rows(a, k), View::transposed(b, k), m, k, n);
+    c
 }
+
+/// Side of the square blocks [`transpose`] moves: 32 x 32 `u64` reads 32 lines and writes 32
+/// lines, all of which fit in L1 together.
+const TRANSPOSE_BLOCK: usize = 32;
 
 /// The transpose of a `rows x cols` matrix.
 pub fn transpose(a: &[u64], rows: usize, cols: usize) -> Vec<u64> {
     assert_eq!(a.len(), rows * cols);
     let mut t = vec![0u64; rows * cols];
-    for r in 0..rows {
-        for c in 0..cols {
-            t[c * rows + r] = a[r * cols + c];
-        }
+    if t.is_empty() {
+        return t;
     }
+    t.par_chunks_mut(TRANSPOSE_BLOCK * rows).enumerate().for_each(|(band, out)| {
+        let c0 = band * TRANSPOSE_BLOCK;
+        let band_cols = out.len() / rows;
+        for r0 in (0..rows).step_by(TRANSPOSE_BLOCK) {
+            for r in r0..rows.min(r0 + TRANSPOSE_BLOCK) {
+                for (dc, &v) in a[r * cols + c0..][..band_cols].iter().enumerate() {
+                    out[dc * rows + r] = v;
+                }
+            }
+        }
+    });
     t
 }
 
@@ -72,98 +104,4 @@ impl ConvShape {
     pub fn output_len(&self) -> usize {
         self.batch * self.out_channels * self.out_height() * self.out_width()
     }
-    /// The input pixel a kernel tap reads for an output position, if it is not padding.
-    fn source(&self, oy: usize, ox: usize, ky: usize, kx: usize) -> Option<(usize, usize)> {
-        let y = (oy * self.stride + ky).checked_sub(self.padding)?;
-        let x = (ox * self.stride + kx).checked_sub(self.padding)?;
-        (y < self.height && x < self.width).then_some((y, x))
-    }
-}
-
-/// `y = conv(x, w)`: `N x O x OH x OW`.
-pub fn conv2d(x: &[u64], w: &[u64], s: &ConvShape) -> Vec<u64> {
-    assert_eq!(x.len(), s.input_len());
-    assert_eq!(w.len(), s.weight_len());
-    let (oh, ow) = (s.out_height(), s.out_width());
-    let mut y = vec![0u64; s.output_len()];
-    for n in 0..s.batch {
-        for o in 0..s.out_channels {
-            for oy in 0..oh {
-                for ox in 0..ow {
-                    let mut acc = 0u64;
-                    for c in 0..s.in_channels {
-                        for ky in 0..s.kernel {
-                            for kx in 0..s.kernel {
-                                if let Some((iy, ix)) = s.source(oy, ox, ky, kx) {
-                                    let xv = x[((n * s.in_channels + c) * s.height + iy) * s.width + ix];
-                                    let wv = w[((o * s.in_channels + c) * s.kernel + ky) * s.kernel + kx];
-                                    acc = acc.wrapping_add(xv.wrapping_mul(wv));
-                                }
-                            }
-                        }
-                    }
-                    y[((n * s.out_channels + o) * oh + oy) * ow + ox] = acc;
-                }
-            }
-        }
-    }
-    y
-}
-
-/// The input gradient `dx` (`N x C x H x W`) of [`conv2d`] from `dy` (`N x O x OH x OW`).
-pub fn conv2d_input_grad(dy: &[u64], w: &[u64], s: &ConvShape) -> Vec<u64> {
-    assert_eq!(dy.len(), s.output_len());
-    assert_eq!(w.len(), s.weight_len());
-    let (oh, ow) = (s.out_height(), s.out_width());
-    let mut dx = vec![0u64; s.input_len()];
-    for n in 0..s.batch {
-        for o in 0..s.out_channels {
-            for oy in 0..oh {
-                for ox in 0..ow {
-                    let g = dy[((n * s.out_channels + o) * oh + oy) * ow + ox];
-                    for c in 0..s.in_channels {
-                        for ky in 0..s.kernel {
-                            for kx in 0..s.kernel {
-                                if let Some((iy, ix)) = s.source(oy, ox, ky, kx) {
-                                    let wv = w[((o * s.in_channels + c) * s.kernel + ky) * s.kernel + kx];
-                                    let d = &mut dx[((n * s.in_channels + c) * s.height + iy) * s.width + ix];
-                                    *d = d.wrapping_add(g.wrapping_mul(wv));
-                                }
-                            }
-                        }
-                    }
-                }
-            }
-        }
-    }
-    dx
-}
-
-/// The weight gradient `dw` (`O x C x K x K`) of [`conv2d`] from its input and `dy`.
-pub fn conv2d_weight_grad(x: &[u64], dy: &[u64], s: &ConvShape) -> Vec<u64> {
-    assert_eq!(x.len(), s.input_len());
-    assert_eq!(dy.len(), s.output_len());
-    let (oh, ow) = (s.out_height(), s.out_width());
-    let mut dw = vec![0u64; s.weight_len()];
-    for n in 0..s.batch {
-        for o in 0..s.out_channels {
-            for oy in 0..oh {
-                for ox in 0..ow {
-                    let g = dy[((n * s.out_channels + o) * oh + oy) * ow + ox];
-                    for c in 0..s.in_channels {
-                        for ky in 0..s.kernel {
-                            for kx in 0..s.kernel {
-                                if let Some((iy, ix)) = s.source(oy, ox, ky, kx) {
-                                    let xv = x[((n * s.in_channels + c) * s.height + iy) * s.width + ix];
-                                    let d = &mut dw[((o * s.in_channels + c) * s.kernel + ky) * s.kernel + kx];
-                                    *d = d.wrapping_add(g.wrapping_mul(xv));
-                                }
-                            }
-                        }
-                    }
-                }
-            }
-        }
-    }
-    dw
 }

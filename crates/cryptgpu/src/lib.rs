@@ -4,9 +4,20 @@
 //!
 //! - [`ring`]: the ring and the fixed-point numbers it carries.
 //! - [`gemm`]: ring products (matrix products, convolutions): where the compute goes.
+//! - [`binary`]: XOR-shared words: AND, the sign bit of an arithmetic share, bit injection.
+//! - [`compare`]: ReLU, maxima and pooling (max with a one-hot argmax, average).
+//! - [`softmax`]: exp, reciprocal, row softmax and the cross-entropy gradient.
+//! - [`model`]: the zoo's layers on shares, forward, backward and SGD.
+//! - [`session`]: the data owner and the three parties; [`scheme`]: `--scheme cryptgpu`.
 
 pub mod arith;
+pub mod binary;
+pub mod compare;
 pub mod gemm;
+pub mod model;
 pub mod party;
 pub mod prg;
 pub mod ring;
+pub mod scheme;
+pub mod session;
+pub mod softmax;

@@ -23,7 +23,7 @@ pub enum MpcError {
 }
 
 /// Bytes, messages and communication rounds of one protocol in one layer.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Traffic {
     pub bytes_sent: u64,
     pub messages: u64,
@@ -48,6 +48,8 @@ pub mod tag {
     pub const REVEAL: u16 = 0x4705;
     pub const AND: u16 = 0x4706;
     pub const BINARY_SHARE: u16 = 0x4707;
+    pub const BIT_INJECT_1: u16 = 0x4708;
+    pub const BIT_INJECT_2: u16 = 0x4709;
 }
 
 /// Which neighbour a message goes to or comes from.

@@ -1,5 +1,8 @@
-//! The model zoo: LeNet-5, AlexNet (CIFAR variant), VGG 11/13/16/19 with and without batch-norm,
-//! ResNet-18/34 (CIFAR variant). Kaiming-normal initialisation from a seeded ChaCha RNG.
+//! The model zoo: LeNet-5, LeNet (the variant CryptGPU, Falcon and Piranha benchmark), AlexNet
+//! (CIFAR variant), VGG 11/13/16/19 with and without batch-norm, ResNet-18/34 (CIFAR variant).
+//! Kaiming-normal initialisation from a seeded ChaCha RNG. A name with the suffix `-avgpool`
+//! (`lenet-avgpool`, `vgg16-avgpool`) is the model with every max-pool replaced by an average pool
+//! of the same window, as CryptGPU's networks have it (`--pool avg` on the command line).
 
 use crate::layers::{BatchNorm, Conv2d, Layer, Linear, Pool, Residual};
 use crate::model::Model;
@@ -10,16 +13,25 @@ use rand_distr::{Distribution, Normal};
 
 /// Every model name `build` accepts.
 pub const MODEL_NAMES: &[&str] = &[
-    "lenet5", "alexnet", "vgg11", "vgg11-bn", "vgg13", "vgg13-bn", "vgg16", "vgg16-bn", "vgg19", "vgg19-bn",
+    "lenet5", "lenet", "alexnet", "vgg11", "vgg11-bn", "vgg13", "vgg13-bn", "vgg16", "vgg16-bn", "vgg19", "vgg19-bn",
     "resnet18", "resnet34",
 ];
 
 /// The square input size a model is designed for, if it needs one (inputs are padded to it).
 pub fn required_input_size(name: &str) -> Option<usize> {
     match name {
-        "lenet5" => None,
+        "lenet5" | "lenet" => None,
+        _ if name.ends_with(AVG_POOL_SUFFIX) => required_input_size(&name[..name.len() - AVG_POOL_SUFFIX.len()]),
         _ => Some(32),
     }
+}
+
+/// The suffix that asks for average instead of max pooling.
+pub const AVG_POOL_SUFFIX: &str = "-avgpool";
+
+/// Whether `build` knows `name` (a zoo name, maybe with [`AVG_POOL_SUFFIX`]).
+pub fn is_known(name: &str) -> bool {
+    MODEL_NAMES.contains(&name.strip_suffix(AVG_POOL_SUFFIX).unwrap_or(name))
 }
 
 /// Builds a freshly initialised model for `input` (`C x H x W`) and `num_classes` classes.
@@ -27,9 +39,18 @@ pub fn build(name: &str, input: &[usize], num_classes: usize, seed: u64) -> Resu
     if input.len() != 3 {
         return Err(format!("models take C x H x W inputs, got {input:?}"));
     }
+    if let Some(base) = name.strip_suffix(AVG_POOL_SUFFIX) {
+        let mut model = build(base, input, num_classes, seed)?;
+        if !model.layers.iter().any(|l| matches!(l, Layer::MaxPool(_))) {
+            return Err(format!("model {base} has no max-pooling to replace with average pooling"));
+        }
+        let layers = model.layers.drain(..).map(|l| if let Layer::MaxPool(p) = l { Layer::AvgPool(p) } else { l });
+        return Model::new(name, input, layers.collect());
+    }
     let mut b = Builder { rng: ChaCha8Rng::seed_from_u64(seed), channels: input[0] };
     let layers = match name {
         "lenet5" => b.lenet5(input, num_classes)?,
+        "lenet" => b.lenet(input, num_classes)?,
         "alexnet" => b.alexnet(input, num_classes)?,
         "resnet18" => b.resnet(&[2, 2, 2, 2], input, num_classes)?,
         "resnet34" => b.resnet(&[3, 4, 6, 3], input, num_classes)?,
@@ -117,6 +138,15 @@ impl Builder {
         let mut f = vec![self.conv(6, 5, 1, 2, true), Layer::Relu, Self::max_pool(2)];
         f.extend([self.conv(16, 5, 1, 0, true), Layer::Relu, Self::max_pool(2)]);
         let head = self.classifier(&f, input, &[120, 84], classes)?;
+        f.extend(head);
+        Ok(f)
+    }
+
+    /// The LeNet of CryptGPU, Falcon and Piranha: conv 20@5x5, pool, conv 50@5x5, pool, FC 500, FC classes.
+    fn lenet(&mut self, input: &[usize], classes: usize) -> Result<Vec<Layer>, String> {
+        let mut f = vec![self.conv(20, 5, 1, 0, true), Layer::Relu, Self::max_pool(2)];
+        f.extend([self.conv(50, 5, 1, 0, true), Layer::Relu, Self::max_pool(2)]);
+        let head = self.classifier(&f, input, &[500], classes)?;
         f.extend(head);
         Ok(f)
     }
