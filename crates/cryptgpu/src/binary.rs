@@ -369,6 +369,10 @@ impl Party {
     }
 
     /// An arithmetic share of the integer 0/1 in bit 0 of each word (module docs: 2 rounds).
+    /// Party 1 splits `u` as `r + (u - r)` (`r` shared with party 0, `u - r` sent to party 2);
+    /// parties 0 and 2, who know `c_2`, each map their half through `v -> (1 - 2 c_2) v` (party 0
+    /// adds `c_2`), and mask it with `s, m` from their common stream into `y_0 = w_0 - s - m` and
+    /// `y_1 = w_2 + m`, which go to party 1; `y_2 = s`. Party 0's message goes in round 1.
     pub fn bit_to_arith(&mut self, bit: &BShare) -> Result<AShare, MpcError> {
         const P: &str = "b2a";
         let n = bit.len();
@@ -488,7 +492,7 @@ mod tests {
         let mut rng = ChaCha8Rng::seed_from_u64(7);
         let mut x: Vec<u64> =
             vec![0, 1, !0, 1 << 63, (1 << 63) - 1, (1 << 63) + 1, 1 << 62, (1u64 << 62).wrapping_neg()];
-        x.extend((0..500).map(|_| rng.random::<u64>()));
+        x.extend((0..3000).map(|_| rng.random::<u64>()));
         // Near +-2^63, and small magnitudes of both signs.
         x.extend((0..200).map(|_| (1u64 << 63).wrapping_add(rng.random_range(0..1024u64)).wrapping_sub(512)));
         x.extend((0..200).map(|_| rng.random_range(-4096i64..4096) as u64));

@@ -488,27 +488,3 @@ mod tests {
         assert!(out.iter().all(|&e| e));
     }
 }
-#[cfg(test)]
-mod timing_tmp {
-    use crate::arith::tests::{run3, share_f64};
-    use crate::ring::FixedPoint;
-    use rand::SeedableRng;
-    #[test]
-    fn time_relu_tmp() {
-        let fp = FixedPoint::default();
-        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(1);
-        let n = 1 << 18;
-        let x: Vec<f64> = (0..n).map(|i| (i as f64 * 0.37).sin()).collect();
-        let xs = share_f64(fp, &x, &[4, 16, 64, 64], &mut rng);
-        let t = std::time::Instant::now();
-        run3(fp, |p| p.msb(&xs[p.id]).unwrap());
-        let m = t.elapsed();
-        let t = std::time::Instant::now();
-        run3(fp, |p| p.relu(&xs[p.id]).unwrap());
-        let r = t.elapsed();
-        let t = std::time::Instant::now();
-        run3(fp, |p| p.xor_zero_share(n * 10));
-        let z = t.elapsed();
-        eprintln!("TIMING msb {m:?} relu {r:?} prg10n {z:?}");
-    }
-}
