@@ -96,12 +96,18 @@ impl Runner {
         }
     }
 
-    /// Brings the trained model to the owner's side before a checkpoint or an evaluation of it
+    /// Brings the trained model and its optimizer state to the owner's side before a checkpoint
     /// (the parties' shares, reconstructed; nothing for a split scheme, which trains `model` itself).
-    pub fn sync_model(&mut self, model: &mut Model) -> Result<(), RunnerError> {
+    pub fn sync_model(&mut self, model: &mut Model, opt: &mut Optimizer) -> Result<(), RunnerError> {
         match self {
             Runner::Split(_) => Ok(()),
-            Runner::Parties(p) => p.session.export(model).map_err(mpc),
+            Runner::Parties(p) => {
+                let momentum = p.session.export(model).map_err(mpc)?;
+                if !opt.kind.slots().is_empty() {
+                    opt.state = vec![momentum];
+                }
+                Ok(())
+            }
         }
     }
 

@@ -529,7 +529,7 @@ pub fn train_with_data(
             writeln!(metrics, "{line}")?;
             metrics.flush()?;
             // A three-party scheme's model is in shares: the owner reconstructs it to checkpoint it.
-            runner.sync_model(&mut model)?;
+            runner.sync_model(&mut model, &mut opt)?;
             let meta = checkpoint::meta(&model, epoch + 1, opt.steps, cfg.seed, cfg.identity());
             checkpoint::save(&ckpt_path, &model, &opt, &meta)?;
             log.line(&format!(

@@ -197,6 +197,23 @@ impl SecureModel {
         Ok(SecureModel { specs, params, velocity: Vec::new() })
     }
 
+    /// Starts from momentum buffers (a resumed run's; shares in [`param_shapes`] order).
+    pub fn with_velocity(mut self, velocity: Vec<AShare>) -> Result<SecureModel, MpcError> {
+        if velocity.len() != self.params.len() || velocity.iter().zip(&self.params).any(|(v, p)| v.shape != p.shape) {
+            return Err(MpcError::Invalid("momentum shares do not match the parameters".into()));
+        }
+        self.velocity = velocity;
+        Ok(self)
+    }
+
+    /// The momentum buffers' shares (zeros before the first step: the same update follows).
+    pub fn velocity(&self) -> Vec<AShare> {
+        match self.velocity.is_empty() {
+            true => self.params.iter().map(|p| AShare::zeros(&p.shape)).collect(),
+            false => self.velocity.clone(),
+        }
+    }
+
     /// Logits `[N, classes]` for a batch, and the saved contexts when training.
     pub fn forward(&self, party: &mut Party, x: AShare, train: bool) -> Result<(AShare, Vec<SavedBox>), MpcError> {
         let mut index = 0;

@@ -57,7 +57,12 @@ pub fn sgd_of(opt: &Optimizer) -> Result<Sgd, MpcError> {
     }
 }
 
-/// Three parties in this process, sharing `model`.
+/// Three parties in this process, sharing `model` (and `opt`'s momentum buffers, on resume).
 pub fn start_local(model: &Model, opt: &Optimizer, options: &CryptgpuOptions) -> Result<Session, MpcError> {
-    Session::local(model, options.frac_bits, sgd_of(opt)?)
+    Session::local(model, momentum_of(opt), options.frac_bits, sgd_of(opt)?)
+}
+
+/// The momentum buffers a resumed run starts from (`None` before the first step).
+pub fn momentum_of(opt: &Optimizer) -> Option<&[trustsplit_nn::Tensor]> {
+    opt.state.first().map(Vec::as_slice)
 }

@@ -15,7 +15,7 @@ use crate::ring::FixedPoint;
 use serde::{Deserialize, Serialize};
 use std::thread::JoinHandle;
 use trustsplit_boundary::{Channel, ChannelOptions, InProcessChannel};
-use trustsplit_nn::Model;
+use trustsplit_nn::{Model, Tensor};
 
 /// Owner-to-party commands and their answers.
 mod cmd {
@@ -38,6 +38,9 @@ pub struct Setup {
     pub frac_bits: u32,
     pub classes: usize,
     pub sgd: Sgd,
+    /// Whether the parameters' shares are followed by momentum buffers' (a resumed run).
+    #[serde(default)]
+    pub momentum_state: bool,
 }
 
 /// One party's traffic over a run: totals and by layer and protocol.
@@ -94,11 +97,17 @@ pub fn serve(mut party: Party, owner: &mut dyn Channel) -> Result<(), MpcError> 
         party.fp = FixedPoint::new(setup.frac_bits).map_err(MpcError::Invalid)?;
         let words = to_ring(&owner.recv_tag(cmd::PARAMS).map_err(owner_err)?);
         let mut at = 0;
+        let count = model::param_shapes(&setup.specs).len();
+        let shares = if setup.momentum_state { 2 * count } else { count };
         let mut params = Vec::new();
-        for _ in 0..model::param_shapes(&setup.specs).len() {
+        for _ in 0..shares {
             params.push(decode_share(&words, &mut at).map_err(|e| MpcError::Invalid(format!("party {id}: {e}")))?);
         }
+        let velocity = params.split_off(count);
         let mut net = SecureModel::new(setup.specs.clone(), params)?;
+        if setup.momentum_state {
+            net = net.with_velocity(velocity)?;
+        }
         loop {
             let frame = owner.recv().map_err(owner_err)?;
             match frame.tag {
@@ -124,7 +133,8 @@ pub fn serve(mut party: Party, owner: &mut dyn Channel) -> Result<(), MpcError> 
                     owner.send(cmd::LOGITS, &to_bytes(&logits.cur)).map_err(owner_err)?;
                 }
                 cmd::EXPORT => {
-                    let cur: Vec<u64> = net.params.iter().flat_map(|p| p.cur.iter().copied()).collect();
+                    let velocity = net.velocity();
+                    let cur: Vec<u64> = net.params.iter().chain(&velocity).flat_map(|p| p.cur.iter().copied()).collect();
                     owner.send(cmd::PARAMS, &to_bytes(&cur)).map_err(owner_err)?;
                 }
                 cmd::STATS => {
@@ -169,7 +179,8 @@ pub struct Logits {
 
 impl Session {
     /// Three parties as threads of this process, on in-memory links, holding shares of `model`.
-    pub fn local(model: &Model, frac_bits: u32, sgd: Sgd) -> Result<Session, MpcError> {
+    /// `momentum`: the momentum buffers to resume from, in the model's parameter order.
+    pub fn local(model: &Model, momentum: Option<&[Tensor]>, frac_bits: u32, sgd: Sgd) -> Result<Session, MpcError> {
         let fp = FixedPoint::new(frac_bits).map_err(MpcError::Invalid)?;
         let opts = ChannelOptions { max_frame_bytes: 1 << 31, timeout: None };
         let mut owner_ends: Vec<Box<dyn Channel>> = Vec::new();
@@ -187,7 +198,7 @@ impl Session {
                 .map_err(|e| MpcError::Invalid(format!("cannot start party {id}: {e}")))?;
             threads.push(handle);
         }
-        Session::start(owner_ends, threads, model, fp, sgd)
+        Session::start(owner_ends, threads, model, momentum, fp, sgd)
     }
 
     /// Shares `model` into parties reached over `links` (party 0, 1, 2 in order).
@@ -195,25 +206,43 @@ impl Session {
         mut parties: Vec<Box<dyn Channel>>,
         threads: Vec<JoinHandle<Result<(), MpcError>>>,
         model: &Model,
+        momentum: Option<&[Tensor]>,
         fp: FixedPoint,
         sgd: Sgd,
     ) -> Result<Session, MpcError> {
         let specs = model::specs_of(&model.layers);
-        let setup = Setup { specs: specs.clone(), frac_bits: fp.frac_bits, classes: model.num_classes, sgd };
+        if momentum.is_some() && model::has_batch_norm(&specs) {
+            return Err(MpcError::Invalid("cannot resume training a model with batch-norm under cryptgpu".into()));
+        }
+        let setup = Setup {
+            specs: specs.clone(),
+            frac_bits: fp.frac_bits,
+            classes: model.num_classes,
+            sgd,
+            momentum_state: momentum.is_some(),
+        };
         let json = serde_json::to_vec(&setup).expect("serialises");
         for (i, p) in parties.iter_mut().enumerate() {
             p.send(cmd::SETUP, &json).map_err(|source| MpcError::Link { party: 3, peer: i, source })?;
         }
         let mut session = Session { parties, threads, fp, classes: model.num_classes, specs };
-        session.share_params(model)?;
+        session.share_params(model, momentum)?;
         Ok(session)
     }
 
-    fn share_params(&mut self, model: &Model) -> Result<(), MpcError> {
-        let shapes = model::param_shapes(&self.specs);
+    fn share_params(&mut self, model: &Model, momentum: Option<&[Tensor]>) -> Result<(), MpcError> {
+        let mut shapes = model::param_shapes(&self.specs);
+        let mut values = model::plain_params(model);
+        if let Some(m) = momentum {
+            if m.len() != values.len() {
+                return Err(MpcError::Invalid("the momentum buffers do not match the model".into()));
+            }
+            shapes.extend(m.iter().map(|t| t.shape().to_vec()));
+            values.extend(m.iter().map(|t| t.iter().copied().collect::<Vec<f32>>()));
+        }
         let mut words: [Vec<u64>; 3] = Default::default();
         let mut rng = Prg::from_key(Prg::os_key().map_err(MpcError::Invalid)?);
-        for (values, shape) in model::plain_params(model).iter().zip(&shapes) {
+        for (values, shape) in values.iter().zip(&shapes) {
             let ring = self.fp.encode_all(values).map_err(MpcError::Invalid)?;
             let parts = arith::split(&ring, &mut rng);
             for (i, w) in words.iter_mut().enumerate() {
@@ -310,9 +339,9 @@ impl Session {
         self.gather_logits(shape[0])
     }
 
-    /// Reconstructs the trained parameters into `model` (on the owner's side only). Batch-norm
-    /// layers, which do not train here, keep their values.
-    pub fn export(&mut self, model: &mut Model) -> Result<(), MpcError> {
+    /// Reconstructs the trained parameters into `model` and the momentum buffers (in the model's
+    /// parameter order), on the owner's side only.
+    pub fn export(&mut self, model: &mut Model) -> Result<Vec<Tensor>, MpcError> {
         let mut parts = Vec::new();
         for i in 0..3 {
             self.send(i, cmd::EXPORT, &[])?;
@@ -320,20 +349,23 @@ impl Session {
         }
         let sum = arith::combine([&parts[0], &parts[1], &parts[2]]);
         let values = self.fp.decode_all(&sum);
+        if model::has_batch_norm(&self.specs) {
+            return Err(MpcError::Invalid("models with batch-norm are not exported from cryptgpu".into()));
+        }
+        let total: usize = model.params_mut().iter().map(|p| p.len()).sum();
+        if values.len() != 2 * total {
+            return Err(MpcError::Invalid("the parties' parameters do not match the model".into()));
+        }
         let mut at = 0;
-        let bn = model::has_batch_norm(&self.specs);
+        let mut momentum = Vec::new();
         for p in model.params_mut() {
             let n = p.len();
-            if bn {
-                return Err(MpcError::Invalid("models with batch-norm are not exported from cryptgpu".into()));
-            }
-            if at + n > values.len() {
-                return Err(MpcError::Invalid("the parties' parameters do not match the model".into()));
-            }
             p.iter_mut().zip(&values[at..at + n]).for_each(|(d, s)| *d = *s);
+            let v = &values[total + at..total + at + n];
+            momentum.push(trustsplit_nn::tensor::from_vec(p.shape(), v.to_vec()));
             at += n;
         }
-        Ok(())
+        Ok(momentum)
     }
 
     /// Each party's traffic since the last call.

@@ -77,7 +77,7 @@ fn one_training_step_on_shares_matches_plaintext() {
         .map(|(w, g)| data(w).iter().zip(data(g)).map(|(w, g)| w - lr * (g + wd * w)).collect())
         .collect();
 
-    let mut session = Session::local(&model, 20, Sgd { lr: 0.0, momentum: 0.9, weight_decay: wd as f64 }).unwrap();
+    let mut session = Session::local(&model, None, 20, Sgd { lr: 0.0, momentum: 0.9, weight_decay: wd as f64 }).unwrap();
     let shared_logits = session.infer(data(&x), x.shape()).unwrap();
     for (a, b) in shared_logits.values.iter().zip(data(&logits)) {
         assert!((a - b).abs() < 2e-3, "logit {a} on shares, {b} in plaintext");
@@ -85,7 +85,13 @@ fn one_training_step_on_shares_matches_plaintext() {
     let step_logits = session.train_step(data(&x), x.shape(), &labels, lr as f64).unwrap();
     assert_eq!(step_logits.values.len(), shared_logits.values.len());
     let mut trained = model.clone();
-    session.export(&mut trained).unwrap();
+    let momentum = session.export(&mut trained).unwrap();
+    // After one step the momentum buffer is the step's direction, g + wd w.
+    for (i, ((v, w), g)) in momentum.iter().zip(model.clone().params_mut()).zip(&grads).enumerate() {
+        for ((a, w), g) in data(v).iter().zip(data(w)).zip(data(g)) {
+            assert!((a - (g + wd * w)).abs() < 2e-3, "momentum {i}: {a} on shares, {} in plaintext", g + wd * w);
+        }
+    }
     for (i, (w, e)) in trained.params_mut().iter().zip(&expected).enumerate() {
         for (a, b) in data(w).iter().zip(e) {
             assert!((a - b).abs() < 2e-3, "parameter {i}: {a} on shares, {b} in plaintext");
