@@ -175,7 +175,13 @@ pub struct SecureModel {
     pub params: Vec<AShare>,
     /// Momentum buffers (empty until the first step).
     velocity: Vec<AShare>,
+    /// ReLU zeroes inputs at or above this (a failed truncation's value; [`Party::relu_bounded`]).
+    pub activation_bound: f64,
 }
+
+/// The default of [`SecureModel::activation_bound`]: far above the activations of the zoo's
+/// models, far below the 2^24 a failed truncation adds at 20 fractional bits.
+pub const DEFAULT_ACTIVATION_BOUND: f64 = 4096.0;
 
 /// SGD's public settings.
 #[derive(Clone, Copy, Debug, Serialize, Deserialize)]
@@ -194,7 +200,7 @@ impl SecureModel {
                 params.iter().map(|p| &p.shape).collect::<Vec<_>>()
             )));
         }
-        Ok(SecureModel { specs, params, velocity: Vec::new() })
+        Ok(SecureModel { specs, params, velocity: Vec::new(), activation_bound: DEFAULT_ACTIVATION_BOUND })
     }
 
     /// Starts from momentum buffers (a resumed run's; shares in [`param_shapes`] order).
@@ -217,7 +223,8 @@ impl SecureModel {
     /// Logits `[N, classes]` for a batch, and the saved contexts when training.
     pub fn forward(&self, party: &mut Party, x: AShare, train: bool) -> Result<(AShare, Vec<SavedBox>), MpcError> {
         let mut index = 0;
-        let (y, saved) = forward_all(party, &self.specs, &self.params, &mut index, x, train, "")?;
+        let (y, saved) =
+            forward_all(party, &self.specs, &self.params, &mut index, x, train, "", self.activation_bound)?;
         Ok((y, saved.into_iter().map(SavedBox).collect()))
     }
 
@@ -323,6 +330,7 @@ fn per_channel(v: &AShare, shape: &[usize]) -> AShare {
     AShare { shape: shape.to_vec(), cur: pick(&v.cur), prev: pick(&v.prev) }
 }
 
+#[allow(clippy::too_many_arguments)]
 fn forward_all(
     party: &mut Party,
     specs: &[Spec],
@@ -331,6 +339,7 @@ fn forward_all(
     mut x: AShare,
     train: bool,
     prefix: &str,
+    bound: f64,
 ) -> Result<(AShare, Vec<Saved>), MpcError> {
     let mut saved = Vec::with_capacity(specs.len());
     for (i, spec) in specs.iter().enumerate() {
@@ -379,7 +388,7 @@ fn forward_all(
                 (y, Saved::None)
             }
             Spec::Relu => {
-                let (y, bit) = party.relu(&x)?;
+                let (y, bit) = party.relu_bounded(&x, bound)?;
                 (y, if train { Saved::Bit(bit) } else { Saved::None })
             }
             Spec::MaxPool { kernel, stride, padding } => {
@@ -397,8 +406,10 @@ fn forward_all(
                 (x.reshaped(&[shape[0], rest]), Saved::Shape(shape))
             }
             Spec::Residual { main, shortcut } => {
-                let (m, sm) = forward_all(party, main, params, index, x.clone(), train, &format!("{prefix}{i}.main."))?;
-                let (s, ss) = forward_all(party, shortcut, params, index, x, train, &format!("{prefix}{i}.shortcut."))?;
+                let (m, sm) =
+                    forward_all(party, main, params, index, x.clone(), train, &format!("{prefix}{i}.main."), bound)?;
+                let (s, ss) =
+                    forward_all(party, shortcut, params, index, x, train, &format!("{prefix}{i}.shortcut."), bound)?;
                 (m.add(&s), Saved::Residual { main: sm, shortcut: ss })
             }
         };
