@@ -8,6 +8,7 @@ pub mod devices;
 pub mod enclave_cmd;
 pub mod eval;
 pub mod memory_tuning;
+pub mod party_cmd;
 pub mod progress;
 pub mod registry;
 pub mod runner;

@@ -43,6 +43,10 @@ enum Command {
     /// The data owner's client: check the enclave's attestation, then upload a dataset to it
     /// encrypted with a key bound to that attestation.
     Upload(trustsplit::enclave_cmd::UploadArgs),
+    /// Run one of CryptGPU's three parties (--scheme cryptgpu) as its own process: it links with
+    /// the other two over authenticated, encrypted links, serves one run of the data owner
+    /// (`train`, `eval` or `bench step` with --peers), then exits. It sees only random shares.
+    Party(trustsplit::party_cmd::PartyArgs),
     /// Make a key pair for the links between processes: writes the secret key to --out and prints
     /// the public key (64 hex digits) on stdout, for the peers' --allow, --device-key or
     /// --owner-key.
@@ -345,7 +349,7 @@ fn print_step(r: &bench::StepBench) {
         let shape = r.input_shape.iter().map(|d| d.to_string()).collect::<Vec<_>>().join("x");
         let what = if r.inference { " inference" } else { "" };
         eprintln!(
-            "{} {} batch {} of {shape}{what}: {:.0} ms per step, three parties on this machine",
+            "{} {} batch {} of {shape}{what}: {:.0} ms per step for the three parties",
             r.scheme, r.model, r.batch_size, r.step_ms
         );
         for p in parties {
@@ -428,6 +432,7 @@ fn main() {
     let result = match cli.command {
         Command::Device(d) => run_device(d),
         Command::Keygen(a) => run_keygen(a),
+        Command::Party(a) => trustsplit::party_cmd::run_party(a),
         Command::Enclave(a) => trustsplit::enclave_cmd::run_enclave(a),
         Command::Upload(a) => trustsplit::enclave_cmd::run_upload(a),
         Command::Train(a) => run_train(a),

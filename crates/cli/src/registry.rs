@@ -2,12 +2,13 @@
 //! with options, one field in [`SchemeOptions`]; everything else about it (its placement, its
 //! options and their flags, what it adds to a run's summary, its docs page) lives with the scheme.
 
+use crate::devices::DeviceLinkArgs;
 use crate::runner::{PartyRunner, Runner};
 use anyhow::{Context, Result};
 use serde::{Deserialize, Serialize};
 use std::path::Path;
 use std::sync::Arc;
-use trustsplit_boundary::Transcript;
+use trustsplit_boundary::{KeyPair, Transcript};
 use trustsplit_cryptgpu::party::MpcError;
 use trustsplit_cryptgpu::scheme::{self as cryptgpu, CryptgpuOptions};
 use trustsplit_cryptgpu::session::Session;
@@ -35,9 +36,12 @@ pub struct SchemeEntry {
 pub enum Build {
     /// An enclave and (maybe) a device, from the common inputs and the run's options.
     Split(fn(RunnerInputs, &SchemeOptions) -> Result<SplitRunner, RunnerError>),
-    /// Three parties holding shares of the model (trained with the optimizer's settings).
-    Parties(fn(&Model, &Optimizer, &SchemeOptions) -> Result<Session, MpcError>),
+    /// Three parties holding shares of the model (trained with the optimizer's settings), in
+    /// this process or reached over the links (with the owner's `--key`).
+    Parties(BuildParties),
 }
+
+type BuildParties = fn(&Model, &Optimizer, &SchemeOptions, &DeviceLinkArgs) -> Result<Session, MpcError>;
 
 type DescribeRun = fn(&SchemeReport, Option<&PrivacySummary>) -> Vec<String>;
 
@@ -56,10 +60,7 @@ impl SchemeEntry {
     }
 
     /// A scheme run by three parties.
-    const fn parties(
-        info: &'static SchemeInfo,
-        build: fn(&Model, &Optimizer, &SchemeOptions) -> Result<Session, MpcError>,
-    ) -> SchemeEntry {
+    const fn parties(info: &'static SchemeInfo, build: BuildParties) -> SchemeEntry {
         SchemeEntry {
             info,
             build: Build::Parties(build),
@@ -89,8 +90,44 @@ pub static SCHEMES: &[SchemeEntry] = &[
     SchemeEntry::new(&tee_only::INFO, |i, _| tee_only::build(i)),
     SchemeEntry::new(&gpu_only::INFO, |i, _| gpu_only::build(i)),
     SchemeEntry::new(&asymml::INFO, |i, o| asymml::build(i, &o.asymml)).summarised(asymml::describe_run, asymml::describe_evaluation),
-    SchemeEntry::parties(&cryptgpu::INFO, |m, opt, o| cryptgpu::start_local(m, opt, &o.cryptgpu)),
+    SchemeEntry::parties(&cryptgpu::INFO, |m, opt, o, link| start_cryptgpu(m, opt, &o.cryptgpu, link)),
 ];
+
+/// CryptGPU's parties: threads of this process, or the `trustsplit party` processes that
+/// `--peers` names, reached as their data owner with `--key`.
+fn start_cryptgpu(
+    model: &Model,
+    opt: &Optimizer,
+    options: &CryptgpuOptions,
+    link: &DeviceLinkArgs,
+) -> Result<Session, MpcError> {
+    if options.peers.is_empty() {
+        if !options.party_keys.is_empty() {
+            return Err(MpcError::Invalid(
+                "--party-keys names the keys of the parties that --peers lists; give --peers too (without it the \
+                 parties are threads of this process)"
+                    .into(),
+            ));
+        }
+        return cryptgpu::start_local(model, opt, options);
+    }
+    if link.insecure_plaintext_link {
+        return Err(MpcError::Invalid(
+            "the parties' links are always authenticated and encrypted: drop --insecure-plaintext-link and give \
+             --key FILE"
+                .into(),
+        ));
+    }
+    let Some(path) = &link.key else {
+        return Err(MpcError::Invalid(
+            "--peers needs --key FILE: the data owner's key (trustsplit keygen --out FILE), whose public key every \
+             party pins with --owner-key"
+                .into(),
+        ));
+    };
+    let key = KeyPair::load(path).map_err(MpcError::Invalid)?;
+    cryptgpu::start_remote(model, opt, options, &key)
+}
 
 /// Every scheme's options: the flags of `train`, `eval`, `bench step` and `enclave`, and the
 /// record of a run's settings in its checkpoints (each scheme's under its own key).
@@ -190,12 +227,13 @@ pub fn scheme_parser() -> impl clap::builder::TypedValueParser<Value = Scheme> {
 /// when it uses any, and the
 /// transcript written to `transcript_path` when one is given. `training`: the run it will train
 /// (`None` to evaluate or benchmark). A three-party scheme starts its parties holding shares of
-/// `model`, which they train with `opt`'s settings.
+/// `model`, which they train with `opt`'s settings (parties in other processes are reached with
+/// `link`'s key).
 #[allow(clippy::too_many_arguments)]
 pub fn build_runner(
     scheme: Scheme,
     device_spec: &str,
-    link: &crate::devices::DeviceLinkArgs,
+    link: &DeviceLinkArgs,
     memory_budget: usize,
     transcript_path: Option<&Path>,
     training: Option<TrainingRun>,
@@ -214,7 +252,7 @@ pub fn build_runner(
             Ok(Runner::Split(build(inputs, options).with_context(|| format!("setting up scheme {scheme}"))?))
         }
         Build::Parties(build) => {
-            let session = build(model, opt, options).with_context(|| format!("setting up scheme {scheme}"))?;
+            let session = build(model, opt, options, link).with_context(|| format!("setting up scheme {scheme}"))?;
             Ok(Runner::Parties(PartyRunner::new(scheme.name(), session, transcript)))
         }
     }

@@ -9,6 +9,7 @@ use trustsplit_nn::optim::Optimizer;
 use trustsplit_nn::{Model, Tensor};
 use trustsplit_schemes::{RunnerError, SchemeReport, SplitRunner, StepOutput};
 
+#[allow(clippy::large_enum_variant)] // one per run; boxing buys nothing
 pub enum Runner {
     Split(SplitRunner),
     Parties(PartyRunner),

@@ -9,12 +9,14 @@
 //! - [`softmax`]: exp, reciprocal, row softmax and the cross-entropy gradient.
 //! - [`model`]: the zoo's layers on shares, forward, backward and SGD.
 //! - [`session`]: the data owner and the three parties; [`scheme`]: `--scheme cryptgpu`.
+//! - [`network`]: the parties as separate processes, over authenticated, encrypted links.
 
 pub mod arith;
 pub mod binary;
 pub mod compare;
 pub mod gemm;
 pub mod model;
+pub mod network;
 pub mod party;
 pub mod prg;
 pub mod ring;

@@ -1,9 +1,12 @@
 //! CryptGPU as a `--scheme`: its description, options, and the session a run starts.
 
 use crate::model::Sgd;
+use crate::network::{self, Parties};
 use crate::party::MpcError;
+use crate::ring::FixedPoint;
 use crate::session::Session;
 use serde::{Deserialize, Serialize};
+use trustsplit_boundary::{KeyPair, PublicKey};
 use trustsplit_nn::optim::{Optimizer, OptimizerKind};
 use trustsplit_nn::Model;
 use trustsplit_schemes::SchemeInfo;
@@ -25,6 +28,20 @@ pub struct CryptgpuOptions {
     #[cfg_attr(feature = "cli", arg(long, default_value_t = crate::ring::DEFAULT_FRAC_BITS, value_name = "BITS"))]
     #[serde(default = "default_frac_bits")]
     pub frac_bits: u32,
+    /// cryptgpu: drive three `trustsplit party` processes as their data owner, at these
+    /// addresses (their --listen as this machine reaches them), party 0, 1, 2 in order, over the
+    /// authenticated, encrypted link: this side's key is --key, the parties' --party-keys. Without
+    /// it the three parties are threads of this process.
+    #[cfg_attr(feature = "cli", arg(long, value_name = "HOST:PORT,HOST:PORT,HOST:PORT", value_delimiter = ','))]
+    // Where the parties run is not part of a run's identity: a run may resume elsewhere.
+    #[serde(skip)]
+    pub peers: Vec<String>,
+    /// cryptgpu with --peers: the three parties' public keys (64 hex digits each, as their
+    /// `trustsplit keygen` printed them), in the order of --peers; a party that cannot prove its
+    /// key is not linked.
+    #[cfg_attr(feature = "cli", arg(long, value_name = "HEX,HEX,HEX", value_delimiter = ','))]
+    #[serde(skip)]
+    pub party_keys: Vec<PublicKey>,
 }
 
 fn default_frac_bits() -> u32 {
@@ -33,7 +50,7 @@ fn default_frac_bits() -> u32 {
 
 impl Default for CryptgpuOptions {
     fn default() -> Self {
-        CryptgpuOptions { frac_bits: default_frac_bits() }
+        CryptgpuOptions { frac_bits: default_frac_bits(), peers: Vec::new(), party_keys: Vec::new() }
     }
 }
 
@@ -60,6 +77,29 @@ pub fn sgd_of(opt: &Optimizer) -> Result<Sgd, MpcError> {
 /// Three parties in this process, sharing `model` (and `opt`'s momentum buffers, on resume).
 pub fn start_local(model: &Model, opt: &Optimizer, options: &CryptgpuOptions) -> Result<Session, MpcError> {
     Session::local(model, momentum_of(opt), options.frac_bits, sgd_of(opt)?)
+}
+
+/// The three `trustsplit party` processes at `options.peers`, reached as their data owner with
+/// `key`, sharing `model` (and `opt`'s momentum buffers, on resume).
+pub fn start_remote(
+    model: &Model,
+    opt: &Optimizer,
+    options: &CryptgpuOptions,
+    key: &KeyPair,
+) -> Result<Session, MpcError> {
+    if options.party_keys.is_empty() {
+        return Err(MpcError::Invalid(
+            "--peers needs --party-keys HEX,HEX,HEX: the three parties' public keys (their trustsplit keygen), in \
+             the order of --peers"
+                .into(),
+        ));
+    }
+    let parties = Parties::new(options.peers.clone(), options.party_keys.clone())?;
+    let fp = FixedPoint::new(options.frac_bits).map_err(MpcError::Invalid)?;
+    // Refused settings fail here, before any party is reached and left waiting.
+    let sgd = sgd_of(opt)?;
+    let links = network::connect_parties(&parties, key)?;
+    Session::start(links, Vec::new(), model, momentum_of(opt), fp, sgd)
 }
 
 /// The momentum buffers a resumed run starts from (`None` before the first step).

@@ -134,7 +134,8 @@ pub fn serve(mut party: Party, owner: &mut dyn Channel) -> Result<(), MpcError> 
                 }
                 cmd::EXPORT => {
                     let velocity = net.velocity();
-                    let cur: Vec<u64> = net.params.iter().chain(&velocity).flat_map(|p| p.cur.iter().copied()).collect();
+                    let cur: Vec<u64> =
+                        net.params.iter().chain(&velocity).flat_map(|p| p.cur.iter().copied()).collect();
                     owner.send(cmd::PARAMS, &to_bytes(&cur)).map_err(owner_err)?;
                 }
                 cmd::STATS => {
@@ -169,6 +170,8 @@ pub struct Session {
     fp: FixedPoint,
     classes: usize,
     specs: Vec<Spec>,
+    /// Whether the parties were told to stop.
+    stopped: bool,
 }
 
 /// A batch's logits, reconstructed by the owner.
@@ -225,7 +228,7 @@ impl Session {
         for (i, p) in parties.iter_mut().enumerate() {
             p.send(cmd::SETUP, &json).map_err(|source| MpcError::Link { party: 3, peer: i, source })?;
         }
-        let mut session = Session { parties, threads, fp, classes: model.num_classes, specs };
+        let mut session = Session { parties, threads, fp, classes: model.num_classes, specs, stopped: false };
         session.share_params(model, momentum)?;
         Ok(session)
     }
@@ -384,12 +387,26 @@ impl Session {
 
     /// Stops the parties and waits for their threads.
     pub fn finish(mut self) -> Result<(), MpcError> {
-        for i in 0..3 {
-            let _ = self.parties[i].send(cmd::STOP, &[]);
-        }
+        self.stop();
         for t in std::mem::take(&mut self.threads) {
             t.join().map_err(|_| MpcError::Invalid("a party thread panicked".into()))??;
         }
         Ok(())
+    }
+
+    fn stop(&mut self) {
+        if !std::mem::replace(&mut self.stopped, true) {
+            for p in &mut self.parties {
+                let _ = p.send(cmd::STOP, &[]);
+            }
+        }
+    }
+}
+
+impl Drop for Session {
+    /// Parties in other processes serve until told to stop: without this, a run that ends by
+    /// dropping its session would leave them reporting that the owner disappeared.
+    fn drop(&mut self) {
+        self.stop();
     }
 }

@@ -31,7 +31,10 @@ fn small_model(rng: &mut ChaCha8Rng) -> Model {
         conv(rng, 4, 2, 3, 1, 1),
         Layer::Relu,
         Layer::MaxPool(Pool { kernel: 2, stride: 2, padding: 0 }),
-        Layer::Residual(Residual { main: vec![conv(rng, 4, 4, 3, 1, 1), Layer::Relu, conv(rng, 4, 4, 3, 1, 1)], shortcut: vec![] }),
+        Layer::Residual(Residual {
+            main: vec![conv(rng, 4, 4, 3, 1, 1), Layer::Relu, conv(rng, 4, 4, 3, 1, 1)],
+            shortcut: vec![],
+        }),
         Layer::Relu,
         conv(rng, 6, 4, 3, 2, 1),
         Layer::Relu,
@@ -51,7 +54,7 @@ fn loss_gradient(logits: &Tensor, labels: &[usize]) -> Tensor {
         let sum: f64 = row.iter().map(|&v| (v as f64 - max).exp()).sum();
         for (j, &v) in row.iter().enumerate() {
             let p = (v as f64 - max).exp() / sum;
-            out.push(((p - f64::from(j == label as usize)) / n as f64) as f32);
+            out.push(((p - f64::from(j == label)) / n as f64) as f32);
         }
     }
     from_vec(&[n, c], out)
@@ -77,7 +80,8 @@ fn one_training_step_on_shares_matches_plaintext() {
         .map(|(w, g)| data(w).iter().zip(data(g)).map(|(w, g)| w - lr * (g + wd * w)).collect())
         .collect();
 
-    let mut session = Session::local(&model, None, 20, Sgd { lr: 0.0, momentum: 0.9, weight_decay: wd as f64 }).unwrap();
+    let mut session =
+        Session::local(&model, None, 20, Sgd { lr: 0.0, momentum: 0.9, weight_decay: wd as f64 }).unwrap();
     let shared_logits = session.infer(data(&x), x.shape()).unwrap();
     for (a, b) in shared_logits.values.iter().zip(data(&logits)) {
         assert!((a - b).abs() < 2e-3, "logit {a} on shares, {b} in plaintext");
