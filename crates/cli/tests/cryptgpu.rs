@@ -19,7 +19,8 @@ const SMALL: [&str; 10] =
 #[test]
 fn trains_resumes_and_reports_each_partys_traffic() {
     let dir = temp("train");
-    let out = trustsplit().arg("train").args(SMALL).args(["--epochs", "1", "--json", "--out"]).arg(&dir).output().unwrap();
+    let out =
+        trustsplit().arg("train").args(SMALL).args(["--epochs", "1", "--json", "--out"]).arg(&dir).output().unwrap();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     let parties = v["parties"].as_array().expect("parties");
