@@ -11,7 +11,7 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use trustsplit_cryptgpu::gemm::{matmul, matmul_float_limbs};
 
-const RUNS: usize = 3;
+const RUNS: usize = 5;
 
 /// The best of [`RUNS`] timings in milliseconds, after one warm-up run.
 fn best_ms<T>(mut f: impl FnMut() -> T) -> f64 {

@@ -3,9 +3,13 @@
 //! stays below 2^53) and recombine the limb products with shifts mod 2^64.
 
 use gemm::Parallelism;
+use rayon::prelude::*;
 
-/// The largest `f64` integer below which every integer is exact.
+/// `f64` holds every integer below 2^53 exactly.
 const F64_EXACT_BITS: u32 = 53;
+/// Values per parallel task when splitting and recombining: large enough that a task costs more
+/// than handing it to another thread.
+const RECOMBINE_CHUNK: usize = 1 << 14;
 
 /// `C = A B` over Z_2^64 (`A: m x k`, `B: k x n`) through `f64` GEMMs on `limb_bits`-bit limbs.
 ///
@@ -26,8 +30,8 @@ pub fn matmul_float_limbs(
     if !(1..=F64_EXACT_BITS / 2).contains(&limb_bits) {
         return Err(format!("float limbs must have 1..={} bits, got {limb_bits}", F64_EXACT_BITS / 2));
     }
-    let max_k = 1usize << (F64_EXACT_BITS - 2 * limb_bits);
-    if k > max_k {
+    let max_k = 1u64 << (F64_EXACT_BITS - 2 * limb_bits);
+    if k as u64 > max_k {
         return Err(format!(
             "float limbs of {limb_bits} bits are exact only for k <= 2^{} = {max_k} \
              (k * 2^{} <= 2^{F64_EXACT_BITS}); got k = {k}",
@@ -44,15 +48,23 @@ pub fn matmul_float_limbs(
     // with `B_j` (`i < limbs - j`) are one contiguous prefix and one GEMM computes all of them.
     let a_limbs = split(a, limb_bits, limbs);
     let b_limbs = split(b, limb_bits, limbs);
+    // Sized for the largest product and reused: fresh pages cost a fault each.
+    let mut products = vec![0.0f64; limbs * m * n];
     for j in 0..limbs {
         let rows = (limbs - j) * m;
-        let products = gemm_f64(&a_limbs[..rows * k], &b_limbs[j * k * n..(j + 1) * k * n], rows, k, n);
-        for (i, product) in products.chunks_exact(m * n).enumerate() {
-            let shift = ((i + j) * limb_bits as usize) as u32;
-            for (cv, &v) in c.iter_mut().zip(product) {
-                *cv = cv.wrapping_add((v.round() as u64) << shift);
+        let products = &mut products[..rows * n];
+        gemm_f64(products, &a_limbs[..rows * k], &b_limbs[j * k * n..(j + 1) * k * n], rows, k, n);
+        let shifts: Vec<u32> = (0..limbs - j).map(|i| ((i + j) * limb_bits as usize) as u32).collect();
+        c.par_chunks_mut(RECOMBINE_CHUNK).enumerate().for_each(|(chunk, out)| {
+            let start = chunk * RECOMBINE_CHUNK;
+            for (product, &shift) in products.chunks_exact(m * n).zip(&shifts) {
+                // Every limb product is an integer below 2^53, which `f64` holds exactly, so the
+                // conversion is exact and needs no rounding.
+                for (cv, &v) in out.iter_mut().zip(&product[start..]) {
+                    *cv = cv.wrapping_add((v as u64) << shift);
+                }
             }
-        }
+        });
     }
     Ok(c)
 }
@@ -60,16 +72,28 @@ pub fn matmul_float_limbs(
 /// Every value's limbs as floats, limb-major: `limbs` copies of `x`'s shape.
 fn split(x: &[u64], limb_bits: u32, limbs: usize) -> Vec<f64> {
     let mask = (1u64 << limb_bits) - 1;
-    (0..limbs).flat_map(|l| x.iter().map(move |&v| ((v >> (l as u32 * limb_bits)) & mask) as f64)).collect()
+    let mut out = vec![0.0f64; limbs * x.len()];
+    out.par_chunks_mut(x.len()).enumerate().for_each(|(l, limb)| {
+        let shift = l as u32 * limb_bits;
+        limb.par_chunks_mut(RECOMBINE_CHUNK).zip(x.par_chunks(RECOMBINE_CHUNK)).for_each(|(out, x)| {
+            for (o, &v) in out.iter_mut().zip(x) {
+                // A limb has at most 26 bits, so it converts through `i32`, which vectorises
+                // where a 64-bit integer conversion would not.
+                *o = (((v >> shift) & mask) as i32) as f64;
+            }
+        });
+    });
+    out
 }
 
-fn gemm_f64(a: &[f64], b: &[f64], m: usize, k: usize, n: usize) -> Vec<f64> {
+/// `C = A B` in `f64`, overwriting `c`.
+fn gemm_f64(c: &mut [f64], a: &[f64], b: &[f64], m: usize, k: usize, n: usize) {
     assert_eq!(a.len(), m * k);
     assert_eq!(b.len(), k * n);
-    let mut c = vec![0.0f64; m * n];
+    assert_eq!(c.len(), m * n);
     // SAFETY: `a` is `m x k`, `b` is `k x n` and `c` is `m x n`, all row-major (column stride 1,
     // row stride the column count) and checked above, so every index stays in its slice; `c` is
-    // a fresh allocation and cannot alias the inputs.
+    // borrowed mutably, so it cannot alias the inputs. With `read_dst` false `c` is only written.
     unsafe {
         gemm::gemm(
             m,
@@ -93,5 +117,4 @@ fn gemm_f64(a: &[f64], b: &[f64], m: usize, k: usize, n: usize) -> Vec<f64> {
             Parallelism::Rayon(0),
         );
     }
-    c
 }

@@ -8,7 +8,7 @@ fn random(rng: &mut ChaCha8Rng, len: usize) -> Vec<u64> {
     (0..len).map(|_| rng.random()).collect()
 }
 
-/// Odd sizes on both sides of every block edge (`MR` 8, `NR` 16, `KC` 192, `MC` 128, `NC` 512),
+/// Odd sizes on both sides of every block edge (`MR` 8, `NR` 24, `KC` 192, `MC` 128, `NC` 480),
 /// and small-`C`, long-`k` shapes that take the split-`k` path.
 const SHAPES: &[(usize, usize, usize)] = &[
     (1, 1, 1),
@@ -16,7 +16,8 @@ const SHAPES: &[(usize, usize, usize)] = &[
     (3, 17, 33),
     (17, 1, 3),
     (33, 33, 17),
-    (8, 16, 16),
+    (8, 16, 24),
+    (16, 384, 48),
     (9, 193, 15),
     (20, 25, 700),
     (129, 385, 33),
