@@ -1,7 +1,7 @@
 //! The model zoo builds, has the expected sizes, and runs forward and backward.
 
 use trustsplit_nn::tensor::{from_vec, zeros};
-use trustsplit_nn::{zoo, Mode};
+use trustsplit_nn::{zoo, Layer, Mode};
 
 #[test]
 fn every_model_builds_with_expected_output() {
@@ -22,6 +22,29 @@ fn parameter_counts_match_the_standard_architectures() {
     assert_eq!(zoo::build("resnet18", &[3, 32, 32], 10, 0).unwrap().num_params(), 11_173_962);
     // VGG-16: torchvision's convolutional part has 14,714,688 parameters; plus a 512x10 classifier.
     assert_eq!(zoo::build("vgg16", &[3, 32, 32], 10, 0).unwrap().num_params(), 14_714_688 + 5_130);
+}
+
+#[test]
+fn cryptgpus_lenet_and_the_average_pooled_variants() {
+    // conv 20@5x5 (520), conv 50@5x5 (25,050), FC 800x500 (400,500), FC 500x10 (5,010).
+    assert_eq!(zoo::build("lenet", &[1, 28, 28], 10, 0).unwrap().num_params(), 431_080);
+    let count = |m: &trustsplit_nn::Model, avg: bool| {
+        m.layers
+            .iter()
+            .filter(|l| if avg { matches!(l, Layer::AvgPool(_)) } else { matches!(l, Layer::MaxPool(_)) })
+            .count()
+    };
+    for name in ["lenet", "vgg16", "alexnet"] {
+        let input = if zoo::required_input_size(name).is_some() { [3, 32, 32] } else { [1, 28, 28] };
+        let max = zoo::build(name, &input, 10, 3).unwrap();
+        let avg = zoo::build(&format!("{name}-avgpool"), &input, 10, 3).unwrap();
+        assert!(zoo::is_known(&avg.name) && avg.name.ends_with("-avgpool"));
+        assert_eq!((count(&avg, false), count(&avg, true)), (0, count(&max, false)), "{name}");
+        // Same seed, same weights: only the pooling differs.
+        assert_eq!(max.named_params()[0].1, avg.named_params()[0].1);
+    }
+    assert!(zoo::build("resnet18-avgpool", &[3, 32, 32], 10, 0).unwrap_err().contains("no max-pooling"));
+    assert!(!zoo::is_known("lenet-maxpool"));
 }
 
 #[test]
