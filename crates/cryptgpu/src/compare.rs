@@ -460,6 +460,28 @@ mod tests {
     }
 
     #[test]
+    fn comparisons_hold_up_to_the_representable_limits() {
+        // FixedPoint::encode takes |v| < 2^42 at 20 bits (2^62 in ring units), so a difference of
+        // two such values stays inside the signed ring and max and ReLU are exact up to there.
+        let fp = FixedPoint::default();
+        let mut rng = ChaCha8Rng::seed_from_u64(14);
+        let limit = (1u64 << 42) as f64 - 1.0;
+        let mut x: Vec<f64> = (0..200).map(|_| rng.random_range(-limit..limit).round()).collect();
+        let mut y: Vec<f64> = (0..200).map(|_| rng.random_range(-limit..limit).round()).collect();
+        x.extend([limit, -limit, limit, 0.0, -limit]);
+        y.extend([-limit, limit, limit - 1.0, -limit, 1.0 / fp.scale()]);
+        let n = x.len();
+        let (xs, ys) = (share_f64(fp, &x, &[n], &mut rng), share_f64(fp, &y, &[n], &mut rng));
+        let out = run3(fp, |p| (p.max_pairwise(&xs[p.id], &ys[p.id]).unwrap().0, p.relu(&xs[p.id]).unwrap().0));
+        let m = open_f64(fp, &out.each_ref().map(|o| o.0.clone()));
+        let r = open_f64(fp, &out.each_ref().map(|o| o.1.clone()));
+        for e in 0..n {
+            assert_eq!(m[e], x[e].max(y[e]), "max({}, {})", x[e], y[e]);
+            assert_eq!(r[e], x[e].max(0.0), "relu({})", x[e]);
+        }
+    }
+
+    #[test]
     fn max_pooling_matches_the_plaintext_kernel() {
         let fp = FixedPoint::default();
         let mut rng = ChaCha8Rng::seed_from_u64(13);
