@@ -9,6 +9,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 use trustsplit_boundary::{KeyPair, PublicKey};
+use trustsplit_cryptgpu::gemm::{set_ring_device, RingDevice};
 use trustsplit_cryptgpu::network::{self, Parties, PartyConfig};
 
 #[derive(clap::Args)]
@@ -42,12 +43,20 @@ pub struct PartyArgs {
     /// this). The data owner may come any time after.
     #[arg(long, value_name = "SECONDS", default_value_t = 300)]
     pub wait_s: u64,
+    /// Where this party computes its ring products: cpu (native 64-bit integers), or cuda (float
+    /// limbs through cuBLAS DGEMM on GPU 0, exact; needs a build with the `cuda` feature, an
+    /// NVIDIA driver and cuBLAS). A GPU that fails mid-run hands the rest of the run to the CPU,
+    /// with a warning.
+    #[arg(long, value_enum, default_value_t = RingDevice::Cpu, value_name = "DEVICE")]
+    pub ring_device: RingDevice,
 }
 
 /// Runs the party until the data owner stops its run; an error names the party (or owner) that
 /// failed or disappeared.
 pub fn run_party(a: PartyArgs) -> Result<()> {
     let id = usize::from(a.id);
+    // Before listening: a party that cannot use its GPU says so before the others wait on it.
+    set_ring_device(a.ring_device).map_err(|e| anyhow::Error::msg(format!("party {id}: {e}")))?;
     let key = KeyPair::load(&a.key).map_err(anyhow::Error::msg)?;
     // The errors' texts already carry their causes (which `{:#}` would print a second time).
     let parties = Parties::new(a.peers, a.party_keys).map_err(|e| anyhow::Error::msg(e.to_string()))?;

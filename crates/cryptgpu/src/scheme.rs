@@ -1,5 +1,6 @@
 //! CryptGPU as a `--scheme`: its description, options, and the session a run starts.
 
+use crate::gemm::{set_ring_device, RingDevice};
 use crate::model::Sgd;
 use crate::network::{self, Parties};
 use crate::party::MpcError;
@@ -42,6 +43,14 @@ pub struct CryptgpuOptions {
     #[cfg_attr(feature = "cli", arg(long, value_name = "HEX,HEX,HEX", value_delimiter = ','))]
     #[serde(skip)]
     pub party_keys: Vec<PublicKey>,
+    /// cryptgpu: where the parties of this process compute their ring products: cpu (native
+    /// 64-bit integers), or cuda (float limbs through cuBLAS DGEMM on GPU 0, exact; needs a build
+    /// with the `cuda` feature, an NVIDIA driver and cuBLAS). With --peers the parties are other
+    /// processes: give each `trustsplit party` its own --ring-device instead.
+    #[cfg_attr(feature = "cli", arg(long, value_enum, default_value_t = RingDevice::Cpu, value_name = "DEVICE"))]
+    // Like --peers, where a run computes is not part of its identity: it may resume on another machine.
+    #[serde(skip)]
+    pub ring_device: RingDevice,
 }
 
 fn default_frac_bits() -> u32 {
@@ -50,7 +59,12 @@ fn default_frac_bits() -> u32 {
 
 impl Default for CryptgpuOptions {
     fn default() -> Self {
-        CryptgpuOptions { frac_bits: default_frac_bits(), peers: Vec::new(), party_keys: Vec::new() }
+        CryptgpuOptions {
+            frac_bits: default_frac_bits(),
+            peers: Vec::new(),
+            party_keys: Vec::new(),
+            ring_device: RingDevice::Cpu,
+        }
     }
 }
 
@@ -76,7 +90,10 @@ pub fn sgd_of(opt: &Optimizer) -> Result<Sgd, MpcError> {
 
 /// Three parties in this process, sharing `model` (and `opt`'s momentum buffers, on resume).
 pub fn start_local(model: &Model, opt: &Optimizer, options: &CryptgpuOptions) -> Result<Session, MpcError> {
-    Session::local(model, momentum_of(opt), options.frac_bits, sgd_of(opt)?)
+    // Settings that refuse fail before a GPU is opened.
+    let sgd = sgd_of(opt)?;
+    set_ring_device(options.ring_device).map_err(MpcError::Invalid)?;
+    Session::local(model, momentum_of(opt), options.frac_bits, sgd)
 }
 
 /// The three `trustsplit party` processes at `options.peers`, reached as their data owner with
@@ -98,6 +115,15 @@ pub fn start_remote(
     let fp = FixedPoint::new(options.frac_bits).map_err(MpcError::Invalid)?;
     // Refused settings fail here, before any party is reached and left waiting.
     let sgd = sgd_of(opt)?;
+    if options.ring_device != RingDevice::Cpu {
+        // The data owner computes no ring product; a GPU opened here would sit idle while the
+        // parties, which compute them all, ran on their CPUs.
+        return Err(MpcError::Invalid(
+            "with --peers the parties compute the ring products: give --ring-device to each `trustsplit party` \
+             instead (the data owner computes none)"
+                .into(),
+        ));
+    }
     let links = network::connect_parties(&parties, key)?;
     Session::start(links, Vec::new(), model, momentum_of(opt), fp, sgd)
 }

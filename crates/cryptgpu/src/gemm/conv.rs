@@ -67,11 +67,7 @@ pub fn conv2d(x: &[u64], w: &[u64], s: &ConvShape) -> Vec<u64> {
             out.clear();
             out.resize(o * gn * p, 0);
             gemm_acc(out, wv, View::rows(cols, gn * p), o, ckk, gn * p);
-            for (gi, yn) in yg.chunks_exact_mut(o * p).enumerate() {
-                for (oc, plane) in yn.chunks_exact_mut(p).enumerate() {
-                    plane.copy_from_slice(&out[oc * gn * p + gi * p..][..p]);
-                }
-            }
+            ungroup_columns(out, o, p, gn, yg);
         },
     );
     y
@@ -142,7 +138,7 @@ pub fn conv2d_weight_grad(x: &[u64], dy: &[u64], s: &ConvShape) -> Vec<u64> {
 
 /// `dy` of `gn` images (`gn x O x P`) as the `O x gn*P` matrix the GEMMs read; one image already
 /// has that layout and is not copied.
-fn group_columns<'a>(dyg: &'a [u64], o: usize, p: usize, gn: usize, buf: &'a mut Vec<u64>) -> &'a [u64] {
+pub(super) fn group_columns<'a>(dyg: &'a [u64], o: usize, p: usize, gn: usize, buf: &'a mut Vec<u64>) -> &'a [u64] {
     if gn == 1 {
         return dyg;
     }
@@ -156,6 +152,16 @@ fn group_columns<'a>(dyg: &'a [u64], o: usize, p: usize, gn: usize, buf: &'a mut
     buf
 }
 
+/// The inverse of [`group_columns`]: the `O x gn*P` product of `gn` images into `yg`
+/// (`gn x O x P`).
+pub(super) fn ungroup_columns(out: &[u64], o: usize, p: usize, gn: usize, yg: &mut [u64]) {
+    for (gi, yn) in yg.chunks_exact_mut(o * p).enumerate() {
+        for (oc, plane) in yn.chunks_exact_mut(p).enumerate() {
+            plane.copy_from_slice(&out[oc * gn * p + gi * p..][..p]);
+        }
+    }
+}
+
 /// Output positions `lo..hi` along one axis whose tap at kernel offset `off` reads inside the
 /// input (`0 <= o * stride + off - pad < size`); outside them it reads padding.
 fn valid_outputs(off: usize, size: usize, out: usize, stride: usize, pad: usize) -> (usize, usize) {
@@ -164,8 +170,9 @@ fn valid_outputs(off: usize, size: usize, out: usize, stride: usize, pad: usize)
     (lo.min(hi), hi)
 }
 
-/// The lowered input of `gn` images into `cols` (`C*K*K x gn*P`).
-fn im2col(xg: &[u64], s: &ConvShape, gn: usize, cols: &mut Vec<u64>) {
+/// The lowered input of `gn` images into `cols` (`C*K*K x gn*P`; `cols` may be longer, from an
+/// earlier, larger group).
+pub(super) fn im2col(xg: &[u64], s: &ConvShape, gn: usize, cols: &mut Vec<u64>) {
     let (oh, ow, k) = (s.out_height(), s.out_width(), s.kernel);
     let (p, hw) = (oh * ow, s.height * s.width);
     let width = gn * p;
@@ -199,7 +206,7 @@ fn im2col(xg: &[u64], s: &ConvShape, gn: usize, cols: &mut Vec<u64>) {
 }
 
 /// Adds the lowered gradient `dcols` (`C*K*K x gn*P`) of `gn` images back onto their pixels.
-fn col2im(dcols: &[u64], s: &ConvShape, gn: usize, dxg: &mut [u64]) {
+pub(super) fn col2im(dcols: &[u64], s: &ConvShape, gn: usize, dxg: &mut [u64]) {
     let (oh, ow, k) = (s.out_height(), s.out_width(), s.kernel);
     let (p, hw) = (oh * ow, s.height * s.width);
     let width = gn * p;

@@ -172,3 +172,95 @@ fn gemm_float_limbs_refuse_inexact_products() {
     assert!(matmul_float_limbs(&a, &b, 1, k, 1, 0).is_err());
     assert!(matmul_float_limbs(&a, &b, 1, k, 1, 27).is_err());
 }
+
+#[test]
+fn gemm_gpu_limb_sizes_follow_the_bound() {
+    assert_eq!(limbs::limb_bits_for(1), Ok(22));
+    assert_eq!(limbs::limb_bits_for(512), Ok(22));
+    assert_eq!(limbs::limb_bits_for(513), Ok(16));
+    assert_eq!(limbs::limb_bits_for(1 << 21), Ok(16));
+    let err = limbs::limb_bits_for((1 << 21) + 1).unwrap_err();
+    assert!(err.contains("2^21") && err.contains("2097153"), "{err}");
+    // The GPU's limb choice, run through the shared split and recombine with CPU GEMMs, at both
+    // sides of the switch and with the largest dot products 16-bit limbs allow for that `k`.
+    let mut rng = ChaCha8Rng::seed_from_u64(7);
+    for (m, k, n) in [(4, 512, 6), (3, 513, 5)] {
+        let (a, b) = (random(&mut rng, m * k), random(&mut rng, k * n));
+        let got = matmul_float_limbs(&a, &b, m, k, n, limbs::limb_bits_for(k).unwrap()).unwrap();
+        assert_eq!(got, reference::matmul(&a, &b, m, k, n), "{m}x{k}x{n}");
+    }
+    let k = 513;
+    let (a, b) = (vec![u64::MAX; 2 * k], vec![u64::MAX; k * 2]);
+    let got = matmul_float_limbs(&a, &b, 2, k, 2, limbs::limb_bits_for(k).unwrap()).unwrap();
+    assert_eq!(got, reference::matmul(&a, &b, 2, k, 2));
+}
+
+#[test]
+fn gemm_float_limbs_of_empty_products_are_zero() {
+    assert_eq!(matmul_float_limbs(&[], &[], 2, 0, 3, 16).unwrap(), vec![0; 6]);
+    assert_eq!(matmul_float_limbs(&[], &[7; 12], 0, 4, 3, 22).unwrap(), Vec::<u64>::new());
+}
+
+#[test]
+fn gemm_ring_device_defaults_to_the_cpu() {
+    assert_eq!(RingDevice::default(), RingDevice::Cpu);
+    assert_eq!(set_ring_device(RingDevice::Cpu), Ok(()));
+}
+
+#[cfg(not(feature = "cuda"))]
+#[test]
+fn gemm_cuda_without_the_feature_is_an_error_naming_it() {
+    let err = set_ring_device(RingDevice::Cuda).unwrap_err();
+    assert!(err.contains("`cuda` feature"), "{err}");
+    assert_eq!(ring_device(), RingDevice::Cpu);
+}
+
+/// With the feature: on a machine without a GPU, selecting CUDA is an error (not a panic) and
+/// the CPU stays selected; with one, the GPU's products match the reference. Tests share the
+/// process-wide switch, so this one leaves it on the CPU and uses its own `CudaRing` for the
+/// checks.
+#[cfg(feature = "cuda")]
+#[test]
+fn gemm_cuda_ring_products_match_reference_where_a_gpu_is_present() {
+    if let Err(err) = set_ring_device(RingDevice::Cuda) {
+        assert!(err.contains("CUDA") || err.contains("lib"), "{err}");
+        assert_eq!(ring_device(), RingDevice::Cpu);
+        eprintln!("no CUDA device here, skipped: {err}");
+        return;
+    }
+    // Other tests may run on the GPU while it is selected; their products stay exact.
+    assert_eq!(ring_device(), RingDevice::Cuda);
+    let (a, b) =
+        (random(&mut ChaCha8Rng::seed_from_u64(9), 33 * 70), random(&mut ChaCha8Rng::seed_from_u64(10), 70 * 5));
+    assert_eq!(matmul(&a, &b, 33, 70, 5), reference::matmul(&a, &b, 33, 70, 5));
+    assert_eq!(ring_device(), RingDevice::Cuda, "the product fell back to the CPU");
+    set_ring_device(RingDevice::Cpu).unwrap();
+    let mut gpu = cuda::CudaRing::new(0).unwrap();
+    let mut rng = ChaCha8Rng::seed_from_u64(8);
+    for &(m, k, n) in SHAPES.iter().chain(&[(5, 513, 7), (2, 4096, 3)]) {
+        let (a, b) = (random(&mut rng, m * k), random(&mut rng, k * n));
+        let want = reference::matmul(&a, &b, m, k, n);
+        assert_eq!(gpu.matmul(&a, &b, m, k, n).unwrap(), want, "matmul {m}x{k}x{n}");
+        let (at, bt) = (reference::transpose(&a, m, k), reference::transpose(&b, k, n));
+        assert_eq!(gpu.matmul_tn(&at, &b, m, k, n).unwrap(), want, "matmul_tn {m}x{k}x{n}");
+        assert_eq!(gpu.matmul_nt(&a, &bt, m, k, n).unwrap(), want, "matmul_nt {m}x{k}x{n}");
+    }
+    let k = 512;
+    let (a, b) = (vec![u64::MAX; 2 * k], vec![u64::MAX; k * 3]);
+    assert_eq!(gpu.matmul(&a, &b, 2, k, 3).unwrap(), reference::matmul(&a, &b, 2, k, 3));
+    let long = vec![0u64; (1 << 21) + 1];
+    assert!(gpu.matmul(&long, &long, 1, long.len(), 1).unwrap_err().contains("2^21"));
+    for kernel in [1, 3] {
+        for (stride, padding) in [(1, 0), (2, 1)] {
+            let s =
+                ConvShape { batch: 3, in_channels: 2, height: 7, width: 6, out_channels: 4, kernel, stride, padding };
+            let (x, w, dy) =
+                (random(&mut rng, s.input_len()), random(&mut rng, s.weight_len()), random(&mut rng, s.output_len()));
+            assert_eq!(gpu.conv2d(&x, &w, &s).unwrap(), reference::conv2d(&x, &w, &s), "conv2d {s:?}");
+            let dx = gpu.conv2d_input_grad(&dy, &w, &s).unwrap();
+            assert_eq!(dx, reference::conv2d_input_grad(&dy, &w, &s), "input grad {s:?}");
+            let dw = gpu.conv2d_weight_grad(&x, &dy, &s).unwrap();
+            assert_eq!(dw, reference::conv2d_weight_grad(&x, &dy, &s), "weight grad {s:?}");
+        }
+    }
+}
