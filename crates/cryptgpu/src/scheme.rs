@@ -5,7 +5,7 @@ use crate::model::Sgd;
 use crate::network::{self, Parties};
 use crate::party::MpcError;
 use crate::ring::FixedPoint;
-use crate::session::Session;
+use crate::session::{RunSettings, Session};
 use serde::{Deserialize, Serialize};
 use trustsplit_boundary::{KeyPair, PublicKey};
 use trustsplit_nn::optim::{Optimizer, OptimizerKind};
@@ -29,6 +29,12 @@ pub struct CryptgpuOptions {
     #[cfg_attr(feature = "cli", arg(long, default_value_t = crate::ring::DEFAULT_FRAC_BITS, value_name = "BITS"))]
     #[serde(default = "default_frac_bits")]
     pub frac_bits: u32,
+    /// cryptgpu: ReLU also zeroes values at or above this bound (and stops their gradient): a
+    /// truncation that fails leaves a value off by 2^(64-2f) (16.7 million at 20 bits), and this
+    /// keeps it from reaching the weights. Must exceed every honest activation of the model.
+    #[cfg_attr(feature = "cli", arg(long, default_value_t = crate::model::DEFAULT_ACTIVATION_BOUND, value_name = "X"))]
+    #[serde(default = "default_activation_bound")]
+    pub activation_bound: f64,
     /// cryptgpu: drive three `trustsplit party` processes as their data owner, at these
     /// addresses (their --listen as this machine reaches them), party 0, 1, 2 in order, over the
     /// authenticated, encrypted link: this side's key is --key, the parties' --party-keys. Without
@@ -57,14 +63,35 @@ fn default_frac_bits() -> u32 {
     crate::ring::DEFAULT_FRAC_BITS
 }
 
+fn default_activation_bound() -> f64 {
+    crate::model::DEFAULT_ACTIVATION_BOUND
+}
+
 impl Default for CryptgpuOptions {
     fn default() -> Self {
         CryptgpuOptions {
             frac_bits: default_frac_bits(),
+            activation_bound: default_activation_bound(),
             peers: Vec::new(),
             party_keys: Vec::new(),
             ring_device: RingDevice::Cpu,
         }
+    }
+}
+
+impl CryptgpuOptions {
+    /// The settings the parties are given, checked.
+    fn settings(&self, fp: FixedPoint, sgd: Sgd) -> Result<RunSettings, MpcError> {
+        let bound = self.activation_bound;
+        // The bound is a fixed-point constant, and a failed truncation's 2^(64-2f) must exceed it.
+        let failure = 2f64.powi(64 - 2 * fp.frac_bits as i32);
+        if !(bound.is_finite() && bound > 0.0 && bound < failure) {
+            return Err(MpcError::Invalid(format!(
+                "--activation-bound must be positive and below 2^(64 - 2 x {}) = {failure}, got {bound}",
+                fp.frac_bits
+            )));
+        }
+        Ok(RunSettings { fp, sgd, activation_bound: bound })
     }
 }
 
@@ -93,7 +120,8 @@ pub fn start_local(model: &Model, opt: &Optimizer, options: &CryptgpuOptions) ->
     // Settings that refuse fail before a GPU is opened.
     let sgd = sgd_of(opt)?;
     set_ring_device(options.ring_device).map_err(MpcError::Invalid)?;
-    Session::local(model, momentum_of(opt), options.frac_bits, sgd)
+    let fp = FixedPoint::new(options.frac_bits).map_err(MpcError::Invalid)?;
+    Session::local(model, momentum_of(opt), options.settings(fp, sgd)?)
 }
 
 /// The three `trustsplit party` processes at `options.peers`, reached as their data owner with
@@ -125,7 +153,8 @@ pub fn start_remote(
         ));
     }
     let links = network::connect_parties(&parties, key)?;
-    Session::start(links, Vec::new(), model, momentum_of(opt), fp, sgd)
+    let settings = options.settings(fp, sgd)?;
+    Session::start(links, Vec::new(), model, momentum_of(opt), settings)
 }
 
 /// The momentum buffers a resumed run starts from (`None` before the first step).

@@ -41,6 +41,21 @@ pub struct Setup {
     /// Whether the parameters' shares are followed by momentum buffers' (a resumed run).
     #[serde(default)]
     pub momentum_state: bool,
+    /// ReLU zeroes inputs at or above this ([`SecureModel::activation_bound`]).
+    #[serde(default = "default_bound")]
+    pub activation_bound: f64,
+}
+
+fn default_bound() -> f64 {
+    model::DEFAULT_ACTIVATION_BOUND
+}
+
+/// The public settings of a run the data owner gives the parties.
+#[derive(Clone, Copy, Debug)]
+pub struct RunSettings {
+    pub fp: FixedPoint,
+    pub sgd: Sgd,
+    pub activation_bound: f64,
 }
 
 /// One party's traffic over a run: totals and by layer and protocol.
@@ -104,7 +119,14 @@ pub fn serve(mut party: Party, owner: &mut dyn Channel) -> Result<(), MpcError> 
             params.push(decode_share(&words, &mut at).map_err(|e| MpcError::Invalid(format!("party {id}: {e}")))?);
         }
         let velocity = params.split_off(count);
+        if !(setup.activation_bound.is_finite() && setup.activation_bound > 0.0) {
+            return Err(MpcError::Invalid(format!(
+                "party {id}: activation bound {} is not positive",
+                setup.activation_bound
+            )));
+        }
         let mut net = SecureModel::new(setup.specs.clone(), params)?;
+        net.activation_bound = setup.activation_bound;
         if setup.momentum_state {
             net = net.with_velocity(velocity)?;
         }
@@ -183,8 +205,8 @@ pub struct Logits {
 impl Session {
     /// Three parties as threads of this process, on in-memory links, holding shares of `model`.
     /// `momentum`: the momentum buffers to resume from, in the model's parameter order.
-    pub fn local(model: &Model, momentum: Option<&[Tensor]>, frac_bits: u32, sgd: Sgd) -> Result<Session, MpcError> {
-        let fp = FixedPoint::new(frac_bits).map_err(MpcError::Invalid)?;
+    pub fn local(model: &Model, momentum: Option<&[Tensor]>, settings: RunSettings) -> Result<Session, MpcError> {
+        let fp = settings.fp;
         let opts = ChannelOptions { max_frame_bytes: 1 << 31, timeout: None };
         let mut owner_ends: Vec<Box<dyn Channel>> = Vec::new();
         let mut threads = Vec::new();
@@ -201,7 +223,7 @@ impl Session {
                 .map_err(|e| MpcError::Invalid(format!("cannot start party {id}: {e}")))?;
             threads.push(handle);
         }
-        Session::start(owner_ends, threads, model, momentum, fp, sgd)
+        Session::start(owner_ends, threads, model, momentum, settings)
     }
 
     /// Shares `model` into parties reached over `links` (party 0, 1, 2 in order).
@@ -210,9 +232,9 @@ impl Session {
         threads: Vec<JoinHandle<Result<(), MpcError>>>,
         model: &Model,
         momentum: Option<&[Tensor]>,
-        fp: FixedPoint,
-        sgd: Sgd,
+        settings: RunSettings,
     ) -> Result<Session, MpcError> {
+        let RunSettings { fp, sgd, activation_bound } = settings;
         let specs = model::specs_of(&model.layers);
         if momentum.is_some() && model::has_batch_norm(&specs) {
             return Err(MpcError::Invalid("cannot resume training a model with batch-norm under cryptgpu".into()));
@@ -223,6 +245,7 @@ impl Session {
             classes: model.num_classes,
             sgd,
             momentum_state: momentum.is_some(),
+            activation_bound,
         };
         let json = serde_json::to_vec(&setup).expect("serialises");
         for (i, p) in parties.iter_mut().enumerate() {

@@ -13,12 +13,16 @@ use trustsplit_cryptgpu::model::Sgd;
 use trustsplit_cryptgpu::network::{self, Parties, PartyConfig, PartyNode};
 use trustsplit_cryptgpu::party::MpcError;
 use trustsplit_cryptgpu::ring::FixedPoint;
-use trustsplit_cryptgpu::session::{self, Session};
+use trustsplit_cryptgpu::session::{self, RunSettings, Session};
 use trustsplit_nn::layers::{Conv2d, Layer, Linear, Pool};
 use trustsplit_nn::tensor::{data, from_vec};
 use trustsplit_nn::{Model, Tensor};
 
 const SGD: Sgd = Sgd { lr: 0.0, momentum: 0.9, weight_decay: 0.01 };
+
+fn settings(fp: FixedPoint) -> RunSettings {
+    RunSettings { fp, sgd: SGD, activation_bound: trustsplit_cryptgpu::model::DEFAULT_ACTIVATION_BOUND }
+}
 
 fn random(rng: &mut ChaCha8Rng, shape: &[usize], scale: f32) -> Tensor {
     let n = shape.iter().product();
@@ -93,8 +97,8 @@ fn parties_over_tcp_links_match_parties_in_memory() {
     let parties: Vec<_> = (0..3).map(|id| net.spawn(id, Duration::from_secs(20))).collect();
     let links = network::connect_parties(&net.parties, &net.owner).unwrap();
     let fp = FixedPoint::new(20).unwrap();
-    let mut remote = Session::start(links, Vec::new(), &model, None, fp, SGD).unwrap();
-    let mut local = Session::local(&model, None, 20, SGD).unwrap();
+    let mut remote = Session::start(links, Vec::new(), &model, None, settings(fp)).unwrap();
+    let mut local = Session::local(&model, None, settings(fp)).unwrap();
 
     let (r, l) = (remote.infer(data(&x), x.shape()).unwrap(), local.infer(data(&x), x.shape()).unwrap());
     close(&r.values, &l.values, "inference logits");
@@ -193,7 +197,7 @@ fn a_party_killed_mid_run_is_named_by_the_owner() {
     });
 
     let links = network::connect_parties(&net.parties, &net.owner).unwrap();
-    let mut owner = Session::start(links, Vec::new(), &model, None, FixedPoint::new(20).unwrap(), SGD).unwrap();
+    let mut owner = Session::start(links, Vec::new(), &model, None, settings(FixedPoint::new(20).unwrap())).unwrap();
     owner.infer(data(&x), x.shape()).unwrap();
     let Err(err) = owner.train_step(data(&x), x.shape(), &[0, 1], 0.1) else { panic!("a party died mid-step") };
     let err = err.to_string();

@@ -3,8 +3,9 @@
 
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
-use trustsplit_cryptgpu::model::Sgd;
-use trustsplit_cryptgpu::session::Session;
+use trustsplit_cryptgpu::model::{Sgd, DEFAULT_ACTIVATION_BOUND};
+use trustsplit_cryptgpu::ring::FixedPoint;
+use trustsplit_cryptgpu::session::{RunSettings, Session};
 use trustsplit_nn::layers::{Conv2d, Layer, Linear, Pool, Residual};
 use trustsplit_nn::tensor::{data, from_vec};
 use trustsplit_nn::{Mode, Model, Tensor};
@@ -80,8 +81,16 @@ fn one_training_step_on_shares_matches_plaintext() {
         .map(|(w, g)| data(w).iter().zip(data(g)).map(|(w, g)| w - lr * (g + wd * w)).collect())
         .collect();
 
-    let mut session =
-        Session::local(&model, None, 20, Sgd { lr: 0.0, momentum: 0.9, weight_decay: wd as f64 }).unwrap();
+    let mut session = Session::local(
+        &model,
+        None,
+        RunSettings {
+            fp: FixedPoint::default(),
+            sgd: Sgd { lr: 0.0, momentum: 0.9, weight_decay: wd as f64 },
+            activation_bound: DEFAULT_ACTIVATION_BOUND,
+        },
+    )
+    .unwrap();
     let shared_logits = session.infer(data(&x), x.shape()).unwrap();
     for (a, b) in shared_logits.values.iter().zip(data(&logits)) {
         assert!((a - b).abs() < 2e-3, "logit {a} on shares, {b} in plaintext");
