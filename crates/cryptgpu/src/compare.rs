@@ -152,23 +152,31 @@ impl Party {
     /// `(x * [0 <= x < bound], [0 <= x < bound])`: ReLU that also zeroes values at or above a
     /// public `bound`. A truncation that fails (`crate::arith`, module docs) leaves a value off by
     /// `2^(64-2f)` in real terms (2^24 for f = 20), far above any activation; zeroing it here, and
-    /// stopping its gradient, keeps one failed truncation from reaching the weights. The signs of
-    /// `x` and `x - bound` come from one [`Party::msb`] over both (the same 7 rounds, twice the
-    /// bytes), then one packed AND, the bit injection and the product: 11 rounds, about 54 bytes
-    /// per element on average per party.
+    /// stopping its gradient, keeps one failed truncation from reaching the weights.
+    /// [`Party::keep_within`] with `lo = 0`: 11 rounds, about 54 bytes per element.
     pub fn relu_bounded(&mut self, x: &AShare, bound: f64) -> Result<(AShare, AShare), MpcError> {
+        self.keep_within(x, 0.0, bound)
+    }
+
+    /// `(x * [lo <= x < hi], [lo <= x < hi])` for public `lo < hi`: the signs of `x - lo` and
+    /// `x - hi` come from one [`Party::msb`] over both (the same 7 rounds, twice the bytes), then
+    /// one packed AND, the bit injection and the product: 11 rounds, about 54 bytes per element on
+    /// average per party.
+    pub fn keep_within(&mut self, x: &AShare, lo: f64, hi: f64) -> Result<(AShare, AShare), MpcError> {
         let n = x.len();
-        let b = self.fp.encode(bound).map_err(MpcError::Invalid)?;
-        let shifted = x.add_public(self.id, &vec![b.wrapping_neg(); n]);
-        let both = concat(&[x.clone(), shifted]);
+        let minus = |p: &Party, v: f64| -> Result<AShare, MpcError> {
+            let c = p.fp.encode(v).map_err(MpcError::Invalid)?;
+            Ok(x.add_public(p.id, &vec![c.wrapping_neg(); n]))
+        };
+        let both = concat(&[minus(self, lo)?, minus(self, hi)?]);
         let signs = self.msb(&both)?;
         let part = |v: &[u64], r: std::ops::Range<usize>| v[r].to_vec();
-        let negative = BShare { shape: x.shape.clone(), cur: part(&signs.cur, 0..n), prev: part(&signs.prev, 0..n) };
-        let below =
+        let below_lo = BShare { shape: x.shape.clone(), cur: part(&signs.cur, 0..n), prev: part(&signs.prev, 0..n) };
+        let below_hi =
             BShare { shape: x.shape.clone(), cur: part(&signs.cur, n..2 * n), prev: part(&signs.prev, n..2 * n) };
-        let in_range = self.and_batch(&[(&negative.xor_public(self.id, 1), &below, 1)], "relu")?.remove(0);
-        let bit = self.bit_to_arith(&in_range)?;
-        let y = self.reshare(x.bilinear(&bit, ring::mul), &x.shape, "relu")?;
+        let inside = self.and_batch(&[(&below_lo.xor_public(self.id, 1), &below_hi, 1)], "within")?.remove(0);
+        let bit = self.bit_to_arith(&inside)?;
+        let y = self.reshare(x.bilinear(&bit, ring::mul), &x.shape, "within")?;
         Ok((y, bit))
     }
 

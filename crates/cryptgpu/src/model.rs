@@ -175,12 +175,13 @@ pub struct SecureModel {
     pub params: Vec<AShare>,
     /// Momentum buffers (empty until the first step).
     velocity: Vec<AShare>,
-    /// ReLU zeroes inputs at or above this (a failed truncation's value; [`Party::relu_bounded`]).
+    /// ReLU zeroes inputs at or above this, and the update zeroes gradient entries beyond it
+    /// either way: what a failed truncation leaves ([`Party::keep_within`]).
     pub activation_bound: f64,
 }
 
-/// The default of [`SecureModel::activation_bound`]: far above the activations of the zoo's
-/// models, far below the 2^24 a failed truncation adds at 20 fractional bits.
+/// The default of [`SecureModel::activation_bound`]: far above the activations and gradients of
+/// the zoo's models, far below the 2^24 a failed truncation adds at 20 fractional bits.
 pub const DEFAULT_ACTIVATION_BOUND: f64 = 4096.0;
 
 /// SGD's public settings.
@@ -238,10 +239,14 @@ impl SecureModel {
     }
 
     /// One SGD step on the shares: `v = momentum v + (g + wd w)`, `w -= lr v` (each product by a
-    /// public constant is one truncation over all parameters at once).
+    /// public constant is one truncation over all parameters at once). Gradient entries outside
+    /// `(-bound, bound)` are zeroed first (CrypTen zeroes those above 100 for the same reason): a
+    /// failed truncation in the backward pass, or an activation that failed where no ReLU
+    /// follows, must not move a weight by 2^24 (11 rounds, about 54 bytes per parameter).
     pub fn update(&mut self, party: &mut Party, grads: Vec<AShare>, sgd: Sgd) -> Result<(), MpcError> {
         party.set_scope("sgd");
-        let mut g = concat(&grads);
+        let bound = self.activation_bound;
+        let (mut g, _) = party.keep_within(&concat(&grads), -bound, bound)?;
         let w = concat(&self.params);
         if sgd.weight_decay != 0.0 {
             g.add_assign(&party.scale(&w, sgd.weight_decay)?);
@@ -488,8 +493,9 @@ fn backward_all(
             }
             (Spec::Flatten, Saved::Shape(shape)) => dy.reshaped(&shape),
             (Spec::Residual { main, shortcut }, Saved::Residual { main: sm, shortcut: ss }) => {
-                let ds = backward_all(party, shortcut, params, index, dy.clone(), ss, grads, prefix, true)?;
-                let dm = backward_all(party, main, params, index, dy, sm, grads, prefix, true)?;
+                let shortcut_prefix = format!("{prefix}{i}.shortcut.");
+                let ds = backward_all(party, shortcut, params, index, dy.clone(), ss, grads, &shortcut_prefix, true)?;
+                let dm = backward_all(party, main, params, index, dy, sm, grads, &format!("{prefix}{i}.main."), true)?;
                 // An empty shortcut is the identity: its walk hands `dy` back unchanged.
                 dm.add(&ds)
             }

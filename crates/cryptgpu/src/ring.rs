@@ -21,22 +21,20 @@ impl Default for FixedPoint {
 }
 
 impl FixedPoint {
-    /// `frac_bits` in 8..=32: fewer leave too little precision for training, more leave too little
-    /// headroom for a product's `2f` fractional bits in 64.
+    /// `frac_bits` in 9..=24: fewer leave too little precision for training (and `exp` needs 9),
+    /// more make a product's truncation fail too often (with probability `|value| 2^(2f-64)` per
+    /// element: `2^-16` at 24 bits for values near 1; `crate::arith`).
     pub fn new(frac_bits: u32) -> Result<FixedPoint, String> {
-        if !(8..=32).contains(&frac_bits) {
-            return Err(format!("fixed-point fractional bits must be in 8..=32, got {frac_bits}"));
+        if !(9..=24).contains(&frac_bits) {
+            return Err(format!(
+                "fixed-point fractional bits must be in 9..=24 (CryptGPU uses 20, CrypTen 16), got {frac_bits}"
+            ));
         }
         Ok(FixedPoint { frac_bits })
     }
 
     pub fn scale(&self) -> f64 {
         (1u64 << self.frac_bits) as f64
-    }
-
-    /// The largest magnitude a value may have: a product of two must stay below 2^62 in ring units.
-    pub fn max_abs(&self) -> f64 {
-        2f64.powi(62 - 2 * self.frac_bits as i32).sqrt().max(1.0)
     }
 
     /// The ring element of `v` (rounded to nearest); an error names a value that is not finite or

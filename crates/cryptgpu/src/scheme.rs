@@ -29,12 +29,13 @@ pub struct CryptgpuOptions {
     #[cfg_attr(feature = "cli", arg(long, default_value_t = crate::ring::DEFAULT_FRAC_BITS, value_name = "BITS"))]
     #[serde(default = "default_frac_bits")]
     pub frac_bits: u32,
-    /// cryptgpu: ReLU also zeroes values at or above this bound (and stops their gradient): a
-    /// truncation that fails leaves a value off by 2^(64-2f) (16.7 million at 20 bits), and this
-    /// keeps it from reaching the weights. Must exceed every honest activation of the model.
+    /// cryptgpu: a truncation that fails leaves a value off by 2^(64-2f) (16.7 million at 20
+    /// bits); ReLU zeroes its inputs at or above this bound and each step zeroes weight-gradient
+    /// entries beyond it, so that such a value never reaches the weights. Must exceed every honest
+    /// activation and gradient of the model.
     #[cfg_attr(feature = "cli", arg(long, default_value_t = crate::model::DEFAULT_ACTIVATION_BOUND, value_name = "X"))]
-    #[serde(default = "default_activation_bound")]
-    pub activation_bound: f64,
+    #[serde(default = "default_value_bound")]
+    pub value_bound: f64,
     /// cryptgpu: drive three `trustsplit party` processes as their data owner, at these
     /// addresses (their --listen as this machine reaches them), party 0, 1, 2 in order, over the
     /// authenticated, encrypted link: this side's key is --key, the parties' --party-keys. Without
@@ -63,7 +64,7 @@ fn default_frac_bits() -> u32 {
     crate::ring::DEFAULT_FRAC_BITS
 }
 
-fn default_activation_bound() -> f64 {
+fn default_value_bound() -> f64 {
     crate::model::DEFAULT_ACTIVATION_BOUND
 }
 
@@ -71,7 +72,7 @@ impl Default for CryptgpuOptions {
     fn default() -> Self {
         CryptgpuOptions {
             frac_bits: default_frac_bits(),
-            activation_bound: default_activation_bound(),
+            value_bound: default_value_bound(),
             peers: Vec::new(),
             party_keys: Vec::new(),
             ring_device: RingDevice::Cpu,
@@ -82,12 +83,12 @@ impl Default for CryptgpuOptions {
 impl CryptgpuOptions {
     /// The settings the parties are given, checked.
     fn settings(&self, fp: FixedPoint, sgd: Sgd) -> Result<RunSettings, MpcError> {
-        let bound = self.activation_bound;
+        let bound = self.value_bound;
         // The bound is a fixed-point constant, and a failed truncation's 2^(64-2f) must exceed it.
         let failure = 2f64.powi(64 - 2 * fp.frac_bits as i32);
         if !(bound.is_finite() && bound > 0.0 && bound < failure) {
             return Err(MpcError::Invalid(format!(
-                "--activation-bound must be positive and below 2^(64 - 2 x {}) = {failure}, got {bound}",
+                "--value-bound must be positive and below 2^(64 - 2 x {}) = {failure}, got {bound}",
                 fp.frac_bits
             )));
         }

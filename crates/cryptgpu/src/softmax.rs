@@ -8,17 +8,21 @@
 //!   `x = -2`) and a truncation's unit error in `1 + x / 512` grows 512-fold through the squarings
 //!   (about `2^-11` near `x = 0`); the test bounds the total by 1e-3 (6.1e-4 seen).
 //! - [`Party::reciprocal`]: Newton-Raphson `y <- y (2 - x y)` from a public guess `y_0`, for
-//!   `0 < x < 2 / y_0`. The error `e = 1 - x y` squares each step. The first step is a public
-//!   scale (`y_1 = 2 y_0 - y_0^2 x`, 2 rounds); each later one two products (4 rounds).
-//! - [`Party::softmax_rows`]: `e = exp(x - max_row(x))`, `s = sum_row(e)`, `e * (1 / s)`. The row's
+//!   `0 < x < 2 / y_0`. The error `e = 1 - x y` squares each step. The first step is two public
+//!   scales (`y_1 = y_0 (2 - x y_0)`, 4 rounds); each later one two products (4 rounds).
+//! - [`Party::softmax_rows`]: `e = exp(x - max_row(x))`, `s = sum_row(e)`, `e * (1 / s)`, with two
+//!   guards against a failed truncation (`crate::arith`): `x - max` is clamped into `[-32, 0]`
+//!   ([`Party::keep_within`], 11 rounds) and a probability outside `[0, 2)` is zeroed (11 more), so
+//!   the loss gradient stays bounded by 1 even when a logit, an exp or the reciprocal failed. The row's
 //!   maximum contributes `exp(0) = 1`, so `s` lies in `[1, C]` (up to exp's error) and `y_0 = 1 / C`
 //!   gives `e_0 = 1 - s / C <= 1 - 1 / C`; after `k` steps `e_k <= (1 - 1/C)^(2^k) <= exp(-2^k / C)`,
 //!   which is below `2^-f` once `2^k >= C f ln 2`: `k = ceil(log2(C f ln 2))`
 //!   ([`reciprocal_iterations`]; 8 for `C = 10`, `f = 20`). Rounds for `C = 10`: the maximum
-//!   (4 comparison levels of 10 rounds, no argmax kept), 20 for exp, 30 for the reciprocal, 2 for
-//!   the product: 92. Bytes per row, on average per party: the maximum's 9 comparisons and products
+//!   (4 comparison levels of 10 rounds, no argmax kept), 11 for the clamp, 20 for exp, 32 for the
+//!   reciprocal, 2 for the product, 11 for the final check: 116. Bytes per row, on average per party: the maximum's 9 comparisons and products
 //!   (9 x (26.9 + 8)), 10 truncations per element for exp and 1 for the product (C x 11 x 8), and
-//!   15 truncations for the reciprocal (15 x 8): 1314 bytes for C = 10.
+//!   16 truncations for the reciprocal (16 x 8), and the two guards (2 x C x 54): about 2400 bytes
+//!   for C = 10.
 //!   Accuracy: the limit approximation itself moves a softmax of 10 classes by up to 2.0e-3
 //!   (rows with several logits about 2 below the maximum); the protocol adds about 1e-4.
 //! - [`Party::cross_entropy_grad`]: `(softmax(logits) - onehot) / N`, 2 more rounds.
@@ -33,6 +37,10 @@ use crate::party::{MpcError, Party};
 
 /// Squarings in [`Party::exp`].
 pub const EXP_SQUARINGS: u32 = 9;
+
+/// [`Party::softmax_rows`] clamps `x - max` at `-EXP_FLOOR`: `exp(-32)` is below 2^-46, zero at
+/// any fractional bits we allow.
+const EXP_FLOOR: f64 = 32.0;
 
 /// Newton steps that take `1 / s` for `s` in `[1, classes]` from the guess `1 / classes` to a
 /// relative error below `2^-frac_bits` (module docs): `ceil(log2(classes * frac_bits * ln 2))`.
@@ -79,8 +87,11 @@ impl Party {
         if iterations == 0 {
             return self.plus_constant(&AShare::zeros(&x.shape), initial);
         }
-        let y1 = self.scale(x, -initial * initial)?;
-        let mut y = self.plus_constant(&y1, 2.0 * initial)?;
+        // y_1 = y_0 (2 - x y_0), scaled by y_0 twice: a single scale by y_0^2 would round it to
+        // zero for many classes (1/C^2 < 2^-f once C > 2^((f+1)/2)).
+        let xy = self.scale(x, initial)?;
+        let two_minus = self.plus_constant(&xy.neg(), 2.0)?;
+        let mut y = self.scale(&two_minus, initial)?;
         for _ in 1..iterations {
             let xy = self.mul(x, &y)?;
             let two_minus = self.plus_constant(&xy.neg(), 2.0)?;
@@ -95,10 +106,17 @@ impl Party {
             return Err(MpcError::Invalid(format!("softmax needs a matrix, got shape {:?}", x.shape)));
         };
         let (max, _) = self.tree_max(x, rows, cols, false, "max")?;
-        let e = self.exp(&x.sub(&repeat_each(&max, cols)))?;
+        // x - max <= 0, clamped at -EXP_FLOOR: exp is only good above about -1000, and a logit
+        // that a failed truncation pushed 2^24 up would otherwise send its row's exp there.
+        let shifted = self.plus_constant(&x.sub(&repeat_each(&max, cols)), EXP_FLOOR)?;
+        let (clamped, _) = self.keep_within(&shifted, 0.0, 2.0 * EXP_FLOOR)?;
+        let e = self.exp(&self.plus_constant(&clamped, -EXP_FLOOR)?)?;
         let s = row_sums(&e, rows, cols);
         let r = self.reciprocal(&s, reciprocal_iterations(cols, self.fp.frac_bits), 1.0 / cols as f64)?;
-        Ok(self.mul(&e, &repeat_each(&r, cols))?.reshaped(&[rows, cols]))
+        let p = self.mul(&e, &repeat_each(&r, cols))?;
+        // A probability outside [0, 2) is a failed truncation inside exp or the reciprocal: zero
+        // it, so that the loss gradient stays bounded by 1 whatever happened.
+        Ok(self.keep_within(&p, 0.0, 2.0)?.0.reshaped(&[rows, cols]))
     }
 
     /// The gradient of the mean cross-entropy of `softmax(logits)` against one-hot labels (fixed
@@ -170,7 +188,7 @@ mod tests {
                 let rounds = p.total_traffic().rounds;
                 (y, p.cross_entropy_grad(&xs[p.id], &hs[p.id]).unwrap(), rounds)
             });
-            assert_eq!(out[0].2, 92);
+            assert_eq!(out[0].2, 116);
             let y = open_f64(fp, &out.each_ref().map(|o| o.0.clone()));
             let g = open_f64(fp, &out.each_ref().map(|o| o.1.clone()));
             // The limit approximation alone is off by up to 2.0e-3 from the true softmax (C = 10,
@@ -189,6 +207,44 @@ mod tests {
                 }
             }
             assert!(worst < 2.5e-3 && worst_limit < 3e-4, "softmax error {worst} ({worst_limit} from the limit's)");
+        }
+    }
+
+    #[test]
+    fn a_failed_logit_leaves_the_gradient_bounded() {
+        // Rows where a failed truncation left a logit 2^24 too high or too low.
+        let fp = FixedPoint::default();
+        let mut rng = ChaCha8Rng::seed_from_u64(23);
+        let (n, c) = (6, 10);
+        let mut x: Vec<f64> = (0..n * c).map(|_| rng.random_range(-5.0..5.0)).collect();
+        let huge = (1u64 << 24) as f64;
+        x[3] += huge;
+        x[c + 7] -= huge;
+        x[2 * c + 1] += huge;
+        x[2 * c + 2] -= huge;
+        let hot: Vec<f64> = (0..n * c).map(|i| if i % c == 0 { 1.0 } else { 0.0 }).collect();
+        let (xs, hs) = (share_f64(fp, &x, &[n, c], &mut rng), share_f64(fp, &hot, &[n, c], &mut rng));
+        let out = run3(fp, |p| p.cross_entropy_grad(&xs[p.id], &hs[p.id]).unwrap());
+        let g = open_f64(fp, &out);
+        assert!(g.iter().all(|v| v.abs() <= 1.0 / n as f64 + 1e-3), "{g:?}");
+        // The row with only a too-high logit puts (nearly) all its mass there.
+        assert!((g[3] - 1.0 / n as f64).abs() < 1e-3, "{}", g[3]);
+    }
+
+    #[test]
+    fn reciprocal_converges_for_many_classes() {
+        // 1/C^2 rounds to zero at 20 bits for C = 2000: the first step must not scale by it.
+        let fp = FixedPoint::default();
+        let mut rng = ChaCha8Rng::seed_from_u64(24);
+        let c = 2000usize;
+        let s: Vec<f64> = (0..50).map(|_| rng.random_range(1.0..c as f64)).chain([1.0, c as f64]).collect();
+        let n = s.len();
+        let ss = share_f64(fp, &s, &[n], &mut rng);
+        let iterations = reciprocal_iterations(c, fp.frac_bits);
+        let out = run3(fp, |p| p.reciprocal(&ss[p.id], iterations, 1.0 / c as f64).unwrap());
+        let r = open_f64(fp, &out);
+        for (v, inv) in s.iter().zip(&r) {
+            assert!((v * inv - 1.0).abs() < 2e-3, "1/{v} -> {inv}");
         }
     }
 }
