@@ -175,12 +175,12 @@ pub struct SecureModel {
     pub params: Vec<AShare>,
     /// Momentum buffers (empty until the first step).
     velocity: Vec<AShare>,
-    /// ReLU zeroes inputs at or above this, and the update zeroes gradient entries beyond it
-    /// either way: what a failed truncation leaves ([`Party::keep_within`]).
+    /// The update zeroes weight-gradient entries beyond this either way: what a failed
+    /// truncation leaves ([`Party::keep_within`]).
     pub activation_bound: f64,
 }
 
-/// The default of [`SecureModel::activation_bound`]: far above the activations and gradients of
+/// The default of [`SecureModel::activation_bound`]: far above the gradients (and activations) of
 /// the zoo's models, far below the 2^24 a failed truncation adds at 20 fractional bits.
 pub const DEFAULT_ACTIVATION_BOUND: f64 = 4096.0;
 
@@ -224,8 +224,7 @@ impl SecureModel {
     /// Logits `[N, classes]` for a batch, and the saved contexts when training.
     pub fn forward(&self, party: &mut Party, x: AShare, train: bool) -> Result<(AShare, Vec<SavedBox>), MpcError> {
         let mut index = 0;
-        let (y, saved) =
-            forward_all(party, &self.specs, &self.params, &mut index, x, train, "", self.activation_bound)?;
+        let (y, saved) = forward_all(party, &self.specs, &self.params, &mut index, x, train, "")?;
         Ok((y, saved.into_iter().map(SavedBox).collect()))
     }
 
@@ -241,8 +240,11 @@ impl SecureModel {
     /// One SGD step on the shares: `v = momentum v + (g + wd w)`, `w -= lr v` (each product by a
     /// public constant is one truncation over all parameters at once). Gradient entries outside
     /// `(-bound, bound)` are zeroed first (CrypTen zeroes those above 100 for the same reason): a
-    /// failed truncation in the backward pass, or an activation that failed where no ReLU
-    /// follows, must not move a weight by 2^24 (11 rounds, about 54 bytes per parameter).
+    /// failed truncation anywhere in the forward or backward pass must not move a weight by 2^24.
+    /// A failed activation (off by 2^24, or wrapped around the ring after the next product) makes
+    /// the gradient entries it touches huge or uniformly random, so they land outside the bound
+    /// (a random ring element falls inside with probability about `bound 2^(f-63)`, 2^-31 here);
+    /// the softmax keeps the loss gradient bounded. 11 rounds, about 54 bytes per parameter.
     pub fn update(&mut self, party: &mut Party, grads: Vec<AShare>, sgd: Sgd) -> Result<(), MpcError> {
         party.set_scope("sgd");
         let bound = self.activation_bound;
@@ -335,7 +337,6 @@ fn per_channel(v: &AShare, shape: &[usize]) -> AShare {
     AShare { shape: shape.to_vec(), cur: pick(&v.cur), prev: pick(&v.prev) }
 }
 
-#[allow(clippy::too_many_arguments)]
 fn forward_all(
     party: &mut Party,
     specs: &[Spec],
@@ -344,7 +345,6 @@ fn forward_all(
     mut x: AShare,
     train: bool,
     prefix: &str,
-    bound: f64,
 ) -> Result<(AShare, Vec<Saved>), MpcError> {
     let mut saved = Vec::with_capacity(specs.len());
     for (i, spec) in specs.iter().enumerate() {
@@ -393,7 +393,9 @@ fn forward_all(
                 (y, Saved::None)
             }
             Spec::Relu => {
-                let (y, bit) = party.relu_bounded(&x, bound)?;
+                // A plain ReLU: a failed truncation upstream is caught where it could do lasting
+                // harm, in the weight gradients ([`SecureModel::update`]) and the softmax.
+                let (y, bit) = party.relu(&x)?;
                 (y, if train { Saved::Bit(bit) } else { Saved::None })
             }
             Spec::MaxPool { kernel, stride, padding } => {
@@ -411,10 +413,8 @@ fn forward_all(
                 (x.reshaped(&[shape[0], rest]), Saved::Shape(shape))
             }
             Spec::Residual { main, shortcut } => {
-                let (m, sm) =
-                    forward_all(party, main, params, index, x.clone(), train, &format!("{prefix}{i}.main."), bound)?;
-                let (s, ss) =
-                    forward_all(party, shortcut, params, index, x, train, &format!("{prefix}{i}.shortcut."), bound)?;
+                let (m, sm) = forward_all(party, main, params, index, x.clone(), train, &format!("{prefix}{i}.main."))?;
+                let (s, ss) = forward_all(party, shortcut, params, index, x, train, &format!("{prefix}{i}.shortcut."))?;
                 (m.add(&s), Saved::Residual { main: sm, shortcut: ss })
             }
         };
