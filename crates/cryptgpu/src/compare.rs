@@ -468,6 +468,24 @@ mod tests {
     }
 
     #[test]
+    fn keep_within_on_a_long_vector_of_small_values() {
+        let fp = FixedPoint::default();
+        let mut rng = ChaCha8Rng::seed_from_u64(15);
+        let n = 100_003;
+        let mut x: Vec<f64> = (0..n).map(|_| rng.random_range(-1.0..1.0)).collect();
+        x[5] = 5000.0;
+        x[77_777] = -((1u64 << 24) as f64);
+        let xs = share_f64(fp, &x, &[n], &mut rng);
+        let out = run3(fp, |p| p.keep_within(&xs[p.id], -4096.0, 4096.0).unwrap().0);
+        let y = open_f64(fp, &out);
+        for e in 0..n {
+            let xe = fp.decode(fp.encode(x[e]).unwrap());
+            let want = if (-4096.0..4096.0).contains(&xe) { xe } else { 0.0 };
+            assert_eq!(y[e], want, "element {e}: {xe}");
+        }
+    }
+
+    #[test]
     fn comparisons_hold_up_to_the_representable_limits() {
         // FixedPoint::encode takes |v| < 2^42 at 20 bits (2^62 in ring units), so a difference of
         // two such values stays inside the signed ring and max and ReLU are exact up to there.

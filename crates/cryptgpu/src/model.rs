@@ -175,8 +175,8 @@ pub struct SecureModel {
     pub params: Vec<AShare>,
     /// Momentum buffers (empty until the first step).
     velocity: Vec<AShare>,
-    /// The update zeroes weight-gradient entries beyond this either way: what a failed
-    /// truncation leaves ([`Party::keep_within`]).
+    /// In training, ReLU zeroes inputs at or above this and the update zeroes weight-gradient
+    /// entries beyond it either way: what a failed truncation leaves ([`Party::keep_within`]).
     pub activation_bound: f64,
 }
 
@@ -224,7 +224,7 @@ impl SecureModel {
     /// Logits `[N, classes]` for a batch, and the saved contexts when training.
     pub fn forward(&self, party: &mut Party, x: AShare, train: bool) -> Result<(AShare, Vec<SavedBox>), MpcError> {
         let mut index = 0;
-        let (y, saved) = forward_all(party, &self.specs, &self.params, &mut index, x, train, "")?;
+        let (y, saved) = forward_all(party, &self.specs, &self.params, &mut index, x, train, "", self.activation_bound)?;
         Ok((y, saved.into_iter().map(SavedBox).collect()))
     }
 
@@ -337,6 +337,7 @@ fn per_channel(v: &AShare, shape: &[usize]) -> AShare {
     AShare { shape: shape.to_vec(), cur: pick(&v.cur), prev: pick(&v.prev) }
 }
 
+#[allow(clippy::too_many_arguments)]
 fn forward_all(
     party: &mut Party,
     specs: &[Spec],
@@ -345,6 +346,7 @@ fn forward_all(
     mut x: AShare,
     train: bool,
     prefix: &str,
+    bound: f64,
 ) -> Result<(AShare, Vec<Saved>), MpcError> {
     let mut saved = Vec::with_capacity(specs.len());
     for (i, spec) in specs.iter().enumerate() {
@@ -393,9 +395,11 @@ fn forward_all(
                 (y, Saved::None)
             }
             Spec::Relu => {
-                // A plain ReLU: a failed truncation upstream is caught where it could do lasting
-                // harm, in the weight gradients ([`SecureModel::update`]) and the softmax.
-                let (y, bit) = party.relu(&x)?;
+                // In training, ReLU also zeroes what a failed truncation left (2^24 off): passed on,
+                // it grows through the next layers into values that the gradient bound of
+                // [`SecureModel::update`] does not all catch (a LeNet run broke at step 6 with the
+                // plain ReLU). An inference's failure only spoils that prediction.
+                let (y, bit) = if train { party.relu_bounded(&x, bound)? } else { party.relu(&x)? };
                 (y, if train { Saved::Bit(bit) } else { Saved::None })
             }
             Spec::MaxPool { kernel, stride, padding } => {
@@ -413,8 +417,10 @@ fn forward_all(
                 (x.reshaped(&[shape[0], rest]), Saved::Shape(shape))
             }
             Spec::Residual { main, shortcut } => {
-                let (m, sm) = forward_all(party, main, params, index, x.clone(), train, &format!("{prefix}{i}.main."))?;
-                let (s, ss) = forward_all(party, shortcut, params, index, x, train, &format!("{prefix}{i}.shortcut."))?;
+                let (m, sm) =
+                    forward_all(party, main, params, index, x.clone(), train, &format!("{prefix}{i}.main."), bound)?;
+                let (s, ss) =
+                    forward_all(party, shortcut, params, index, x, train, &format!("{prefix}{i}.shortcut."), bound)?;
                 (m.add(&s), Saved::Residual { main: sm, shortcut: ss })
             }
         };

@@ -18,10 +18,21 @@
 //! Failures. A party whose link fails (to a neighbour or to the owner) tells its neighbours why
 //! before it closes ([`PeerLink`] sends the first failure its links saw), so that a party killed
 //! mid-run is named by the parties that learn of it second-hand, and by the owner they report to.
+//!
+//! Setup. Anyone may connect to a party's listener, so what a connection costs before it has
+//! proved a key is bounded: at most [`MAX_HANDSHAKES`] handshakes run at once, and a further
+//! connection drops the oldest unfinished one (idle connections cannot lock the real peers out,
+//! and a peer's handshake takes milliseconds). Linking with the two neighbours, the pairwise keys
+//! included, must finish within the party's wait (`--wait-s`), or the party stops and names the
+//! neighbours that never linked. A neighbour whose link to this party closes before the links are
+//! taken into use (it was restarted) may link again; one restarted later, after this party's own
+//! link to it was made, is not dialed again: restart this party too (the restarted one names it
+//! when its wait runs out). The data owner may come any time after the parties have linked.
 
 use crate::party::{MpcError, Party};
 use crate::ring::{FixedPoint, DEFAULT_FRAC_BITS};
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::collections::VecDeque;
+use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{mpsc, Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
@@ -43,6 +54,16 @@ const FLUSH_LIMIT: Duration = Duration::from_secs(30);
 const RETRY_EVERY: Duration = Duration::from_millis(200);
 /// The longest purpose, answer or failure note read.
 const MAX_NOTE_BYTES: usize = 4096;
+/// The most connections a party's listener takes through their handshakes at once: each holds a
+/// thread for up to the 30 s handshake limit before it has proved any key.
+pub const MAX_HANDSHAKES: usize = 16;
+/// The most refusals kept for the error that may be their consequence (a flood is only counted).
+const MAX_REFUSALS_KEPT: usize = 8;
+/// How long, past the deadline, this party's dialers get to say why they failed.
+const DIAL_GRACE: Duration = Duration::from_secs(1);
+/// The least time the key exchange gets: neighbours that linked just before the deadline are
+/// ready, and each sends its key at once.
+const KEY_GRACE: Duration = Duration::from_secs(10);
 
 /// Messages of the links themselves (the protocols' tags are `0x47xx`).
 pub mod tag {
@@ -133,10 +154,74 @@ impl std::fmt::Display for Role {
     }
 }
 
-/// What the listener thread reports.
+/// What the listener thread, the dialers and the key exchange report to the party.
 enum Arrival {
-    Linked(Role, Box<Link>, SocketAddr),
+    /// A connection proved a key and asked for what that key may ask for.
+    Linked(Inbound),
     Refused(String),
+    /// This party's own link to a neighbour, or why it could not be made.
+    Dialed(usize, Result<Box<Link>, String>),
+    /// The party, once the pairwise keys are exchanged.
+    Keyed(Box<Result<Party, MpcError>>),
+}
+
+/// A link a neighbour or the owner opened, not yet taken into use.
+struct Inbound {
+    role: Role,
+    link: Box<Link>,
+    from: SocketAddr,
+    /// The same socket, to see whether the peer has gone before the link is taken into use.
+    probe: Option<TcpStream>,
+}
+
+impl Inbound {
+    /// Whether the peer closed its end (or the socket failed). Nothing reads the socket while
+    /// the link waits here, so making it non-blocking for one peek cannot disturb the link.
+    fn closed(&self) -> bool {
+        let Some(probe) = &self.probe else { return false };
+        if probe.set_nonblocking(true).is_err() {
+            return true;
+        }
+        let closed = match probe.peek(&mut [0u8; 1]) {
+            Ok(0) => true,
+            Ok(_) => false,
+            Err(e) => e.kind() != std::io::ErrorKind::WouldBlock,
+        };
+        // A socket left non-blocking would turn the link's waits into timeouts.
+        probe.set_nonblocking(false).is_err() || closed
+    }
+}
+
+/// The connections in their handshakes, oldest first, each with a handle on its socket (to drop
+/// it) and whether it was dropped.
+#[derive(Default)]
+struct Handshakes {
+    next_id: u64,
+    pending: VecDeque<(u64, TcpStream, Arc<AtomicBool>)>,
+}
+
+/// Counts `stream` among the handshakes, dropping the oldest when [`MAX_HANDSHAKES`] run already.
+/// `None`: its socket cannot be watched (it is not taken).
+fn enter(handshakes: &Mutex<Handshakes>, stream: &TcpStream) -> Option<(u64, Arc<AtomicBool>)> {
+    let handle = stream.try_clone().ok()?;
+    let dropped = Arc::new(AtomicBool::new(false));
+    let mut h = lock(handshakes);
+    if h.pending.len() >= MAX_HANDSHAKES {
+        if let Some((_, oldest, flag)) = h.pending.pop_front() {
+            flag.store(true, Ordering::SeqCst);
+            let _ = oldest.shutdown(Shutdown::Both);
+        }
+    }
+    let id = h.next_id;
+    h.next_id += 1;
+    h.pending.push_back((id, handle, dropped.clone()));
+    Some((id, dropped))
+}
+
+/// Ends handshake `id`'s count; whether it had been dropped.
+fn leave(handshakes: &Mutex<Handshakes>, id: u64, dropped: &AtomicBool) -> bool {
+    lock(handshakes).pending.retain(|(i, _, _)| *i != id);
+    dropped.load(Ordering::SeqCst)
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -166,13 +251,29 @@ fn renamed(e: ChannelError, name: &str) -> ChannelError {
 }
 
 /// Names its purpose on a freshly connected link and waits for the answer.
-fn introduce(link: &mut Link, purpose: &str) -> Result<(), String> {
-    link.send(tag::HELLO, purpose.as_bytes()).map_err(|e| e.to_string())?;
-    let answer = link.recv_limited(MAX_NOTE_BYTES).map_err(|e| e.to_string())?;
+fn introduce(link: &mut Link, purpose: &str) -> Result<(), NotTaken> {
+    link.send(tag::HELLO, purpose.as_bytes()).map_err(NotTaken::Link)?;
+    let answer = link.recv_limited(MAX_NOTE_BYTES).map_err(NotTaken::Link)?;
     match answer.tag {
         tag::WELCOME => Ok(()),
-        tag::REFUSED => Err(format!("it refused the link: {}", printable(&answer.payload))),
-        other => Err(format!("it answered with message tag {other:#x} instead of a welcome")),
+        tag::REFUSED => Err(NotTaken::Answer(format!("it refused the link: {}", printable(&answer.payload)))),
+        other => Err(NotTaken::Answer(format!("it answered with message tag {other:#x} instead of a welcome"))),
+    }
+}
+
+/// Why a link was not taken: it failed (worth trying again while the peer may be restarting, or
+/// busy), or the peer said no.
+enum NotTaken {
+    Link(ChannelError),
+    Answer(String),
+}
+
+impl std::fmt::Display for NotTaken {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            NotTaken::Link(e) => write!(f, "{e}"),
+            NotTaken::Answer(a) => f.write_str(a),
+        }
     }
 }
 
@@ -359,12 +460,19 @@ pub struct PartyNode {
     key: Arc<KeyPair>,
     addr: SocketAddr,
     arrivals: mpsc::Receiver<Arrival>,
+    /// For the dialers and the key exchange; dropped once the parties have linked.
+    report: Option<mpsc::Sender<Arrival>>,
     /// Tells the listener thread to stop accepting.
     stop: Arc<AtomicBool>,
+    /// The roles whose links are taken into use (the owner's: accepted), which the listener
+    /// refuses from then on.
+    taken: Arc<Mutex<Vec<Role>>>,
     /// Links that came in before they were waited for.
-    arrived: Vec<(Role, Box<Link>, SocketAddr)>,
-    /// Connections refused so far, for the error when a party never links.
+    arrived: Vec<Inbound>,
+    /// Connections refused so far (the first few), for the error when a party never links.
     refusals: Vec<String>,
+    /// How many more were refused.
+    refusals_more: usize,
     /// The first failure of any of this party's links, the owner's included.
     cause: Arc<Mutex<Option<String>>>,
 }
@@ -391,13 +499,26 @@ impl PartyNode {
         listener.set_nonblocking(true).map_err(|e| setup(format!("the listener: {e}")))?;
         let (tx, arrivals) = mpsc::channel();
         let stop = Arc::new(AtomicBool::new(false));
-        let (k, c, s) = (key.clone(), config.clone(), stop.clone());
+        let taken = Arc::new(Mutex::new(Vec::new()));
+        let (k, c, s, t, report) = (key.clone(), config.clone(), stop.clone(), taken.clone(), tx.clone());
         std::thread::Builder::new()
             .name(format!("cryptgpu party {id} listener"))
-            .spawn(move || listen(listener, k, c, tx, s))
+            .spawn(move || listen(listener, k, c, report, s, t))
             .map_err(|e| setup(format!("cannot start the listener: {e}")))?;
         let cause = Arc::new(Mutex::new(None));
-        Ok(PartyNode { config, key, addr, arrivals, stop, arrived: Vec::new(), refusals: Vec::new(), cause })
+        Ok(PartyNode {
+            config,
+            key,
+            addr,
+            arrivals,
+            report: Some(tx),
+            stop,
+            taken,
+            arrived: Vec::new(),
+            refusals: Vec::new(),
+            refusals_more: 0,
+            cause,
+        })
     }
 
     pub fn local_addr(&self) -> SocketAddr {
@@ -411,110 +532,230 @@ impl PartyNode {
     /// Takes in what the listener reported; refusals are told to `log`.
     fn note(&mut self, arrival: Arrival, log: &mut dyn FnMut(&str)) {
         match arrival {
-            Arrival::Linked(role, link, from) => self.arrived.push((role, link, from)),
+            Arrival::Linked(inbound) => self.arrive(inbound, log),
             Arrival::Refused(reason) => {
                 log(&reason);
-                self.refusals.push(reason);
+                match self.refusals.len() < MAX_REFUSALS_KEPT {
+                    true => self.refusals.push(reason),
+                    false => self.refusals_more += 1,
+                }
             }
+            // Only `link_parties` starts dialers and key exchanges, and it takes their reports.
+            Arrival::Dialed(..) | Arrival::Keyed(_) => {}
         }
+    }
+
+    /// Keeps a link until it is waited for. A second link of one role replaces the first only
+    /// if the first has closed: a neighbour restarted during the setup may link again, while a
+    /// second process with the same key does not take a live link over.
+    fn arrive(&mut self, new: Inbound, log: &mut dyn FnMut(&str)) {
+        let (me, role, from) = (self.config.id, new.role, new.from);
+        if role != Role::Owner && lock(&self.taken).contains(&role) {
+            // Its first link was taken into use while this one was in its handshake.
+            log(&format!("party {me}: closed a second link from {role} ({from}): its first is in use"));
+            return;
+        }
+        match self.arrived.iter().position(|a| a.role == role) {
+            None => self.arrived.push(new),
+            Some(at) if self.arrived[at].closed() => {
+                log(&format!("party {me}: {role} linked again from {from}; its earlier link had closed"));
+                self.arrived[at] = new;
+            }
+            Some(_) => log(&format!("party {me}: closed a second link from {role} ({from}): its first is still open")),
+        }
+    }
+
+    /// The link `role` opened, if it has come; taken into use (the listener refuses it from now).
+    fn take_arrived(&mut self, role: Role) -> Option<Inbound> {
+        let at = self.arrived.iter().position(|a| a.role == role)?;
+        let mut taken = lock(&self.taken);
+        if !taken.contains(&role) {
+            taken.push(role);
+        }
+        Some(self.arrived.swap_remove(at))
     }
 
     /// The connections refused so far, for an error that may be their consequence.
     fn refused_meanwhile(&self) -> String {
+        let more = match self.refusals_more {
+            0 => String::new(),
+            n => format!("; and {n} more"),
+        };
         match self.refusals.is_empty() {
             true => String::new(),
-            false => format!(" (refused meanwhile: {})", self.refusals.join("; ")),
+            false => format!(" (refused meanwhile: {}{more})", self.refusals.join("; ")),
         }
     }
 
+    /// The link `role` opened, waiting for it as long as the listener runs.
+    fn wait_for(&mut self, role: Role, log: &mut dyn FnMut(&str)) -> Result<(Link, SocketAddr), MpcError> {
+        loop {
+            if let Some(inbound) = self.take_arrived(role) {
+                return Ok((*inbound.link, inbound.from));
+            }
+            match self.arrivals.recv() {
+                Ok(a) => self.note(a, log),
+                Err(_) => return Err(self.setup_error(format!("stopped listening before {role} linked"))),
+            }
+        }
+    }
+
+    /// Why the neighbours' links are not all there: each neighbour that never linked, either way,
+    /// and what the dialers said.
+    fn not_linked(&self, outbound: &[Option<Box<Link>>; 3], failures: &[String], timed_out: bool) -> MpcError {
+        let id = self.config.id;
+        let mut missing = Vec::new();
+        for r in [(id + 1) % 3, (id + 2) % 3] {
+            let name = self.config.parties.name(r);
+            let inbound = self.arrived.iter().any(|a| a.role == Role::Party(r));
+            match (outbound[r].is_some(), inbound) {
+                (false, false) => missing.push(format!("{name} never linked")),
+                (true, false) => {
+                    missing.push(format!("{name} never linked to this party (this party's link to it is up)"))
+                }
+                (false, true) => {
+                    missing.push(format!("this party's link to {name} never completed (its link here is up)"))
+                }
+                (true, true) => {}
+            }
+        }
+        let within = match timed_out {
+            true => format!(" within {} s", self.config.wait.as_secs()),
+            false => String::new(),
+        };
+        let failures = match failures.is_empty() {
+            true => String::new(),
+            false => format!(" ({})", failures.join("; ")),
+        };
+        self.setup_error(format!(
+            "the other parties did not link{within}: {}{failures}; are they running, with the same --peers and \
+             --party-keys?{}",
+            missing.join("; "),
+            self.refused_meanwhile()
+        ))
+    }
+
+    /// Links with the other two parties and exchanges the pairwise keys: this party, ready for
+    /// the owner. All of it within the configured wait (the key exchange gets at least
+    /// [`KEY_GRACE`]), whatever the neighbours do.
+    pub fn link_parties(&mut self, log: &mut dyn FnMut(&str)) -> Result<Party, MpcError> {
+        let id = self.config.id;
+        let (next, prev) = ((id + 1) % 3, (id + 2) % 3);
+        let deadline = Instant::now() + self.config.wait;
+        let report = self.report.take().ok_or_else(|| self.setup_error("the parties are linked already".into()))?;
+        // The dials run on threads of their own: a neighbour that accepts the connection and
+        // then says nothing holds up a dialer, not the deadline.
+        for to in [next, prev] {
+            let (key, addr, their_key, report) =
+                (self.key.clone(), self.config.parties.addrs[to].clone(), self.config.parties.keys[to], report.clone());
+            std::thread::Builder::new()
+                .name(format!("cryptgpu party {id} dialing {to}"))
+                .spawn(move || {
+                    let linked = dial(id, to, &addr, &key, their_key, deadline);
+                    let _ = report.send(Arrival::Dialed(to, linked.map(Box::new)));
+                })
+                .map_err(|e| self.setup_error(format!("cannot start dialing party {to}: {e}")))?;
+        }
+        let mut outbound: [Option<Box<Link>>; 3] = [None, None, None];
+        let mut failures = Vec::new();
+        let (from_next, from_prev) = loop {
+            let have = |r| self.arrived.iter().any(|a| a.role == Role::Party(r));
+            if outbound[next].is_some() && outbound[prev].is_some() && have(next) && have(prev) {
+                // Taken into use only while open: a neighbour that dropped may still link again.
+                let gone: Vec<usize> = [next, prev]
+                    .into_iter()
+                    .filter(|&r| self.arrived.iter().any(|a| a.role == Role::Party(r) && a.closed()))
+                    .collect();
+                if gone.is_empty() {
+                    let from_next = self.take_arrived(Role::Party(next)).expect("checked above");
+                    let from_prev = self.take_arrived(Role::Party(prev)).expect("checked above");
+                    break (from_next, from_prev);
+                }
+                for r in gone {
+                    log(&format!(
+                        "party {id}: party {r}'s link closed before the setup completed; waiting for it again"
+                    ));
+                    self.arrived.retain(|a| a.role != Role::Party(r));
+                }
+            }
+            if !failures.is_empty() {
+                self.drain(log);
+                return Err(self.not_linked(&outbound, &failures, false));
+            }
+            match self.arrivals.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
+                Ok(Arrival::Dialed(to, Ok(link))) => outbound[to] = Some(link),
+                Ok(Arrival::Dialed(_, Err(e))) => failures.push(e),
+                Ok(a) => self.note(a, log),
+                Err(_) => {
+                    // The dialers stop retrying at the deadline too; their last errors say why.
+                    let waiting = [next, prev].iter().filter(|&&r| outbound[r].is_none()).count();
+                    let grace = Instant::now() + DIAL_GRACE;
+                    while failures.len() < waiting {
+                        match self.arrivals.recv_timeout(grace.saturating_duration_since(Instant::now())) {
+                            Ok(Arrival::Dialed(to, Ok(link))) => outbound[to] = Some(link),
+                            Ok(Arrival::Dialed(_, Err(e))) => failures.push(e),
+                            Ok(a) => self.note(a, log),
+                            Err(_) => break,
+                        }
+                    }
+                    return Err(self.not_linked(&outbound, &failures, true));
+                }
+            }
+        };
+        let names = (self.config.parties.name(next), self.config.parties.name(prev));
+        let (to_next, to_prev) = (outbound[next].take().expect("linked"), outbound[prev].take().expect("linked"));
+        let writer = |e: std::io::Error| self.setup_error(format!("cannot start a link's writer: {e}"));
+        let next_link = PeerLink::new(names.0, *to_next, *from_next.link, self.cause.clone()).map_err(writer)?;
+        let prev_link =
+            PeerLink::new(names.1.clone(), *to_prev, *from_prev.link, self.cause.clone()).map_err(writer)?;
+        // The owner's setup brings the run's fixed-point format.
+        let fp = FixedPoint::new(DEFAULT_FRAC_BITS).map_err(MpcError::Invalid)?;
+        std::thread::Builder::new()
+            .name(format!("cryptgpu party {id} keys"))
+            .spawn(move || {
+                let party = Party::connect(id, Box::new(next_link), Box::new(prev_link), fp);
+                let _ = report.send(Arrival::Keyed(Box::new(party)));
+            })
+            .map_err(|e| self.setup_error(format!("cannot start the key exchange: {e}")))?;
+        let keys_by = deadline.max(Instant::now() + KEY_GRACE);
+        loop {
+            match self.arrivals.recv_timeout(keys_by.saturating_duration_since(Instant::now())) {
+                Ok(Arrival::Keyed(party)) => return *party,
+                Ok(a) => self.note(a, log),
+                Err(_) => {
+                    return Err(self.setup_error(format!(
+                        "linked with parties {next} and {prev}, but {} did not send its key in time",
+                        names.1
+                    )))
+                }
+            }
+        }
+    }
+
+    /// Takes in what has come so far (for an error that may be its consequence).
     fn drain(&mut self, log: &mut dyn FnMut(&str)) {
         while let Ok(a) = self.arrivals.try_recv() {
             self.note(a, log);
         }
     }
 
-    /// The link `role` opened, waiting for it until `deadline` (`None`: for ever).
-    fn wait_for(
-        &mut self,
-        role: Role,
-        deadline: Option<Instant>,
-        log: &mut dyn FnMut(&str),
-    ) -> Result<(Link, SocketAddr), MpcError> {
-        loop {
-            if let Some(at) = self.arrived.iter().position(|(r, _, _)| *r == role) {
-                let (_, link, from) = self.arrived.swap_remove(at);
-                return Ok((*link, from));
-            }
-            let next = match deadline {
-                None => self.arrivals.recv().map_err(|_| mpsc::RecvTimeoutError::Disconnected),
-                Some(d) => self.arrivals.recv_timeout(d.saturating_duration_since(Instant::now())),
-            };
-            match next {
-                Ok(a) => self.note(a, log),
-                Err(mpsc::RecvTimeoutError::Timeout) => {
-                    let refused = self.refused_meanwhile();
-                    return Err(self.setup_error(format!(
-                        "{role} did not link within {} s: is it running, with the same --peers and --party-keys?{refused}",
-                        self.config.wait.as_secs()
-                    )));
-                }
-                Err(mpsc::RecvTimeoutError::Disconnected) => {
-                    return Err(self.setup_error(format!("stopped listening before {role} linked")))
-                }
-            }
-        }
-    }
-
-    /// Dials party `to` (trying again while it is not listening yet, until `deadline`), proves
-    /// who this party is and checks who answers.
-    fn dial(&mut self, to: usize, deadline: Instant, log: &mut dyn FnMut(&str)) -> Result<Link, MpcError> {
+    /// Waits (for ever) for the data owner's link, and tells the owner this party is ready.
+    pub fn accept_owner(&mut self, log: &mut dyn FnMut(&str)) -> Result<Box<dyn Channel>, MpcError> {
         let id = self.config.id;
-        let addr = self.config.parties.addrs[to].clone();
-        let pinned = LinkPolicy::Only(vec![self.config.parties.keys[to]]);
-        let mut link = loop {
-            match Link::connect(&addr, &purpose_to(to), &self.key, &pinned, link_options()) {
-                Ok(link) => break link,
-                Err(ChannelError::Io { .. }) if Instant::now() < deadline => {
-                    self.drain(log);
-                    std::thread::sleep(RETRY_EVERY);
-                }
+        let (link, from) = loop {
+            let (mut link, from) = self.wait_for(Role::Owner, log)?;
+            match link.send(tag::WELCOME, &[]) {
+                Ok(()) => break (link, from),
                 Err(e) => {
-                    self.drain(log);
-                    let refused = self.refused_meanwhile();
-                    return Err(self.setup_error(format!("cannot link to party {to} at {addr}: {e}{refused}")));
+                    // Nothing has begun: the owner may connect again.
+                    log(&format!(
+                        "party {id}: the data owner at {from} left before the run began ({e}); waiting again"
+                    ));
+                    lock(&self.taken).retain(|r| *r != Role::Owner);
                 }
             }
         };
-        introduce(&mut link, &party_purpose(id, to))
-            .map_err(|e| self.setup_error(format!("party {to} at {addr} did not take this party's link: {e}")))?;
-        Ok(link)
-    }
-
-    /// Links with the other two parties and exchanges the pairwise keys: this party, ready for
-    /// the owner.
-    pub fn link_parties(&mut self, log: &mut dyn FnMut(&str)) -> Result<Party, MpcError> {
-        let id = self.config.id;
-        let (next, prev) = ((id + 1) % 3, (id + 2) % 3);
-        let deadline = Instant::now() + self.config.wait;
-        let to_next = self.dial(next, deadline, log)?;
-        let to_prev = self.dial(prev, deadline, log)?;
-        let (from_next, _) = self.wait_for(Role::Party(next), Some(deadline), log)?;
-        let (from_prev, _) = self.wait_for(Role::Party(prev), Some(deadline), log)?;
-        let names = (self.config.parties.name(next), self.config.parties.name(prev));
-        let writer = |e: std::io::Error| self.setup_error(format!("cannot start a link's writer: {e}"));
-        let next_link = PeerLink::new(names.0, to_next, from_next, self.cause.clone()).map_err(writer)?;
-        let prev_link = PeerLink::new(names.1, to_prev, from_prev, self.cause.clone()).map_err(writer)?;
-        let fp = FixedPoint::new(DEFAULT_FRAC_BITS).map_err(MpcError::Invalid)?;
-        // The owner's setup brings the run's fixed-point format.
-        Party::connect(id, Box::new(next_link), Box::new(prev_link), fp)
-    }
-
-    /// Waits (for ever) for the data owner's link, and tells the owner this party is ready.
-    pub fn accept_owner(&mut self, log: &mut dyn FnMut(&str)) -> Result<Box<dyn Channel>, MpcError> {
-        let (mut link, from) = self.wait_for(Role::Owner, None, log)?;
         self.stop.store(true, Ordering::SeqCst);
-        link.send(tag::WELCOME, &[])
-            .map_err(|e| self.setup_error(format!("the data owner at {from} left before the run began: {e}")))?;
         // A party that loses its owner tells its neighbours so, rather than leave them to blame it.
         Ok(Box::new(Named { link, name: format!("the data owner ({from})"), cause: Some(self.cause.clone()) }))
     }
@@ -526,29 +767,67 @@ impl Drop for PartyNode {
     }
 }
 
-/// The listener thread: accepts until the two neighbours and the owner have linked (or `stop`),
-/// each connection's handshake on a thread of its own so that a slow one holds up no other.
+/// Dials party `to` (trying again while it is not listening yet, or dropped the connection
+/// unfinished, until `deadline`), proves who this party is and checks who answers.
+fn dial(
+    id: usize,
+    to: usize,
+    addr: &str,
+    key: &KeyPair,
+    their_key: PublicKey,
+    deadline: Instant,
+) -> Result<Link, String> {
+    let pinned = LinkPolicy::Only(vec![their_key]);
+    let again = |e: &ChannelError| {
+        matches!(e, ChannelError::Io { .. } | ChannelError::Closed { .. }) && Instant::now() < deadline
+    };
+    loop {
+        match Link::connect(addr, &purpose_to(to), key, &pinned, link_options()) {
+            Ok(mut link) => match introduce(&mut link, &party_purpose(id, to)) {
+                Ok(()) => return Ok(link),
+                Err(NotTaken::Link(e)) if again(&e) => {}
+                Err(e) => return Err(format!("party {to} at {addr} did not take this party's link: {e}")),
+            },
+            Err(e) if again(&e) => {}
+            Err(e) => return Err(format!("cannot link to party {to} at {addr}: {e}")),
+        }
+        std::thread::sleep(RETRY_EVERY.min(deadline.saturating_duration_since(Instant::now())));
+    }
+}
+
+/// The listener thread: accepts until `stop`, each connection's handshake on a thread of its own
+/// so that a slow one holds up no other, at most [`MAX_HANDSHAKES`] at once.
 fn listen(
     listener: TcpListener,
     key: Arc<KeyPair>,
     config: PartyConfig,
     tx: mpsc::Sender<Arrival>,
     stop: Arc<AtomicBool>,
+    taken: Arc<Mutex<Vec<Role>>>,
 ) {
-    let taken = Arc::new(Mutex::new(Vec::<Role>::new()));
+    let handshakes = Arc::new(Mutex::new(Handshakes::default()));
     while !stop.load(Ordering::SeqCst) {
         match listener.accept() {
             Ok((stream, from)) => {
-                let (key, config, report, taken, stop) =
-                    (key.clone(), config.clone(), tx.clone(), taken.clone(), stop.clone());
+                let Some((slot, dropped)) = enter(&handshakes, &stream) else {
+                    let _ = tx.send(Arrival::Refused(format!("dropped a connection from {from}: its socket failed")));
+                    continue;
+                };
+                let (key, config, report, taken, hs) =
+                    (key.clone(), config.clone(), tx.clone(), taken.clone(), handshakes.clone());
+                let (hs2, dropped2) = (hs.clone(), dropped.clone());
                 let spawned = std::thread::Builder::new().name("cryptgpu handshake".into()).spawn(move || {
-                    let arrival = match admit(stream, from, &key, &config, &taken, &stop) {
-                        Ok((role, link)) => Arrival::Linked(role, Box::new(link), from),
+                    let authenticated = || leave(&hs, slot, &dropped);
+                    let arrival = match admit(stream, from, &key, &config, &taken, &authenticated) {
+                        Ok(inbound) => Arrival::Linked(inbound),
                         Err(reason) => Arrival::Refused(reason),
                     };
+                    // Also when it ended before its handshake did.
+                    leave(&hs, slot, &dropped);
                     let _ = report.send(arrival);
                 });
                 if let Err(e) = spawned {
+                    leave(&hs2, slot, &dropped2);
                     let _ = tx.send(Arrival::Refused(format!("dropped a connection from {from}: {e}")));
                 }
             }
@@ -563,21 +842,31 @@ fn listen(
 }
 
 /// Runs the handshake of one connection and checks its purpose against the key it proved.
+/// `authenticated` ends the handshake's count among the [`MAX_HANDSHAKES`], and says whether the
+/// listener dropped it meanwhile.
 fn admit(
     stream: TcpStream,
     from: SocketAddr,
     key: &KeyPair,
     config: &PartyConfig,
     taken: &Mutex<Vec<Role>>,
-    stop: &AtomicBool,
-) -> Result<(Role, Link), String> {
+    authenticated: &dyn Fn() -> bool,
+) -> Result<Inbound, String> {
     let me = config.id;
     let keys = &config.parties.keys;
     let (next, prev) = ((me + 1) % 3, (me + 2) % 3);
     let refused = |e: &dyn std::fmt::Display| format!("party {me} refused a connection from {from}: {e}");
     stream.set_nonblocking(false).map_err(|e| refused(&e))?;
+    let probe = stream.try_clone().ok();
     let policy = LinkPolicy::Only(vec![keys[next], keys[prev], config.owner_key]);
-    let mut link = Link::accept(stream, &purpose_to(me), key, &policy, link_options()).map_err(|e| match e {
+    let accepted = Link::accept(stream, &purpose_to(me), key, &policy, link_options());
+    if authenticated() {
+        return Err(format!(
+            "party {me} dropped a connection from {from} unfinished: {MAX_HANDSHAKES} later connections were in their \
+             handshakes (the oldest is dropped first)"
+        ));
+    }
+    let mut link = accepted.map_err(|e| match e {
         ChannelError::Refused { reason, .. } => refused(&format!(
             "{}: it is neither party {next}'s nor party {prev}'s in --party-keys, nor --owner-key",
             reason.strip_prefix("we refused it: ").unwrap_or(&reason)
@@ -604,9 +893,9 @@ fn admit(
         } else if taken.contains(&role) {
             Some(format!("{role} is already linked to party {me}"))
         } else {
-            taken.push(role);
-            if taken.len() == 3 {
-                stop.store(true, Ordering::SeqCst);
+            // The first owner is the one; a party's link is taken when the setup uses it.
+            if role == Role::Owner {
+                taken.push(role);
             }
             None
         }
@@ -619,7 +908,7 @@ fn admit(
     if let Role::Party(_) = role {
         link.send(tag::WELCOME, &[]).map_err(|e| refused(&e))?;
     }
-    Ok((role, link))
+    Ok(Inbound { role, link: Box::new(link), from, probe })
 }
 
 /// Runs party `config.id` on `listener`: links with the other two parties, waits for the data

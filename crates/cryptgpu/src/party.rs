@@ -16,6 +16,11 @@ pub enum MpcError {
     Link { party: usize, peer: usize, source: ChannelError },
     #[error("party {party}: party {peer} sent {found} bytes for {what}, expected {expected}")]
     Malformed { party: usize, peer: usize, what: &'static str, expected: usize, found: usize },
+    #[error(
+        "party {party}: party {peer} sent message tag {found:#06x} where {what} (tag {expected:#06x}) was due; the \
+         parties are out of step"
+    )]
+    OutOfStep { party: usize, peer: usize, what: &'static str, expected: u16, found: u16 },
     #[error("party {party}: {reason}")]
     Setup { party: usize, reason: String },
     #[error("{0}")]
@@ -88,15 +93,14 @@ impl Party {
         }
         let own = Prg::os_key().map_err(|reason| MpcError::Setup { party: id, reason })?;
         next.send(tag::KEY, &own).map_err(|source| MpcError::Link { party: id, peer: (id + 1) % 3, source })?;
-        let got = prev.recv_limited(32).map_err(|source| MpcError::Link { party: id, peer: (id + 2) % 3, source })?;
-        if got.tag != tag::KEY || got.payload.len() != 32 {
-            return Err(MpcError::Malformed {
-                party: id,
-                peer: (id + 2) % 3,
-                what: "the pairwise key",
-                expected: 32,
-                found: got.payload.len(),
-            });
+        let peer = (id + 2) % 3;
+        let got = prev.recv_limited(32).map_err(|source| MpcError::Link { party: id, peer, source })?;
+        let what = "the pairwise key";
+        if got.tag != tag::KEY {
+            return Err(MpcError::OutOfStep { party: id, peer, what, expected: tag::KEY, found: got.tag });
+        }
+        if got.payload.len() != 32 {
+            return Err(MpcError::Malformed { party: id, peer, what, expected: 32, found: got.payload.len() });
         }
         let theirs: Key = got.payload.try_into().expect("32 bytes");
         Ok(Party {
@@ -164,13 +168,16 @@ impl Party {
             Side::Prev => (&mut self.prev, (self.id + 2) % 3),
         };
         let frame = channel.recv_limited(n * 8).map_err(|source| MpcError::Link { party: self.id, peer, source })?;
-        if frame.tag != tag || frame.payload.len() != n * 8 {
+        if frame.tag != tag {
+            return Err(MpcError::OutOfStep { party: self.id, peer, what, expected: tag, found: frame.tag });
+        }
+        if frame.payload.len() != n * 8 {
             return Err(MpcError::Malformed {
                 party: self.id,
                 peer,
                 what,
                 expected: n * 8,
-                found: if frame.tag != tag { 0 } else { frame.payload.len() },
+                found: frame.payload.len(),
             });
         }
         let mut out = vec![0u64; n];

@@ -6,6 +6,11 @@
 //! ([`Session::local`]), the authenticated, encrypted link for parties in other processes. A
 //! party that fails tells the owner why before it closes its links; the other parties then see
 //! their link to it close, and stop.
+//!
+//! Sizes. Every message either side receives has a size known, or bounded, in advance (the
+//! setup, the parameters' shares implied by it, a batch, the logits of a batch, an export, the
+//! statistics), and is refused beyond it: over TCP before its payload is read, so a buggy or
+//! hostile peer cannot make the other side allocate up to the 2 GiB frame limit.
 
 use crate::arith::{self, AShare};
 use crate::model::{self, SecureModel, Sgd, Spec};
@@ -13,8 +18,9 @@ use crate::party::{local_links, MpcError, Party, Traffic};
 use crate::prg::Prg;
 use crate::ring::FixedPoint;
 use serde::{Deserialize, Serialize};
+use std::panic::AssertUnwindSafe;
 use std::thread::JoinHandle;
-use trustsplit_boundary::{Channel, ChannelOptions, InProcessChannel};
+use trustsplit_boundary::{Channel, ChannelError, ChannelOptions, Frame, InProcessChannel};
 use trustsplit_nn::{Model, Tensor};
 
 /// Owner-to-party commands and their answers.
@@ -31,10 +37,22 @@ mod cmd {
     pub const FAILED: u16 = 0x47ff;
 }
 
+/// The largest setup a party takes: a zoo model's architecture is a few KiB of JSON.
+pub const MAX_SETUP_BYTES: usize = 16 << 20;
+/// The largest training or inference command a party takes (its shares of a batch, and of the
+/// labels): a VGG16 batch of 256 ImageNet-sized samples is about 620 MiB.
+pub const MAX_BATCH_BYTES: usize = 1 << 30;
+/// The largest statistics answer the owner takes: a few hundred layers' counters.
+const MAX_STATS_BYTES: usize = 16 << 20;
+/// The longest failure note sent or taken: error texts list shapes, never values.
+const MAX_FAILURE_BYTES: usize = 64 << 10;
+
 /// What a party is told before its first batch.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct Setup {
     pub specs: Vec<Spec>,
+    /// One sample's shape (`C x H x W`): every batch is `N x` this.
+    pub input_shape: Vec<usize>,
     pub frac_bits: u32,
     pub classes: usize,
     pub sgd: Sgd,
@@ -72,6 +90,7 @@ fn to_bytes(values: &[u64]) -> Vec<u8> {
     bytemuck::cast_slice(values).to_vec()
 }
 
+/// The words of a whole number of ring elements (callers check the length first).
 fn to_ring(bytes: &[u8]) -> Vec<u64> {
     let n = bytes.len() / 8;
     let mut out = vec![0u64; n];
@@ -101,88 +120,243 @@ fn decode_share(words: &[u64], at: &mut usize) -> Result<AShare, String> {
     Ok(AShare { shape, cur: words[start..start + n].to_vec(), prev: words[start + n..end].to_vec() })
 }
 
+/// The number of values of a shape, if it fits in memory's address space.
+fn volume(shape: &[usize]) -> Option<usize> {
+    shape.iter().try_fold(1usize, |a, &d| a.checked_mul(d))
+}
+
+/// The exact size of the parameters' shares the owner sends for `specs` (as [`encode_share`]
+/// lays them out), with the momentum buffers' when `momentum`; `None` past the address space.
+fn params_bytes(specs: &[Spec], momentum: bool) -> Option<usize> {
+    let mut words = 0usize;
+    for shape in model::param_shapes(specs) {
+        let share = volume(&shape)?.checked_mul(2)?.checked_add(1 + shape.len())?;
+        words = words.checked_add(share)?;
+    }
+    words.checked_mul(if momentum { 2 } else { 1 })?.checked_mul(8)
+}
+
+/// `text`, cut to at most [`MAX_FAILURE_BYTES`] (at a character boundary).
+fn failure_note(text: &str) -> &str {
+    let mut end = text.len().min(MAX_FAILURE_BYTES);
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    &text[..end]
+}
+
+/// What a panic said, if it said it in text.
+fn panic_text(panic: &(dyn std::any::Any + Send)) -> &str {
+    match (panic.downcast_ref::<&str>(), panic.downcast_ref::<String>()) {
+        (Some(s), _) => s,
+        (_, Some(s)) => s,
+        _ => "(no message)",
+    }
+}
+
 /// Runs one party for the owner until it says stop (or its link closes).
 pub fn serve(mut party: Party, owner: &mut dyn Channel) -> Result<(), MpcError> {
     let id = party.id;
-    let owner_err = |source| MpcError::Link { party: id, peer: 3, source };
-    let result = (|| -> Result<(), MpcError> {
-        let setup = owner.recv_tag(cmd::SETUP).map_err(owner_err)?;
-        let setup: Setup = serde_json::from_slice(&setup)
-            .map_err(|e| MpcError::Invalid(format!("party {id}: the owner's setup is malformed: {e}")))?;
-        party.fp = FixedPoint::new(setup.frac_bits).map_err(MpcError::Invalid)?;
-        let words = to_ring(&owner.recv_tag(cmd::PARAMS).map_err(owner_err)?);
-        let mut at = 0;
-        let count = model::param_shapes(&setup.specs).len();
-        let shares = if setup.momentum_state { 2 * count } else { count };
-        let mut params = Vec::new();
-        for _ in 0..shares {
-            params.push(decode_share(&words, &mut at).map_err(|e| MpcError::Invalid(format!("party {id}: {e}")))?);
-        }
-        let velocity = params.split_off(count);
-        if !(setup.activation_bound.is_finite() && setup.activation_bound > 0.0) {
-            return Err(MpcError::Invalid(format!(
-                "party {id}: activation bound {} is not positive",
-                setup.activation_bound
-            )));
-        }
-        let mut net = SecureModel::new(setup.specs.clone(), params)?;
-        net.activation_bound = setup.activation_bound;
-        if setup.momentum_state {
-            net = net.with_velocity(velocity)?;
-        }
-        loop {
-            let frame = owner.recv().map_err(owner_err)?;
-            match frame.tag {
-                cmd::TRAIN => {
-                    let words = to_ring(&frame.payload);
-                    let mut at = 0;
-                    let bad = |e: String| MpcError::Invalid(format!("party {id}: malformed batch: {e}"));
-                    let x = decode_share(&words, &mut at).map_err(bad)?;
-                    let y = decode_share(&words, &mut at).map_err(bad)?;
-                    let lr = f64::from_bits(*words.get(at).ok_or_else(|| bad("no learning rate".into()))?);
-                    let (logits, saved) = net.forward(&mut party, x, true)?;
-                    owner.send(cmd::LOGITS, &to_bytes(&logits.cur)).map_err(owner_err)?;
-                    party.set_scope("loss");
-                    let dlogits = party.cross_entropy_grad(&logits, &y)?;
-                    let grads = net.backward(&mut party, dlogits, saved)?;
-                    net.update(&mut party, grads, Sgd { lr, ..setup.sgd })?;
-                }
-                cmd::EVAL => {
-                    let words = to_ring(&frame.payload);
-                    let x = decode_share(&words, &mut 0)
-                        .map_err(|e| MpcError::Invalid(format!("party {id}: malformed batch: {e}")))?;
-                    let (logits, _) = net.forward(&mut party, x, false)?;
-                    owner.send(cmd::LOGITS, &to_bytes(&logits.cur)).map_err(owner_err)?;
-                }
-                cmd::EXPORT => {
-                    let velocity = net.velocity();
-                    let cur: Vec<u64> =
-                        net.params.iter().chain(&velocity).flat_map(|p| p.cur.iter().copied()).collect();
-                    owner.send(cmd::PARAMS, &to_bytes(&cur)).map_err(owner_err)?;
-                }
-                cmd::STATS => {
-                    let stats = PartyStats {
-                        party: id,
-                        total: party.total_traffic(),
-                        by_layer: party.traffic().iter().map(|((l, p), t)| (l.clone(), p.to_string(), *t)).collect(),
-                    };
-                    owner
-                        .send(cmd::STATS_REPLY, &serde_json::to_vec(&stats).expect("serialises"))
-                        .map_err(owner_err)?;
-                    party.reset_traffic();
-                }
-                cmd::STOP => return Ok(()),
-                other => {
-                    return Err(MpcError::Invalid(format!("party {id}: unknown command {other:#x} from the owner")))
-                }
-            }
-        }
-    })();
+    // A panic (a bug, or an input no check foresaw) would otherwise end the party without a word:
+    // the owner and the neighbours would wait out their 600 s timeouts. Unwind safety is moot:
+    // the party is abandoned after a panic, whatever state it left.
+    let result =
+        std::panic::catch_unwind(AssertUnwindSafe(|| run_commands(&mut party, &mut *owner))).unwrap_or_else(|panic| {
+            Err(MpcError::Invalid(format!("party {id} stopped on an internal error: {}", panic_text(&*panic))))
+        });
     if let Err(e) = &result {
         // Tell the owner why; the other parties learn of it when their links to this one close.
-        let _ = owner.send(cmd::FAILED, e.to_string().as_bytes());
+        let _ = owner.send(cmd::FAILED, failure_note(&e.to_string()).as_bytes());
     }
     result
+}
+
+/// One message from the owner of at most `max` bytes (refused before it is read over TCP).
+fn from_owner(owner: &mut dyn Channel, id: usize, what: &str, max: usize) -> Result<Frame, MpcError> {
+    owner.recv_limited(max).map_err(|source| match source {
+        ChannelError::TooLarge { len, max, .. } => {
+            MpcError::Invalid(format!("party {id}: the owner sent {len} bytes for {what}; at most {max} are taken"))
+        }
+        source => MpcError::Link { party: id, peer: 3, source },
+    })
+}
+
+/// The owner's message `tag` of exactly `expected` bytes (at most, when `exact` is false).
+fn expect_from_owner(
+    owner: &mut dyn Channel,
+    id: usize,
+    tag: u16,
+    what: &str,
+    expected: usize,
+    exact: bool,
+) -> Result<Vec<u8>, MpcError> {
+    let frame = from_owner(owner, id, what, expected)?;
+    if frame.tag != tag {
+        return Err(MpcError::Invalid(format!(
+            "party {id}: the owner sent message tag {:#06x} where {what} (tag {tag:#06x}) was due",
+            frame.tag
+        )));
+    }
+    if exact && frame.payload.len() != expected {
+        return Err(MpcError::Invalid(format!(
+            "party {id}: the owner sent {} bytes for {what}; the setup implies {expected}",
+            frame.payload.len()
+        )));
+    }
+    Ok(frame.payload)
+}
+
+/// Checks what a setup promises before anything is allocated or computed from it.
+fn check_setup(id: usize, setup: &Setup) -> Result<(), MpcError> {
+    let bad = |reason: String| Err(MpcError::Invalid(format!("party {id}: the owner's setup {reason}")));
+    if setup.classes == 0 {
+        return bad("has no classes".into());
+    }
+    if setup.input_shape.is_empty() || setup.input_shape.contains(&0) || volume(&setup.input_shape).is_none() {
+        return bad(format!("gives the input shape {:?}", setup.input_shape));
+    }
+    if !(setup.activation_bound.is_finite() && setup.activation_bound > 0.0) {
+        return bad(format!("gives the activation bound {}, which is not positive", setup.activation_bound));
+    }
+    Ok(())
+}
+
+/// A training or inference batch: the inputs' share, and for training the labels' share and the
+/// learning rate, checked against the setup (a misaligned share would compute garbage, or panic).
+fn decode_batch(
+    id: usize,
+    payload: &[u8],
+    setup: &Setup,
+    train: bool,
+) -> Result<(AShare, Option<(AShare, f64)>), MpcError> {
+    let bad = |e: String| MpcError::Invalid(format!("party {id}: malformed batch: {e}"));
+    if !payload.len().is_multiple_of(8) {
+        return Err(bad(format!("{} bytes, not a whole number of ring elements", payload.len())));
+    }
+    let words = to_ring(payload);
+    let mut at = 0;
+    let x = decode_share(&words, &mut at).map_err(bad)?;
+    let n = x.shape.first().copied().unwrap_or(0);
+    if x.shape.len() != setup.input_shape.len() + 1 || x.shape[1..] != setup.input_shape[..] || n == 0 {
+        return Err(bad(format!("inputs of shape {:?}; the model takes N x {:?}, N > 0", x.shape, setup.input_shape)));
+    }
+    let labels = match train {
+        false => None,
+        true => {
+            let y = decode_share(&words, &mut at).map_err(bad)?;
+            if y.shape != [n, setup.classes] {
+                return Err(bad(format!(
+                    "labels of shape {:?} for {n} inputs, expected [{n}, {}]",
+                    y.shape, setup.classes
+                )));
+            }
+            let lr = f64::from_bits(*words.get(at).ok_or_else(|| bad("no learning rate".into()))?);
+            at += 1;
+            if !lr.is_finite() {
+                return Err(bad(format!("learning rate {lr}")));
+            }
+            Some((y, lr))
+        }
+    };
+    if at != words.len() {
+        return Err(bad(format!("{} ring elements after the batch", words.len() - at)));
+    }
+    Ok((x, labels))
+}
+
+/// The commands of one run, from the setup to STOP.
+fn run_commands(party: &mut Party, owner: &mut dyn Channel) -> Result<(), MpcError> {
+    let id = party.id;
+    let owner_err = |source| MpcError::Link { party: id, peer: 3, source };
+    let setup = expect_from_owner(owner, id, cmd::SETUP, "the setup", MAX_SETUP_BYTES, false)?;
+    let setup: Setup = serde_json::from_slice(&setup)
+        .map_err(|e| MpcError::Invalid(format!("party {id}: the owner's setup is malformed: {e}")))?;
+    check_setup(id, &setup)?;
+    party.fp = FixedPoint::new(setup.frac_bits).map_err(MpcError::Invalid)?;
+    let expected = params_bytes(&setup.specs, setup.momentum_state).ok_or_else(|| {
+        MpcError::Invalid(format!("party {id}: the owner's setup implies parameters beyond the address space"))
+    })?;
+    let words = to_ring(&expect_from_owner(owner, id, cmd::PARAMS, "the parameters' shares", expected, true)?);
+    let mut at = 0;
+    let count = model::param_shapes(&setup.specs).len();
+    let shares = if setup.momentum_state { 2 * count } else { count };
+    let mut params = Vec::new();
+    for _ in 0..shares {
+        params.push(decode_share(&words, &mut at).map_err(|e| MpcError::Invalid(format!("party {id}: {e}")))?);
+    }
+    let velocity = params.split_off(count);
+    let mut net = SecureModel::new(setup.specs.clone(), params)?;
+    net.activation_bound = setup.activation_bound;
+    if setup.momentum_state {
+        net = net.with_velocity(velocity)?;
+    }
+    loop {
+        let frame = from_owner(owner, id, "a command", MAX_BATCH_BYTES)?;
+        match frame.tag {
+            cmd::TRAIN => {
+                let (x, labels) = decode_batch(id, &frame.payload, &setup, true)?;
+                let (y, lr) = labels.expect("a training batch has labels");
+                let (logits, saved) = net.forward(party, x, true)?;
+                owner.send(cmd::LOGITS, &to_bytes(&logits.cur)).map_err(owner_err)?;
+                party.set_scope("loss");
+                let dlogits = party.cross_entropy_grad(&logits, &y)?;
+                let grads = net.backward(party, dlogits, saved)?;
+                net.update(party, grads, Sgd { lr, ..setup.sgd })?;
+            }
+            cmd::EVAL => {
+                let (x, _) = decode_batch(id, &frame.payload, &setup, false)?;
+                let (logits, _) = net.forward(party, x, false)?;
+                owner.send(cmd::LOGITS, &to_bytes(&logits.cur)).map_err(owner_err)?;
+            }
+            cmd::EXPORT => {
+                let velocity = net.velocity();
+                let cur: Vec<u64> = net.params.iter().chain(&velocity).flat_map(|p| p.cur.iter().copied()).collect();
+                owner.send(cmd::PARAMS, &to_bytes(&cur)).map_err(owner_err)?;
+            }
+            cmd::STATS => {
+                let stats = PartyStats {
+                    party: id,
+                    total: party.total_traffic(),
+                    by_layer: party.traffic().iter().map(|((l, p), t)| (l.clone(), p.to_string(), *t)).collect(),
+                };
+                owner.send(cmd::STATS_REPLY, &serde_json::to_vec(&stats).expect("serialises")).map_err(owner_err)?;
+                party.reset_traffic();
+            }
+            cmd::STOP => return Ok(()),
+            other => return Err(MpcError::Invalid(format!("party {id}: unknown command {other:#x} from the owner"))),
+        }
+    }
+}
+
+/// How large an answer from a party may be.
+#[derive(Clone, Copy, Debug)]
+enum Expect {
+    Exactly(usize),
+    AtMost(usize),
+}
+
+impl Expect {
+    fn max(self) -> usize {
+        match self {
+            Expect::Exactly(n) | Expect::AtMost(n) => n,
+        }
+    }
+
+    fn allows(self, len: usize) -> bool {
+        match self {
+            Expect::Exactly(n) => len == n,
+            Expect::AtMost(n) => len <= n,
+        }
+    }
+}
+
+impl std::fmt::Display for Expect {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Expect::Exactly(n) => write!(f, "{n}"),
+            Expect::AtMost(n) => write!(f, "at most {n}"),
+        }
+    }
 }
 
 /// The data owner's side of a three-party run.
@@ -192,6 +366,10 @@ pub struct Session {
     fp: FixedPoint,
     classes: usize,
     specs: Vec<Spec>,
+    /// One sample's shape: every batch is `N x` this.
+    input_shape: Vec<usize>,
+    /// How many values the parameters hold (what an export brings back, twice: with momentum).
+    param_values: usize,
     /// Whether the parties were told to stop.
     stopped: bool,
 }
@@ -239,8 +417,10 @@ impl Session {
         if momentum.is_some() && model::has_batch_norm(&specs) {
             return Err(MpcError::Invalid("cannot resume training a model with batch-norm under cryptgpu".into()));
         }
+        let param_values = model::param_shapes(&specs).iter().map(|s| s.iter().product::<usize>()).sum();
         let setup = Setup {
             specs: specs.clone(),
+            input_shape: model.input_shape.clone(),
             frac_bits: fp.frac_bits,
             classes: model.num_classes,
             sgd,
@@ -251,7 +431,16 @@ impl Session {
         for (i, p) in parties.iter_mut().enumerate() {
             p.send(cmd::SETUP, &json).map_err(|source| MpcError::Link { party: 3, peer: i, source })?;
         }
-        let mut session = Session { parties, threads, fp, classes: model.num_classes, specs, stopped: false };
+        let mut session = Session {
+            parties,
+            threads,
+            fp,
+            classes: model.num_classes,
+            specs,
+            input_shape: model.input_shape.clone(),
+            param_values,
+            stopped: false,
+        };
         session.share_params(model, momentum)?;
         Ok(session)
     }
@@ -290,24 +479,79 @@ impl Session {
 
     /// The reason party `i` gave for failing, if it gave one before its link closed.
     fn failure(&mut self, i: usize) -> Option<MpcError> {
-        let f = self.parties[i].recv().ok()?;
+        let f = self.parties[i].recv_limited(MAX_FAILURE_BYTES).ok()?;
         let reason = trustsplit_boundary::printable(&f.payload);
         (f.tag == cmd::FAILED).then(|| MpcError::Invalid(format!("party {i} failed: {reason}")))
     }
 
-    fn recv(&mut self, i: usize, tag: u16) -> Result<Vec<u8>, MpcError> {
-        let f = self.parties[i].recv().map_err(|source| MpcError::Link { party: 3, peer: i, source })?;
+    /// Party `i`'s answer `tag`, of the size `expect` says (a larger one is refused before it is
+    /// read over TCP), or the reason it failed.
+    fn recv(&mut self, i: usize, tag: u16, what: &str, expect: Expect) -> Result<Vec<u8>, MpcError> {
+        let wrong_size = |len| MpcError::Invalid(format!("party {i} sent {len} bytes for {what}, expected {expect}"));
+        // A failure note may be longer than the answer expected.
+        let f = self.parties[i].recv_limited(expect.max().max(MAX_FAILURE_BYTES)).map_err(|source| match source {
+            ChannelError::TooLarge { len, .. } => wrong_size(len),
+            source => MpcError::Link { party: 3, peer: i, source },
+        })?;
         if f.tag == cmd::FAILED {
             return Err(MpcError::Invalid(format!("party {i} failed: {}", trustsplit_boundary::printable(&f.payload))));
         }
         if f.tag != tag {
             return Err(MpcError::Invalid(format!("party {i} answered {:#x}, expected {tag:#x}", f.tag)));
         }
+        if !expect.allows(f.payload.len()) {
+            return Err(wrong_size(f.payload.len()));
+        }
         Ok(f.payload)
+    }
+
+    /// Checks a batch against the model before it is shared: the parties would otherwise decode
+    /// misaligned shares (or refuse them, naming less).
+    fn check_batch(&self, x: &[f32], shape: &[usize], labels: Option<&[usize]>) -> Result<(), MpcError> {
+        let expected = &self.input_shape;
+        if shape.len() != expected.len() + 1 || shape[1..] != expected[..] {
+            return Err(MpcError::Invalid(format!(
+                "a batch of shape {shape:?} does not fit the model: it takes N x {expected:?}"
+            )));
+        }
+        let n = shape[0];
+        if n == 0 {
+            return Err(MpcError::Invalid(format!("an empty batch (shape {shape:?})")));
+        }
+        let values =
+            volume(shape).ok_or_else(|| MpcError::Invalid(format!("a batch of shape {shape:?} is too large")))?;
+        if x.len() != values {
+            return Err(MpcError::Invalid(format!(
+                "a batch of shape {shape:?} holds {values} values, but {} were given",
+                x.len()
+            )));
+        }
+        if let Some(labels) = labels {
+            if labels.len() != n {
+                return Err(MpcError::Invalid(format!(
+                    "{} labels for a batch of {n} samples: expected {n}",
+                    labels.len()
+                )));
+            }
+        }
+        // What `share_batch` and the command add: each share's shape, its two parts; the rate.
+        let label_words = labels.map_or(Some(0), |_| n.checked_mul(self.classes)?.checked_mul(2)?.checked_add(4));
+        let bytes = values
+            .checked_mul(2)
+            .and_then(|w| w.checked_add(1 + shape.len())?.checked_add(label_words?)?.checked_mul(8));
+        match bytes {
+            Some(b) if b <= MAX_BATCH_BYTES => Ok(()),
+            _ => Err(MpcError::Invalid(format!(
+                "a batch of {n} samples of {expected:?} is {} bytes of shares per party, over the {MAX_BATCH_BYTES} \
+                 a party takes: use a smaller batch",
+                bytes.map_or("too many".to_string(), |b| b.to_string())
+            ))),
+        }
     }
 
     /// Shares a batch (`x`: `N x C x H x W`) and, for training, its one-hot labels.
     fn share_batch(&self, x: &[f32], shape: &[usize], labels: Option<&[usize]>) -> Result<[Vec<u64>; 3], MpcError> {
+        self.check_batch(x, shape, labels)?;
         let mut rng = Prg::from_key(Prg::os_key().map_err(MpcError::Invalid)?);
         let ring = self.fp.encode_all(x).map_err(MpcError::Invalid)?;
         let parts = arith::split(&ring, &mut rng);
@@ -330,16 +574,9 @@ impl Session {
 
     fn gather_logits(&mut self, n: usize) -> Result<Logits, MpcError> {
         let mut parts = Vec::new();
+        let expect = Expect::Exactly(n * self.classes * 8);
         for i in 0..3 {
-            let p = self.recv(i, cmd::LOGITS)?;
-            if p.len() != n * self.classes * 8 {
-                return Err(MpcError::Invalid(format!(
-                    "party {i} sent {} bytes of logits, expected {}",
-                    p.len(),
-                    n * self.classes * 8
-                )));
-            }
-            parts.push(to_ring(&p));
+            parts.push(to_ring(&self.recv(i, cmd::LOGITS, "the logits", expect)?));
         }
         let sum = arith::combine([&parts[0], &parts[1], &parts[2]]);
         Ok(Logits { values: self.fp.decode_all(&sum), classes: self.classes })
@@ -369,9 +606,10 @@ impl Session {
     /// parameter order), on the owner's side only.
     pub fn export(&mut self, model: &mut Model) -> Result<Vec<Tensor>, MpcError> {
         let mut parts = Vec::new();
+        let expect = Expect::Exactly(self.param_values * 2 * 8);
         for i in 0..3 {
             self.send(i, cmd::EXPORT, &[])?;
-            parts.push(to_ring(&self.recv(i, cmd::PARAMS)?));
+            parts.push(to_ring(&self.recv(i, cmd::PARAMS, "the exported parameters", expect)?));
         }
         let sum = arith::combine([&parts[0], &parts[1], &parts[2]]);
         let values = self.fp.decode_all(&sum);
@@ -399,7 +637,7 @@ impl Session {
         let mut out = Vec::new();
         for i in 0..3 {
             self.send(i, cmd::STATS, &[])?;
-            let bytes = self.recv(i, cmd::STATS_REPLY)?;
+            let bytes = self.recv(i, cmd::STATS_REPLY, "its statistics", Expect::AtMost(MAX_STATS_BYTES))?;
             out.push(
                 serde_json::from_slice(&bytes)
                     .map_err(|e| MpcError::Invalid(format!("party {i}'s statistics: {e}")))?,
@@ -431,5 +669,231 @@ impl Drop for Session {
     /// dropping its session would leave them reporting that the owner disappeared.
     fn drop(&mut self) {
         self.stop();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::party::local_links;
+    use std::time::Duration;
+    use trustsplit_nn::layers::{Conv2d, Layer, Linear};
+    use trustsplit_nn::tensor::from_vec;
+
+    /// Inputs `2 x 4 x 4`, three classes.
+    fn model() -> Model {
+        let w = |n: usize, scale: f32| (0..n).map(|i| ((i * 7 % 11) as f32 - 5.0) * scale).collect::<Vec<f32>>();
+        let layers = vec![
+            Layer::Conv2d(Conv2d {
+                weight: from_vec(&[2, 2, 3, 3], w(36, 0.05)),
+                bias: Some(from_vec(&[2], vec![0.1, -0.1])),
+                stride: 1,
+                padding: 1,
+            }),
+            Layer::Flatten,
+            Layer::Linear(Linear { weight: from_vec(&[3, 32], w(96, 0.02)), bias: None }),
+        ];
+        Model::new("t", &[2, 4, 4], layers).unwrap()
+    }
+
+    fn settings() -> RunSettings {
+        RunSettings {
+            fp: FixedPoint::default(),
+            sgd: Sgd { lr: 0.1, momentum: 0.0, weight_decay: 0.0 },
+            activation_bound: model::DEFAULT_ACTIVATION_BOUND,
+        }
+    }
+
+    /// Each party's share of `values` as `shape`, encoded as the owner does, past its checks.
+    fn raw_shares(values: &[f32], shape: &[usize]) -> [Vec<u64>; 3] {
+        let mut rng = Prg::from_key([7; 32]);
+        let parts = arith::split(&FixedPoint::default().encode_all(values).unwrap(), &mut rng);
+        let mut words: [Vec<u64>; 3] = Default::default();
+        for (i, w) in words.iter_mut().enumerate() {
+            encode_share(&arith::replicated(&parts, i, shape), w);
+        }
+        words
+    }
+
+    fn send_all(s: &mut Session, tag: u16, words: &[Vec<u64>; 3]) {
+        for (i, w) in words.iter().enumerate() {
+            s.send(i, tag, &to_bytes(w)).unwrap();
+        }
+    }
+
+    #[test]
+    fn parties_refuse_inputs_that_do_not_fit_the_model() {
+        for shape in [vec![2, 3, 4, 4], vec![2, 2, 4], vec![0, 2, 4, 4], vec![2, 2, 4, 4, 1]] {
+            let mut s = Session::local(&model(), None, settings()).unwrap();
+            let values = vec![0.5; shape.iter().product()];
+            send_all(&mut s, cmd::EVAL, &raw_shares(&values, &shape));
+            let err = s.gather_logits(2).err().expect("refused").to_string();
+            assert!(err.contains("party 0") && err.contains("malformed batch"), "{err}");
+            assert!(err.contains(&format!("{shape:?}")) && err.contains("N x [2, 4, 4]"), "{err}");
+            // Every party refused it, and ended.
+            assert!(s.finish().is_err());
+        }
+    }
+
+    #[test]
+    fn parties_refuse_labels_that_do_not_fit_the_batch() {
+        let mut s = Session::local(&model(), None, settings()).unwrap();
+        let mut words = raw_shares(&[0.5; 64], &[2, 2, 4, 4]);
+        let labels = raw_shares(&[0.0; 9], &[3, 3]);
+        for (w, l) in words.iter_mut().zip(&labels) {
+            w.extend_from_slice(l);
+            w.push(0.1f64.to_bits());
+        }
+        send_all(&mut s, cmd::TRAIN, &words);
+        let err = s.gather_logits(2).err().expect("refused").to_string();
+        assert!(err.contains("labels of shape [3, 3] for 2 inputs, expected [2, 3]"), "{err}");
+        assert!(s.finish().is_err());
+
+        // Words after the batch: the owner and the party disagree on the layout.
+        let mut s = Session::local(&model(), None, settings()).unwrap();
+        let mut words = raw_shares(&[0.5; 64], &[2, 2, 4, 4]);
+        words.iter_mut().for_each(|w| w.push(1));
+        send_all(&mut s, cmd::EVAL, &words);
+        let err = s.gather_logits(2).err().expect("refused").to_string();
+        assert!(err.contains("1 ring elements after the batch"), "{err}");
+        assert!(s.finish().is_err());
+    }
+
+    /// Three parties serving owner ends that the test drives frame by frame.
+    fn raw_parties() -> (Vec<InProcessChannel>, Vec<JoinHandle<Result<(), MpcError>>>) {
+        let opts = ChannelOptions { max_frame_bytes: 1 << 31, timeout: Some(Duration::from_secs(20)) };
+        let mut ends = Vec::new();
+        let mut threads = Vec::new();
+        for (id, (next, prev)) in local_links().into_iter().enumerate() {
+            let (mine, mut theirs) = InProcessChannel::pair(opts);
+            ends.push(mine);
+            threads.push(std::thread::spawn(move || {
+                let party = Party::connect(id, next, prev, FixedPoint::default())?;
+                serve(party, &mut theirs)
+            }));
+        }
+        (ends, threads)
+    }
+
+    /// What party 0 answers `frames`, after which every party is let go.
+    fn party0_answers(frames: &[(u16, Vec<u8>)]) -> String {
+        let (mut ends, threads) = raw_parties();
+        for (tag, payload) in frames {
+            ends[0].send(*tag, payload).unwrap();
+        }
+        let answer = ends[0].recv().unwrap();
+        assert_eq!(answer.tag, cmd::FAILED);
+        drop(ends);
+        for t in threads {
+            assert!(t.join().unwrap().is_err());
+        }
+        String::from_utf8(answer.payload).unwrap()
+    }
+
+    fn setup_json() -> Vec<u8> {
+        let m = model();
+        let setup = Setup {
+            specs: model::specs_of(&m.layers),
+            input_shape: m.input_shape.clone(),
+            frac_bits: 20,
+            classes: m.num_classes,
+            sgd: settings().sgd,
+            momentum_state: false,
+            activation_bound: model::DEFAULT_ACTIVATION_BOUND,
+        };
+        serde_json::to_vec(&setup).unwrap()
+    }
+
+    #[test]
+    fn parties_refuse_a_setup_or_parameters_of_the_wrong_size() {
+        let answer = party0_answers(&[(cmd::SETUP, vec![b' '; MAX_SETUP_BYTES + 1])]);
+        assert!(answer.contains("for the setup; at most 16777216 are taken"), "{answer}");
+
+        let expected = params_bytes(&model::specs_of(&model().layers), false).unwrap();
+        // Conv weight and bias, linear weight: each share is its rank, its shape and two parts.
+        assert_eq!(expected, 8 * ((1 + 4 + 2 * 36) + (1 + 1 + 2 * 2) + (1 + 2 + 2 * 96)));
+        let answer = party0_answers(&[(cmd::SETUP, setup_json()), (cmd::PARAMS, vec![0; expected + 8])]);
+        assert!(answer.contains(&format!("for the parameters' shares; at most {expected} are taken")), "{answer}");
+        let answer = party0_answers(&[(cmd::SETUP, setup_json()), (cmd::PARAMS, vec![0; expected - 8])]);
+        assert!(answer.contains(&format!("the setup implies {expected}")), "{answer}");
+
+        let mut setup: serde_json::Value = serde_json::from_slice(&setup_json()).unwrap();
+        setup["input_shape"] = serde_json::json!([2, 0, 4]);
+        let answer = party0_answers(&[(cmd::SETUP, serde_json::to_vec(&setup).unwrap())]);
+        assert!(answer.contains("input shape [2, 0, 4]"), "{answer}");
+    }
+
+    /// A session whose party 0 answers every command after the setup with `answer`; parties 1
+    /// and 2 never answer (the owner reads party 0 first). Returns their ends too, kept open.
+    fn with_fake_party0(
+        answer: impl Fn(u16) -> (u16, Vec<u8>) + Send + 'static,
+    ) -> (Session, Vec<InProcessChannel>, JoinHandle<()>) {
+        let opts = ChannelOptions { max_frame_bytes: 1 << 31, timeout: Some(Duration::from_secs(20)) };
+        let mut owner_ends: Vec<Box<dyn Channel>> = Vec::new();
+        let mut party_ends = Vec::new();
+        for _ in 0..3 {
+            let (mine, theirs) = InProcessChannel::pair(opts);
+            owner_ends.push(Box::new(mine));
+            party_ends.push(theirs);
+        }
+        let mut fake = party_ends.remove(0);
+        let thread = std::thread::spawn(move || {
+            while let Ok(f) = fake.recv() {
+                match f.tag {
+                    cmd::SETUP | cmd::PARAMS => {}
+                    cmd::STOP => return,
+                    t => {
+                        let (tag, payload) = answer(t);
+                        fake.send(tag, &payload).unwrap();
+                    }
+                }
+            }
+        });
+        let session = Session::start(owner_ends, Vec::new(), &model(), None, settings()).unwrap();
+        (session, party_ends, thread)
+    }
+
+    #[test]
+    fn the_owner_takes_answers_of_the_expected_size_only() {
+        let x = [0.5f32; 64];
+        for (len, what) in [(56, "56 bytes"), (1 << 20, "1048576 bytes")] {
+            let (mut s, _others, fake) = with_fake_party0(move |_| (cmd::LOGITS, vec![0; len]));
+            let err = s.infer(&x, &[2, 2, 4, 4]).err().expect("refused").to_string();
+            assert!(err.contains(&format!("party 0 sent {what} for the logits, expected 48")), "{err}");
+            drop(s);
+            fake.join().unwrap();
+        }
+
+        let (mut s, _others, fake) = with_fake_party0(|_| (cmd::PARAMS, vec![0; 8]));
+        let err = s.export(&mut model()).expect_err("refused").to_string();
+        let expected = 2 * 8 * (36 + 2 + 96);
+        assert!(
+            err.contains(&format!("party 0 sent 8 bytes for the exported parameters, expected {expected}")),
+            "{err}"
+        );
+        drop(s);
+        fake.join().unwrap();
+
+        let (mut s, _others, fake) = with_fake_party0(|_| (cmd::STATS_REPLY, vec![b' '; MAX_STATS_BYTES + 1]));
+        let err = s.stats().expect_err("refused").to_string();
+        assert!(err.contains("party 0 sent 16777217 bytes for its statistics, expected at most 16777216"), "{err}");
+        drop(s);
+        fake.join().unwrap();
+
+        // A failure note longer than the answer due is still read, and reported.
+        let (mut s, _others, fake) = with_fake_party0(|_| (cmd::FAILED, vec![b'x'; 1000]));
+        let err = s.infer(&x, &[2, 2, 4, 4]).err().expect("refused").to_string();
+        assert!(err.contains("party 0 failed: xxxx"), "{err}");
+        drop(s);
+        fake.join().unwrap();
+    }
+
+    #[test]
+    fn failure_notes_are_cut_at_a_character_boundary() {
+        let text = "é".repeat(MAX_FAILURE_BYTES);
+        let note = failure_note(&text);
+        assert_eq!(note.len(), MAX_FAILURE_BYTES);
+        assert_eq!(failure_note(&format!("a{text}")).len(), MAX_FAILURE_BYTES - 1);
+        assert_eq!(failure_note("short"), "short");
     }
 }

@@ -1,13 +1,16 @@
 //! The three parties and the data owner over real TCP links on localhost (threads of this test
 //! standing for the processes): the same results as in-memory parties, a key that is not pinned
-//! refused, and a party killed mid-run named by the owner.
+//! refused, and a party killed mid-run named by the owner; idle connections that cannot lock the
+//! parties out, a neighbour that never answers named when the wait runs out, and a neighbour
+//! restarted during the setup let in again.
 
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
-use std::net::TcpListener;
+use std::io::Read;
+use std::net::{TcpListener, TcpStream};
 use std::sync::Arc;
 use std::thread::JoinHandle;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 use trustsplit_boundary::{Channel, ChannelError, Frame, KeyPair, Link, LinkPolicy};
 use trustsplit_cryptgpu::model::Sgd;
 use trustsplit_cryptgpu::network::{self, Parties, PartyConfig, PartyNode};
@@ -45,6 +48,9 @@ fn tiny_model(rng: &mut ChaCha8Rng) -> Model {
     Model::new("tiny", &[2, 8, 8], layers).unwrap()
 }
 
+/// A party run on a thread: its outcome and its log.
+type PartyThread = JoinHandle<(Result<(), MpcError>, Vec<String>)>;
+
 /// Three party keys, the owner's, and three listeners on free localhost ports.
 struct Net {
     keys: Vec<Arc<KeyPair>>,
@@ -67,7 +73,7 @@ impl Net {
     }
 
     /// Party `id` on a thread, as `trustsplit party` runs it; returns its outcome and its log.
-    fn spawn(&mut self, id: usize, wait: Duration) -> JoinHandle<(Result<(), MpcError>, Vec<String>)> {
+    fn spawn(&mut self, id: usize, wait: Duration) -> PartyThread {
         let (listener, key, config) =
             (self.listeners[id].take().unwrap(), self.keys[id].clone(), self.config(id, wait));
         std::thread::spawn(move || {
@@ -209,4 +215,83 @@ fn a_party_killed_mid_run_is_named_by_the_owner() {
         let err = outcome.unwrap_err().to_string();
         assert!(err.contains("party 1"), "{err}");
     }
+}
+
+/// One inference through parties that have linked, and each party's outcome and log.
+fn run_one_inference(net: &Net, parties: Vec<PartyThread>) -> Vec<Vec<String>> {
+    let mut rng = ChaCha8Rng::seed_from_u64(9);
+    let model = tiny_model(&mut rng);
+    let x = random(&mut rng, &[2, 2, 8, 8], 1.0);
+    let links = network::connect_parties(&net.parties, &net.owner).unwrap();
+    let mut owner = Session::start(links, Vec::new(), &model, None, settings(FixedPoint::new(20).unwrap())).unwrap();
+    owner.infer(data(&x), x.shape()).unwrap();
+    owner.finish().unwrap();
+    let mut logs = Vec::new();
+    for (id, p) in parties.into_iter().enumerate() {
+        let (outcome, log) = p.join().unwrap();
+        assert!(outcome.is_ok(), "party {id}: {outcome:?}\n{}", log.join("\n"));
+        logs.push(log);
+    }
+    logs
+}
+
+#[test]
+fn idle_connections_do_not_keep_the_parties_from_linking() {
+    let started = Instant::now();
+    let mut net = net();
+    // Waiting in party 0's backlog before it accepts anything: the oldest handshakes it sees.
+    let idle: Vec<TcpStream> = (0..40).map(|_| TcpStream::connect(&net.parties.addrs[0]).unwrap()).collect();
+    let parties = (0..3).map(|id| net.spawn(id, Duration::from_secs(20))).collect();
+    run_one_inference(&net, parties);
+    assert!(started.elapsed() < Duration::from_secs(10), "{:?}", started.elapsed());
+    // Party 0 never held more than its cap of them: the others were dropped.
+    let dropped = idle
+        .into_iter()
+        .filter(|mut s| {
+            s.set_read_timeout(Some(Duration::from_millis(50))).unwrap();
+            match s.read(&mut [0u8; 1]) {
+                Ok(n) => n == 0,
+                Err(e) => !matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut),
+            }
+        })
+        .count();
+    assert!(dropped >= 40 - network::MAX_HANDSHAKES, "only {dropped} of 40 idle connections were dropped");
+}
+
+#[test]
+fn a_neighbour_that_never_answers_is_named_when_the_wait_runs_out() {
+    let mut net = net();
+    // Party 1's port takes connections and says nothing (a hung process); party 2 is not running.
+    let _hung = net.listeners[1].take();
+    net.listeners[2].take();
+    let started = Instant::now();
+    let (outcome, _) = net.spawn(0, Duration::from_secs(2)).join().unwrap();
+    let elapsed = started.elapsed();
+    let err = outcome.unwrap_err().to_string();
+    // Not the 30 s a hung handshake may take, nor the 600 s of a link's timeout.
+    assert!(elapsed < Duration::from_secs(5), "{elapsed:?}: {err}");
+    let (name1, name2) = (net.parties.name(1), net.parties.name(2));
+    assert!(err.starts_with("party 0: the other parties did not link within 2 s"), "{err}");
+    assert!(err.contains(&format!("{name1} never linked")) && err.contains(&format!("{name2} never linked")), "{err}");
+}
+
+#[test]
+fn a_neighbour_that_dropped_during_the_setup_may_link_again() {
+    let mut net = net();
+    let wait = Duration::from_secs(20);
+    // Party 1's listener is bound but not serving yet: the others' links to it wait there.
+    let mut parties: Vec<_> = vec![net.spawn(0, wait), net.spawn(2, wait)];
+    // An earlier run of party 1 linked to party 0, then died.
+    let pinned = LinkPolicy::Only(vec![net.keys[0].public()]);
+    let addr0 = net.parties.addrs[0].clone();
+    let mut early =
+        Link::connect(&addr0, &network::purpose_to(0), &net.keys[1], &pinned, network::link_options()).unwrap();
+    early.send(network::tag::HELLO, network::party_purpose(1, 0).as_bytes()).unwrap();
+    assert_eq!(early.recv().unwrap().tag, network::tag::WELCOME);
+    drop(early);
+    parties.insert(1, net.spawn(1, wait));
+    let logs = run_one_inference(&net, parties);
+    // Seen closed when the other links were up, or when the new one came, whichever was first.
+    let rejoined = |l: &String| l.contains("party 1's link closed before") || l.contains("party 1 linked again");
+    assert!(logs[0].iter().any(rejoined), "{:#?}", logs[0]);
 }
