@@ -224,7 +224,8 @@ impl SecureModel {
     /// Logits `[N, classes]` for a batch, and the saved contexts when training.
     pub fn forward(&self, party: &mut Party, x: AShare, train: bool) -> Result<(AShare, Vec<SavedBox>), MpcError> {
         let mut index = 0;
-        let (y, saved) = forward_all(party, &self.specs, &self.params, &mut index, x, train, "", self.activation_bound)?;
+        let (y, saved) =
+            forward_all(party, &self.specs, &self.params, &mut index, x, train, "", self.activation_bound)?;
         Ok((y, saved.into_iter().map(SavedBox).collect()))
     }
 
