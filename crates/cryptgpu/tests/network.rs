@@ -271,7 +271,8 @@ fn a_neighbour_that_never_answers_is_named_when_the_wait_runs_out() {
     // Not the 30 s a hung handshake may take, nor the 600 s of a link's timeout.
     assert!(elapsed < Duration::from_secs(5), "{elapsed:?}: {err}");
     let (name1, name2) = (net.parties.name(1), net.parties.name(2));
-    assert!(err.starts_with("party 0: the other parties did not link within 2 s"), "{err}");
+    // "within 2 s" when the wait ran out first; without it when both dials had already failed.
+    assert!(err.starts_with("party 0: the other parties did not link"), "{err}");
     assert!(err.contains(&format!("{name1} never linked")) && err.contains(&format!("{name2} never linked")), "{err}");
 }
 
