@@ -180,6 +180,9 @@ pub struct SecureModel {
     pub activation_bound: f64,
 }
 
+/// Gradient entries checked against the bound at once (11 rounds per slice).
+const GUARD_SLICE: usize = 1 << 20;
+
 /// The default of [`SecureModel::activation_bound`]: far above the gradients (and activations) of
 /// the zoo's models, far below the 2^24 a failed truncation adds at 20 fractional bits.
 pub const DEFAULT_ACTIVATION_BOUND: f64 = 4096.0;
@@ -249,7 +252,16 @@ impl SecureModel {
     pub fn update(&mut self, party: &mut Party, grads: Vec<AShare>, sgd: Sgd) -> Result<(), MpcError> {
         party.set_scope("sgd");
         let bound = self.activation_bound;
-        let (mut g, _) = party.keep_within(&concat(&grads), -bound, bound)?;
+        let mut g = concat(&grads);
+        // In slices: the sign bits of a whole VGG16's gradients at once took gigabytes per party.
+        for start in (0..g.len()).step_by(GUARD_SLICE) {
+            let end = (start + GUARD_SLICE).min(g.len());
+            let part =
+                AShare { shape: vec![end - start], cur: g.cur[start..end].to_vec(), prev: g.prev[start..end].to_vec() };
+            let (kept, _) = party.keep_within(&part, -bound, bound)?;
+            g.cur[start..end].copy_from_slice(&kept.cur);
+            g.prev[start..end].copy_from_slice(&kept.prev);
+        }
         let w = concat(&self.params);
         if sgd.weight_decay != 0.0 {
             g.add_assign(&party.scale(&w, sgd.weight_decay)?);
