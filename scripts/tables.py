@@ -163,6 +163,10 @@ HEADLINE = [
     ("Full Fashion-MNIST, LeNet-5, 5 epochs: AsymML test accuracy (plaintext)",
      lambda c: f"{fmt(c('fashion_mnist', 'asymml (z = 2)')['test_accuracy_pct'], 1, '%')} "
                f"({fmt(c('fashion_mnist', 'plaintext')['test_accuracy_pct'], 1, '%')})", "accuracy-against-epsilon-full-fashion-mnist"),
+    ("CryptGPU (three parties, no TEE) against CrypTen on the same machine, LeNet: training step at batch 128; one inference",
+     lambda c: f"{fmt(c('cryptgpu_vs_crypten', 'LeNet, average pooling', 'training', 128)['speedup_x'], 1, 'x')} faster; "
+               f"{fmt(c('cryptgpu_vs_crypten', 'LeNet, average pooling', 'inference', 1)['speedup_x'], 1, 'x')} faster",
+     "cryptgpu-against-crypten"),
     ("Convolution forward + backward, one thread: our time / PyTorch's",
      lambda c: "; ".join(f"{c('kernels_pytorch', k)['ratio_fwd_bwd_1t']}x on the {k}" for k in ("Xeon (AVX-512)", "Zen 3 (AVX2)")),
      "kernels-against-pytorch"),
