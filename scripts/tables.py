@@ -135,7 +135,7 @@ TABLES = {
                             [Col("network", "network"), Col("input", "input"), Col("pass", "pass"), Col("batch", "batch"),
                              Col("step_s", "s per step", 2), Col("mb_per_party", "MB sent per party", 1),
                              Col("rounds", "rounds"), Col("published_cryptgpu_gpu_s", "CryptGPU published (GPUs), s")]),
-    "cryptgpu_accuracy": Table(("run",), [Col("run", "run"), Col("epochs", "epochs"),
+    "cryptgpu_accuracy": Table(("run", "epochs"), [Col("run", "run"), Col("epochs", "epochs"),
                                           Col("test_accuracy_pct", "test accuracy", 2, "%"), Col("wall_s", "wall time", 0, " s")]),
     "ring_products": Table(("shape",), [Col("shape", "product"), Col("native_ms", "native u64 ms", 2),
                                         Col("limbs16_ms", "f64 limbs, 16-bit ms", 2), Col("limbs22_ms", "f64 limbs, 22-bit ms", 2),
