@@ -40,11 +40,11 @@ fn gather(x: &AShare, idx: impl Iterator<Item = usize> + Clone) -> AShare {
     AShare { shape: vec![cur.len()], cur, prev }
 }
 
-fn slice(x: &AShare, start: usize, len: usize) -> AShare {
+pub(crate) fn slice(x: &AShare, start: usize, len: usize) -> AShare {
     gather(x, start..start + len)
 }
 
-fn concat(parts: &[AShare]) -> AShare {
+pub(crate) fn concat(parts: &[AShare]) -> AShare {
     let cur: Vec<u64> = parts.iter().flat_map(|p| p.cur.iter().copied()).collect();
     let prev = parts.iter().flat_map(|p| p.prev.iter().copied()).collect();
     AShare { shape: vec![cur.len()], cur, prev }

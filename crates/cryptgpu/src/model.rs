@@ -9,6 +9,7 @@
 //! (normalising by a private batch variance needs a private square root, which is not built).
 
 use crate::arith::AShare;
+use crate::compare::{concat, slice};
 use crate::gemm::{self, ConvShape};
 use crate::party::{MpcError, Party};
 use serde::{Deserialize, Serialize};
@@ -256,8 +257,7 @@ impl SecureModel {
         // In slices: the sign bits of a whole VGG16's gradients at once took gigabytes per party.
         for start in (0..g.len()).step_by(GUARD_SLICE) {
             let end = (start + GUARD_SLICE).min(g.len());
-            let part =
-                AShare { shape: vec![end - start], cur: g.cur[start..end].to_vec(), prev: g.prev[start..end].to_vec() };
+            let part = slice(&g, start, end - start);
             let (kept, _) = party.keep_within(&part, -bound, bound)?;
             g.cur[start..end].copy_from_slice(&kept.cur);
             g.prev[start..end].copy_from_slice(&kept.prev);
@@ -284,16 +284,6 @@ impl SecureModel {
 
 /// A saved context (opaque outside this module).
 pub struct SavedBox(Saved);
-
-fn concat(parts: &[AShare]) -> AShare {
-    let n = parts.iter().map(AShare::len).sum();
-    let mut out = AShare { shape: vec![n], cur: Vec::with_capacity(n), prev: Vec::with_capacity(n) };
-    for p in parts {
-        out.cur.extend_from_slice(&p.cur);
-        out.prev.extend_from_slice(&p.prev);
-    }
-    out
-}
 
 /// `flat` cut into pieces shaped like `like`.
 fn split(flat: &AShare, like: &[AShare]) -> Vec<AShare> {
