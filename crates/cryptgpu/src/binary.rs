@@ -12,7 +12,9 @@
 //!   is drawn from the stream it shares with party 2: every product of the first level is then a
 //!   product of an `a`-term and a `b`-term, which parties 1 and 2 compute locally, so that level
 //!   costs one re-sharing round, not two. Five more levels of a log-depth prefix tree follow (the
-//!   top of Kogge-Stone: only the carry into bit 63 is wanted). 7 rounds. Bytes per element:
+//!   top of Kogge-Stone: only the carry into bit 63 is wanted). 7 rounds. The circuit runs
+//!   bit-sliced ([`crate::bitslice`]: 64 elements per word, one word per bit), so every gate is
+//!   one word operation for 64 elements and no round packs bits. Bytes per element:
 //!   party 0 sends 95 bits in round 1; every party sends 63 + 31 + 15 + 7 + 3 + 1 = 120 bits in the
 //!   six AND rounds, so 26.9 bytes for party 0 and 15 for parties 1 and 2 (19 on average).
 //! - [`Party::bit_to_arith`]: an XOR-shared bit to an arithmetic 0/1 (an integer, not fixed
@@ -29,7 +31,43 @@
 //! open or combine them like any other share.
 
 use crate::arith::AShare;
+use crate::bitslice;
 use crate::party::{tag, MpcError, Party, Side};
+
+/// A replicated XOR share of bit-sliced words ([`crate::bitslice`]): this party's `(b_i, b_{i-1})`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) struct Sliced {
+    pub cur: Vec<u64>,
+    pub prev: Vec<u64>,
+}
+
+impl Sliced {
+    /// `b ^ 1...1` (a NOT of every bit): part 0 carries the constant.
+    pub fn not(&self, party_id: usize) -> Sliced {
+        let mut out = self.clone();
+        match party_id {
+            0 => out.cur.iter_mut().for_each(|w| *w = !*w),
+            1 => out.prev.iter_mut().for_each(|w| *w = !*w),
+            _ => {}
+        }
+        out
+    }
+
+    /// Words `range` of both parts.
+    pub fn words(&self, range: std::ops::Range<usize>) -> Sliced {
+        Sliced { cur: self.cur[range.clone()].to_vec(), prev: self.prev[range].to_vec() }
+    }
+
+    /// Bit 0 of each of `n` elements, one per word, with `shape`.
+    pub fn unslice(&self, shape: &[usize]) -> BShare {
+        let n = shape.iter().product();
+        BShare {
+            shape: shape.to_vec(),
+            cur: bitslice::unslice_bit(&self.cur, n),
+            prev: bitslice::unslice_bit(&self.prev, n),
+        }
+    }
+}
 
 /// A replicated XOR share of a tensor of 64-bit words: this party's `(b_i, b_{i-1})`.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -199,29 +237,6 @@ pub fn unpack_bits(packed: &[u64], mask: u64, n: usize) -> Vec<u64> {
     (0..n).map(|_| deposit(r.take(k), mask)).collect()
 }
 
-/// Moves the even bits of a word to its low half and the odd bits to its high half, in order
-/// (an XOR-linear bit permutation; Hacker's Delight 7-2, run backwards).
-fn unshuffle(mut x: u64) -> u64 {
-    for (mask, s) in [
-        (0x2222_2222_2222_2222u64, 1),
-        (0x0c0c_0c0c_0c0c_0c0c, 2),
-        (0x00f0_00f0_00f0_00f0, 4),
-        (0x0000_ff00_0000_ff00, 8),
-        (0x0000_0000_ffff_0000, 16),
-    ] {
-        let t = (x ^ (x >> s)) & mask;
-        x ^= t ^ (t << s);
-    }
-    x
-}
-
-/// The carry tree's leaves: bits 0..=62 moved up one place over a zero leaf (no carry in), split
-/// into the even leaves (low 32 bits) and the odd ones (high 32 bits).
-fn leaves(w: u64) -> (u64, u64) {
-    let u = unshuffle(w << 1);
-    (u & 0xffff_ffff, u >> 32)
-}
-
 impl Party {
     /// Re-shares 3-out-of-3 XOR parts (each with the mask of its useful bits) in one round: packs
     /// the useful bits, adds a fresh XOR zero sharing to the packed words (so the random streams
@@ -279,93 +294,151 @@ impl Party {
 
     /// Bit 0 of each word: the most significant bit (the sign) of `x` (module docs: 7 rounds).
     pub fn msb(&mut self, x: &AShare) -> Result<BShare, MpcError> {
+        Ok(self.msb_sliced(x)?.unslice(&x.shape))
+    }
+
+    /// The sign of each element of `x`, one bit-sliced word per 64 elements ([`crate::bitslice`]):
+    /// the circuit of [`Party::msb`] on whole words.
+    pub(crate) fn msb_sliced(&mut self, x: &AShare) -> Result<Sliced, MpcError> {
         const P: &str = "msb";
         let n = x.len();
-        let shape = x.shape.as_slice();
-        let share = |cur, prev| BShare { shape: shape.to_vec(), cur, prev };
-        // Round 1: a = x_0 + x_2 and f = a_h & a_l (bit 0 is the zero leaf's, so never sent).
-        const F_MASK: u64 = 0xffff_fffe;
-        let (a, f) = match self.id {
+        let nb = bitslice::blocks(n);
+        let mut r63 = Vec::new(); // party 0's part r of a, at bit 63
+                                  // Round 1: a = x_0 + x_2, and f_k = a_{2k} & a_{2k-1} for k = 1..=31 (the products of
+                                  // the two leaves of each pair; pair 0 holds the zero leaf, so f_0 = 0 is never sent).
+                                  // `t` is this party's part of a, `tf` of f, `xb` its copy of b = x_1 (zero for party 0).
+        let (t, tf, xb) = match self.id {
             0 => {
-                let r = self.common_with_prev(n);
-                let rf: Vec<u64> = self.common_with_prev(n).iter().map(|w| w & F_MASK).collect();
-                let mut w = BitWriter::new(n * 95);
-                let (mut a0, mut f0) = (Vec::with_capacity(n), Vec::with_capacity(n));
-                for e in 0..n {
-                    let a = x.cur[e].wrapping_add(x.prev[e]);
-                    let (lo, hi) = leaves(a);
-                    a0.push(a ^ r[e]);
-                    f0.push((lo & hi) ^ rf[e]);
-                    w.push(a0[e], 64);
-                    w.push(f0[e] >> 1, 31);
+                let a = bitslice::slice(x.cur.iter().zip(&x.prev).map(|(c, p)| c.wrapping_add(*p)));
+                let r = self.common_with_prev(64 * nb);
+                let rf = self.common_with_prev(31 * nb);
+                let mut sent = Vec::with_capacity(95 * nb);
+                for b in 0..nb {
+                    let a = &a[64 * b..64 * b + 64];
+                    sent.extend((0..64).map(|j| a[j] ^ r[64 * b + j]));
+                    sent.extend((1..32).map(|k| (a[2 * k] & a[2 * k - 1]) ^ rf[31 * b + k - 1]));
                 }
-                self.send(Side::Next, tag::BINARY_SHARE, P, &w.words)?;
-                (share(a0, r), share(f0, rf))
+                self.send(Side::Next, tag::BINARY_SHARE, P, &sent)?;
+                // Party 0's parts: a ^ r (sent to party 1) and r (common with party 2); its part
+                // of f is the whole f, as the sum of those two.
+                let f = (0..nb)
+                    .flat_map(|b| (1..32).map(move |k| (b, k)))
+                    .map(|(b, k)| a[64 * b + 2 * k] & a[64 * b + 2 * k - 1])
+                    .collect();
+                r63 = (0..nb).map(|b| r[64 * b + 63]).collect();
+                (a, f, Vec::new())
             }
             1 => {
-                let got =
-                    self.recv(Side::Prev, tag::BINARY_SHARE, "the sign's shared addend", (n * 95).div_ceil(64))?;
-                let mut r = BitReader { words: &got, bits: 0 };
-                let (mut a0, mut f0) = (Vec::with_capacity(n), Vec::with_capacity(n));
-                for _ in 0..n {
-                    a0.push(r.take(64));
-                    f0.push(r.take(31) << 1);
+                let got = self.recv(Side::Prev, tag::BINARY_SHARE, "the sign's shared addend", 95 * nb)?;
+                let (mut t, mut tf) = (Vec::with_capacity(64 * nb), Vec::with_capacity(31 * nb));
+                for block in got.chunks_exact(95) {
+                    t.extend_from_slice(&block[..64]);
+                    tf.extend_from_slice(&block[64..]);
                 }
-                (share(vec![0; n], a0), share(vec![0; n], f0))
+                (t, tf, bitslice::slice(x.cur.iter().copied()))
             }
             _ => {
-                let r = self.common_with_next(n);
-                let rf = self.common_with_next(n).iter().map(|w| w & F_MASK).collect();
-                (share(r, vec![0; n]), share(rf, vec![0; n]))
+                let r = self.common_with_next(64 * nb);
+                let rf = self.common_with_next(31 * nb);
+                (r, rf, bitslice::slice(x.prev.iter().copied()))
             }
         };
         self.count_rounds(P, 1);
-        let b = match self.id {
-            0 => BShare::zeros(shape),
-            1 => share(x.cur.clone(), vec![0; n]),
-            _ => share(vec![0; n], x.prev.clone()),
-        };
-        let top = a.xor(&b).shr(63);
 
-        // Level 1 (pairs of leaves), as 3-out-of-3 parts: with p = a ^ b and g = a & b,
+        // Level 1 (pairs of leaves; leaf 0 is zero, leaf i is bit i - 1), as 3-out-of-3 parts:
+        // with p = a ^ b and g = a & b,
         //   G = g_h ^ p_h g_l = a_h b_h ^ (a_h a_l) b_l ^ a_l (b_h b_l),
         //   P = p_h p_l = (a_h a_l) ^ (b_h b_l) ^ a_h b_l ^ a_l b_h.
         // A product of an a-term (parts (t_0, 0, t_2)) and a b-term (parts (0, x_1, 0)) has parts
-        // (0, t_0 x_1, t_2 x_1): party 1 holds t_0, party 2 holds t_2, both hold x_1.
-        let (mut g1, mut p1) = (vec![0u64; n], vec![0u64; n]);
-        for e in 0..n {
-            match self.id {
-                0 => p1[e] = f.cur[e] ^ f.prev[e],
-                id => {
-                    let (t, tf, xb) =
-                        if id == 1 { (a.prev[e], f.prev[e], b.cur[e]) } else { (a.cur[e], f.cur[e], b.prev[e]) };
-                    let ((al, ah), (bl, bh)) = (leaves(t), leaves(xb));
-                    g1[e] = (ah & bh) ^ (tf & bl) ^ (al & bh & bl);
-                    p1[e] = (ah & bl) ^ (al & bh) ^ if id == 1 { bh & bl } else { 0 };
+        // (0, t_0 x_1, t_2 x_1): party 1 holds t_0, party 2 holds t_2, both hold x_1. Party 0's
+        // part of P is f; the b-only term goes to party 1. Per block: 32 G words, 31 P words
+        // (pair 0's propagate is never needed).
+        let mut level = vec![0u64; 63 * nb];
+        for b in 0..nb {
+            let out = &mut level[63 * b..63 * b + 63];
+            if self.id == 0 {
+                out[32..].copy_from_slice(&tf[31 * b..31 * b + 31]);
+                continue;
+            }
+            let (t, xb) = (&t[64 * b..64 * b + 64], &xb[64 * b..64 * b + 64]);
+            for k in 0..32 {
+                let (ah, bh) = (t[2 * k], xb[2 * k]);
+                let (al, bl) = if k == 0 { (0, 0) } else { (t[2 * k - 1], xb[2 * k - 1]) };
+                let f = if k == 0 { 0 } else { tf[31 * b + k - 1] };
+                out[k] = (ah & bh) ^ (f & bl) ^ (al & bh & bl);
+                if k > 0 {
+                    out[31 + k] = (ah & bl) ^ (al & bh) ^ if self.id == 1 { bh & bl } else { 0 };
                 }
             }
         }
-        let mut gp = self.reshare_bits(vec![(g1, 0xffff_ffff, shape), (p1, 0xffff_fffe, shape)], P)?;
-        let (mut g, mut p) = (gp.remove(0), gp.remove(0));
+        let (mut cur, mut prev) = self.reshare_words(level, P)?;
 
-        // Levels 2..=6: group j of the next level joins groups 2j (low) and 2j+1 (high). The
-        // lowest group contains the zero leaf, so its propagate bit is never needed.
-        for level in 2..=6 {
-            let half = 64u32 >> level;
-            let low = (1u64 << half) - 1;
-            let lo = |s: &BShare| s.map(|w| unshuffle(w) & low);
-            let hi = |s: &BShare| s.map(|w| (unshuffle(w) >> 32) & low);
-            let (g_lo, g_hi, p_lo, p_hi) = (lo(&g), hi(&g), lo(&p), hi(&p));
-            let mut ops = vec![(&p_hi, &g_lo, low)];
-            if half > 1 {
-                ops.push((&p_hi, &p_lo, low & !1));
+        // Levels 2..=6: group j of the next level joins groups 2j (low) and 2j + 1 (high),
+        //   G' = G_h ^ P_h G_l,  P' = P_h P_l  (j >= 1).
+        // Per block the words are G_0..G_{m-1} then P_1..P_{m-1}.
+        let mut groups = 32;
+        while groups > 1 {
+            let (m, next) = (groups, groups / 2);
+            let width = 2 * m - 1;
+            let and =
+                |x: usize, y: usize, cur: &[u64], prev: &[u64]| (cur[x] & (cur[y] ^ prev[y])) ^ (prev[x] & cur[y]);
+            let g = |j: usize| j;
+            let p = |j: usize| m + j - 1;
+            let mut parts = vec![0u64; (2 * next - 1) * nb];
+            for b in 0..nb {
+                let (c, pr) = (&cur[width * b..width * (b + 1)], &prev[width * b..width * (b + 1)]);
+                let out = &mut parts[(2 * next - 1) * b..(2 * next - 1) * (b + 1)];
+                for j in 0..next {
+                    out[j] = and(p(2 * j + 1), g(2 * j), c, pr);
+                    if j > 0 {
+                        out[next + j - 1] = and(p(2 * j + 1), p(2 * j), c, pr);
+                    }
+                }
             }
-            let mut out = self.and_batch(&ops, P)?;
-            g = g_hi.xor(&out.remove(0));
-            p = out.pop().unwrap_or_else(|| BShare::zeros(shape));
+            let (c2, p2) = self.reshare_words(parts, P)?;
+            // G' = G_h ^ (P_h G_l): add the local G_h to the fresh product's parts.
+            let (mut c3, mut p3) = (c2, p2);
+            for b in 0..nb {
+                for j in 0..next {
+                    c3[(2 * next - 1) * b + j] ^= cur[width * b + g(2 * j + 1)];
+                    p3[(2 * next - 1) * b + j] ^= prev[width * b + g(2 * j + 1)];
+                }
+            }
+            (cur, prev) = (c3, p3);
+            groups = next;
         }
-        // The sign is a_63 ^ b_63 ^ (the carry into bit 63).
-        Ok(top.xor(&g))
+        // The sign is a_63 ^ b_63 ^ (the carry into bit 63). As replicated XOR shares, party i
+        // holds (t_i, t_{i-1}) of a's parts (a ^ r, 0, r) and of b's parts (0, x_1, 0).
+        for b in 0..nb {
+            let (t63, x63) = (t[64 * b + 63], xb.get(64 * b + 63).copied().unwrap_or(0));
+            let (c, p) = match self.id {
+                0 => (t63 ^ r63[b], r63[b]),
+                1 => (x63, t63),
+                _ => (t63, x63),
+            };
+            cur[b] ^= c;
+            prev[b] ^= p;
+        }
+        Ok(Sliced { cur, prev })
+    }
+
+    /// Re-shares 3-out-of-3 XOR parts that are whole words (one round): adds a fresh XOR zero
+    /// sharing and sends the result to `next`.
+    fn reshare_words(&mut self, mut own: Vec<u64>, protocol: &'static str) -> Result<(Vec<u64>, Vec<u64>), MpcError> {
+        let beta = self.xor_zero_share(own.len());
+        own.iter_mut().zip(&beta).for_each(|(v, b)| *v ^= b);
+        self.send(Side::Next, tag::AND, protocol, &own)?;
+        let got = self.recv(Side::Prev, tag::AND, "a re-shared binary part", own.len())?;
+        self.count_rounds(protocol, 1);
+        Ok((own, got))
+    }
+
+    /// `x & y` on bit-sliced words, one round.
+    pub(crate) fn and_sliced(&mut self, x: &Sliced, y: &Sliced, protocol: &'static str) -> Result<Sliced, MpcError> {
+        assert_eq!(x.cur.len(), y.cur.len(), "and: operand lengths");
+        let z = (0..x.cur.len()).map(|e| (x.cur[e] & (y.cur[e] ^ y.prev[e])) ^ (x.prev[e] & y.cur[e])).collect();
+        let (cur, prev) = self.reshare_words(z, protocol)?;
+        Ok(Sliced { cur, prev })
     }
 
     /// An arithmetic share of the integer 0/1 in bit 0 of each word (module docs: 2 rounds).
@@ -447,11 +520,6 @@ mod tests {
     #[test]
     fn bit_helpers_round_trip() {
         let mut rng = ChaCha8Rng::seed_from_u64(5);
-        for _ in 0..200 {
-            let w: u64 = rng.random();
-            let naive = (0..64).fold(0u64, |acc, b| acc | ((w >> b) & 1) << (b / 2 + if b % 2 == 1 { 32 } else { 0 }));
-            assert_eq!(unshuffle(w), naive);
-        }
         for mask in [1u64, !0, 0xffff_fffe, 0x8000_0000_0000_0001, 0x5555, 0, 0xf0f0] {
             for n in [0usize, 1, 63, 64, 65, 300] {
                 let words: Vec<u64> = (0..n).map(|_| rng.random()).collect();
@@ -503,11 +571,13 @@ mod tests {
             assert_eq!(*s, v >> 63, "msb of {v:#x}");
         }
         let n = x.len();
-        let and_words: usize = [63, 31, 15, 7, 3, 1].iter().map(|b| (b * n).div_ceil(64)).sum();
+        // Bit-sliced: whole words per block of 64 elements (the last block padded).
+        let blocks = n.div_ceil(64);
+        let and_words: usize = [63, 31, 15, 7, 3, 1].iter().map(|b| b * blocks).sum();
         for (i, o) in out.iter().enumerate() {
             let t = o.1[&(String::new(), "msb")];
             assert_eq!(t.rounds, 7);
-            let first = if i == 0 { (95 * n).div_ceil(64) } else { 0 };
+            let first = if i == 0 { 95 * blocks } else { 0 };
             assert_eq!(t.bytes_sent, 8 * (first + and_words) as u64, "party {i}");
         }
     }

@@ -26,7 +26,7 @@
 //! which candidate won.
 
 use crate::arith::AShare;
-use crate::binary::BShare;
+use crate::bitslice;
 use crate::party::{MpcError, Party};
 use crate::ring;
 use trustsplit_kernels::PoolGeometry;
@@ -168,13 +168,13 @@ impl Party {
             let c = p.fp.encode(v).map_err(MpcError::Invalid)?;
             Ok(x.add_public(p.id, &vec![c.wrapping_neg(); n]))
         };
-        let both = concat(&[minus(self, lo)?, minus(self, hi)?]);
-        let signs = self.msb(&both)?;
-        let part = |v: &[u64], r: std::ops::Range<usize>| v[r].to_vec();
-        let below_lo = BShare { shape: x.shape.clone(), cur: part(&signs.cur, 0..n), prev: part(&signs.prev, 0..n) };
-        let below_hi =
-            BShare { shape: x.shape.clone(), cur: part(&signs.cur, n..2 * n), prev: part(&signs.prev, n..2 * n) };
-        let inside = self.and_batch(&[(&below_lo.xor_public(self.id, 1), &below_hi, 1)], "within")?.remove(0);
+        // x - lo padded to whole 64-element blocks, so that the two signs come out in separate
+        // bit-sliced words.
+        let nb = bitslice::blocks(n);
+        let both = concat(&[minus(self, lo)?, AShare::zeros(&[64 * nb - n]), minus(self, hi)?]);
+        let signs = self.msb_sliced(&both)?;
+        let (below_lo, below_hi) = (signs.words(0..nb), signs.words(nb..2 * nb));
+        let inside = self.and_sliced(&below_lo.not(self.id), &below_hi, "within")?.unslice(&x.shape);
         let bit = self.bit_to_arith(&inside)?;
         let y = self.reshare(x.bilinear(&bit, ring::mul), &x.shape, "within")?;
         Ok((y, bit))

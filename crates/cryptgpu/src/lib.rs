@@ -13,6 +13,7 @@
 
 pub mod arith;
 pub mod binary;
+pub mod bitslice;
 pub mod compare;
 pub mod gemm;
 pub mod model;
