@@ -10,6 +10,7 @@
 //! - [`model`]: the zoo's layers on shares, forward, backward and SGD.
 //! - [`session`]: the data owner and the three parties; [`scheme`]: `--scheme cryptgpu`.
 //! - [`network`]: the parties as separate processes, over authenticated, encrypted links.
+//! - [`store`]: a party's shares of uploaded datasets, on its disk.
 
 pub mod arith;
 pub mod binary;
@@ -24,3 +25,4 @@ pub mod ring;
 pub mod scheme;
 pub mod session;
 pub mod softmax;
+pub mod store;

@@ -136,6 +136,8 @@ pub struct PartyConfig {
     pub owner_key: PublicKey,
     /// How long to wait for the other two parties to come up and link.
     pub wait: Duration,
+    /// The folder of this party's uploads ([`crate::store`]); `None`: it takes none.
+    pub store: Option<std::path::PathBuf>,
 }
 
 /// Who a connection is, by the key it proved.
@@ -936,7 +938,7 @@ pub fn run_party(
     ));
     let mut owner = node.accept_owner(log)?;
     log(&format!("cryptgpu party {id}: serving {}", owner.peer()));
-    crate::session::serve(party, owner.as_mut())
+    crate::session::serve_with_store(party, owner.as_mut(), config.store.as_deref())
 }
 
 /// The data owner's links to the three parties (party 0, 1, 2), each pinned to its key. Every

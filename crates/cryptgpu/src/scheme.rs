@@ -5,7 +5,7 @@ use crate::model::Sgd;
 use crate::network::{self, Parties};
 use crate::party::MpcError;
 use crate::ring::FixedPoint;
-use crate::session::{RunSettings, Session};
+use crate::session::{RunSettings, Session, UploadRef};
 use serde::{Deserialize, Serialize};
 use trustsplit_boundary::{KeyPair, PublicKey};
 use trustsplit_nn::optim::{Optimizer, OptimizerKind};
@@ -58,6 +58,19 @@ pub struct CryptgpuOptions {
     // Like --peers, where a run computes is not part of its identity: it may resume on another machine.
     #[serde(skip)]
     pub ring_device: RingDevice,
+    /// cryptgpu with --peers: train and evaluate on the dataset uploaded to the parties under
+    /// this name (`trustsplit upload --scheme cryptgpu --name NAME`) instead of sharing every
+    /// batch: each step then sends the parties only its record numbers. The data owner still
+    /// reads its own copy, to check that the parties hold the same data and settings (the
+    /// fingerprint) and to score the logits.
+    #[cfg_attr(feature = "cli", arg(long, value_name = "NAME"))]
+    // Where the batches come from is not part of a run's identity either.
+    #[serde(skip)]
+    pub uploaded: Option<String>,
+    /// The upload's fingerprints, which the caller computes from its copy of the data.
+    #[cfg_attr(feature = "cli", arg(skip))]
+    #[serde(skip)]
+    pub upload_ref: Option<UploadRef>,
 }
 
 fn default_frac_bits() -> u32 {
@@ -76,6 +89,8 @@ impl Default for CryptgpuOptions {
             peers: Vec::new(),
             party_keys: Vec::new(),
             ring_device: RingDevice::Cpu,
+            uploaded: None,
+            upload_ref: None,
         }
     }
 }
@@ -92,7 +107,10 @@ impl CryptgpuOptions {
                 fp.frac_bits
             )));
         }
-        Ok(RunSettings { fp, sgd, activation_bound: bound })
+        if self.uploaded.is_some() != self.upload_ref.is_some() {
+            return Err(MpcError::Invalid("--uploaded: the upload's fingerprints were not computed".into()));
+        }
+        Ok(RunSettings { fp, sgd, activation_bound: bound, uploaded: self.upload_ref.clone() })
     }
 }
 
@@ -120,6 +138,11 @@ pub fn sgd_of(opt: &Optimizer) -> Result<Sgd, MpcError> {
 pub fn start_local(model: &Model, opt: &Optimizer, options: &CryptgpuOptions) -> Result<Session, MpcError> {
     // Settings that refuse fail before a GPU is opened.
     let sgd = sgd_of(opt)?;
+    if options.uploaded.is_some() {
+        return Err(MpcError::Invalid(
+            "--uploaded names data the parties of --peers hold: give --peers (and --party-keys, --key)".into(),
+        ));
+    }
     set_ring_device(options.ring_device).map_err(MpcError::Invalid)?;
     let fp = FixedPoint::new(options.frac_bits).map_err(MpcError::Invalid)?;
     Session::local(model, momentum_of(opt), options.settings(fp, sgd)?)

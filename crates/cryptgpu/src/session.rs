@@ -19,9 +19,12 @@ use crate::prg::Prg;
 use crate::ring::FixedPoint;
 use serde::{Deserialize, Serialize};
 use std::panic::AssertUnwindSafe;
+use std::path::Path;
 use std::thread::JoinHandle;
 use trustsplit_boundary::{Channel, ChannelError, ChannelOptions, Frame, InProcessChannel};
 use trustsplit_nn::{Model, Tensor};
+
+mod upload;
 
 /// Owner-to-party commands and their answers.
 mod cmd {
@@ -31,9 +34,16 @@ mod cmd {
     pub const EXPORT: u16 = 0x4784;
     pub const STATS: u16 = 0x4785;
     pub const STOP: u16 = 0x4786;
+    pub const UPLOAD: u16 = 0x4787;
+    pub const UPLOAD_RECORDS: u16 = 0x4788;
+    pub const UPLOAD_END: u16 = 0x4789;
+    pub const TRAIN_ROWS: u16 = 0x478a;
+    pub const EVAL_ROWS: u16 = 0x478b;
     pub const LOGITS: u16 = 0x4791;
     pub const PARAMS: u16 = 0x4792;
     pub const STATS_REPLY: u16 = 0x4793;
+    pub const UPLOADED: u16 = 0x4794;
+    pub const UPLOAD_READY: u16 = 0x4795;
     pub const FAILED: u16 = 0x47ff;
 }
 
@@ -62,6 +72,18 @@ pub struct Setup {
     /// ReLU zeroes inputs at or above this ([`SecureModel::activation_bound`]).
     #[serde(default = "default_bound")]
     pub activation_bound: f64,
+    /// Batches come from the parties' stores of this upload, by record number.
+    #[serde(default)]
+    pub uploaded: Option<UploadRef>,
+}
+
+/// A dataset the parties hold in their stores ([`crate::store`]), with the fingerprints the
+/// owner computed from its own copy: a party whose store differs refuses the run.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UploadRef {
+    pub name: String,
+    pub train_fingerprint: String,
+    pub test_fingerprint: String,
 }
 
 fn default_bound() -> f64 {
@@ -69,11 +91,14 @@ fn default_bound() -> f64 {
 }
 
 /// The public settings of a run the data owner gives the parties.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Debug)]
 pub struct RunSettings {
     pub fp: FixedPoint,
     pub sgd: Sgd,
     pub activation_bound: f64,
+    /// Train and evaluate on the parties' stored upload (by record number) rather than on batches
+    /// the owner shares.
+    pub uploaded: Option<UploadRef>,
 }
 
 /// One party's traffic over a run: totals and by layer and protocol.
@@ -155,13 +180,19 @@ fn panic_text(panic: &(dyn std::any::Any + Send)) -> &str {
 }
 
 /// Runs one party for the owner until it says stop (or its link closes).
-pub fn serve(mut party: Party, owner: &mut dyn Channel) -> Result<(), MpcError> {
+pub fn serve(party: Party, owner: &mut dyn Channel) -> Result<(), MpcError> {
+    serve_with_store(party, owner, None)
+}
+
+/// [`serve`] for a party that keeps uploads in `store` (a folder): it also takes an upload, or a
+/// run that trains on one.
+pub fn serve_with_store(mut party: Party, owner: &mut dyn Channel, store: Option<&Path>) -> Result<(), MpcError> {
     let id = party.id;
     // A panic (a bug, or an input no check foresaw) would otherwise end the party without a word:
     // the owner and the neighbours would wait out their 600 s timeouts. Unwind safety is moot:
     // the party is abandoned after a panic, whatever state it left.
-    let result =
-        std::panic::catch_unwind(AssertUnwindSafe(|| run_commands(&mut party, &mut *owner))).unwrap_or_else(|panic| {
+    let result = std::panic::catch_unwind(AssertUnwindSafe(|| run_commands(&mut party, &mut *owner, store)))
+        .unwrap_or_else(|panic| {
             Err(MpcError::Invalid(format!("party {id} stopped on an internal error: {}", panic_text(&*panic))))
         });
     if let Err(e) = &result {
@@ -264,14 +295,28 @@ fn decode_batch(
     Ok((x, labels))
 }
 
-/// The commands of one run, from the setup to STOP.
-fn run_commands(party: &mut Party, owner: &mut dyn Channel) -> Result<(), MpcError> {
+/// The commands of one run, from the setup (or an upload) to STOP.
+fn run_commands(party: &mut Party, owner: &mut dyn Channel, store: Option<&Path>) -> Result<(), MpcError> {
     let id = party.id;
     let owner_err = |source| MpcError::Link { party: id, peer: 3, source };
-    let setup = expect_from_owner(owner, id, cmd::SETUP, "the setup", MAX_SETUP_BYTES, false)?;
-    let setup: Setup = serde_json::from_slice(&setup)
+    let first = from_owner(owner, id, "the setup", MAX_SETUP_BYTES)?;
+    match first.tag {
+        cmd::SETUP => {}
+        cmd::UPLOAD => return upload::receive(id, owner, store, first),
+        other => {
+            return Err(MpcError::Invalid(format!(
+                "party {id}: the owner sent message tag {other:#06x} where the setup (tag {:#06x}) was due",
+                cmd::SETUP
+            )))
+        }
+    }
+    let setup: Setup = serde_json::from_slice(&first.payload)
         .map_err(|e| MpcError::Invalid(format!("party {id}: the owner's setup is malformed: {e}")))?;
     check_setup(id, &setup)?;
+    let stored = match &setup.uploaded {
+        Some(u) => Some(upload::open_stores(id, store, u, &setup)?),
+        None => None,
+    };
     party.fp = FixedPoint::new(setup.frac_bits).map_err(MpcError::Invalid)?;
     let expected = params_bytes(&setup.specs, setup.momentum_state).ok_or_else(|| {
         MpcError::Invalid(format!("party {id}: the owner's setup implies parameters beyond the address space"))
@@ -307,6 +352,24 @@ fn run_commands(party: &mut Party, owner: &mut dyn Channel) -> Result<(), MpcErr
                 let (x, _) = decode_batch(id, &frame.payload, &setup, false)?;
                 let (logits, _) = net.forward(party, x, false)?;
                 owner.send(cmd::LOGITS, &to_bytes(&logits.cur)).map_err(owner_err)?;
+            }
+            cmd::TRAIN_ROWS | cmd::EVAL_ROWS => {
+                let stores = stored.as_ref().ok_or_else(|| {
+                    MpcError::Invalid(format!(
+                        "party {id}: the owner asked for stored records in a run without an upload"
+                    ))
+                })?;
+                let train = frame.tag == cmd::TRAIN_ROWS;
+                let (lr, rows) = upload::decode_rows(id, &frame.payload, train)?;
+                let (x, y) = if train { stores.0.gather(&rows)? } else { stores.1.gather(&rows)? };
+                let (logits, saved) = net.forward(party, x, train)?;
+                owner.send(cmd::LOGITS, &to_bytes(&logits.cur)).map_err(owner_err)?;
+                if train {
+                    party.set_scope("loss");
+                    let dlogits = party.cross_entropy_grad(&logits, &y)?;
+                    let grads = net.backward(party, dlogits, saved)?;
+                    net.update(party, grads, Sgd { lr, ..setup.sgd })?;
+                }
             }
             cmd::EXPORT => {
                 let velocity = net.velocity();
@@ -370,6 +433,8 @@ pub struct Session {
     input_shape: Vec<usize>,
     /// How many values the parameters hold (what an export brings back, twice: with momentum).
     param_values: usize,
+    /// Whether the run trains on the parties' stored upload.
+    uploaded: bool,
     /// Whether the parties were told to stop.
     stopped: bool,
 }
@@ -412,7 +477,7 @@ impl Session {
         momentum: Option<&[Tensor]>,
         settings: RunSettings,
     ) -> Result<Session, MpcError> {
-        let RunSettings { fp, sgd, activation_bound } = settings;
+        let RunSettings { fp, sgd, activation_bound, uploaded } = settings;
         let specs = model::specs_of(&model.layers);
         if momentum.is_some() && model::has_batch_norm(&specs) {
             return Err(MpcError::Invalid("cannot resume training a model with batch-norm under cryptgpu".into()));
@@ -426,6 +491,7 @@ impl Session {
             sgd,
             momentum_state: momentum.is_some(),
             activation_bound,
+            uploaded,
         };
         let json = serde_json::to_vec(&setup).expect("serialises");
         for (i, p) in parties.iter_mut().enumerate() {
@@ -439,6 +505,7 @@ impl Session {
             specs,
             input_shape: model.input_shape.clone(),
             param_values,
+            uploaded: setup.uploaded.is_some(),
             stopped: false,
         };
         session.share_params(model, momentum)?;
@@ -701,6 +768,7 @@ mod tests {
             fp: FixedPoint::default(),
             sgd: Sgd { lr: 0.1, momentum: 0.0, weight_decay: 0.0 },
             activation_bound: model::DEFAULT_ACTIVATION_BOUND,
+            uploaded: None,
         }
     }
 
@@ -800,6 +868,7 @@ mod tests {
             sgd: settings().sgd,
             momentum_state: false,
             activation_bound: model::DEFAULT_ACTIVATION_BOUND,
+            uploaded: None,
         };
         serde_json::to_vec(&setup).unwrap()
     }

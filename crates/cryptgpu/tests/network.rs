@@ -24,7 +24,7 @@ use trustsplit_nn::{Model, Tensor};
 const SGD: Sgd = Sgd { lr: 0.0, momentum: 0.9, weight_decay: 0.01 };
 
 fn settings(fp: FixedPoint) -> RunSettings {
-    RunSettings { fp, sgd: SGD, activation_bound: trustsplit_cryptgpu::model::DEFAULT_ACTIVATION_BOUND }
+    RunSettings { fp, sgd: SGD, activation_bound: trustsplit_cryptgpu::model::DEFAULT_ACTIVATION_BOUND, uploaded: None }
 }
 
 fn random(rng: &mut ChaCha8Rng, shape: &[usize], scale: f32) -> Tensor {
@@ -69,7 +69,7 @@ fn net() -> Net {
 
 impl Net {
     fn config(&self, id: usize, wait: Duration) -> PartyConfig {
-        PartyConfig { id, parties: self.parties.clone(), owner_key: self.owner.public(), wait }
+        PartyConfig { id, parties: self.parties.clone(), owner_key: self.owner.public(), wait, store: None }
     }
 
     /// Party `id` on a thread, as `trustsplit party` runs it; returns its outcome and its log.

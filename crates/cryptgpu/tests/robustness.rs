@@ -35,6 +35,7 @@ fn settings() -> RunSettings {
         fp: FixedPoint::default(),
         sgd: Sgd { lr: 0.0, momentum: 0.9, weight_decay: 0.0 },
         activation_bound: DEFAULT_ACTIVATION_BOUND,
+        uploaded: None,
     }
 }
 

@@ -88,6 +88,7 @@ fn one_training_step_on_shares_matches_plaintext() {
             fp: FixedPoint::default(),
             sgd: Sgd { lr: 0.0, momentum: 0.9, weight_decay: wd as f64 },
             activation_bound: DEFAULT_ACTIVATION_BOUND,
+            uploaded: None,
         },
     )
     .unwrap();
