@@ -330,6 +330,10 @@ struct Stepper<'a> {
 impl<'a> Stepper<'a> {
     fn new(o: &StepOptions<'a>) -> Result<Self> {
         anyhow::ensure!(o.batch_size > 0 && o.steps > 0, "--batch-size and --steps must be at least 1");
+        anyhow::ensure!(
+            o.options.cryptgpu.uploaded.is_none(),
+            "bench step measures on random inputs; --uploaded applies to train and eval"
+        );
         anyhow::ensure!(o.lr.is_finite() && o.lr >= 0.0, "--lr must be a finite rate of at least 0, got {}", o.lr);
         let (channels, usual) = if zoo::required_input_size(o.model).is_some() { (3, 32) } else { (1, 28) };
         let side = o.image_size.unwrap_or(usual);
@@ -372,9 +376,9 @@ impl<'a> Stepper<'a> {
         let xs = trustsplit_boundary::Secret::new(self.x.clone());
         let ys = trustsplit_boundary::Secret::new(self.labels.clone());
         if self.o.inference {
-            self.runner.eval_batch(&mut self.model, xs, &ys)?;
+            self.runner.eval_batch(&mut self.model, xs, &ys, &[])?;
         } else {
-            self.runner.train_step(&mut self.model, xs, &ys, &mut self.opt, self.o.lr)?;
+            self.runner.train_step(&mut self.model, xs, &ys, &[], &mut self.opt, self.o.lr)?;
         }
         Ok(())
     }

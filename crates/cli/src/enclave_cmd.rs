@@ -88,68 +88,109 @@ pub struct EnclaveArgs {
 
 #[derive(clap::Args)]
 pub struct UploadArgs {
-    /// The enclave's address, HOST:PORT (as printed by `trustsplit enclave`).
+    /// The enclave's address, HOST:PORT (as printed by `trustsplit enclave`); with --scheme
+    /// cryptgpu, the three parties' addresses HOST:PORT,HOST:PORT,HOST:PORT (their --listen as
+    /// this machine reaches them), party 0, 1, 2 in order.
     #[arg(long)]
-    to: String,
+    pub(crate) to: String,
+    /// Upload into CryptGPU's three parties (`trustsplit party ... --store DIR`) instead of an
+    /// enclave: each party stores its shares of every record, and `train --scheme cryptgpu
+    /// --peers ... --uploaded NAME` then trains on them without sharing any batch again. The
+    /// enclave's options (attestation, measurements) do not apply.
+    #[arg(long, value_enum, value_name = "SCHEME")]
+    pub(crate) scheme: Option<UploadScheme>,
+    /// --scheme cryptgpu: the three parties' public keys (64 hex digits each, as their `trustsplit
+    /// keygen` printed them), in the order of --to.
+    #[arg(long, value_name = "HEX,HEX,HEX", value_delimiter = ',', requires = "scheme")]
+    pub(crate) party_keys: Vec<trustsplit_boundary::PublicKey>,
+    /// --scheme cryptgpu: the name the parties store the upload under (letters, digits, '.', '_',
+    /// '-'), for `train --uploaded NAME`. An upload of the same name replaces it.
+    #[arg(long, value_name = "NAME", requires = "scheme")]
+    pub(crate) name: Option<String>,
+    /// --scheme cryptgpu: fractional bits of the shared fixed-point values; the runs that train
+    /// on the upload must use the same --frac-bits.
+    #[arg(long, value_name = "BITS", requires = "scheme", default_value_t = trustsplit_cryptgpu::ring::DEFAULT_FRAC_BITS)]
+    pub(crate) frac_bits: u32,
+    /// --scheme cryptgpu: the model the upload is for: its input size decides whether images are
+    /// padded (28x28 images to 32x32 for the models that take 32x32). Any model with the same
+    /// input size may train on the upload.
+    #[arg(long, value_name = "MODEL", requires = "scheme", default_value = "lenet", value_parser = crate::training_args::model_parser())]
+    pub(crate) model: String,
+    /// --scheme cryptgpu: upload only the first N training samples (0: all); runs on the upload
+    /// must give the same --train-limit.
+    #[arg(long, value_name = "N", default_value_t = 0, requires = "scheme")]
+    pub(crate) train_limit: usize,
+    /// --scheme cryptgpu: upload only the first N test samples (0: all); runs on the upload must
+    /// give the same --test-limit.
+    #[arg(long, value_name = "N", default_value_t = 0, requires = "scheme")]
+    pub(crate) test_limit: usize,
     /// The data owner's key file (`trustsplit keygen --out FILE`); the enclave is started with its
     /// public key as --owner-key and accepts an upload from no one else.
     #[arg(long, value_name = "FILE")]
-    key: Option<PathBuf>,
+    pub(crate) key: Option<PathBuf>,
     /// INSECURE: connect over plain TCP (the enclave must say the same): the data stays encrypted
     /// to the attested enclave key, but the enclave cannot tell who uploads.
-    #[arg(long, conflicts_with = "key")]
+    #[arg(long, conflicts_with_all = ["key", "scheme"])]
     insecure_plaintext_link: bool,
-    /// The dataset: mnist, fashion-mnist, cifar10, cifar100.
+    /// The dataset: mnist, fashion-mnist, cifar10, cifar100 (with --scheme cryptgpu also
+    /// embedded).
     #[arg(long)]
-    dataset: DatasetKind,
+    pub(crate) dataset: DatasetKind,
     /// Folder with the dataset's files under their standard names (IDX raw or .gz; CIFAR also in
     /// the folder its tarball unpacks to). They are checked locally before connecting.
-    #[arg(long)]
-    data_dir: PathBuf,
+    #[arg(long, required_unless_present = "scheme")]
+    pub(crate) data_dir: Option<PathBuf>,
     /// The measurement (64 hex digits) of the enclave code you audited: MRENCLAVE for SGX,
     /// SHA-256(MRTD||RTMR0..3) for TDX, the printed value for simulated attestation.
-    #[arg(long, required_unless_present = "allow_any_measurement")]
+    #[arg(long, required_unless_present_any = ["allow_any_measurement", "scheme"], conflicts_with = "scheme")]
     expect_measurement: Option<String>,
     /// Accept any measurement: whatever code runs in the enclave, a malicious build included, gets
     /// the data. INSECURE, development only: with --attestation dcap it also needs --insecure.
-    #[arg(long, conflicts_with = "expect_measurement")]
+    #[arg(long, conflicts_with_all = ["expect_measurement", "scheme"])]
     allow_any_measurement: bool,
     /// Which quotes to accept: dcap (SGX/TDX hardware) or simulated (INSECURE: provides NO
     /// security, anyone can forge its quotes; development only).
     #[arg(long, value_enum, default_value = "dcap")]
     attestation: OwnerAttestation,
     /// The simulated enclave's verifying key (64 hex digits, printed by `trustsplit enclave`).
-    #[arg(long, required_if_eq("attestation", "simulated"))]
+    #[arg(long, conflicts_with = "scheme", required_if_eq("attestation", "simulated"))]
     simulation_key: Option<String>,
     /// DCAP collateral (TCB info, QE identity, CRLs) as JSON, as the dcap-qvl tool writes it.
     /// Required with --attestation dcap.
-    #[arg(long)]
+    #[arg(long, conflicts_with = "scheme")]
     collateral: Option<PathBuf>,
     /// Accept debug enclaves and TDs, whose memory the host can read. INSECURE: needs --insecure.
-    #[arg(long)]
+    #[arg(long, conflicts_with = "scheme")]
     allow_debug: bool,
     /// Permit the insecure options --allow-any-measurement (with --attestation dcap) and
     /// --allow-debug, for development with data that is not private; every run then prints a
     /// warning. (--attestation simulated is insecure by itself and is chosen explicitly.)
-    #[arg(long)]
+    #[arg(long, conflicts_with = "scheme")]
     insecure: bool,
     /// TDX: the MRCONFIGID the TD must report (96 hex digits, 48 bytes). Refused if it differs or
     /// the quote is not a TDX quote.
-    #[arg(long, value_name = "HEX")]
+    #[arg(long, value_name = "HEX", conflicts_with = "scheme")]
     expect_mrconfigid: Option<String>,
     /// TDX: the MROWNER the TD must report (96 hex digits, 48 bytes).
-    #[arg(long, value_name = "HEX")]
+    #[arg(long, value_name = "HEX", conflicts_with = "scheme")]
     expect_mrowner: Option<String>,
     /// TDX: the MROWNERCONFIG the TD must report (96 hex digits, 48 bytes).
-    #[arg(long, value_name = "HEX")]
+    #[arg(long, value_name = "HEX", conflicts_with = "scheme")]
     expect_mrownerconfig: Option<String>,
     /// TDX: the exact TD attributes the TD must report (16 hex digits, 8 bytes, in the TD report's
     /// byte order). Without it only the DEBUG bit must be clear (and dcap-qvl's own checks pass).
-    #[arg(long, value_name = "HEX")]
+    #[arg(long, value_name = "HEX", conflicts_with = "scheme")]
     expect_td_attributes: Option<String>,
     /// DCAP TCB statuses to accept, comma-separated (e.g. UpToDate,SWHardeningNeeded).
     #[arg(long, value_delimiter = ',', default_value = "UpToDate")]
     accept_tcb: Vec<String>,
+}
+
+/// Where `trustsplit upload` sends a dataset instead of an enclave.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum UploadScheme {
+    /// CryptGPU's three parties.
+    Cryptgpu,
 }
 
 /// Runs the trusted half: attest, receive one dataset, train on it.
@@ -407,6 +448,9 @@ impl<C: Channel> Channel for CountingChannel<C> {
 
 /// Runs the data owner's client: check the dataset, verify the enclave's quote, upload.
 pub fn run_upload(a: UploadArgs) -> Result<()> {
+    if a.scheme == Some(UploadScheme::Cryptgpu) {
+        return crate::share_upload::run(&a);
+    }
     check_insecure_options(&a)?;
     let expected_measurement = match &a.expect_measurement {
         Some(m) => Some(parse_hex32("--expect-measurement", m)?),
@@ -467,7 +511,7 @@ pub fn run_upload(a: UploadArgs) -> Result<()> {
 
     // Read and parse locally first: a broken or incomplete folder is reported here, before
     // anything is sent, with the loaders the enclave will use.
-    let dir = &a.data_dir;
+    let dir = a.data_dir.as_ref().context("--data-dir is required for an upload to an enclave")?;
     let located = trustsplit_data::locate_files(a.dataset, dir)
         .with_context(|| format!("finding the {} files in {}", a.dataset, dir.display()))?;
     let mut named = Vec::with_capacity(located.len());

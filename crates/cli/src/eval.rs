@@ -41,8 +41,17 @@ pub fn eval(
         trustsplit_nn::optim::OptimizerKind::Sgd { momentum: 0.0, nesterov: false },
         0.0,
     );
-    let mut runner =
-        crate::registry::build_runner(scheme, device, link, DEFAULT_BUDGET_BYTES, None, None, options, (&model, &opt))?;
+    let options = crate::share_upload::resolve(options, scheme, &data)?;
+    let mut runner = crate::registry::build_runner(
+        scheme,
+        device,
+        link,
+        DEFAULT_BUDGET_BYTES,
+        None,
+        None,
+        &options,
+        (&model, &opt),
+    )?;
     let mut result =
         crate::with_threads(threads, || evaluate(&mut runner, &mut model, &data, &data.test, batch_size, show))??;
     let report = runner.report();

@@ -12,6 +12,7 @@ pub mod party_cmd;
 pub mod progress;
 pub mod registry;
 pub mod runner;
+pub mod share_upload;
 pub mod train;
 pub mod training_args;
 

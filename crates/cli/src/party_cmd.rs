@@ -1,7 +1,8 @@
 //! `trustsplit party`: one of CryptGPU's three parties as a process of its own, on this machine
 //! or another. It links with the other two parties and serves one run of the data owner (`train`,
-//! `eval` or `bench step` with `--scheme cryptgpu --peers`), every link authenticated by a pinned
-//! key and encrypted; then it exits. Start all three again for the next run.
+//! `eval` or `bench step` with `--scheme cryptgpu --peers`, or an upload of a dataset into its
+//! `--store`), every link authenticated by a pinned key and encrypted; then it exits. Start all
+//! three again for the next run.
 
 use anyhow::{Context, Result};
 use std::net::TcpListener;
@@ -49,6 +50,11 @@ pub struct PartyArgs {
     /// with a warning.
     #[arg(long, value_enum, default_value_t = RingDevice::Cpu, value_name = "DEVICE")]
     pub ring_device: RingDevice,
+    /// A folder where this party keeps the datasets uploaded to it (`trustsplit upload --scheme
+    /// cryptgpu`): one file of its shares per dataset and split, which a later run with
+    /// --uploaded NAME trains on. Without it the party takes no upload.
+    #[arg(long, value_name = "DIR")]
+    pub store: Option<PathBuf>,
 }
 
 /// Runs the party until the data owner stops its run; an error names the party (or owner) that
@@ -60,7 +66,11 @@ pub fn run_party(a: PartyArgs) -> Result<()> {
     let key = KeyPair::load(&a.key).map_err(anyhow::Error::msg)?;
     // The errors' texts already carry their causes (which `{:#}` would print a second time).
     let parties = Parties::new(a.peers, a.party_keys).map_err(|e| anyhow::Error::msg(e.to_string()))?;
-    let config = PartyConfig { id, parties, owner_key: a.owner_key, wait: Duration::from_secs(a.wait_s) };
+    if let Some(dir) = &a.store {
+        std::fs::create_dir_all(dir).with_context(|| format!("party {id}: creating --store {}", dir.display()))?;
+    }
+    let config =
+        PartyConfig { id, parties, owner_key: a.owner_key, wait: Duration::from_secs(a.wait_s), store: a.store };
     let listener = TcpListener::bind(&a.listen).with_context(|| format!("party {id}: listening on {}", a.listen))?;
     network::run_party(listener, Arc::new(key), config, &mut |line| eprintln!("{line}"))
         .map_err(|e| anyhow::Error::msg(e.to_string()))?;

@@ -50,11 +50,14 @@ fn mpc(e: trustsplit_cryptgpu::party::MpcError) -> RunnerError {
 }
 
 impl Runner {
+    /// One training step on `x` and `labels`; `rows` are the samples' numbers in the training
+    /// split, which a run on the parties' uploaded data sends instead of the samples.
     pub fn train_step(
         &mut self,
         model: &mut Model,
         x: Secret<Tensor>,
         labels: &Secret<Vec<usize>>,
+        rows: &[usize],
         opt: &mut Optimizer,
         lr: f32,
     ) -> Result<StepOutput, RunnerError> {
@@ -64,10 +67,12 @@ impl Runner {
                 model.check_input(x.expose()).map_err(RunnerError::Input)?;
                 let started = Instant::now();
                 let x = x.expose();
-                let logits = p
-                    .session
-                    .train_step(x.as_slice().expect("contiguous"), x.shape(), labels.expose(), lr as f64)
-                    .map_err(mpc)?;
+                let logits = if p.session.is_uploaded() {
+                    p.session.train_rows(rows, lr as f64)
+                } else {
+                    p.session.train_step(x.as_slice().expect("contiguous"), x.shape(), labels.expose(), lr as f64)
+                }
+                .map_err(mpc)?;
                 p.seconds += started.elapsed().as_secs_f64();
                 p.steps += 1;
                 opt.steps += 1;
@@ -80,18 +85,25 @@ impl Runner {
         }
     }
 
+    /// `rows`: the samples' numbers in the test split (see [`Runner::train_step`]).
     pub fn eval_batch(
         &mut self,
         model: &mut Model,
         x: Secret<Tensor>,
         labels: &Secret<Vec<usize>>,
+        rows: &[usize],
     ) -> Result<StepOutput, RunnerError> {
         match self {
             Runner::Split(r) => r.eval_batch(model, x, labels),
             Runner::Parties(p) => {
                 model.check_input(x.expose()).map_err(RunnerError::Input)?;
                 let x = x.expose();
-                let logits = p.session.infer(x.as_slice().expect("contiguous"), x.shape()).map_err(mpc)?;
+                let logits = if p.session.is_uploaded() {
+                    p.session.infer_rows(rows)
+                } else {
+                    p.session.infer(x.as_slice().expect("contiguous"), x.shape())
+                }
+                .map_err(mpc)?;
                 Ok(score(&logits.values, logits.classes, labels.expose()))
             }
         }

@@ -250,7 +250,7 @@ pub fn evaluate(
     let (mut loss, mut correct) = (0.0f64, 0usize);
     for b in batches(ds, &opts) {
         let x = Secret::new(from_vec(&[b.n, b.channels, b.height, b.width], b.images));
-        let out = runner.eval_batch(model, x, &Secret::new(b.labels))?;
+        let out = runner.eval_batch(model, x, &Secret::new(b.labels), &b.indices)?;
         loss += out.loss as f64 * b.n as f64;
         correct += out.correct;
         pb.inc(1);
@@ -450,6 +450,10 @@ pub fn train_with_data(
         .with_context(|| format!("opening {}", metrics_path(out).display()))?;
     let augment = cfg.augment.unwrap_or(data.kind.augments_by_default());
     let training = TrainingRun { model: &model, batch_size: cfg.batch_size, epochs: cfg.epochs };
+    if cfg.options.cryptgpu.uploaded.is_some() && augment {
+        bail!("--uploaded trains on the samples as they were uploaded: give --augment off");
+    }
+    let options = crate::share_upload::resolve(&cfg.options, cfg.scheme, &data)?;
     let mut runner = crate::registry::build_runner(
         cfg.scheme,
         &cfg.device,
@@ -457,7 +461,7 @@ pub fn train_with_data(
         cfg.memory_budget,
         cfg.transcript.as_deref(),
         Some(training),
-        &cfg.options,
+        &options,
         (&model, &opt),
     )?;
     let steps_per_epoch = num_batches(data.train.len(), cfg.batch_size, false);
@@ -482,8 +486,8 @@ pub fn train_with_data(
             for (step, b) in batches(&data.train, &opts).enumerate() {
                 let lr = cfg.schedule.lr(cfg.lr, epoch as f64 + step as f64 / steps_per_epoch as f64);
                 let x = Secret::new(from_vec(&[b.n, b.channels, b.height, b.width], b.images));
-                let out =
-                    runner.train_step(&mut model, x, &Secret::new(b.labels), &mut opt, lr).map_err(|e| match e {
+                let out = runner.train_step(&mut model, x, &Secret::new(b.labels), &b.indices, &mut opt, lr).map_err(
+                    |e| match e {
                         RunnerError::Diverged(l) => {
                             let hint = if releases_noise {
                                 ", less noise (--noise-multiplier, --clip-norm, --grad-clip-norm)"
@@ -498,7 +502,8 @@ pub fn train_with_data(
                             )
                         }
                         other => anyhow::anyhow!("epoch {} step {}: {other}", epoch + 1, step + 1),
-                    })?;
+                    },
+                )?;
                 loss_sum += out.loss as f64 * b.n as f64;
                 correct += out.correct;
                 seen += b.n;

@@ -86,6 +86,11 @@ impl Drop for PartyProcess {
 
 /// Starts the three parties and waits until each has linked with the other two.
 fn start_parties(addrs: &[String], keys: &Keys) -> Vec<PartyProcess> {
+    start_parties_with_stores(addrs, keys, None)
+}
+
+/// [`start_parties`], party `i` keeping uploads in `stores/party{i}` when `stores` is given.
+fn start_parties_with_stores(addrs: &[String], keys: &Keys, stores: Option<&Path>) -> Vec<PartyProcess> {
     let (ready_tx, ready) = mpsc::channel();
     let parties: Vec<PartyProcess> = (0..3)
         .map(|id| {
@@ -94,6 +99,7 @@ fn start_parties(addrs: &[String], keys: &Keys) -> Vec<PartyProcess> {
                 .arg("--key")
                 .arg(&keys.parties[id].0)
                 .args(["--party-keys", &keys.party_keys(), "--owner-key", &keys.owner.1, "--wait-s", "60"])
+                .args(stores.map(|d| format!("--store={}", d.join(format!("party{id}")).display())))
                 .stderr(Stdio::piped())
                 .spawn()
                 .unwrap();
@@ -122,6 +128,10 @@ fn start_parties(addrs: &[String], keys: &Keys) -> Vec<PartyProcess> {
 
 /// `train` as the parties' data owner.
 fn train(dir: &Path, addrs: &[String], keys: &Keys) -> Output {
+    train_with(dir, addrs, keys, &[])
+}
+
+fn train_with(dir: &Path, addrs: &[String], keys: &Keys, extra: &[&str]) -> Output {
     trustsplit()
         .args(["train", "--scheme", "cryptgpu", "--model", "lenet", "--epochs", "1", "--train-limit", "128"])
         .args(["--test-limit", "64", "--batch-size", "32", "--peers", &addrs.join(","), "--party-keys"])
@@ -130,8 +140,64 @@ fn train(dir: &Path, addrs: &[String], keys: &Keys) -> Output {
         .arg(&keys.owner.0)
         .arg("--out")
         .arg(dir.join("run"))
+        .args(extra)
         .output()
         .unwrap()
+}
+
+#[test]
+fn the_owner_uploads_once_and_trains_on_the_parties_stores() {
+    let dir = temp("upload");
+    let keys = Keys::new(&dir);
+    let stores = dir.join("stores");
+
+    let addrs = free_addrs();
+    let mut parties = start_parties_with_stores(&addrs, &keys, Some(&stores));
+    let out = trustsplit()
+        .args(["upload", "--scheme", "cryptgpu", "--to", &addrs.join(","), "--party-keys", &keys.party_keys()])
+        .arg("--key")
+        .arg(&keys.owner.0)
+        .args(["--dataset", "embedded", "--name", "emb", "--train-limit", "128", "--test-limit", "64"])
+        .output()
+        .unwrap();
+    let (stdout, err) = (String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(out.status.success(), "{:?}: {err}", out.status);
+    assert!(stdout.contains("128 training and 64 test samples") && stdout.contains("--uploaded emb"), "{stdout}");
+    for (id, p) in parties.iter_mut().enumerate() {
+        assert!(p.wait(Duration::from_secs(30)), "party {id} failed:\n{}", p.output());
+        for split in ["train", "test"] {
+            let file = stores.join(format!("party{id}")).join(format!("emb.{split}.party{id}.shares"));
+            assert!(file.is_file(), "{} is missing", file.display());
+        }
+    }
+
+    // Training on the stores: each step sends record numbers only.
+    let addrs = free_addrs();
+    let mut parties = start_parties_with_stores(&addrs, &keys, Some(&stores));
+    let out = train_with(&dir, &addrs, &keys, &["--uploaded", "emb"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{:?}: {err}", out.status);
+    for id in 0..3 {
+        assert!(err.contains(&format!("party {id}: sent")), "{err}");
+    }
+    for (id, p) in parties.iter_mut().enumerate() {
+        assert!(p.wait(Duration::from_secs(30)), "party {id} failed:\n{}", p.output());
+    }
+
+    // The owner's copy is not what was uploaded (fewer samples): every party refuses the run.
+    let addrs = free_addrs();
+    let _parties = start_parties_with_stores(&addrs, &keys, Some(&stores));
+    let out = trustsplit()
+        .args(["train", "--scheme", "cryptgpu", "--model", "lenet", "--train-limit", "96", "--test-limit", "64"])
+        .args(["--peers", &addrs.join(","), "--party-keys", &keys.party_keys(), "--uploaded", "emb", "--key"])
+        .arg(&keys.owner.0)
+        .arg("--out")
+        .arg(dir.join("run-other"))
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("is not the data the owner holds"), "{err}");
+    let _ = std::fs::remove_dir_all(&dir);
 }
 
 #[test]

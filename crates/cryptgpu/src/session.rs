@@ -313,10 +313,6 @@ fn run_commands(party: &mut Party, owner: &mut dyn Channel, store: Option<&Path>
     let setup: Setup = serde_json::from_slice(&first.payload)
         .map_err(|e| MpcError::Invalid(format!("party {id}: the owner's setup is malformed: {e}")))?;
     check_setup(id, &setup)?;
-    let stored = match &setup.uploaded {
-        Some(u) => Some(upload::open_stores(id, store, u, &setup)?),
-        None => None,
-    };
     party.fp = FixedPoint::new(setup.frac_bits).map_err(MpcError::Invalid)?;
     let expected = params_bytes(&setup.specs, setup.momentum_state).ok_or_else(|| {
         MpcError::Invalid(format!("party {id}: the owner's setup implies parameters beyond the address space"))
@@ -335,6 +331,12 @@ fn run_commands(party: &mut Party, owner: &mut dyn Channel, store: Option<&Path>
     if setup.momentum_state {
         net = net.with_velocity(velocity)?;
     }
+    // Opened after the parameters are read: a party that refuses the store then fails on the
+    // owner's first request, which reads its reason (an owner still sending would not).
+    let stored = match &setup.uploaded {
+        Some(u) => Some(upload::open_stores(id, store, u, &setup)?),
+        None => None,
+    };
     loop {
         let frame = from_owner(owner, id, "a command", MAX_BATCH_BYTES)?;
         match frame.tag {

@@ -148,7 +148,9 @@ impl StoreWriter {
     pub fn create(dir: &Path, id: usize, header: UploadHeader) -> Result<StoreWriter, MpcError> {
         header.check().map_err(|e| MpcError::Invalid(format!("party {id}: the upload's header: {e}")))?;
         let dest = path(dir, &header.name, &header.split, id);
-        let tmp = dest.with_extension("shares.partial");
+        // A name of its own: an abandoned upload's cleanup never removes another's file.
+        let nonce = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos());
+        let tmp = dest.with_extension(format!("shares.partial-{}-{nonce}", std::process::id()));
         let file = File::create(&tmp).map_err(|e| io_error(&tmp, &format!("party {id}: creating"), e))?;
         let mut out = BufWriter::with_capacity(1 << 20, file);
         let json = serde_json::to_vec(&header).expect("serialises");

@@ -205,7 +205,7 @@ fn a_store_of_other_data_or_no_store_is_refused() {
         .unwrap_err()
         .to_string();
     assert!(err.contains("party 1 keeps no uploads") && err.contains("--store"), "{err}");
-    drop(threads);
+    threads.into_iter().for_each(|t| assert!(t.join().unwrap().is_err()));
 
     let (links, threads) = parties(dirs.clone());
     let mut up = Session::for_upload(links);

@@ -64,6 +64,8 @@ impl BatchOptions {
 pub struct Batch {
     pub images: Vec<f32>,
     pub labels: Vec<usize>,
+    /// The samples' numbers in the dataset, in batch order.
+    pub indices: Vec<usize>,
     pub n: usize,
     pub channels: usize,
     pub height: usize,
@@ -223,6 +225,7 @@ impl Iterator for BatchIter<'_> {
         Some(Batch {
             images,
             labels: indices.iter().map(|&i| usize::from(self.ds.labels[i])).collect(),
+            indices: indices.to_vec(),
             n: indices.len(),
             channels: self.ds.channels,
             height: self.out_h,
