@@ -91,6 +91,7 @@ pub static SCHEMES: &[SchemeEntry] = &[
     SchemeEntry::new(&gpu_only::INFO, |i, _| gpu_only::build(i)),
     SchemeEntry::new(&asymml::INFO, |i, o| asymml::build(i, &o.asymml)).summarised(asymml::describe_run, asymml::describe_evaluation),
     SchemeEntry::parties(&cryptgpu::INFO, |m, opt, o, link| start_cryptgpu(m, opt, &o.cryptgpu, link)),
+    SchemeEntry::new(&trustsplit_goten::scheme::INFO, |i, _| trustsplit_goten::scheme::build(i)),
 ];
 
 /// CryptGPU's parties: threads of this process, or the `trustsplit party` processes that

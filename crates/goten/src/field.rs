@@ -1,0 +1,86 @@
+//! The field Z_p, p = 2^21 - 9 (Goten's `PrimeLimit`), with elements kept centred in
+//! `[-(p-1)/2, (p-1)/2]` and stored as the two's-complement words the ring kernels take.
+//!
+//! Why those words: a product of two centred elements is below 2^40 in magnitude, so a sum of up
+//! to 2^23 of them is below 2^63, and the Z_2^64 kernels (`trustsplit_cryptgpu::gemm`) then
+//! compute the exact integer result, which [`reduce`] maps back into the field. No reduction
+//! length used by a network comes near 2^23; [`crate::ops::Op::check_shape`] refuses one that does.
+
+use trustsplit_cryptgpu::prg::Prg;
+
+/// The modulus.
+pub const P: i64 = (1 << 21) - 9;
+/// The largest centred element.
+pub const HALF: i64 = (P - 1) / 2;
+
+/// The centred representative of `v` mod p.
+pub fn centre(v: i64) -> i64 {
+    let r = v.rem_euclid(P);
+    if r > HALF {
+        r - P
+    } else {
+        r
+    }
+}
+
+/// An exact integer result (a two's-complement word) reduced into the field, as a word.
+pub fn reduce(w: u64) -> u64 {
+    centre(w as i64) as u64
+}
+
+/// `a - b` in the field, elementwise.
+pub fn sub(a: &[u64], b: &[u64]) -> Vec<u64> {
+    a.iter().zip(b).map(|(&x, &y)| reduce((x as i64 - y as i64) as u64)).collect()
+}
+
+/// `sum` of several vectors in the field, elementwise (each input centred).
+pub fn sum(parts: &[&[u64]]) -> Vec<u64> {
+    let n = parts[0].len();
+    (0..n).map(|i| reduce(parts.iter().map(|p| p[i] as i64).sum::<i64>() as u64)).collect()
+}
+
+/// `n` uniform field elements from `prg` (21 bits at a time, values >= p rejected).
+pub fn uniform(prg: &mut Prg, n: usize) -> Vec<u64> {
+    let mut out = Vec::with_capacity(n);
+    while out.len() < n {
+        // Three 21-bit draws per word; about 3 in a million are rejected.
+        let words = prg.ring((n - out.len()).div_ceil(3) + 1);
+        for w in words {
+            for draw in [w & 0x1f_ffff, (w >> 21) & 0x1f_ffff, (w >> 42) & 0x1f_ffff] {
+                if (draw as i64) < P && out.len() < n {
+                    out.push(centre(draw as i64) as u64);
+                }
+            }
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn centring_and_reduction_match_the_definition() {
+        for v in [0i64, 1, -1, HALF, -HALF, HALF + 1, -HALF - 1, P, -P, 3 * P + 17, -(1 << 40) + 5, 1 << 62] {
+            let c = centre(v);
+            assert!((-HALF..=HALF).contains(&c), "{v} -> {c}");
+            assert_eq!((v - c).rem_euclid(P), 0, "{v} -> {c}");
+            assert_eq!(reduce(v as u64) as i64, c);
+        }
+    }
+
+    #[test]
+    fn uniform_elements_cover_the_field_evenly() {
+        let mut prg = Prg::from_key([3; 32]);
+        let n = 300_000;
+        let v = uniform(&mut prg, n);
+        assert_eq!(v.len(), n);
+        assert!(v.iter().all(|&w| (-HALF..=HALF).contains(&(w as i64))));
+        // Eight equal bins of the field: each within 5 standard deviations of n/8.
+        let mut bins = [0usize; 8];
+        v.iter().for_each(|&w| bins[((w as i64 + HALF) * 8 / P) as usize] += 1);
+        let (mean, sd) = (n as f64 / 8.0, (n as f64 / 8.0 * 7.0 / 8.0).sqrt());
+        assert!(bins.iter().all(|&b| (b as f64 - mean).abs() < 5.0 * sd), "{bins:?}");
+    }
+}

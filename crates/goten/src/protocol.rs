@@ -1,0 +1,237 @@
+//! One bilinear op outsourced to the three servers' untrusted sides (section 3.3 of Goten):
+//!
+//! 1. The enclave quantises both operands ([`crate::quant`]) and shares them: `A = A0 + A1`,
+//!    `B = B0 + B1` (`A0, B0` uniform; in Goten, from a stream servers 0 and 1 share), and masks
+//!    them with Beaver-style `U, V` (uniform; a stream shared with server 2): `E = A - U`,
+//!    `F = B - V`. Output masks `CM0, CM1, CMZ` are uniform too.
+//! 2. Server 0's device computes `C0 = op(A0, F) + op(E, B0 - F) - CM0` (that is
+//!    `op(A0, F) + op(E, B0) - op(E, F) - CM0` in two products), server 1's
+//!    `C1 = op(A1, F) + op(E, B1) - CM1`, server 2's `Z = op(U, V) - CMZ`.
+//! 3. The enclave adds `C0 + C1 + Z + CM0 + CM1 + CMZ = op(A, B)` (mod p), checks it
+//!    ([`crate::ops`]) and dequantises it.
+//!
+//! What each untrusted side holds: server 0 `A0, B0, E, F, CM0`; server 1 `A1, B1, E, F, CM1`;
+//! server 2 `U, V, CMZ`; each set is uniform and independent of the data (A0 and A1 are each
+//! uniform, and E is uniform given either since U is). Any two servers together reconstruct the
+//! operands (A0 + A1, or E + U): Goten needs all three not to collude.
+//!
+//! In one process the enclaves of servers 0 and 1, which in Goten hold the same plaintext and
+//! compute the same values, are one enclave (this one); the three untrusted sides are separate,
+//! and every value sent to each is in the transcript under its server's name.
+
+use crate::field;
+use crate::ops::Op;
+use crate::quant::{self, Quantised};
+use std::sync::Arc;
+use std::time::Instant;
+use trustsplit_boundary::{ReleaseInfo, Released, Transcript};
+use trustsplit_cryptgpu::prg::Prg;
+
+const SCHEME: &str = "goten";
+
+/// What one untrusted side was sent: `(kind, values)` in order.
+type View = Vec<(String, Vec<u64>)>;
+
+/// An untrusted side: a server's host and device, which see only what they are sent.
+#[derive(Default)]
+struct UntrustedSide {
+    seconds: f64,
+    bytes_in: u64,
+    bytes_out: u64,
+    requests: u64,
+}
+
+/// The enclave's side of the protocol and the three untrusted sides it drives.
+pub struct Servers {
+    sides: [UntrustedSide; 3],
+    transcript: Arc<Transcript>,
+    /// `A0, B0` (in Goten, common to servers 0 and 1).
+    shares: Prg,
+    /// `U, V` (in Goten, common to servers 0, 1 and 2).
+    beaver: Prg,
+    /// `CM0, CM1, CMZ` (in Goten, common to the three enclaves).
+    masks: Prg,
+    /// Stochastic rounding noise: its own stream (Goten's prototype reuses the mask's bits).
+    rounding: Prg,
+    /// The random vectors of the result checks: the enclave's alone.
+    checks: Prg,
+    /// Results that wrapped around the field and were recomputed in the enclave.
+    pub recomputed: u64,
+    pub ops: u64,
+    /// Every value each untrusted side was sent, by name, when recording (tests; the attacks of
+    /// the privacy report).
+    views: Option<[View; 3]>,
+}
+
+/// Totals over the three untrusted sides.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct SideTotals {
+    /// Wall time the three sides computed, added up (they run one after the other here; in
+    /// Goten, on three machines, concurrently).
+    pub seconds: f64,
+    pub bytes_sent: u64,
+    pub bytes_received: u64,
+    pub requests: u64,
+}
+
+fn key() -> Result<[u8; 32], String> {
+    Prg::os_key()
+}
+
+impl Servers {
+    /// Fresh streams keyed from the OS.
+    pub fn new(transcript: Arc<Transcript>) -> Result<Servers, String> {
+        Ok(Servers {
+            sides: Default::default(),
+            transcript,
+            shares: Prg::from_key(key()?),
+            beaver: Prg::from_key(key()?),
+            masks: Prg::from_key(key()?),
+            rounding: Prg::from_key(key()?),
+            checks: Prg::from_key(key()?),
+            recomputed: 0,
+            ops: 0,
+            views: None,
+        })
+    }
+
+    /// Keeps a copy of every value sent to each untrusted side from now on.
+    pub fn record_views(&mut self) {
+        self.views = Some(Default::default());
+    }
+
+    /// What server `role`'s untrusted side was sent while recording: `(kind, values)` in order.
+    pub fn view(&self, role: usize) -> &[(String, Vec<u64>)] {
+        self.views.as_ref().map_or(&[], |v| &v[role])
+    }
+
+    pub fn totals(&self) -> SideTotals {
+        let mut t = SideTotals::default();
+        for s in &self.sides {
+            t.bytes_sent += s.bytes_in;
+            t.bytes_received += s.bytes_out;
+            t.requests += s.requests;
+        }
+        t.seconds = self.sides.iter().map(|s| s.seconds).sum();
+        t
+    }
+
+    /// Quantises `x` with the enclave's rounding stream.
+    pub fn quantise(&mut self, x: &[f32], what: &str) -> Result<Quantised, String> {
+        quant::quantise(x, &mut self.rounding, what)
+    }
+
+    /// Records `value` as sent to server `role`'s untrusted side.
+    fn send(&mut self, role: usize, layer: &str, kind: &str, value: Vec<u64>, reason: &str) -> Vec<u64> {
+        let info = ReleaseInfo {
+            scheme: SCHEME.into(),
+            layer: layer.into(),
+            kind: format!("server {role}: {kind}"),
+            shape: vec![value.len()],
+            reason: reason.into(),
+        };
+        self.sides[role].bytes_in += value.len() as u64 * 8;
+        if let Some(views) = &mut self.views {
+            views[role].push((kind.to_string(), value.clone()));
+        }
+        Released::new(&self.transcript, info, value).into_inner()
+    }
+
+    /// Records a result from server `role`'s untrusted side.
+    fn received(&mut self, role: usize, layer: &str, kind: &str, value: &[u64]) {
+        let info = ReleaseInfo {
+            scheme: SCHEME.into(),
+            layer: layer.into(),
+            kind: format!("server {role}: {kind}"),
+            shape: vec![value.len()],
+            reason: "a masked partial result; checked after reconstruction".into(),
+        };
+        self.sides[role].bytes_out += value.len() as u64 * 8;
+        self.sides[role].requests += 1;
+        self.transcript.record_received(info, value.len() as u64 * 8);
+    }
+
+    /// `op(a, b)` in real values, computed on shares by the three untrusted sides; `a` and `b`
+    /// are quantised already (so that a layer's backward pass reuses its forward quantisation).
+    pub fn outsource(&mut self, layer: &str, op: Op, a: &Quantised, b: &Quantised) -> Result<Vec<f32>, String> {
+        op.check_shape().map_err(|e| format!("{layer}: {e}"))?;
+        if a.values.len() != op.a_len() || b.values.len() != op.b_len() {
+            return Err(format!("{layer}: operands of {} and {} values for {op:?}", a.values.len(), b.values.len()));
+        }
+        self.ops += 1;
+        const SHARE: &str = "a uniform additive share; alone it says nothing (non-collusion of servers 0 and 1)";
+        const MASKED: &str = "the operand minus a uniform mask held by server 2 only: uniform to this server";
+        const MASK: &str = "uniform randomness, independent of the data";
+        let (n_a, n_b, n_c) = (op.a_len(), op.b_len(), op.out_len());
+        let a0 = field::uniform(&mut self.shares, n_a);
+        let b0 = field::uniform(&mut self.shares, n_b);
+        let (a1, b1) = (field::sub(&a.values, &a0), field::sub(&b.values, &b0));
+        let u = field::uniform(&mut self.beaver, n_a);
+        let v = field::uniform(&mut self.beaver, n_b);
+        let (e, f) = (field::sub(&a.values, &u), field::sub(&b.values, &v));
+        let cm: Vec<Vec<u64>> = (0..3).map(|_| field::uniform(&mut self.masks, n_c)).collect();
+
+        // Server 0: C0 = op(A0, F) + op(E, B0 - F) - CM0.
+        let (a0, b0) = (self.send(0, layer, "A0", a0, SHARE), self.send(0, layer, "B0", b0, SHARE));
+        let (e0, f0) = (self.send(0, layer, "E", e.clone(), MASKED), self.send(0, layer, "F", f.clone(), MASKED));
+        let cm0 = self.send(0, layer, "CM0", cm[0].clone(), MASK);
+        let started = Instant::now();
+        let b0_f = field::sub(&b0, &f0);
+        let mut c0 = op.eval(&a0, &f0);
+        add_words(&mut c0, &op.eval(&e0, &b0_f));
+        let c0: Vec<u64> = c0.iter().zip(&cm0).map(|(&x, &m)| field::reduce((x as i64 - m as i64) as u64)).collect();
+        let t0 = started.elapsed().as_secs_f64();
+        self.received(0, layer, "C0", &c0);
+
+        // Server 1: C1 = op(A1, F) + op(E, B1) - CM1.
+        let (a1, b1) = (self.send(1, layer, "A1", a1, SHARE), self.send(1, layer, "B1", b1, SHARE));
+        let (e1, f1) = (self.send(1, layer, "E", e, MASKED), self.send(1, layer, "F", f, MASKED));
+        let cm1 = self.send(1, layer, "CM1", cm[1].clone(), MASK);
+        let started = Instant::now();
+        let mut c1 = op.eval(&a1, &f1);
+        add_words(&mut c1, &op.eval(&e1, &b1));
+        let c1: Vec<u64> = c1.iter().zip(&cm1).map(|(&x, &m)| field::reduce((x as i64 - m as i64) as u64)).collect();
+        let t1 = started.elapsed().as_secs_f64();
+        self.received(1, layer, "C1", &c1);
+
+        // Server 2: Z = op(U, V) - CMZ.
+        let (u, v) = (self.send(2, layer, "U", u, MASK), self.send(2, layer, "V", v, MASK));
+        let cmz = self.send(2, layer, "CMZ", cm[2].clone(), MASK);
+        let started = Instant::now();
+        let z: Vec<u64> =
+            op.eval(&u, &v).iter().zip(&cmz).map(|(&x, &m)| field::reduce((x as i64 - m as i64) as u64)).collect();
+        let t2 = started.elapsed().as_secs_f64();
+        self.received(2, layer, "Z", &z);
+        for (side, t) in self.sides.iter_mut().zip([t0, t1, t2]) {
+            side.seconds += t;
+        }
+
+        let c = field::sum(&[&c0, &c1, &z, &cm[0], &cm[1], &cm[2]]);
+        let c = self.checked(layer, op, a, b, c)?;
+        let scale = quant::product_scale(a.exp, b.exp);
+        Ok(c.iter().map(|&w| (w as i64 as f64 * scale) as f32).collect())
+    }
+
+    /// `c` if it is the exact product; the exact product recomputed here if `c` wrapped around
+    /// the field; an error if a device returned a wrong value (module docs of [`crate::ops`]).
+    fn checked(&mut self, layer: &str, op: Op, a: &Quantised, b: &Quantised, c: Vec<u64>) -> Result<Vec<u64>, String> {
+        let s = self.checks.ring(op.check_len());
+        if op.check(&a.values, &b.values, &c, &s) {
+            return Ok(c);
+        }
+        let wrong = || format!("{layer}: the servers' result for {op:?} is wrong (a device returned a corrupt value)");
+        if op.never_wraps() {
+            return Err(wrong());
+        }
+        let exact = op.eval(&a.values, &b.values);
+        if exact.iter().zip(&c).any(|(&x, &y)| field::reduce(x) != y) {
+            return Err(wrong());
+        }
+        self.recomputed += 1;
+        Ok(exact)
+    }
+}
+
+fn add_words(acc: &mut [u64], x: &[u64]) {
+    acc.iter_mut().zip(x).for_each(|(a, b)| *a = a.wrapping_add(*b));
+}
