@@ -62,6 +62,11 @@ impl WireSize for Vec<u64> {
         (self.len() * 8) as u64
     }
 }
+impl WireSize for [u64] {
+    fn wire_bytes(&self) -> u64 {
+        std::mem::size_of_val(self) as u64
+    }
+}
 impl WireSize for Vec<u8> {
     fn wire_bytes(&self) -> u64 {
         self.len() as u64

@@ -28,15 +28,39 @@ pub fn reduce(w: u64) -> u64 {
     centre(w as i64) as u64
 }
 
-/// `a - b` in the field, elementwise.
-pub fn sub(a: &[u64], b: &[u64]) -> Vec<u64> {
-    a.iter().zip(b).map(|(&x, &y)| reduce((x as i64 - y as i64) as u64)).collect()
+/// The centred representative of `v` for `|v| < 2^50`, without a division: the quotient is
+/// estimated in `f64` (exact enough at that size to be off by at most one) and corrected.
+#[inline]
+pub fn centre_small(v: i64) -> i64 {
+    const INV_P: f64 = 1.0 / P as f64;
+    let mut r = v - (v as f64 * INV_P).round() as i64 * P;
+    r += P & -((r < -HALF) as i64);
+    r -= P & -((r > HALF) as i64);
+    r
 }
 
-/// `sum` of several vectors in the field, elementwise (each input centred).
+/// `x - y` for centred `x, y`.
+#[inline]
+pub fn sub_one(x: u64, y: u64) -> u64 {
+    let mut d = x as i64 - y as i64;
+    d += P & -((d < -HALF) as i64);
+    d -= P & -((d > HALF) as i64);
+    d as u64
+}
+
+/// `a - b` in the field, elementwise.
+pub fn sub(a: &[u64], b: &[u64]) -> Vec<u64> {
+    a.iter().zip(b).map(|(&x, &y)| sub_one(x, y)).collect()
+}
+
+/// `sum` of several vectors of centred elements, elementwise (fewer than 2^28 of them).
 pub fn sum(parts: &[&[u64]]) -> Vec<u64> {
     let n = parts[0].len();
-    (0..n).map(|i| reduce(parts.iter().map(|p| p[i] as i64).sum::<i64>() as u64)).collect()
+    let mut acc = vec![0i64; n];
+    for p in parts {
+        acc.iter_mut().zip(p.iter()).for_each(|(a, &w)| *a += w as i64);
+    }
+    acc.into_iter().map(|v| centre_small(v) as u64).collect()
 }
 
 /// `n` uniform field elements from `prg` (21 bits at a time, values >= p rejected).
@@ -67,6 +91,12 @@ mod tests {
             assert!((-HALF..=HALF).contains(&c), "{v} -> {c}");
             assert_eq!((v - c).rem_euclid(P), 0, "{v} -> {c}");
             assert_eq!(reduce(v as u64) as i64, c);
+            if v.abs() < 1 << 50 {
+                assert_eq!(centre_small(v), c, "{v}");
+            }
+        }
+        for (x, y) in [(HALF, -HALF), (-HALF, HALF), (0, HALF), (5, 7), (-HALF, -HALF)] {
+            assert_eq!(sub_one(x as u64, y as u64) as i64, centre(x - y));
         }
     }
 

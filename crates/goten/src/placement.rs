@@ -17,7 +17,7 @@ use trustsplit_cryptgpu::gemm::ConvShape;
 use trustsplit_nn::layers::{Conv2d, Linear};
 use trustsplit_nn::tensor::{data, from_vec};
 use trustsplit_nn::{Mode, Saved, Tensor};
-use trustsplit_schemes::placement::{bias_gradient, PassInfo, Placement, PlacementResult};
+use trustsplit_schemes::placement::{bias_gradient, PassInfo, Placement, PlacementReport, PlacementResult};
 
 pub struct GotenPlacement {
     pub(crate) servers: Arc<Mutex<Servers>>,
@@ -213,5 +213,12 @@ impl Placement for GotenPlacement {
             grads.push(bias_gradient(dy, m));
         }
         Ok((from_vec(x.shape(), dx), grads))
+    }
+
+    fn report(&self) -> PlacementReport {
+        let s = self.servers();
+        let mut report = PlacementReport::default();
+        report.enclave_phase_seconds = s.phases.iter().map(|(k, v)| (k.to_string(), *v)).collect();
+        report
     }
 }

@@ -58,6 +58,8 @@ pub struct Servers {
     /// Results that wrapped around the field and were recomputed in the enclave.
     pub recomputed: u64,
     pub ops: u64,
+    /// Enclave seconds by phase: quantise, share, masks, reconstruct, check, dequantise.
+    pub phases: std::collections::BTreeMap<&'static str, f64>,
     /// Every value each untrusted side was sent, by name, when recording (tests; the attacks of
     /// the privacy report).
     views: Option<[View; 3]>,
@@ -91,6 +93,7 @@ impl Servers {
             checks: Prg::from_key(key()?),
             recomputed: 0,
             ops: 0,
+            phases: Default::default(),
             views: None,
         })
     }
@@ -118,11 +121,19 @@ impl Servers {
 
     /// Quantises `x` with the enclave's rounding stream.
     pub fn quantise(&mut self, x: &[f32], what: &str) -> Result<Quantised, String> {
-        quant::quantise(x, &mut self.rounding, what)
+        let started = Instant::now();
+        let q = quant::quantise(x, &mut self.rounding, what);
+        self.phase("quantise", started);
+        q
     }
 
-    /// Records `value` as sent to server `role`'s untrusted side.
-    fn send(&mut self, role: usize, layer: &str, kind: &str, value: Vec<u64>, reason: &str) -> Vec<u64> {
+    fn phase(&mut self, name: &'static str, started: Instant) {
+        *self.phases.entry(name).or_default() += started.elapsed().as_secs_f64();
+    }
+
+    /// Records `value` as sent to server `role`'s untrusted side (through the boundary API,
+    /// which copies nothing), and hands it over.
+    fn send<'v>(&mut self, role: usize, layer: &str, kind: &str, value: &'v [u64], reason: &str) -> &'v [u64] {
         let info = ReleaseInfo {
             scheme: SCHEME.into(),
             layer: layer.into(),
@@ -132,7 +143,7 @@ impl Servers {
         };
         self.sides[role].bytes_in += value.len() as u64 * 8;
         if let Some(views) = &mut self.views {
-            views[role].push((kind.to_string(), value.clone()));
+            views[role].push((kind.to_string(), value.to_vec()));
         }
         Released::new(&self.transcript, info, value).into_inner()
     }
@@ -163,53 +174,63 @@ impl Servers {
         const MASKED: &str = "the operand minus a uniform mask held by server 2 only: uniform to this server";
         const MASK: &str = "uniform randomness, independent of the data";
         let (n_a, n_b, n_c) = (op.a_len(), op.b_len(), op.out_len());
-        let a0 = field::uniform(&mut self.shares, n_a);
-        let b0 = field::uniform(&mut self.shares, n_b);
-        let (a1, b1) = (field::sub(&a.values, &a0), field::sub(&b.values, &b0));
-        let u = field::uniform(&mut self.beaver, n_a);
-        let v = field::uniform(&mut self.beaver, n_b);
-        let (e, f) = (field::sub(&a.values, &u), field::sub(&b.values, &v));
-        let cm: Vec<Vec<u64>> = (0..3).map(|_| field::uniform(&mut self.masks, n_c)).collect();
+        let started = Instant::now();
+        let (a0, b0) = (field::uniform(&mut self.shares, n_a), field::uniform(&mut self.shares, n_b));
+        let (u, v) = (field::uniform(&mut self.beaver, n_a), field::uniform(&mut self.beaver, n_b));
+        let (a1, e) = split(&a.values, &a0, &u);
+        let (b1, f) = split(&b.values, &b0, &v);
+        self.phase("share", started);
+        let started = Instant::now();
+        let cm: [Vec<u64>; 3] = std::array::from_fn(|_| field::uniform(&mut self.masks, n_c));
+        self.phase("masks", started);
+        let masked = |x: Vec<u64>, m: &[u64]| -> Vec<u64> {
+            x.iter().zip(m).map(|(&x, &m)| field::reduce((x as i64 - m as i64) as u64)).collect()
+        };
 
         // Server 0: C0 = op(A0, F) + op(E, B0 - F) - CM0.
-        let (a0, b0) = (self.send(0, layer, "A0", a0, SHARE), self.send(0, layer, "B0", b0, SHARE));
-        let (e0, f0) = (self.send(0, layer, "E", e.clone(), MASKED), self.send(0, layer, "F", f.clone(), MASKED));
-        let cm0 = self.send(0, layer, "CM0", cm[0].clone(), MASK);
+        let (a0, b0) = (self.send(0, layer, "A0", &a0, SHARE), self.send(0, layer, "B0", &b0, SHARE));
+        let (e0, f0) = (self.send(0, layer, "E", &e, MASKED), self.send(0, layer, "F", &f, MASKED));
+        let cm0 = self.send(0, layer, "CM0", &cm[0], MASK);
         let started = Instant::now();
-        let b0_f = field::sub(&b0, &f0);
-        let mut c0 = op.eval(&a0, &f0);
-        add_words(&mut c0, &op.eval(&e0, &b0_f));
-        let c0: Vec<u64> = c0.iter().zip(&cm0).map(|(&x, &m)| field::reduce((x as i64 - m as i64) as u64)).collect();
+        let mut c0 = op.eval(a0, f0);
+        add_words(&mut c0, &op.eval(e0, &field::sub(b0, f0)));
+        let c0 = masked(c0, cm0);
         let t0 = started.elapsed().as_secs_f64();
         self.received(0, layer, "C0", &c0);
 
         // Server 1: C1 = op(A1, F) + op(E, B1) - CM1.
-        let (a1, b1) = (self.send(1, layer, "A1", a1, SHARE), self.send(1, layer, "B1", b1, SHARE));
-        let (e1, f1) = (self.send(1, layer, "E", e, MASKED), self.send(1, layer, "F", f, MASKED));
-        let cm1 = self.send(1, layer, "CM1", cm[1].clone(), MASK);
+        let (a1, b1) = (self.send(1, layer, "A1", &a1, SHARE), self.send(1, layer, "B1", &b1, SHARE));
+        let (e1, f1) = (self.send(1, layer, "E", &e, MASKED), self.send(1, layer, "F", &f, MASKED));
+        let cm1 = self.send(1, layer, "CM1", &cm[1], MASK);
         let started = Instant::now();
-        let mut c1 = op.eval(&a1, &f1);
-        add_words(&mut c1, &op.eval(&e1, &b1));
-        let c1: Vec<u64> = c1.iter().zip(&cm1).map(|(&x, &m)| field::reduce((x as i64 - m as i64) as u64)).collect();
+        let mut c1 = op.eval(a1, f1);
+        add_words(&mut c1, &op.eval(e1, b1));
+        let c1 = masked(c1, cm1);
         let t1 = started.elapsed().as_secs_f64();
         self.received(1, layer, "C1", &c1);
 
         // Server 2: Z = op(U, V) - CMZ.
-        let (u, v) = (self.send(2, layer, "U", u, MASK), self.send(2, layer, "V", v, MASK));
-        let cmz = self.send(2, layer, "CMZ", cm[2].clone(), MASK);
+        let (u, v) = (self.send(2, layer, "U", &u, MASK), self.send(2, layer, "V", &v, MASK));
+        let cmz = self.send(2, layer, "CMZ", &cm[2], MASK);
         let started = Instant::now();
-        let z: Vec<u64> =
-            op.eval(&u, &v).iter().zip(&cmz).map(|(&x, &m)| field::reduce((x as i64 - m as i64) as u64)).collect();
+        let z = masked(op.eval(u, v), cmz);
         let t2 = started.elapsed().as_secs_f64();
         self.received(2, layer, "Z", &z);
         for (side, t) in self.sides.iter_mut().zip([t0, t1, t2]) {
             side.seconds += t;
         }
 
+        let started = Instant::now();
         let c = field::sum(&[&c0, &c1, &z, &cm[0], &cm[1], &cm[2]]);
+        self.phase("reconstruct", started);
+        let started = Instant::now();
         let c = self.checked(layer, op, a, b, c)?;
+        self.phase("check", started);
+        let started = Instant::now();
         let scale = quant::product_scale(a.exp, b.exp);
-        Ok(c.iter().map(|&w| (w as i64 as f64 * scale) as f32).collect())
+        let out = c.iter().map(|&w| (w as i64 as f64 * scale) as f32).collect();
+        self.phase("dequantise", started);
+        Ok(out)
     }
 
     /// `c` if it is the exact product; the exact product recomputed here if `c` wrapped around
@@ -230,6 +251,16 @@ impl Servers {
         self.recomputed += 1;
         Ok(exact)
     }
+}
+
+/// `(x - s, x - m)` in one pass: the second share and the masked operand.
+fn split(x: &[u64], s: &[u64], m: &[u64]) -> (Vec<u64>, Vec<u64>) {
+    let (mut share, mut masked) = (Vec::with_capacity(x.len()), Vec::with_capacity(x.len()));
+    for ((&x, &s), &m) in x.iter().zip(s).zip(m) {
+        share.push(field::sub_one(x, s));
+        masked.push(field::sub_one(x, m));
+    }
+    (share, masked)
 }
 
 fn add_words(acc: &mut [u64], x: &[u64]) {

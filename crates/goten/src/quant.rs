@@ -8,7 +8,6 @@
 //! can round to 128, and are clamped to 127. The rounding noise comes from a stream of its own
 //! (Goten's prototype derives it from the bits of the share mask).
 
-use crate::field;
 use trustsplit_cryptgpu::prg::Prg;
 
 /// Quantised values: integers in `[-128, 127]` as field words, and the tensor's exponent.
@@ -48,8 +47,8 @@ pub fn quantise(x: &[f32], noise: &mut Prg, what: &str) -> Result<Quantised, Str
         .map(|(&v, w)| {
             // 53 bits of the word: u uniform on [0, 1) at f64's resolution.
             let u = (w >> 11) as f64 * (1.0 / (1u64 << 53) as f64);
-            let q = (v as f64 * scale + u).floor().clamp(-128.0, 127.0) as i64;
-            field::centre(q) as u64
+            // In [-128, 127]: centred already.
+            (v as f64 * scale + u).floor().clamp(-128.0, 127.0) as i64 as u64
         })
         .collect();
     Ok(Quantised { values, exp })
