@@ -217,8 +217,9 @@ impl Placement for GotenPlacement {
 
     fn report(&self) -> PlacementReport {
         let s = self.servers();
-        let mut report = PlacementReport::default();
-        report.enclave_phase_seconds = s.phases.iter().map(|(k, v)| (k.to_string(), *v)).collect();
-        report
+        PlacementReport {
+            enclave_phase_seconds: s.phases.iter().map(|(k, v)| (k.to_string(), *v)).collect(),
+            ..Default::default()
+        }
     }
 }
