@@ -12,6 +12,7 @@ use trustsplit_boundary::{KeyPair, Transcript};
 use trustsplit_cryptgpu::party::MpcError;
 use trustsplit_cryptgpu::scheme::{self as cryptgpu, CryptgpuOptions};
 use trustsplit_cryptgpu::session::Session;
+use trustsplit_goten::scheme::{self as goten, GotenOptions};
 use trustsplit_nn::optim::Optimizer;
 use trustsplit_nn::Model;
 use trustsplit_schemes::asymml::{self, AsymmlOptions, PrivacySummary};
@@ -91,7 +92,7 @@ pub static SCHEMES: &[SchemeEntry] = &[
     SchemeEntry::new(&gpu_only::INFO, |i, _| gpu_only::build(i)),
     SchemeEntry::new(&asymml::INFO, |i, o| asymml::build(i, &o.asymml)).summarised(asymml::describe_run, asymml::describe_evaluation),
     SchemeEntry::parties(&cryptgpu::INFO, |m, opt, o, link| start_cryptgpu(m, opt, &o.cryptgpu, link)),
-    SchemeEntry::new(&trustsplit_goten::scheme::INFO, |i, _| trustsplit_goten::scheme::build(i)),
+    SchemeEntry::new(&goten::INFO, |i, o| goten::build(i, &o.goten)).summarised(|r, _| goten::summary_lines(r), goten::summary_lines),
 ];
 
 /// CryptGPU's parties: threads of this process, or the `trustsplit party` processes that
@@ -140,6 +141,9 @@ pub struct SchemeOptions {
     #[command(flatten)]
     #[serde(default)]
     pub cryptgpu: CryptgpuOptions,
+    #[command(flatten)]
+    #[serde(default)]
+    pub goten: GotenOptions,
 }
 
 /// A registered scheme, as `--scheme` names it and runs record it (by name).

@@ -94,6 +94,8 @@ impl GotenPlacement {
 impl Placement for GotenPlacement {
     fn begin_pass(&mut self, pass: &PassInfo) {
         self.mode = pass.mode;
+        // Offline mode: server 2's products for this pass, from the last pass's schedule.
+        self.servers().prepare();
     }
 
     fn retained_bytes(&self) -> usize {
@@ -217,8 +219,17 @@ impl Placement for GotenPlacement {
 
     fn report(&self) -> PlacementReport {
         let s = self.servers();
+        let mut counters = std::collections::BTreeMap::new();
+        counters.insert("products".to_string(), s.ops);
+        counters.insert("recomputed after a field wrap".to_string(), s.recomputed);
+        if let Some(o) = &s.offline {
+            counters.insert("made offline".to_string(), o.precomputed);
+            counters.insert("run online for want of an offline product".to_string(), o.online);
+            counters.insert("offline storage, peak bytes".to_string(), o.peak_stored_bytes);
+        }
         PlacementReport {
             enclave_phase_seconds: s.phases.iter().map(|(k, v)| (k.to_string(), *v)).collect(),
+            counters,
             ..Default::default()
         }
     }

@@ -41,6 +41,33 @@ struct UntrustedSide {
     requests: u64,
 }
 
+/// Server 2's product for one op, made ahead of time: `Z = op(U, V) - CMZ` with `U, V, CMZ`
+/// expanded from `key` (which the enclaves and server 2 hold; server 2 expands it offline, the
+/// enclave again when the op comes).
+struct Triple {
+    layer: String,
+    op: Op,
+    key: [u8; 32],
+    z: Vec<u64>,
+}
+
+/// Goten's offline mode: server 2's products for a known schedule of shapes, made before the
+/// step that uses them, so that only servers 0 and 1 are online during a step.
+#[derive(Default)]
+pub struct Offline {
+    ready: std::collections::VecDeque<Triple>,
+    /// The ops of the step being run (with their layers), in order: the next step's schedule.
+    schedule: Vec<(String, Op)>,
+    /// Bytes of `Z` stored now, and at most.
+    pub stored_bytes: u64,
+    pub peak_stored_bytes: u64,
+    /// Products made ahead of time, and ops that found none ready (run online, with server 2).
+    pub precomputed: u64,
+    pub online: u64,
+    /// Seconds server 2 spent making them.
+    pub seconds: f64,
+}
+
 /// The enclave's side of the protocol and the three untrusted sides it drives.
 pub struct Servers {
     sides: [UntrustedSide; 3],
@@ -58,6 +85,8 @@ pub struct Servers {
     /// Results that wrapped around the field and were recomputed in the enclave.
     pub recomputed: u64,
     pub ops: u64,
+    /// Set in the offline mode.
+    pub offline: Option<Offline>,
     /// Enclave seconds by phase: quantise, share, masks, reconstruct, check, dequantise.
     pub phases: std::collections::BTreeMap<&'static str, f64>,
     /// Every value each untrusted side was sent, by name, when recording (tests; the attacks of
@@ -93,9 +122,58 @@ impl Servers {
             checks: Prg::from_key(key()?),
             recomputed: 0,
             ops: 0,
+            offline: None,
             phases: Default::default(),
             views: None,
         })
+    }
+
+    /// Turns on the offline mode: [`Servers::prepare`] then makes server 2's products ahead of
+    /// each step.
+    pub fn go_offline(&mut self) {
+        self.offline = Some(Offline::default());
+    }
+
+    /// Offline mode: server 2 makes the products of the schedule the last step ran (the next
+    /// step runs the same one, unless the batch size changes); nothing otherwise. Its keys and
+    /// products stay with server 2 and its result `Z` is stored until the op comes.
+    pub fn prepare(&mut self) {
+        let Some(offline) = self.offline.as_mut() else { return };
+        let schedule = std::mem::take(&mut offline.schedule);
+        let started = Instant::now();
+        for (layer, op) in schedule {
+            let mut key = [0u8; 32];
+            for (chunk, w) in key.chunks_exact_mut(8).zip(self.beaver.ring(4)) {
+                chunk.copy_from_slice(&w.to_le_bytes());
+            }
+            let (u, v, cmz) = expand(key, op);
+            const OFFLINE: &str = "uniform randomness, independent of the data (offline)";
+            let (u, v) = (self.send(2, &layer, "U", &u, OFFLINE), self.send(2, &layer, "V", &v, OFFLINE));
+            let cmz = self.send(2, &layer, "CMZ", &cmz, OFFLINE);
+            let z: Vec<u64> =
+                op.eval(u, v).iter().zip(cmz).map(|(&x, &m)| field::reduce((x as i64 - m as i64) as u64)).collect();
+            let offline = self.offline.as_mut().expect("offline");
+            offline.stored_bytes += z.len() as u64 * 8;
+            offline.peak_stored_bytes = offline.peak_stored_bytes.max(offline.stored_bytes);
+            offline.precomputed += 1;
+            offline.ready.push_back(Triple { layer, op, key, z });
+        }
+        let offline = self.offline.as_mut().expect("offline");
+        offline.seconds += started.elapsed().as_secs_f64();
+    }
+
+    /// The offline product for `op`, if one is ready (triples for another schedule are dropped).
+    fn take_triple(&mut self, layer: &str, op: Op) -> Option<Triple> {
+        let offline = self.offline.as_mut()?;
+        offline.schedule.push((layer.to_string(), op));
+        while let Some(t) = offline.ready.pop_front() {
+            offline.stored_bytes -= t.z.len() as u64 * 8;
+            if t.op == op && t.layer == layer {
+                return Some(t);
+            }
+        }
+        offline.online += 1;
+        None
     }
 
     /// Keeps a copy of every value sent to each untrusted side from now on.
@@ -115,7 +193,9 @@ impl Servers {
             t.bytes_received += s.bytes_out;
             t.requests += s.requests;
         }
-        t.seconds = self.sides.iter().map(|s| s.seconds).sum();
+        // Server 2's offline products run between steps here: device time too.
+        t.seconds =
+            self.sides.iter().map(|s| s.seconds).sum::<f64>() + self.offline.as_ref().map_or(0.0, |o| o.seconds);
         t
     }
 
@@ -176,12 +256,19 @@ impl Servers {
         let (n_a, n_b, n_c) = (op.a_len(), op.b_len(), op.out_len());
         let started = Instant::now();
         let (a0, b0) = (field::uniform(&mut self.shares, n_a), field::uniform(&mut self.shares, n_b));
-        let (u, v) = (field::uniform(&mut self.beaver, n_a), field::uniform(&mut self.beaver, n_b));
+        let triple = self.take_triple(layer, op);
+        let (u, v, cmz) = match &triple {
+            Some(t) => expand(t.key, op),
+            None => {
+                let (u, v) = (field::uniform(&mut self.beaver, n_a), field::uniform(&mut self.beaver, n_b));
+                (u, v, field::uniform(&mut self.masks, n_c))
+            }
+        };
         let (a1, e) = split(&a.values, &a0, &u);
         let (b1, f) = split(&b.values, &b0, &v);
         self.phase("share", started);
         let started = Instant::now();
-        let cm: [Vec<u64>; 3] = std::array::from_fn(|_| field::uniform(&mut self.masks, n_c));
+        let cm: [Vec<u64>; 3] = [field::uniform(&mut self.masks, n_c), field::uniform(&mut self.masks, n_c), cmz];
         self.phase("masks", started);
         let masked = |x: Vec<u64>, m: &[u64]| -> Vec<u64> {
             x.iter().zip(m).map(|(&x, &m)| field::reduce((x as i64 - m as i64) as u64)).collect()
@@ -209,12 +296,17 @@ impl Servers {
         let t1 = started.elapsed().as_secs_f64();
         self.received(1, layer, "C1", &c1);
 
-        // Server 2: Z = op(U, V) - CMZ.
-        let (u, v) = (self.send(2, layer, "U", &u, MASK), self.send(2, layer, "V", &v, MASK));
-        let cmz = self.send(2, layer, "CMZ", &cm[2], MASK);
-        let started = Instant::now();
-        let z = masked(op.eval(u, v), cmz);
-        let t2 = started.elapsed().as_secs_f64();
+        // Server 2: Z = op(U, V) - CMZ, now or (offline mode) made ahead of time.
+        let (z, t2) = match triple {
+            Some(t) => (t.z, 0.0),
+            None => {
+                let (u, v) = (self.send(2, layer, "U", &u, MASK), self.send(2, layer, "V", &v, MASK));
+                let cmz = self.send(2, layer, "CMZ", &cm[2], MASK);
+                let started = Instant::now();
+                let z = masked(op.eval(u, v), cmz);
+                (z, started.elapsed().as_secs_f64())
+            }
+        };
         self.received(2, layer, "Z", &z);
         for (side, t) in self.sides.iter_mut().zip([t0, t1, t2]) {
             side.seconds += t;
@@ -251,6 +343,15 @@ impl Servers {
         self.recomputed += 1;
         Ok(exact)
     }
+}
+
+/// `U, V, CMZ` of an offline product, from its key.
+fn expand(key: [u8; 32], op: Op) -> (Vec<u64>, Vec<u64>, Vec<u64>) {
+    let mut prg = Prg::from_key(key);
+    let u = field::uniform(&mut prg, op.a_len());
+    let v = field::uniform(&mut prg, op.b_len());
+    let cmz = field::uniform(&mut prg, op.out_len());
+    (u, v, cmz)
 }
 
 /// `(x - s, x - m)` in one pass: the second share and the masked operand.

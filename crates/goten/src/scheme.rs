@@ -2,9 +2,10 @@
 
 use crate::placement::{lock, GotenPlacement};
 use crate::protocol::Servers;
+use serde::{Deserialize, Serialize};
 use std::sync::{Arc, Mutex};
 use trustsplit_device::DeviceStats;
-use trustsplit_schemes::{RunnerError, RunnerInputs, SchemeInfo, SplitRunner};
+use trustsplit_schemes::{RunnerError, RunnerInputs, SchemeInfo, SchemeReport, SplitRunner};
 
 pub const INFO: SchemeInfo = SchemeInfo {
     name: "goten",
@@ -14,10 +15,26 @@ pub const INFO: SchemeInfo = SchemeInfo {
     docs: "docs/schemes/goten.md",
 };
 
+/// Goten's settings.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "cli", derive(clap::Args))]
+pub struct GotenOptions {
+    /// goten: the offline mode. Server 2's products for a step are made ahead of it (for the
+    /// schedule of shapes the previous step ran), so that only servers 0 and 1 compute during
+    /// a step; the summary reports the storage they take. In one process they are made between
+    /// steps and counted as device time.
+    #[cfg_attr(feature = "cli", arg(long))]
+    #[serde(default)]
+    pub goten_offline: bool,
+}
+
 /// A runner whose linear layers run on shares across three servers' untrusted sides, in this
 /// process; the enclave keeps the rest under `memory_budget`.
-pub fn build(inputs: RunnerInputs) -> Result<SplitRunner, RunnerError> {
-    let servers = Servers::new(inputs.transcript.clone()).map_err(RunnerError::Placement)?;
+pub fn build(inputs: RunnerInputs, options: &GotenOptions) -> Result<SplitRunner, RunnerError> {
+    let mut servers = Servers::new(inputs.transcript.clone()).map_err(RunnerError::Placement)?;
+    if options.goten_offline {
+        servers.go_offline();
+    }
     let servers = Arc::new(Mutex::new(servers));
     let handle = servers.clone();
     let stats = Box::new(move || {
@@ -36,4 +53,25 @@ pub fn build(inputs: RunnerInputs) -> Result<SplitRunner, RunnerError> {
         inputs.transcript,
         Some(stats),
     )
+}
+
+/// The lines Goten adds to a run's summary: its products, and the offline mode's storage.
+pub fn summary_lines(report: &SchemeReport) -> Vec<String> {
+    let c = &report.placement.counters;
+    let get = |k: &str| c.get(k).copied().unwrap_or(0);
+    let mut lines = vec![format!(
+        "goten: {} products on shares across the three servers; {} recomputed in the enclave after a field wrap",
+        get("products"),
+        get("recomputed after a field wrap")
+    )];
+    if c.contains_key("made offline") {
+        lines.push(format!(
+            "goten offline: {} of server 2's products made ahead of their step ({} run online for want of one); \
+             peak storage {:.1} MB",
+            get("made offline"),
+            get("run online for want of an offline product"),
+            get("offline storage, peak bytes") as f64 / 1e6
+        ));
+    }
+    lines
 }

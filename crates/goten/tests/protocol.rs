@@ -190,3 +190,30 @@ fn each_untrusted_side_sees_only_uniform_values() {
     let (a0, a1) = (&servers.view(0)[0].1, &servers.view(1)[0].1);
     assert!(a0.iter().zip(a1).all(|(&x, &y)| field::centre(x as i64 + y as i64) == 100));
 }
+
+#[test]
+fn offline_products_give_the_same_results_and_leave_server_2_idle_online() {
+    let mut rng = ChaCha8Rng::seed_from_u64(44);
+    let mut servers = Servers::new(Arc::new(Transcript::new())).unwrap();
+    servers.go_offline();
+    let schedule = ops(&mut rng);
+    let operands: Vec<(Quantised, Quantised)> =
+        schedule.iter().map(|op| (quantised(&mut rng, op.a_len()), quantised(&mut rng, op.b_len()))).collect();
+    for round in 0..3 {
+        servers.prepare();
+        servers.record_views();
+        for (i, (op, (a, b))) in schedule.iter().zip(&operands).enumerate() {
+            let got = servers.outsource(&format!("layers.{i}"), *op, a, b).unwrap();
+            let scale = product_scale(a.exp, b.exp);
+            let exact: Vec<f32> =
+                op.eval(&a.values, &b.values).iter().map(|&w| (w as i64 as f64 * scale) as f32).collect();
+            assert_eq!(got, exact, "round {round}, {op:?}");
+        }
+        // From the second round on, server 2 was sent nothing while the ops ran.
+        assert_eq!(servers.view(2).is_empty(), round > 0, "round {round}");
+    }
+    let o = servers.offline.as_ref().unwrap();
+    assert_eq!((o.precomputed, o.online), (12, 6));
+    assert_eq!(o.stored_bytes, 0);
+    assert_eq!(o.peak_stored_bytes, schedule.iter().map(|op| op.out_len() as u64 * 8).sum::<u64>());
+}

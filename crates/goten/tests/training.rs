@@ -74,7 +74,7 @@ fn inputs(transcript: Arc<Transcript>) -> RunnerInputs<'static> {
 #[test]
 fn a_step_on_shares_follows_plaintexts_step_and_sends_only_shares() {
     let transcript = Arc::new(Transcript::keeping_records());
-    let mut goten = trustsplit_goten::scheme::build(inputs(transcript.clone())).unwrap();
+    let mut goten = trustsplit_goten::scheme::build(inputs(transcript.clone()), &Default::default()).unwrap();
     let mut plain = plaintext::build(inputs(Arc::new(Transcript::new()))).unwrap();
     for seed in [1, 2] {
         let (g, p) = (update(&mut goten, seed), update(&mut plain, seed));

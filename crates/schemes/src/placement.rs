@@ -53,6 +53,9 @@ pub struct PlacementReport {
     /// Where the scheme verifies the device's results: the values checked and the closest any
     /// came to its tolerance. `None`: the device's results are not verified.
     pub device_checks: Option<crate::device_check::CheckTally>,
+    /// The placement's own counters, by name (Goten: products outsourced, recomputed after a
+    /// field wrap, made offline, and the offline products' peak storage).
+    pub counters: std::collections::BTreeMap<String, u64>,
 }
 
 /// A scheme's decision for the linear layers. Everything else runs inside the enclave.

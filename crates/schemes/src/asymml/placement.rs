@@ -1039,6 +1039,7 @@ impl Placement for Asymml {
             privacy: Some(privacy),
             enclave_phase_seconds: self.phases.borrow().iter().map(|(k, v)| (k.to_string(), *v)).collect(),
             device_checks: self.cfg.verify_device.then_some(self.checked),
+            counters: Default::default(),
         }
     }
 }
