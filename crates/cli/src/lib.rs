@@ -7,6 +7,7 @@ pub mod data_fetch;
 pub mod devices;
 pub mod enclave_cmd;
 pub mod eval;
+pub mod goten_cmd;
 pub mod memory_tuning;
 pub mod party_cmd;
 pub mod progress;

@@ -47,6 +47,10 @@ enum Command {
     /// the other two over authenticated, encrypted links, serves one run of the data owner
     /// (`train`, `eval` or `bench step` with --peers), then exits. It sees only random shares.
     Party(trustsplit::party_cmd::PartyArgs),
+    /// Run one of Goten's three servers' untrusted sides (--scheme goten) as its own process: it
+    /// serves the enclave of one run over an authenticated, encrypted link, computing on shares
+    /// and masks only, then exits.
+    GotenServer(trustsplit::goten_cmd::GotenServerArgs),
     /// Make a key pair for the links between processes: writes the secret key to --out and prints
     /// the public key (64 hex digits) on stdout, for the peers' --allow, --device-key or
     /// --owner-key.
@@ -433,6 +437,7 @@ fn main() {
         Command::Device(d) => run_device(d),
         Command::Keygen(a) => run_keygen(a),
         Command::Party(a) => trustsplit::party_cmd::run_party(a),
+        Command::GotenServer(a) => trustsplit::goten_cmd::run_goten_server(a),
         Command::Enclave(a) => trustsplit::enclave_cmd::run_enclave(a),
         Command::Upload(a) => trustsplit::enclave_cmd::run_upload(a),
         Command::Train(a) => run_train(a),

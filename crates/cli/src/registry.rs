@@ -254,7 +254,10 @@ pub fn build_runner(
     match scheme.entry().build {
         Build::Split(build) => {
             let inputs = RunnerInputs { devices, memory_budget, transcript, training };
-            Ok(Runner::Split(build(inputs, options).with_context(|| format!("setting up scheme {scheme}"))?))
+            // Goten's servers are reached with the same key as devices.
+            let mut options = options.clone();
+            options.goten.enclave_key = link.key.clone();
+            Ok(Runner::Split(build(inputs, &options).with_context(|| format!("setting up scheme {scheme}"))?))
         }
         Build::Parties(build) => {
             let session = build(model, opt, options, link).with_context(|| format!("setting up scheme {scheme}"))?;

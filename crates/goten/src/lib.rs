@@ -9,11 +9,15 @@
 //! - [`quant`]: dynamic 8-bit stochastic quantisation.
 //! - [`ops`]: the six bilinear ops, exact on field elements, and the check of a result.
 //! - [`protocol`]: one op on shares across the three untrusted sides.
+//! - [`server`]: an untrusted side's computations, in this process or as `trustsplit goten-server`;
+//!   [`network`]: the servers' links.
 //! - [`placement`]: the layers that go to the servers; [`scheme`]: `--scheme goten`.
 
 pub mod field;
+pub mod network;
 pub mod ops;
 pub mod placement;
 pub mod protocol;
 pub mod quant;
 pub mod scheme;
+pub mod server;

@@ -26,6 +26,8 @@ pub struct GotenPlacement {
     linear_saved: HashMap<String, (Quantised, Quantised)>,
     /// Layers whose input is the model's input: no input gradient is needed.
     input_layers: Vec<String>,
+    /// A failure outside a call that can return it (preparing offline products).
+    failure: Option<String>,
 }
 
 pub(crate) fn lock(m: &Mutex<Servers>) -> MutexGuard<'_, Servers> {
@@ -73,11 +75,22 @@ fn conv_shape(conv: &Conv2d, xs: &[usize]) -> PlacementResult<ConvShape> {
 
 impl GotenPlacement {
     pub fn new(servers: Arc<Mutex<Servers>>) -> GotenPlacement {
-        GotenPlacement { servers, mode: Mode::Eval, linear_saved: HashMap::new(), input_layers: Vec::new() }
+        GotenPlacement {
+            servers,
+            mode: Mode::Eval,
+            linear_saved: HashMap::new(),
+            input_layers: Vec::new(),
+            failure: None,
+        }
     }
 
     fn servers(&self) -> MutexGuard<'_, Servers> {
         lock(&self.servers)
+    }
+
+    /// The failure `begin_pass` could not return.
+    fn check_failure(&mut self) -> PlacementResult<()> {
+        self.failure.take().map_or(Ok(()), Err)
     }
 
     fn note_input(&mut self, layer: &str, is_input: bool) {
@@ -94,8 +107,12 @@ impl GotenPlacement {
 impl Placement for GotenPlacement {
     fn begin_pass(&mut self, pass: &PassInfo) {
         self.mode = pass.mode;
-        // Offline mode: server 2's products for this pass, from the last pass's schedule.
-        self.servers().prepare();
+        // Offline mode: server 2's products for this pass, from the last pass's schedule. A
+        // failure here leaves the pass to run them online (and the next call to report it).
+        let prepared = self.servers().prepare();
+        if let Err(e) = prepared {
+            self.failure = Some(e);
+        }
     }
 
     fn retained_bytes(&self) -> usize {
@@ -110,6 +127,7 @@ impl Placement for GotenPlacement {
         x: &Tensor,
         mode: Mode,
     ) -> PlacementResult<(Tensor, Saved)> {
+        self.check_failure()?;
         self.note_input(layer, is_input);
         let shape = conv_shape(conv, x.shape())?;
         let mut servers = self.servers();
@@ -168,6 +186,7 @@ impl Placement for GotenPlacement {
     }
 
     fn linear_forward(&mut self, layer: &str, is_input: bool, lin: &Linear, x: &Tensor) -> PlacementResult<Tensor> {
+        self.check_failure()?;
         self.note_input(layer, is_input);
         let (n, k, m) = (x.shape()[0], x.len() / x.shape()[0].max(1), lin.weight.shape()[0]);
         if lin.weight.shape() != [m, k] {

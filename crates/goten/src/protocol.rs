@@ -22,9 +22,10 @@
 use crate::field;
 use crate::ops::Op;
 use crate::quant::{self, Quantised};
+use crate::server;
 use std::sync::Arc;
 use std::time::Instant;
-use trustsplit_boundary::{ReleaseInfo, Released, Transcript};
+use trustsplit_boundary::{Channel, ChannelError, ReleaseInfo, Released, Transcript};
 use trustsplit_cryptgpu::prg::Prg;
 
 const SCHEME: &str = "goten";
@@ -48,7 +49,11 @@ struct Triple {
     layer: String,
     op: Op,
     key: [u8; 32],
-    z: Vec<u64>,
+    /// Its number on server 2.
+    id: u64,
+    /// `Z`, where server 2 runs in this process (a remote server 2 keeps it).
+    z: Option<Vec<u64>>,
+    bytes: u64,
 }
 
 /// Goten's offline mode: server 2's products for a known schedule of shapes, made before the
@@ -68,9 +73,20 @@ pub struct Offline {
     pub seconds: f64,
 }
 
+/// Where a server's untrusted side runs.
+pub enum Side {
+    /// In this process.
+    Local,
+    /// A `trustsplit goten-server` process behind an authenticated, encrypted link.
+    Remote { link: Box<dyn Channel + Send>, name: String },
+}
+
 /// The enclave's side of the protocol and the three untrusted sides it drives.
 pub struct Servers {
     sides: [UntrustedSide; 3],
+    links: [Side; 3],
+    /// The number of the next offline product.
+    next_triple: u64,
     transcript: Arc<Transcript>,
     /// `A0, B0` (in Goten, common to servers 0 and 1).
     shares: Prg,
@@ -112,8 +128,15 @@ fn key() -> Result<[u8; 32], String> {
 impl Servers {
     /// Fresh streams keyed from the OS.
     pub fn new(transcript: Arc<Transcript>) -> Result<Servers, String> {
+        Servers::with_sides(transcript, [Side::Local, Side::Local, Side::Local])
+    }
+
+    /// Servers whose untrusted sides are `links` (server 0, 1, 2).
+    pub fn with_sides(transcript: Arc<Transcript>, links: [Side; 3]) -> Result<Servers, String> {
         Ok(Servers {
             sides: Default::default(),
+            links,
+            next_triple: 0,
             transcript,
             shares: Prg::from_key(key()?),
             beaver: Prg::from_key(key()?),
@@ -137,8 +160,8 @@ impl Servers {
     /// Offline mode: server 2 makes the products of the schedule the last step ran (the next
     /// step runs the same one, unless the batch size changes); nothing otherwise. Its keys and
     /// products stay with server 2 and its result `Z` is stored until the op comes.
-    pub fn prepare(&mut self) {
-        let Some(offline) = self.offline.as_mut() else { return };
+    pub fn prepare(&mut self) -> Result<(), String> {
+        let Some(offline) = self.offline.as_mut() else { return Ok(()) };
         let schedule = std::mem::take(&mut offline.schedule);
         let started = Instant::now();
         for (layer, op) in schedule {
@@ -150,16 +173,28 @@ impl Servers {
             const OFFLINE: &str = "uniform randomness, independent of the data (offline)";
             let (u, v) = (self.send(2, &layer, "U", &u, OFFLINE), self.send(2, &layer, "V", &v, OFFLINE));
             let cmz = self.send(2, &layer, "CMZ", &cmz, OFFLINE);
-            let z: Vec<u64> =
-                op.eval(u, v).iter().zip(cmz).map(|(&x, &m)| field::reduce((x as i64 - m as i64) as u64)).collect();
+            let id = self.next_triple;
+            self.next_triple += 1;
+            let z = match &mut self.links[2] {
+                Side::Local => Some(server::compute(2, &op, &[u, v, cmz])),
+                Side::Remote { link, name } => {
+                    let mut payload = vec![id];
+                    payload.extend_from_slice(&server::encode_op(&op));
+                    [u, v, cmz].iter().for_each(|x| payload.extend_from_slice(x));
+                    remote_call(link.as_mut(), name, 2, server::tag::PREPARE, &payload, server::tag::READY, 0)?;
+                    None
+                }
+            };
+            let bytes = op.out_len() as u64 * 8;
             let offline = self.offline.as_mut().expect("offline");
-            offline.stored_bytes += z.len() as u64 * 8;
+            offline.stored_bytes += bytes;
             offline.peak_stored_bytes = offline.peak_stored_bytes.max(offline.stored_bytes);
             offline.precomputed += 1;
-            offline.ready.push_back(Triple { layer, op, key, z });
+            offline.ready.push_back(Triple { layer, op, key, id, z, bytes });
         }
         let offline = self.offline.as_mut().expect("offline");
         offline.seconds += started.elapsed().as_secs_f64();
+        Ok(())
     }
 
     /// The offline product for `op`, if one is ready (triples for another schedule are dropped).
@@ -167,7 +202,7 @@ impl Servers {
         let offline = self.offline.as_mut()?;
         offline.schedule.push((layer.to_string(), op));
         while let Some(t) = offline.ready.pop_front() {
-            offline.stored_bytes -= t.z.len() as u64 * 8;
+            offline.stored_bytes -= t.bytes;
             if t.op == op && t.layer == layer {
                 return Some(t);
             }
@@ -270,47 +305,37 @@ impl Servers {
         let started = Instant::now();
         let cm: [Vec<u64>; 3] = [field::uniform(&mut self.masks, n_c), field::uniform(&mut self.masks, n_c), cmz];
         self.phase("masks", started);
-        let masked = |x: Vec<u64>, m: &[u64]| -> Vec<u64> {
-            x.iter().zip(m).map(|(&x, &m)| field::reduce((x as i64 - m as i64) as u64)).collect()
-        };
-
         // Server 0: C0 = op(A0, F) + op(E, B0 - F) - CM0.
         let (a0, b0) = (self.send(0, layer, "A0", &a0, SHARE), self.send(0, layer, "B0", &b0, SHARE));
         let (e0, f0) = (self.send(0, layer, "E", &e, MASKED), self.send(0, layer, "F", &f, MASKED));
         let cm0 = self.send(0, layer, "CM0", &cm[0], MASK);
-        let started = Instant::now();
-        let mut c0 = op.eval(a0, f0);
-        add_words(&mut c0, &op.eval(e0, &field::sub(b0, f0)));
-        let c0 = masked(c0, cm0);
-        let t0 = started.elapsed().as_secs_f64();
+        let c0 = self.run_side(0, op, &[a0, b0, e0, f0, cm0])?;
         self.received(0, layer, "C0", &c0);
 
         // Server 1: C1 = op(A1, F) + op(E, B1) - CM1.
         let (a1, b1) = (self.send(1, layer, "A1", &a1, SHARE), self.send(1, layer, "B1", &b1, SHARE));
         let (e1, f1) = (self.send(1, layer, "E", &e, MASKED), self.send(1, layer, "F", &f, MASKED));
         let cm1 = self.send(1, layer, "CM1", &cm[1], MASK);
-        let started = Instant::now();
-        let mut c1 = op.eval(a1, f1);
-        add_words(&mut c1, &op.eval(e1, b1));
-        let c1 = masked(c1, cm1);
-        let t1 = started.elapsed().as_secs_f64();
+        let c1 = self.run_side(1, op, &[a1, b1, e1, f1, cm1])?;
         self.received(1, layer, "C1", &c1);
 
         // Server 2: Z = op(U, V) - CMZ, now or (offline mode) made ahead of time.
-        let (z, t2) = match triple {
-            Some(t) => (t.z, 0.0),
+        let z = match triple {
+            Some(Triple { z: Some(z), .. }) => z,
+            Some(Triple { id, .. }) => {
+                let started = Instant::now();
+                let Side::Remote { link, name } = &mut self.links[2] else { unreachable!("a local Z is kept") };
+                let z = remote_call(link.as_mut(), name, 2, server::tag::TAKE, &[id], server::tag::RESULT, n_c)?;
+                self.sides[2].seconds += started.elapsed().as_secs_f64();
+                z
+            }
             None => {
                 let (u, v) = (self.send(2, layer, "U", &u, MASK), self.send(2, layer, "V", &v, MASK));
                 let cmz = self.send(2, layer, "CMZ", &cm[2], MASK);
-                let started = Instant::now();
-                let z = masked(op.eval(u, v), cmz);
-                (z, started.elapsed().as_secs_f64())
+                self.run_side(2, op, &[u, v, cmz])?
             }
         };
         self.received(2, layer, "Z", &z);
-        for (side, t) in self.sides.iter_mut().zip([t0, t1, t2]) {
-            side.seconds += t;
-        }
 
         let started = Instant::now();
         let c = field::sum(&[&c0, &c1, &z, &cm[0], &cm[1], &cm[2]]);
@@ -322,6 +347,29 @@ impl Servers {
         let scale = quant::product_scale(a.exp, b.exp);
         let out = c.iter().map(|&w| (w as i64 as f64 * scale) as f32).collect();
         self.phase("dequantise", started);
+        Ok(out)
+    }
+
+    /// Server `role`'s result for `op` on `operands`, computed here or on its process.
+    fn run_side(&mut self, role: usize, op: Op, operands: &[&[u64]]) -> Result<Vec<u64>, String> {
+        let started = Instant::now();
+        let out = match &mut self.links[role] {
+            Side::Local => server::compute(role, &op, operands),
+            Side::Remote { link, name } => {
+                let mut payload = server::encode_op(&op).to_vec();
+                operands.iter().for_each(|x| payload.extend_from_slice(x));
+                remote_call(
+                    link.as_mut(),
+                    name,
+                    role,
+                    server::tag::COMPUTE,
+                    &payload,
+                    server::tag::RESULT,
+                    op.out_len(),
+                )?
+            }
+        };
+        self.sides[role].seconds += started.elapsed().as_secs_f64();
         Ok(out)
     }
 
@@ -345,6 +393,47 @@ impl Servers {
     }
 }
 
+/// Sends one request to a remote server and takes its answer of exactly `words` words (or the
+/// reason it failed).
+fn remote_call(
+    link: &mut dyn Channel,
+    name: &str,
+    role: usize,
+    tag: u16,
+    payload: &[u64],
+    answer: u16,
+    words: usize,
+) -> Result<Vec<u64>, String> {
+    let failed = |e: ChannelError| format!("goten server {role} at {name}: {e}");
+    link.send(tag, &server::to_bytes(payload)).map_err(failed)?;
+    let frame = link.recv_limited((words * 8).max(1 << 16)).map_err(failed)?;
+    if frame.tag == server::tag::FAILED {
+        return Err(format!(
+            "goten server {role} at {name} failed: {}",
+            trustsplit_boundary::printable(&frame.payload)
+        ));
+    }
+    if frame.tag != answer || frame.payload.len() != words * 8 {
+        return Err(format!(
+            "goten server {role} at {name} answered tag {:#06x} with {} bytes, expected {answer:#06x} with {}",
+            frame.tag,
+            frame.payload.len(),
+            words * 8
+        ));
+    }
+    Ok(frame.payload.chunks_exact(8).map(|c| u64::from_le_bytes(c.try_into().expect("8 bytes"))).collect())
+}
+
+impl Drop for Servers {
+    fn drop(&mut self) {
+        for side in &mut self.links {
+            if let Side::Remote { link, .. } = side {
+                let _ = link.send(server::tag::STOP, &[]);
+            }
+        }
+    }
+}
+
 /// `U, V, CMZ` of an offline product, from its key.
 fn expand(key: [u8; 32], op: Op) -> (Vec<u64>, Vec<u64>, Vec<u64>) {
     let mut prg = Prg::from_key(key);
@@ -362,8 +451,4 @@ fn split(x: &[u64], s: &[u64], m: &[u64]) -> (Vec<u64>, Vec<u64>) {
         masked.push(field::sub_one(x, m));
     }
     (share, masked)
-}
-
-fn add_words(acc: &mut [u64], x: &[u64]) {
-    acc.iter_mut().zip(x).for_each(|(a, b)| *a = a.wrapping_add(*b));
 }

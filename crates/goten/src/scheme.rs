@@ -1,9 +1,12 @@
 //! Goten as a `--scheme`: its description and the runner a run starts.
 
+use crate::network;
 use crate::placement::{lock, GotenPlacement};
 use crate::protocol::Servers;
 use serde::{Deserialize, Serialize};
+use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
+use trustsplit_boundary::{KeyPair, PublicKey};
 use trustsplit_device::DeviceStats;
 use trustsplit_schemes::{RunnerError, RunnerInputs, SchemeInfo, SchemeReport, SplitRunner};
 
@@ -26,12 +29,51 @@ pub struct GotenOptions {
     #[cfg_attr(feature = "cli", arg(long))]
     #[serde(default)]
     pub goten_offline: bool,
+    /// goten: the three `trustsplit goten-server` processes, server 0, 1, 2 in order (their
+    /// --listen as this machine reaches them), reached over the authenticated, encrypted link
+    /// with this side's --key. Without it the servers' untrusted sides run in this process.
+    #[cfg_attr(feature = "cli", arg(long, value_name = "HOST:PORT,HOST:PORT,HOST:PORT", value_delimiter = ','))]
+    // Where the servers run is not part of a run's identity: a run may resume elsewhere.
+    #[serde(skip)]
+    pub goten_servers: Vec<String>,
+    /// goten with --goten-servers: the servers' public keys (64 hex digits each, as their
+    /// `trustsplit keygen` printed them), in the order of --goten-servers.
+    #[cfg_attr(feature = "cli", arg(long, value_name = "HEX,HEX,HEX", value_delimiter = ','))]
+    #[serde(skip)]
+    pub goten_keys: Vec<PublicKey>,
+    /// The enclave's key file, from the command line's --key.
+    #[cfg_attr(feature = "cli", arg(skip))]
+    #[serde(skip)]
+    pub enclave_key: Option<PathBuf>,
 }
 
 /// A runner whose linear layers run on shares across three servers' untrusted sides, in this
 /// process; the enclave keeps the rest under `memory_budget`.
 pub fn build(inputs: RunnerInputs, options: &GotenOptions) -> Result<SplitRunner, RunnerError> {
-    let mut servers = Servers::new(inputs.transcript.clone()).map_err(RunnerError::Placement)?;
+    let mut servers = if options.goten_servers.is_empty() {
+        if !options.goten_keys.is_empty() {
+            return Err(RunnerError::Placement("--goten-keys names the keys of --goten-servers; give it too".into()));
+        }
+        Servers::new(inputs.transcript.clone())
+    } else {
+        let path = options.enclave_key.as_ref().ok_or_else(|| {
+            RunnerError::Placement(
+                "--goten-servers needs --key FILE: this side's key (trustsplit keygen), which every goten-server pins \
+                 with --enclave-key"
+                    .into(),
+            )
+        })?;
+        if options.goten_keys.is_empty() {
+            return Err(RunnerError::Placement(
+                "--goten-servers needs --goten-keys HEX,HEX,HEX: the servers' public keys, in the same order".into(),
+            ));
+        }
+        let key = KeyPair::load(path).map_err(RunnerError::Placement)?;
+        let sides =
+            network::connect(&options.goten_servers, &options.goten_keys, &key).map_err(RunnerError::Placement)?;
+        Servers::with_sides(inputs.transcript.clone(), sides)
+    }
+    .map_err(RunnerError::Placement)?;
     if options.goten_offline {
         servers.go_offline();
     }

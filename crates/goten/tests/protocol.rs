@@ -200,7 +200,7 @@ fn offline_products_give_the_same_results_and_leave_server_2_idle_online() {
     let operands: Vec<(Quantised, Quantised)> =
         schedule.iter().map(|op| (quantised(&mut rng, op.a_len()), quantised(&mut rng, op.b_len()))).collect();
     for round in 0..3 {
-        servers.prepare();
+        servers.prepare().unwrap();
         servers.record_views();
         for (i, (op, (a, b))) in schedule.iter().zip(&operands).enumerate() {
             let got = servers.outsource(&format!("layers.{i}"), *op, a, b).unwrap();
