@@ -53,31 +53,48 @@ pub fn sub(a: &[u64], b: &[u64]) -> Vec<u64> {
     a.iter().zip(b).map(|(&x, &y)| sub_one(x, y)).collect()
 }
 
-/// `sum` of several vectors of centred elements, elementwise (fewer than 2^28 of them).
-pub fn sum(parts: &[&[u64]]) -> Vec<u64> {
-    let n = parts[0].len();
-    let mut acc = vec![0i64; n];
-    for p in parts {
-        acc.iter_mut().zip(p.iter()).for_each(|(a, &w)| *a += w as i64);
-    }
-    acc.into_iter().map(|v| centre_small(v) as u64).collect()
+/// The sum of six vectors of centred elements, elementwise, in one parallel pass.
+pub fn sum6(p: [&[u64]; 6]) -> Vec<u64> {
+    use rayon::prelude::*;
+    let n = p[0].len();
+    let mut out = vec![0u64; n];
+    const CHUNK: usize = 1 << 14;
+    out.par_chunks_mut(CHUNK).enumerate().for_each(|(c, o)| {
+        let at = c * CHUNK;
+        for (i, o) in o.iter_mut().enumerate() {
+            let j = at + i;
+            let v = p[0][j] as i64 + p[1][j] as i64 + p[2][j] as i64 + p[3][j] as i64 + p[4][j] as i64 + p[5][j] as i64;
+            *o = centre_small(v) as u64;
+        }
+    });
+    out
 }
 
 /// `n` uniform field elements from `prg` (21 bits at a time, values >= p rejected).
 pub fn uniform(prg: &mut Prg, n: usize) -> Vec<u64> {
-    let mut out = Vec::with_capacity(n);
+    // Three 21-bit draws per word; about 4 in a million are >= p. Draw them all at once (a pass
+    // the compiler vectorises), and only where one must be rejected take the slow path.
+    let words = prg.ring(n.div_ceil(3));
+    let draws = || words.iter().flat_map(|&w| [w & 0x1f_ffff, (w >> 21) & 0x1f_ffff, (w >> 42) & 0x1f_ffff]);
+    if draws().take(n).all(|d| (d as i64) < P) {
+        return draws().take(n).map(|d| centre_draw(d as i64)).collect();
+    }
+    let mut out: Vec<u64> = draws().filter(|&d| (d as i64) < P).map(|d| centre_draw(d as i64)).take(n).collect();
     while out.len() < n {
-        // Three 21-bit draws per word; about 3 in a million are rejected.
-        let words = prg.ring((n - out.len()).div_ceil(3) + 1);
-        for w in words {
-            for draw in [w & 0x1f_ffff, (w >> 21) & 0x1f_ffff, (w >> 42) & 0x1f_ffff] {
-                if (draw as i64) < P && out.len() < n {
-                    out.push(centre(draw as i64) as u64);
-                }
+        let w = prg.ring(1)[0];
+        for d in [w & 0x1f_ffff, (w >> 21) & 0x1f_ffff, (w >> 42) & 0x1f_ffff] {
+            if (d as i64) < P && out.len() < n {
+                out.push(centre_draw(d as i64));
             }
         }
     }
     out
+}
+
+/// A draw in `[0, p)`, centred.
+#[inline]
+fn centre_draw(d: i64) -> u64 {
+    (d - (P & -((d > HALF) as i64))) as u64
 }
 
 #[cfg(test)]

@@ -338,14 +338,17 @@ impl Servers {
         self.received(2, layer, "Z", &z);
 
         let started = Instant::now();
-        let c = field::sum(&[&c0, &c1, &z, &cm[0], &cm[1], &cm[2]]);
+        let c = field::sum6([&c0, &c1, &z, &cm[0], &cm[1], &cm[2]]);
         self.phase("reconstruct", started);
         let started = Instant::now();
         let c = self.checked(layer, op, a, b, c)?;
         self.phase("check", started);
         let started = Instant::now();
         let scale = quant::product_scale(a.exp, b.exp);
-        let out = c.iter().map(|&w| (w as i64 as f64 * scale) as f32).collect();
+        let out = {
+            use rayon::prelude::*;
+            c.par_iter().map(|&w| (w as i64 as f64 * scale) as f32).collect()
+        };
         self.phase("dequantise", started);
         Ok(out)
     }
@@ -443,12 +446,17 @@ fn expand(key: [u8; 32], op: Op) -> (Vec<u64>, Vec<u64>, Vec<u64>) {
     (u, v, cmz)
 }
 
-/// `(x - s, x - m)` in one pass: the second share and the masked operand.
+/// `(x - s, x - m)` in one parallel pass: the second share and the masked operand.
 fn split(x: &[u64], s: &[u64], m: &[u64]) -> (Vec<u64>, Vec<u64>) {
-    let (mut share, mut masked) = (Vec::with_capacity(x.len()), Vec::with_capacity(x.len()));
-    for ((&x, &s), &m) in x.iter().zip(s).zip(m) {
-        share.push(field::sub_one(x, s));
-        masked.push(field::sub_one(x, m));
-    }
+    use rayon::prelude::*;
+    const CHUNK: usize = 1 << 14;
+    let (mut share, mut masked) = (vec![0u64; x.len()], vec![0u64; x.len()]);
+    share.par_chunks_mut(CHUNK).zip(masked.par_chunks_mut(CHUNK)).enumerate().for_each(|(c, (sh, ma))| {
+        let at = c * CHUNK;
+        for i in 0..sh.len() {
+            sh[i] = field::sub_one(x[at + i], s[at + i]);
+            ma[i] = field::sub_one(x[at + i], m[at + i]);
+        }
+    });
     (share, masked)
 }

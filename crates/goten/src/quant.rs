@@ -39,18 +39,23 @@ pub fn quantise(x: &[f32], noise: &mut Prg, what: &str) -> Result<Quantised, Str
         return Ok(Quantised { values: vec![0; x.len()], exp: 0 });
     }
     let exp = (max.log2().floor() as i32).clamp(EXP_RANGE.0, EXP_RANGE.1);
-    let scale = 2f64.powi(6 - exp);
-    let words = noise.ring(x.len());
-    let values = x
-        .iter()
-        .zip(words)
-        .map(|(&v, w)| {
-            // 53 bits of the word: u uniform on [0, 1) at f64's resolution.
-            let u = (w >> 11) as f64 * (1.0 / (1u64 << 53) as f64);
-            // In [-128, 127]: centred already.
-            (v as f64 * scale + u).floor().clamp(-128.0, 127.0) as i64 as u64
-        })
-        .collect();
+    // Exact in f32: x times a power of two is exact, |x 2^(6-exp)| < 128 needs 7 integer bits,
+    // which leaves 17 bits of u's fraction: rounding probabilities to within 2^-17.
+    let scale = 2f32.powi(6 - exp);
+    // Two 24-bit uniforms per word of the stream.
+    let words = noise.ring(x.len().div_ceil(2));
+    let values = {
+        use rayon::prelude::*;
+        x.par_iter()
+            .enumerate()
+            .map(|(i, &v)| {
+                let w = words[i / 2] >> (32 * (i % 2));
+                let u = (w & 0xff_ffff) as f32 * (1.0 / (1u32 << 24) as f32);
+                // In [-128, 127]: centred already.
+                (v * scale + u).floor().clamp(-128.0, 127.0) as i64 as u64
+            })
+            .collect()
+    };
     Ok(Quantised { values, exp })
 }
 
