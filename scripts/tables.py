@@ -140,6 +140,14 @@ TABLES = {
     "ring_products": Table(("shape",), [Col("shape", "product"), Col("native_ms", "native u64 ms", 2),
                                         Col("limbs16_ms", "f64 limbs, 16-bit ms", 2), Col("limbs22_ms", "f64 limbs, 22-bit ms", 2),
                                         Col("f32_ms", "f32 GEMM ms (ceiling)", 2)]),
+    "goten_accuracy": Table(("run",), [Col("run", "run"), Col("epochs", "epochs"),
+                                       Col("test_accuracy_pct", "test accuracy", 2, "%"), Col("wall_s", "wall time", 0, " s")]),
+    "goten_steps": Table(("model", "pass", "baseline"),
+                         [Col("model", "model"), Col("pass", "pass"), Col("baseline", "baseline"),
+                          Col("baseline_enclave_ms", "baseline's enclave ms", 0), Col("goten_enclave_ms", "goten's enclave ms", 0),
+                          Col("ratio_x", "baseline / goten", 2, "x"), Col("goten_device_ms", "goten's servers' ms", 0),
+                          Col("mb_to_servers", "MB to the servers", 0),
+                          Col("phases_ms", "goten's enclave ms: share / masks / quantise / reconstruct / check")]),
     # History only (no region shows it): the sampler's timing test over the sampler's rewrites.
     "noise_sampler": Table(("measure",), [Col("measure", "measure"), Col("value", "value")]),
 }

@@ -84,6 +84,18 @@ impl Op {
         }
     }
 
+    /// Multiply-adds of the op in plaintext (the same for a layer's three products).
+    pub fn macs(&self) -> u64 {
+        match *self {
+            Op::LinearForward { n, k, m } | Op::LinearInputGrad { n, k, m } | Op::LinearWeightGrad { n, k, m } => {
+                (n * k * m) as u64
+            }
+            Op::ConvForward(s) | Op::ConvInputGrad(s) | Op::ConvWeightGrad(s) => {
+                (s.output_len() * s.in_channels * s.kernel * s.kernel) as u64
+            }
+        }
+    }
+
     /// Refuses a shape whose exact product would not fit the kernels' words.
     pub fn check_shape(&self) -> Result<(), String> {
         if self.reduction() > MAX_REDUCTION {

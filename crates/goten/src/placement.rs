@@ -247,6 +247,8 @@ impl Placement for GotenPlacement {
             counters.insert("offline storage, peak bytes".to_string(), o.peak_stored_bytes);
         }
         PlacementReport {
+            enclave_macs: s.enclave_macs,
+            device_macs: s.device_macs,
             enclave_phase_seconds: s.phases.iter().map(|(k, v)| (k.to_string(), *v)).collect(),
             counters,
             ..Default::default()

@@ -100,6 +100,10 @@ pub struct Servers {
     checks: Prg,
     /// Results that wrapped around the field and were recomputed in the enclave.
     pub recomputed: u64,
+    /// Multiply-adds the servers' devices computed (five products per op), and the enclave's
+    /// (the checks, and products recomputed after a wrap).
+    pub device_macs: u64,
+    pub enclave_macs: u64,
     pub ops: u64,
     /// Set in the offline mode.
     pub offline: Option<Offline>,
@@ -144,6 +148,8 @@ impl Servers {
             rounding: Prg::from_key(key()?),
             checks: Prg::from_key(key()?),
             recomputed: 0,
+            device_macs: 0,
+            enclave_macs: 0,
             ops: 0,
             offline: None,
             phases: Default::default(),
@@ -285,6 +291,9 @@ impl Servers {
             return Err(format!("{layer}: operands of {} and {} values for {op:?}", a.values.len(), b.values.len()));
         }
         self.ops += 1;
+        self.device_macs += 5 * op.macs();
+        // The check collapses one axis of the output: about one output channel's worth.
+        self.enclave_macs += op.macs() / op.check_len().max(1) as u64;
         const SHARE: &str = "a uniform additive share; alone it says nothing (non-collusion of servers 0 and 1)";
         const MASKED: &str = "the operand minus a uniform mask held by server 2 only: uniform to this server";
         const MASK: &str = "uniform randomness, independent of the data";
@@ -388,6 +397,7 @@ impl Servers {
             return Err(wrong());
         }
         let exact = op.eval(&a.values, &b.values);
+        self.enclave_macs += op.macs();
         if exact.iter().zip(&c).any(|(&x, &y)| field::reduce(x) != y) {
             return Err(wrong());
         }
