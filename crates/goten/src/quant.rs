@@ -43,7 +43,7 @@ pub fn quantise(x: &[f32], noise: &mut Prg, what: &str) -> Result<Quantised, Str
     // which leaves 17 bits of u's fraction: rounding probabilities to within 2^-17.
     let scale = 2f32.powi(6 - exp);
     // Two 24-bit uniforms per word of the stream.
-    let words = noise.ring(x.len().div_ceil(2));
+    let words = crate::field::words(noise, x.len().div_ceil(2));
     let values = {
         use rayon::prelude::*;
         x.par_iter()
