@@ -175,6 +175,12 @@ HEADLINE = [
      lambda c: f"{fmt(c('cryptgpu_vs_crypten', 'LeNet, average pooling', 'training', 128)['speedup_x'], 1, 'x')} faster; "
                f"{fmt(c('cryptgpu_vs_crypten', 'LeNet, average pooling', 'inference', 1)['speedup_x'], 1, 'x')} faster",
      "cryptgpu-against-crypten"),
+    ("Goten (three servers, shares in Z_p): enclave time, VGG11 training, against tee-only's (the goal was 5x below)",
+     lambda c: f"{fmt(1 / c('goten_steps', 'vgg11', 'training', 'tee-only')['ratio_x'], 1, 'x')} tee-only's",
+     "goten-enclave-time-against-tee-only-and-gpu-only"),
+    ("Full Fashion-MNIST, LeNet-5, 5 epochs: Goten test accuracy (plaintext)",
+     lambda c: f"{fmt(c('goten_accuracy', 'goten (servers in this process)')['test_accuracy_pct'], 1, '%')} "
+               f"({fmt(c('goten_accuracy', 'plaintext')['test_accuracy_pct'], 1, '%')})", "goten-accuracy-against-plaintext"),
     ("Convolution forward + backward, one thread: our time / PyTorch's",
      lambda c: "; ".join(f"{c('kernels_pytorch', k)['ratio_fwd_bwd_1t']}x on the {k}" for k in ("Xeon (AVX-512)", "Zen 3 (AVX2)")),
      "kernels-against-pytorch"),
