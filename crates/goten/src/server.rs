@@ -29,8 +29,9 @@ pub mod tag {
 
 /// The largest tensor a server takes: 2^28 values (2 GiB of words).
 const MAX_VALUES: usize = 1 << 28;
-/// The most offline products a server keeps.
+/// The most offline products a server keeps, and their most bytes.
 const MAX_STORED: usize = 1 << 16;
+const MAX_STORED_BYTES: usize = 16 << 30;
 /// Words that encode an op.
 pub const OP_WORDS: usize = 9;
 
@@ -192,8 +193,12 @@ pub fn serve(role: usize, link: &mut dyn Channel, max_frame: usize) -> Result<()
                 tag::PREPARE if role == 2 => {
                     let (id, op) = (*w.first().ok_or("an empty PREPARE")?, decode_op(w.get(1..).unwrap_or(&[]))?);
                     let parts = operands(&w[1 + OP_WORDS..], &operand_lens(2, &op))?;
-                    if stored.len() >= MAX_STORED {
-                        return Err(format!("more than {MAX_STORED} offline products waiting"));
+                    let bytes: usize = stored.iter().map(|(_, _, z)| z.len() * 8).sum::<usize>() + op.out_len() * 8;
+                    if stored.len() >= MAX_STORED || bytes > MAX_STORED_BYTES {
+                        return Err(format!(
+                            "more than {MAX_STORED} offline products or {} GiB waiting",
+                            MAX_STORED_BYTES >> 30
+                        ));
                     }
                     stored.push_back((id, op, compute(2, &op, &parts)));
                     Ok(Some((tag::READY, Vec::new())))
