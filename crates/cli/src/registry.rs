@@ -313,7 +313,7 @@ mod tests {
             let json = serde_json::to_string(&scheme).unwrap();
             assert_eq!(serde_json::from_str::<Scheme>(&json).unwrap(), scheme);
         }
-        let err = Scheme::named("goten").unwrap_err();
-        assert!(err.contains("goten") && err.contains("cryptgpu"), "{err}");
+        let err = Scheme::named("nonesuch").unwrap_err();
+        assert!(err.contains("nonesuch") && err.contains("cryptgpu") && err.contains("goten"), "{err}");
     }
 }
