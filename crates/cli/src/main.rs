@@ -231,7 +231,8 @@ enum BenchWhat {
         #[arg(long)]
         json: bool,
         /// Also time this scheme in the same run and print the enclave-time ratio (default:
-        /// tee-only when --scheme uses a device; `none` to skip). Both are warmed up first, then
+        /// tee-only for a scheme that splits a step between the enclave and untrusted hardware:
+        /// asymml, gpu-only, goten; `none` to skip). Both are warmed up first, then
         /// their measured steps alternate (baseline, scheme, baseline, ...), so that a shared
         /// host's drifting speed weighs on both alike; the ratio's range over those pairs of
         /// steps is printed too.
@@ -338,12 +339,15 @@ fn run_keygen(a: KeygenArgs) -> Result<()> {
     Ok(())
 }
 
-/// The baseline of `bench step`: named, `none`, or tee-only for asymml by default.
+/// The baseline of `bench step`: named, `none`, or by default tee-only for a scheme that splits
+/// a step between the enclave and untrusted hardware (asymml, gpu-only, goten).
 fn parse_baseline(arg: Option<&str>, scheme: Scheme) -> Result<Option<Scheme>> {
+    let splits = matches!(scheme.entry().build, trustsplit::registry::Build::Split(_))
+        && !["tee-only", "plaintext"].contains(&scheme.name());
     match arg {
         Some("none") => Ok(None),
         Some(name) => Ok(Some(name.parse().map_err(anyhow::Error::msg)?)),
-        None if scheme.info().uses_device => Ok(Some(Scheme::of(&trustsplit_schemes::tee_only::INFO))),
+        None if splits => Ok(Some(Scheme::of(&trustsplit_schemes::tee_only::INFO))),
         None => Ok(None),
     }
 }

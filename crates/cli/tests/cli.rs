@@ -107,7 +107,7 @@ fn train_json_prints_one_object() {
 
 #[test]
 fn bench_step_json_has_the_documented_keys() {
-    for scheme in ["tee-only", "gpu-only", "asymml"] {
+    for scheme in ["tee-only", "gpu-only", "asymml", "goten"] {
         let out = trustsplit()
             .args(["bench", "step", "--scheme", scheme, "--model", "lenet5", "--batch-size", "4", "--steps", "1"])
             .args(["--device", "cpu:1", "--json"])
@@ -128,7 +128,8 @@ fn bench_step_json_has_the_documented_keys() {
         if scheme == "asymml" {
             assert!(sent > released, "{v}");
         }
-        // The schemes with a device are compared with tee-only measured in the same run.
+        // The schemes that split a step with untrusted hardware are compared with tee-only
+        // measured in the same run.
         assert_eq!(v["enclave_speedup"].is_f64(), scheme != "tee-only", "{v}");
         if scheme != "tee-only" {
             assert_eq!(v["baseline"]["scheme"], "tee-only", "{v}");
