@@ -24,6 +24,10 @@ pub struct GotenServerArgs {
     /// one this server serves.
     #[arg(long, value_name = "HEX")]
     pub enclave_key: PublicKey,
+    /// Write this server's own transcript to FILE (JSON lines): every value it received from
+    /// the enclave and returned, by request, operand name and size.
+    #[arg(long, value_name = "FILE")]
+    pub transcript: Option<PathBuf>,
 }
 
 pub fn run_goten_server(a: GotenServerArgs) -> Result<()> {
@@ -32,8 +36,22 @@ pub fn run_goten_server(a: GotenServerArgs) -> Result<()> {
     let listener =
         TcpListener::bind(&a.listen).with_context(|| format!("goten server {role}: listening on {}", a.listen))?;
     eprintln!("goten server {role} listening on {}; waiting for the enclave (key {})", a.listen, a.enclave_key);
-    trustsplit_goten::network::run_server(listener, &key, role, a.enclave_key, &mut |line| eprintln!("{line}"))
-        .map_err(anyhow::Error::msg)?;
+    let transcript = match &a.transcript {
+        Some(p) => Some(
+            trustsplit_boundary::Transcript::new()
+                .with_jsonl(p)
+                .with_context(|| format!("creating transcript {}", p.display()))?,
+        ),
+        None => None,
+    };
+    let served =
+        trustsplit_goten::network::run_server(listener, &key, role, a.enclave_key, transcript.as_ref(), &mut |line| {
+            eprintln!("{line}")
+        });
+    if let Some(t) = &transcript {
+        t.flush().map_err(|e| anyhow::anyhow!("goten server {role}: writing its transcript: {e}"))?;
+    }
+    served.map_err(anyhow::Error::msg)?;
     eprintln!("goten server {role}: the run ended (the enclave stopped it)");
     Ok(())
 }

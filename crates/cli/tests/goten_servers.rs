@@ -43,15 +43,17 @@ impl Drop for Server {
     }
 }
 
-/// Starts the three servers pinning `enclave_pub` and waits until each listens.
-fn start(addrs: &[String], keys: &[(PathBuf, String)], enclave_pub: &str) -> Vec<Server> {
+/// Starts the three servers pinning `enclave_pub` and waits until each listens; server `r`
+/// writes its transcript to `dir/server{r}.jsonl`.
+fn start(addrs: &[String], keys: &[(PathBuf, String)], enclave_pub: &str, dir: &Path) -> Vec<Server> {
     let (tx, rx) = mpsc::channel();
     let servers = (0..3)
         .map(|role| {
             let mut child = trustsplit()
                 .args(["goten-server", "--role", &role.to_string(), "--listen", &addrs[role], "--key"])
                 .arg(&keys[role].0)
-                .args(["--enclave-key", enclave_pub])
+                .args(["--enclave-key", enclave_pub, "--transcript"])
+                .arg(dir.join(format!("server{role}.jsonl")))
                 .stderr(Stdio::piped())
                 .spawn()
                 .unwrap();
@@ -92,7 +94,7 @@ fn three_server_processes_serve_the_enclave_and_another_enclaves_key_is_refused(
     let enclave = keygen(&dir, "enclave");
 
     let addrs = free_addrs();
-    let mut servers = start(&addrs, &keys, &enclave.1);
+    let mut servers = start(&addrs, &keys, &enclave.1, &dir);
     let out = train(&dir, &addrs, &keys, &enclave.0);
     let (stdout, err) = (String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
     assert!(out.status.success(), "{:?}: {err}", out.status);
@@ -101,12 +103,26 @@ fn three_server_processes_serve_the_enclave_and_another_enclaves_key_is_refused(
     for (role, s) in servers.iter_mut().enumerate() {
         let status = s.0.wait().unwrap();
         assert!(status.success(), "server {role} exited with {status}");
+        // Its own transcript: only its shares and masks came in, only its partial result went out.
+        let text = std::fs::read_to_string(dir.join(format!("server{role}.jsonl"))).unwrap();
+        let allowed: &[&str] = match role {
+            0 => &["A0", "B0", "E", "F", "CM0", "C0"],
+            1 => &["A1", "B1", "E", "F", "CM1", "C1"],
+            _ => &["U", "V", "CMZ", "Z"],
+        };
+        assert!(text.lines().count() > 10, "{text}");
+        for line in text.lines() {
+            let v: serde_json::Value = serde_json::from_str(line).unwrap();
+            let kind = v["kind"].as_str().unwrap();
+            let name = kind.strip_prefix(&format!("server {role}: ")).unwrap_or(kind);
+            assert!(allowed.contains(&name), "server {role} recorded {kind}");
+        }
     }
 
     // Servers that pin another enclave refuse this one; the error names the first.
     let other = keygen(&dir, "other");
     let addrs = free_addrs();
-    let _servers = start(&addrs, &keys, &other.1);
+    let _servers = start(&addrs, &keys, &other.1, &dir);
     let out = train(&dir, &addrs, &keys, &enclave.0);
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success() && err.contains("cannot reach goten server 0"), "{err}");

@@ -8,7 +8,7 @@
 use crate::protocol::Side;
 use std::net::TcpListener;
 use std::time::Duration;
-use trustsplit_boundary::{Channel, ChannelOptions, KeyPair, Link, LinkPolicy, PublicKey};
+use trustsplit_boundary::{Channel, ChannelOptions, KeyPair, Link, LinkPolicy, PublicKey, Transcript};
 
 /// The purpose server `role`'s links name.
 pub fn purpose(role: usize) -> String {
@@ -21,13 +21,15 @@ pub fn link_options() -> ChannelOptions {
     ChannelOptions { max_frame_bytes: (1 << 31) - 1, timeout: Some(Duration::from_secs(600)) }
 }
 
-/// Serves the first connection that proves `enclave_key` as server `role`, until its run ends.
+/// Serves the first connection that proves `enclave_key` as server `role`, until its run ends,
+/// recording in `transcript` every value it receives and returns.
 /// Connections with other keys are refused (and told why) and `log`ged; the server waits on.
 pub fn run_server(
     listener: TcpListener,
     key: &KeyPair,
     role: usize,
     enclave_key: PublicKey,
+    transcript: Option<&Transcript>,
     log: &mut dyn FnMut(&str),
 ) -> Result<(), String> {
     if role > 2 {
@@ -40,7 +42,7 @@ pub fn run_server(
         match Link::accept(stream, &purpose(role), key, &policy, link_options()) {
             Ok(mut link) => {
                 log(&format!("goten server {role}: serving the enclave at {from}"));
-                return crate::server::serve(role, &mut link, link_options().max_frame_bytes);
+                return crate::server::serve(role, &mut link, link_options().max_frame_bytes, transcript);
             }
             Err(e) => log(&format!("goten server {role}: refused a connection from {from}: {e}")),
         }

@@ -14,7 +14,7 @@
 use crate::field;
 use crate::ops::Op;
 use std::collections::VecDeque;
-use trustsplit_boundary::{Channel, ChannelError, Frame};
+use trustsplit_boundary::{Channel, ChannelError, Frame, ReleaseInfo, Released, Transcript};
 use trustsplit_cryptgpu::gemm::ConvShape;
 
 pub mod tag {
@@ -42,6 +42,39 @@ fn minus_mask(x: Vec<u64>, m: &[u64]) -> Vec<u64> {
 
 fn add_words(acc: &mut [u64], x: &[u64]) {
     acc.iter_mut().zip(x).for_each(|(a, b)| *a = a.wrapping_add(*b));
+}
+
+/// The names of the operands server `role` takes, in order.
+pub fn operand_names(role: usize) -> &'static [&'static str] {
+    match role {
+        0 => &["A0", "B0", "E", "F", "CM0"],
+        1 => &["A1", "B1", "E", "F", "CM1"],
+        _ => &["U", "V", "CMZ"],
+    }
+}
+
+/// Records in `transcript` what server `role` received for request `n` (each operand) and what
+/// it returned.
+fn record(transcript: Option<&Transcript>, role: usize, n: u64, operands: &[&[u64]], result: &[u64]) {
+    let Some(t) = transcript else { return };
+    let info = |kind: &str, len: usize, reason: &str| ReleaseInfo {
+        scheme: "goten".into(),
+        layer: format!("request {n}"),
+        kind: format!("server {role}: {kind}"),
+        shape: vec![len],
+        reason: reason.into(),
+    };
+    for (name, x) in operand_names(role).iter().zip(operands) {
+        Released::new(t, info(name, x.len(), "received from the enclave"), *x);
+    }
+    let out = if role == 2 {
+        "Z"
+    } else if role == 0 {
+        "C0"
+    } else {
+        "C1"
+    };
+    t.record_received(info(out, result.len(), "returned to the enclave"), result.len() as u64 * 8);
 }
 
 /// The operands' lengths server `role` takes for `op`, in order.
@@ -177,8 +210,14 @@ fn operands<'a>(rest: &'a [u64], lens: &[usize]) -> Result<Vec<&'a [u64]>, Strin
 
 /// Serves one enclave on `link` as server `role`'s untrusted side until it says STOP. `log`
 /// gets a line per event worth telling.
-pub fn serve(role: usize, link: &mut dyn Channel, max_frame: usize) -> Result<(), String> {
+pub fn serve(
+    role: usize,
+    link: &mut dyn Channel,
+    max_frame: usize,
+    transcript: Option<&Transcript>,
+) -> Result<(), String> {
     let mut stored: VecDeque<(u64, Op, Vec<u64>)> = VecDeque::new();
+    let mut requests = 0u64;
     let link_err = |e: ChannelError| format!("goten server {role}: the enclave's link: {e}");
     loop {
         let Frame { tag: t, payload } = link.recv_limited(max_frame).map_err(link_err)?;
@@ -188,7 +227,10 @@ pub fn serve(role: usize, link: &mut dyn Channel, max_frame: usize) -> Result<()
                 tag::COMPUTE => {
                     let op = decode_op(&w)?;
                     let parts = operands(&w[OP_WORDS..], &operand_lens(role, &op))?;
-                    Ok(Some((tag::RESULT, compute(role, &op, &parts))))
+                    let result = compute(role, &op, &parts);
+                    requests += 1;
+                    record(transcript, role, requests, &parts, &result);
+                    Ok(Some((tag::RESULT, result)))
                 }
                 tag::PREPARE if role == 2 => {
                     let (id, op) = (*w.first().ok_or("an empty PREPARE")?, decode_op(w.get(1..).unwrap_or(&[]))?);
@@ -200,7 +242,10 @@ pub fn serve(role: usize, link: &mut dyn Channel, max_frame: usize) -> Result<()
                             MAX_STORED_BYTES >> 30
                         ));
                     }
-                    stored.push_back((id, op, compute(2, &op, &parts)));
+                    let z = compute(2, &op, &parts);
+                    requests += 1;
+                    record(transcript, role, requests, &parts, &z);
+                    stored.push_back((id, op, z));
                     Ok(Some((tag::READY, Vec::new())))
                 }
                 tag::TAKE if role == 2 => {
