@@ -86,40 +86,6 @@ impl BShare {
         self.cur.is_empty()
     }
 
-    /// A share of zero words.
-    pub fn zeros(shape: &[usize]) -> BShare {
-        let n = shape.iter().product();
-        BShare { shape: shape.to_vec(), cur: vec![0; n], prev: vec![0; n] }
-    }
-
-    /// Applies `f` to both parts. Valid for maps that distribute over XOR and keep zero (shifts,
-    /// masks, bit permutations): then it maps the shared value the same way.
-    pub fn map(&self, f: impl Fn(u64) -> u64) -> BShare {
-        BShare {
-            shape: self.shape.clone(),
-            cur: self.cur.iter().map(|&w| f(w)).collect(),
-            prev: self.prev.iter().map(|&w| f(w)).collect(),
-        }
-    }
-
-    pub fn xor(&self, other: &BShare) -> BShare {
-        assert_eq!(self.len(), other.len());
-        let x = |a: &[u64], b: &[u64]| a.iter().zip(b).map(|(a, b)| a ^ b).collect();
-        BShare { shape: self.shape.clone(), cur: x(&self.cur, &other.cur), prev: x(&self.prev, &other.prev) }
-    }
-
-    pub fn and_public(&self, mask: u64) -> BShare {
-        self.map(|w| w & mask)
-    }
-
-    pub fn shl(&self, s: u32) -> BShare {
-        self.map(|w| w << s)
-    }
-
-    pub fn shr(&self, s: u32) -> BShare {
-        self.map(|w| w >> s)
-    }
-
     /// `b ^ c` for a public word `c`: part 0 carries it (party 0's `cur`, party 1's `prev`).
     pub fn xor_public(&self, party_id: usize, c: u64) -> BShare {
         let mut out = self.clone();
@@ -129,10 +95,6 @@ impl BShare {
             _ => {}
         }
         out
-    }
-
-    pub fn not(&self, party_id: usize) -> BShare {
-        self.xor_public(party_id, !0)
     }
 }
 

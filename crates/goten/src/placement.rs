@@ -17,7 +17,9 @@ use trustsplit_cryptgpu::gemm::ConvShape;
 use trustsplit_nn::layers::{Conv2d, Linear};
 use trustsplit_nn::tensor::{data, from_vec};
 use trustsplit_nn::{Mode, Saved, Tensor};
-use trustsplit_schemes::placement::{bias_gradient, PassInfo, Placement, PlacementReport, PlacementResult};
+use trustsplit_schemes::placement::{
+    add_bias, bias_gradient, lock, PassInfo, Placement, PlacementReport, PlacementResult,
+};
 
 pub struct GotenPlacement {
     pub(crate) servers: Arc<Mutex<Servers>>,
@@ -30,10 +32,6 @@ pub struct GotenPlacement {
     failure: Option<String>,
 }
 
-pub(crate) fn lock(m: &Mutex<Servers>) -> MutexGuard<'_, Servers> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
-}
-
 /// A quantised tensor kept in a saved context: its values as f32 (exact: integers up to 128) and
 /// its exponent.
 fn keep(q: &Quantised) -> [Tensor; 2] {
@@ -44,16 +42,6 @@ fn keep(q: &Quantised) -> [Tensor; 2] {
 fn restore(values: &Tensor, exp: &Tensor) -> Quantised {
     let values = data(values).iter().map(|&v| crate::field::centre(v as i64) as u64).collect();
     Quantised { values, exp: data(exp)[0] as i32 }
-}
-
-fn add_bias(y: &mut [f32], bias: Option<&Tensor>, per_channel: usize) {
-    if let Some(b) = bias {
-        let b = data(b);
-        for (i, plane) in y.chunks_mut(per_channel.max(1)).enumerate() {
-            let v = b[i % b.len()];
-            plane.iter_mut().for_each(|x| *x += v);
-        }
-    }
 }
 
 fn conv_shape(conv: &Conv2d, xs: &[usize]) -> PlacementResult<ConvShape> {
@@ -135,7 +123,7 @@ impl Placement for GotenPlacement {
         let qw = servers.quantise(data(&conv.weight), &format!("{layer} weights"))?;
         let mut y = servers.outsource(layer, Op::ConvForward(shape), &qx, &qw)?;
         drop(servers);
-        add_bias(&mut y, conv.bias.as_ref(), shape.out_height() * shape.out_width());
+        add_bias(&mut y, conv.bias.as_ref(), shape.out_channels, shape.out_height() * shape.out_width());
         let out = from_vec(&[shape.batch, shape.out_channels, shape.out_height(), shape.out_width()], y);
         let saved = match mode {
             Mode::Train => {
@@ -197,7 +185,7 @@ impl Placement for GotenPlacement {
         let qw = servers.quantise(data(&lin.weight), &format!("{layer} weights"))?;
         let mut y = servers.outsource(layer, Op::LinearForward { n, k, m }, &qx, &qw)?;
         drop(servers);
-        add_bias(&mut y, lin.bias.as_ref(), 1);
+        add_bias(&mut y, lin.bias.as_ref(), m, 1);
         if self.mode == Mode::Train {
             self.linear_saved.insert(layer.to_string(), (qx, qw));
         }

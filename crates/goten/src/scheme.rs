@@ -1,13 +1,14 @@
 //! Goten as a `--scheme`: its description and the runner a run starts.
 
 use crate::network;
-use crate::placement::{lock, GotenPlacement};
+use crate::placement::GotenPlacement;
 use crate::protocol::Servers;
 use serde::{Deserialize, Serialize};
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use trustsplit_boundary::{KeyPair, PublicKey};
 use trustsplit_device::DeviceStats;
+use trustsplit_schemes::placement::lock;
 use trustsplit_schemes::{RunnerError, RunnerInputs, SchemeInfo, SchemeReport, SplitRunner};
 
 pub const INFO: SchemeInfo = SchemeInfo {

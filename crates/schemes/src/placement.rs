@@ -143,7 +143,7 @@ pub fn saved_input(layer: &str, saved: Saved) -> PlacementResult<Tensor> {
 }
 
 /// Locks a mutex, ignoring poisoning (a panicked device thread already failed its step).
-pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+pub fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
@@ -177,7 +177,7 @@ pub(crate) fn received(
 
 /// Adds a per-channel bias to values laid out `N x C x per_channel` (`per_channel` = 1 after a
 /// linear layer).
-pub(crate) fn add_bias(y: &mut [f32], bias: Option<&Tensor>, channels: usize, per_channel: usize) {
+pub fn add_bias(y: &mut [f32], bias: Option<&Tensor>, channels: usize, per_channel: usize) {
     if let Some(b) = bias {
         let b = trustsplit_nn::tensor::data(b);
         for (i, plane) in y.chunks_mut(per_channel.max(1)).enumerate() {
