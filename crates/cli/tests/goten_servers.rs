@@ -75,10 +75,17 @@ fn start(addrs: &[String], keys: &[(PathBuf, String)], enclave_pub: &str, dir: &
     servers
 }
 
-fn train(dir: &Path, addrs: &[String], keys: &[(PathBuf, String)], enclave_key: &Path) -> std::process::Output {
+fn train(
+    dir: &Path,
+    addrs: &[String],
+    keys: &[(PathBuf, String)],
+    enclave_key: &Path,
+    more: &[&str],
+) -> std::process::Output {
     let pubs: Vec<&str> = keys.iter().map(|(_, k)| k.as_str()).collect();
     trustsplit()
-        .args(["train", "--scheme", "goten", "--epochs", "1", "--train-limit", "96", "--test-limit", "64"])
+        .args(["train", "--scheme", "goten", "--train-limit", "96", "--test-limit", "64", "--json"])
+        .args(more)
         .args(["--goten-offline", "--goten-servers", &addrs.join(","), "--goten-keys", &pubs.join(","), "--key"])
         .arg(enclave_key)
         .arg("--out")
@@ -88,14 +95,14 @@ fn train(dir: &Path, addrs: &[String], keys: &[(PathBuf, String)], enclave_key: 
 }
 
 #[test]
-fn three_server_processes_serve_the_enclave_and_another_enclaves_key_is_refused() {
+fn three_server_processes_serve_the_enclave_new_ones_resume_the_run_and_another_enclaves_key_is_refused() {
     let dir = temp("servers");
     let keys: Vec<(PathBuf, String)> = (0..3).map(|i| keygen(&dir, &format!("server{i}"))).collect();
     let enclave = keygen(&dir, "enclave");
 
     let addrs = free_addrs();
     let mut servers = start(&addrs, &keys, &enclave.1, &dir);
-    let out = train(&dir, &addrs, &keys, &enclave.0);
+    let out = train(&dir, &addrs, &keys, &enclave.0, &["--epochs", "1"]);
     let (stdout, err) = (String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
     assert!(out.status.success(), "{:?}: {err}", out.status);
     let all = format!("{stdout}{err}");
@@ -119,11 +126,19 @@ fn three_server_processes_serve_the_enclave_and_another_enclaves_key_is_refused(
         }
     }
 
+    // Fresh server processes (elsewhere: new addresses) continue the run from its checkpoint.
+    let addrs = free_addrs();
+    let _servers = start(&addrs, &keys, &enclave.1, &dir);
+    let out = train(&dir, &addrs, &keys, &enclave.0, &["--epochs", "2", "--resume"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!((v["resumed_from_epoch"].as_u64(), v["epochs"].as_u64()), (Some(1), Some(2)), "{v}");
+
     // Servers that pin another enclave refuse this one; the error names the first.
     let other = keygen(&dir, "other");
     let addrs = free_addrs();
     let _servers = start(&addrs, &keys, &other.1, &dir);
-    let out = train(&dir, &addrs, &keys, &enclave.0);
+    let out = train(&dir, &addrs, &keys, &enclave.0, &["--epochs", "1"]);
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success() && err.contains("cannot reach goten server 0"), "{err}");
 
