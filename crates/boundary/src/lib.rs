@@ -17,5 +17,5 @@ mod wire;
 pub use channel::{printable, Channel, ChannelError, ChannelOptions, Frame, InProcessChannel, TcpChannel};
 pub use encrypted::EncryptedChannel;
 pub use link::{KeyPair, Link, LinkPolicy, PublicKey};
-pub use secret::{Released, Secret};
+pub use secret::{wire_digest, Released, Secret, WireSize};
 pub use transcript::{Direction, ReleaseInfo, ReleaseRecord, Transcript, TranscriptSummary};

@@ -36,19 +36,38 @@ impl<T> std::fmt::Debug for Secret<T> {
     }
 }
 
-/// How many bytes a released value occupies on the wire.
+/// How many bytes a released value occupies on the wire, and those bytes (little-endian, as every
+/// channel of the project sends them) for a transcript that records digests.
 pub trait WireSize {
     fn wire_bytes(&self) -> u64;
+    /// Feeds the value's wire bytes to `sink`, in order, in one or more pieces.
+    fn feed_wire_bytes(&self, sink: &mut dyn FnMut(&[u8]));
 }
 
-impl WireSize for Vec<f32> {
-    fn wire_bytes(&self) -> u64 {
-        (self.len() * 4) as u64
+/// Feeds fixed-size little-endian words to `sink` through a small buffer.
+fn feed_words<const N: usize, W: Copy>(words: &[W], to_le: impl Fn(W) -> [u8; N], sink: &mut dyn FnMut(&[u8])) {
+    let mut buf = Vec::with_capacity(4096 * N);
+    for chunk in words.chunks(4096) {
+        buf.clear();
+        buf.extend(chunk.iter().flat_map(|&w| to_le(w)));
+        sink(&buf);
     }
 }
+
 impl WireSize for [f32] {
     fn wire_bytes(&self) -> u64 {
         std::mem::size_of_val(self) as u64
+    }
+    fn feed_wire_bytes(&self, sink: &mut dyn FnMut(&[u8])) {
+        feed_words(self, f32::to_le_bytes, sink)
+    }
+}
+impl WireSize for Vec<f32> {
+    fn wire_bytes(&self) -> u64 {
+        self.as_slice().wire_bytes()
+    }
+    fn feed_wire_bytes(&self, sink: &mut dyn FnMut(&[u8])) {
+        self.as_slice().feed_wire_bytes(sink)
     }
 }
 /// A borrowed value is released without copying it (e.g. a model's public weights).
@@ -56,21 +75,41 @@ impl<T: WireSize + ?Sized> WireSize for &T {
     fn wire_bytes(&self) -> u64 {
         (**self).wire_bytes()
     }
-}
-impl WireSize for Vec<u64> {
-    fn wire_bytes(&self) -> u64 {
-        (self.len() * 8) as u64
+    fn feed_wire_bytes(&self, sink: &mut dyn FnMut(&[u8])) {
+        (**self).feed_wire_bytes(sink)
     }
 }
 impl WireSize for [u64] {
     fn wire_bytes(&self) -> u64 {
         std::mem::size_of_val(self) as u64
     }
+    fn feed_wire_bytes(&self, sink: &mut dyn FnMut(&[u8])) {
+        feed_words(self, u64::to_le_bytes, sink)
+    }
+}
+impl WireSize for Vec<u64> {
+    fn wire_bytes(&self) -> u64 {
+        self.as_slice().wire_bytes()
+    }
+    fn feed_wire_bytes(&self, sink: &mut dyn FnMut(&[u8])) {
+        self.as_slice().feed_wire_bytes(sink)
+    }
 }
 impl WireSize for Vec<u8> {
     fn wire_bytes(&self) -> u64 {
         self.len() as u64
     }
+    fn feed_wire_bytes(&self, sink: &mut dyn FnMut(&[u8])) {
+        sink(self)
+    }
+}
+
+/// The SHA-256 of a value's wire bytes, in hex: how a transcript line and an untrusted side's
+/// recording of the same value are matched.
+pub fn wire_digest<T: WireSize + ?Sized>(value: &T) -> String {
+    let mut ctx = ring::digest::Context::new(&ring::digest::SHA256);
+    value.feed_wire_bytes(&mut |bytes| ctx.update(bytes));
+    ctx.finish().as_ref().iter().map(|b| format!("{b:02x}")).collect()
 }
 
 /// A value that has been released across the trust boundary. Constructing one records it.
@@ -82,7 +121,7 @@ impl<T: WireSize> Released<T> {
     /// Releases `value`: appends `info` (with the value's size) to `transcript`. Scheme release
     /// functions are the only callers; each states in `info.reason` why the release is safe.
     pub fn new(transcript: &Transcript, info: ReleaseInfo, value: T) -> Self {
-        transcript.record_release(info, value.wire_bytes());
+        transcript.record_release(info, &value);
         Released { value }
     }
 }

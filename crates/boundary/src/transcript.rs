@@ -1,5 +1,6 @@
 //! The boundary transcript: one record per value that crosses the trust boundary.
 
+use crate::secret::{wire_digest, WireSize};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::io::Write;
@@ -36,6 +37,10 @@ pub struct ReleaseRecord {
     #[serde(flatten)]
     pub info: ReleaseInfo,
     pub bytes: u64,
+    /// The SHA-256 of the value's wire bytes, when the transcript records digests
+    /// ([`Transcript::with_digests`]): it finds the value in an untrusted side's recording.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sha256: Option<String>,
 }
 
 /// Totals per (layer, kind, direction).
@@ -57,6 +62,7 @@ struct Inner {
     kept: Option<Vec<ReleaseRecord>>,
     sink: Option<(std::io::BufWriter<std::fs::File>, std::path::PathBuf)>,
     sink_error: Option<String>,
+    digests: bool,
 }
 
 /// The record of everything that crossed the boundary. Shared by reference; internally locked.
@@ -80,6 +86,7 @@ impl Transcript {
                 kept: None,
                 sink: None,
                 sink_error: None,
+                digests: false,
             }),
         }
     }
@@ -98,21 +105,39 @@ impl Transcript {
         Ok(self)
     }
 
+    /// Also records the SHA-256 of every value that crosses (costs a pass over each value).
+    pub fn with_digests(self) -> Self {
+        self.lock().digests = true;
+        self
+    }
+
     fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
         // A panic while holding the lock cannot leave the totals half-updated in a harmful way.
         self.inner.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    pub(crate) fn record_release(&self, info: ReleaseInfo, bytes: u64) {
-        self.record(Direction::TeeToDevice, info, bytes);
+    pub(crate) fn record_release<T: WireSize + ?Sized>(&self, info: ReleaseInfo, value: &T) {
+        let digest = self.digests().then(|| wire_digest(value));
+        self.record(Direction::TeeToDevice, info, value.wire_bytes(), digest);
     }
 
     /// Records a value that came back from the untrusted side (for byte accounting).
     pub fn record_received(&self, info: ReleaseInfo, bytes: u64) {
-        self.record(Direction::DeviceToTee, info, bytes);
+        self.record(Direction::DeviceToTee, info, bytes, None);
     }
 
-    fn record(&self, direction: Direction, info: ReleaseInfo, bytes: u64) {
+    /// [`Transcript::record_received`] with the value at hand, so that its digest is recorded
+    /// when the transcript records digests.
+    pub fn record_received_value<T: WireSize + ?Sized>(&self, info: ReleaseInfo, value: &T) {
+        let digest = self.digests().then(|| wire_digest(value));
+        self.record(Direction::DeviceToTee, info, value.wire_bytes(), digest);
+    }
+
+    fn digests(&self) -> bool {
+        self.lock().digests
+    }
+
+    fn record(&self, direction: Direction, info: ReleaseInfo, bytes: u64, sha256: Option<String>) {
         let mut g = self.lock();
         let seq = g.next_seq;
         g.next_seq += 1;
@@ -129,7 +154,7 @@ impl Transcript {
         let e = s.by_layer_kind.entry(format!("{}/{}/{dir}", info.layer, info.kind)).or_default();
         e.0 += 1;
         e.1 += bytes;
-        let rec = ReleaseRecord { seq, direction, info, bytes };
+        let rec = ReleaseRecord { seq, direction, info, bytes, sha256 };
         if let Some((w, _)) = g.sink.as_mut() {
             let line = serde_json::to_string(&rec).expect("records serialise");
             if let Err(e) = writeln!(w, "{line}") {

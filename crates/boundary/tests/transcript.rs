@@ -43,3 +43,29 @@ fn secrets_do_not_print() {
     assert!(!shown.contains("42"), "{shown}");
     assert_eq!(s.expose()[1], 43.0);
 }
+
+#[test]
+fn digests_are_the_sha256_of_the_wire_bytes_and_recorded_only_when_asked() {
+    // Random-looking values whose byte order matters: the digest is over little-endian words.
+    let values: Vec<f32> = (0..10_000u32).map(|i| (i.wrapping_mul(2654435761) as f32).sin() * 1e3).collect();
+    let bytes: Vec<u8> = values.iter().flat_map(|v| v.to_le_bytes()).collect();
+    let expected: String =
+        ring::digest::digest(&ring::digest::SHA256, &bytes).as_ref().iter().map(|b| format!("{b:02x}")).collect();
+    assert_eq!(wire_digest(&values), expected);
+    let words: Vec<u64> = (0..5000u64).map(|i| i.wrapping_mul(0x9e37_79b9_7f4a_7c15)).collect();
+    let word_bytes: Vec<u8> = words.iter().flat_map(|v| v.to_le_bytes()).collect();
+    let expected_words: String =
+        ring::digest::digest(&ring::digest::SHA256, &word_bytes).as_ref().iter().map(|b| format!("{b:02x}")).collect();
+    assert_eq!(wire_digest(&words), expected_words);
+
+    let plain = Transcript::keeping_records();
+    let _ = Released::new(&plain, info("layers.0", "input", &[10_000]), values.clone());
+    assert_eq!(plain.records().unwrap()[0].sha256, None);
+
+    let with = Transcript::keeping_records().with_digests();
+    let _ = Released::new(&with, info("layers.0", "input", &[10_000]), &values);
+    with.record_received_value(info("layers.0", "activation", &[5000]), &words);
+    let recs = with.records().unwrap();
+    assert_eq!(recs[0].sha256.as_deref(), Some(expected.as_str()));
+    assert_eq!((recs[1].sha256.as_deref(), recs[1].bytes), (Some(expected_words.as_str()), 40_000));
+}

@@ -5,11 +5,13 @@
 use anyhow::{bail, ensure, Context, Result};
 use std::path::PathBuf;
 use std::sync::Arc;
+use trustsplit_attacks::{Recorder, RecordingBackend};
 use trustsplit_boundary::{ChannelOptions, KeyPair, Link, LinkPolicy, PublicKey, TcpChannel};
 use trustsplit_device::{Backend, CpuBackend, Device, LINK_PURPOSE};
 
-/// How the trusted side reaches `tcp://` devices: the flags of `train`, `eval`, `bench step` and
-/// `enclave`. Not part of a run's recorded settings.
+/// How the trusted side reaches `tcp://` devices, and whether its in-process devices record what
+/// they see: the flags of `train`, `eval`, `bench step` and `enclave`. Not part of a run's recorded
+/// settings.
 #[derive(clap::Args, Clone, Debug, Default, PartialEq)]
 pub struct DeviceLinkArgs {
     /// This side's key file for `tcp://` devices (`trustsplit keygen --out FILE`; give its public
@@ -25,6 +27,16 @@ pub struct DeviceLinkArgs {
     /// as a device.
     #[arg(long, conflicts_with_all = ["key", "device_key"])]
     pub insecure_plaintext_link: bool,
+    /// Keep everything the in-process devices receive and return, as an attacker controlling them
+    /// would: per request, the operands and the result (DIR/NNNNNNNN.safetensors) and a line of
+    /// DIR/index.jsonl with their SHA-256 digests, which match --transcript's. What
+    /// `trustsplit attack` reads. A `tcp://` worker records with its own `trustsplit device
+    /// --record`.
+    #[arg(long, value_name = "DIR")]
+    pub record: Option<PathBuf>,
+    /// Past this many MiB of tensors, --record indexes requests without keeping their tensors.
+    #[arg(long, value_name = "MIB", default_value_t = 4096, requires = "record")]
+    pub record_limit_mib: u64,
 }
 
 /// Opens one device per comma-separated spec (`tcp://a:7070,tcp://b:7070`): gpu-only splits each
@@ -49,6 +61,11 @@ pub fn open_devices(specs: &str, link: &DeviceLinkArgs) -> Result<Vec<Device>> {
         ensure!(link.device_key.is_empty() || remote > 0, "--device-key is for tcp:// devices; --device names none");
         None
     };
+    ensure!(
+        link.record.is_none() || remote == 0,
+        "--record keeps what in-process devices see; a tcp:// worker records with its own `trustsplit device --record DIR`"
+    );
+    let recorder = link.record.as_deref().map(|dir| recorder(dir, link.record_limit_mib)).transpose()?;
     let mut keys = link.device_key.iter();
     specs
         .into_iter()
@@ -57,9 +74,22 @@ pub fn open_devices(specs: &str, link: &DeviceLinkArgs) -> Result<Vec<Device>> {
                 Some(key) => open_remote(addr, key, *keys.next().expect("one key per tcp:// device, checked")),
                 None => open_plaintext(addr),
             },
-            None => Ok(Device::local(open_backend(spec)?)),
+            None => Ok(Device::local(recording(open_backend(spec)?, recorder.as_ref()))),
         })
         .collect()
+}
+
+/// A recording in `dir` keeping at most `limit_mib` MiB of tensors.
+pub fn recorder(dir: &std::path::Path, limit_mib: u64) -> Result<Arc<Recorder>> {
+    Recorder::create(dir, limit_mib.saturating_mul(1 << 20)).map_err(anyhow::Error::msg)
+}
+
+/// `backend`, recording what it computes when there is a recorder.
+pub fn recording(backend: Box<dyn Backend>, recorder: Option<&Arc<Recorder>>) -> Box<dyn Backend> {
+    match recorder {
+        Some(r) => Box::new(RecordingBackend::new(backend, Arc::clone(r))),
+        None => backend,
+    }
 }
 
 /// A `trustsplit device` worker over the link, accepted only if it proves `worker_key`.

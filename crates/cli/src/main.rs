@@ -121,6 +121,15 @@ struct DeviceArgs {
     /// Close a served connection that sends no request for this many seconds.
     #[arg(long, default_value_t = 600)]
     idle_limit_s: u64,
+    /// Keep everything this worker receives and returns, as an attacker controlling it would: per
+    /// request, the operands and the result (DIR/NNNNNNNN.safetensors) and a line of
+    /// DIR/index.jsonl with their SHA-256 digests, which match the trusted side's --transcript.
+    /// What `trustsplit attack` reads.
+    #[arg(long, value_name = "DIR")]
+    record: Option<PathBuf>,
+    /// Past this many MiB of tensors, --record indexes requests without keeping their tensors.
+    #[arg(long, value_name = "MIB", default_value_t = 4096, requires = "record")]
+    record_limit_mib: u64,
 }
 
 #[derive(Args)]
@@ -314,6 +323,10 @@ fn run_device(a: DeviceArgs) -> Result<()> {
         listener.local_addr()?
     );
     let spec = a.backend.clone();
+    let recorder = a.record.as_deref().map(|dir| trustsplit::devices::recorder(dir, a.record_limit_mib)).transpose()?;
+    if let Some(r) = &recorder {
+        eprintln!("recording every request's operands and result in {}", r.dir().display());
+    }
     let options = ServeOptions {
         channel: trustsplit_boundary::ChannelOptions::default(),
         security,
@@ -323,6 +336,7 @@ fn run_device(a: DeviceArgs) -> Result<()> {
     listener.run(
         move || {
             trustsplit::devices::open_backend(&spec)
+                .map(|b| trustsplit::devices::recording(b, recorder.as_ref()))
                 .map_err(|e| trustsplit_device::DeviceError::Unavailable(format!("{e:#}")))
         },
         options,

@@ -246,7 +246,10 @@ pub fn build_runner(
     (model, opt): (&Model, &Optimizer),
 ) -> Result<Runner> {
     let transcript = match transcript_path {
-        Some(p) => Transcript::new().with_jsonl(p).with_context(|| format!("creating transcript {}", p.display()))?,
+        Some(p) => Transcript::new()
+            .with_digests()
+            .with_jsonl(p)
+            .with_context(|| format!("creating transcript {}", p.display()))?,
         None => Transcript::new(),
     };
     let devices = if scheme.info().uses_device { crate::devices::open_devices(device_spec, link)? } else { Vec::new() };

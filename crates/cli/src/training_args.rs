@@ -30,7 +30,8 @@ pub struct TrainingArgs {
     /// saved activations are sealed (AES-256-GCM) and spilled to untrusted memory.
     #[arg(long, default_value_t = 96)]
     pub memory_budget_mib: usize,
-    /// Write every value that crosses the trust boundary as a JSON line to FILE.
+    /// Write every value that crosses the trust boundary as a JSON line to FILE, with the SHA-256
+    /// of its bytes (which finds it in a device's --record).
     #[arg(long)]
     pub transcript: Option<PathBuf>,
     /// Model: lenet5, lenet (CryptGPU's), alexnet, vgg11|13|16|19 (add -bn for batch-norm),

@@ -171,7 +171,7 @@ pub(crate) fn received(
     if values.len() != expected {
         return Err(format!("device returned {} values for {layer} {kind}, expected {expected}", values.len()));
     }
-    transcript.record_received(crossing(scheme, layer, kind, shape, "device result"), (values.len() * 4) as u64);
+    transcript.record_received_value(crossing(scheme, layer, kind, shape, "device result"), &values);
     Ok(values)
 }
 
