@@ -5,6 +5,8 @@
 //! worker's traffic, and the model code to train and run attacks. No enclave-side crate depends on
 //! it.
 
+pub mod grid;
+pub mod metrics;
 pub mod record;
 pub mod view;
 
