@@ -4,7 +4,13 @@ use std::path::Path;
 
 /// Writes `rows` of images (each `channels x height x width`, values clipped to [0, 1]) as one
 /// PNG: row after row, one pixel of gap, grey for one channel and RGB for three.
-pub fn write_png(path: &Path, rows: &[Vec<Vec<f32>>], channels: usize, height: usize, width: usize) -> Result<(), String> {
+pub fn write_png(
+    path: &Path,
+    rows: &[Vec<Vec<f32>>],
+    channels: usize,
+    height: usize,
+    width: usize,
+) -> Result<(), String> {
     if channels != 1 && channels != 3 {
         return Err(format!("{}: images of {channels} channels cannot be drawn (1 or 3)", path.display()));
     }
@@ -14,7 +20,11 @@ pub fn write_png(path: &Path, rows: &[Vec<Vec<f32>>], channels: usize, height: u
     for (r, row) in rows.iter().enumerate() {
         for (col, image) in row.iter().enumerate() {
             if image.len() != channels * height * width {
-                return Err(format!("{}: an image of {} values, expected {channels} x {height} x {width}", path.display(), image.len()));
+                return Err(format!(
+                    "{}: an image of {} values, expected {channels} x {height} x {width}",
+                    path.display(),
+                    image.len()
+                ));
             }
             for c in 0..channels {
                 for i in 0..height {

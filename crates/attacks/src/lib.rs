@@ -6,6 +6,7 @@
 //! it.
 
 pub mod grid;
+pub mod inverse;
 pub mod metrics;
 pub mod record;
 pub mod view;

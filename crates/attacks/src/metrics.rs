@@ -20,7 +20,13 @@ pub const SSIM_WINDOW: usize = 7;
 
 /// Mean structural similarity of two images laid out `channels x height x width`, values in
 /// [0, 1]. Images smaller than the window are refused.
-pub fn ssim(original: &[f32], reconstruction: &[f32], channels: usize, height: usize, width: usize) -> Result<f64, String> {
+pub fn ssim(
+    original: &[f32],
+    reconstruction: &[f32],
+    channels: usize,
+    height: usize,
+    width: usize,
+) -> Result<f64, String> {
     let plane = height * width;
     if original.len() != channels * plane || reconstruction.len() != original.len() {
         return Err(format!(
@@ -30,7 +36,9 @@ pub fn ssim(original: &[f32], reconstruction: &[f32], channels: usize, height: u
         ));
     }
     if height < SSIM_WINDOW || width < SSIM_WINDOW {
-        return Err(format!("ssim: a {height} x {width} image is smaller than the {SSIM_WINDOW} x {SSIM_WINDOW} window"));
+        return Err(format!(
+            "ssim: a {height} x {width} image is smaller than the {SSIM_WINDOW} x {SSIM_WINDOW} window"
+        ));
     }
     let (c1, c2) = (0.01f64.powi(2), 0.03f64.powi(2));
     let n = (SSIM_WINDOW * SSIM_WINDOW) as f64;

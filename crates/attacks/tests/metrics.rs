@@ -26,8 +26,9 @@ fn psnr_and_ssim_match_scikit_image() {
 
     // s = 0.5 + 0.4 sin(x/4) cos(y/5) on 28 x 28; t = clip(0.9 s + 0.05 + 0.1 (g - 0.5), 0, 1).
     let g = hash_image(28 * 28, 2.0);
-    let s: Vec<f32> =
-        (0..28 * 28).map(|k| (0.5 + 0.4 * ((k % 28) as f64 / 4.0).sin() * ((k / 28) as f64 / 5.0).cos()) as f32).collect();
+    let s: Vec<f32> = (0..28 * 28)
+        .map(|k| (0.5 + 0.4 * ((k % 28) as f64 / 4.0).sin() * ((k / 28) as f64 / 5.0).cos()) as f32)
+        .collect();
     let t: Vec<f32> = s.iter().zip(&g).map(|(&s, &g)| (0.9 * s + 0.05 + 0.1 * (g - 0.5)).clamp(0.0, 1.0)).collect();
     assert!((ssim(&s, &t, 1, 28, 28).unwrap() - 0.958915503401).abs() < 1e-6);
     assert!((psnr(&s, &t) - 29.609442937612).abs() < 1e-5);
