@@ -10,6 +10,7 @@ pub mod eval;
 pub mod goten_cmd;
 pub mod memory_tuning;
 pub mod party_cmd;
+pub mod privacy_report;
 pub mod progress;
 pub mod registry;
 pub mod runner;

@@ -29,6 +29,12 @@ enum Command {
     Train(TrainArgs),
     /// Evaluate a checkpoint on a dataset's test split.
     Eval(EvalArgs),
+    /// Train as `train` would while the in-process device records everything it receives and
+    /// returns (OUT/view), then attack that recording as the device's owner would: reconstruct
+    /// the training images from the first release and score it (PSNR, SSIM, the trained model's
+    /// accuracy on the reconstructions), with a PNG per attack. Prints the bytes released by
+    /// kind, the epsilon and what it covers. See docs/privacy.md.
+    PrivacyReport(PrivacyReportArgs),
     /// Measure performance.
     Bench {
         #[command(subcommand)]
@@ -166,6 +172,22 @@ struct TrainArgs {
 }
 
 #[derive(Args)]
+struct PrivacyReportArgs {
+    #[command(flatten)]
+    train: TrainArgs,
+    /// Public images the attacker learns from: the first N of the test split (the split the
+    /// training did not use, which the attacker is assumed to have).
+    #[arg(long, default_value_t = 2048)]
+    public_samples: usize,
+    /// Training steps (batches of 32) of the learned inverse network.
+    #[arg(long, default_value_t = 600)]
+    attack_steps: usize,
+    /// Images drawn in each PNG grid.
+    #[arg(long, default_value_t = 16)]
+    shown: usize,
+}
+
+#[derive(Args)]
 struct EvalArgs {
     #[arg(long)]
     checkpoint: PathBuf,
@@ -278,6 +300,44 @@ fn run_train(a: TrainArgs) -> Result<()> {
     train::announce(&cfg, &cfg.dataset, &out);
     let s = train::train(&cfg, &out, a.training.resume, true)?;
     train::report(&s, a.training.json)
+}
+
+fn run_privacy_report(a: PrivacyReportArgs) -> Result<()> {
+    let t = a.train;
+    anyhow::ensure!(
+        t.training.out.is_some(),
+        "privacy-report needs --out DIR (the recording, grids and report go there)"
+    );
+    anyhow::ensure!(
+        !t.training.resume,
+        "privacy-report trains from the start (its recording covers the whole run); drop --resume"
+    );
+    anyhow::ensure!(
+        t.training.transcript.is_none(),
+        "privacy-report writes its transcript to OUT/transcript.jsonl; drop --transcript"
+    );
+    anyhow::ensure!(t.training.device_link.record.is_none(), "privacy-report records into OUT/view; drop --record");
+    let mut cfg = TrainConfig::new(&t.training.model_name(), &t.dataset);
+    cfg.scheme = t.scheme;
+    cfg.data_dir = t.data_dir;
+    cfg.train_limit = t.train_limit;
+    cfg.test_limit = t.test_limit;
+    cfg.augment = t.augment.map(|v| matches!(v, OnOff::On));
+    let out = t.training.apply(&mut cfg)?;
+    train::announce(&cfg, &cfg.dataset, &out);
+    let settings = trustsplit::privacy_report::ReportSettings {
+        public_samples: a.public_samples,
+        attack_steps: a.attack_steps,
+        shown: a.shown,
+    };
+    let report = trustsplit::privacy_report::run(cfg, &out, settings)?;
+    for line in trustsplit::privacy_report::lines(&report) {
+        eprintln!("{line}");
+    }
+    if t.training.json {
+        println!("{}", serde_json::to_string(&report)?);
+    }
+    Ok(())
 }
 
 fn run_device(a: DeviceArgs) -> Result<()> {
@@ -459,6 +519,7 @@ fn main() {
         Command::Enclave(a) => trustsplit::enclave_cmd::run_enclave(a),
         Command::Upload(a) => trustsplit::enclave_cmd::run_upload(a),
         Command::Train(a) => run_train(a),
+        Command::PrivacyReport(a) => run_privacy_report(a),
         Command::Data { what: DataWhat::Fetch(a) } => run_fetch(a),
         Command::Eval(a) => eval::eval(
             &a.checkpoint,

@@ -1,0 +1,419 @@
+//! `trustsplit privacy-report`: trains as `train` would while the in-process device records what
+//! it sees (`--record`), then attacks that recording and says what each attack recovered.
+//!
+//! The attacks see only the recording and what an attacker is granted besides (public images of
+//! the same distribution: the dataset's test split, and the scheme's code). The originals and the
+//! labels are used only to score them. The attacked release is the first request of the first
+//! training step: the earliest layer whose input the scheme sends to the device (the raw image
+//! under gpu-only; under asymml the input's residual where the input has more channels than the
+//! rank keeps, otherwise the residual of the first activation that has).
+//!
+//! Attacks (each scored by PSNR and SSIM against the original images, and by the trained model's
+//! accuracy on the reconstructions, as AsymML's paper scores its model inversion):
+//! - `released-operand`: the operand itself, read as an image, where it has the input's shape.
+//! - `learned-inverse`: [`trustsplit_attacks::inverse`], trained on pairs the attacker makes by
+//!   running the scheme on public images with the model as it stood at the attacked step.
+//! - `public-mean`: the mean public image for every sample: what knowing nothing gives, the floor
+//!   the others are read against.
+
+use crate::train::{self, Data, TrainConfig, TrainSummary};
+use anyhow::{bail, ensure, Context, Result};
+use serde::Serialize;
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use trustsplit_attacks::grid::write_png;
+use trustsplit_attacks::inverse::{InverseNetwork, InverseSettings, Pairs};
+use trustsplit_attacks::metrics::{psnr, ssim};
+use trustsplit_attacks::RecordedView;
+use trustsplit_boundary::Secret;
+use trustsplit_data::{batches, BatchOptions, Normalization};
+use trustsplit_nn::layers::Mode;
+use trustsplit_nn::optim::Optimizer;
+use trustsplit_nn::tensor::{data as values, from_vec};
+use trustsplit_nn::{checkpoint, zoo, Model};
+use trustsplit_schemes::TrainingRun;
+
+/// What the attacks may use and how long they train.
+#[derive(Clone, Copy, Debug)]
+pub struct ReportSettings {
+    /// Public images the attacker learns from (the test split's first ones).
+    pub public_samples: usize,
+    /// Training steps of the learned inverse.
+    pub attack_steps: usize,
+    /// Images drawn in each grid.
+    pub shown: usize,
+}
+
+/// One attack's figures; `None` where a figure does not apply.
+#[derive(Clone, Debug, Serialize)]
+pub struct AttackResult {
+    pub name: String,
+    /// What it attacked, in words.
+    pub target: String,
+    pub psnr: Option<f64>,
+    pub ssim: Option<f64>,
+    pub label_accuracy: Option<f64>,
+    /// The PNG of originals (top) and reconstructions (bottom).
+    pub grid: Option<PathBuf>,
+}
+
+/// The report (`--json` prints it).
+#[derive(Clone, Debug, Serialize)]
+pub struct PrivacyReport {
+    pub scheme: String,
+    pub model: String,
+    pub dataset: String,
+    pub accuracy: f64,
+    /// The run's epsilon; `None` where the scheme gives none.
+    pub epsilon: Option<f64>,
+    pub delta: Option<f64>,
+    /// What the epsilon (or the absence of one) covers.
+    pub covers: String,
+    pub bytes_released: u64,
+    /// Bytes released to the device by kind (`input`, `weight`, `noised-residual`, ...).
+    pub released_by_kind: BTreeMap<String, u64>,
+    pub attacks: Vec<AttackResult>,
+    /// Why no attack ran, where none did.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub no_attack: Option<String>,
+    /// The device's recording the attacks read.
+    pub recording: PathBuf,
+    pub training: TrainSummary,
+}
+
+/// Trains with the device recording into `out/view` and the transcript in
+/// `out/transcript.jsonl`, then attacks the recording. An earlier report's recordings in `out`
+/// are replaced.
+pub fn run(mut cfg: TrainConfig, out: &Path, settings: ReportSettings) -> Result<PrivacyReport> {
+    ensure!(
+        settings.attack_steps >= 1 && settings.public_samples >= 1,
+        "--attack-steps and --public-samples must be at least 1"
+    );
+    ensure!(
+        !cfg.device.split(',').any(|d| d.trim().starts_with("tcp://")),
+        "privacy-report records an in-process device; --device tcp://... records with `trustsplit device --record`"
+    );
+    let view_dir = out.join("view");
+    let prior_dir = out.join("prior-view");
+    for dir in [&view_dir, &prior_dir] {
+        remove_recording(dir)?;
+    }
+    cfg.device_link.record = Some(view_dir.clone());
+    cfg.transcript = Some(out.join("transcript.jsonl"));
+    std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
+
+    let data = train::load_data(&cfg.dataset, cfg.data_dir.as_deref(), &cfg.model, cfg.train_limit, cfg.test_limit)?;
+    let training = train::train(&cfg, out, false, true)?;
+    let (epsilon, delta, covers) = match &training.privacy {
+        Some(p) if p.epsilon.is_none() => (None, None, "nothing: no noise is added (--noise-multiplier 0)".into()),
+        Some(p) => (p.epsilon, Some(p.delta), p.covers.clone()),
+        None if training.bytes_released == 0 => (None, None, "nothing was released to a device".into()),
+        None => (None, None, format!("no differential privacy; released: {}", training.released)),
+    };
+    let mut released_by_kind = BTreeMap::new();
+    for (key, (_, bytes)) in &training.scheme_report.transcript.by_layer_kind {
+        let mut parts = key.rsplitn(3, '/');
+        if let (Some("out"), Some(kind)) = (parts.next(), parts.next()) {
+            *released_by_kind.entry(kind.to_string()).or_insert(0) += bytes;
+        }
+    }
+
+    let mut report = PrivacyReport {
+        scheme: cfg.scheme.name().into(),
+        model: cfg.model.clone(),
+        dataset: cfg.dataset.clone(),
+        accuracy: training.accuracy,
+        epsilon,
+        delta,
+        covers,
+        bytes_released: training.bytes_released,
+        released_by_kind,
+        attacks: Vec::new(),
+        no_attack: None,
+        recording: view_dir.clone(),
+        training,
+    };
+    let view = match view_dir.join("index.jsonl").is_file() {
+        true => Some(RecordedView::open(&view_dir).map_err(anyhow::Error::msg)?),
+        false => None,
+    };
+    let Some(target) = view.as_ref().and_then(|v| v.requests.first()) else {
+        report.no_attack = Some(if report.bytes_released == 0 {
+            "nothing was released".into()
+        } else if cfg.scheme.info().uses_device {
+            "the device received nothing".into()
+        } else {
+            format!("the untrusted roles of {} (servers or parties) are not recorded yet", cfg.scheme)
+        });
+        return save(report, out);
+    };
+    if target.op != "conv_forward" {
+        report.no_attack =
+            Some(format!("the first release is a {} operand; the attacks take convolution inputs", target.op));
+        return save(report, out);
+    }
+    let view = view.expect("a first request came from it");
+    report.attacks = crate::with_threads(cfg.threads, || attack_first_release(&cfg, &data, out, &view, settings))??;
+    save(report, out)
+}
+
+/// Writes `out/report.json` (atomically) and hands the report back.
+fn save(report: PrivacyReport, out: &Path) -> Result<PrivacyReport> {
+    let path = out.join("report.json");
+    let json = serde_json::to_string_pretty(&report)?;
+    checkpoint::write_atomically(&path, json.as_bytes()).with_context(|| format!("writing {}", path.display()))?;
+    Ok(report)
+}
+
+/// Removes an earlier report's recording folder (one holding `index.jsonl`); refuses a folder
+/// that holds something else.
+fn remove_recording(dir: &Path) -> Result<()> {
+    if !dir.exists() {
+        return Ok(());
+    }
+    ensure!(
+        dir.join("index.jsonl").is_file(),
+        "{} exists and is not a recording; move it away or choose another --out",
+        dir.display()
+    );
+    std::fs::remove_dir_all(dir).with_context(|| format!("removing the earlier recording {}", dir.display()))
+}
+
+/// Batches of the training split as the run's first epoch drew them, or of the test split in order.
+fn batch_options(cfg: &TrainConfig, data: &Data, train: bool) -> BatchOptions {
+    let mut o = BatchOptions::new(cfg.batch_size, data.kind.normalization());
+    o.shuffle = train;
+    o.seed = cfg.seed;
+    o.epoch = 0;
+    o.augment = train && cfg.augment.unwrap_or(data.kind.augments_by_default());
+    o.pad_to = data.pad_to;
+    o.drop_last = !train;
+    o
+}
+
+/// Samples of a batch of `n` laid out `n x per`.
+fn samples(flat: &[f32], n: usize) -> Vec<Vec<f32>> {
+    let per = flat.len() / n.max(1);
+    flat.chunks(per.max(1)).map(<[f32]>::to_vec).collect()
+}
+
+fn attack_first_release(
+    cfg: &TrainConfig,
+    data: &Data,
+    out: &Path,
+    view: &RecordedView,
+    settings: ReportSettings,
+) -> Result<Vec<AttackResult>> {
+    let target = &view.requests[0];
+    let released = view.load(target, "x").map_err(anyhow::Error::msg)?;
+    let (n, release_shape) = match released.shape.as_slice() {
+        &[n, c, h, w] => (n, [c, h, w]),
+        other => bail!("the first release has shape {other:?}, expected N x C x H x W"),
+    };
+    let image_shape = [data.input_shape[0], data.input_shape[1], data.input_shape[2]];
+    let first =
+        batches(&data.train, &batch_options(cfg, data, true)).next().context("the training split yields no batch")?;
+    ensure!(first.n == n, "the first release holds {n} samples but the first batch {}", first.n);
+    let originals = samples(&first.images, n);
+    let targets = samples(&released.values, n);
+    let norm = data.kind.normalization();
+
+    eprintln!("privacy-report: making the attacker's pairs from {} public images", settings.public_samples);
+    let pairs = public_pairs(cfg, data, out, target, release_shape, image_shape, settings.public_samples)?;
+    let final_model = trained_model(cfg, data, out)?;
+    let score = |name: &str, what: &str, reconstructions: &[Vec<f32>]| -> Result<AttackResult> {
+        let pixels = |v: &[f32]| to_pixels(v, &norm, image_shape);
+        let (orig, recon): (Vec<Vec<f32>>, Vec<Vec<f32>>) =
+            originals.iter().zip(reconstructions).map(|(o, r)| (pixels(o), pixels(r))).unzip();
+        let psnr_mean = orig.iter().zip(&recon).map(|(o, r)| psnr(o, r)).sum::<f64>() / n as f64;
+        let [c, h, w] = image_shape;
+        let ssim_mean = orig
+            .iter()
+            .zip(&recon)
+            .map(|(o, r)| ssim(o, r, c, h, w))
+            .collect::<Result<Vec<f64>, String>>()
+            .map_err(anyhow::Error::msg)?
+            .iter()
+            .sum::<f64>()
+            / n as f64;
+        let label_accuracy = label_accuracy(&final_model, &recon, &norm, image_shape, &first.labels)?;
+        let shown = settings.shown.min(n);
+        let grid = out.join(format!("{name}.png"));
+        write_png(&grid, &[orig[..shown].to_vec(), recon[..shown].to_vec()], c, h, w).map_err(anyhow::Error::msg)?;
+        Ok(AttackResult {
+            name: name.into(),
+            target: what.into(),
+            psnr: Some(psnr_mean),
+            ssim: Some(ssim_mean),
+            label_accuracy: Some(label_accuracy),
+            grid: Some(grid),
+        })
+    };
+    let what = format!("{} of the first training step ({} per sample)", target.detail, fmt_shape(&release_shape));
+    let mut results = Vec::new();
+    if release_shape == image_shape {
+        results.push(score("released-operand", &what, &targets)?);
+    }
+    eprintln!("privacy-report: training the inverse network ({} steps)", settings.attack_steps);
+    let inverse_settings =
+        InverseSettings { steps: settings.attack_steps, seed: cfg.seed, ..InverseSettings::default() };
+    let mut net = InverseNetwork::train(&pairs, inverse_settings).map_err(anyhow::Error::msg)?;
+    results.push(score("learned-inverse", &what, &net.reconstruct(&targets).map_err(anyhow::Error::msg)?)?);
+    let per = pairs.images[0].len();
+    let mean: Vec<f32> =
+        (0..per).map(|k| pairs.images.iter().map(|x| x[k]).sum::<f32>() / pairs.images.len() as f32).collect();
+    results.push(score("public-mean", "nothing: the mean public image", &vec![mean; n])?);
+    Ok(results)
+}
+
+fn fmt_shape(s: &[usize]) -> String {
+    s.iter().map(usize::to_string).collect::<Vec<_>>().join(" x ")
+}
+
+/// Normalised values of one sample back to pixels in [0, 1].
+fn to_pixels(v: &[f32], norm: &Normalization, [c, h, w]: [usize; 3]) -> Vec<f32> {
+    let plane = h * w;
+    (0..c * plane).map(|i| (v[i] * norm.std[i / plane] + norm.mean[i / plane]).clamp(0.0, 1.0)).collect()
+}
+
+/// The trained model's accuracy on reconstructions (pixels in [0, 1]) against the true labels.
+fn label_accuracy(
+    model: &Model,
+    pixels: &[Vec<f32>],
+    norm: &Normalization,
+    shape: [usize; 3],
+    labels: &[usize],
+) -> Result<f64> {
+    let [c, h, w] = shape;
+    let plane = h * w;
+    let flat: Vec<f32> = pixels
+        .iter()
+        .flat_map(|p| p.iter().enumerate().map(|(i, v)| (v - norm.mean[i / plane]) / norm.std[i / plane]))
+        .collect();
+    let mut model = model.clone();
+    let (logits, _) =
+        model.forward(&from_vec(&[pixels.len(), c, h, w], flat), Mode::Eval).map_err(anyhow::Error::msg)?;
+    let classes = model.num_classes;
+    let correct = values(&logits)
+        .chunks(classes)
+        .zip(labels)
+        .filter(|(row, &label)| {
+            let best = row.iter().enumerate().fold(0, |b, (i, &v)| if v > row[b] { i } else { b });
+            best == label
+        })
+        .count();
+    Ok(correct as f64 / labels.len().max(1) as f64)
+}
+
+/// The model the run ended with.
+fn trained_model(cfg: &TrainConfig, data: &Data, out: &Path) -> Result<Model> {
+    let mut model =
+        zoo::build(&cfg.model, &data.input_shape, data.train.num_classes, cfg.seed).map_err(anyhow::Error::msg)?;
+    let path = train::checkpoint_path(out);
+    checkpoint::load(&path)?.restore_model(&mut model).with_context(|| format!("loading {}", path.display()))?;
+    Ok(model)
+}
+
+/// The attacker's pairs: the scheme run on public images (full batches of the test split) with
+/// the model as it stood at the attacked step (its initial weights), its device recording into
+/// `out/prior-view`; each step's first request holds what the device would see of that batch.
+fn public_pairs(
+    cfg: &TrainConfig,
+    data: &Data,
+    out: &Path,
+    target: &trustsplit_attacks::RecordedRequest,
+    release_shape: [usize; 3],
+    image_shape: [usize; 3],
+    public_samples: usize,
+) -> Result<Pairs> {
+    let mut model =
+        zoo::build(&cfg.model, &data.input_shape, data.train.num_classes, cfg.seed).map_err(anyhow::Error::msg)?;
+    let mut opt = Optimizer::new(cfg.optimizer, 0.0);
+    let prior_dir = out.join("prior-view");
+    let mut link = cfg.device_link.clone();
+    link.record = Some(prior_dir.clone());
+    let training = TrainingRun { model: &model, batch_size: cfg.batch_size, epochs: cfg.epochs };
+    let options = crate::share_upload::resolve(&cfg.options, cfg.scheme, data)?;
+    let model_copy = model.clone();
+    let mut runner = crate::registry::build_runner(
+        cfg.scheme,
+        &cfg.device,
+        &link,
+        cfg.memory_budget,
+        None,
+        Some(training),
+        &options,
+        (&model_copy, &opt),
+    )?;
+    let public = data.test.subset(public_samples.min(data.test.len()));
+    let mut images = Vec::new();
+    let mut steps = 0;
+    crate::with_threads(cfg.threads, || -> Result<()> {
+        for b in batches(&public, &batch_options(cfg, data, false)) {
+            let x = Secret::new(from_vec(&[b.n, b.channels, b.height, b.width], b.images.clone()));
+            // A step at learning rate 0: the releases of a training step, the model unchanged.
+            runner.train_step(&mut model, x, &Secret::new(b.labels), &b.indices, &mut opt, 0.0)?;
+            images.extend(samples(&b.images, b.n));
+            steps += 1;
+        }
+        Ok(())
+    })??;
+    ensure!(
+        steps > 0,
+        "no full batch of {} public images; give --public-samples of at least --batch-size",
+        cfg.batch_size
+    );
+    let prior = RecordedView::open(&prior_dir).map_err(anyhow::Error::msg)?;
+    let per_step = prior.requests.len() / steps;
+    ensure!(per_step * steps == prior.requests.len() && per_step > 0, "the public steps made uneven recordings");
+    let mut releases = Vec::new();
+    for step in 0..steps {
+        let request = &prior.requests[step * per_step];
+        ensure!(
+            request.op == target.op && request.tensors[0].shape[1..] == target.tensors[0].shape[1..],
+            "a public step's first release ({}) differs from the attacked one ({})",
+            request.detail,
+            target.detail
+        );
+        let loaded = prior.load(request, "x").map_err(anyhow::Error::msg)?;
+        releases.extend(samples(&loaded.values, loaded.shape[0]));
+    }
+    Ok(Pairs { release_shape, image_shape, releases, images })
+}
+
+/// The report in words, for stderr.
+pub fn lines(r: &PrivacyReport) -> Vec<String> {
+    let mut lines = vec![format!(
+        "privacy report: {} on {} with {}: test accuracy {:.2}%",
+        r.model,
+        r.dataset,
+        r.scheme,
+        100.0 * r.accuracy
+    )];
+    let kinds: Vec<String> = r.released_by_kind.iter().map(|(k, b)| format!("{k} {b}")).collect();
+    lines.push(format!(
+        "released to the device: {} bytes{}",
+        r.bytes_released,
+        if kinds.is_empty() { String::new() } else { format!(" ({})", kinds.join(", ")) }
+    ));
+    lines.push(match r.epsilon {
+        Some(e) => format!("epsilon {e:.2} (delta {:.0e}); covers: {}", r.delta.unwrap_or(0.0), r.covers),
+        None => format!("no epsilon; {}", r.covers),
+    });
+    if let Some(why) = &r.no_attack {
+        lines.push(format!("no attack ran: {why}"));
+    }
+    for a in &r.attacks {
+        let f = |v: Option<f64>, digits: usize| v.map_or("-".into(), |v| format!("{v:.digits$}"));
+        lines.push(format!(
+            "attack {}: PSNR {} dB, SSIM {}, label accuracy {} ({}){}",
+            a.name,
+            f(a.psnr, 1),
+            f(a.ssim, 3),
+            a.label_accuracy.map_or("-".into(), |v| format!("{:.1}%", 100.0 * v)),
+            a.target,
+            a.grid.as_ref().map_or(String::new(), |g| format!("; {}", g.display()))
+        ));
+    }
+    lines
+}
