@@ -256,7 +256,7 @@ enum BenchWhat {
         #[arg(long, default_value = "cpu")]
         device: String,
         #[command(flatten)]
-        device_link: trustsplit::devices::DeviceLinkArgs,
+        device_link: Box<trustsplit::devices::DeviceLinkArgs>,
         #[arg(long, default_value_t = 96)]
         memory_budget_mib: usize,
         #[arg(long)]
@@ -582,7 +582,7 @@ fn main() {
                 warmup,
                 threads,
                 device: &device,
-                link: device_link,
+                link: *device_link,
                 memory_budget: memory_budget_mib << 20,
                 options: *scheme_options,
                 baseline,
