@@ -34,8 +34,9 @@ pub struct DeviceLinkArgs {
     /// --record`.
     #[arg(long, value_name = "DIR")]
     pub record: Option<PathBuf>,
-    /// Past this many MiB of tensors, --record indexes requests without keeping their tensors.
-    #[arg(long, value_name = "MIB", default_value_t = 4096, requires = "record")]
+    /// Past this many MiB of tensors, --record (and privacy-report's recording) indexes requests
+    /// without keeping their tensors.
+    #[arg(long, value_name = "MIB", default_value_t = 4096)]
     pub record_limit_mib: u64,
 }
 

@@ -316,7 +316,8 @@ fn trained_model(cfg: &TrainConfig, data: &Data, out: &Path) -> Result<Model> {
 
 /// The attacker's pairs: the scheme run on public images (full batches of the test split) with
 /// the model as it stood at the attacked step (its initial weights), its device recording into
-/// `out/prior-view`; each step's first request holds what the device would see of that batch.
+/// `out/prior-view`; each step's first request holds what the device would see of that batch
+/// (the step's other files are removed as it goes).
 fn public_pairs(
     cfg: &TrainConfig,
     data: &Data,
@@ -332,6 +333,8 @@ fn public_pairs(
     let prior_dir = out.join("prior-view");
     let mut link = cfg.device_link.clone();
     link.record = Some(prior_dir.clone());
+    // Each public step's files are removed once read: no limit needed.
+    link.record_limit_mib = u64::MAX >> 20;
     let training = TrainingRun { model: &model, batch_size: cfg.batch_size, epochs: cfg.epochs };
     let options = crate::share_upload::resolve(&cfg.options, cfg.scheme, data)?;
     let model_copy = model.clone();
@@ -346,38 +349,38 @@ fn public_pairs(
         (&model_copy, &opt),
     )?;
     let public = data.test.subset(public_samples.min(data.test.len()));
-    let mut images = Vec::new();
-    let mut steps = 0;
+    let (mut images, mut releases) = (Vec::new(), Vec::new());
+    let mut indexed = 0;
     crate::with_threads(cfg.threads, || -> Result<()> {
         for b in batches(&public, &batch_options(cfg, data, false)) {
             let x = Secret::new(from_vec(&[b.n, b.channels, b.height, b.width], b.images.clone()));
             // A step at learning rate 0: the releases of a training step, the model unchanged.
             runner.train_step(&mut model, x, &Secret::new(b.labels), &b.indices, &mut opt, 0.0)?;
             images.extend(samples(&b.images, b.n));
-            steps += 1;
+            // This step's requests: keep its first release, drop the rest from the disk.
+            let prior = RecordedView::open(&prior_dir).map_err(anyhow::Error::msg)?;
+            let step = &prior.requests[indexed..];
+            let request = step.first().context("a public step released nothing")?;
+            ensure!(
+                request.op == target.op && request.tensors[0].shape[1..] == target.tensors[0].shape[1..],
+                "a public step's first release ({}) differs from the attacked one ({})",
+                request.detail,
+                target.detail
+            );
+            let loaded = prior.load(request, "x").map_err(anyhow::Error::msg)?;
+            releases.extend(samples(&loaded.values, loaded.shape[0]));
+            for file in step.iter().filter_map(|r| r.file.as_ref()) {
+                std::fs::remove_file(prior_dir.join(file)).with_context(|| format!("removing {file}"))?;
+            }
+            indexed = prior.requests.len();
         }
         Ok(())
     })??;
     ensure!(
-        steps > 0,
+        !images.is_empty(),
         "no full batch of {} public images; give --public-samples of at least --batch-size",
         cfg.batch_size
     );
-    let prior = RecordedView::open(&prior_dir).map_err(anyhow::Error::msg)?;
-    let per_step = prior.requests.len() / steps;
-    ensure!(per_step * steps == prior.requests.len() && per_step > 0, "the public steps made uneven recordings");
-    let mut releases = Vec::new();
-    for step in 0..steps {
-        let request = &prior.requests[step * per_step];
-        ensure!(
-            request.op == target.op && request.tensors[0].shape[1..] == target.tensors[0].shape[1..],
-            "a public step's first release ({}) differs from the attacked one ({})",
-            request.detail,
-            target.detail
-        );
-        let loaded = prior.load(request, "x").map_err(anyhow::Error::msg)?;
-        releases.extend(samples(&loaded.values, loaded.shape[0]));
-    }
     Ok(Pairs { release_shape, image_shape, releases, images })
 }
 

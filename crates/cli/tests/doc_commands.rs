@@ -15,7 +15,8 @@
 //! 2. Small settings, on each `trustsplit` command (a flag already given gets the small value
 //!    instead): `train` and `enclave` get `--epochs 1` unless they ask for 1 or 2 (so that a
 //!    `--resume` example can continue a 1-epoch run to 2), and `train` also gets
-//!    `--train-limit 256 --test-limit 128`; `bench step` gets `--steps 1 --warmup 0 --batch-size 2`; `bench kernels` gets
+//!    `--train-limit 256 --test-limit 128`; `privacy-report` gets `--epochs 1 --train-limit 256
+//!    --test-limit 128 --public-samples 128 --attack-steps 20`; `bench step` gets `--steps 1 --warmup 0 --batch-size 2`; `bench kernels` gets
 //!    `--repeats 1 --vgg-batch 2 --threads 1`; `data fetch` without `--archive` gets `--url` of a
 //!    closed local port, which stands for a machine without internet access (the test never
 //!    downloads anything). A command with `--help` is left alone.
@@ -136,6 +137,13 @@ fn small_settings(args: &str) -> String {
     let words: Vec<&str> = words.iter().map(String::as_str).collect();
     let flags: &[(&str, &str)] = match words.as_slice() {
         ["train", ..] => &[("--train-limit", "256"), ("--test-limit", "128")],
+        ["privacy-report", ..] => &[
+            ("--epochs", "1"),
+            ("--train-limit", "256"),
+            ("--test-limit", "128"),
+            ("--public-samples", "128"),
+            ("--attack-steps", "20"),
+        ],
         ["bench", "step"] => &[("--steps", "1"), ("--warmup", "0"), ("--batch-size", "2")],
         ["bench", "kernels"] => &[("--repeats", "1"), ("--vgg-batch", "2"), ("--threads", "1")],
         ["data", "fetch"] if !tokens.iter().any(|t| t == "--archive" || t.starts_with("--archive=")) => {
