@@ -20,7 +20,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results.jsonl"
-DOCS = ["BENCHMARKS.md", "README.md"]
+DOCS = ["BENCHMARKS.md", "README.md", "docs/privacy.md"]
 REQUIRED = ("table", "date", "commit", "machine", "command")
 
 
@@ -148,6 +148,13 @@ TABLES = {
                           Col("ratio_x", "baseline / goten", 2, "x"), Col("goten_device_ms", "goten's servers' ms", 0),
                           Col("mb_to_servers", "MB to the servers", 0),
                           Col("phases_ms", "goten's enclave ms: share / masks / quantise / reconstruct / check")]),
+    "privacy_attacks": Table(("dataset", "model", "run"),
+                             [Col("run", "run"), Col("test_accuracy_pct", "test accuracy", 2, "%"), Col("epsilon", "epsilon", 2),
+                              Col("mb_released", "MB released", 0), Col("attacked", "attacked release"),
+                              Col("operand_psnr", "released operand: PSNR dB", 1),
+                              Col("inverse_psnr", "learned inverse: PSNR dB", 1), Col("inverse_ssim", "SSIM", 3),
+                              Col("inverse_label_pct", "label accuracy", 1, "%"),
+                              Col("floor_psnr", "public mean: PSNR dB", 1), Col("floor_ssim", "SSIM", 3)]),
     # History only (no region shows it): the sampler's timing test over the sampler's rewrites.
     "noise_sampler": Table(("measure",), [Col("measure", "measure"), Col("value", "value")]),
 }

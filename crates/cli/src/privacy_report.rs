@@ -15,6 +15,7 @@
 //!   running the scheme on public images with the model as it stood at the attacked step.
 //! - `public-mean`: the mean public image for every sample: what knowing nothing gives, the floor
 //!   the others are read against.
+//! - `label-recovery`: the labels from the logits' gradient, where the device received it.
 
 use crate::train::{self, Data, TrainConfig, TrainSummary};
 use anyhow::{bail, ensure, Context, Result};
@@ -57,6 +58,13 @@ pub struct AttackResult {
     pub grid: Option<PathBuf>,
 }
 
+/// An attack that found nothing to work on in this view.
+#[derive(Clone, Debug, Serialize)]
+pub struct NotApplicable {
+    pub name: String,
+    pub why: String,
+}
+
 /// The report (`--json` prints it).
 #[derive(Clone, Debug, Serialize)]
 pub struct PrivacyReport {
@@ -73,6 +81,8 @@ pub struct PrivacyReport {
     /// Bytes released to the device by kind (`input`, `weight`, `noised-residual`, ...).
     pub released_by_kind: BTreeMap<String, u64>,
     pub attacks: Vec<AttackResult>,
+    /// Attacks that did not apply to this view, with the reason.
+    pub not_applicable: Vec<NotApplicable>,
     /// Why no attack ran, where none did.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub no_attack: Option<String>,
@@ -129,6 +139,7 @@ pub fn run(mut cfg: TrainConfig, out: &Path, settings: ReportSettings) -> Result
         bytes_released: training.bytes_released,
         released_by_kind,
         attacks: Vec::new(),
+        not_applicable: Vec::new(),
         no_attack: None,
         recording: view_dir.clone(),
         training,
@@ -154,6 +165,10 @@ pub fn run(mut cfg: TrainConfig, out: &Path, settings: ReportSettings) -> Result
     }
     let view = view.expect("a first request came from it");
     report.attacks = crate::with_threads(cfg.threads, || attack_first_release(&cfg, &data, out, &view, settings))??;
+    match recover_labels(&cfg, &data, &view)? {
+        Ok(found) => report.attacks.push(found),
+        Err(why) => report.not_applicable.push(NotApplicable { name: "label-recovery".into(), why }),
+    }
     save(report, out)
 }
 
@@ -384,6 +399,46 @@ fn public_pairs(
     Ok(Pairs { release_shape, image_shape, releases, images })
 }
 
+/// Labels from the logits' gradient, where the device received it (a linear classifier on the
+/// device): each row is softmax minus the one-hot label, over the batch size, so its one negative
+/// entry is the label. Looks at the first training step's requests.
+fn recover_labels(
+    cfg: &TrainConfig,
+    data: &Data,
+    view: &RecordedView,
+) -> Result<std::result::Result<AttackResult, String>> {
+    let first =
+        batches(&data.train, &batch_options(cfg, data, true)).next().context("the training split yields no batch")?;
+    let (n, classes) = (first.n, data.train.num_classes);
+    let start = &view.requests[0].detail;
+    let step_end = view.requests.iter().skip(1).position(|r| &r.detail == start).map_or(view.requests.len(), |i| i + 1);
+    for request in view.requests[..step_end].iter().filter(|r| r.op == "gemm") {
+        for t in request.tensors.iter().filter(|t| t.direction == "received" && t.shape == [n, classes]) {
+            let Ok(loaded) = view.load(request, &t.name) else { continue };
+            let rows: Vec<&[f32]> = loaded.values.chunks(classes).collect();
+            let one_negative = rows.iter().all(|row| row.iter().filter(|&&v| v < 0.0).count() == 1);
+            if !one_negative {
+                continue;
+            }
+            let guessed =
+                rows.iter().map(|row| row.iter().enumerate().fold(0, |b, (i, &v)| if v < row[b] { i } else { b }));
+            let correct = guessed.zip(&first.labels).filter(|(g, l)| g == *l).count();
+            return Ok(Ok(AttackResult {
+                name: "label-recovery".into(),
+                target: format!(
+                    "operand {} of {} (the logits' gradient) in the first training step",
+                    t.name, request.detail
+                ),
+                psnr: None,
+                ssim: None,
+                label_accuracy: Some(correct as f64 / n as f64),
+                grid: None,
+            }));
+        }
+    }
+    Ok(Err("no logits' gradient reached the device in the first training step (the classifier's backward pass stays inside)".into()))
+}
+
 /// The report in words, for stderr.
 pub fn lines(r: &PrivacyReport) -> Vec<String> {
     let mut lines = vec![format!(
@@ -405,6 +460,9 @@ pub fn lines(r: &PrivacyReport) -> Vec<String> {
     });
     if let Some(why) = &r.no_attack {
         lines.push(format!("no attack ran: {why}"));
+    }
+    for skipped in &r.not_applicable {
+        lines.push(format!("attack {}: not applicable: {}", skipped.name, skipped.why));
     }
     for a in &r.attacks {
         let f = |v: Option<f64>, digits: usize| v.map_or("-".into(), |v| format!("{v:.digits$}"));
