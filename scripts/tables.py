@@ -142,6 +142,9 @@ TABLES = {
                                         Col("f32_ms", "f32 GEMM ms (ceiling)", 2)]),
     "goten_accuracy": Table(("run",), [Col("run", "run"), Col("epochs", "epochs"),
                                        Col("test_accuracy_pct", "test accuracy", 2, "%"), Col("wall_s", "wall time", 0, " s")]),
+    "goten_vgg_accuracy": Table(("model", "run"), [Col("model", "model"), Col("run", "run"), Col("train_samples", "training samples"),
+                                                    Col("epochs", "epochs"), Col("epoch1_pct", "test accuracy after epoch 1", 2, "%"),
+                                                    Col("test_accuracy_pct", "test accuracy", 2, "%"), Col("wall_s", "wall time", 0, " s")]),
     "goten_steps": Table(("model", "pass", "baseline"),
                          [Col("model", "model"), Col("pass", "pass"), Col("baseline", "baseline"),
                           Col("baseline_enclave_ms", "baseline's enclave ms", 0), Col("goten_enclave_ms", "goten's enclave ms", 0),
@@ -154,7 +157,8 @@ TABLES = {
                               Col("operand_psnr", "released operand: PSNR dB", 1),
                               Col("inverse_psnr", "learned inverse: PSNR dB", 1), Col("inverse_ssim", "SSIM", 3),
                               Col("inverse_label_pct", "label accuracy", 1, "%"),
-                              Col("floor_psnr", "public mean: PSNR dB", 1), Col("floor_ssim", "SSIM", 3)]),
+                              Col("floor_psnr", "public mean: PSNR dB", 1), Col("floor_ssim", "SSIM", 3),
+                              Col("labels_recovered_pct", "labels from the logits' gradient", 1, "%")]),
     # History only (no region shows it): the sampler's timing test over the sampler's rewrites.
     "noise_sampler": Table(("measure",), [Col("measure", "measure"), Col("value", "value")]),
 }

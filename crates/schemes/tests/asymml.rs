@@ -484,9 +484,10 @@ fn finite_activations_too_large_for_the_split_end_the_step_before_anything_is_re
         let err = r.train_step(&mut model, Secret::new(x), &Secret::new(y), &mut opt, 0.05).unwrap_err().to_string();
         assert!(err.starts_with("training diverged: layers.2's forward cannot be split"), "{subspace:?}: {err}");
         // The exact subspace's eigensolver fails on the overflowed Gram matrix; the fast one's
-        // basis comes out NaN, which the residual's energy shows.
+        // basis comes out NaN, which the residual's energy shows. Which sample is named first
+        // depends on the fast subspace's random start (drawn from the OS), so any may be.
         if subspace == Subspace::Fast {
-            assert!(err.contains("sample 0's residual is not finite"), "{err}");
+            assert!(err.contains("'s residual is not finite"), "{err}");
         }
         // The image's split was released (finite); nothing after it.
         let seen = inputs.lock().unwrap();
