@@ -11,5 +11,5 @@ pub mod metrics;
 pub mod record;
 pub mod view;
 
-pub use record::{RecordedRequest, RecordedTensor, Recorder, RecordingBackend};
+pub use record::{Entry, RecordedRequest, RecordedTensor, Recorder, RecordingBackend, Values};
 pub use view::RecordedView;

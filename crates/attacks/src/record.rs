@@ -5,7 +5,8 @@
 //! `DIR/NNNNNNNN.safetensors` with the two operands and the result under the names the operation
 //! gives them (`x`, `w`, `y` for a forward convolution; `A`, `B`, `C` for a GEMM) and a line of
 //! `DIR/index.jsonl`: the operation, each tensor's shape, direction and the SHA-256 of its wire
-//! bytes. The digests join a recording with the trusted side's transcript
+//! bytes. Other untrusted roles (a Goten server's untrusted side) record their requests in the
+//! same form through [`Recorder::record_entries`], their field elements as 64-bit integers. The digests join a recording with the trusted side's transcript
 //! ([`trustsplit_boundary::Transcript::with_digests`]): every released value appears in both.
 //!
 //! What is kept is exactly what the device held, before it computed: nothing of the trusted
@@ -104,40 +105,58 @@ impl Recorder {
         &self.dir
     }
 
-    /// Records one request; the index line is flushed at once, so that a recording is complete up
-    /// to the last request even if the worker is killed. A write error fails the request (and
-    /// every later one): a recording with holes would mislead whoever attacks it.
+    /// Records one device request; see [`Recorder::record_entries`].
     pub fn record(&self, op: &Op, a: &[f32], b: &[f32], out: &[f32]) -> Result<(), String> {
+        let shapes = tensor_shapes(op);
+        let values = [a, b, out];
+        let entries: Vec<Entry> = shapes
+            .iter()
+            .zip(values)
+            .enumerate()
+            .map(|(i, ((name, shape), v))| Entry {
+                name,
+                shape: shape.clone(),
+                received: i < 2,
+                values: Values::F32(v),
+            })
+            .collect();
+        self.record_entries(op.name(), &op.to_string(), &entries)
+    }
+
+    /// Records one request of any untrusted role: what it received and what it sent back. The
+    /// index line is flushed at once, so that a recording is complete up to the last request
+    /// even if the worker is killed. A write error fails the request (and every later one): a
+    /// recording with holes would mislead whoever attacks it.
+    pub fn record_entries(&self, op: &str, detail: &str, entries: &[Entry]) -> Result<(), String> {
         let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(e) = &state.error {
             return Err(e.clone());
         }
         let seq = state.next_seq;
         state.next_seq += 1;
-        let shapes = tensor_shapes(op);
-        let values = [a, b, out];
-        let tensors = shapes
+        let tensors = entries
             .iter()
-            .zip(values)
-            .enumerate()
-            .map(|(i, ((name, shape), v))| RecordedTensor {
-                name: name.to_string(),
-                shape: shape.clone(),
-                direction: if i < 2 { "received" } else { "sent" }.into(),
-                sha256: wire_digest(v),
+            .map(|e| RecordedTensor {
+                name: e.name.to_string(),
+                shape: e.shape.clone(),
+                direction: if e.received { "received" } else { "sent" }.into(),
+                sha256: match e.values {
+                    Values::F32(v) => wire_digest(v),
+                    Values::Words(v) => wire_digest(v),
+                },
             })
             .collect();
-        let bytes = ((a.len() + b.len() + out.len()) * 4) as u64;
+        let bytes: u64 = entries.iter().map(|e| e.values.bytes()).sum();
         let mut file = None;
         if state.bytes_kept + bytes <= self.max_bytes {
             let name = format!("{seq:08}.safetensors");
-            if let Err(e) = write_tensors(&self.dir.join(&name), &shapes, &values, op) {
+            if let Err(e) = write_tensors(&self.dir.join(&name), entries, detail) {
                 return Err(state.failed(e));
             }
             state.bytes_kept += bytes;
             file = Some(name);
         }
-        let line = RecordedRequest { seq, op: op.name().into(), detail: op.to_string(), tensors, file };
+        let line = RecordedRequest { seq, op: op.into(), detail: detail.into(), tensors, file };
         let text = serde_json::to_string(&line).expect("a record serialises");
         if let Err(e) = writeln!(state.index, "{text}").and_then(|()| state.index.flush()) {
             return Err(state.failed(format!("{}: {e}", self.dir.join("index.jsonl").display())));
@@ -159,18 +178,56 @@ impl State {
     }
 }
 
-fn write_tensors(path: &Path, shapes: &[(&str, Vec<usize>); 3], values: &[&[f32]; 3], op: &Op) -> Result<(), String> {
-    let bytes: Vec<Vec<u8>> = values.iter().map(|v| v.iter().flat_map(|x| x.to_le_bytes()).collect()).collect();
-    let views: Vec<(String, safetensors::tensor::TensorView)> = shapes
+/// A tensor's values as a recording keeps them.
+#[derive(Clone, Copy, Debug)]
+pub enum Values<'a> {
+    F32(&'a [f32]),
+    /// Field or ring elements, kept as the signed 64-bit integers their two's-complement words
+    /// are (Goten's centred elements of Z_p read as themselves).
+    Words(&'a [u64]),
+}
+
+impl Values<'_> {
+    fn bytes(&self) -> u64 {
+        match self {
+            Values::F32(v) => v.len() as u64 * 4,
+            Values::Words(v) => v.len() as u64 * 8,
+        }
+    }
+}
+
+/// One tensor of a request to record.
+#[derive(Clone, Debug)]
+pub struct Entry<'a> {
+    pub name: &'a str,
+    pub shape: Vec<usize>,
+    /// Received from the trusted side (`true`) or sent back to it.
+    pub received: bool,
+    pub values: Values<'a>,
+}
+
+fn write_tensors(path: &Path, entries: &[Entry], detail: &str) -> Result<(), String> {
+    let bytes: Vec<Vec<u8>> = entries
+        .iter()
+        .map(|e| match e.values {
+            Values::F32(v) => v.iter().flat_map(|x| x.to_le_bytes()).collect(),
+            Values::Words(v) => v.iter().flat_map(|x| x.to_le_bytes()).collect(),
+        })
+        .collect();
+    let views: Vec<(String, safetensors::tensor::TensorView)> = entries
         .iter()
         .zip(&bytes)
-        .map(|((name, shape), b)| {
-            let view = safetensors::tensor::TensorView::new(safetensors::Dtype::F32, shape.clone(), b)
-                .map_err(|e| format!("{}: {e}", path.display()))?;
-            Ok((name.to_string(), view))
+        .map(|(e, b)| {
+            let dtype = match e.values {
+                Values::F32(_) => safetensors::Dtype::F32,
+                Values::Words(_) => safetensors::Dtype::I64,
+            };
+            let view = safetensors::tensor::TensorView::new(dtype, e.shape.clone(), b)
+                .map_err(|err| format!("{}: {}: {err}", path.display(), e.name))?;
+            Ok((e.name.to_string(), view))
         })
         .collect::<Result<_, String>>()?;
-    let meta = HashMap::from([("op".to_string(), op.to_string())]);
+    let meta = HashMap::from([("op".to_string(), detail.to_string())]);
     let serialized = safetensors::serialize(views, Some(meta)).map_err(|e| format!("{}: {e}", path.display()))?;
     std::fs::write(path, serialized).map_err(|e| format!("{}: {e}", path.display()))
 }

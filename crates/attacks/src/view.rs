@@ -10,7 +10,7 @@ pub struct RecordedView {
     pub requests: Vec<RecordedRequest>,
 }
 
-/// A tensor loaded from a recording.
+/// A tensor loaded from a recording (64-bit integers converted to the nearest f32).
 #[derive(Clone, Debug, PartialEq)]
 pub struct Loaded {
     pub shape: Vec<usize>,
@@ -52,16 +52,22 @@ impl RecordedView {
         let st =
             SafeTensors::deserialize(&bytes).map_err(|e| format!("{}: not a safetensors file: {e}", path.display()))?;
         let view = st.tensor(name).map_err(|e| format!("{}: tensor {name}: {e}", path.display()))?;
-        if view.dtype() != Dtype::F32 || view.shape() != expected.shape.as_slice() {
+        if !matches!(view.dtype(), Dtype::F32 | Dtype::I64) || view.shape() != expected.shape.as_slice() {
             return Err(format!(
-                "{}: tensor {name} is {:?} {:?}, the index says F32 {:?}",
+                "{}: tensor {name} is {:?} {:?}, the index says {:?} (F32 or I64)",
                 path.display(),
                 view.dtype(),
                 view.shape(),
                 expected.shape
             ));
         }
-        let values = view.data().chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect();
+        // Integers (field or ring elements) are read as the numbers they are.
+        let values = match view.dtype() {
+            Dtype::F32 => view.data().chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect(),
+            _ => {
+                view.data().chunks_exact(8).map(|c| i64::from_le_bytes(c.try_into().expect("8 bytes")) as f32).collect()
+            }
+        };
         Ok(Loaded { shape: expected.shape.clone(), values })
     }
 

@@ -109,6 +109,7 @@ pub fn run(mut cfg: TrainConfig, out: &Path, settings: ReportSettings) -> Result
         remove_recording(dir)?;
     }
     cfg.device_link.record = Some(view_dir.clone());
+    cfg.options.goten.goten_record = Some(view_dir.clone());
     cfg.transcript = Some(out.join("transcript.jsonl"));
     std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
 
@@ -144,32 +145,54 @@ pub fn run(mut cfg: TrainConfig, out: &Path, settings: ReportSettings) -> Result
         recording: view_dir.clone(),
         training,
     };
-    let view = match view_dir.join("index.jsonl").is_file() {
-        true => Some(RecordedView::open(&view_dir).map_err(anyhow::Error::msg)?),
-        false => None,
-    };
-    let Some(target) = view.as_ref().and_then(|v| v.requests.first()) else {
-        report.no_attack = Some(if report.bytes_released == 0 {
-            "nothing was released".into()
-        } else if cfg.scheme.info().uses_device {
-            "the device received nothing".into()
-        } else {
-            format!("the untrusted roles of {} (servers or parties) are not recorded yet", cfg.scheme)
-        });
-        return save(report, out);
-    };
-    if target.op != "conv_forward" {
-        report.no_attack =
-            Some(format!("the first release is a {} operand; the attacks take convolution inputs", target.op));
-        return save(report, out);
+    let mut attacked = false;
+    for (suffix, sub) in recordings(&view_dir) {
+        let view = RecordedView::open(&view_dir.join(&sub)).map_err(anyhow::Error::msg)?;
+        let Some(target) = view.requests.first() else { continue };
+        if target.op != "conv_forward" {
+            report.not_applicable.push(NotApplicable {
+                name: format!("learned-inverse{suffix}"),
+                why: format!("the first release is a {} operand; the attacks take convolution inputs", target.op),
+            });
+            continue;
+        }
+        let floor = !attacked;
+        let found = crate::with_threads(cfg.threads, || {
+            attack_first_release(&cfg, &data, out, &view, Target { suffix: &suffix, sub: &sub, floor }, settings)
+        })??;
+        report.attacks.extend(found);
+        match recover_labels(&cfg, &data, &view)? {
+            Ok(found) => report.attacks.push(AttackResult { name: format!("{}{suffix}", found.name), ..found }),
+            Err(why) => report.not_applicable.push(NotApplicable { name: format!("label-recovery{suffix}"), why }),
+        }
+        attacked = true;
     }
-    let view = view.expect("a first request came from it");
-    report.attacks = crate::with_threads(cfg.threads, || attack_first_release(&cfg, &data, out, &view, settings))??;
-    match recover_labels(&cfg, &data, &view)? {
-        Ok(found) => report.attacks.push(found),
-        Err(why) => report.not_applicable.push(NotApplicable { name: "label-recovery".into(), why }),
+    if !attacked && report.not_applicable.is_empty() {
+        report.no_attack = Some(if matches!(cfg.scheme.entry().build, crate::registry::Build::Parties(_)) {
+            format!("the parties of {} are not recorded yet", cfg.scheme)
+        } else if report.bytes_released == 0 {
+            "nothing was released".into()
+        } else {
+            "the untrusted side received nothing".into()
+        });
     }
     save(report, out)
+}
+
+/// The recordings under `dir` to attack, each with the suffix of its attacks' names and its
+/// folder relative to `dir`: the device's (`dir` itself) or each Goten server's (`dir/serverR`).
+fn recordings(dir: &Path) -> Vec<(String, PathBuf)> {
+    let mut found = Vec::new();
+    if dir.join("index.jsonl").is_file() {
+        found.push((String::new(), PathBuf::new()));
+    }
+    for role in 0..3 {
+        let sub = PathBuf::from(format!("server{role}"));
+        if dir.join(&sub).join("index.jsonl").is_file() {
+            found.push((format!(" (server {role})"), sub));
+        }
+    }
+    found
 }
 
 /// Writes `out/report.json` (atomically) and hands the report back.
@@ -187,7 +210,7 @@ fn remove_recording(dir: &Path) -> Result<()> {
         return Ok(());
     }
     ensure!(
-        dir.join("index.jsonl").is_file(),
+        dir.join("index.jsonl").is_file() || !recordings(dir).is_empty(),
         "{} exists and is not a recording; move it away or choose another --out",
         dir.display()
     );
@@ -212,15 +235,28 @@ fn samples(flat: &[f32], n: usize) -> Vec<Vec<f32>> {
     flat.chunks(per.max(1)).map(<[f32]>::to_vec).collect()
 }
 
+/// Which recording an attack reads.
+#[derive(Clone, Copy)]
+struct Target<'a> {
+    /// Appended to the attacks' names: ` (server 1)`, or nothing for the device.
+    suffix: &'a str,
+    /// The recording's folder under `view/` (and the attacker's own under `prior-view/`).
+    sub: &'a Path,
+    /// Also score the public-mean floor (once per report).
+    floor: bool,
+}
+
 fn attack_first_release(
     cfg: &TrainConfig,
     data: &Data,
     out: &Path,
     view: &RecordedView,
+    which: Target,
     settings: ReportSettings,
 ) -> Result<Vec<AttackResult>> {
     let target = &view.requests[0];
-    let released = view.load(target, "x").map_err(anyhow::Error::msg)?;
+    let operand = &target.tensors[0].name;
+    let released = view.load(target, operand).map_err(anyhow::Error::msg)?;
     let (n, release_shape) = match released.shape.as_slice() {
         &[n, c, h, w] => (n, [c, h, w]),
         other => bail!("the first release has shape {other:?}, expected N x C x H x W"),
@@ -234,9 +270,10 @@ fn attack_first_release(
     let norm = data.kind.normalization();
 
     eprintln!("privacy-report: making the attacker's pairs from {} public images", settings.public_samples);
-    let pairs = public_pairs(cfg, data, out, target, release_shape, image_shape, settings.public_samples)?;
+    let pairs = public_pairs(cfg, data, out, which.sub, target, release_shape, image_shape, settings.public_samples)?;
     let final_model = trained_model(cfg, data, out)?;
     let score = |name: &str, what: &str, reconstructions: &[Vec<f32>]| -> Result<AttackResult> {
+        let name = if name == "public-mean" { name.to_string() } else { format!("{name}{}", which.suffix) };
         let pixels = |v: &[f32]| to_pixels(v, &norm, image_shape);
         let (orig, recon): (Vec<Vec<f32>>, Vec<Vec<f32>>) =
             originals.iter().zip(reconstructions).map(|(o, r)| (pixels(o), pixels(r))).unzip();
@@ -253,10 +290,11 @@ fn attack_first_release(
             / n as f64;
         let label_accuracy = label_accuracy(&final_model, &recon, &norm, image_shape, &first.labels)?;
         let shown = settings.shown.min(n);
-        let grid = out.join(format!("{name}.png"));
+        let file: String = name.chars().map(|c| if c.is_ascii_alphanumeric() { c } else { '-' }).collect();
+        let grid = out.join(format!("{}.png", file.trim_end_matches('-')));
         write_png(&grid, &[orig[..shown].to_vec(), recon[..shown].to_vec()], c, h, w).map_err(anyhow::Error::msg)?;
         Ok(AttackResult {
-            name: name.into(),
+            name,
             target: what.into(),
             psnr: Some(psnr_mean),
             ssim: Some(ssim_mean),
@@ -264,7 +302,8 @@ fn attack_first_release(
             grid: Some(grid),
         })
     };
-    let what = format!("{} of the first training step ({} per sample)", target.detail, fmt_shape(&release_shape));
+    let what =
+        format!("{operand} of {} in the first training step ({} per sample)", target.detail, fmt_shape(&release_shape));
     let mut results = Vec::new();
     if release_shape == image_shape {
         results.push(score("released-operand", &what, &targets)?);
@@ -277,7 +316,9 @@ fn attack_first_release(
     let per = pairs.images[0].len();
     let mean: Vec<f32> =
         (0..per).map(|k| pairs.images.iter().map(|x| x[k]).sum::<f32>() / pairs.images.len() as f32).collect();
-    results.push(score("public-mean", "nothing: the mean public image", &vec![mean; n])?);
+    if which.floor {
+        results.push(score("public-mean", "nothing: the mean public image", &vec![mean; n])?);
+    }
     Ok(results)
 }
 
@@ -333,10 +374,12 @@ fn trained_model(cfg: &TrainConfig, data: &Data, out: &Path) -> Result<Model> {
 /// the model as it stood at the attacked step (its initial weights), its device recording into
 /// `out/prior-view`; each step's first request holds what the device would see of that batch
 /// (the step's other files are removed as it goes).
+#[allow(clippy::too_many_arguments)]
 fn public_pairs(
     cfg: &TrainConfig,
     data: &Data,
     out: &Path,
+    sub: &Path,
     target: &trustsplit_attacks::RecordedRequest,
     release_shape: [usize; 3],
     image_shape: [usize; 3],
@@ -345,13 +388,16 @@ fn public_pairs(
     let mut model =
         zoo::build(&cfg.model, &data.input_shape, data.train.num_classes, cfg.seed).map_err(anyhow::Error::msg)?;
     let mut opt = Optimizer::new(cfg.optimizer, 0.0);
-    let prior_dir = out.join("prior-view");
+    let prior_root = out.join("prior-view");
+    remove_recording(&prior_root)?;
+    let prior_dir = prior_root.join(sub);
     let mut link = cfg.device_link.clone();
-    link.record = Some(prior_dir.clone());
+    link.record = Some(prior_root.clone());
     // Each public step's files are removed once read: no limit needed.
     link.record_limit_mib = u64::MAX >> 20;
     let training = TrainingRun { model: &model, batch_size: cfg.batch_size, epochs: cfg.epochs };
-    let options = crate::share_upload::resolve(&cfg.options, cfg.scheme, data)?;
+    let mut options = crate::share_upload::resolve(&cfg.options, cfg.scheme, data)?;
+    options.goten.goten_record = Some(prior_root.clone());
     let model_copy = model.clone();
     let mut runner = crate::registry::build_runner(
         cfg.scheme,
@@ -382,10 +428,16 @@ fn public_pairs(
                 request.detail,
                 target.detail
             );
-            let loaded = prior.load(request, "x").map_err(anyhow::Error::msg)?;
+            let loaded = prior.load(request, &request.tensors[0].name).map_err(anyhow::Error::msg)?;
             releases.extend(samples(&loaded.values, loaded.shape[0]));
-            for file in step.iter().filter_map(|r| r.file.as_ref()) {
-                std::fs::remove_file(prior_dir.join(file)).with_context(|| format!("removing {file}"))?;
+            // Every recording's tensors of the step (other Goten servers' too) go.
+            for (_, other) in recordings(&prior_root) {
+                for entry in std::fs::read_dir(prior_root.join(&other))? {
+                    let path = entry?.path();
+                    if path.extension().is_some_and(|e| e == "safetensors") {
+                        std::fs::remove_file(&path).with_context(|| format!("removing {}", path.display()))?;
+                    }
+                }
             }
             indexed = prior.requests.len();
         }
@@ -436,7 +488,7 @@ fn recover_labels(
             }));
         }
     }
-    Ok(Err("no logits' gradient reached the device in the first training step (the classifier's backward pass stays inside)".into()))
+    Ok(Err("no logits' gradient reached the untrusted side in the first training step".into()))
 }
 
 /// The report in words, for stderr.

@@ -260,6 +260,7 @@ pub fn build_runner(
             // Goten's servers are reached with the same key as devices.
             let mut options = options.clone();
             options.goten.enclave_key = link.key.clone();
+            options.goten.goten_record_limit_mib = Some(link.record_limit_mib);
             Ok(Runner::Split(build(inputs, &options).with_context(|| format!("setting up scheme {scheme}"))?))
         }
         Build::Parties(build) => {

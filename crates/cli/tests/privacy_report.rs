@@ -125,3 +125,36 @@ fn refuses_what_it_cannot_report_on() {
     assert!(dir.join("view/notes.txt").exists());
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[test]
+fn goten_servers_views_are_attacked_one_by_one_and_give_nothing_beyond_the_prior() {
+    let dir = temp("goten");
+    let output = Command::new(env!("CARGO_BIN_EXE_trustsplit"))
+        .args(["privacy-report", "--scheme", "goten", "--epochs", "1", "--train-limit", "64", "--test-limit", "256"])
+        .args(["--public-samples", "256", "--attack-steps", "150", "--threads", "2", "--json", "--out"])
+        .arg(&dir)
+        .output()
+        .unwrap();
+    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    let r: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
+    assert!(r["epsilon"].is_null(), "{r}");
+    let floor = attack(&r, "public-mean")["psnr"].as_f64().unwrap();
+    for (role, share) in [(0, "A0"), (1, "A1"), (2, "U")] {
+        // Each server's recording holds its own shares and masks, which the transcript released.
+        let view = dir.join("view").join(format!("server{role}"));
+        let first: serde_json::Value =
+            serde_json::from_str(std::fs::read_to_string(view.join("index.jsonl")).unwrap().lines().next().unwrap())
+                .unwrap();
+        assert_eq!(first["tensors"][0]["name"], share, "{first}");
+        let inverse = attack(&r, &format!("learned-inverse (server {role})"))["psnr"].as_f64().unwrap();
+        assert!(inverse < floor + 1.5, "server {role}: {inverse} dB against the floor's {floor} dB");
+        let operand = attack(&r, &format!("released-operand (server {role})"))["psnr"].as_f64().unwrap();
+        assert!(operand < floor, "server {role}: its share read as an image: {operand} dB");
+    }
+    let released: BTreeSet<String> = transcribed(&dir.join("transcript.jsonl")).0;
+    for role in 0..3 {
+        let (received, _) = recorded(&dir.join("view").join(format!("server{role}")));
+        assert!(received.is_subset(&released), "server {role} held a value the transcript did not release");
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}

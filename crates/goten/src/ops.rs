@@ -42,6 +42,47 @@ pub enum Op {
 pub const MAX_REDUCTION: usize = 1 << 22;
 
 impl Op {
+    /// The op's name in recordings and messages.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Op::LinearForward { .. } => "linear_forward",
+            Op::LinearInputGrad { .. } => "linear_input_grad",
+            Op::LinearWeightGrad { .. } => "linear_weight_grad",
+            Op::ConvForward(_) => "conv_forward",
+            Op::ConvInputGrad(_) => "conv_input_grad",
+            Op::ConvWeightGrad(_) => "conv_weight_grad",
+        }
+    }
+
+    /// The shapes of `a`, `b` and the result (NCHW for convolutions, row-major matrices
+    /// otherwise).
+    pub fn shapes(&self) -> [Vec<usize>; 3] {
+        let conv = |s: &ConvShape| {
+            (
+                vec![s.batch, s.in_channels, s.height, s.width],
+                vec![s.out_channels, s.in_channels, s.kernel, s.kernel],
+                vec![s.batch, s.out_channels, s.out_height(), s.out_width()],
+            )
+        };
+        match *self {
+            Op::LinearForward { n, k, m } => [vec![n, k], vec![m, k], vec![n, m]],
+            Op::LinearInputGrad { n, k, m } => [vec![n, m], vec![m, k], vec![n, k]],
+            Op::LinearWeightGrad { n, k, m } => [vec![n, m], vec![n, k], vec![m, k]],
+            Op::ConvForward(s) => {
+                let (x, w, y) = conv(&s);
+                [x, w, y]
+            }
+            Op::ConvInputGrad(s) => {
+                let (x, w, y) = conv(&s);
+                [y, w, x]
+            }
+            Op::ConvWeightGrad(s) => {
+                let (x, w, y) = conv(&s);
+                [x, y, w]
+            }
+        }
+    }
+
     pub fn a_len(&self) -> usize {
         match *self {
             Op::LinearForward { n, k, .. } => n * k,

@@ -25,6 +25,7 @@ use crate::quant::{self, Quantised};
 use crate::server;
 use std::sync::Arc;
 use std::time::Instant;
+use trustsplit_attacks::Recorder;
 use trustsplit_boundary::{Channel, ChannelError, ReleaseInfo, Released, Transcript};
 use trustsplit_cryptgpu::prg::Prg;
 
@@ -112,6 +113,8 @@ pub struct Servers {
     /// Every value each untrusted side was sent, by name, when recording (tests; the attacks of
     /// the privacy report).
     views: Option<[View; 3]>,
+    /// In-process untrusted sides that keep their requests, as their owners could.
+    recorders: Option<[Arc<Recorder>; 3]>,
 }
 
 /// Totals over the three untrusted sides.
@@ -154,6 +157,7 @@ impl Servers {
             offline: None,
             phases: Default::default(),
             views: None,
+            recorders: None,
         })
     }
 
@@ -182,7 +186,13 @@ impl Servers {
             let id = self.next_triple;
             self.next_triple += 1;
             let z = match &mut self.links[2] {
-                Side::Local => Some(server::compute(2, &op, &[u, v, cmz])),
+                Side::Local => {
+                    let z = server::compute(2, &op, &[u, v, cmz]);
+                    if let Some(r) = &self.recorders {
+                        server::record_request(&r[2], 2, &op, &[u, v, cmz], &z)?;
+                    }
+                    Some(z)
+                }
                 Side::Remote { link, name } => {
                     let mut payload = vec![id];
                     payload.extend_from_slice(&server::encode_op(&op));
@@ -220,6 +230,16 @@ impl Servers {
     /// Keeps a copy of every value sent to each untrusted side from now on.
     pub fn record_views(&mut self) {
         self.views = Some(Default::default());
+    }
+
+    /// Makes each in-process untrusted side keep its requests (operands and result) in its
+    /// recorder, server 0, 1, 2 in order. A `goten-server` process is not recorded from here.
+    pub fn record_sides(&mut self, recorders: [Arc<Recorder>; 3]) -> Result<(), String> {
+        if self.links.iter().any(|l| matches!(l, Side::Remote { .. })) {
+            return Err("the servers run as goten-server processes; this process records only its own servers".into());
+        }
+        self.recorders = Some(recorders);
+        Ok(())
     }
 
     /// What server `role`'s untrusted side was sent while recording: `(kind, values)` in order.
@@ -280,7 +300,7 @@ impl Servers {
         };
         self.sides[role].bytes_out += value.len() as u64 * 8;
         self.sides[role].requests += 1;
-        self.transcript.record_received(info, value.len() as u64 * 8);
+        self.transcript.record_received_value(info, value);
     }
 
     /// `op(a, b)` in real values, computed on shares by the three untrusted sides; `a` and `b`
@@ -366,7 +386,13 @@ impl Servers {
     fn run_side(&mut self, role: usize, op: Op, operands: &[&[u64]]) -> Result<Vec<u64>, String> {
         let started = Instant::now();
         let out = match &mut self.links[role] {
-            Side::Local => server::compute(role, &op, operands),
+            Side::Local => {
+                let out = server::compute(role, &op, operands);
+                if let Some(r) = &self.recorders {
+                    server::record_request(&r[role], role, &op, operands, &out)?;
+                }
+                out
+            }
             Side::Remote { link, name } => {
                 let mut payload = server::encode_op(&op).to_vec();
                 operands.iter().for_each(|x| payload.extend_from_slice(x));

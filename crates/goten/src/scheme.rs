@@ -6,6 +6,7 @@ use crate::protocol::Servers;
 use serde::{Deserialize, Serialize};
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
+use trustsplit_attacks::Recorder;
 use trustsplit_boundary::{KeyPair, PublicKey};
 use trustsplit_device::DeviceStats;
 use trustsplit_schemes::placement::lock;
@@ -42,6 +43,18 @@ pub struct GotenOptions {
     #[cfg_attr(feature = "cli", arg(long, value_name = "HEX,HEX,HEX", value_delimiter = ','))]
     #[serde(skip)]
     pub goten_keys: Vec<PublicKey>,
+    /// goten, servers in this process: keep what each server's untrusted side received and
+    /// returned, as its owner could, in DIR/server0, DIR/server1 and DIR/server2 (the format of
+    /// `trustsplit device --record`, the field elements as 64-bit integers). What
+    /// `trustsplit privacy-report` attacks.
+    #[cfg_attr(feature = "cli", arg(long, value_name = "DIR"))]
+    #[serde(skip)]
+    pub goten_record: Option<PathBuf>,
+    /// Past this many MiB of tensors per server, --goten-record indexes requests without their
+    /// tensors: the command line's --record-limit-mib.
+    #[cfg_attr(feature = "cli", arg(skip))]
+    #[serde(skip)]
+    pub goten_record_limit_mib: Option<u64>,
     /// The enclave's key file, from the command line's --key.
     #[cfg_attr(feature = "cli", arg(skip))]
     #[serde(skip)]
@@ -77,6 +90,13 @@ pub fn build(inputs: RunnerInputs, options: &GotenOptions) -> Result<SplitRunner
     .map_err(RunnerError::Placement)?;
     if options.goten_offline {
         servers.go_offline();
+    }
+    if let Some(dir) = &options.goten_record {
+        let limit = options.goten_record_limit_mib.unwrap_or(4096).saturating_mul(1 << 20);
+        let recorder = |role: usize| Recorder::create(&dir.join(format!("server{role}")), limit);
+        let recorders = [recorder(0), recorder(1), recorder(2)];
+        let [a, b, c] = recorders.map(|r| r.map_err(RunnerError::Placement));
+        servers.record_sides([a?, b?, c?]).map_err(RunnerError::Placement)?;
     }
     let servers = Arc::new(Mutex::new(servers));
     let handle = servers.clone();

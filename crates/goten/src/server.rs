@@ -14,6 +14,7 @@
 use crate::field;
 use crate::ops::Op;
 use std::collections::VecDeque;
+use trustsplit_attacks::{Entry, Recorder, Values};
 use trustsplit_boundary::{Channel, ChannelError, Frame, ReleaseInfo, Released, Transcript};
 use trustsplit_cryptgpu::gemm::ConvShape;
 
@@ -67,14 +68,48 @@ fn record(transcript: Option<&Transcript>, role: usize, n: u64, operands: &[&[u6
     for (name, x) in operand_names(role).iter().zip(operands) {
         Released::new(t, info(name, x.len(), "received from the enclave"), *x);
     }
-    let out = if role == 2 {
-        "Z"
-    } else if role == 0 {
-        "C0"
-    } else {
-        "C1"
+    t.record_received(info(result_name(role), result.len(), "returned to the enclave"), result.len() as u64 * 8);
+}
+
+/// The name of what server `role` returns.
+pub fn result_name(role: usize) -> &'static str {
+    ["C0", "C1", "Z"][role.min(2)]
+}
+
+/// Keeps request `op` of server `role` (its operands and its result) in `recorder`, as the
+/// server's owner could: what `trustsplit privacy-report` attacks.
+pub fn record_request(
+    recorder: &Recorder,
+    role: usize,
+    op: &Op,
+    operands: &[&[u64]],
+    result: &[u64],
+) -> Result<(), String> {
+    let [a, b, c] = op.shapes();
+    let shapes = match role {
+        0 | 1 => vec![a.clone(), b.clone(), a, b, c.clone()],
+        _ => vec![a, b, c.clone()],
     };
-    t.record_received(info(out, result.len(), "returned to the enclave"), result.len() as u64 * 8);
+    let mut entries: Vec<Entry> = operand_names(role)
+        .iter()
+        .zip(shapes)
+        .zip(operands)
+        .map(|((name, shape), values)| Entry { name, shape, received: true, values: Values::Words(values) })
+        .collect();
+    entries.push(Entry { name: result_name(role), shape: c, received: false, values: Values::Words(result) });
+    recorder.record_entries(op.name(), &format!("goten server {role}: {}", describe(op)), &entries)
+}
+
+/// `op` in a few words: its name and shapes.
+pub fn describe(op: &Op) -> String {
+    let [a, b, _] = op.shapes();
+    let dims = |s: &[usize]| s.iter().map(usize::to_string).collect::<Vec<_>>().join("x");
+    match op {
+        Op::ConvForward(s) | Op::ConvInputGrad(s) | Op::ConvWeightGrad(s) => {
+            format!("{} {} by {} stride {} padding {}", op.name(), dims(&a), dims(&b), s.stride, s.padding)
+        }
+        _ => format!("{} {} by {}", op.name(), dims(&a), dims(&b)),
+    }
 }
 
 /// The operands' lengths server `role` takes for `op`, in order.
