@@ -29,8 +29,8 @@ pub struct DeviceLinkArgs {
     pub insecure_plaintext_link: bool,
     /// Keep everything the in-process devices receive and return, as an attacker controlling them
     /// would: per request, the operands and the result (DIR/NNNNNNNN.safetensors) and a line of
-    /// DIR/index.jsonl with their SHA-256 digests, which match --transcript's. What
-    /// `trustsplit attack` reads. A `tcp://` worker records with its own `trustsplit device
+    /// DIR/index.jsonl with their SHA-256 digests, which match --transcript's: the attacker's
+    /// view, in the form `trustsplit privacy-report` attacks. A `tcp://` worker records with its own `trustsplit device
     /// --record`.
     #[arg(long, value_name = "DIR")]
     pub record: Option<PathBuf>,

@@ -28,6 +28,15 @@ pub struct GotenServerArgs {
     /// the enclave and returned, by request, operand name and size.
     #[arg(long, value_name = "FILE")]
     pub transcript: Option<PathBuf>,
+    /// Keep the values themselves, as this server's owner could: per request, what it received
+    /// and returned, in the format of `trustsplit device --record` (DIR/index.jsonl and
+    /// DIR/NNNNNNNN.safetensors, the field elements as 64-bit integers): the attacker's view,
+    /// in the form `trustsplit privacy-report` attacks (docs/privacy.md).
+    #[arg(long, value_name = "DIR")]
+    pub record: Option<PathBuf>,
+    /// Past this many MiB of tensors, --record indexes requests without their tensors.
+    #[arg(long, value_name = "MIB", default_value_t = 4096)]
+    pub record_limit_mib: u64,
 }
 
 pub fn run_goten_server(a: GotenServerArgs) -> Result<()> {
@@ -39,15 +48,17 @@ pub fn run_goten_server(a: GotenServerArgs) -> Result<()> {
     let transcript = match &a.transcript {
         Some(p) => Some(
             trustsplit_boundary::Transcript::new()
+                .with_digests()
                 .with_jsonl(p)
                 .with_context(|| format!("creating transcript {}", p.display()))?,
         ),
         None => None,
     };
-    let served =
-        trustsplit_goten::network::run_server(listener, &key, role, a.enclave_key, transcript.as_ref(), &mut |line| {
-            eprintln!("{line}")
-        });
+    let recorder = a.record.as_deref().map(|dir| crate::devices::recorder(dir, a.record_limit_mib)).transpose()?;
+    let keep = trustsplit_goten::server::Keep { transcript: transcript.as_ref(), recorder: recorder.as_deref() };
+    let served = trustsplit_goten::network::run_server(listener, &key, role, a.enclave_key, keep, &mut |line| {
+        eprintln!("{line}")
+    });
     if let Some(t) = &transcript {
         t.flush().map_err(|e| anyhow::anyhow!("goten server {role}: writing its transcript: {e}"))?;
     }

@@ -129,8 +129,8 @@ struct DeviceArgs {
     idle_limit_s: u64,
     /// Keep everything this worker receives and returns, as an attacker controlling it would: per
     /// request, the operands and the result (DIR/NNNNNNNN.safetensors) and a line of
-    /// DIR/index.jsonl with their SHA-256 digests, which match the trusted side's --transcript.
-    /// What `trustsplit attack` reads.
+    /// DIR/index.jsonl with their SHA-256 digests, which match the trusted side's --transcript:
+    /// the attacker's view, in the form `trustsplit privacy-report` attacks (docs/privacy.md).
     #[arg(long, value_name = "DIR")]
     record: Option<PathBuf>,
     /// Past this many MiB of tensors, --record indexes requests without keeping their tensors.

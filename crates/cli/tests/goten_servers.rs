@@ -43,6 +43,11 @@ impl Drop for Server {
     }
 }
 
+/// Where the server listening on `addr` records what it sees.
+fn record_dir(dir: &Path, addr: &str) -> PathBuf {
+    dir.join(format!("record-{}", addr.replace([':', '.'], "-")))
+}
+
 /// Starts the three servers pinning `enclave_pub` and waits until each listens; server `r`
 /// writes its transcript to `dir/server{r}.jsonl`.
 fn start(addrs: &[String], keys: &[(PathBuf, String)], enclave_pub: &str, dir: &Path) -> Vec<Server> {
@@ -54,6 +59,8 @@ fn start(addrs: &[String], keys: &[(PathBuf, String)], enclave_pub: &str, dir: &
                 .arg(&keys[role].0)
                 .args(["--enclave-key", enclave_pub, "--transcript"])
                 .arg(dir.join(format!("server{role}.jsonl")))
+                .arg("--record")
+                .arg(record_dir(dir, &addrs[role]))
                 .stderr(Stdio::piped())
                 .spawn()
                 .unwrap();
@@ -118,11 +125,22 @@ fn three_server_processes_serve_the_enclave_new_ones_resume_the_run_and_another_
             _ => &["U", "V", "CMZ", "Z"],
         };
         assert!(text.lines().count() > 10, "{text}");
+        let mut digests = std::collections::BTreeSet::new();
         for line in text.lines() {
             let v: serde_json::Value = serde_json::from_str(line).unwrap();
             let kind = v["kind"].as_str().unwrap();
             let name = kind.strip_prefix(&format!("server {role}: ")).unwrap_or(kind);
             assert!(allowed.contains(&name), "server {role} recorded {kind}");
+            digests.insert(v["sha256"].as_str().unwrap().to_string());
+        }
+        // Its recording holds the values its transcript names, under the same names.
+        let index = std::fs::read_to_string(record_dir(&dir, &addrs[role]).join("index.jsonl")).unwrap();
+        for line in index.lines() {
+            let v: serde_json::Value = serde_json::from_str(line).unwrap();
+            for t in v["tensors"].as_array().unwrap() {
+                assert!(allowed.contains(&t["name"].as_str().unwrap()), "server {role} recorded {t}");
+                assert!(digests.contains(t["sha256"].as_str().unwrap()), "server {role}: {t} is not in its transcript");
+            }
         }
     }
 

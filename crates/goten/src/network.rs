@@ -8,7 +8,7 @@
 use crate::protocol::Side;
 use std::net::TcpListener;
 use std::time::Duration;
-use trustsplit_boundary::{Channel, ChannelOptions, KeyPair, Link, LinkPolicy, PublicKey, Transcript};
+use trustsplit_boundary::{Channel, ChannelOptions, KeyPair, Link, LinkPolicy, PublicKey};
 
 /// The purpose server `role`'s links name.
 pub fn purpose(role: usize) -> String {
@@ -29,7 +29,7 @@ pub fn run_server(
     key: &KeyPair,
     role: usize,
     enclave_key: PublicKey,
-    transcript: Option<&Transcript>,
+    keep: crate::server::Keep,
     log: &mut dyn FnMut(&str),
 ) -> Result<(), String> {
     if role > 2 {
@@ -42,7 +42,7 @@ pub fn run_server(
         match Link::accept(stream, &purpose(role), key, &policy, link_options()) {
             Ok(mut link) => {
                 log(&format!("goten server {role}: serving the enclave at {from}"));
-                return crate::server::serve(role, &mut link, link_options().max_frame_bytes, transcript);
+                return crate::server::serve(role, &mut link, link_options().max_frame_bytes, keep);
             }
             Err(e) => log(&format!("goten server {role}: refused a connection from {from}: {e}")),
         }

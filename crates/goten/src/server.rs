@@ -54,10 +54,21 @@ pub fn operand_names(role: usize) -> &'static [&'static str] {
     }
 }
 
-/// Records in `transcript` what server `role` received for request `n` (each operand) and what
-/// it returned.
-fn record(transcript: Option<&Transcript>, role: usize, n: u64, operands: &[&[u64]], result: &[u64]) {
-    let Some(t) = transcript else { return };
+/// What a `goten-server` process keeps of its requests: names and sizes in its own transcript,
+/// the values themselves in a recording.
+#[derive(Clone, Copy, Default)]
+pub struct Keep<'a> {
+    pub transcript: Option<&'a Transcript>,
+    pub recorder: Option<&'a Recorder>,
+}
+
+/// Keeps what server `role` received for request `n` (each operand) and what it returned; a
+/// recording that cannot be written fails the request.
+fn record(keep: Keep, role: usize, n: u64, op: &Op, operands: &[&[u64]], result: &[u64]) -> Result<(), String> {
+    if let Some(r) = keep.recorder {
+        record_request(r, role, op, operands, result)?;
+    }
+    let Some(t) = keep.transcript else { return Ok(()) };
     let info = |kind: &str, len: usize, reason: &str| ReleaseInfo {
         scheme: "goten".into(),
         layer: format!("request {n}"),
@@ -68,7 +79,8 @@ fn record(transcript: Option<&Transcript>, role: usize, n: u64, operands: &[&[u6
     for (name, x) in operand_names(role).iter().zip(operands) {
         Released::new(t, info(name, x.len(), "received from the enclave"), *x);
     }
-    t.record_received(info(result_name(role), result.len(), "returned to the enclave"), result.len() as u64 * 8);
+    t.record_received_value(info(result_name(role), result.len(), "returned to the enclave"), result);
+    Ok(())
 }
 
 /// The name of what server `role` returns.
@@ -245,12 +257,7 @@ fn operands<'a>(rest: &'a [u64], lens: &[usize]) -> Result<Vec<&'a [u64]>, Strin
 
 /// Serves one enclave on `link` as server `role`'s untrusted side until it says STOP. `log`
 /// gets a line per event worth telling.
-pub fn serve(
-    role: usize,
-    link: &mut dyn Channel,
-    max_frame: usize,
-    transcript: Option<&Transcript>,
-) -> Result<(), String> {
+pub fn serve(role: usize, link: &mut dyn Channel, max_frame: usize, keep: Keep) -> Result<(), String> {
     let mut stored: VecDeque<(u64, Op, Vec<u64>)> = VecDeque::new();
     let mut requests = 0u64;
     let link_err = |e: ChannelError| format!("goten server {role}: the enclave's link: {e}");
@@ -264,7 +271,7 @@ pub fn serve(
                     let parts = operands(&w[OP_WORDS..], &operand_lens(role, &op))?;
                     let result = compute(role, &op, &parts);
                     requests += 1;
-                    record(transcript, role, requests, &parts, &result);
+                    record(keep, role, requests, &op, &parts, &result)?;
                     Ok(Some((tag::RESULT, result)))
                 }
                 tag::PREPARE if role == 2 => {
@@ -279,7 +286,7 @@ pub fn serve(
                     }
                     let z = compute(2, &op, &parts);
                     requests += 1;
-                    record(transcript, role, requests, &parts, &z);
+                    record(keep, role, requests, &op, &parts, &z)?;
                     stored.push_back((id, op, z));
                     Ok(Some((tag::READY, Vec::new())))
                 }

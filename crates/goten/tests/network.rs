@@ -33,7 +33,9 @@ fn cluster(enclave_key: Option<PublicKey>) -> Cluster {
         addrs.push(listener.local_addr().unwrap().to_string());
         let key = KeyPair::generate().unwrap();
         keys.push(key.public());
-        threads.push(std::thread::spawn(move || network::run_server(listener, &key, role, pinned, None, &mut |_| {})));
+        threads.push(std::thread::spawn(move || {
+            network::run_server(listener, &key, role, pinned, Default::default(), &mut |_| {})
+        }));
     }
     Cluster { addrs, keys, enclave, threads }
 }
@@ -112,7 +114,7 @@ fn a_wrong_key_is_refused_and_a_vanished_server_is_named() {
                 drop(link);
                 return Ok(());
             }
-            network::run_server(listener, &key, role, pinned, None, &mut |_| {})
+            network::run_server(listener, &key, role, pinned, Default::default(), &mut |_| {})
         });
     }
     let sides = network::connect(&addrs, &keys, &enclave).unwrap();
