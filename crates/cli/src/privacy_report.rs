@@ -16,6 +16,9 @@
 //! - `public-mean`: the mean public image for every sample: what knowing nothing gives, the floor
 //!   the others are read against.
 //! - `label-recovery`: the labels from the logits' gradient, where the device received it.
+//! - `weight-difference`: each released layer's first-step weight gradient, from its weights at
+//!   the first two steps and the run's optimizer settings, split into what the device computed
+//!   itself and what the enclave did (which the weights give away).
 
 use crate::train::{self, Data, TrainConfig, TrainSummary};
 use anyhow::{bail, ensure, Context, Result};
@@ -65,6 +68,23 @@ pub struct NotApplicable {
     pub why: String,
 }
 
+/// What a layer's released weights at the first two steps tell the device about the first
+/// step's gradient (the weight-difference attack).
+#[derive(Clone, Debug, Serialize)]
+pub struct WeightDifference {
+    /// The layer's forward convolution, as the device saw it.
+    pub layer: String,
+    /// L2 norm of the weight gradient recovered from the two weights and the run's (public)
+    /// optimizer settings.
+    pub recovered_norm: f64,
+    /// L2 norm of the part the device computed itself (its weight-gradient results for the layer
+    /// in that step).
+    pub device_part_norm: f64,
+    /// Norm of the rest, which the enclave computed and the weights give away, over the
+    /// recovered norm: 0 where the device computed everything (gpu-only), up to 1.
+    pub hidden_fraction: f64,
+}
+
 /// The report (`--json` prints it).
 #[derive(Clone, Debug, Serialize)]
 pub struct PrivacyReport {
@@ -83,6 +103,8 @@ pub struct PrivacyReport {
     pub attacks: Vec<AttackResult>,
     /// Attacks that did not apply to this view, with the reason.
     pub not_applicable: Vec<NotApplicable>,
+    /// The weight-difference attack, per released layer (SGD only).
+    pub weight_difference: Vec<WeightDifference>,
     /// Why no attack ran, where none did.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub no_attack: Option<String>,
@@ -141,6 +163,7 @@ pub fn run(mut cfg: TrainConfig, out: &Path, settings: ReportSettings) -> Result
         released_by_kind,
         attacks: Vec::new(),
         not_applicable: Vec::new(),
+        weight_difference: Vec::new(),
         no_attack: None,
         recording: view_dir.clone(),
         training,
@@ -161,6 +184,12 @@ pub fn run(mut cfg: TrainConfig, out: &Path, settings: ReportSettings) -> Result
             attack_first_release(&cfg, &data, out, &view, Target { suffix: &suffix, sub: &sub, floor }, settings)
         })??;
         report.attacks.extend(found);
+        if sub.as_os_str().is_empty() {
+            match weight_difference(&cfg, &view)? {
+                Ok(found) => report.weight_difference = found,
+                Err(why) => report.not_applicable.push(NotApplicable { name: "weight-difference".into(), why }),
+            }
+        }
         match recover_labels(&cfg, &data, &view)? {
             Ok(found) => report.attacks.push(AttackResult { name: format!("{}{suffix}", found.name), ..found }),
             Err(why) => report.not_applicable.push(NotApplicable { name: format!("label-recovery{suffix}"), why }),
@@ -491,6 +520,60 @@ fn recover_labels(
     Ok(Err("no logits' gradient reached the untrusted side in the first training step".into()))
 }
 
+/// The weight-difference attack: each convolution whose weight the device received in the first
+/// two training steps. With SGD the update is `lr (g + wd W)` on the first step (the momentum
+/// buffer starts at zero; Nesterov's step is `1 + momentum` times it), so `g` follows from the two
+/// weights and the run's settings, which are not secret. What the device computed of `g` itself is
+/// in its weight-gradient results of the step; the rest came from the enclave.
+fn weight_difference(
+    cfg: &TrainConfig,
+    view: &RecordedView,
+) -> Result<std::result::Result<Vec<WeightDifference>, String>> {
+    let trustsplit_nn::optim::OptimizerKind::Sgd { momentum, nesterov } = cfg.optimizer else {
+        return Ok(Err("the attack inverts an SGD update; this run uses Adam".into()));
+    };
+    let steps: Vec<usize> =
+        view.requests.iter().enumerate().filter(|(_, r)| r.detail == view.requests[0].detail).map(|(i, _)| i).collect();
+    if steps.len() < 2 || view.requests.len() <= steps[1] {
+        return Ok(Err("the recording holds fewer than two training steps".into()));
+    }
+    let (first, second) =
+        (&view.requests[..steps[1]], &view.requests[steps[1]..steps.get(2).copied().unwrap_or(view.requests.len())]);
+    let lr = cfg.schedule.lr(cfg.lr, 0.0) as f64 * if nesterov { 1.0 + momentum as f64 } else { 1.0 };
+    let wd = cfg.weight_decay as f64;
+    let mut found = Vec::new();
+    for (i, forward) in first.iter().enumerate().filter(|(_, r)| r.op == "conv_forward") {
+        // The same layer in the second step: the same request, counted among its equals.
+        let nth = first[..i].iter().filter(|r| r.detail == forward.detail).count();
+        let Some(later) = second.iter().filter(|r| r.detail == forward.detail).nth(nth) else { continue };
+        let (Ok(w1), Ok(w2)) = (view.load(forward, "w"), view.load(later, "w")) else { continue };
+        let geometry = forward.detail.trim_start_matches("conv_forward");
+        let mut own = vec![0.0f64; w1.values.len()];
+        for r in first.iter().filter(|r| {
+            r.op == "conv_backward_weight" && r.detail.trim_start_matches("conv_backward_weight") == geometry
+        }) {
+            let dw = view.load(r, "dw").map_err(anyhow::Error::msg)?;
+            own.iter_mut().zip(&dw.values).for_each(|(o, &v)| *o += v as f64);
+        }
+        let g: Vec<f64> =
+            w1.values.iter().zip(&w2.values).map(|(&a, &b)| (a as f64 - b as f64) / lr - wd * a as f64).collect();
+        let norm = |v: &mut dyn Iterator<Item = f64>| v.map(|x| x * x).sum::<f64>().sqrt();
+        let recovered_norm = norm(&mut g.iter().copied());
+        let device_part_norm = norm(&mut own.iter().copied());
+        let hidden = norm(&mut g.iter().zip(&own).map(|(a, b)| a - b));
+        found.push(WeightDifference {
+            layer: forward.detail.clone(),
+            recovered_norm,
+            device_part_norm,
+            hidden_fraction: if recovered_norm > 0.0 { hidden / recovered_norm } else { 0.0 },
+        });
+    }
+    if found.is_empty() {
+        return Ok(Err("no convolution's weight reached the device in both of the first two steps".into()));
+    }
+    Ok(Ok(found))
+}
+
 /// The report in words, for stderr.
 pub fn lines(r: &PrivacyReport) -> Vec<String> {
     let mut lines = vec![format!(
@@ -512,6 +595,16 @@ pub fn lines(r: &PrivacyReport) -> Vec<String> {
     });
     if let Some(why) = &r.no_attack {
         lines.push(format!("no attack ran: {why}"));
+    }
+    for w in &r.weight_difference {
+        lines.push(format!(
+            "weight-difference: {}: the first step's weight gradient recovered from two released weights (norm {:.3e}; \
+             the device's own part {:.3e}); the rest, {:.1}% of it, is the part the enclave computed",
+            w.layer,
+            w.recovered_norm,
+            w.device_part_norm,
+            100.0 * w.hidden_fraction
+        ));
     }
     for skipped in &r.not_applicable {
         lines.push(format!("attack {}: not applicable: {}", skipped.name, skipped.why));

@@ -73,6 +73,13 @@ fn gpu_only_calibrates_the_attacks_and_asymml_reports_its_epsilon_and_what_it_co
     assert!(inverse > 25.0 && floor < 15.0, "inverse {inverse} dB, public mean {floor} dB");
     assert!(r["epsilon"].is_null() && r["covers"].as_str().unwrap().contains("no differential privacy"), "{r}");
     assert!(r["released_by_kind"]["input"].as_u64().unwrap() > 0, "{r}");
+    // The weight-difference attack, calibrated: gpu-only's device computed every weight gradient
+    // itself, so what the two weights give back is what it computed.
+    let leaks = r["weight_difference"].as_array().unwrap();
+    assert_eq!(leaks.len(), 2, "{r}");
+    for w in leaks {
+        assert!(w["hidden_fraction"].as_f64().unwrap() < 0.01 && w["recovered_norm"].as_f64().unwrap() > 0.0, "{w}");
+    }
     // Its classifier runs on the device, whose backward pass receives the logits' gradient.
     assert_eq!(attack(&r, "label-recovery")["label_accuracy"].as_f64(), Some(1.0), "{r}");
     for a in r["attacks"].as_array().unwrap().iter().filter(|a| a["name"] != "label-recovery") {
@@ -93,6 +100,9 @@ fn gpu_only_calibrates_the_attacks_and_asymml_reports_its_epsilon_and_what_it_co
     let names: Vec<&str> = r["attacks"].as_array().unwrap().iter().map(|a| a["name"].as_str().unwrap()).collect();
     assert_eq!(names, ["learned-inverse", "public-mean"], "{r}");
     assert_eq!(r["not_applicable"][0]["name"], "label-recovery", "{r}");
+    // The second convolution's weights, sent every step, give away the gradient the enclave kept.
+    let leak = &r["weight_difference"][0];
+    assert!(leak["hidden_fraction"].as_f64().unwrap() > 0.5, "{r}");
     let protected = attack(&r, "learned-inverse")["psnr"].as_f64().unwrap();
     assert!(protected < inverse - 10.0, "asymml {protected} dB against gpu-only's {inverse} dB");
 
