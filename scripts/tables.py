@@ -159,6 +159,11 @@ TABLES = {
                               Col("inverse_label_pct", "label accuracy", 1, "%"),
                               Col("floor_psnr", "public mean: PSNR dB", 1), Col("floor_ssim", "SSIM", 3),
                               Col("labels_recovered_pct", "labels from the logits' gradient", 1, "%")]),
+    "weight_difference": Table(("dataset", "model", "run", "layer"),
+                               [Col("run", "run"), Col("layer", "layer (as the device saw it)"),
+                                Col("recovered_norm", "gradient from two weights: norm", 3),
+                                Col("device_part_norm", "the device's own part: norm", 3),
+                                Col("hidden_pct", "the enclave's part, given away: % of the norm", 1, "%")]),
     # History only (no region shows it): the sampler's timing test over the sampler's rewrites.
     "noise_sampler": Table(("measure",), [Col("measure", "measure"), Col("value", "value")]),
 }

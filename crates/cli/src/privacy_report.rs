@@ -81,8 +81,10 @@ pub struct WeightDifference {
     /// in that step).
     pub device_part_norm: f64,
     /// Norm of the rest, which the enclave computed and the weights give away, over the
-    /// recovered norm: 0 where the device computed everything (gpu-only), up to 1.
-    pub hidden_fraction: f64,
+    /// recovered norm: 0 where the device computed everything (gpu-only). `None` with
+    /// `--max-grad-norm`: the update is then scaled by a factor the device does not see, so the
+    /// recovered (clipped) gradient does not split into the two parts.
+    pub hidden_fraction: Option<f64>,
 }
 
 /// The report (`--json` prints it).
@@ -565,7 +567,7 @@ fn weight_difference(
             layer: forward.detail.clone(),
             recovered_norm,
             device_part_norm,
-            hidden_fraction: if recovered_norm > 0.0 { hidden / recovered_norm } else { 0.0 },
+            hidden_fraction: (cfg.max_grad_norm.is_none() && recovered_norm > 0.0).then(|| hidden / recovered_norm),
         });
     }
     if found.is_empty() {
@@ -599,11 +601,14 @@ pub fn lines(r: &PrivacyReport) -> Vec<String> {
     for w in &r.weight_difference {
         lines.push(format!(
             "weight-difference: {}: the first step's weight gradient recovered from two released weights (norm {:.3e}; \
-             the device's own part {:.3e}); the rest, {:.1}% of it, is the part the enclave computed",
+             the device's own part {:.3e}); {}",
             w.layer,
             w.recovered_norm,
             w.device_part_norm,
-            100.0 * w.hidden_fraction
+            match w.hidden_fraction {
+                Some(f) => format!("the rest, {:.1}% of its norm, is the part the enclave computed", 100.0 * f),
+                None => "clipped by --max-grad-norm, so it does not split into the device's part and the enclave's".into(),
+            }
         ));
     }
     for skipped in &r.not_applicable {
