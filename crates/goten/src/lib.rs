@@ -10,7 +10,8 @@
 //! - [`ops`]: the six bilinear ops, exact on field elements, and the check of a result.
 //! - [`protocol`]: one op on shares across the three untrusted sides.
 //! - [`server`]: an untrusted side's computations, in this process or as `trustsplit goten-server`;
-//!   [`network`]: the servers' links.
+//!   [`network`]: the servers' links; [`replica`]: the enclaves of servers 0 and 1 as two
+//!   processes.
 //! - [`placement`]: the layers that go to the servers; [`scheme`]: `--scheme goten`.
 
 pub mod field;
@@ -19,5 +20,6 @@ pub mod ops;
 pub mod placement;
 pub mod protocol;
 pub mod quant;
+pub mod replica;
 pub mod scheme;
 pub mod server;

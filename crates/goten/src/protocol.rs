@@ -17,11 +17,14 @@
 //!
 //! In one process the enclaves of servers 0 and 1, which in Goten hold the same plaintext and
 //! compute the same values, are one enclave (this one); the three untrusted sides are separate,
-//! and every value sent to each is in the transcript under its server's name.
+//! and every value sent to each is in the transcript under its server's name. With
+//! [`Servers::replicated`] they are two processes, as in Goten ([`crate::replica`]): each drives
+//! its own server's side (enclave 0 server 2's too) and they swap partial results.
 
 use crate::field;
 use crate::ops::Op;
 use crate::quant::{self, Quantised};
+use crate::replica::{operands_digest, Replica, SharedKeys};
 use crate::server;
 use std::sync::Arc;
 use std::time::Instant;
@@ -115,6 +118,8 @@ pub struct Servers {
     views: Option<[View; 3]>,
     /// In-process untrusted sides that keep their requests, as their owners could.
     recorders: Option<[Arc<Recorder>; 3]>,
+    /// Set when this is one of two enclaves (servers 0 and 1) in processes of their own.
+    replica: Option<Replica>,
 }
 
 /// Totals over the three untrusted sides.
@@ -158,7 +163,38 @@ impl Servers {
             phases: Default::default(),
             views: None,
             recorders: None,
+            replica: None,
         })
+    }
+
+    /// The enclave of server `replica.role` (0 or 1) in a process of its own, sharing `keys`'
+    /// streams with the other enclave; it drives its own server's untrusted side (in this
+    /// process) and, as enclave 0, server 2's (`server2`).
+    pub fn replicated(
+        transcript: Arc<Transcript>,
+        replica: Replica,
+        keys: SharedKeys,
+        server2: Side,
+    ) -> Result<Servers, String> {
+        if replica.role == 1 && matches!(server2, Side::Remote { .. }) {
+            return Err("enclave 1 does not reach server 2: enclave 0 drives it and hands on its Z".into());
+        }
+        let mut servers = Servers::with_sides(transcript, [Side::Local, Side::Local, server2])?;
+        servers.shares = Prg::from_key(keys.shares);
+        servers.beaver = Prg::from_key(keys.beaver);
+        servers.masks = Prg::from_key(keys.masks);
+        servers.rounding = Prg::from_key(keys.rounding);
+        servers.replica = Some(replica);
+        Ok(servers)
+    }
+
+    /// Whether this enclave drives server `role`'s untrusted side: all three in one process; its
+    /// own as one of two enclaves, and server 2's as enclave 0.
+    fn drives(&self, role: usize) -> bool {
+        match &self.replica {
+            None => true,
+            Some(r) => r.role == role || (r.role == 0 && role == 2),
+        }
     }
 
     /// Turns on the offline mode: [`Servers::prepare`] then makes server 2's products ahead of
@@ -179,12 +215,19 @@ impl Servers {
             for (chunk, w) in key.chunks_exact_mut(8).zip(self.beaver.ring(4)) {
                 chunk.copy_from_slice(&w.to_le_bytes());
             }
+            let id = self.next_triple;
+            self.next_triple += 1;
+            if !self.drives(2) {
+                // Enclave 1: the same keys, in step with enclave 0; its Z comes from enclave 0.
+                let offline = self.offline.as_mut().expect("offline");
+                offline.ready.push_back(Triple { layer, op, key, id, z: None, bytes: 0 });
+                offline.precomputed += 1;
+                continue;
+            }
             let (u, v, cmz) = expand(key, op);
             const OFFLINE: &str = "uniform randomness, independent of the data (offline)";
             let (u, v) = (self.send(2, &layer, "U", &u, OFFLINE), self.send(2, &layer, "V", &v, OFFLINE));
             let cmz = self.send(2, &layer, "CMZ", &cmz, OFFLINE);
-            let id = self.next_triple;
-            self.next_triple += 1;
             let z = match &mut self.links[2] {
                 Side::Local => {
                     let z = server::compute(2, &op, &[u, v, cmz]);
@@ -235,7 +278,7 @@ impl Servers {
     /// Makes each in-process untrusted side keep its requests (operands and result) in its
     /// recorder, server 0, 1, 2 in order. A `goten-server` process is not recorded from here.
     pub fn record_sides(&mut self, recorders: [Arc<Recorder>; 3]) -> Result<(), String> {
-        if self.links.iter().any(|l| matches!(l, Side::Remote { .. })) {
+        if self.replica.is_some() || self.links.iter().any(|l| matches!(l, Side::Remote { .. })) {
             return Err("the servers run as goten-server processes; this process records only its own servers".into());
         }
         self.recorders = Some(recorders);
@@ -258,6 +301,11 @@ impl Servers {
         t.seconds =
             self.sides.iter().map(|s| s.seconds).sum::<f64>() + self.offline.as_ref().map_or(0.0, |o| o.seconds);
         t
+    }
+
+    /// Where this enclave records what crosses to the untrusted sides.
+    pub fn transcript(&self) -> &Arc<Transcript> {
+        &self.transcript
     }
 
     /// Quantises `x` with the enclave's rounding stream.
@@ -335,36 +383,50 @@ impl Servers {
         let cm: [Vec<u64>; 3] = [field::uniform(&mut self.masks, n_c), field::uniform(&mut self.masks, n_c), cmz];
         self.phase("masks", started);
         // Server 0: C0 = op(A0, F) + op(E, B0 - F) - CM0.
-        let (a0, b0) = (self.send(0, layer, "A0", &a0, SHARE), self.send(0, layer, "B0", &b0, SHARE));
-        let (e0, f0) = (self.send(0, layer, "E", &e, MASKED), self.send(0, layer, "F", &f, MASKED));
-        let cm0 = self.send(0, layer, "CM0", &cm[0], MASK);
-        let c0 = self.run_side(0, op, &[a0, b0, e0, f0, cm0])?;
-        self.received(0, layer, "C0", &c0);
+        let c0 = if self.drives(0) {
+            let (a0, b0) = (self.send(0, layer, "A0", &a0, SHARE), self.send(0, layer, "B0", &b0, SHARE));
+            let (e0, f0) = (self.send(0, layer, "E", &e, MASKED), self.send(0, layer, "F", &f, MASKED));
+            let cm0 = self.send(0, layer, "CM0", &cm[0], MASK);
+            let c0 = self.run_side(0, op, &[a0, b0, e0, f0, cm0])?;
+            self.received(0, layer, "C0", &c0);
+            Some(c0)
+        } else {
+            None
+        };
 
         // Server 1: C1 = op(A1, F) + op(E, B1) - CM1.
-        let (a1, b1) = (self.send(1, layer, "A1", &a1, SHARE), self.send(1, layer, "B1", &b1, SHARE));
-        let (e1, f1) = (self.send(1, layer, "E", &e, MASKED), self.send(1, layer, "F", &f, MASKED));
-        let cm1 = self.send(1, layer, "CM1", &cm[1], MASK);
-        let c1 = self.run_side(1, op, &[a1, b1, e1, f1, cm1])?;
-        self.received(1, layer, "C1", &c1);
+        let c1 = if self.drives(1) {
+            let (a1, b1) = (self.send(1, layer, "A1", &a1, SHARE), self.send(1, layer, "B1", &b1, SHARE));
+            let (e1, f1) = (self.send(1, layer, "E", &e, MASKED), self.send(1, layer, "F", &f, MASKED));
+            let cm1 = self.send(1, layer, "CM1", &cm[1], MASK);
+            let c1 = self.run_side(1, op, &[a1, b1, e1, f1, cm1])?;
+            self.received(1, layer, "C1", &c1);
+            Some(c1)
+        } else {
+            None
+        };
 
         // Server 2: Z = op(U, V) - CMZ, now or (offline mode) made ahead of time.
         let z = match triple {
-            Some(Triple { z: Some(z), .. }) => z,
+            _ if !self.drives(2) => None,
+            Some(Triple { z: Some(z), .. }) => Some(z),
             Some(Triple { id, .. }) => {
                 let started = Instant::now();
                 let Side::Remote { link, name } = &mut self.links[2] else { unreachable!("a local Z is kept") };
                 let z = remote_call(link.as_mut(), name, 2, server::tag::TAKE, &[id], server::tag::RESULT, n_c)?;
                 self.sides[2].seconds += started.elapsed().as_secs_f64();
-                z
+                Some(z)
             }
             None => {
                 let (u, v) = (self.send(2, layer, "U", &u, MASK), self.send(2, layer, "V", &v, MASK));
                 let cmz = self.send(2, layer, "CMZ", &cm[2], MASK);
-                self.run_side(2, op, &[u, v, cmz])?
+                Some(self.run_side(2, op, &[u, v, cmz])?)
             }
         };
-        self.received(2, layer, "Z", &z);
+        if let Some(z) = &z {
+            self.received(2, layer, "Z", z);
+        }
+        let [c0, c1, z] = self.swap(layer, op, a, b, [c0, c1, z])?;
 
         let started = Instant::now();
         let c = field::sum6([&c0, &c1, &z, &cm[0], &cm[1], &cm[2]]);
@@ -380,6 +442,52 @@ impl Servers {
         };
         self.phase("dequantise", started);
         Ok(out)
+    }
+
+    /// The three partial results: those this enclave drove, and (as one of two enclaves) those
+    /// the other enclave hands over, recorded as received by this server's host.
+    fn swap(
+        &mut self,
+        layer: &str,
+        op: Op,
+        a: &Quantised,
+        b: &Quantised,
+        partials: [Option<Vec<u64>>; 3],
+    ) -> Result<[Vec<u64>; 3], String> {
+        let [c0, c1, z] = partials;
+        let Some(replica) = self.replica.as_mut() else {
+            let all = (c0, c1, z);
+            let (Some(c0), Some(c1), Some(z)) = all else { unreachable!("one enclave drives all three servers") };
+            return Ok([c0, c1, z]);
+        };
+        let started = Instant::now();
+        let digest = operands_digest(op.name(), a, b);
+        let role = replica.role;
+        let (c0, c1, z) = if role == 0 {
+            let (c0, z) = (c0.expect("enclave 0 drives server 0"), z.expect("and server 2"));
+            let swapped = replica.swap(layer, digest, &c0, Some(&z))?;
+            (c0, swapped.other, z)
+        } else {
+            let c1 = c1.expect("enclave 1 drives server 1");
+            let swapped = replica.swap(layer, digest, &c1, None)?;
+            (swapped.other, c1, swapped.z.expect("enclave 0 hands on Z"))
+        };
+        self.phase("swap", started);
+        let reason = "the other server's partial result, masked by output masks this host never holds";
+        let info = |kind: String, len: usize| ReleaseInfo {
+            scheme: SCHEME.into(),
+            layer: layer.into(),
+            kind,
+            shape: vec![len],
+            reason: reason.into(),
+        };
+        if role == 0 {
+            self.transcript.record_received_value(info("server 0: C1 (from enclave 1)".into(), c1.len()), &c1);
+        } else {
+            self.transcript.record_received_value(info("server 1: C0 (from enclave 0)".into(), c0.len()), &c0);
+            self.transcript.record_received_value(info("server 1: Z (from enclave 0)".into(), z.len()), &z);
+        }
+        Ok([c0, c1, z])
     }
 
     /// Server `role`'s result for `op` on `operands`, computed here or on its process.

@@ -43,6 +43,24 @@ pub struct GotenOptions {
     #[cfg_attr(feature = "cli", arg(long, value_name = "HEX,HEX,HEX", value_delimiter = ','))]
     #[serde(skip)]
     pub goten_keys: Vec<PublicKey>,
+    /// goten: run as the enclave and device of server 0 or 1 only, as Goten does: the other
+    /// enclave runs the same command (same settings, data and --seed) with the other role, and
+    /// the two train in step, swapping partial results over their link (--goten-peer). Enclave 0
+    /// also drives server 2, a `trustsplit goten-server --role 2` named by --goten-servers (its
+    /// one address) and --goten-keys. Both need --key.
+    #[cfg_attr(feature = "cli", arg(long, value_name = "0|1", value_parser = clap::value_parser!(u8).range(0..=1)))]
+    #[serde(skip)]
+    pub goten_role: Option<u8>,
+    /// goten with --goten-role: where the enclaves link: enclave 0 listens on this address,
+    /// enclave 1 dials it.
+    #[cfg_attr(feature = "cli", arg(long, value_name = "HOST:PORT"))]
+    #[serde(skip)]
+    pub goten_peer: Option<String>,
+    /// goten with --goten-role: the other enclave's public key (64 hex digits, as its
+    /// `trustsplit keygen` printed it); no other is linked with.
+    #[cfg_attr(feature = "cli", arg(long, value_name = "HEX"))]
+    #[serde(skip)]
+    pub goten_peer_key: Option<PublicKey>,
     /// goten, servers in this process: keep what each server's untrusted side received and
     /// returned, as its owner could, in DIR/server0, DIR/server1 and DIR/server2 (the format of
     /// `trustsplit device --record`, the field elements as 64-bit integers). What
@@ -64,7 +82,13 @@ pub struct GotenOptions {
 /// A runner whose linear layers run on shares across three servers' untrusted sides, in this
 /// process; the enclave keeps the rest under `memory_budget`.
 pub fn build(inputs: RunnerInputs, options: &GotenOptions) -> Result<SplitRunner, RunnerError> {
-    let mut servers = if options.goten_servers.is_empty() {
+    let mut servers = if let Some(role) = options.goten_role {
+        replicated(&inputs, options, usize::from(role))
+    } else if options.goten_peer.is_some() || options.goten_peer_key.is_some() {
+        return Err(RunnerError::Placement(
+            "--goten-peer and --goten-peer-key link the two enclaves of --goten-role; give it too".into(),
+        ));
+    } else if options.goten_servers.is_empty() {
         if !options.goten_keys.is_empty() {
             return Err(RunnerError::Placement("--goten-keys names the keys of --goten-servers; give it too".into()));
         }
@@ -116,6 +140,59 @@ pub fn build(inputs: RunnerInputs, options: &GotenOptions) -> Result<SplitRunner
         inputs.transcript,
         Some(stats),
     )
+}
+
+/// The enclave of server `role` in a process of its own: links with the other enclave, and as
+/// enclave 0 with server 2.
+fn replicated(inputs: &RunnerInputs, options: &GotenOptions, role: usize) -> Result<Servers, String> {
+    let (Some(peer), Some(peer_key)) = (&options.goten_peer, options.goten_peer_key) else {
+        return Err(
+            "--goten-role needs --goten-peer HOST:PORT (enclave 0 listens there, enclave 1 dials it) and --goten-peer-key HEX (the other enclave's public key)"
+                .into(),
+        );
+    };
+    let path = options
+        .enclave_key
+        .as_ref()
+        .ok_or("--goten-role needs --key FILE: this enclave's key (trustsplit keygen), which the other pins")?;
+    if options.goten_record.is_some() {
+        return Err(
+            "--goten-record keeps the views of servers run in this process; with --goten-role give each server's transcript instead (--transcript here, goten-server --record for server 2)"
+                .into(),
+        );
+    }
+    let (n, k) = (options.goten_servers.len(), options.goten_keys.len());
+    let wanted = if role == 0 { 1 } else { 0 };
+    if n != wanted || k != wanted {
+        return Err(if role == 0 {
+            format!(
+                "enclave 0 drives server 2: --goten-servers names its one address and --goten-keys its key (got {n} addresses and {k} keys)"
+            )
+        } else {
+            "enclave 1 reaches only enclave 0: --goten-servers and --goten-keys belong to enclave 0".into()
+        });
+    }
+    let key = KeyPair::load(path)?;
+    const WAIT: std::time::Duration = std::time::Duration::from_secs(300);
+    let (replica, keys) = if role == 0 {
+        crate::replica::accept(peer, &key, peer_key, WAIT, &mut |line| eprintln!("{line}"))
+    } else {
+        crate::replica::connect(peer, &key, peer_key, WAIT)
+    }?;
+    let server2 = if role == 0 {
+        let link = trustsplit_boundary::Link::connect(
+            &options.goten_servers[0],
+            &network::purpose(2),
+            &key,
+            &trustsplit_boundary::LinkPolicy::Only(vec![options.goten_keys[0]]),
+            network::link_options(),
+        )
+        .map_err(|e| format!("cannot reach goten server 2 at {}: {e}", options.goten_servers[0]))?;
+        crate::protocol::Side::Remote { link: Box::new(link), name: options.goten_servers[0].clone() }
+    } else {
+        crate::protocol::Side::Local
+    };
+    Servers::replicated(inputs.transcript.clone(), replica, keys, server2)
 }
 
 /// The lines Goten adds to a run's summary: its products, and the offline mode's storage.
