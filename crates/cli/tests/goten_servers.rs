@@ -1,7 +1,8 @@
 //! `--scheme goten` with its servers as processes: three `trustsplit goten-server` and one
 //! `train --goten-servers` as their enclave, over authenticated, encrypted links on localhost; a
 //! server started for another enclave's key is refused; the flags are checked before anything is
-//! reached.
+//! reached. Then as Goten runs it: two `train --goten-role` enclaves (servers 0 and 1) and one
+//! `goten-server --role 2`, training in step; an enclave that dies ends the other's run.
 
 use std::io::{BufRead, BufReader};
 use std::net::TcpListener;
@@ -168,5 +169,150 @@ fn three_server_processes_serve_the_enclave_new_ones_resume_the_run_and_another_
         .unwrap();
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success() && err.contains("--goten-servers needs --key FILE"), "{err}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// `train --goten-role ROLE` as the enclave of server ROLE, linked with the other at `peer`.
+fn enclave(role: usize, dir: &Path, peer: &str, keys: &[(PathBuf, String)], server2: &str, more: &[&str]) -> Child {
+    let mut cmd = trustsplit();
+    cmd.args(["train", "--scheme", "goten", "--train-limit", "96", "--test-limit", "64", "--seed", "5", "--json"])
+        .args(more)
+        .args(["--goten-role", &role.to_string(), "--goten-peer", peer, "--goten-peer-key", &keys[1 - role].1])
+        .arg("--key")
+        .arg(&keys[role].0)
+        .arg("--transcript")
+        .arg(dir.join(format!("enclave{role}.jsonl")))
+        .arg("--out")
+        .arg(dir.join(format!("run{role}")));
+    if role == 0 {
+        cmd.args(["--goten-servers", server2, "--goten-keys", &keys[2].1]);
+    }
+    cmd.stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap()
+}
+
+#[test]
+fn two_enclave_processes_train_in_step_with_server_2_and_one_that_dies_ends_the_other_s_run() {
+    let dir = temp("enclaves");
+    // Enclaves 0 and 1, and server 2.
+    let keys: Vec<(PathBuf, String)> = (0..3).map(|i| keygen(&dir, &format!("party{i}"))).collect();
+    let addrs = free_addrs();
+    let server2 = {
+        let mut child = trustsplit()
+            .args(["goten-server", "--role", "2", "--listen", &addrs[2], "--key"])
+            .arg(&keys[2].0)
+            .args(["--enclave-key", &keys[0].1])
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
+        assert!(lines.next().unwrap().unwrap().contains("listening on"));
+        std::thread::spawn(move || lines.for_each(drop));
+        Server(child)
+    };
+    // Enclave 1 first: it dials until enclave 0 listens.
+    let one = enclave(1, &dir, &addrs[0], &keys, &addrs[2], &["--epochs", "1", "--goten-offline"]);
+    let zero = enclave(0, &dir, &addrs[0], &keys, &addrs[2], &["--epochs", "1", "--goten-offline"]);
+    let (out0, out1) = (zero.wait_with_output().unwrap(), one.wait_with_output().unwrap());
+    drop(server2);
+    for (role, out) in [&out0, &out1].into_iter().enumerate() {
+        assert!(out.status.success(), "enclave {role}: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    let (v0, v1): (serde_json::Value, serde_json::Value) =
+        (serde_json::from_slice(&out0.stdout).unwrap(), serde_json::from_slice(&out1.stdout).unwrap());
+    // The same training on both: the same accuracy and losses, to the last bit.
+    for field in ["accuracy", "loss", "train_loss", "steps"] {
+        assert_eq!(v0[field], v1[field], "{field}: {v0} / {v1}");
+    }
+    // Each enclave's transcript: its own server's operands, server 2's for enclave 0, and the
+    // other server's masked partial result; never the other server's operands.
+    for role in 0..2 {
+        let text = std::fs::read_to_string(dir.join(format!("enclave{role}.jsonl"))).unwrap();
+        let mut kinds = std::collections::BTreeSet::new();
+        for line in text.lines() {
+            let v: serde_json::Value = serde_json::from_str(line).unwrap();
+            kinds.insert(v["kind"].as_str().unwrap().to_string());
+        }
+        let expected: Vec<String> = if role == 0 {
+            ["A0", "B0", "E", "F", "CM0", "C0", "C1 (from enclave 1)"]
+                .iter()
+                .map(|k| format!("server 0: {k}"))
+                .chain(["U", "V", "CMZ", "Z"].iter().map(|k| format!("server 2: {k}")))
+                .collect()
+        } else {
+            ["A1", "B1", "E", "F", "CM1", "C1", "C0 (from enclave 0)", "Z (from enclave 0)"]
+                .iter()
+                .map(|k| format!("server 1: {k}"))
+                .collect()
+        };
+        assert_eq!(kinds, expected.into_iter().collect(), "enclave {role}");
+    }
+
+    // Enclave 1 dies mid-run: enclave 0 stops with an error that names it.
+    let addrs = free_addrs();
+    let server2 = {
+        let child = trustsplit()
+            .args(["goten-server", "--role", "2", "--listen", &addrs[2], "--key"])
+            .arg(&keys[2].0)
+            .args(["--enclave-key", &keys[0].1])
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        Server(child)
+    };
+    let more = ["--epochs", "30"];
+    let mut one = Server(enclave(1, &dir, &addrs[0], &keys, &addrs[2], &more));
+    let zero = enclave(0, &dir, &addrs[0], &keys, &addrs[2], &more);
+    // Let them link and start, then kill enclave 1.
+    std::thread::sleep(Duration::from_secs(3));
+    let _ = one.0.kill();
+    let out = zero.wait_with_output().unwrap();
+    drop(server2);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("goten enclave 1"), "{err}");
+
+    // Both resume from their checkpoints (the same epoch) and finish the run in step.
+    let addrs = free_addrs();
+    let _server2 = Server(
+        trustsplit()
+            .args(["goten-server", "--role", "2", "--listen", &addrs[2], "--key"])
+            .arg(&keys[2].0)
+            .args(["--enclave-key", &keys[0].1])
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let more = ["--epochs", "30", "--resume"];
+    let one = enclave(1, &dir, &addrs[0], &keys, &addrs[2], &more);
+    let zero = enclave(0, &dir, &addrs[0], &keys, &addrs[2], &more);
+    let (out0, out1) = (zero.wait_with_output().unwrap(), one.wait_with_output().unwrap());
+    for (role, out) in [&out0, &out1].into_iter().enumerate() {
+        assert!(out.status.success(), "enclave {role}: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    let (v0, v1): (serde_json::Value, serde_json::Value) =
+        (serde_json::from_slice(&out0.stdout).unwrap(), serde_json::from_slice(&out1.stdout).unwrap());
+    assert!(v0["resumed_from_epoch"].as_u64().unwrap() > 0, "{v0}");
+    for field in ["resumed_from_epoch", "accuracy", "loss"] {
+        assert_eq!(v0[field], v1[field], "{field}: {v0} / {v1}");
+    }
+
+    // Flags: a role without its peer; enclave 1 given server 2.
+    let out = trustsplit()
+        .args(["train", "--scheme", "goten", "--goten-role", "0", "--out"])
+        .arg(dir.join("run3"))
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("--goten-role needs --goten-peer"), "{err}");
+    let out = trustsplit()
+        .args(["train", "--scheme", "goten", "--goten-role", "1", "--goten-peer", &addrs[0], "--goten-peer-key"])
+        .arg(&keys[0].1)
+        .arg("--key")
+        .arg(&keys[1].0)
+        .args(["--goten-servers", &addrs[2], "--goten-keys", &keys[2].1, "--out"])
+        .arg(dir.join("run3"))
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("enclave 1 reaches only enclave 0"), "{err}");
     let _ = std::fs::remove_dir_all(&dir);
 }
