@@ -16,6 +16,7 @@
 pub mod accountant;
 pub mod asymml;
 pub mod device_check;
+pub mod dp_sgd;
 pub mod gpu_only;
 pub mod placement;
 pub mod plaintext;

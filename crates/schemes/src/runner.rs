@@ -20,6 +20,7 @@
 //!   batch-wide steps (batch-norm's statistics, a basis per batch, one device call per layer) stand
 //!   against it.
 
+use crate::dp_sgd::DpSgd;
 use crate::placement::{PassInfo, Placement, PlacementReport, PlacementResult};
 use crate::SchemeInfo;
 use serde::Serialize;
@@ -31,7 +32,7 @@ use trustsplit_enclave::memory::{BlobId, MemoryError, MemoryStats, SecureMemory,
 use trustsplit_kernels::{elementwise, loss::softmax_cross_entropy};
 use trustsplit_nn::layers::Residual;
 use trustsplit_nn::optim::{first_non_finite, Optimizer};
-use trustsplit_nn::tensor::{data, data_mut, zeros};
+use trustsplit_nn::tensor::{data, data_mut, from_vec, zeros};
 use trustsplit_nn::{Layer, Mode, Model, Saved, Tensor};
 
 #[derive(Debug, thiserror::Error)]
@@ -116,6 +117,8 @@ pub struct SplitRunner {
     step_seconds: f64,
     /// The placement's own retained bytes, as reserved in `memory` (see `Placement::retained_bytes`).
     placement_reserved: usize,
+    /// Set for `--dp full`: every training step is a DP-SGD step.
+    dp_sgd: Option<DpSgd>,
 }
 
 impl SplitRunner {
@@ -138,7 +141,18 @@ impl SplitRunner {
             steps: 0,
             step_seconds: 0.0,
             placement_reserved: 0,
+            dp_sgd: None,
         })
+    }
+
+    /// Makes every training step a DP-SGD step ([`DpSgd`]).
+    pub fn enable_dp_sgd(&mut self, dp: DpSgd) {
+        self.dp_sgd = Some(dp);
+    }
+
+    /// DP-SGD's settings and counts, when it is on.
+    pub fn dp_sgd(&self) -> Option<&DpSgd> {
+        self.dp_sgd.as_ref()
     }
 
     pub fn scheme(&self) -> &'static SchemeInfo {
@@ -185,6 +199,107 @@ impl SplitRunner {
         opt: &mut Optimizer,
         lr: f32,
     ) -> Result<StepOutput, RunnerError> {
+        if self.dp_sgd.is_some() {
+            return self.train_step_dp_sgd(model, x, labels, opt, lr);
+        }
+        // Without global gradient clipping, each layer's parameters are updated as soon as its
+        // backward is done, while its weight and gradient are still in cache: the update's sweep
+        // over weight, gradient and optimizer state then reads two of them from cache instead of
+        // memory (AsymML's best VGG16 row 109-115 -> 103-112 ms, 2026-12-03). With clipping, it
+        // waits for every gradient.
+        let updates_each_layer = opt.updates_each_parameter_alone();
+        let checks_conv_weights = self.placement.checks_conv_weight_gradients();
+        if updates_each_layer {
+            let named = model.named_params();
+            let shapes: Vec<&[usize]> = named.iter().map(|(_, t)| t.shape()).collect();
+            opt.begin_step(&shapes);
+        }
+        let mut per_layer = Vec::with_capacity(model.layers.len());
+        let out = self.gradients(model, x, labels, &mut |model, i, first_param, grads| {
+            if updates_each_layer {
+                let known_finite = if checks_conv_weights { model.layers[i].conv_weight_flags() } else { vec![] };
+                let name = format!("layers.{i}");
+                update_layer(&mut model.layers[i], &name, opt, &grads, &known_finite, first_param, lr)
+            } else {
+                per_layer.push(grads);
+                Ok(())
+            }
+        })?;
+        if !updates_each_layer {
+            per_layer.reverse();
+            let mut grads: Vec<Tensor> = per_layer.into_iter().flatten().collect();
+            opt.clip_gradients(&mut grads);
+            // Scaling a finite gradient down keeps it finite, so the placement's checks still hold.
+            let checked = if checks_conv_weights { model.conv_weight_flags() } else { vec![] };
+            step_all(model, opt, &grads, &checked, lr)?;
+        }
+        Ok(out)
+    }
+
+    /// A DP-SGD step ([`DpSgd`]): each sample's forward and backward pass alone, its gradient
+    /// clipped, the sum noised, then one update.
+    fn train_step_dp_sgd(
+        &mut self,
+        model: &mut Model,
+        x: Tensor,
+        labels: &[usize],
+        opt: &mut Optimizer,
+        lr: f32,
+    ) -> Result<StepOutput, RunnerError> {
+        if has_batchnorm(&model.layers) {
+            return Err(RunnerError::Input(
+                "--dp full clips each sample's own gradient, and batch-norm mixes the samples of a batch: use a model \
+                 without it (lenet5, vgg11, vgg16)"
+                    .into(),
+            ));
+        }
+        let n = x.shape()[0];
+        let per_sample = x.len() / n.max(1);
+        let mut sample_shape = x.shape().to_vec();
+        sample_shape[0] = 1;
+        let mut dp = self.dp_sgd.take().expect("DP-SGD is on");
+        let mut sum = Vec::new();
+        let (mut loss, mut correct) = (0.0f64, 0);
+        let mut run = || -> Result<(), RunnerError> {
+            for i in 0..n {
+                let xi = from_vec(&sample_shape, data(&x)[i * per_sample..(i + 1) * per_sample].to_vec());
+                let mut per_layer = Vec::with_capacity(model.layers.len());
+                let out = self.gradients(model, xi, &labels[i..i + 1], &mut |_, _, _, grads| {
+                    per_layer.push(grads);
+                    Ok(())
+                })?;
+                per_layer.reverse();
+                let grads: Vec<Tensor> = per_layer.into_iter().flatten().collect();
+                if let Some(j) = first_non_finite(&grads, &[]) {
+                    let name =
+                        model.named_params().into_iter().nth(j).map_or_else(|| format!("parameter {j}"), |(n, _)| n);
+                    return Err(RunnerError::NonFiniteGradient(name));
+                }
+                dp.add_sample(&mut sum, grads);
+                loss += f64::from(out.loss);
+                correct += out.correct;
+            }
+            Ok(())
+        };
+        let ran = run();
+        let mut grads = if ran.is_ok() { dp.noisy_mean(sum, n) } else { Vec::new() };
+        self.dp_sgd = Some(dp);
+        ran?;
+        opt.clip_gradients(&mut grads);
+        step_all(model, opt, &grads, &[], lr)?;
+        Ok(StepOutput { loss: (loss / n.max(1) as f64) as f32, correct, samples: n })
+    }
+
+    /// The forward and backward pass of a batch in training mode: `on_layer(model, i, first, grads)`
+    /// gets layer `i`'s parameter gradients (its first parameter being the model's `first`-th) as
+    /// soon as its backward pass is done, from the last layer to the first.
+    fn gradients(
+        &mut self,
+        model: &mut Model,
+        x: Tensor,
+        labels: &[usize],
+        on_layer: &mut LayerGradients<'_>,
+    ) -> Result<StepOutput, RunnerError> {
         let n = x.shape()[0];
         let couples_samples = has_batchnorm(&model.layers);
         self.placement.begin_pass(&PassInfo { mode: Mode::Train, batch: n, couples_samples });
@@ -205,20 +320,7 @@ impl SplitRunner {
             self.discard(kept);
             return Err(RunnerError::Diverged(out.loss));
         }
-        // Without global gradient clipping, each layer's parameters are updated as soon as its
-        // backward is done, while its weight and gradient are still in cache: the update's sweep
-        // over weight, gradient and optimizer state then reads two of them from cache instead of
-        // memory (AsymML's best VGG16 row 109-115 -> 103-112 ms, 2026-12-03). With clipping, it
-        // waits for every gradient.
-        let updates_each_layer = opt.updates_each_parameter_alone();
-        let checks_conv_weights = self.placement.checks_conv_weight_gradients();
-        let named = model.named_params();
-        if updates_each_layer {
-            let shapes: Vec<&[usize]> = named.iter().map(|(_, t)| t.shape()).collect();
-            opt.begin_step(&shapes);
-        }
-        let mut first_param = named.len();
-        let mut per_layer = Vec::with_capacity(model.layers.len());
+        let mut first_param = model.named_params().len();
         let mut g = dlogits;
         for i in (0..model.layers.len()).rev() {
             let name = format!("layers.{i}");
@@ -236,28 +338,11 @@ impl SplitRunner {
                 }
             };
             first_param -= grads.len();
-            if updates_each_layer {
-                let known_finite = if checks_conv_weights { layer.conv_weight_flags() } else { vec![] };
-                let updated = update_layer(&mut model.layers[i], &name, opt, &grads, &known_finite, first_param, lr);
-                if let Err(e) = updated {
-                    self.discard(kept);
-                    return Err(e);
-                }
-            } else {
-                per_layer.push(grads);
+            if let Err(e) = on_layer(model, i, first_param, grads) {
+                self.discard(kept);
+                return Err(e);
             }
             g = dx;
-        }
-        if !updates_each_layer {
-            per_layer.reverse();
-            let mut grads: Vec<Tensor> = per_layer.into_iter().flatten().collect();
-            opt.clip_gradients(&mut grads);
-            // Scaling a finite gradient down keeps it finite, so the placement's checks still hold.
-            let checked = if checks_conv_weights { model.conv_weight_flags() } else { vec![] };
-            if let Err(i) = opt.step_known_finite(model.params_mut(), &grads, &checked, lr) {
-                let name = model.named_params().into_iter().nth(i).map_or_else(|| format!("parameter {i}"), |(n, _)| n);
-                return Err(RunnerError::NonFiniteGradient(name));
-            }
         }
         Ok(StepOutput { loss: out.loss, correct: out.correct, samples: n })
     }
@@ -540,6 +625,25 @@ fn update_layer(
     assert_eq!(params.len(), grads.len(), "one gradient per parameter");
     for (j, (p, g)) in params.into_iter().zip(grads).enumerate() {
         opt.update(first + j, p, g, lr);
+    }
+    Ok(())
+}
+
+/// What a pass does with layer `i`'s parameter gradients as they come: `(model, i, first, grads)`,
+/// `first` being the model's index of the layer's first parameter.
+type LayerGradients<'a> = dyn FnMut(&mut Model, usize, usize, Vec<Tensor>) -> Result<(), RunnerError> + 'a;
+
+/// One update of every parameter from `grads`, those flagged in `checked` known to be finite.
+fn step_all(
+    model: &mut Model,
+    opt: &mut Optimizer,
+    grads: &[Tensor],
+    checked: &[bool],
+    lr: f32,
+) -> Result<(), RunnerError> {
+    if let Err(i) = opt.step_known_finite(model.params_mut(), grads, checked, lr) {
+        let name = model.named_params().into_iter().nth(i).map_or_else(|| format!("parameter {i}"), |(n, _)| n);
+        return Err(RunnerError::NonFiniteGradient(name));
     }
     Ok(())
 }

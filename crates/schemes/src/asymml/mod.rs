@@ -36,7 +36,7 @@ pub mod virtual_conv;
 
 pub use charges::{releases_per_epoch, PrivacyCharges};
 pub use lowrank::{RankPolicy, Subspace};
-pub use options::AsymmlOptions;
+pub use options::{AsymmlOptions, DpScope};
 pub use placement::{releases_per_evaluation, releases_per_step, runner, validate};
 pub use summary::{describe_evaluation, describe_run, privacy_summary, EvaluationPrivacy, PrivacySummary};
 
@@ -56,6 +56,7 @@ pub const INFO: SchemeInfo = SchemeInfo {
 /// The runner from the common inputs and the run's options (the registry's constructor): the
 /// noise is calibrated to `--epsilon` over a training run when one is asked for.
 pub fn build(inputs: RunnerInputs, options: &AsymmlOptions) -> Result<SplitRunner, RunnerError> {
+    let training = inputs.training.is_some();
     let noise = match inputs.training {
         Some(run) => options.noise_for_training(run.model, run.batch_size, run.epochs),
         // Evaluation releases concern the evaluated inputs; the noise multiplier applies as given.
@@ -66,7 +67,13 @@ pub fn build(inputs: RunnerInputs, options: &AsymmlOptions) -> Result<SplitRunne
     if devices.len() != 1 {
         return Err(RunnerError::Input(format!("asymml uses one device; got {}", devices.len())));
     }
-    runner(devices.remove(0), options.config(noise), inputs.memory_budget, inputs.transcript)
+    let config = options.config(noise);
+    let dp_sgd = config.dp_sgd_clip.filter(|_| training);
+    let mut runner = runner(devices.remove(0), config, inputs.memory_budget, inputs.transcript)?;
+    if let Some(clip) = dp_sgd {
+        runner.enable_dp_sgd(crate::dp_sgd::DpSgd::new(clip, noise).map_err(RunnerError::Input)?);
+    }
+    Ok(runner)
 }
 
 /// How many components each layer keeps.
@@ -149,6 +156,10 @@ pub struct AsymmlConfig {
     /// computed from), for runs that must repeat (tests); `None`: a key from the OS. Never the
     /// noise's, which always comes from the OS.
     pub subspace_seed: Option<u64>,
+    /// `--dp full`: every step is a DP-SGD step ([`crate::dp_sgd`]) with each sample's whole
+    /// gradient clipped to this L2 bound and noise at `noise_multiplier`, charged beside the
+    /// residual releases. `None`: the epsilon covers the residual releases only.
+    pub dp_sgd_clip: Option<f64>,
 }
 
 impl Default for AsymmlConfig {
@@ -164,6 +175,7 @@ impl Default for AsymmlConfig {
             delta: 1e-5,
             verify_device: true,
             subspace_seed: None,
+            dp_sgd_clip: None,
         }
     }
 }
@@ -190,6 +202,9 @@ pub struct PrivacyLedger {
     /// then covers the activation releases only.
     pub gradients_in_clear: bool,
     pub training_steps: u64,
+    /// `--dp full`: each sample's whole-gradient bound; the updates, and so the weights, are then
+    /// covered too.
+    pub dp_sgd_clip: Option<f64>,
 }
 
 impl PrivacyLedger {

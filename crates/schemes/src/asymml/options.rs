@@ -89,6 +89,38 @@ pub struct AsymmlOptions {
     // Runs recorded before the flag existed did not verify.
     #[serde(default)]
     pub verify_device: bool,
+    /// AsymML: what the epsilon covers. `residuals`: the noised residual releases only (the
+    /// weights, trained without noise and sent to the device every step, are not covered).
+    /// `full`: DP-SGD too: each sample's gradient of every parameter clipped to --dp-clip and
+    /// Gaussian noise of --noise-multiplier x --dp-clip on the batch's sum, inside the enclave,
+    /// composed with the residual releases, so that the epsilon bounds the device's whole view
+    /// (each sample runs its own forward and backward pass: slower; no batch-norm).
+    #[cfg_attr(feature = "cli", arg(long, value_enum, default_value = "residuals", help_heading = "AsymML"))]
+    #[serde(default)]
+    pub dp: DpScope,
+    /// AsymML with --dp full: the L2 bound of each sample's whole gradient (all parameters).
+    #[cfg_attr(feature = "cli", arg(long, default_value_t = DEFAULT_DP_CLIP, help_heading = "AsymML"))]
+    #[serde(default = "default_dp_clip")]
+    pub dp_clip: f64,
+}
+
+/// What a run's epsilon covers (`--dp`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "cli", derive(clap::ValueEnum))]
+#[serde(rename_all = "lowercase")]
+pub enum DpScope {
+    /// The noised residual releases only.
+    #[default]
+    Residuals,
+    /// The residual releases and the weights (DP-SGD updates): the device's whole view.
+    Full,
+}
+
+/// `--dp-clip`'s default.
+pub const DEFAULT_DP_CLIP: f64 = 1.0;
+
+fn default_dp_clip() -> f64 {
+    DEFAULT_DP_CLIP
 }
 
 impl Default for AsymmlOptions {
@@ -106,6 +138,8 @@ impl Default for AsymmlOptions {
             clip_norm: DEFAULT_CLIP_NORM,
             grad_clip_norm: DEFAULT_GRAD_CLIP_NORM,
             verify_device: true,
+            dp: DpScope::Residuals,
+            dp_clip: DEFAULT_DP_CLIP,
         }
     }
 }
@@ -127,6 +161,7 @@ impl AsymmlOptions {
             delta: self.delta,
             verify_device: self.verify_device,
             subspace_seed: None,
+            dp_sgd_clip: (self.dp == DpScope::Full).then_some(self.dp_clip),
         }
     }
 

@@ -116,6 +116,14 @@ pub fn validate(cfg: &AsymmlConfig) -> Result<(), String> {
     if !(cfg.delta > 0.0 && cfg.delta < 1.0) {
         return Err(format!("--delta must lie strictly between 0 and 1, got {}", cfg.delta));
     }
+    if let Some(clip) = cfg.dp_sgd_clip {
+        if !(clip.is_finite() && clip > 0.0) {
+            return Err(format!("--dp-clip must be a positive number, got {clip}"));
+        }
+        if z == 0.0 {
+            return Err("--dp full needs noise: --noise-multiplier 0 (or no --epsilon) leaves the updates bare".into());
+        }
+    }
     match &cfg.rank {
         RankRule::Schedule(s) if s.is_empty() || s.contains(&0) => {
             Err(format!("the rank schedule needs at least one rank and no zeros, got {s:?}"))
@@ -271,7 +279,8 @@ pub fn releases_per_step(model: &Model, cfg: &AsymmlConfig, batch: usize) -> u64
             total += charge(false);
         }
     }
-    total
+    // `--dp full`: the step's noised update, to which each sample adds its clipped gradient once.
+    total + u64::from(cfg.dp_sgd_clip.is_some())
 }
 
 /// The Gaussian releases one evaluation charges to each example of a full batch of `batch`, as
@@ -1031,6 +1040,7 @@ impl Placement for Asymml {
             releases_per_evaluation: self.max_evaluation_releases.max(self.evaluation_releases),
             gradients_in_clear: self.gradients_in_clear,
             training_steps: self.training_steps,
+            dp_sgd_clip: self.cfg.dp_sgd_clip,
         };
         PlacementReport {
             enclave_macs: self.enclave_macs,

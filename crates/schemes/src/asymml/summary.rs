@@ -73,11 +73,20 @@ impl EvaluationPrivacy {
 pub fn privacy_summary(ledger: &PrivacyLedger, charges: &PrivacyCharges) -> PrivacySummary {
     let no_noise = ledger.noise_multiplier <= 0.0;
     let gradients = if ledger.gradients_in_clear { "" } else { " and output-gradient residuals" };
-    let mut covers = format!(
-        "covers each training sample's clipped, noised activation residuals{gradients} (record-level, \
-         zero-out adjacency; every layer, step and epoch composed by an RDP accountant); does NOT cover \
-         the weights, which are trained on the private data and sent to the device every step"
-    );
+    let mut covers = match ledger.dp_sgd_clip {
+        None => format!(
+            "residual releases only: covers each training sample's clipped, noised activation \
+             residuals{gradients} (record-level, zero-out adjacency; every layer, step and epoch composed by \
+             an RDP accountant); does NOT cover the weights, which are trained on the private data and sent \
+             to the device every step (--dp full covers them)"
+        ),
+        Some(clip) => format!(
+            "the device's whole view: each training sample's clipped, noised activation residuals{gradients} \
+             and the weights, trained by DP-SGD in the enclave (each sample's whole gradient clipped to {clip}, \
+             Gaussian noise on every update), composed by one RDP accountant (record-level, zero-out \
+             adjacency)"
+        ),
+    };
     if ledger.gradients_in_clear {
         covers.push_str(", nor the output gradients, sent IN THE CLEAR (--protect-gradients off)");
     }

@@ -9,6 +9,7 @@ pub fn cpu_device() -> Device {
 }
 
 /// The largest parameter difference between two models, relative to each parameter's scale.
+#[allow(dead_code)] // Not every test file compares models.
 pub fn max_relative_difference(a: &Model, b: &Model) -> f32 {
     let mut worst = 0.0f32;
     for ((n, x), (_, y)) in a.named_params().iter().zip(b.named_params()) {
