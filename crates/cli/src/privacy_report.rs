@@ -85,6 +85,11 @@ pub struct WeightDifference {
     /// `--max-grad-norm`: the update is then scaled by a factor the device does not see, so the
     /// recovered (clipped) gradient does not split into the two parts.
     pub hidden_fraction: Option<f64>,
+    /// Under `--dp full`: the norm the update's Gaussian noise has on this layer's weights
+    /// (noise multiplier x --dp-clip / batch x the square root of their number), which the
+    /// recovered gradient carries. `None` otherwise.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub update_noise_norm: Option<f64>,
 }
 
 /// The report (`--json` prints it).
@@ -187,7 +192,8 @@ pub fn run(mut cfg: TrainConfig, out: &Path, settings: ReportSettings) -> Result
         })??;
         report.attacks.extend(found);
         if sub.as_os_str().is_empty() {
-            match weight_difference(&cfg, &view)? {
+            let noise = report.training.privacy.as_ref().map(|p| p.noise_multiplier);
+            match weight_difference(&cfg, &view, noise)? {
                 Ok(found) => report.weight_difference = found,
                 Err(why) => report.not_applicable.push(NotApplicable { name: "weight-difference".into(), why }),
             }
@@ -287,17 +293,27 @@ fn attack_first_release(
 ) -> Result<Vec<AttackResult>> {
     let target = &view.requests[0];
     let operand = &target.tensors[0].name;
-    let released = view.load(target, operand).map_err(anyhow::Error::msg)?;
-    let (n, release_shape) = match released.shape.as_slice() {
-        &[n, c, h, w] => (n, [c, h, w]),
-        other => bail!("the first release has shape {other:?}, expected N x C x H x W"),
-    };
-    let image_shape = [data.input_shape[0], data.input_shape[1], data.input_shape[2]];
     let first =
         batches(&data.train, &batch_options(cfg, data, true)).next().context("the training split yields no batch")?;
+    // Under --dp full each sample of a step runs its own pass: the step's first release is then
+    // the first request of each of its first `first.n` passes.
+    let passes = if per_sample_passes(cfg) { first.n } else { 1 };
+    let (mut targets, mut release_shape) = (Vec::new(), [0; 3]);
+    for request in pass_starts(&view.requests).take(passes) {
+        let released = view.load(request, operand).map_err(anyhow::Error::msg)?;
+        let n = match released.shape.as_slice() {
+            &[n, c, h, w] => {
+                release_shape = [c, h, w];
+                n
+            }
+            other => bail!("the first release has shape {other:?}, expected N x C x H x W"),
+        };
+        targets.extend(samples(&released.values, n));
+    }
+    let n = targets.len();
+    let image_shape = [data.input_shape[0], data.input_shape[1], data.input_shape[2]];
     ensure!(first.n == n, "the first release holds {n} samples but the first batch {}", first.n);
     let originals = samples(&first.images, n);
-    let targets = samples(&released.values, n);
     let norm = data.kind.normalization();
 
     eprintln!("privacy-report: making the attacker's pairs from {} public images", settings.public_samples);
@@ -351,6 +367,19 @@ fn attack_first_release(
         results.push(score("public-mean", "nothing: the mean public image", &vec![mean; n])?);
     }
     Ok(results)
+}
+
+/// Whether each sample of a training step runs its own forward and backward pass (DP-SGD).
+fn per_sample_passes(cfg: &TrainConfig) -> bool {
+    cfg.scheme.name() == "asymml" && cfg.options.asymml.dp == trustsplit_schemes::asymml::DpScope::Full
+}
+
+/// The requests that start a pass: those like the recording's (or step's) first.
+fn pass_starts(
+    requests: &[trustsplit_attacks::RecordedRequest],
+) -> impl Iterator<Item = &trustsplit_attacks::RecordedRequest> {
+    let first = requests.first().map(|r| r.detail.clone());
+    requests.iter().filter(move |r| Some(&r.detail) == first.as_ref())
 }
 
 fn fmt_shape(s: &[usize]) -> String {
@@ -452,15 +481,18 @@ fn public_pairs(
             // This step's requests: keep its first release, drop the rest from the disk.
             let prior = RecordedView::open(&prior_dir).map_err(anyhow::Error::msg)?;
             let step = &prior.requests[indexed..];
-            let request = step.first().context("a public step released nothing")?;
-            ensure!(
-                request.op == target.op && request.tensors[0].shape[1..] == target.tensors[0].shape[1..],
-                "a public step's first release ({}) differs from the attacked one ({})",
-                request.detail,
-                target.detail
-            );
-            let loaded = prior.load(request, &request.tensors[0].name).map_err(anyhow::Error::msg)?;
-            releases.extend(samples(&loaded.values, loaded.shape[0]));
+            ensure!(!step.is_empty(), "a public step released nothing");
+            let passes = if per_sample_passes(cfg) { b.n } else { 1 };
+            for request in pass_starts(step).take(passes) {
+                ensure!(
+                    request.op == target.op && request.tensors[0].shape[1..] == target.tensors[0].shape[1..],
+                    "a public step's first release ({}) differs from the attacked one ({})",
+                    request.detail,
+                    target.detail
+                );
+                let loaded = prior.load(request, &request.tensors[0].name).map_err(anyhow::Error::msg)?;
+                releases.extend(samples(&loaded.values, loaded.shape[0]));
+            }
             // Every recording's tensors of the step (other Goten servers' too) go.
             for (_, other) in recordings(&prior_root) {
                 for entry in std::fs::read_dir(prior_root.join(&other))? {
@@ -530,12 +562,21 @@ fn recover_labels(
 fn weight_difference(
     cfg: &TrainConfig,
     view: &RecordedView,
+    noise_multiplier: Option<f64>,
 ) -> Result<std::result::Result<Vec<WeightDifference>, String>> {
     let trustsplit_nn::optim::OptimizerKind::Sgd { momentum, nesterov } = cfg.optimizer else {
         return Ok(Err("the attack inverts an SGD update; this run uses Adam".into()));
     };
-    let steps: Vec<usize> =
-        view.requests.iter().enumerate().filter(|(_, r)| r.detail == view.requests[0].detail).map(|(i, _)| i).collect();
+    // A step's passes: one, or one per sample of the batch under --dp full.
+    let passes = if per_sample_passes(cfg) { cfg.batch_size } else { 1 };
+    let steps: Vec<usize> = view
+        .requests
+        .iter()
+        .enumerate()
+        .filter(|(_, r)| r.detail == view.requests[0].detail)
+        .map(|(i, _)| i)
+        .step_by(passes)
+        .collect();
     if steps.len() < 2 || view.requests.len() <= steps[1] {
         return Ok(Err("the recording holds fewer than two training steps".into()));
     }
@@ -543,8 +584,10 @@ fn weight_difference(
         (&view.requests[..steps[1]], &view.requests[steps[1]..steps.get(2).copied().unwrap_or(view.requests.len())]);
     let lr = cfg.schedule.lr(cfg.lr, 0.0) as f64 * if nesterov { 1.0 + momentum as f64 } else { 1.0 };
     let wd = cfg.weight_decay as f64;
+    // The step's first pass names each layer once.
+    let first_pass = first.iter().skip(1).position(|r| r.detail == first[0].detail).map_or(first.len(), |i| i + 1);
     let mut found = Vec::new();
-    for (i, forward) in first.iter().enumerate().filter(|(_, r)| r.op == "conv_forward") {
+    for (i, forward) in first[..first_pass].iter().enumerate().filter(|(_, r)| r.op == "conv_forward") {
         // The same layer in the second step: the same request, counted among its equals.
         let nth = first[..i].iter().filter(|r| r.detail == forward.detail).count();
         let Some(later) = second.iter().filter(|r| r.detail == forward.detail).nth(nth) else { continue };
@@ -567,7 +610,13 @@ fn weight_difference(
             layer: forward.detail.clone(),
             recovered_norm,
             device_part_norm,
-            hidden_fraction: (cfg.max_grad_norm.is_none() && recovered_norm > 0.0).then(|| hidden / recovered_norm),
+            // The update is the raw gradient only without clipping and noise.
+            hidden_fraction: (cfg.max_grad_norm.is_none() && passes == 1 && recovered_norm > 0.0)
+                .then(|| hidden / recovered_norm),
+            update_noise_norm: (passes > 1).then(|| {
+                let z = noise_multiplier.unwrap_or(0.0);
+                z * cfg.options.asymml.dp_clip / passes as f64 * (w1.values.len() as f64).sqrt()
+            }),
         });
     }
     if found.is_empty() {
@@ -607,7 +656,14 @@ pub fn lines(r: &PrivacyReport) -> Vec<String> {
             w.device_part_norm,
             match w.hidden_fraction {
                 Some(f) => format!("the rest, {:.1}% of its norm, is the part the enclave computed", 100.0 * f),
-                None => "clipped by --max-grad-norm, so it does not split into the device's part and the enclave's".into(),
+                None => match w.update_noise_norm {
+                    Some(noise) => format!(
+                        "a DP-SGD update (--dp full: each sample's gradient clipped, the sum noised), whose noise alone \
+                         has norm about {noise:.3e} here"
+                    ),
+                    None => "clipped by --max-grad-norm, so it does not split into the device's part and the enclave's"
+                        .into(),
+                },
             }
         ));
     }

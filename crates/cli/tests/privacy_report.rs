@@ -106,6 +106,18 @@ fn gpu_only_calibrates_the_attacks_and_asymml_reports_its_epsilon_and_what_it_co
     let protected = attack(&r, "learned-inverse")["psnr"].as_f64().unwrap();
     assert!(protected < inverse - 10.0, "asymml {protected} dB against gpu-only's {inverse} dB");
 
+    // With --dp full the epsilon covers the weights too: each step is DP-SGD (a pass per
+    // sample), and the weight difference gives the attacker the clipped gradients under noise of
+    // about its own size.
+    let r = report("asymml", &["--dp", "full"], &dir);
+    assert!(r["covers"].as_str().unwrap().starts_with("the device's whole view"), "{r}");
+    assert_eq!(recorded(&dir.join("view")), transcribed(&dir.join("transcript.jsonl")));
+    let leak = &r["weight_difference"][0];
+    assert!(leak["hidden_fraction"].is_null(), "{r}");
+    let (got, noise) = (leak["recovered_norm"].as_f64().unwrap(), leak["update_noise_norm"].as_f64().unwrap());
+    assert!(got > 0.5 * noise && got < 3.0 * noise, "recovered {got}, noise {noise}");
+    assert!(attack(&r, "learned-inverse")["psnr"].as_f64().unwrap() < inverse - 10.0, "{r}");
+
     // Nothing released, nothing to attack.
     let r = report("tee-only", &[], &dir);
     assert_eq!(r["attacks"].as_array().unwrap().len(), 0);

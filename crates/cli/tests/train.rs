@@ -241,6 +241,26 @@ fn asymml_epsilon_target_calibrates_the_noise() {
 }
 
 #[test]
+fn asymml_dp_full_covers_the_weights_at_the_calibrated_epsilon() {
+    let mut cfg = small("lenet5", 2);
+    cfg.scheme = asymml();
+    cfg.options.asymml.epsilon = Some(8.0);
+    let residuals_only = train(&cfg, &out_dir("asym-dp-res"), false, false).unwrap().privacy.unwrap();
+    cfg.options.asymml.dp = trustsplit_schemes::asymml::DpScope::Full;
+    let s = train(&cfg, &out_dir("asym-dp-full"), false, false).unwrap();
+    let p = s.privacy.unwrap();
+    let eps = p.epsilon.unwrap();
+    assert!(eps <= 8.0 + 1e-9 && eps > 7.99, "spent epsilon {eps}");
+    assert!(p.covers.starts_with("the device's whole view"), "{}", p.covers);
+    assert!(!p.covers.contains("does NOT cover"), "{}", p.covers);
+    // One more Gaussian release per sample and epoch (its clipped gradient in the noised update),
+    // so more noise for the same epsilon.
+    assert_eq!(p.releases_per_sample, residuals_only.releases_per_sample + 2, "{p:?} / {residuals_only:?}");
+    assert!(p.noise_multiplier > residuals_only.noise_multiplier);
+    assert!(s.accuracy.is_finite() && s.accuracy > 0.15, "{}", s.accuracy);
+}
+
+#[test]
 fn asymml_charges_an_epoch_replayed_after_resume() {
     // Every epoch started is charged before its first release, in privacy.json: an epoch cut
     // short and replayed after --resume released its samples twice and is charged twice, so the
