@@ -8,6 +8,7 @@
 pub mod grid;
 pub mod inverse;
 pub mod metrics;
+pub mod optimise;
 pub mod record;
 pub mod view;
 
