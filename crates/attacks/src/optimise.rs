@@ -3,14 +3,17 @@
 //! first step) and searches for the images whose release, computed through those layers, looks
 //! like the one it recorded.
 //!
-//! Per sample the loss is the cosine distance between the modelled release `r(f(x))` and the
-//! recorded one (scale-free, since a scheme may clip what it releases), plus a small total
-//! variation term (natural images are smooth); Adam on the image with a cosine-decaying step, kept
+//! Per sample the loss is the squared distance between the modelled release `r(f(x))` and the
+//! recorded one over the latter's squared norm, or, where the scheme clips what it releases, the
+//! cosine distance ([`SearchSettings::match_norm`]), plus a small total variation term (natural images are smooth); Adam on the image with a cosine-decaying step, kept
 //! in the pixel range. The
 //! release model `r` is the identity (gpu-only, and any scheme that sends the layer's input) or,
-//! for AsymML, the residual after the sample's own top-r channel subspace: its basis comes from the
-//! caller (the scheme's own decomposition of `f(x)`), and the gradient goes through the
-//! projection with the basis held fixed for the step.
+//! for AsymML, a projection onto a channel subspace: the residual after the sample's own top-r
+//! subspace lies in the complement of that subspace, which the recorded residual itself shows (its
+//! channel Gram matrix has r null directions, up to the noise), so the attacker projects `f(x)`
+//! onto the span of the recorded residual's top `C - r` components, fixed per sample. (Recomputing
+//! the top-r subspace from the estimate `f(x)` at every step instead, without its derivative, left
+//! the search stuck at the mean image on LeNet-5.)
 
 use trustsplit_nn::layers::{backward_all, forward_all, Layer, Mode};
 use trustsplit_nn::optim::{Optimizer, OptimizerKind};
@@ -24,43 +27,49 @@ use crate::inverse::Shape3;
 pub struct SearchSettings {
     pub steps: usize,
     pub lr: f32,
-    /// Weight of the total-variation term against the cosine distance.
+    /// Weight of the total-variation term against the distance.
     pub tv: f32,
+    /// Match the release's norm too (squared distance over the target's squared norm), where the
+    /// scheme releases values unscaled; otherwise only its direction (cosine distance), as where
+    /// a release is clipped to a bound. Layers with ReLU and pooling and no bias are positively
+    /// homogeneous, so a direction alone leaves each image's scale (about the normalised zero,
+    /// the data's mean) open: the search then fits it to `start`, the attacker's prior.
+    pub match_norm: bool,
 }
 
 impl Default for SearchSettings {
     fn default() -> Self {
-        SearchSettings { steps: 1000, lr: 0.1, tv: 1e-4 }
+        SearchSettings { steps: 1000, lr: 0.1, tv: 1e-4, match_norm: true }
     }
 }
 
-/// The basis of a sample's principal channel subspace: `channels x rank`, row-major, orthonormal
-/// columns (the scheme's decomposition of the layer input `a`, `channels x positions`).
+/// A channel subspace for a recorded release (`channels x positions`): `channels x k`, row-major,
+/// orthonormal columns.
 pub type BasisOf<'a> = dyn Fn(&[f32]) -> Result<Vec<f32>, String> + 'a;
 
 /// How the device's value follows from the released layer's input.
 pub enum ReleaseModel<'a> {
     /// The input itself.
     Exact,
-    /// The residual after the sample's own top-r channel subspace, whose basis `basis` gives.
-    Residual { basis: &'a BasisOf<'a> },
+    /// The input projected onto the channel subspace `onto` gives for each recorded release.
+    Projection { onto: &'a BasisOf<'a> },
 }
 
-/// `x - U U^T x` (positions along the rows of `x`, `channels x positions`).
-fn remove_subspace(x: &[f32], u: &[f32], channels: usize) -> Vec<f32> {
+/// `V V^T x` (positions along the rows of `x`, `channels x positions`).
+fn project(x: &[f32], v: &[f32], channels: usize) -> Vec<f32> {
     let positions = x.len() / channels;
-    let rank = u.len() / channels.max(1);
-    let mut out = x.to_vec();
-    for k in 0..rank {
-        // Coordinates of every position on column k, then subtract.
+    let k = v.len() / channels.max(1);
+    let mut out = vec![0f32; x.len()];
+    for j in 0..k {
+        // Coordinates of every position on column j, then add them back along it.
         let mut coord = vec![0f32; positions];
         for c in 0..channels {
-            let w = u[c * rank + k];
-            coord.iter_mut().zip(&x[c * positions..(c + 1) * positions]).for_each(|(s, &v)| *s += w * v);
+            let w = v[c * k + j];
+            coord.iter_mut().zip(&x[c * positions..(c + 1) * positions]).for_each(|(s, &x)| *s += w * x);
         }
         for c in 0..channels {
-            let w = u[c * rank + k];
-            out[c * positions..(c + 1) * positions].iter_mut().zip(&coord).for_each(|(o, &s)| *o -= w * s);
+            let w = v[c * k + j];
+            out[c * positions..(c + 1) * positions].iter_mut().zip(&coord).for_each(|(o, &s)| *o += w * s);
         }
     }
     out
@@ -109,6 +118,13 @@ pub fn invert(
         return Err(format!("the search takes {per_image}-value starts and {per_release}-value targets"));
     }
     let mut x = from_vec(&[n, image[0], image[1], image[2]], start.repeat(n));
+    let bases = targets
+        .iter()
+        .map(|t| match model {
+            ReleaseModel::Exact => Ok(None),
+            ReleaseModel::Projection { onto } => onto(t).map(Some),
+        })
+        .collect::<Result<Vec<_>, String>>()?;
     let mut opt = Optimizer::new(OptimizerKind::Adam { beta1: 0.9, beta2: 0.999, eps: 1e-8 }, 0.0);
     let plane = image[1] * image[2];
     let mut distance = 0.0;
@@ -121,25 +137,26 @@ pub fn invert(
         distance = 0.0;
         for (s, target) in targets.iter().enumerate() {
             let a_s = &data(&a)[s * per_release..(s + 1) * per_release];
-            let basis = match model {
-                ReleaseModel::Exact => None,
-                ReleaseModel::Residual { basis } => Some(basis(a_s)?),
-            };
-            let r = match &basis {
-                Some(u) => remove_subspace(a_s, u, release[0]),
+            let r = match &bases[s] {
+                Some(v) => project(a_s, v, release[0]),
                 None => a_s.to_vec(),
             };
             let (rn, tn) = (norm(&r), norm(target));
             if rn == 0.0 || tn == 0.0 {
                 continue;
             }
-            let dot: f32 = r.iter().zip(target).map(|(p, q)| p * q).sum();
-            let cos = dot / (rn * tn);
-            distance += 1.0 - cos;
-            // d(1 - cos)/dr = -(t / (|r||t|) - cos r / |r|^2).
-            let dr: Vec<f32> = r.iter().zip(target).map(|(&p, &q)| -(q / (rn * tn) - cos * p / (rn * rn))).collect();
-            let back = match &basis {
-                Some(u) => remove_subspace(&dr, u, release[0]),
+            let dr: Vec<f32> = if settings.match_norm {
+                distance += r.iter().zip(target).map(|(p, q)| (p - q) * (p - q)).sum::<f32>() / (tn * tn);
+                r.iter().zip(target).map(|(&p, &q)| 2.0 * (p - q) / (tn * tn)).collect()
+            } else {
+                let dot: f32 = r.iter().zip(target).map(|(p, q)| p * q).sum();
+                let cos = dot / (rn * tn);
+                distance += 1.0 - cos;
+                // d(1 - cos)/dr = -(t / (|r||t|) - cos r / |r|^2).
+                r.iter().zip(target).map(|(&p, &q)| -(q / (rn * tn) - cos * p / (rn * rn))).collect()
+            };
+            let back = match &bases[s] {
+                Some(v) => project(&dr, v, release[0]),
                 None => dr,
             };
             da[s * per_release..(s + 1) * per_release].copy_from_slice(&back);
@@ -163,7 +180,18 @@ pub fn invert(
             *v = v.clamp(bounds.0[ch], bounds.1[ch]);
         }
     }
-    let out = data(&x).chunks(per_image).map(<[f32]>::to_vec).collect();
+    let mut out: Vec<Vec<f32>> = data(&x).chunks(per_image).map(<[f32]>::to_vec).collect();
+    if !settings.match_norm {
+        // The least-squares scale towards the prior, within the pixel range.
+        for image in &mut out {
+            let (xm, xx) = image.iter().zip(start).fold((0f32, 0f32), |(a, b), (&v, &m)| (a + v * m, b + v * v));
+            let c = if xx > 0.0 { (xm / xx).max(0.0) } else { 1.0 };
+            for (i, v) in image.iter_mut().enumerate() {
+                let ch = i / plane;
+                *v = (*v * c).clamp(bounds.0[ch], bounds.1[ch]);
+            }
+        }
+    }
     Ok((out, distance))
 }
 

@@ -363,10 +363,76 @@ fn attack_first_release(
     let per = pairs.images[0].len();
     let mean: Vec<f32> =
         (0..per).map(|k| pairs.images.iter().map(|x| x[k]).sum::<f32>() / pairs.images.len() as f32).collect();
+    if let Some(found) = optimisation_inverse(cfg, data, release_shape, &targets, &mean, settings)? {
+        results.push(score("optimisation-inverse", &what, &found)?);
+    }
     if which.floor {
         results.push(score("public-mean", "nothing: the mean public image", &vec![mean; n])?);
     }
     Ok(results)
+}
+
+/// The optimisation-based inversion of the first release ([`trustsplit_attacks::optimise`])
+/// through the layers in front of it, with the weights of the attacked step (the first: the
+/// initial ones, which the public code and seed give), starting from the mean public image.
+/// AsymML's release, the residual after each sample's own top-r channel subspace (its rank
+/// schedule at that convolution), is modelled as the projection onto the recorded residual's own
+/// top `C - r` channel components. `None` where no layer stands in front of the release (it is the
+/// input itself, or a share of it).
+fn optimisation_inverse(
+    cfg: &TrainConfig,
+    data: &Data,
+    release_shape: [usize; 3],
+    targets: &[Vec<f32>],
+    start: &[f32],
+    settings: ReportSettings,
+) -> Result<Option<Vec<Vec<f32>>>> {
+    use trustsplit_attacks::optimise::{invert, prefix_to, ReleaseModel, SearchSettings};
+    use trustsplit_schemes::asymml::lowrank::{find_basis_and_coordinates, Subspace};
+    use trustsplit_schemes::asymml::RankPolicy;
+    let image_shape = [data.input_shape[0], data.input_shape[1], data.input_shape[2]];
+    let mut model =
+        zoo::build(&cfg.model, &data.input_shape, data.train.num_classes, cfg.seed).map_err(anyhow::Error::msg)?;
+    let Some(cut) = prefix_to(&mut model.layers, image_shape, release_shape).filter(|&c| c > 0) else {
+        return Ok(None);
+    };
+    let conv_index = model.layers[..cut].iter().filter(|l| matches!(l, trustsplit_nn::Layer::Conv2d(_))).count();
+    let [channels, h, w] = release_shape;
+    let removed = match cfg.options.asymml.config(0.0).rank.policy(conv_index) {
+        RankPolicy::Fixed(r) => r.min(channels),
+        // The threshold's rank varies per sample: assume the most it may take.
+        RankPolicy::Energy { max_rank, .. } => max_rank.min(channels),
+    };
+    let onto = move |release: &[f32]| -> Result<Vec<f32>, String> {
+        let mut rng = <rand::rngs::StdRng as rand::SeedableRng>::seed_from_u64(0);
+        let kept = RankPolicy::Fixed(channels - removed);
+        find_basis_and_coordinates(&[release], channels, h * w, kept, Subspace::Exact, &mut rng).map(|(b, _)| b.u)
+    };
+    let release_model = if cfg.scheme.name() == "asymml" && removed < channels {
+        ReleaseModel::Projection { onto: &onto }
+    } else {
+        ReleaseModel::Exact
+    };
+    let norm = data.kind.normalization();
+    let low: Vec<f32> = (0..image_shape[0]).map(|c| -norm.mean[c] / norm.std[c]).collect();
+    let high: Vec<f32> = (0..image_shape[0]).map(|c| (1.0 - norm.mean[c]) / norm.std[c]).collect();
+    // AsymML clips what it releases when it adds noise: only the direction is then known.
+    let clipped = cfg.scheme.name() == "asymml" && cfg.options.asymml.noise_multiplier > 0.0;
+    let search =
+        SearchSettings { steps: settings.attack_steps.max(1), match_norm: !clipped, ..SearchSettings::default() };
+    eprintln!("privacy-report: searching for the images through the first {cut} layers ({} steps)", search.steps);
+    let (found, _) = invert(
+        &mut model.layers[..cut],
+        image_shape,
+        release_shape,
+        targets,
+        &release_model,
+        start,
+        (&low, &high),
+        search,
+    )
+    .map_err(anyhow::Error::msg)?;
+    Ok(Some(found))
 }
 
 /// Whether each sample of a training step runs its own forward and backward pass (DP-SGD).

@@ -98,13 +98,22 @@ fn gpu_only_calibrates_the_attacks_and_asymml_reports_its_epsilon_and_what_it_co
     assert!(r["covers"].as_str().unwrap().contains("does NOT cover the weights"), "{r}");
     assert!(r["released_by_kind"].get("input").is_none(), "{r}");
     let names: Vec<&str> = r["attacks"].as_array().unwrap().iter().map(|a| a["name"].as_str().unwrap()).collect();
-    assert_eq!(names, ["learned-inverse", "public-mean"], "{r}");
+    assert_eq!(names, ["learned-inverse", "optimisation-inverse", "public-mean"], "{r}");
     assert_eq!(r["not_applicable"][0]["name"], "label-recovery", "{r}");
     // The second convolution's weights, sent every step, give away the gradient the enclave kept.
     let leak = &r["weight_difference"][0];
     assert!(leak["hidden_fraction"].as_f64().unwrap() > 0.5, "{r}");
     let protected = attack(&r, "learned-inverse")["psnr"].as_f64().unwrap();
     assert!(protected < inverse - 10.0, "asymml {protected} dB against gpu-only's {inverse} dB");
+
+    // Calibration of the optimisation-based inversion: without noise at rank 1 it finds the images
+    // through the first convolution (initial weights) well above the public mean's floor.
+    let r = report("asymml", &["--noise-multiplier", "0", "--rank-schedule", "1"], &dir);
+    let (found, floor) = (
+        attack(&r, "optimisation-inverse")["psnr"].as_f64().unwrap(),
+        attack(&r, "public-mean")["psnr"].as_f64().unwrap(),
+    );
+    assert!(found > floor + 5.0, "optimisation-inverse {found} dB against the floor's {floor} dB");
 
     // With --dp full the epsilon covers the weights too: each step is DP-SGD (a pass per
     // sample), and the weight difference gives the attacker the clipped gradients under noise of
