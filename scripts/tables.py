@@ -164,6 +164,13 @@ TABLES = {
                                 Col("recovered_norm", "gradient from two weights: norm", 3),
                                 Col("device_part_norm", "the device's own part: norm", 3),
                                 Col("hidden_pct", "the enclave's part, given away: % of the norm", 1, "%")]),
+    "privacy_optimisation": Table(("dataset", "model", "run"),
+                                  [Col("run", "run"), Col("epsilon", "epsilon (this 1-epoch run)", 2),
+                                   Col("attacked", "attacked release"),
+                                   Col("inverse_psnr", "learned inverse: PSNR dB", 1),
+                                   Col("search_psnr", "optimisation inverse: PSNR dB", 1), Col("search_ssim", "SSIM", 3),
+                                   Col("search_label_pct", "label accuracy", 1, "%"),
+                                   Col("floor_psnr", "public mean: PSNR dB", 1)]),
     # History only (no region shows it): the sampler's timing test over the sampler's rewrites.
     "noise_sampler": Table(("measure",), [Col("measure", "measure"), Col("value", "value")]),
 }
