@@ -142,7 +142,8 @@ pub fn invert(
                 None => a_s.to_vec(),
             };
             let (rn, tn) = (norm(&r), norm(target));
-            if rn == 0.0 || tn == 0.0 {
+            // A cosine needs both norms; the squared distance only the target's.
+            if tn == 0.0 || (rn == 0.0 && !settings.match_norm) {
                 continue;
             }
             let dr: Vec<f32> = if settings.match_norm {

@@ -193,7 +193,7 @@ pub fn run(mut cfg: TrainConfig, out: &Path, settings: ReportSettings) -> Result
         report.attacks.extend(found);
         if sub.as_os_str().is_empty() {
             let noise = report.training.privacy.as_ref().map(|p| p.noise_multiplier);
-            match weight_difference(&cfg, &view, noise)? {
+            match weight_difference(&cfg, &view, noise, cfg.batch_size.min(data.train.len()))? {
                 Ok(found) => report.weight_difference = found,
                 Err(why) => report.not_applicable.push(NotApplicable { name: "weight-difference".into(), why }),
             }
@@ -629,12 +629,13 @@ fn weight_difference(
     cfg: &TrainConfig,
     view: &RecordedView,
     noise_multiplier: Option<f64>,
+    first_batch: usize,
 ) -> Result<std::result::Result<Vec<WeightDifference>, String>> {
     let trustsplit_nn::optim::OptimizerKind::Sgd { momentum, nesterov } = cfg.optimizer else {
         return Ok(Err("the attack inverts an SGD update; this run uses Adam".into()));
     };
     // A step's passes: one, or one per sample of the batch under --dp full.
-    let passes = if per_sample_passes(cfg) { cfg.batch_size } else { 1 };
+    let passes = if per_sample_passes(cfg) { first_batch } else { 1 };
     let steps: Vec<usize> = view
         .requests
         .iter()
@@ -666,6 +667,8 @@ fn weight_difference(
             let dw = view.load(r, "dw").map_err(anyhow::Error::msg)?;
             own.iter_mut().zip(&dw.values).for_each(|(o, &v)| *o += v as f64);
         }
+        // Under --dp full the update is a mean over the step's passes: so is the device's part.
+        own.iter_mut().for_each(|o| *o /= passes as f64);
         let g: Vec<f64> =
             w1.values.iter().zip(&w2.values).map(|(&a, &b)| (a as f64 - b as f64) / lr - wd * a as f64).collect();
         let norm = |v: &mut dyn Iterator<Item = f64>| v.map(|x| x * x).sum::<f64>().sqrt();

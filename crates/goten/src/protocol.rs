@@ -169,7 +169,9 @@ impl Servers {
 
     /// The enclave of server `replica.role` (0 or 1) in a process of its own, sharing `keys`'
     /// streams with the other enclave; it drives its own server's untrusted side (in this
-    /// process) and, as enclave 0, server 2's (`server2`).
+    /// process) and, as enclave 0, server 2's (`server2`). A `Side::Local` server 2 shares server
+    /// 0's host, which then holds both `E` and `U`: for tests only (the command line always
+    /// reaches a `goten-server` process).
     pub fn replicated(
         transcript: Arc<Transcript>,
         replica: Replica,
@@ -354,12 +356,23 @@ impl Servers {
     /// `op(a, b)` in real values, computed on shares by the three untrusted sides; `a` and `b`
     /// are quantised already (so that a layer's backward pass reuses its forward quantisation).
     pub fn outsource(&mut self, layer: &str, op: Op, a: &Quantised, b: &Quantised) -> Result<Vec<f32>, String> {
+        let result = self.outsource_once(layer, op, a, b);
+        if let (Err(e), Some(replica)) = (&result, self.replica.as_mut()) {
+            // The other enclave waits on this one: tell it why it stops.
+            replica.fail(e);
+        }
+        result
+    }
+
+    fn outsource_once(&mut self, layer: &str, op: Op, a: &Quantised, b: &Quantised) -> Result<Vec<f32>, String> {
         op.check_shape().map_err(|e| format!("{layer}: {e}"))?;
         if a.values.len() != op.a_len() || b.values.len() != op.b_len() {
             return Err(format!("{layer}: operands of {} and {} values for {op:?}", a.values.len(), b.values.len()));
         }
         self.ops += 1;
-        self.device_macs += 5 * op.macs();
+        // Five products per op over the three servers; as one of two enclaves, those it drives.
+        let products = [2u64, 2, 1].iter().enumerate().filter(|(r, _)| self.drives(*r)).map(|(_, p)| p).sum::<u64>();
+        self.device_macs += products * op.macs();
         // The check collapses one axis of the output: about one output channel's worth.
         self.enclave_macs += op.macs() / op.check_len().max(1) as u64;
         const SHARE: &str = "a uniform additive share; alone it says nothing (non-collusion of servers 0 and 1)";
@@ -426,7 +439,9 @@ impl Servers {
         if let Some(z) = &z {
             self.received(2, layer, "Z", z);
         }
-        let [c0, c1, z] = self.swap(layer, op, a, b, [c0, c1, z])?;
+        // The streams' first words: enclaves whose streams parted (other settings) differ here.
+        let streams = [&u, &v, &cm[0], &cm[1], &cm[2]].map(|s| s.first().copied().unwrap_or(0));
+        let [c0, c1, z] = self.swap(layer, op, a, b, &streams, [c0, c1, z])?;
 
         let started = Instant::now();
         let c = field::sum6([&c0, &c1, &z, &cm[0], &cm[1], &cm[2]]);
@@ -452,6 +467,7 @@ impl Servers {
         op: Op,
         a: &Quantised,
         b: &Quantised,
+        streams: &[u64],
         partials: [Option<Vec<u64>>; 3],
     ) -> Result<[Vec<u64>; 3], String> {
         let [c0, c1, z] = partials;
@@ -461,7 +477,7 @@ impl Servers {
             return Ok([c0, c1, z]);
         };
         let started = Instant::now();
-        let digest = operands_digest(op.name(), a, b);
+        let digest = operands_digest(layer, &server::encode_op(&op), streams, a, b);
         let role = replica.role;
         let (c0, c1, z) = if role == 0 {
             let (c0, z) = (c0.expect("enclave 0 drives server 0"), z.expect("and server 2"));

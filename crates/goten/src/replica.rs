@@ -186,12 +186,22 @@ impl Replica {
     }
 }
 
-/// A digest of an op's two quantised operands (values in [-128, 127], one byte each, and the
-/// exponents): what the enclaves compare to know they are computing the same op.
-pub fn operands_digest(op_name: &str, a: &crate::quant::Quantised, b: &crate::quant::Quantised) -> [u8; 32] {
+/// A digest of an op (its layer and encoded shape), the first words the shared streams gave it
+/// (`streams`: enclaves whose streams parted, with other settings, differ there), and its two
+/// quantised operands (values in [-128, 127], one byte each, and the exponents): what the
+/// enclaves compare to know they are computing the same op. It travels only on their link.
+pub fn operands_digest(
+    layer: &str,
+    op: &[u64],
+    streams: &[u64],
+    a: &crate::quant::Quantised,
+    b: &crate::quant::Quantised,
+) -> [u8; 32] {
     use sha2::{Digest, Sha256};
     let mut h = Sha256::new();
-    h.update(op_name.as_bytes());
+    h.update((layer.len() as u64).to_le_bytes());
+    h.update(layer.as_bytes());
+    op.iter().chain(streams).for_each(|w| h.update(w.to_le_bytes()));
     for q in [a, b] {
         h.update((q.values.len() as u64).to_le_bytes());
         h.update(q.exp.to_le_bytes());

@@ -178,3 +178,24 @@ fn enclaves_that_part_stop_with_an_error_that_says_so() {
         assert!(err.contains("conv1") && err.contains("diverged") && err.contains("--seed"), "{err}");
     }
 }
+
+#[test]
+fn enclaves_with_other_settings_stop_at_the_first_op_where_their_streams_part() {
+    // Enclave 0 in the offline mode, enclave 1 not: their second pass draws the masks apart.
+    let (mut e0, e1) = enclaves();
+    e0.go_offline();
+    let op = Op::LinearForward { n: 3, k: 5, m: 2 };
+    let a = Quantised { values: vec![7; op.a_len()], exp: 0 };
+    let b = Quantised { values: vec![(-3i64) as u64; op.b_len()], exp: 1 };
+    let ((_, r0), (_, r1)) = both(e0, e1, move |e: &mut Servers| {
+        (0..2)
+            .map(|_| {
+                e.prepare()?;
+                e.outsource("fc", op, &a, &b)
+            })
+            .collect::<Result<Vec<_>, String>>()
+    });
+    for err in [r0.unwrap_err(), r1.unwrap_err()] {
+        assert!(err.contains("diverged"), "{err}");
+    }
+}

@@ -49,7 +49,8 @@ impl DpSgd {
         self.samples += 1;
         if norm > self.clip {
             self.clipped += 1;
-            let scale = (self.clip / norm) as f32;
+            // Just under the bound, so that f32 rounding cannot take the norm past it.
+            let scale = (self.clip / norm * (1.0 - 1e-6)) as f32;
             grads.iter_mut().for_each(|g| data_mut(g).iter_mut().for_each(|v| *v *= scale));
         }
         if sum.is_empty() {

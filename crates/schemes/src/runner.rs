@@ -254,7 +254,10 @@ impl SplitRunner {
             ));
         }
         let n = x.shape()[0];
-        let per_sample = x.len() / n.max(1);
+        if n == 0 || labels.len() != n {
+            return Err(RunnerError::Input(format!("a batch of {n} samples with {} labels", labels.len())));
+        }
+        let per_sample = x.len() / n;
         let mut sample_shape = x.shape().to_vec();
         sample_shape[0] = 1;
         let mut dp = self.dp_sgd.take().expect("DP-SGD is on");

@@ -117,6 +117,8 @@ fn batch_norm_is_refused_and_bad_settings_named() {
     assert!(DpSgd::new(1.0, 0.0).unwrap_err().contains("--noise-multiplier"));
     let options = AsymmlOptions { dp: DpScope::Full, noise_multiplier: 0.0, ..AsymmlOptions::default() };
     assert!(options.check().unwrap_err().contains("--dp full needs noise"));
+    let options = AsymmlOptions { dp: DpScope::Full, protect_gradients: false, ..AsymmlOptions::default() };
+    assert!(options.check().unwrap_err().contains("--protect-gradients off"));
 }
 
 #[test]

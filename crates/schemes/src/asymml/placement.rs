@@ -123,6 +123,11 @@ pub fn validate(cfg: &AsymmlConfig) -> Result<(), String> {
         if z == 0.0 {
             return Err("--dp full needs noise: --noise-multiplier 0 (or no --epsilon) leaves the updates bare".into());
         }
+        if !cfg.protect_gradients {
+            return Err("--dp full bounds the device's whole view, which --protect-gradients off (output gradients \
+                        in the clear) breaks: use them apart"
+                .into());
+        }
     }
     match &cfg.rank {
         RankRule::Schedule(s) if s.is_empty() || s.contains(&0) => {
