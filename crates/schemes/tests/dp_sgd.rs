@@ -128,6 +128,9 @@ fn asymml_charges_the_update_beside_its_releases_and_trains_with_it() {
     let full = AsymmlConfig { dp_sgd_clip: Some(1.0), ..residuals.clone() };
     let (r, f) = (asymml::releases_per_step(&model, &residuals, 32), asymml::releases_per_step(&model, &full, 32));
     assert!(r > 0 && f == r + 1, "{r} and {f}");
+    // A basis per batch couples a batch's samples, but not under --dp full, where each runs alone.
+    let batch_basis = AsymmlConfig { basis: asymml::BasisScope::Batch, ..full.clone() };
+    assert_eq!(asymml::releases_per_step(&model, &batch_basis, 32), f);
 
     let options = AsymmlOptions { dp: DpScope::Full, noise_multiplier: 1.5, ..AsymmlOptions::default() };
     let mut model = zoo::build("lenet5", &INPUT, 10, 2).unwrap();

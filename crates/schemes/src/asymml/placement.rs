@@ -262,6 +262,8 @@ fn release_charge(coupled: bool, n: u64) -> u64 {
 /// whole batch), taken from the model's shapes before any data is seen. Used to calibrate the
 /// noise for a target epsilon; tests check it against the placement's own count.
 pub fn releases_per_step(model: &Model, cfg: &AsymmlConfig, batch: usize) -> u64 {
+    // Under --dp full each sample runs its own pass: nothing couples it with the others.
+    let batch = if cfg.dp_sgd_clip.is_some() { 1 } else { batch };
     let coupled_model = crate::runner::has_batchnorm(&model.layers);
     let group = group_len(cfg.basis, batch);
     let charge = |own_sample_only: bool| {
