@@ -440,6 +440,13 @@ fn per_sample_passes(cfg: &TrainConfig) -> bool {
     cfg.scheme.name() == "asymml" && cfg.options.asymml.dp == trustsplit_schemes::asymml::DpScope::Full
 }
 
+/// Where the first pass of `requests` ends: at the next request like its first (which starts the
+/// next pass), or at the end.
+fn first_pass_end(requests: &[trustsplit_attacks::RecordedRequest]) -> usize {
+    let Some(first) = requests.first() else { return 0 };
+    requests.iter().skip(1).position(|r| r.detail == first.detail).map_or(requests.len(), |i| i + 1)
+}
+
 /// The requests that start a pass: those like the recording's (or step's) first.
 fn pass_starts(
     requests: &[trustsplit_attacks::RecordedRequest],
@@ -591,9 +598,7 @@ fn recover_labels(
     let first =
         batches(&data.train, &batch_options(cfg, data, true)).next().context("the training split yields no batch")?;
     let (n, classes) = (first.n, data.train.num_classes);
-    let start = &view.requests[0].detail;
-    let step_end = view.requests.iter().skip(1).position(|r| &r.detail == start).map_or(view.requests.len(), |i| i + 1);
-    for request in view.requests[..step_end].iter().filter(|r| r.op == "gemm") {
+    for request in view.requests[..first_pass_end(&view.requests)].iter().filter(|r| r.op == "gemm") {
         for t in request.tensors.iter().filter(|t| t.direction == "received" && t.shape == [n, classes]) {
             let Ok(loaded) = view.load(request, &t.name) else { continue };
             let rows: Vec<&[f32]> = loaded.values.chunks(classes).collect();
@@ -652,9 +657,8 @@ fn weight_difference(
     let lr = cfg.schedule.lr(cfg.lr, 0.0) as f64 * if nesterov { 1.0 + momentum as f64 } else { 1.0 };
     let wd = cfg.weight_decay as f64;
     // The step's first pass names each layer once.
-    let first_pass = first.iter().skip(1).position(|r| r.detail == first[0].detail).map_or(first.len(), |i| i + 1);
     let mut found = Vec::new();
-    for (i, forward) in first[..first_pass].iter().enumerate().filter(|(_, r)| r.op == "conv_forward") {
+    for (i, forward) in first[..first_pass_end(first)].iter().enumerate().filter(|(_, r)| r.op == "conv_forward") {
         // The same layer in the second step: the same request, counted among its equals.
         let nth = first[..i].iter().filter(|r| r.detail == forward.detail).count();
         let Some(later) = second.iter().filter(|r| r.detail == forward.detail).nth(nth) else { continue };

@@ -190,25 +190,28 @@ fn enclave(role: usize, dir: &Path, peer: &str, keys: &[(PathBuf, String)], serv
     cmd.stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap()
 }
 
+/// `goten-server --role 2` on `addr`, pinning enclave 0's key (`keys[0]`), once it listens.
+fn start_server2(addr: &str, keys: &[(PathBuf, String)]) -> Server {
+    let mut child = trustsplit()
+        .args(["goten-server", "--role", "2", "--listen", addr, "--key"])
+        .arg(&keys[2].0)
+        .args(["--enclave-key", &keys[0].1])
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
+    assert!(lines.next().unwrap().unwrap().contains("listening on"));
+    std::thread::spawn(move || lines.for_each(drop));
+    Server(child)
+}
+
 #[test]
 fn two_enclave_processes_train_in_step_with_server_2_and_one_that_dies_ends_the_other_s_run() {
     let dir = temp("enclaves");
     // Enclaves 0 and 1, and server 2.
     let keys: Vec<(PathBuf, String)> = (0..3).map(|i| keygen(&dir, &format!("party{i}"))).collect();
     let addrs = free_addrs();
-    let server2 = {
-        let mut child = trustsplit()
-            .args(["goten-server", "--role", "2", "--listen", &addrs[2], "--key"])
-            .arg(&keys[2].0)
-            .args(["--enclave-key", &keys[0].1])
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-        let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
-        assert!(lines.next().unwrap().unwrap().contains("listening on"));
-        std::thread::spawn(move || lines.for_each(drop));
-        Server(child)
-    };
+    let server2 = start_server2(&addrs[2], &keys);
     // Enclave 1 first: it dials until enclave 0 listens.
     let one = enclave(1, &dir, &addrs[0], &keys, &addrs[2], &["--epochs", "1", "--goten-offline"]);
     let zero = enclave(0, &dir, &addrs[0], &keys, &addrs[2], &["--epochs", "1", "--goten-offline"]);
@@ -249,16 +252,7 @@ fn two_enclave_processes_train_in_step_with_server_2_and_one_that_dies_ends_the_
 
     // Enclave 1 dies mid-run: enclave 0 stops with an error that names it.
     let addrs = free_addrs();
-    let server2 = {
-        let child = trustsplit()
-            .args(["goten-server", "--role", "2", "--listen", &addrs[2], "--key"])
-            .arg(&keys[2].0)
-            .args(["--enclave-key", &keys[0].1])
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap();
-        Server(child)
-    };
+    let server2 = start_server2(&addrs[2], &keys);
     let more = ["--epochs", "30"];
     let mut one = Server(enclave(1, &dir, &addrs[0], &keys, &addrs[2], &more));
     let zero = enclave(0, &dir, &addrs[0], &keys, &addrs[2], &more);
@@ -272,15 +266,7 @@ fn two_enclave_processes_train_in_step_with_server_2_and_one_that_dies_ends_the_
 
     // Both resume from their checkpoints (the same epoch) and finish the run in step.
     let addrs = free_addrs();
-    let _server2 = Server(
-        trustsplit()
-            .args(["goten-server", "--role", "2", "--listen", &addrs[2], "--key"])
-            .arg(&keys[2].0)
-            .args(["--enclave-key", &keys[0].1])
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap(),
-    );
+    let _server2 = start_server2(&addrs[2], &keys);
     let more = ["--epochs", "30", "--resume"];
     let one = enclave(1, &dir, &addrs[0], &keys, &addrs[2], &more);
     let zero = enclave(0, &dir, &addrs[0], &keys, &addrs[2], &more);

@@ -9,11 +9,12 @@ use rand_chacha::ChaCha8Rng;
 use std::sync::Arc;
 use std::thread;
 use trustsplit_boundary::{ChannelOptions, InProcessChannel, Transcript};
-use trustsplit_cryptgpu::gemm::ConvShape;
 use trustsplit_goten::ops::Op;
 use trustsplit_goten::protocol::{Servers, Side};
 use trustsplit_goten::quant::{product_scale, Quantised};
 use trustsplit_goten::replica::Replica;
+mod common;
+use common::{ops, quantised};
 
 /// Enclaves 0 and 1 linked in this process, each with a transcript that keeps its records.
 fn enclaves() -> (Servers, Servers) {
@@ -23,32 +24,6 @@ fn enclaves() -> (Servers, Servers) {
     let (r1, k1) = one.join().unwrap().unwrap();
     let t = || Arc::new(Transcript::keeping_records());
     (Servers::replicated(t(), r0, k0, Side::Local).unwrap(), Servers::replicated(t(), r1, k1, Side::Local).unwrap())
-}
-
-fn quantised(rng: &mut ChaCha8Rng, n: usize) -> Quantised {
-    Quantised { values: (0..n).map(|_| rng.random_range(-128i64..=127) as u64).collect(), exp: rng.random_range(-8..4) }
-}
-
-fn ops(rng: &mut ChaCha8Rng) -> Vec<Op> {
-    let (n, k, m) = (rng.random_range(1..6), rng.random_range(1..40), rng.random_range(1..9));
-    let conv = ConvShape {
-        batch: rng.random_range(1..4),
-        in_channels: rng.random_range(1..5),
-        height: rng.random_range(5..10),
-        width: rng.random_range(5..10),
-        out_channels: rng.random_range(1..6),
-        kernel: [1, 3, 5][rng.random_range(0..3)],
-        stride: rng.random_range(1..3),
-        padding: rng.random_range(0..2),
-    };
-    vec![
-        Op::LinearForward { n, k, m },
-        Op::LinearInputGrad { n, k, m },
-        Op::LinearWeightGrad { n, k, m },
-        Op::ConvForward(conv),
-        Op::ConvInputGrad(conv),
-        Op::ConvWeightGrad(conv),
-    ]
 }
 
 /// Runs `work` as enclave 0 and as enclave 1 at once (each blocks on the other).

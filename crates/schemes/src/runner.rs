@@ -274,9 +274,7 @@ impl SplitRunner {
                 per_layer.reverse();
                 let grads: Vec<Tensor> = per_layer.into_iter().flatten().collect();
                 if let Some(j) = first_non_finite(&grads, &[]) {
-                    let name =
-                        model.named_params().into_iter().nth(j).map_or_else(|| format!("parameter {j}"), |(n, _)| n);
-                    return Err(RunnerError::NonFiniteGradient(name));
+                    return Err(RunnerError::NonFiniteGradient(param_name(model, j)));
                 }
                 dp.add_sample(&mut sum, grads);
                 loss += f64::from(out.loss);
@@ -645,10 +643,14 @@ fn step_all(
     lr: f32,
 ) -> Result<(), RunnerError> {
     if let Err(i) = opt.step_known_finite(model.params_mut(), grads, checked, lr) {
-        let name = model.named_params().into_iter().nth(i).map_or_else(|| format!("parameter {i}"), |(n, _)| n);
-        return Err(RunnerError::NonFiniteGradient(name));
+        return Err(RunnerError::NonFiniteGradient(param_name(model, i)));
     }
     Ok(())
+}
+
+/// The name of the model's `i`-th parameter, for errors.
+fn param_name(model: &Model, i: usize) -> String {
+    model.named_params().into_iter().nth(i).map_or_else(|| format!("parameter {i}"), |(n, _)| n)
 }
 
 /// Whether any layer is a batch-norm (whose training-mode statistics mix the batch's samples).
